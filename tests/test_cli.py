@@ -1,0 +1,48 @@
+"""CLI: one-line errors with exit code 2, and a small end-to-end extract."""
+
+import pytest
+from click.testing import CliRunner
+from conftest import SHARED_DATA
+
+from tlpersona.cache import open_store
+from tlpersona.cli import main
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--positions", "sys_middle"], "unknown position 'sys_middle'"),
+    (["--layers", "99"], "layer 99 is out of range for a 30-layer model"),
+    (["--personas", "/nonexistent"], "role_list.json: file not found"),
+    (["--model", "/nonexistent/model.gguf"], "GGUF file not found"),
+    (["--model", "./nowhere"], "unknown model"),
+    (["--prompt-index", "x"], "--prompt-index must be an integer"),
+])
+def test_bad_input_is_one_line_exit_2(default_source, tmp_path, args, message):
+    out = tmp_path / "s"
+    res = CliRunner().invoke(main, ["extract", "--out", str(out), *args])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0]
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="shared assistant-axis copy not present")
+def test_extract_on_assistant_axis_dir(default_source, tmp_path):
+    out = tmp_path / "s"
+    res = CliRunner().invoke(main, [
+        "extract", "--personas", str(SHARED_DATA),
+        "--questions", str(SHARED_DATA / "extraction_questions.jsonl"),
+        "--limit-personas", "2", "--limit-questions", "2",
+        "--positions", "last,sys_end,sys_end+1", "--layers", "5,29", "--out", str(out),
+    ])
+    assert res.exit_code == 0, res.output
+    st = open_store(out)
+    assert st.personas == ["assistant", "tutor"] and st.questions == ["0", "1"]
+    assert st.per_question("last").shape == (2, 2, 2, 576)
+
+
+def test_positions_command_marks_tokens(default_source):
+    res = CliRunner().invoke(main, ["positions", "--system", "You are a cat.", "--question", "Hi?"])
+    assert res.exit_code == 0, res.output
+    marked = [line for line in res.output.splitlines() if "<- " in line]
+    assert any("'<|im_end|>'" in line and "sys_end" in line for line in marked)
+    assert any("'Ċ'" in line and "sys_end+1" in line for line in marked)

@@ -1,0 +1,136 @@
+"""Extraction on the embedded default model against an independent plain-HF computation."""
+
+import pytest
+import torch
+
+from tlpersona.data import Persona, Question
+from tlpersona.extract import ExtractConfig, Extractor
+from tlpersona.generate import generate_responses
+from tlpersona.positions import parse_positions
+
+LAYERS = [0, 7, 15, 22, 29]  # 29 is the last block: HF's hidden_states[-1] is after the final norm
+PERSONA = Persona("pirate", ("You are a pirate captain who has spent forty years at sea.",
+                             "Act as an old buccaneer."))
+QUESTIONS = [Question("a", "Why is the sky blue?"),
+             Question("b", "What should I cook for dinner tonight, given a tight budget?"),
+             Question("c", "Hi!")]
+
+
+@pytest.fixture(scope="module")
+def responses(loaded, hf_ref, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "responses.jsonl"
+    return generate_responses(hf_ref, loaded.tokenizer, [PERSONA], QUESTIONS, "all", path,
+                              max_new_tokens=10, batch_size=4, progress=False)
+
+
+def _hf_resid(hf, ids):
+    """[layer, seq, d] from plain HF: hidden_states[l+1], and a hook for the last block."""
+    grabbed = {}
+    handle = hf.model.layers[-1].register_forward_hook(
+        lambda m, i, o: grabbed.__setitem__("last", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            hs = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    finally:
+        handle.remove()
+    rows = [grabbed["last"][0] if layer == len(hf.model.layers) - 1 else hs[layer + 1][0]
+            for layer in LAYERS]
+    return torch.stack(rows)
+
+
+def _reference(hf, tok, system, question, resp_ids):
+    """Every recipe computed by hand from HF hidden states: {name: [layer, d]}."""
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    prompt = list(tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"])
+    content = resp_ids[:-1] if resp_ids and resp_ids[-1] == tok.eos_token_id else resp_ids
+    h = _hf_resid(hf, prompt + content)
+    n = len(prompt)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    sys_end = prompt.index(im_end)
+    raw = tok(system, add_special_tokens=False)["input_ids"]
+    return {
+        "last": h[:, n - 1],
+        "sys_end": h[:, sys_end],
+        "sys_end+1": h[:, sys_end + 1],
+        "prompt_mean": h[:, :n].double().mean(1).float(),
+        "prompt_mean_no_last": h[:, : n - 1].double().mean(1).float(),
+        "response_mean": h[:, n:].double().mean(1).float(),
+        "raw_system_last": _hf_resid(hf, raw)[:, -1],
+    }
+
+
+def test_every_recipe_matches_hf_hidden_states(loaded, hf_ref, responses):
+    cfg = ExtractConfig(parse_positions("all6"), LAYERS, prompt_index=0, batch_size=2, progress=False)
+    res = Extractor(loaded, cfg).persona(PERSONA, QUESTIONS, responses)
+    system = PERSONA.system_prompts[0]
+    worst = 0.0
+    for qi, q in enumerate(QUESTIONS):
+        ref = _reference(hf_ref, loaded.tokenizer, system, q.text, responses[("pirate", 0, q.id)].ids)
+        for name, want in ref.items():
+            got = res.per_question[name][qi] if name in res.per_question else res.centroid[name]
+            assert got.shape == (len(LAYERS), loaded.info.d_model)
+            diff = (got - want).abs().max().item()
+            worst = max(worst, diff)
+            assert diff <= 1e-4, (name, q.id, diff)
+    # centroids are the mean over questions
+    torch.testing.assert_close(res.centroid["last"], res.per_question["last"].mean(0))
+    # question-invariant positions store no per-question rows
+    assert "sys_end" not in res.per_question and "raw_system_last" not in res.per_question
+
+
+def test_prompt_index_all_averages_phrasings(loaded, hf_ref, responses):
+    pos = parse_positions("sys_end,last")
+    both = Extractor(loaded, ExtractConfig(pos, LAYERS, prompt_index="all", progress=False))
+    res = both.persona(PERSONA, QUESTIONS[:2])
+    want = torch.stack([
+        Extractor(loaded, ExtractConfig(pos, LAYERS, prompt_index=k, progress=False))
+        .persona(PERSONA, QUESTIONS[:2]).centroid["sys_end"] for k in (0, 1)
+    ]).mean(0)
+    torch.testing.assert_close(res.centroid["sys_end"], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batching_does_not_change_results(loaded, responses, side):
+    pos = parse_positions("all6,user_end,sys_start")
+    one = Extractor(loaded, ExtractConfig(pos, LAYERS, batch_size=1, padding_side=side, progress=False))
+    many = Extractor(loaded, ExtractConfig(pos, LAYERS, batch_size=3, padding_side=side, progress=False))
+    r1 = one.persona(PERSONA, QUESTIONS, responses)
+    rn = many.persona(PERSONA, QUESTIONS, responses)
+    for name, a in r1.per_question.items():
+        cos = torch.nn.functional.cosine_similarity(a, rn.per_question[name], dim=-1)
+        assert cos.min().item() >= 0.9999, (name, side, cos.min().item())
+    for name, a in r1.centroid.items():
+        cos = torch.nn.functional.cosine_similarity(a, rn.centroid[name], dim=-1)
+        assert cos.min().item() >= 0.9999, (name, side)
+
+
+def test_prompt_mean_identity(loaded):
+    cfg = ExtractConfig(parse_positions("a,bstar,bstar_no_last"), LAYERS, progress=False)
+    res = Extractor(loaded, cfg).persona(PERSONA, QUESTIONS)
+    tok = loaded.tokenizer
+    for qi, q in enumerate(QUESTIONS):
+        msgs = [{"role": "system", "content": PERSONA.system_prompts[0]},
+                {"role": "user", "content": q.text}]
+        n = len(tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"])
+        pm = res.per_question["prompt_mean"][qi]
+        rebuilt = ((n - 1) * res.per_question["prompt_mean_no_last"][qi] + res.per_question["last"][qi]) / n
+        torch.testing.assert_close(pm, rebuilt, atol=1e-4, rtol=1e-5)
+
+
+def test_greedy_generation_matches_step_by_step_argmax(loaded, hf_ref, responses):
+    """Catches transformers releases whose generate() breaks greedy decoding."""
+    from tlpersona.conversation import ChatRenderer
+
+    r = ChatRenderer(loaded.tokenizer)
+    for q in QUESTIONS:
+        ids = r.prompt(PERSONA.system_prompts[1], q.text).ids
+        got = responses[("pirate", 1, q.id)]
+        out = []
+        with torch.no_grad():
+            for _ in range(10):
+                nxt = int(hf_ref(torch.tensor([ids + out])).logits[0, -1].argmax())
+                out.append(nxt)
+                if nxt == loaded.tokenizer.eos_token_id:
+                    break
+        assert got.ids == out
+        assert got.finished == (out[-1] == loaded.tokenizer.eos_token_id)

@@ -1,0 +1,94 @@
+"""Activation store: round trip, resume after interruption, provenance refusal."""
+
+import json
+
+import pytest
+import torch
+
+from tlpersona.cache import open_store
+from tlpersona.data import builtin_personas, builtin_questions
+from tlpersona.errors import TlpersonaError
+from tlpersona.extract import ExtractConfig, Extractor, extract_to_store
+from tlpersona.positions import parse_positions
+
+LAYERS = [3, 15, 29]
+PERSONAS = builtin_personas()[:3]
+QUESTIONS = builtin_questions()[:3]
+
+
+def _cfg(layers=LAYERS):
+    return ExtractConfig(parse_positions("last,sys_end,sys_end+1,prompt_mean,c1"), layers,
+                         batch_size=2, progress=False)
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def full_store(loaded, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "s"
+    extract_to_store(loaded, _cfg(), PERSONAS, QUESTIONS, out)
+    return out
+
+
+def test_round_trip_shapes_and_values(loaded, full_store):
+    st = open_store(full_store)
+    assert st.personas == [p.name for p in PERSONAS]
+    assert st.questions == [q.id for q in QUESTIONS]
+    assert st.layers == LAYERS
+    assert st.positions == ["last", "sys_end", "sys_end+1", "prompt_mean", "raw_system_last"]
+    d = loaded.info.d_model
+    assert st.centroids("c2").shape == (3, 3, d)
+    assert st.per_question("last").shape == (3, 3, 3, d)
+    assert st.per_question("last").dtype == torch.float16
+    assert st.centroids("last").dtype == torch.float32
+    assert st.valid("last").all()
+    with pytest.raises(TlpersonaError, match="does not depend on the question"):
+        st.per_question("sys_end")
+    direct = Extractor(loaded, _cfg()).persona(PERSONAS[1], QUESTIONS)
+    torch.testing.assert_close(st.centroids("sys_end+1")[1], direct.centroid["sys_end+1"])
+    torch.testing.assert_close(st.per_question("last")[1].float(), direct.per_question["last"],
+                               atol=0.5, rtol=1e-3)  # fp16 storage
+    manifest = json.loads((full_store / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["provenance"]["layers"] == LAYERS
+    assert set(manifest["files"]) == {f"{p}.safetensors" for p in st.positions}
+    assert not (full_store / "parts").exists()
+
+
+def test_resume_after_interruption_is_identical(loaded, full_store, tmp_path):
+    out = tmp_path / "s"
+    seen = []
+
+    def stop_after_first(i):
+        seen.append(i)
+        if len(seen) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        extract_to_store(loaded, _cfg(), PERSONAS, QUESTIONS, out, on_persona=stop_after_first)
+    with pytest.raises(TlpersonaError, match="incomplete"):
+        open_store(out)
+    resumed = []
+    extract_to_store(loaded, _cfg(), PERSONAS, QUESTIONS, out, on_persona=resumed.append)
+    assert resumed == [2]  # personas 0 and 1 were not computed again
+    a, b = open_store(out), open_store(full_store)
+    for pos in a.positions:
+        assert torch.equal(a.centroids(pos), b.centroids(pos)), pos
+
+
+def test_mismatched_provenance_is_refused(loaded, full_store):
+    with pytest.raises(TlpersonaError, match="different layers"):
+        extract_to_store(loaded, _cfg([3, 15]), PERSONAS, QUESTIONS, full_store)
+    with pytest.raises(TlpersonaError, match="personas"):
+        extract_to_store(loaded, _cfg(), PERSONAS[:2], QUESTIONS, full_store)
+
+
+def test_unknown_position_in_store(full_store):
+    with pytest.raises(TlpersonaError, match="not in this store"):
+        open_store(full_store).centroids("response_mean")
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(TlpersonaError, match="not a tlpersona store"):
+        open_store(tmp_path)

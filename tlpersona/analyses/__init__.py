@@ -1,0 +1,1 @@
+"""Analyses that read an activation store (comparison, controls, subspace, patching)."""

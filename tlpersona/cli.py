@@ -1,0 +1,151 @@
+"""Command line: a thin click shell over the Python API.
+
+Errors a user can cause are :class:`TlpersonaError`: printed as one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from typing import Any
+
+import click
+
+from tlpersona.errors import TlpersonaError
+
+
+def _friendly(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TlpersonaError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _prompt_index(value: str) -> int | str:
+    if value == "all":
+        return "all"
+    try:
+        return int(value)
+    except ValueError:
+        raise TlpersonaError(f"--prompt-index must be an integer or 'all', not {value!r}") from None
+
+
+def _model_options(fn: Any) -> Any:
+    for opt in reversed([
+        click.option("--model", default="default", show_default=True,
+                     help="'default' (SmolLM2-135M-Instruct), a hub id, a model dir or a .gguf"),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if any)"),
+        click.option("--dtype", default=None, help="fp32/bf16/fp16 (default: bf16 on GPU, fp32 on CPU)"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _data_options(fn: Any) -> Any:
+    for opt in reversed([
+        click.option("--personas", default="builtin", show_default=True,
+                     help="'builtin' or an assistant-axis directory (role_list.json, instructions/)"),
+        click.option("--questions", default="builtin", show_default=True,
+                     help="'builtin' or a JSONL file of {\"question\", \"id\"}"),
+        click.option("--prompt-index", default="0", show_default=True,
+                     help="which system-prompt phrasing per persona, or 'all' to average them"),
+        click.option("--limit-personas", type=int, default=None, help="keep the first N personas"),
+        click.option("--limit-questions", type=int, default=None, help="keep the first N questions"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _default_new_tokens(device: str) -> int:
+    return 200 if device.startswith("cuda") else 48
+
+
+@click.group()
+@click.version_option(package_name="tlpersona")
+def main() -> None:
+    """tlpersona: persona vectors from chat models' residual streams, through TransformerLens.
+
+    Layer l means the output of block l (blocks.{l}.hook_resid_post = HF hidden_states[l+1]).
+    """
+
+
+@main.command()
+@_model_options
+@_data_options
+@click.option("--positions", "positions_spec", default="last,sys_end,sys_end+1", show_default=True,
+              help="comma-separated positions or recipe aliases "
+                   "(a,b,bstar,bstar_no_last,c1,c2,c3); all6 = all seven")
+@click.option("--layers", default="default", show_default=True,
+              help="comma-separated block indices, 'all', or 'default' (quartiles + last)")
+@click.option("--out", default="tlpersona-out/store", show_default=True, type=click.Path())
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-new-tokens", type=int, default=None,
+              help="response length when responses must be generated (default 200 GPU, 48 CPU)")
+@click.option("--responses", "responses_path", default=None, type=click.Path(),
+              help="responses JSONL made elsewhere (default: OUT/responses.jsonl, generated if needed)")
+@click.option("--include-eot", is_flag=True, help="response_mean also averages the end-of-turn token")
+@click.option("--force-new", is_flag=True, help="replace an existing store at --out")
+@_friendly
+def extract(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
+            prompt_index: str, limit_personas: int | None, limit_questions: int | None,
+            positions_spec: str, layers: str, out: str, batch_size: int,
+            max_new_tokens: int | None, responses_path: str | None, include_eot: bool,
+            force_new: bool) -> None:
+    """Extract residual-stream vectors at named positions into an activation store."""
+    from tlpersona.pipeline import ExtractRequest, run_extract
+
+    req = ExtractRequest(
+        model=model, device=device, dtype=dtype, personas=personas, questions=questions,
+        prompt_index=_prompt_index(prompt_index), limit_personas=limit_personas,
+        limit_questions=limit_questions, positions=positions_spec, layers=layers, out=out,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, responses=responses_path,
+        include_eot=include_eot, force_new=force_new,
+    )
+    t0 = time.perf_counter()
+    path = run_extract(req)
+    click.echo(f"store written to {path} in {time.perf_counter() - t0:.1f} s")
+
+
+@main.command()
+@_model_options
+@_data_options
+@click.option("--out", default="tlpersona-out/responses.jsonl", show_default=True, type=click.Path())
+@click.option("--max-new-tokens", type=int, default=None, help="default 200 on GPU, 48 on CPU")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
+@_friendly
+def generate(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
+             prompt_index: str, limit_personas: int | None, limit_questions: int | None,
+             out: str, max_new_tokens: int | None, batch_size: int, backend: str) -> None:
+    """Greedy responses for every persona x question (resumable JSONL with token ids)."""
+    from tlpersona.pipeline import run_generate
+
+    t0 = time.perf_counter()
+    n = run_generate(model, device, dtype, personas, questions, _prompt_index(prompt_index),
+                     limit_personas, limit_questions, out, max_new_tokens, batch_size, backend)
+    click.echo(f"{n} responses in {out} ({time.perf_counter() - t0:.1f} s)")
+
+
+@main.command()
+@click.option("--model", default="default", show_default=True)
+@click.option("--system", default="You are a pirate captain who has spent forty years at sea.",
+              show_default=True)
+@click.option("--question", default="What is the best way to spend a free afternoon?",
+              show_default=True)
+@click.option("--positions", "positions_spec", default="all6", show_default=True)
+@_friendly
+def positions(model: str, system: str, question: str, positions_spec: str) -> None:
+    """Print one templated example with every position marked on its token."""
+    from tlpersona.pipeline import describe_positions
+
+    click.echo(describe_positions(model, system, question, positions_spec))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Personas and questions: the built-in set and the assistant-axis directory format.
+
+assistant-axis layout (what our users already have)::
+
+    DIR/role_list.json                 {"role": "one-line description", ...}
+    DIR/instructions/<role>.json       {"instruction": [{"pos": "<system prompt>"}, ...], ...}
+    questions.jsonl                    {"question": "...", "id": ...} per line
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from tlpersona.errors import TlpersonaError
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str
+    system_prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    text: str
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TlpersonaError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TlpersonaError(f"{path}: invalid JSON ({exc})") from None
+
+
+def _check_persona(name: str, prompts: list[object], where: str) -> Persona:
+    if not prompts:
+        raise TlpersonaError(f"{where}: persona {name!r} has no system prompts")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise TlpersonaError(f"{where}: persona {name!r} has an empty system prompt (#{i})")
+    return Persona(name, tuple(str(p) for p in prompts))
+
+
+def builtin_personas() -> list[Persona]:
+    raw = json.loads(resources.files("tlpersona.data").joinpath("builtin_personas.json").read_text())
+    return [_check_persona(name, prompts, "builtin") for name, prompts in raw.items()]
+
+
+def builtin_questions() -> list[Question]:
+    raw = json.loads(resources.files("tlpersona.data").joinpath("builtin_questions.json").read_text())
+    return [Question(f"q{i:03d}", text) for i, text in enumerate(raw)]
+
+
+def load_assistant_axis_personas(directory: str | Path) -> list[Persona]:
+    """Read ``role_list.json`` and ``instructions/<role>.json`` (``instruction[i].pos``)."""
+    root = Path(directory)
+    roles = _read_json(root / "role_list.json")
+    if not isinstance(roles, dict) or not roles:
+        raise TlpersonaError(f"{root / 'role_list.json'}: expected a non-empty object of roles")
+    out = []
+    for role in roles:
+        path = root / "instructions" / f"{role}.json"
+        if not path.exists():
+            raise TlpersonaError(f"role {role!r} has no file {path}")
+        data = _read_json(path)
+        items = data.get("instruction") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise TlpersonaError(f"{path}: no 'instruction' list")
+        prompts = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or "pos" not in item:
+                raise TlpersonaError(f"{path}: instruction #{i} has no 'pos'")
+            prompts.append(item["pos"])
+        out.append(_check_persona(role, prompts, str(path)))
+    return out
+
+
+def load_questions_jsonl(path: str | Path) -> list[Question]:
+    """Read ``{"question": ..., "id": ...}`` lines; ids must be unique."""
+    p = Path(path)
+    if not p.exists():
+        raise TlpersonaError(f"{p}: file not found")
+    out: list[Question] = []
+    seen: set[str] = set()
+    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TlpersonaError(f"{p}:{lineno}: invalid JSON ({exc})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+            raise TlpersonaError(f"{p}:{lineno}: expected an object with a 'question' string")
+        if not row["question"].strip():
+            raise TlpersonaError(f"{p}:{lineno}: empty question")
+        qid = str(row.get("id", lineno - 1))
+        if qid in seen:
+            raise TlpersonaError(f"{p}:{lineno}: duplicate question id {qid!r}")
+        seen.add(qid)
+        out.append(Question(qid, row["question"]))
+    if not out:
+        raise TlpersonaError(f"{p}: no questions")
+    return out
+
+
+def load_personas(spec: str, limit: int | None = None) -> list[Persona]:
+    """``builtin`` or an assistant-axis directory; ``limit`` keeps the first N."""
+    personas = builtin_personas() if spec == "builtin" else load_assistant_axis_personas(spec)
+    return personas[:limit] if limit else personas
+
+
+def load_questions(spec: str, limit: int | None = None) -> list[Question]:
+    """``builtin`` or a questions JSONL file; ``limit`` keeps the first N."""
+    questions = builtin_questions() if spec == "builtin" else load_questions_jsonl(spec)
+    return questions[:limit] if limit else questions
+
+
+def system_prompts(persona: Persona, prompt_index: int | str) -> list[str]:
+    """The phrasings to use: one (``prompt_index`` N) or all of them (``"all"``, averaged)."""
+    if prompt_index == "all":
+        return list(persona.system_prompts)
+    idx = int(prompt_index)
+    if not 0 <= idx < len(persona.system_prompts):
+        raise TlpersonaError(
+            f"persona {persona.name!r} has {len(persona.system_prompts)} prompts; "
+            f"--prompt-index {idx} is out of range"
+        )
+    return [persona.system_prompts[idx]]
+
+
+def content_hash(obj: object) -> str:
+    """Stable sha256 of a JSON-serialisable object (for manifests)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,301 @@
+"""Single-pass extraction of residual-stream vectors at named positions.
+
+Per persona:
+
+* question-invariant positions (system-block anchors, ``raw_system_last``) come from one short
+  forward pass per system-prompt phrasing (the shared prefix, and the raw system text);
+* every question-dependent position comes from one forward pass per (phrasing, question) over the
+  prompt (plus the response when a response position is asked for), batched by length with an
+  attention mask so padding does not change results.
+
+Pooling happens on the model's device: each requested position is a row of weights over the
+sequence (one-hot for a token, 1/n over a span for a mean), and one batched matmul reads every
+position from each cached layer.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from tlpersona.cache.store import StoreWriter
+from tlpersona.conversation import ChatRenderer, Spans, common_prefix_len, template_hash
+from tlpersona.data import Persona, Question, content_hash, system_prompts
+from tlpersona.errors import TlpersonaError
+from tlpersona.generate import Key, Response
+from tlpersona.models import LoadedModel
+from tlpersona.positions import Position
+
+# Two questions that share no leading text: the prefix every conversation of a persona shares
+# is at most the common prefix of these two.
+_PROBES = ("Zebra?", "1 + 1")
+
+
+@dataclass
+class ExtractConfig:
+    """What to extract. ``layers`` index blocks (layer l = ``blocks.{l}.hook_resid_post``)."""
+
+    positions: list[Position]
+    layers: list[int]
+    prompt_index: int | str = 0
+    batch_size: int = 8
+    padding_side: str = "right"
+    include_eot: bool = False
+    progress: bool = True
+
+    @property
+    def needs_response(self) -> bool:
+        return any(p.needs_response for p in self.positions)
+
+
+@dataclass
+class PersonaResult:
+    """Vectors for one persona, fp32, keyed by canonical position name.
+
+    ``centroid[pos]``: ``[layer, d_model]``; ``per_question[pos]``: ``[question, layer, d_model]``
+    (question-dependent positions only); ``valid[pos]``: ``[question]`` bool.
+    """
+
+    centroid: dict[str, torch.Tensor] = field(default_factory=dict)
+    per_question: dict[str, torch.Tensor] = field(default_factory=dict)
+    valid: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat dict for a store part: per-question vectors go to fp16."""
+        out = {f"{k}/centroid": v.float().cpu() for k, v in self.centroid.items()}
+        for k, v in self.per_question.items():
+            out[f"{k}/per_question"] = v.half().cpu()
+            out[f"{k}/valid"] = self.valid[k].to(torch.uint8).cpu()
+        return out
+
+
+class Extractor:
+    """Runs the bridge and pools activations at named positions."""
+
+    def __init__(self, model: LoadedModel, config: ExtractConfig):
+        self.model = model
+        self.cfg = config
+        self.renderer = ChatRenderer(model.tokenizer)
+        n = model.info.n_layers
+        bad = [layer for layer in config.layers if not 0 <= layer < n]
+        if bad:
+            raise TlpersonaError(f"layer {bad[0]} is out of range for a {n}-layer model")
+        self._hook_names = {f"blocks.{layer}.hook_resid_post": i
+                            for i, layer in enumerate(config.layers)}
+        # Blocks past the last requested layer cannot change what we read: skip them.
+        top = max(config.layers) + 1
+        self._stop_at = top if top < n else None
+        self._pad_id = model.tokenizer.pad_token_id or 0
+
+    @torch.no_grad()
+    def run(self, seqs: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor:
+        """Pool one batch. ``weights[i]``: ``[n_pos, len(seqs[i])]`` → ``[batch, n_pos, layer, d]``.
+
+        Sequences are padded on ``config.padding_side`` with an attention mask (never derived
+        from token ids: some tokenizers pad with their end-of-turn token).
+        """
+        device = self.model.device
+        width = max(len(s) for s in seqs)
+        n_pos = weights[0].shape[0]
+        ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        w = torch.zeros((len(seqs), n_pos, width), dtype=torch.float32)
+        for i, (s, wi) in enumerate(zip(seqs, weights, strict=True)):
+            sl = slice(width - len(s), width) if self.cfg.padding_side == "left" else slice(0, len(s))
+            ids[i, sl] = torch.tensor(s)
+            mask[i, sl] = 1
+            w[i, :, sl] = wi
+        names = self._hook_names
+        kwargs: dict[str, Any] = {"attention_mask": mask.to(device)}
+        if self._stop_at is not None:
+            kwargs["stop_at_layer"] = self._stop_at
+        _, cache = self.model.bridge.run_with_cache(
+            ids.to(device), names_filter=lambda name: name in names, **kwargs
+        )
+        # Spans are pooled in float64: a fp32 mean over a sequence whose first token has
+        # activations in the tens of thousands loses ~1e-4 of absolute precision.
+        w = w.to(device, torch.float64)
+        out = torch.empty((len(seqs), n_pos, len(names), self.model.info.d_model),
+                          dtype=torch.float32, device=device)
+        for name, li in names.items():
+            out[:, :, li] = torch.bmm(w, cache[name].double()).float()
+        return out
+
+    def _batched(self, seqs: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor:
+        """Length-sorted batches of ``run``; results in input order."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out: torch.Tensor | None = None
+        bs = max(1, self.cfg.batch_size)
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            pooled = self.run([seqs[i] for i in idx], [weights[i] for i in idx])
+            if out is None:
+                out = torch.empty((len(seqs), *pooled.shape[1:]), dtype=pooled.dtype,
+                                  device=pooled.device)
+            out[torch.tensor(idx, device=pooled.device)] = pooled
+        assert out is not None
+        return out
+
+    @staticmethod
+    def _weights(positions: list[Position], spans: Spans, length: int) -> torch.Tensor:
+        w = torch.zeros((len(positions), length), dtype=torch.float32)
+        for j, pos in enumerate(positions):
+            start, stop = pos.resolve(spans)
+            w[j, start:stop] = 1.0 / (stop - start)
+        return w
+
+    def _invariant(self, persona: Persona, prompts: list[str],
+                   questions: list[Question]) -> dict[str, torch.Tensor]:
+        """Question-invariant positions: one prefix run (and one raw-text run) per phrasing."""
+        inv = [p for p in self.cfg.positions if p.question_invariant]
+        anchored = [p for p in inv if p.kind == "anchored"]
+        out: dict[str, torch.Tensor] = {}
+        if anchored:
+            seqs, weights = [], []
+            for system in prompts:
+                texts = (*_PROBES, *(q.text for q in questions))
+                convs = [self.renderer.prompt(system, t) for t in texts]
+                shared = common_prefix_len([c.ids for c in convs])
+                idx = {p.name: p.resolve(convs[0])[0] for p in anchored}
+                for name, i in idx.items():
+                    if i >= shared:
+                        raise TlpersonaError(
+                            f"position {name} of persona {persona.name!r} reaches past the system "
+                            "block into the question; it is not question-invariant here"
+                        )
+                length = max(idx.values()) + 1
+                seqs.append(convs[0].ids[:length])
+                weights.append(self._weights(anchored, convs[0], length))
+            pooled = self._batched(seqs, weights)  # [phrasing, n_anchored, L, D]
+            for j, p in enumerate(anchored):
+                out[p.name] = pooled[:, j].mean(0).cpu()
+        if any(p.kind == "raw" for p in inv):
+            raw_seqs = [self.renderer.raw_system(system) for system in prompts]
+            last = [torch.eye(len(s))[-1:] for s in raw_seqs]
+            out["raw_system_last"] = self._batched(raw_seqs, last)[:, 0].mean(0).cpu()
+        return out
+
+    def persona(self, persona: Persona, questions: list[Question],
+                responses: dict[Key, Response] | None = None) -> PersonaResult:
+        """Extract every requested position for one persona."""
+        cfg = self.cfg
+        prompts = system_prompts(persona, cfg.prompt_index)
+        result = PersonaResult()
+        for name, vec in self._invariant(persona, prompts, questions).items():
+            result.centroid[name] = vec
+        dep = [p for p in cfg.positions if not p.question_invariant]
+        if not dep:
+            return result
+        seqs: list[list[int]] = []
+        weights: list[torch.Tensor] = []
+        ok: list[torch.Tensor] = []  # [n_dep] bool per conversation
+        for k, system in enumerate(prompts):
+            pidx = k if cfg.prompt_index == "all" else int(cfg.prompt_index)
+            for q in questions:
+                resp = None
+                if cfg.needs_response:
+                    resp = (responses or {}).get((persona.name, pidx, q.id))
+                spans = self.renderer.prompt(system, q.text, resp.ids if resp else None)
+                if resp is not None:
+                    spans.response_stop = spans.prompt_len + resp.content_len(cfg.include_eot)
+                has = torch.tensor([not p.needs_response or
+                                    (resp is not None and resp.content_len(cfg.include_eot) > 0)
+                                    for p in dep])
+                w = torch.zeros((len(dep), spans.seq_len))
+                live = [p for p, h in zip(dep, has, strict=True) if h]
+                w[has] = self._weights(live, spans, spans.seq_len)
+                seqs.append(spans.ids)
+                weights.append(w)
+                ok.append(has)
+        pooled = self._batched(seqs, weights).cpu()  # [n_prompts*n_q, n_dep, L, D]
+        n_q = len(questions)
+        pooled = pooled.view(len(prompts), n_q, *pooled.shape[1:])
+        has = torch.stack(ok).view(len(prompts), n_q, len(dep))
+        for j, p in enumerate(dep):
+            # Average over phrasings that have this row; a question is valid if any does.
+            cnt = has[:, :, j].sum(0).float()  # [q]
+            summed = (pooled[:, :, j] * has[:, :, j, None, None]).sum(0)
+            valid = cnt > 0
+            per_q = torch.zeros_like(summed)
+            per_q[valid] = summed[valid] / cnt[valid, None, None]
+            result.per_question[p.name] = per_q
+            result.valid[p.name] = valid
+            if not bool(valid.any()):
+                raise TlpersonaError(f"persona {persona.name!r} has no valid rows for {p.name}")
+            result.centroid[p.name] = per_q[valid].mean(0)
+        return result
+
+
+def provenance(model: LoadedModel, cfg: ExtractConfig, personas: list[Persona],
+               questions: list[Question], responses_hash: str | None) -> dict[str, Any]:
+    """Everything that decides the stored numbers; a resumed run must match it exactly."""
+    return {
+        "model": model.info.spec,
+        "model_identity": model.info.identity,
+        "template_hash": template_hash(model.tokenizer),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "layers": list(cfg.layers),
+        "positions": [p.name for p in cfg.positions],
+        "personas": [p.name for p in personas],
+        "persona_hash": content_hash([[p.name, list(p.system_prompts)] for p in personas]),
+        "questions": [q.id for q in questions],
+        "question_hash": content_hash([[q.id, q.text] for q in questions]),
+        "prompt_index": cfg.prompt_index,
+        "include_eot": cfg.include_eot if cfg.needs_response else None,
+        "responses_hash": responses_hash,
+    }
+
+
+def responses_digest(responses: dict[Key, Response], personas: list[Persona],
+                     questions: list[Question], prompt_index: int | str) -> str:
+    """Hash of exactly the responses this run uses (so resumes see the same responses)."""
+    n_prompts = {p.name: len(p.system_prompts) for p in personas}
+    keys = []
+    for p in personas:
+        idxs = range(n_prompts[p.name]) if prompt_index == "all" else [int(prompt_index)]
+        for k in idxs:
+            for q in questions:
+                r = responses.get((p.name, k, q.id))
+                keys.append([p.name, k, q.id, r.ids if r else None, r.finished if r else None])
+    return content_hash(keys)
+
+
+def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Persona],
+                     questions: list[Question], out: str | Path,
+                     responses: dict[Key, Response] | None = None, force_new: bool = False,
+                     on_persona: Callable[[int], None] | None = None) -> Path:
+    """Extract every persona into a store at ``out``; finished personas are skipped on resume."""
+    if not personas:
+        raise TlpersonaError("no personas")
+    if not questions:
+        raise TlpersonaError("no questions")
+    digest = None
+    if cfg.needs_response:
+        if responses is None:
+            raise TlpersonaError("response positions need responses (generate them first)")
+        digest = responses_digest(responses, personas, questions, cfg.prompt_index)
+    prov = provenance(model, cfg, personas, questions, digest)
+    info = {"n_layers_total": model.info.n_layers, "d_model": model.info.d_model,
+            "model_source": model.info.source}
+    writer = StoreWriter(out, prov, info, force_new=force_new)
+    if writer.complete:
+        return Path(out)
+    extractor = Extractor(model, cfg)
+    todo = [i for i in range(len(personas)) if not writer.done(i)]
+    bar = tqdm(total=len(personas), initial=len(personas) - len(todo), desc="extract",
+               unit="persona", disable=not cfg.progress, file=sys.stderr)
+    for i in todo:
+        res = extractor.persona(personas[i], questions, responses)
+        writer.write_part(i, res.tensors())
+        bar.update(1)
+        if on_persona:
+            on_persona(i)
+    bar.close()
+    writer.finalize()
+    return Path(out)

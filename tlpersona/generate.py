@@ -1,0 +1,145 @@
+"""Greedy response generation, saved as resumable JSONL with the generated token ids.
+
+Each line: ``{"persona", "prompt_index", "question_id", "response_ids", "finished", "text"}``.
+``response_ids`` are exactly the generated ids (the end-of-turn token included when the model
+emitted it, ``finished`` true); extraction appends them to the prompt ids and never re-tokenises
+the text. Generation uses a plain (un-bridged) HF model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from tlpersona.conversation import ChatRenderer
+from tlpersona.data import Persona, Question, system_prompts
+from tlpersona.errors import TlpersonaError
+
+Key = tuple[str, int, str]  # persona, prompt index, question id
+
+
+@dataclass
+class Response:
+    ids: list[int]
+    finished: bool
+
+    def content_len(self, include_eot: bool) -> int:
+        """Number of response tokens that count as content."""
+        return len(self.ids) if (include_eot or not self.finished) else len(self.ids) - 1
+
+
+def read_responses(path: str | Path) -> dict[Key, Response]:
+    """Read a responses JSONL; a torn last line (killed writer) is ignored."""
+    p = Path(path)
+    out: dict[Key, Response] = {}
+    if not p.exists():
+        return out
+    lines = p.read_text(encoding="utf-8").split("\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key = (str(row["persona"]), int(row["prompt_index"]), str(row["question_id"]))
+            out[key] = Response([int(t) for t in row["response_ids"]], bool(row["finished"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            if lineno >= len(lines) - 1:  # the last line may be half-written
+                break
+            raise TlpersonaError(f"{p}:{lineno}: bad response line ({exc})") from None
+    return out
+
+
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise TlpersonaError("the model defines no end-of-sequence token")
+    return ids
+
+
+@torch.no_grad()
+def greedy_batch(model: Any, prompts: list[list[int]], max_new_tokens: int,
+                 eos: list[int], pad_id: int) -> list[Response]:
+    """Plain HF greedy decoding of a left-padded batch; returns each row's generated ids."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    out = model.generate(
+        input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+        do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos,
+        temperature=None, top_p=None, top_k=None,
+    )
+    result = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        result.append(Response(row if cut is None else row[: cut + 1], cut is not None))
+    return result
+
+
+def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
+                       questions: list[Question], prompt_index: int | str, out_path: str | Path,
+                       max_new_tokens: int, batch_size: int = 16,
+                       progress: bool = True) -> dict[Key, Response]:
+    """Generate every missing (persona, prompt, question) response into ``out_path`` (JSONL).
+
+    Resumable: keys already in the file are skipped; each batch is appended and fsynced.
+    """
+    renderer = ChatRenderer(tokenizer)
+    have = read_responses(out_path)
+    todo: list[tuple[Key, list[int]]] = []
+    for persona in personas:
+        for k, system in enumerate(system_prompts(persona, prompt_index)):
+            pidx = k if prompt_index == "all" else int(prompt_index)
+            for q in questions:
+                key = (persona.name, pidx, q.id)
+                if key not in have:
+                    todo.append((key, renderer.prompt(system, q.text).ids))
+    if not todo:
+        return have
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_torn_tail(path)
+    # Similar lengths together waste less padding; results do not depend on the order.
+    order = sorted(range(len(todo)), key=lambda i: len(todo[i][1]))
+    bar = tqdm(total=len(todo), desc="generate", unit="resp", disable=not progress, file=sys.stderr)
+    with path.open("a", encoding="utf-8") as f:
+        for start in range(0, len(order), batch_size):
+            chunk = [todo[i] for i in order[start:start + batch_size]]
+            responses = greedy_batch(model, [c[1] for c in chunk], max_new_tokens, eos, pad)
+            for (key, _), resp in zip(chunk, responses, strict=True):
+                text = tokenizer.decode(resp.ids, skip_special_tokens=True)
+                f.write(json.dumps({"persona": key[0], "prompt_index": key[1],
+                                    "question_id": key[2], "response_ids": resp.ids,
+                                    "finished": resp.finished, "text": text}) + "\n")
+                have[key] = resp
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(chunk))
+    bar.close()
+    return have
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a half-written last line left by a killed run, so appends start on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with path.open("r+b") as f:
+            f.truncate(keep)

