@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -145,6 +146,123 @@ def positions(model: str, system: str, question: str, positions_spec: str) -> No
     from tlpersona.pipeline import describe_positions
 
     click.echo(describe_positions(model, system, question, positions_spec))
+
+
+def _compare_options(fn: Any) -> Any:
+    for opt in reversed([
+        click.option("--permutations", type=int, default=1000, show_default=True,
+                     help="Mantel and paired permutation count"),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--splits", type=int, default=10, show_default=True,
+                     help="random question halves for the noise floor"),
+        click.option("--pass-min-cos", type=float, default=0.95, show_default=True),
+        click.option("--pass-mc-r", type=float, default=0.90, show_default=True),
+        click.option("--pass-spread", type=float, default=0.80, show_default=True),
+        click.option("--kill-min-cos", type=float, default=0.85, show_default=True),
+        click.option("--kill-mc-r", type=float, default=0.70, show_default=True),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _compare_config(positions: str | None, layers: str | None, permutations: int, seed: int,
+                    splits: int, **th: float) -> Any:
+    from tlpersona.analyses.compare import CompareConfig, Thresholds
+    from tlpersona.positions import parse_positions
+
+    if permutations < 1:
+        raise TlpersonaError("--permutations must be at least 1")
+    layer_list = None
+    if layers:
+        try:
+            layer_list = [int(x) for x in layers.split(",")]
+        except ValueError:
+            raise TlpersonaError(f"bad --layers {layers!r}") from None
+    return CompareConfig(
+        positions=[p.name for p in parse_positions(positions)] if positions else None,
+        layers=layer_list, n_perm=permutations, seed=seed, n_splits=splits,
+        thresholds=Thresholds(**th),
+    )
+
+
+@main.command()
+@click.argument("store", required=False, type=click.Path())
+@click.option("--from-seed", "seed_dir", type=click.Path(), default=None,
+              help="read centroids in the seed layout (method_<x>/all_centroids.pt) instead")
+@click.option("--out", default="tlpersona-out/compare", show_default=True, type=click.Path())
+@click.option("--layers", default=None, help="comma-separated stored layers (default: all stored)")
+@click.option("--positions", default=None, help="positions to compare (default: the seven recipes)")
+@_compare_options
+@_friendly
+def compare(store: str | None, seed_dir: str | None, out: str, layers: str | None,
+            positions: str | None, permutations: int, seed: int, splits: int,
+            **th: float) -> None:
+    """Compare recipes in a store: metrics, permutation tests, noise floor, verdicts, report."""
+    from tlpersona.pipeline import run_compare
+
+    if (store is None) == (seed_dir is None):
+        raise TlpersonaError("give either STORE or --from-seed DIR")
+    cfg = _compare_config(positions, layers, permutations, seed, splits, **th)
+    report, result = run_compare(store, seed_dir, cfg, out)
+    _print_summary(result)
+    click.echo(f"report: {report}")
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    from tlpersona.analyses.report import verdict_table
+
+    click.echo(verdict_table(result))
+    click.echo(result["overall"]["sentence"])
+
+
+@main.command()
+@click.option("--model", default="default", show_default=True)
+@click.option("--device", default=None)
+@click.option("--dtype", default=None)
+@_data_options
+@click.option("--layers", default="default", show_default=True)
+@click.option("--out", default="tlpersona-out/experiment", show_default=True, type=click.Path())
+@click.option("--max-new-tokens", type=int, default=None,
+              help="response length (default 200 on GPU, 24 on CPU)")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@_compare_options
+@_friendly
+def experiment(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
+               prompt_index: str, limit_personas: int | None, limit_questions: int | None,
+               layers: str, out: str, max_new_tokens: int | None, batch_size: int,
+               permutations: int, seed: int, splits: int, **th: float) -> None:
+    """Everything on one command: extract all seven recipes, compare them, write the report.
+
+    On the CPU the defaults keep it to a few minutes: the built-in personas, their first 12
+    questions and 24-token responses. Use --limit-questions 0 for every question.
+    """
+    from tlpersona.pipeline import ExtractRequest, run_compare, run_extract
+
+    cpu = (device or "").startswith("cpu") or not _cuda()
+    if limit_questions is None and cpu:
+        limit_questions = 12
+    if max_new_tokens is None and cpu:
+        max_new_tokens = 24
+    t0 = time.perf_counter()
+    store = run_extract(ExtractRequest(
+        model=model, device=device, dtype=dtype, personas=personas, questions=questions,
+        prompt_index=_prompt_index(prompt_index), limit_personas=limit_personas,
+        limit_questions=limit_questions or None, positions="all6", layers=layers,
+        out=str(Path(out) / "store"), batch_size=batch_size, max_new_tokens=max_new_tokens,
+    ))
+    t1 = time.perf_counter()
+    cfg = _compare_config(None, None, permutations, seed, splits, **th)
+    report, result = run_compare(str(store), None, cfg, str(Path(out) / "compare"),
+                                 title=f"Recipe comparison: {model}")
+    _print_summary(result)
+    click.echo(f"extract {t1 - t0:.1f} s, compare {time.perf_counter() - t1:.1f} s")
+    click.echo(f"report: {report}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class PersonaResult:
     centroid: dict[str, torch.Tensor] = field(default_factory=dict)
     per_question: dict[str, torch.Tensor] = field(default_factory=dict)
     valid: dict[str, torch.Tensor] = field(default_factory=dict)
+    n_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat dict for a store part: per-question vectors go to fp16."""
@@ -72,6 +73,8 @@ class PersonaResult:
         for k, v in self.per_question.items():
             out[f"{k}/per_question"] = v.half().cpu()
             out[f"{k}/valid"] = self.valid[k].to(torch.uint8).cpu()
+        for k, v in self.n_tokens.items():
+            out[f"{k}/n_tokens"] = v.float().cpu()
         return out
 
 
@@ -195,6 +198,7 @@ class Extractor:
         seqs: list[list[int]] = []
         weights: list[torch.Tensor] = []
         ok: list[torch.Tensor] = []  # [n_dep] bool per conversation
+        counts: list[torch.Tensor] = []  # [n_dep] tokens pooled per conversation
         for k, system in enumerate(prompts):
             pidx = k if cfg.prompt_index == "all" else int(cfg.prompt_index)
             for q in questions:
@@ -213,10 +217,12 @@ class Extractor:
                 seqs.append(spans.ids)
                 weights.append(w)
                 ok.append(has)
+                counts.append((w > 0).sum(1))
         pooled = self._batched(seqs, weights).cpu()  # [n_prompts*n_q, n_dep, L, D]
         n_q = len(questions)
         pooled = pooled.view(len(prompts), n_q, *pooled.shape[1:])
         has = torch.stack(ok).view(len(prompts), n_q, len(dep))
+        n_tok = torch.stack(counts).view(len(prompts), n_q, len(dep)).float()
         for j, p in enumerate(dep):
             # Average over phrasings that have this row; a question is valid if any does.
             cnt = has[:, :, j].sum(0).float()  # [q]
@@ -226,6 +232,8 @@ class Extractor:
             per_q[valid] = summed[valid] / cnt[valid, None, None]
             result.per_question[p.name] = per_q
             result.valid[p.name] = valid
+            if p.kind == "pooled":
+                result.n_tokens[p.name] = n_tok[:, :, j].sum(0) / cnt.clamp(min=1)
             if not bool(valid.any()):
                 raise TlpersonaError(f"persona {persona.name!r} has no valid rows for {p.name}")
             result.centroid[p.name] = per_q[valid].mean(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tlpersona.cache.store import clear_store
 from tlpersona.conversation import ChatRenderer
@@ -145,3 +146,19 @@ def describe_positions(model: str, system: str, question: str, spec: str) -> str
         lines.append(f"{i:4d}  {tok.convert_ids_to_tokens(tid)!r:24}{label}")
     lines.extend(notes)
     return "\n".join(lines)
+
+
+def run_compare(store: str | None, seed_dir: str | None, cfg: Any, out: str | Path,
+                title: str = "Recipe comparison") -> tuple[Path, dict]:
+    """Compare a store (or seed-layout directory) and write results.json, figures, report.md.
+
+    ``cfg`` is a :class:`tlpersona.analyses.compare.CompareConfig`.
+    """
+    from tlpersona.analyses.compare import compare
+    from tlpersona.analyses.report import write_report
+    from tlpersona.cache.seed_layout import read_seed
+    from tlpersona.cache.store import open_store
+
+    source = read_seed(seed_dir) if seed_dir else open_store(store)
+    result = compare(source, cfg)
+    return write_report(result, source, out, title), result

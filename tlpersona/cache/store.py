@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from tlpersona import __version__
 from tlpersona.errors import TlpersonaError
@@ -145,19 +146,28 @@ class StoreWriter:
         missing = [i for i in range(n) if not self.done(i)]
         if missing:
             raise TlpersonaError(f"cannot finalise: {len(missing)} personas not extracted yet")
-        parts = [load_file(self.part_path(i)) for i in range(n)]
+        # One position at a time, each part read key by key: peak memory is one stacked tensor.
         files = {}
         for pos in prov["positions"]:
-            tensors = {"centroids": torch.stack([p[f"{pos}/centroid"] for p in parts])}
-            if f"{pos}/per_question" in parts[0]:
-                tensors["per_question"] = torch.stack([p[f"{pos}/per_question"] for p in parts])
-                tensors["valid"] = torch.stack([p[f"{pos}/valid"] for p in parts])
+            tensors: dict[str, torch.Tensor] = {}
+            for i in range(n):
+                with safe_open(str(self.part_path(i)), framework="pt") as f:
+                    for key in ("centroid", "per_question", "valid", "n_tokens"):
+                        name = f"{pos}/{key}"
+                        if name not in f.keys():
+                            continue
+                        t = f.get_tensor(name)
+                        out_key = "centroids" if key == "centroid" else key
+                        if out_key not in tensors:
+                            tensors[out_key] = torch.empty((n, *t.shape), dtype=t.dtype)
+                        tensors[out_key][i] = t
             path = self.root / position_file(pos)
             atomic_save_tensors(path, tensors, {"position": pos})
             files[path.name] = {
                 "sha256": sha256_file(path),
                 "shapes": {k: list(v.shape) for k, v in tensors.items()},
             }
+            del tensors
         self.manifest.update(complete=True, files=files,
                              finished=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         atomic_write_bytes(self.root / MANIFEST, json.dumps(self.manifest, indent=1).encode())
@@ -185,7 +195,8 @@ class Store:
         self.questions: list[str] = list(prov["questions"])
         self.layers: list[int] = list(prov["layers"])
         self.positions: list[str] = list(prov["positions"])
-        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._key_cache: dict[str, set[str]] = {}
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -203,37 +214,69 @@ class Store:
             )
         return name
 
-    def _load(self, position: str) -> dict[str, torch.Tensor]:
-        name = self._name(position)
-        if name not in self._cache:
+    def _keys(self, name: str) -> set[str]:
+        if name not in self._key_cache:
             path = self.root / position_file(name)
             if not path.exists():
                 raise TlpersonaError(f"{path}: missing store file")
-            self._cache[name] = load_file(path)
-        return self._cache[name]
+            with safe_open(str(path), framework="pt") as f:
+                self._key_cache[name] = set(f.keys())
+        return self._key_cache[name]
+
+    def _tensor(self, position: str, key: str) -> torch.Tensor | None:
+        """One tensor of a position file, read on demand (per-question tensors can be GBs)."""
+        name = self._name(position)
+        if key not in self._keys(name):
+            return None
+        if (name, key) in self._cache:
+            return self._cache[(name, key)]
+        with safe_open(str(self.root / position_file(name)), framework="pt") as f:
+            t = f.get_tensor(key)
+        if key != "per_question":
+            self._cache[(name, key)] = t
+        return t
 
     def question_invariant(self, position: str) -> bool:
         return parse_position(self._name(position)).question_invariant
 
     def centroids(self, position: str) -> torch.Tensor:
         """``[persona, layer, d_model]`` fp32 mean over (valid) questions."""
-        return self._load(position)["centroids"]
+        t = self._tensor(position, "centroids")
+        assert t is not None
+        return t
 
-    def per_question(self, position: str) -> torch.Tensor:
-        """``[persona, question, layer, d_model]`` fp16; rows with ``valid == 0`` are zeros."""
-        data = self._load(position)
-        if "per_question" not in data:
+    def has_per_question(self, position: str) -> bool:
+        return "per_question" in self._keys(self._name(position))
+
+    def per_question(self, position: str, layer: int | None = None) -> torch.Tensor:
+        """``[persona, question, layer, d_model]`` fp16; rows with ``valid == 0`` are zeros.
+
+        With ``layer`` (a layer number, not an index), only that layer is read from disk:
+        ``[persona, question, d_model]``.
+        """
+        name = self._name(position)
+        if "per_question" not in self._keys(name):
             raise TlpersonaError(
-                f"{self._name(position)} does not depend on the question: only centroids are stored"
+                f"{name} does not depend on the question: only centroids are stored"
             )
-        return data["per_question"]
+        if layer is None:
+            t = self._tensor(name, "per_question")
+            assert t is not None
+            return t
+        li = self.layer_index(layer)
+        with safe_open(str(self.root / position_file(name)), framework="pt") as f:
+            return f.get_slice("per_question")[:, :, li, :]
+
+    def n_tokens(self, position: str) -> torch.Tensor | None:
+        """``[persona, question]`` tokens averaged by a pooled position (None for single tokens)."""
+        return self._tensor(position, "n_tokens")
 
     def valid(self, position: str) -> torch.Tensor:
         """``[persona, question]`` bool: which per-question rows exist."""
-        data = self._load(position)
-        if "valid" not in data:
+        t = self._tensor(position, "valid")
+        if t is None:
             return torch.ones(len(self.personas), len(self.questions), dtype=torch.bool)
-        return data["valid"].bool()
+        return t.bool()
 
     def layer_index(self, layer: int) -> int:
         if layer not in self.layers:

@@ -1,0 +1,127 @@
+"""Markdown report and results files for a comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tlpersona.analyses import plots
+from tlpersona.cache.store import atomic_write_bytes
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{nd}f}"
+
+
+def verdict_table(result: dict[str, Any]) -> str:
+    layers = result["layers"]
+    rows = ["| pair | tag | " + " | ".join(f"L{x}" for x in layers) + " |",
+            "|---|---|" + "---|" * len(layers)]
+    seen: dict[tuple[str, str], dict[int, str]] = {}
+    tags = {}
+    for c in result["cells"]:
+        key = (c["pair"][0], c["pair"][1])
+        seen.setdefault(key, {})[c["layer"]] = c["verdict"]
+        tags[key] = c["tag"]
+    for key, by_layer in seen.items():
+        rows.append(f"| {key[0]} ~ {key[1]} | {tags[key]} | "
+                    + " | ".join(by_layer.get(x, "") for x in layers) + " |")
+    return "\n".join(rows)
+
+
+def _detail_table(result: dict[str, Any], layer: int) -> str:
+    rows = ["| pair | cos mean | cos min | cos p5 | mc cos mean | Procrustes cos | raw r | mc r "
+            "| mc Spearman | Mantel p | spread ρ | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in result["cells"]:
+        if c["layer"] != layer:
+            continue
+        s, mc = c["per_persona_cos"], c["per_persona_cos_mc"]
+        rows.append(
+            f"| {c['pair'][0]} ~ {c['pair'][1]} | {_f(s['mean'])} | {_f(s['min'])} | {_f(s['p5'])} "
+            f"| {_f(mc['mean'])} | {_f(c['procrustes_cos']['mean'])} | {_f(c['matrix_raw']['pearson'])} "
+            f"| {_f(c['matrix_mc']['pearson'])} | {_f(c['matrix_mc']['spearman'])} "
+            f"| {c['mantel_p']:.4f} | {_f(c['spread']['spearman'])} | **{c['verdict']}** |")
+    return "\n".join(rows)
+
+
+def _floor_table(result: dict[str, Any]) -> str:
+    rows = ["| recipe | layer | per-persona cos (mean / min) | mc matrix r (mean / min) |",
+            "|---|---|---|---|"]
+    for pos, by_layer in result["noise_floor"].items():
+        for layer, v in by_layer.items():
+            if v.get("exact") is False:
+                rows.append(f"| {pos} | {layer} | {_f(v['per_persona_cos_mean'], 4)} / "
+                            f"{_f(v['per_persona_cos_min'], 4)} | {_f(v['matrix_mc_pearson_mean'], 4)}"
+                            f" / {_f(v['matrix_mc_pearson_min'], 4)} |")
+            else:
+                rows.append(f"| {pos} | {layer} | {v['reason']} | — |")
+    return "\n".join(rows)
+
+
+def _bstar_section(result: dict[str, Any]) -> str:
+    b = result["bstar_check"]
+    if not b.get("available"):
+        return f"Not available: {b['reason']}."
+    rows = ["| layer | cos(A, B*) mean / min | cos(A, B*_no_last) mean / min | identity max rel. error |",
+            "|---|---|---|---|"]
+    for layer, r in b["layers"].items():
+        ident = r.get("identity_max_rel_error")
+        ok = "" if ident is None else (" (holds)" if r["identity_holds"] else " (FAILS)")
+        rows.append(f"| {layer} | {_f(r['cos_a_bstar']['mean'])} / {_f(r['cos_a_bstar']['min'])} | "
+                    f"{_f(r['cos_a_bstar_no_last']['mean'])} / {_f(r['cos_a_bstar_no_last']['min'])} | "
+                    f"{'n/a' if ident is None else f'{ident:.2e}'}{ok} |")
+    note = b.get("identity_note")
+    return "\n".join(rows) + (f"\n\n{note}." if note else "")
+
+
+def write_report(result: dict[str, Any], source: Any, out: str | Path,
+                 title: str = "Recipe comparison") -> Path:
+    """Write results.json, figures/*.png and report.md into ``out``; returns report.md's path."""
+    out = Path(out)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "results.json", json.dumps(result, indent=1).encode())
+    layers = result["layers"]
+    mid = layers[len(layers) // 2]
+    plots.verdict_heatmap(result, figs / "verdicts.png")
+    plots.cosine_violins(result, mid, figs / f"cosines_L{mid}.png")
+    plots.matrix_bars(result, mid, figs / f"matrix_r_L{mid}.png")
+    plots.cosine_matrices(source, result["positions"], mid, figs / f"cos_matrices_L{mid}.png")
+    th = result["thresholds"]
+    sig = sorted((t for t in result["paired_tests"] if t["p"] < 0.05), key=lambda t: t["p"])[:10]
+    lines = [
+        f"# {title}", "",
+        f"**{result['overall']['sentence']}**", "",
+        f"{result['n_personas']} personas, {result['n_questions']} questions, layers "
+        f"{', '.join(map(str, layers))}; {result['n_permutations']} Mantel permutations "
+        f"(smallest attainable p = {result['min_attainable_p']:.4f}), seed {result['seed']}; "
+        f"input manifest {result['input']['manifest_hash'][:12]}.", "",
+        f"Verdicts: PASS if per-persona min cos > {th['pass_min_cos']} and mean-centred matrix "
+        f"r > {th['pass_mc_r']} (and spread Spearman > {th['pass_spread']} where defined); KILL if "
+        f"min cos < {th['kill_min_cos']} or mean-centred r < {th['kill_mc_r']}; GREY otherwise.", "",
+        "## Verdicts", "", verdict_table(result), "", "![verdicts](figures/verdicts.png)", "",
+    ]
+    for layer in layers:
+        lines += [f"## Layer {layer}", "", _detail_table(result, layer), ""]
+    lines += [
+        f"![cosines](figures/cosines_L{mid}.png)", "", f"![matrix r](figures/matrix_r_L{mid}.png)", "",
+        f"![cosine matrices](figures/cos_matrices_L{mid}.png)", "",
+        "## Split-half noise floor", "",
+        f"Centroids from two random halves of the questions ({result['n_splits']} seeded splits), "
+        "compared with the same statistics as the recipe pairs.", "", _floor_table(result), "",
+        "## B*_no_last algebra check", "",
+        "B* (prompt_mean) includes A's token (last) in its mean, so part of cos(A, B*) is "
+        "arithmetic; B*_no_last removes it.", "", _bstar_section(result), "",
+        "## Paired permutation tests", "",
+        f"{len(result['paired_tests'])} tests of whether one pair is more aligned than another "
+        f"pair sharing a recipe (sign flips across personas). Smallest p-values:", "",
+        "| layer | pair 1 | pair 2 | mean cos difference | p |", "|---|---|---|---|---|",
+        *[f"| {t['layer']} | {' ~ '.join(t['pair_1'])} | {' ~ '.join(t['pair_2'])} | "
+          f"{t['mean_diff']:+.4f} | {t['p']:.4f} |" for t in sig],
+        "",
+    ]
+    path = out / "report.md"
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    return path
