@@ -92,3 +92,18 @@ def test_unknown_position_in_store(full_store):
 def test_not_a_store(tmp_path):
     with pytest.raises(TlpersonaError, match="not a tlpersona store"):
         open_store(tmp_path)
+
+
+def test_plain_reader_matches_safetensors(full_store):
+    from safetensors.torch import load_file
+
+    from tlpersona.cache.store import read_tensor
+
+    want = load_file(full_store / "last.safetensors")
+    for key in ("per_question", "centroids", "valid"):
+        assert torch.equal(read_tensor(full_store / "last.safetensors", key), want[key])
+    st = open_store(full_store)
+    assert torch.equal(st.per_question("last", 15), want["per_question"][:, :, 1])
+    assert st.n_tokens("last") is None
+    n_tok = st.n_tokens("prompt_mean")
+    assert n_tok.shape == (3, 3) and bool((n_tok > 20).all())  # prompt lengths in tokens

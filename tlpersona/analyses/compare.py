@@ -14,8 +14,8 @@ import numpy as np
 from scipy import stats
 
 from tlpersona.analyses import metrics as M
-from tlpersona.analyses.controls import bstar_check, noise_floor
-from tlpersona.analyses.stats import MantelPermuter, mantel_with, paired_permutation
+from tlpersona.analyses.controls import bstar_check, per_question_pass
+from tlpersona.analyses.stats import MantelPermuter, paired_permutation
 from tlpersona.errors import TlpersonaError
 from tlpersona.positions import RECIPES, canonical
 
@@ -117,7 +117,21 @@ def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, fl
     pairs = list(itertools.combinations(positions, 2))
     cells: list[dict[str, Any]] = []
     paired: list[dict[str, Any]] = []
+    # Per-question work first, one recipe at a time, streamed over personas: its vectors (GBs
+    # at full scale) are read once for all layers.
+    spread_by_layer: dict[str, dict[int, np.ndarray]] = {}
     floors: dict[str, Any] = {}
+    for p in positions:
+        t0 = time.perf_counter()
+        if source.question_invariant(p) or not source.has_per_question(p):
+            reason = ({"exact": True, "reason": "question-invariant: no sampling noise"}
+                      if source.question_invariant(p) else
+                      {"exact": None, "reason": "no per-question vectors in the input"})
+            floors[p] = {str(layer): reason for layer in layers}
+            continue
+        spread_by_layer[p], floors[p] = per_question_pass(source, p, layers, cfg.n_splits,
+                                                          cfg.seed, permuter.iu)
+        tick("spread and noise floor", t0)
     for layer in layers:
         t0 = time.perf_counter()
         li = source.layer_index(layer)
@@ -125,37 +139,31 @@ def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, fl
         mc = {p: M.mean_centre(c) for p, c in cent.items()}
         mats = {p: (M.cos_matrix(cent[p]), M.cos_matrix(mc[p])) for p in positions}
         t0 = tick("centroid metrics", t0)
-        perm = {p: (permuter.permuted(mats[p][0]), permuter.permuted(mats[p][1])) for p in positions}
+        # Mantel tests grouped by the permuted matrix: one recipe's permutations in memory at a
+        # time, and one matrix product per recipe for all its partners.
+        mantel: dict[tuple[str, str, int], tuple[float, float]] = {}
+        for y in positions:
+            xs = [x for x, yy in pairs if yy == y]
+            for kind in (0, 1):  # raw, mean-centred
+                if xs:
+                    py = permuter.permuted(mats[y][kind])
+                    res = permuter.many([mats[x][kind] for x in xs], mats[y][kind], py)
+                    mantel.update({(x, y, kind): r for x, r in zip(xs, res, strict=True)})
+                    del py
         t0 = tick("mantel permutations", t0)
-        spreads: dict[str, np.ndarray | None] = {}
-        for p in positions:
-            if source.question_invariant(p) or not source.has_per_question(p):
-                spreads[p] = None
-                continue
-            per_q = source.per_question(p, layer).float().numpy()
-            valid = source.valid(p).numpy()
-            spreads[p] = M.spread(per_q, valid)
-            t0 = tick("spread", t0)
-            floors.setdefault(p, {})[str(layer)] = noise_floor(per_q, valid, cfg.n_splits,
-                                                               cfg.seed, permuter.iu)
-            t0 = tick("noise floor", t0)
-        for p in positions:
-            if spreads[p] is None:
-                floors.setdefault(p, {})[str(layer)] = (
-                    {"exact": True, "reason": "question-invariant: no sampling noise"}
-                    if source.question_invariant(p) else
-                    {"exact": None, "reason": "no per-question vectors in the input"})
-        rng = np.random.default_rng(cfg.seed + layer)
+        spreads = {p: spread_by_layer[p].get(layer) if p in spread_by_layer else None
+                   for p in positions}
+        procrustes = M.HeldOutProcrustes(n, np.random.default_rng(cfg.seed + layer))
         pp_cos: dict[tuple[str, str], np.ndarray] = {}
         for x, y in pairs:
             cos = M.rowwise_cos(cent[x], cent[y])
             pp_cos[(x, y)] = cos
             mc_cos = M.rowwise_cos(mc[x], mc[y])
-            proc = M.procrustes_cos(cent[x], cent[y], rng)
+            proc = procrustes.cos(x, mc[x], y, mc[y])
             raw_t = (M.upper(mats[x][0]), M.upper(mats[y][0]))
             mc_t = (M.upper(mats[x][1]), M.upper(mats[y][1]))
-            r_raw, p_raw = mantel_with(permuter, mats[x][0], mats[y][0], perm[y][0])
-            r_mc, p_mc = mantel_with(permuter, mats[x][1], mats[y][1], perm[y][1])
+            r_raw, p_raw = mantel[(x, y, 0)]
+            r_mc, p_mc = mantel[(x, y, 1)]
             if spreads[x] is None or spreads[y] is None:
                 why = ("question-invariant recipe: no per-question variation"
                        if source.question_invariant(x) or source.question_invariant(y)
@@ -193,6 +201,9 @@ def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, fl
                                "mean_diff": float(dv.mean()), "p": float(pv)})
         tick("paired tests", t0)
 
+    t0 = time.perf_counter()
+    bstar = bstar_check(source, layers)
+    tick("B* check", t0)
     result: dict[str, Any] = {
         "input": {"manifest_hash": source.manifest_hash, "provenance": source.provenance},
         "n_personas": n,
@@ -208,7 +219,7 @@ def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, fl
         "cells": cells,
         "paired_tests": paired,
         "noise_floor": floors,
-        "bstar_check": bstar_check(source, layers),
+        "bstar_check": bstar,
     }
     result["overall"] = overall(result)
     return result

@@ -12,9 +12,14 @@ from scipy import stats
 
 
 def _standardise(v: np.ndarray) -> np.ndarray:
-    """Rows (last axis) to zero mean and unit sum of squares, so a dot product is Pearson's r."""
-    v = v - v.mean(axis=-1, keepdims=True)
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+    """Rows (last axis) to zero mean and unit sum of squares, so a dot product is Pearson's r.
+
+    In place when ``v`` is already a float array (the permuted triangles are large).
+    """
+    v = v if v.dtype.kind == "f" else v.astype(np.float64)
+    v -= v.mean(axis=-1, keepdims=True)
+    v /= np.sqrt(np.einsum("...i,...i->...", v, v))[..., None]
+    return v
 
 
 class MantelPermuter:
@@ -31,17 +36,28 @@ class MantelPermuter:
         self.iu = np.triu_indices(n, k=1)
         perms = np.stack([rng.permutation(n) for _ in range(n_perm)])  # [N, n]
         # Entry (i, j) of the permuted matrix is m[p[i], p[j]]: flat indices into m.
-        self.flat = (perms[:, self.iu[0]] * n + perms[:, self.iu[1]]).astype(np.int64)
+        self.flat = (perms[:, self.iu[0]] * n + perms[:, self.iu[1]]).astype(np.intp)
 
     def triangle(self, m: np.ndarray, rank: bool = False) -> np.ndarray:
         v = m[self.iu].astype(np.float64)
         return stats.rankdata(v) if rank else v
 
+    def many(self, xs: list[np.ndarray], y: np.ndarray, permuted_y: np.ndarray,
+             rank: bool = False) -> list[tuple[float, float]]:
+        """Mantel tests of several matrices against one ``y``: one matrix product for all."""
+        yv = _standardise(self.triangle(y, rank))
+        xv = np.stack([_standardise(self.triangle(x, rank)) for x in xs])  # [k, m]
+        r_obs = xv @ yv
+        r_perm = permuted_y @ xv.T.astype(np.float32)  # [N, k]
+        # float32 products: count ties with the observed value as "as large" (conservative).
+        counts = np.sum(r_perm >= (r_obs - 1e-6)[None, :], axis=0)
+        return [(float(r), (1 + int(c)) / (self.n_perm + 1)) for r, c in zip(r_obs, counts, strict=True)]
+
     def permuted(self, m: np.ndarray, rank: bool = False) -> np.ndarray:
         full = np.zeros_like(m, dtype=np.float32)
         full[self.iu] = self.triangle(m, rank)
         full = full + full.T  # the permutation maps upper-triangle entries to either side
-        return _standardise(full.ravel()[self.flat].astype(np.float32))
+        return _standardise(full.ravel()[self.flat])
 
 
 def mantel(x: np.ndarray, y: np.ndarray, n_perm: int = 1000, seed: int = 0,
@@ -55,13 +71,7 @@ def mantel(x: np.ndarray, y: np.ndarray, n_perm: int = 1000, seed: int = 0,
 def mantel_with(perm: MantelPermuter, x: np.ndarray, y: np.ndarray, permuted_y: np.ndarray,
                 rank: bool = False) -> tuple[float, float]:
     """Mantel test reusing ``permuted_y = perm.permuted(y, rank)``: (observed r, one-sided p)."""
-    xv = _standardise(perm.triangle(x, rank))
-    yv = _standardise(perm.triangle(y, rank))
-    r_obs = float(xv @ yv)
-    r_perm = permuted_y @ xv.astype(np.float32)
-    # float32 products: count ties with the observed value as "as large" (conservative).
-    p = (1 + int(np.sum(r_perm >= r_obs - 1e-6))) / (perm.n_perm + 1)
-    return r_obs, p
+    return perm.many([x], y, permuted_y, rank)[0]
 
 
 def paired_permutation(d: np.ndarray, n_perm: int = 1000, seed: int = 0) -> np.ndarray:

@@ -104,6 +104,9 @@ class SeedSource:
         t = self._per_q[name]
         return t if layer is None else t[:, :, self.layer_index(layer)]
 
+    def per_question_rows(self, position: str, start: int, stop: int) -> torch.Tensor:
+        return self.per_question(position)[start:stop]
+
     def valid(self, position: str) -> torch.Tensor:
         return torch.ones(len(self.personas), len(self.questions), dtype=torch.bool)
 

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,40 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+           "F64": torch.float64, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+
+
+def read_tensor(path: Path, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One tensor of a safetensors file (or rows ``[start, stop)`` of its first dimension) by
+    plain reads into its own buffer.
+
+    Unlike a memory map, reading a multi-GB tensor this way does not also count the mapped file
+    pages against the process's memory.
+    """
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        if key not in header:
+            raise TlpersonaError(f"{path}: no tensor {key!r}")
+        info = header[key]
+        start, stop = info["data_offsets"]
+        shape = list(info["shape"])
+        if rows is not None:
+            row_bytes = (stop - start) // max(shape[0], 1)
+            lo, hi = max(0, rows[0]), min(shape[0], rows[1])
+            start, stop = start + lo * row_bytes, start + hi * row_bytes
+            shape[0] = hi - lo
+        out = torch.empty(shape, dtype=_DTYPES[info["dtype"]])
+        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
+        if stop - start != len(buf):
+            raise TlpersonaError(f"{path}: tensor {key!r} has a corrupt header")
+        f.seek(8 + header_len + start)
+        if f.readinto(buf) != len(buf):
+            raise TlpersonaError(f"{path}: truncated tensor {key!r}")
+    return out
 
 
 def position_file(position: str) -> str:
@@ -260,12 +295,17 @@ class Store:
                 f"{name} does not depend on the question: only centroids are stored"
             )
         if layer is None:
-            t = self._tensor(name, "per_question")
-            assert t is not None
-            return t
+            return read_tensor(self.root / position_file(name), "per_question")
         li = self.layer_index(layer)
         with safe_open(str(self.root / position_file(name)), framework="pt") as f:
             return f.get_slice("per_question")[:, :, li, :]
+
+    def per_question_rows(self, position: str, start: int, stop: int) -> torch.Tensor:
+        """Personas ``[start, stop)`` of :meth:`per_question`: ``[stop-start, question, layer, d]``."""
+        name = self._name(position)
+        if "per_question" not in self._keys(name):
+            raise TlpersonaError(f"{name} does not depend on the question: only centroids are stored")
+        return read_tensor(self.root / position_file(name), "per_question", (start, stop))
 
     def n_tokens(self, position: str) -> torch.Tensor | None:
         """``[persona, question]`` tokens averaged by a pooled position (None for single tokens)."""
