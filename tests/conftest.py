@@ -35,7 +35,8 @@ def loaded(default_source):
 
 @pytest.fixture(scope="session")
 def hf_ref(default_source):
-    """An independent plain-HF copy (the bridge modifies its own model in place)."""
+    """An independent plain-HF copy (the bridge modifies its own model in place), with the
+    eager attention that the bridge uses on the CPU."""
     from tlpersona.models import load_hf
 
     return load_hf(default_source, "cpu", torch.float32, attn="eager")

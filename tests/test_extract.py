@@ -134,3 +134,32 @@ def test_greedy_generation_matches_step_by_step_argmax(loaded, hf_ref, responses
                     break
         assert got.ids == out
         assert got.finished == (out[-1] == loaded.tokenizer.eos_token_id)
+
+
+def test_sdpa_bridge_matches_plain_hf_sdpa(default_source):
+    """attn="sdpa" hands attention to HF's own module: residuals match plain HF (sdpa)."""
+    from tlpersona.models import load_bridge, load_hf
+
+    fast = load_bridge("default", device="cpu", dtype="fp32", attn="sdpa")
+    ref = load_hf(default_source, "cpu", torch.float32)  # HF's default attention: sdpa
+    assert ref.config._attn_implementation == "sdpa"
+    cfg = ExtractConfig(parse_positions("last,sys_end,prompt_mean"), LAYERS, batch_size=3, progress=False)
+    res = Extractor(fast, cfg).persona(PERSONA, QUESTIONS)
+    for qi, q in enumerate(QUESTIONS):
+        want = _reference(ref, fast.tokenizer, PERSONA.system_prompts[0], q.text, [])
+        # SDPA's CPU kernel rounds differently for another sequence length or padding (a
+        # shorter prefix run, a padded batch), so compare relative to each vector's size.
+        for name in ("last", "prompt_mean", "sys_end"):
+            got = res.per_question[name][qi] if name in res.per_question else res.centroid[name]
+            rel = (got - want[name]).norm(dim=-1) / want[name].norm(dim=-1)
+            assert rel.max().item() < 1e-5, name
+
+
+def test_bridge_attention_hooks_still_fire_in_eager_mode(default_source):
+    from tlpersona.models import load_bridge
+
+    eager = load_bridge("default", device="cpu", dtype="fp32", attn="eager")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        _, cache = eager.bridge.run_with_cache(ids, names_filter=lambda n: n == "blocks.0.attn.hook_pattern")
+    assert cache["blocks.0.attn.hook_pattern"].shape[-2:] == (4, 4)

@@ -48,6 +48,12 @@ def _model_options(fn: Any) -> Any:
     return fn
 
 
+_attn_option = click.option(
+    "--attn", type=click.Choice(["auto", "sdpa", "eager"]), default="auto", show_default=True,
+    help="attention inside the bridge: HF's sdpa (fast; attention-pattern hooks off) or the "
+         "bridge's eager; auto = sdpa on GPU, eager on CPU")
+
+
 def _data_options(fn: Any) -> Any:
     for opt in reversed([
         click.option("--personas", default="builtin", show_default=True,
@@ -92,12 +98,13 @@ def main() -> None:
               help="responses JSONL made elsewhere (default: OUT/responses.jsonl, generated if needed)")
 @click.option("--include-eot", is_flag=True, help="response_mean also averages the end-of-turn token")
 @click.option("--force-new", is_flag=True, help="replace an existing store at --out")
+@_attn_option
 @_friendly
 def extract(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
             prompt_index: str, limit_personas: int | None, limit_questions: int | None,
             positions_spec: str, layers: str, out: str, batch_size: int,
             max_new_tokens: int | None, responses_path: str | None, include_eot: bool,
-            force_new: bool) -> None:
+            force_new: bool, attn: str) -> None:
     """Extract residual-stream vectors at named positions into an activation store."""
     from tlpersona.pipeline import ExtractRequest, run_extract
 
@@ -106,7 +113,7 @@ def extract(model: str, device: str | None, dtype: str | None, personas: str, qu
         prompt_index=_prompt_index(prompt_index), limit_personas=limit_personas,
         limit_questions=limit_questions, positions=positions_spec, layers=layers, out=out,
         batch_size=batch_size, max_new_tokens=max_new_tokens, responses=responses_path,
-        include_eot=include_eot, force_new=force_new,
+        include_eot=include_eot, force_new=force_new, attn=attn,
     )
     t0 = time.perf_counter()
     path = run_extract(req)
@@ -225,11 +232,12 @@ def _print_summary(result: dict[str, Any]) -> None:
 @click.option("--max-new-tokens", type=int, default=None,
               help="response length (default 200 on GPU, 24 on CPU)")
 @click.option("--batch-size", type=int, default=16, show_default=True)
+@_attn_option
 @_compare_options
 @_friendly
 def experiment(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
                prompt_index: str, limit_personas: int | None, limit_questions: int | None,
-               layers: str, out: str, max_new_tokens: int | None, batch_size: int,
+               layers: str, out: str, max_new_tokens: int | None, batch_size: int, attn: str,
                permutations: int, seed: int, splits: int, **th: float) -> None:
     """Everything on one command: extract all seven recipes, compare them, write the report.
 
@@ -249,6 +257,7 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
         prompt_index=_prompt_index(prompt_index), limit_personas=limit_personas,
         limit_questions=limit_questions or None, positions="all6", layers=layers,
         out=str(Path(out) / "store"), batch_size=batch_size, max_new_tokens=max_new_tokens,
+        attn=attn,
     ))
     t1 = time.perf_counter()
     cfg = _compare_config(None, None, permutations, seed, splits, **th)

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,11 +197,43 @@ class LoadedModel:
     dtype: torch.dtype
 
 
+def _hf_attention(self: Any, *args: Any, **kwargs: Any) -> Any:
+    return self.original_component(*args, **kwargs)
+
+
+def use_hf_attention(bridge: Any, hf: Any, implementation: str = "sdpa") -> bool:
+    """Let every block's attention run the HF module itself with ``implementation``.
+
+    The bridge re-implements attention step by step (eager) so that attention-pattern hooks can
+    fire; tlpersona reads only residual-stream hooks, which stay in place and then match plain
+    HF (sdpa by default) exactly. All blocks or none: HF builds one attention mask for the
+    implementation it is set to. Returns whether the switch was made.
+    """
+    attns = [getattr(block, "attn", None) for block in bridge.blocks]
+    if not attns or any(getattr(a, "original_component", None) is None for a in attns):
+        return False
+    hf.set_attn_implementation(implementation)
+    for attn in attns:
+        # Bridge components forward attribute writes to the wrapped module; bypass that.
+        object.__setattr__(attn, "forward", types.MethodType(_hf_attention, attn))
+    return True
+
+
 def load_bridge(spec: str = "default", device: str | None = None,
-                dtype: str | torch.dtype | None = None) -> LoadedModel:
-    """Load ``spec`` and wrap it with ``TransformerBridge.boot_transformers`` (no hub call)."""
+                dtype: str | torch.dtype | None = None, attn: str = "auto") -> LoadedModel:
+    """Load ``spec`` and wrap it with ``TransformerBridge.boot_transformers`` (no hub call).
+
+    ``attn="sdpa"`` runs attention through HF's own module with SDPA, as a plain HF model does:
+    residual hooks fire and equal HF's hidden states, attention-pattern hooks do not.
+    ``attn="eager"`` keeps the bridge's own eager attention (all hooks fire). ``auto`` (default)
+    is sdpa on CUDA, for speed, and eager on the CPU, where it makes a position's value
+    independent of how long the sequence runs on after it (SDPA's CPU kernel rounds
+    differently for different lengths, ~1e-7 relative).
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
+    if attn not in ("auto", "sdpa", "eager"):
+        raise TlpersonaError(f"unknown attention implementation {attn!r} (auto, sdpa or eager)")
     source, identity = resolve(spec)
     device = device or default_device()
     tdtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
@@ -211,6 +244,8 @@ def load_bridge(spec: str = "default", device: str | None = None,
         source, hf_model=hf, tokenizer=tokenizer, device=device, dtype=tdtype
     )
     bridge.eval()
+    if attn == "sdpa" or (attn == "auto" and device.startswith("cuda")):
+        use_hf_attention(bridge, hf)
     return LoadedModel(bridge, tokenizer, info, device, tdtype)
 
 

@@ -45,6 +45,7 @@ class ExtractRequest:
     responses: str | None = None
     include_eot: bool = False
     force_new: bool = False
+    attn: str = "auto"
     progress: bool = True
 
 
@@ -90,7 +91,7 @@ def run_extract(req: ExtractRequest) -> Path:
             responses = _generate(source, device, req.dtype, tok, personas, questions,
                                   req.prompt_index, resp_path, req.max_new_tokens,
                                   max(req.batch_size, 16), req.progress)
-    model = load_bridge(req.model, device, req.dtype)
+    model = load_bridge(req.model, device, req.dtype, req.attn)
     cfg = ExtractConfig(positions=positions, layers=parse_layers(req.layers, model.info.n_layers),
                         prompt_index=req.prompt_index, batch_size=req.batch_size,
                         include_eot=req.include_eot, progress=req.progress)
