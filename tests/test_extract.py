@@ -163,3 +163,18 @@ def test_bridge_attention_hooks_still_fire_in_eager_mode(default_source):
     with torch.no_grad():
         _, cache = eager.bridge.run_with_cache(ids, names_filter=lambda n: n == "blocks.0.attn.hook_pattern")
     assert cache["blocks.0.attn.hook_pattern"].shape[-2:] == (4, 4)
+
+
+def test_unembedding_is_skipped(loaded):
+    calls = []
+    handle = loaded.bridge.unembed.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            loaded.bridge(torch.tensor([[1, 2, 3]]))
+        assert len(calls) == 1  # control: a plain forward does reach the unembedding
+        for layers in ([29], [3, 7]):
+            ex = Extractor(loaded, ExtractConfig(parse_positions("last"), layers, progress=False))
+            ex.run([[1, 2, 3]], [torch.tensor([[0.0, 0.0, 1.0]])])
+        assert len(calls) == 1
+    finally:
+        handle.remove()

@@ -78,6 +78,12 @@ class PersonaResult:
         return out
 
 
+def _stop_forward(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    raise StopAtLayerException(tensor)
+
+
 class Extractor:
     """Runs the bridge and pools activations at named positions."""
 
@@ -91,9 +97,12 @@ class Extractor:
             raise TlpersonaError(f"layer {bad[0]} is out of range for a {n}-layer model")
         self._hook_names = {f"blocks.{layer}.hook_resid_post": i
                             for i, layer in enumerate(config.layers)}
-        # Blocks past the last requested layer cannot change what we read: skip them.
+        # Blocks past the last requested layer, the final norm and the unembedding cannot change
+        # what we read: skip them (stop_at_layer, or a stop at the final norm's input).
         top = max(config.layers) + 1
         self._stop_at = top if top < n else None
+        self._stop_hooks = ([("ln_final.hook_in", _stop_forward)]
+                            if top >= n and "ln_final.hook_in" in model.bridge.hook_dict else [])
         self._pad_id = model.tokenizer.pad_token_id or 0
 
     @torch.no_grad()
@@ -118,9 +127,10 @@ class Extractor:
         kwargs: dict[str, Any] = {"attention_mask": mask.to(device)}
         if self._stop_at is not None:
             kwargs["stop_at_layer"] = self._stop_at
-        _, cache = self.model.bridge.run_with_cache(
-            ids.to(device), names_filter=lambda name: name in names, **kwargs
-        )
+        with self.model.bridge.hooks(fwd_hooks=self._stop_hooks):
+            _, cache = self.model.bridge.run_with_cache(
+                ids.to(device), names_filter=lambda name: name in names, **kwargs
+            )
         # Spans are pooled in float64: a fp32 mean over a sequence whose first token has
         # activations in the tens of thousands loses ~1e-4 of absolute precision.
         w = w.to(device, torch.float64)
