@@ -178,3 +178,23 @@ def test_unembedding_is_skipped(loaded):
         assert len(calls) == 1
     finally:
         handle.remove()
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(loaded, monkeypatch):
+    cfg = ExtractConfig(parse_positions("last,prompt_mean"), LAYERS, batch_size=3, progress=False)
+    want = Extractor(loaded, cfg).persona(PERSONA, QUESTIONS)
+    ex = Extractor(loaded, cfg)
+    real_run = ex.run
+    sizes = []
+
+    def flaky(seqs, weights):
+        sizes.append(len(seqs))
+        if len(seqs) > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real_run(seqs, weights)
+
+    monkeypatch.setattr(ex, "run", flaky)
+    got = ex.persona(PERSONA, QUESTIONS)
+    assert ex.batch_size == 1 and sizes[:3] == [3, 1, 1]
+    for name in want.per_question:
+        torch.testing.assert_close(got.per_question[name], want.per_question[name], atol=1e-4, rtol=1e-6)

@@ -104,6 +104,7 @@ class Extractor:
         self._stop_hooks = ([("ln_final.hook_in", _stop_forward)]
                             if top >= n and "ln_final.hook_in" in model.bridge.hook_dict else [])
         self._pad_id = model.tokenizer.pad_token_id or 0
+        self.batch_size = max(1, config.batch_size)
 
     @torch.no_grad()
     def run(self, seqs: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor:
@@ -141,17 +142,31 @@ class Extractor:
         return out
 
     def _batched(self, seqs: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor:
-        """Length-sorted batches of ``run``; results in input order."""
+        """Length-sorted batches of ``run``; results in input order.
+
+        On CUDA out-of-memory the batch size is halved (and stays halved) and the batch retried.
+        """
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out: torch.Tensor | None = None
-        bs = max(1, self.cfg.batch_size)
-        for start in range(0, len(order), bs):
-            idx = order[start:start + bs]
-            pooled = self.run([seqs[i] for i in idx], [weights[i] for i in idx])
+        start = 0
+        while start < len(order):
+            idx = order[start:start + self.batch_size]
+            try:
+                pooled = self.run([seqs[i] for i in idx], [weights[i] for i in idx])
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise TlpersonaError("out of GPU memory even at batch size 1") from None
+                self.batch_size = max(1, self.batch_size // 2)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                tqdm.write(f"tlpersona: out of memory; batch size now {self.batch_size}",
+                           file=sys.stderr)
+                continue
             if out is None:
                 out = torch.empty((len(seqs), *pooled.shape[1:]), dtype=pooled.dtype,
                                   device=pooled.device)
             out[torch.tensor(idx, device=pooled.device)] = pooled
+            start += len(idx)
         assert out is not None
         return out
 
@@ -163,19 +178,36 @@ class Extractor:
             w[j, start:stop] = 1.0 / (stop - start)
         return w
 
+    def _conversations(self, persona: Persona, prompts: list[str], questions: list[Question],
+                       responses: dict[Key, Response] | None) -> list[list[tuple[Spans, Response | None]]]:
+        """Every (phrasing, question) conversation, rendered once: ``[phrasing][question]``."""
+        cfg = self.cfg
+        out = []
+        for k, system in enumerate(prompts):
+            pidx = k if cfg.prompt_index == "all" else int(cfg.prompt_index)
+            row = []
+            for q in questions:
+                resp = (responses or {}).get((persona.name, pidx, q.id)) if cfg.needs_response else None
+                spans = self.renderer.prompt(system, q.text, resp.ids if resp else None)
+                if resp is not None:
+                    spans.response_stop = spans.prompt_len + resp.content_len(cfg.include_eot)
+                row.append((spans, resp))
+            out.append(row)
+        return out
+
     def _invariant(self, persona: Persona, prompts: list[str],
-                   questions: list[Question]) -> dict[str, torch.Tensor]:
+                   convs: list[list[tuple[Spans, Response | None]]]) -> dict[str, torch.Tensor]:
         """Question-invariant positions: one prefix run (and one raw-text run) per phrasing."""
         inv = [p for p in self.cfg.positions if p.question_invariant]
         anchored = [p for p in inv if p.kind == "anchored"]
         out: dict[str, torch.Tensor] = {}
         if anchored:
             seqs, weights = [], []
-            for system in prompts:
-                texts = (*_PROBES, *(q.text for q in questions))
-                convs = [self.renderer.prompt(system, t) for t in texts]
-                shared = common_prefix_len([c.ids for c in convs])
-                idx = {p.name: p.resolve(convs[0])[0] for p in anchored}
+            for system, row in zip(prompts, convs, strict=True):
+                probes = [self.renderer.prompt(system, t).ids for t in _PROBES]
+                first = row[0][0]
+                shared = common_prefix_len([*probes, *(s.ids[: s.prompt_len] for s, _ in row)])
+                idx = {p.name: p.resolve(first)[0] for p in anchored}
                 for name, i in idx.items():
                     if i >= shared:
                         raise TlpersonaError(
@@ -183,8 +215,8 @@ class Extractor:
                             "block into the question; it is not question-invariant here"
                         )
                 length = max(idx.values()) + 1
-                seqs.append(convs[0].ids[:length])
-                weights.append(self._weights(anchored, convs[0], length))
+                seqs.append(first.ids[:length])
+                weights.append(self._weights(anchored, first, length))
             pooled = self._batched(seqs, weights)  # [phrasing, n_anchored, L, D]
             for j, p in enumerate(anchored):
                 out[p.name] = pooled[:, j].mean(0).cpu()
@@ -199,8 +231,9 @@ class Extractor:
         """Extract every requested position for one persona."""
         cfg = self.cfg
         prompts = system_prompts(persona, cfg.prompt_index)
+        convs = self._conversations(persona, prompts, questions, responses)
         result = PersonaResult()
-        for name, vec in self._invariant(persona, prompts, questions).items():
+        for name, vec in self._invariant(persona, prompts, convs).items():
             result.centroid[name] = vec
         dep = [p for p in cfg.positions if not p.question_invariant]
         if not dep:
@@ -209,15 +242,8 @@ class Extractor:
         weights: list[torch.Tensor] = []
         ok: list[torch.Tensor] = []  # [n_dep] bool per conversation
         counts: list[torch.Tensor] = []  # [n_dep] tokens pooled per conversation
-        for k, system in enumerate(prompts):
-            pidx = k if cfg.prompt_index == "all" else int(cfg.prompt_index)
-            for q in questions:
-                resp = None
-                if cfg.needs_response:
-                    resp = (responses or {}).get((persona.name, pidx, q.id))
-                spans = self.renderer.prompt(system, q.text, resp.ids if resp else None)
-                if resp is not None:
-                    spans.response_stop = spans.prompt_len + resp.content_len(cfg.include_eot)
+        for row in convs:
+            for spans, resp in row:
                 has = torch.tensor([not p.needs_response or
                                     (resp is not None and resp.content_len(cfg.include_eot) > 0)
                                     for p in dep])
