@@ -17,13 +17,16 @@ Prints tokens/s for both, the ratio, peak GPU memory, and the projected wall tim
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 import time
 
 import torch
 
+from tlpersona.cache import open_store
 from tlpersona.conversation import ChatRenderer
 from tlpersona.data import load_assistant_axis_personas, load_questions_jsonl
-from tlpersona.extract import ExtractConfig, Extractor
+from tlpersona.extract import ExtractConfig, Extractor, extract_to_store
 from tlpersona.generate import Response
 from tlpersona.models import LoadedModel, ModelInfo, use_hf_attention
 from tlpersona.positions import parse_positions
@@ -55,10 +58,21 @@ def synthetic_responses(personas, questions, eos: int, mean_len: int, seed: int)
     return out
 
 
-def plain_hf_seconds(seqs: list[list[int]], pad: int, batch_size: int) -> float:
+def plain_hf_seconds(seqs: list[list[int]], pad: int, batch_size: int,
+                     check: list[tuple[list[int], int]]) -> tuple[float, torch.Tensor]:
     """Plain HF sdpa forward over the same sequences in the same length-sorted batches, with
-    forward hooks reading the four layers (what a hand-written extraction script does)."""
+    forward hooks reading the four layers (what a hand-written extraction script does).
+
+    Also returns, for each ``(ids, index)`` in ``check``, the four layers at that token:
+    ``[len(check), layer, d]``, an independent reference for the extracted vectors.
+    """
     hf = qwen7b(0)
+    with torch.no_grad():
+        refs = []
+        for ids, index in check:
+            hs = hf(torch.tensor([ids]).cuda(), output_hidden_states=True).hidden_states
+            refs.append(torch.stack([hs[layer + 1][0, index] for layer in LAYERS]).float().cpu())
+    reference = torch.stack(refs)
     captured = []
     for layer in LAYERS:
         hf.model.layers[layer].register_forward_hook(
@@ -79,7 +93,7 @@ def plain_hf_seconds(seqs: list[list[int]], pad: int, batch_size: int) -> float:
             captured.clear()
 
     run()  # warm-up (kernels, allocator)
-    return timed(run)
+    return timed(run), reference
 
 
 def timed(fn):
@@ -117,7 +131,12 @@ def main() -> None:
           f"{len(personas)} personas x {len(questions)} questions = {len(seqs)} sequences, "
           f"{n_tokens} tokens (mean {n_tokens / len(seqs):.0f}); batch {args.batch_size}")
 
-    t_hf = plain_hf_seconds(seqs, tok.pad_token_id or 0, args.batch_size)
+    # The "last" recipe of the first persona's first 8 questions, read independently from HF.
+    check = []
+    for q in questions[:8]:
+        spans = renderer.prompt(personas[0].system_prompts[0], q.text)
+        check.append((spans.ids, spans.prompt_len - 1))
+    t_hf, reference = plain_hf_seconds(seqs, tok.pad_token_id or 0, args.batch_size, check)
     torch.cuda.empty_cache()
 
     # --- tlpersona: bridge, all seven recipes, question-invariant positions once per persona
@@ -131,14 +150,16 @@ def main() -> None:
     cfg = ExtractConfig(parse_positions("all6"), LAYERS, batch_size=args.batch_size, progress=False)
     ex = Extractor(loaded, cfg)
 
-    def ours():
-        for p in personas:
-            ex.persona(p, questions, responses)
-
+    tmp = tempfile.mkdtemp()
     ex.persona(personas[0], questions[: args.batch_size], responses)  # warm-up
     torch.cuda.reset_peak_memory_stats()
-    t_ours = timed(ours)
+    # the whole store path: extraction, part files, final stacking
+    t_ours = timed(lambda: extract_to_store(loaded, cfg, personas, questions, f"{tmp}/store",
+                                            responses))
     peak = torch.cuda.max_memory_allocated() / 2**30
+    got = open_store(f"{tmp}/store").per_question("last")[0, :8].float()
+    cos = torch.nn.functional.cosine_similarity(got, reference, dim=-1)
+    shutil.rmtree(tmp)
 
     tps_hf, tps_ours = n_tokens / t_hf, n_tokens / t_ours
     per_persona = t_ours / len(personas)
@@ -146,6 +167,8 @@ def main() -> None:
     print(f"tlpersona all six     : {tps_ours:9.0f} tokens/s ({t_ours:.1f} s)  "
           f"= {100 * tps_ours / tps_hf:.1f} % of plain HF  [attn={args.attn}]")
     print(f"peak GPU memory (tlpersona): {peak:.1f} GiB")
+    print(f"check vs plain HF hidden states ('last', 8 questions x 4 layers, bf16): "
+          f"min cos {cos.min():.5f}")
     full = per_persona * 275 * (240 / len(questions))
     print(f"projected 275 x 240 wall time: {full / 60:.1f} min")
 

@@ -15,6 +15,7 @@ position from each cached layer.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,6 +106,10 @@ class Extractor:
                             if top >= n and "ln_final.hook_in" in model.bridge.hook_dict else [])
         self._pad_id = model.tokenizer.pad_token_id or 0
         self.batch_size = max(1, config.batch_size)
+        self._row = {p.name: i for i, p in enumerate(config.positions)}
+        self._anchored = [p for p in config.positions if p.question_invariant and p.kind == "anchored"]
+        self._raw = any(p.kind == "raw" for p in config.positions)
+        self._dep = [p for p in config.positions if not p.question_invariant]
 
     @torch.no_grad()
     def run(self, seqs: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor:
@@ -124,35 +129,45 @@ class Extractor:
             ids[i, sl] = torch.tensor(s)
             mask[i, sl] = 1
             w[i, :, sl] = wi
+        # Positions count real tokens only (left padding shifts them); passing them also spares
+        # the bridge deriving them, which costs a device sync per batch.
+        pos_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos_ids, w = (self._to_device(t) for t in (ids, mask, pos_ids, w))
         names = self._hook_names
-        kwargs: dict[str, Any] = {"attention_mask": mask.to(device)}
+        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": pos_ids}
         if self._stop_at is not None:
             kwargs["stop_at_layer"] = self._stop_at
         with self.model.bridge.hooks(fwd_hooks=self._stop_hooks):
             _, cache = self.model.bridge.run_with_cache(
-                ids.to(device), names_filter=lambda name: name in names, **kwargs
+                ids, names_filter=lambda name: name in names, **kwargs
             )
         # Spans are pooled in float64: a fp32 mean over a sequence whose first token has
         # activations in the tens of thousands loses ~1e-4 of absolute precision.
-        w = w.to(device, torch.float64)
+        w = w.double()
         out = torch.empty((len(seqs), n_pos, len(names), self.model.info.d_model),
                           dtype=torch.float32, device=device)
         for name, li in names.items():
             out[:, :, li] = torch.bmm(w, cache[name].double()).float()
         return out
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host-to-device copy that does not make the host wait for queued GPU work."""
+        if self.model.device.startswith("cuda"):
+            return t.pin_memory().to(self.model.device, non_blocking=True)
+        return t.to(self.model.device)
+
     def _batched(self, seqs: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor:
-        """Length-sorted batches of ``run``; results in input order.
+        """Length-sorted batches of ``run``; results (on the CPU) in input order.
 
         On CUDA out-of-memory the batch size is halved (and stays halved) and the batch retried.
         """
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        out: torch.Tensor | None = None
+        chunks: list[torch.Tensor] = []
         start = 0
         while start < len(order):
             idx = order[start:start + self.batch_size]
             try:
-                pooled = self.run([seqs[i] for i in idx], [weights[i] for i in idx])
+                chunks.append(self.run([seqs[i] for i in idx], [weights[i] for i in idx]))
             except torch.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise TlpersonaError("out of GPU memory even at batch size 1") from None
@@ -162,20 +177,19 @@ class Extractor:
                 tqdm.write(f"tlpersona: out of memory; batch size now {self.batch_size}",
                            file=sys.stderr)
                 continue
-            if out is None:
-                out = torch.empty((len(seqs), *pooled.shape[1:]), dtype=pooled.dtype,
-                                  device=pooled.device)
-            out[torch.tensor(idx, device=pooled.device)] = pooled
             start += len(idx)
-        assert out is not None
+        # One device-to-host copy at the end: the GPU never waits on the host between batches.
+        pooled = torch.cat(chunks).cpu()
+        out = torch.empty_like(pooled)
+        out[torch.tensor(order)] = pooled
         return out
 
-    @staticmethod
-    def _weights(positions: list[Position], spans: Spans, length: int) -> torch.Tensor:
-        w = torch.zeros((len(positions), length), dtype=torch.float32)
-        for j, pos in enumerate(positions):
+    def _weights(self, positions: list[Position], spans: Spans, length: int) -> torch.Tensor:
+        """``[n_all_positions, length]`` pooling weights; rows of other positions stay zero."""
+        w = torch.zeros((len(self.cfg.positions), length), dtype=torch.float32)
+        for pos in positions:
             start, stop = pos.resolve(spans)
-            w[j, start:stop] = 1.0 / (stop - start)
+            w[self._row[pos.name], start:stop] = 1.0 / (stop - start)
         return w
 
     def _conversations(self, persona: Persona, prompts: list[str], questions: list[Question],
@@ -195,19 +209,25 @@ class Extractor:
             out.append(row)
         return out
 
-    def _invariant(self, persona: Persona, prompts: list[str],
-                   convs: list[list[tuple[Spans, Response | None]]]) -> dict[str, torch.Tensor]:
-        """Question-invariant positions: one prefix run (and one raw-text run) per phrasing."""
-        inv = [p for p in self.cfg.positions if p.question_invariant]
-        anchored = [p for p in inv if p.kind == "anchored"]
-        out: dict[str, torch.Tensor] = {}
-        if anchored:
-            seqs, weights = [], []
-            for system, row in zip(prompts, convs, strict=True):
+    def _plan(self, persona: Persona, questions: list[Question],
+              responses: dict[Key, Response] | None, seqs: list[list[int]],
+              weights: list[torch.Tensor]) -> dict[str, Any]:
+        """Append one persona's forward passes to ``seqs``/``weights``; return where they are.
+
+        Per phrasing: one prefix pass for the system-block anchors, one raw-system-text pass,
+        and one pass per question for everything else.
+        """
+        cfg = self.cfg
+        prompts = system_prompts(persona, cfg.prompt_index)
+        convs = self._conversations(persona, prompts, questions, responses)
+        plan: dict[str, Any] = {"n_prompts": len(prompts), "prefix": [], "raw": [], "dep": [],
+                                "has": [], "counts": []}
+        for system, row in zip(prompts, convs, strict=True):
+            if self._anchored:
                 probes = [self.renderer.prompt(system, t).ids for t in _PROBES]
                 first = row[0][0]
-                shared = common_prefix_len([*probes, *(s.ids[: s.prompt_len] for s, _ in row)])
-                idx = {p.name: p.resolve(first)[0] for p in anchored}
+                shared = common_prefix_len([*probes, *(sp.ids[: sp.prompt_len] for sp, _ in row)])
+                idx = {p.name: p.resolve(first)[0] for p in self._anchored}
                 for name, i in idx.items():
                     if i >= shared:
                         raise TlpersonaError(
@@ -215,54 +235,48 @@ class Extractor:
                             "block into the question; it is not question-invariant here"
                         )
                 length = max(idx.values()) + 1
+                plan["prefix"].append(len(seqs))
                 seqs.append(first.ids[:length])
-                weights.append(self._weights(anchored, first, length))
-            pooled = self._batched(seqs, weights)  # [phrasing, n_anchored, L, D]
-            for j, p in enumerate(anchored):
-                out[p.name] = pooled[:, j].mean(0).cpu()
-        if any(p.kind == "raw" for p in inv):
-            raw_seqs = [self.renderer.raw_system(system) for system in prompts]
-            last = [torch.eye(len(s))[-1:] for s in raw_seqs]
-            out["raw_system_last"] = self._batched(raw_seqs, last)[:, 0].mean(0).cpu()
-        return out
-
-    def persona(self, persona: Persona, questions: list[Question],
-                responses: dict[Key, Response] | None = None) -> PersonaResult:
-        """Extract every requested position for one persona."""
-        cfg = self.cfg
-        prompts = system_prompts(persona, cfg.prompt_index)
-        convs = self._conversations(persona, prompts, questions, responses)
-        result = PersonaResult()
-        for name, vec in self._invariant(persona, prompts, convs).items():
-            result.centroid[name] = vec
-        dep = [p for p in cfg.positions if not p.question_invariant]
-        if not dep:
-            return result
-        seqs: list[list[int]] = []
-        weights: list[torch.Tensor] = []
-        ok: list[torch.Tensor] = []  # [n_dep] bool per conversation
-        counts: list[torch.Tensor] = []  # [n_dep] tokens pooled per conversation
-        for row in convs:
+                weights.append(self._weights(self._anchored, first, length))
+            if self._raw:
+                ids = self.renderer.raw_system(system)
+                plan["raw"].append(len(seqs))
+                seqs.append(ids)
+                w = torch.zeros((len(cfg.positions), len(ids)))
+                w[self._row["raw_system_last"], -1] = 1.0
+                weights.append(w)
             for spans, resp in row:
                 has = torch.tensor([not p.needs_response or
                                     (resp is not None and resp.content_len(cfg.include_eot) > 0)
-                                    for p in dep])
-                w = torch.zeros((len(dep), spans.seq_len))
-                live = [p for p, h in zip(dep, has, strict=True) if h]
-                w[has] = self._weights(live, spans, spans.seq_len)
+                                    for p in self._dep])
+                live = [p for p, h in zip(self._dep, has, strict=True) if h]
+                w = self._weights(live, spans, spans.seq_len)
+                plan["dep"].append(len(seqs))
                 seqs.append(spans.ids)
                 weights.append(w)
-                ok.append(has)
-                counts.append((w > 0).sum(1))
-        pooled = self._batched(seqs, weights).cpu()  # [n_prompts*n_q, n_dep, L, D]
-        n_q = len(questions)
-        pooled = pooled.view(len(prompts), n_q, *pooled.shape[1:])
-        has = torch.stack(ok).view(len(prompts), n_q, len(dep))
-        n_tok = torch.stack(counts).view(len(prompts), n_q, len(dep)).float()
-        for j, p in enumerate(dep):
+                plan["has"].append(has)
+                plan["counts"].append((w[[self._row[p.name] for p in self._dep]] > 0).sum(1))
+        return plan
+
+    def _assemble(self, persona: Persona, plan: dict[str, Any], pooled: torch.Tensor,
+                  n_q: int) -> PersonaResult:
+        """Per-persona results from the pooled rows of its passes (``[job, position, L, D]``)."""
+        result = PersonaResult()
+        for p in self._anchored:
+            result.centroid[p.name] = pooled[plan["prefix"], self._row[p.name]].mean(0)
+        if self._raw:
+            result.centroid["raw_system_last"] = pooled[plan["raw"], self._row["raw_system_last"]].mean(0)
+        if not self._dep:
+            return result
+        n_prompts = plan["n_prompts"]
+        rows = pooled[plan["dep"]]
+        has = torch.stack(plan["has"]).view(n_prompts, n_q, len(self._dep))
+        n_tok = torch.stack(plan["counts"]).view(n_prompts, n_q, len(self._dep)).float()
+        for j, p in enumerate(self._dep):
+            vecs = rows[:, self._row[p.name]].view(n_prompts, n_q, *rows.shape[2:])
             # Average over phrasings that have this row; a question is valid if any does.
             cnt = has[:, :, j].sum(0).float()  # [q]
-            summed = (pooled[:, :, j] * has[:, :, j, None, None]).sum(0)
+            summed = (vecs * has[:, :, j, None, None]).sum(0)
             valid = cnt > 0
             per_q = torch.zeros_like(summed)
             per_q[valid] = summed[valid] / cnt[valid, None, None]
@@ -274,6 +288,25 @@ class Extractor:
                 raise TlpersonaError(f"persona {persona.name!r} has no valid rows for {p.name}")
             result.centroid[p.name] = per_q[valid].mean(0)
         return result
+
+    def personas(self, personas: list[Persona], questions: list[Question],
+                 responses: dict[Key, Response] | None = None) -> list[PersonaResult]:
+        """Extract every requested position for several personas.
+
+        All their passes go through one length-sorted batch schedule, so batches are full and
+        evenly long, and the short system-block passes ride along with the rest.
+        """
+        seqs: list[list[int]] = []
+        weights: list[torch.Tensor] = []
+        plans = [self._plan(p, questions, responses, seqs, weights) for p in personas]
+        pooled = self._batched(seqs, weights)
+        return [self._assemble(p, plan, pooled, len(questions))
+                for p, plan in zip(personas, plans, strict=True)]
+
+    def persona(self, persona: Persona, questions: list[Question],
+                responses: dict[Key, Response] | None = None) -> PersonaResult:
+        """Extract every requested position for one persona."""
+        return self.personas([persona], questions, responses)[0]
 
 
 def provenance(model: LoadedModel, cfg: ExtractConfig, personas: list[Persona],
@@ -334,12 +367,18 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
     todo = [i for i in range(len(personas)) if not writer.done(i)]
     bar = tqdm(total=len(personas), initial=len(personas) - len(todo), desc="extract",
                unit="persona", disable=not cfg.progress, file=sys.stderr)
-    for i in todo:
-        res = extractor.persona(personas[i], questions, responses)
-        writer.write_part(i, res.tensors())
-        bar.update(1)
-        if on_persona:
-            on_persona(i)
+    # Personas go through the model in groups (~2k passes): enough sequences to sort into full,
+    # evenly long batches, while every finished group is saved for resuming.
+    per_persona = len(questions) * len(system_prompts(personas[0], cfg.prompt_index))
+    group = max(1, min(2048 // per_persona, math.ceil(len(todo) / 8)))
+    for start in range(0, len(todo), group):
+        chunk = todo[start:start + group]
+        results = extractor.personas([personas[i] for i in chunk], questions, responses)
+        for i, res in zip(chunk, results, strict=True):
+            writer.write_part(i, res.tensors())
+            bar.update(1)
+            if on_persona:
+                on_persona(i)
     bar.close()
     writer.finalize()
     return Path(out)
