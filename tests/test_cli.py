@@ -46,3 +46,20 @@ def test_positions_command_marks_tokens(default_source):
     marked = [line for line in res.output.splitlines() if "<- " in line]
     assert any("'<|im_end|>'" in line and "sys_end" in line for line in marked)
     assert any("'Ċ'" in line and "sys_end+1" in line for line in marked)
+
+
+def test_experiment_end_to_end(default_source, tmp_path):
+    out = tmp_path / "exp"
+    res = CliRunner().invoke(main, [
+        "experiment", "--limit-personas", "5", "--limit-questions", "3", "--max-new-tokens", "4",
+        "--permutations", "19", "--splits", "2", "--layers", "7,29", "--out", str(out),
+    ])
+    assert res.exit_code == 0, res.output[-2000:]
+    report = (out / "compare" / "report.md").read_text()
+    assert "| last ~ response_mean | load-bearing |" in report
+    assert "## Shared persona subspace" in report
+    assert "shared subspace, layer 29: k_found" in res.output
+    assert (out / "compare" / "pcs.safetensors").exists()
+    assert open_store(out / "store").positions == [
+        "last", "response_mean", "prompt_mean", "prompt_mean_no_last", "raw_system_last",
+        "sys_end", "sys_end+1"]

@@ -60,21 +60,22 @@ def test_resume_after_interruption_is_identical(loaded, full_store, tmp_path):
     out = tmp_path / "s"
     seen = []
 
-    def stop_after_first(i):
-        seen.append(i)
-        if len(seen) == 2:
-            raise Stop
+    def stop_after_first_group(group):
+        seen.append(group)
+        raise Stop
 
     with pytest.raises(Stop):
-        extract_to_store(loaded, _cfg(), PERSONAS, QUESTIONS, out, on_persona=stop_after_first)
+        extract_to_store(loaded, _cfg(), PERSONAS, QUESTIONS, out, on_group=stop_after_first_group)
     with pytest.raises(TlpersonaError, match="incomplete"):
         open_store(out)
-    resumed = []
-    extract_to_store(loaded, _cfg(), PERSONAS, QUESTIONS, out, on_persona=resumed.append)
-    assert resumed == [2]  # personas 0 and 1 were not computed again
+    stats = {}
+    extract_to_store(loaded, _cfg(), PERSONAS, QUESTIONS, out, stats=stats)
+    assert stats == {"computed": len(PERSONAS) - len(seen[0]), "reused": len(seen[0])}
     a, b = open_store(out), open_store(full_store)
-    for pos in a.positions:
+    for pos in a.positions:  # bit-identical to the uninterrupted run
         assert torch.equal(a.centroids(pos), b.centroids(pos)), pos
+        if a.has_per_question(pos):
+            assert torch.equal(a.per_question(pos), b.per_question(pos)), pos
 
 
 def test_mismatched_provenance_is_refused(loaded, full_store):

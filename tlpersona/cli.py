@@ -155,6 +155,19 @@ def positions(model: str, system: str, question: str, positions_spec: str) -> No
     click.echo(describe_positions(model, system, question, positions_spec))
 
 
+@main.command()
+@click.argument("store", type=click.Path())
+@_friendly
+def verify(store: str) -> None:
+    """Re-check every file of a store against its manifest (presence, sha256, shapes)."""
+    from tlpersona.cache import verify_store
+
+    problems = verify_store(store)
+    if problems:
+        raise TlpersonaError(f"{store} fails verification: {'; '.join(problems)}")
+    click.echo(f"{store}: every file matches the manifest")
+
+
 def _compare_options(fn: Any) -> Any:
     for opt in reversed([
         click.option("--permutations", type=int, default=1000, show_default=True,
@@ -244,7 +257,7 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
     On the CPU the defaults keep it to a few minutes: the built-in personas, their first 12
     questions and 24-token responses. Use --limit-questions 0 for every question.
     """
-    from tlpersona.pipeline import ExtractRequest, run_compare, run_extract
+    from tlpersona.pipeline import ExtractRequest, run_compare, run_extract, run_subspace
 
     cpu = (device or "").startswith("cpu") or not _cuda()
     if limit_questions is None and cpu:
@@ -263,9 +276,53 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
     cfg = _compare_config(None, None, permutations, seed, splits, **th)
     report, result = run_compare(str(store), None, cfg, str(Path(out) / "compare"),
                                  title=f"Recipe comparison: {model}")
+    t2 = time.perf_counter()
+    _, sub = run_subspace(str(store), None, _subspace_config(None, None), report.parent,
+                          append_to=report)
     _print_summary(result)
-    click.echo(f"extract {t1 - t0:.1f} s, compare {time.perf_counter() - t1:.1f} s")
+    for lay in sub["layers"]:
+        click.echo(f"shared subspace, layer {lay['layer']}: k_found {lay['k_found']} "
+                   f"(held-out personas: {lay['k_found_held_out']})")
+    click.echo(f"extract {t1 - t0:.1f} s, compare {t2 - t1:.1f} s, "
+               f"subspace {time.perf_counter() - t2:.1f} s")
     click.echo(f"report: {report}")
+
+
+@main.command()
+@click.argument("store", required=False, type=click.Path())
+@click.option("--from-seed", "seed_dir", type=click.Path(), default=None,
+              help="read centroids in the seed layout instead of a store")
+@click.option("--out", default="tlpersona-out/subspace", show_default=True, type=click.Path())
+@click.option("--layers", default=None, help="comma-separated stored layers (default: all stored)")
+@click.option("--positions", default=None, help="recipes to stack (default: the seven recipes)")
+@click.option("--k-max", type=int, default=50, show_default=True)
+@click.option("--unit-norm", is_flag=True, help="scale each recipe to unit norm before the PCA")
+@click.option("--seed", type=int, default=0, show_default=True, help="held-out persona split")
+@_friendly
+def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | None,
+             positions: str | None, k_max: int, unit_norm: bool, seed: int) -> None:
+    """Joint PCA of all recipes: the persona subspace they share, and its dimension per layer."""
+    from tlpersona.pipeline import run_subspace
+
+    if (store is None) == (seed_dir is None):
+        raise TlpersonaError("give either STORE or --from-seed DIR")
+    if k_max < 1:
+        raise TlpersonaError("--k-max must be at least 1")
+    path, result = run_subspace(store, seed_dir, _subspace_config(positions, layers, k_max,
+                                                                  unit_norm, seed), out)
+    for lay in result["layers"]:
+        click.echo(f"layer {lay['layer']}: k_found {lay['k_found']} "
+                   f"(held-out personas: {lay['k_found_held_out']})")
+    click.echo(f"report: {path}")
+
+
+def _subspace_config(positions: str | None, layers: str | None, k_max: int = 50,
+                     unit_norm: bool = False, seed: int = 0) -> Any:
+    from tlpersona.analyses.subspace import SubspaceConfig
+
+    base = _compare_config(positions, layers, 1, seed, 1)
+    return SubspaceConfig(positions=base.positions, layers=base.layers, k_max=k_max,
+                          unit_norm=unit_norm, seed=seed)
 
 
 def _cuda() -> bool:

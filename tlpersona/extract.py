@@ -68,6 +68,18 @@ class PersonaResult:
     valid: dict[str, torch.Tensor] = field(default_factory=dict)
     n_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def check_finite(self, persona: str, layers: list[int]) -> None:
+        """NaN or inf anywhere is an error naming the persona, position and layer."""
+        for kind in (self.centroid, self.per_question):
+            for pos, t in kind.items():
+                bad = ~torch.isfinite(t)
+                if bool(bad.any()):
+                    layer = layers[int(bad.nonzero()[0][-2])]
+                    raise TlpersonaError(
+                        f"non-finite activations (NaN/inf) for persona {persona!r} at layer {layer} "
+                        f"({pos}); check the model weights and --dtype"
+                    )
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat dict for a store part: per-question vectors go to fp16."""
         out = {f"{k}/centroid": v.float().cpu() for k, v in self.centroid.items()}
@@ -346,8 +358,13 @@ def responses_digest(responses: dict[Key, Response], personas: list[Persona],
 def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Persona],
                      questions: list[Question], out: str | Path,
                      responses: dict[Key, Response] | None = None, force_new: bool = False,
-                     on_persona: Callable[[int], None] | None = None) -> Path:
-    """Extract every persona into a store at ``out``; finished personas are skipped on resume."""
+                     on_group: Callable[[list[int]], None] | None = None,
+                     stats: dict[str, int] | None = None) -> Path:
+    """Extract every persona into a store at ``out``; finished personas are skipped on resume.
+
+    ``stats`` (if given) receives how many personas were ``computed`` and ``reused``.
+    """
+    stats = {} if stats is None else stats
     if not personas:
         raise TlpersonaError("no personas")
     if not questions:
@@ -357,28 +374,35 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
         if responses is None:
             raise TlpersonaError("response positions need responses (generate them first)")
         digest = responses_digest(responses, personas, questions, cfg.prompt_index)
+    extractor = Extractor(model, cfg)
+    # Fail on template, position or offset problems before anything is written.
+    extractor._plan(personas[0], questions[:1], responses, [], [])
     prov = provenance(model, cfg, personas, questions, digest)
     info = {"n_layers_total": model.info.n_layers, "d_model": model.info.d_model,
             "model_source": model.info.source}
     writer = StoreWriter(out, prov, info, force_new=force_new)
     if writer.complete:
+        stats.update(computed=0, reused=len(personas))
         return Path(out)
-    extractor = Extractor(model, cfg)
-    todo = [i for i in range(len(personas)) if not writer.done(i)]
-    bar = tqdm(total=len(personas), initial=len(personas) - len(todo), desc="extract",
-               unit="persona", disable=not cfg.progress, file=sys.stderr)
     # Personas go through the model in groups (~2k passes): enough sequences to sort into full,
-    # evenly long batches, while every finished group is saved for resuming.
+    # evenly long batches. Groups are fixed by the persona list alone, so a resumed run batches
+    # exactly as an uninterrupted one (bit-identical results) and saves whole groups.
     per_persona = len(questions) * len(system_prompts(personas[0], cfg.prompt_index))
-    group = max(1, min(2048 // per_persona, math.ceil(len(todo) / 8)))
-    for start in range(0, len(todo), group):
-        chunk = todo[start:start + group]
-        results = extractor.personas([personas[i] for i in chunk], questions, responses)
-        for i, res in zip(chunk, results, strict=True):
-            writer.write_part(i, res.tensors())
-            bar.update(1)
-            if on_persona:
-                on_persona(i)
+    size = max(1, min(2048 // per_persona, math.ceil(len(personas) / 8)))
+    groups = [list(range(a, min(a + size, len(personas)))) for a in range(0, len(personas), size)]
+    todo = [g for g in groups if not all(writer.done(i) for i in g)]
+    done = len(personas) - sum(len(g) for g in todo)
+    bar = tqdm(total=len(personas), initial=done, desc="extract", unit="persona",
+               disable=not cfg.progress, file=sys.stderr)
+    for group in todo:
+        results = extractor.personas([personas[i] for i in group], questions, responses)
+        for i, res in zip(group, results, strict=True):
+            res.check_finite(personas[i].name, cfg.layers)
+        writer.write_group(group[0], [r.tensors() for r in results])
+        bar.update(len(group))
+        if on_group:
+            on_group(group)
     bar.close()
+    stats.update(computed=len(personas) - done, reused=done)
     writer.finalize()
     return Path(out)

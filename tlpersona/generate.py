@@ -95,18 +95,23 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
                        progress: bool = True) -> dict[Key, Response]:
     """Generate every missing (persona, prompt, question) response into ``out_path`` (JSONL).
 
-    Resumable: keys already in the file are skipped; each batch is appended and fsynced.
+    Resumable: keys already in the file are kept; each batch is appended and fsynced.
     """
     renderer = ChatRenderer(tokenizer)
     have = read_responses(out_path)
-    todo: list[tuple[Key, list[int]]] = []
+    jobs: list[tuple[Key, list[int]]] = []
     for persona in personas:
         for k, system in enumerate(system_prompts(persona, prompt_index)):
             pidx = k if prompt_index == "all" else int(prompt_index)
             for q in questions:
-                key = (persona.name, pidx, q.id)
-                if key not in have:
-                    todo.append((key, renderer.prompt(system, q.text).ids))
+                jobs.append(((persona.name, pidx, q.id), renderer.prompt(system, q.text).ids))
+    # Batches are fixed over every job (similar lengths together), not just the missing ones, so
+    # a resumed run decodes each prompt in the same batch as an uninterrupted run would, and gets
+    # the same tokens. A batch with any response missing is decoded again; only the missing
+    # responses are written.
+    order = sorted(range(len(jobs)), key=lambda i: (len(jobs[i][1]), i))
+    batches = [[jobs[i] for i in order[a:a + batch_size]] for a in range(0, len(order), batch_size)]
+    todo = [b for b in batches if any(key not in have for key, _ in b)]
     if not todo:
         return have
     eos = eos_ids(model, tokenizer)
@@ -114,22 +119,22 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _drop_torn_tail(path)
-    # Similar lengths together waste less padding; results do not depend on the order.
-    order = sorted(range(len(todo)), key=lambda i: len(todo[i][1]))
-    bar = tqdm(total=len(todo), desc="generate", unit="resp", disable=not progress, file=sys.stderr)
+    missing = sum(key not in have for b in todo for key, _ in b)
+    bar = tqdm(total=missing, desc="generate", unit="resp", disable=not progress, file=sys.stderr)
     with path.open("a", encoding="utf-8") as f:
-        for start in range(0, len(order), batch_size):
-            chunk = [todo[i] for i in order[start:start + batch_size]]
+        for chunk in todo:
             responses = greedy_batch(model, [c[1] for c in chunk], max_new_tokens, eos, pad)
             for (key, _), resp in zip(chunk, responses, strict=True):
+                if key in have:
+                    continue
                 text = tokenizer.decode(resp.ids, skip_special_tokens=True)
                 f.write(json.dumps({"persona": key[0], "prompt_index": key[1],
                                     "question_id": key[2], "response_ids": resp.ids,
                                     "finished": resp.finished, "text": text}) + "\n")
                 have[key] = resp
+                bar.update(1)
             f.flush()
             os.fsync(f.fileno())
-            bar.update(len(chunk))
     bar.close()
     return have
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,11 @@ def run_extract(req: ExtractRequest) -> Path:
     cfg = ExtractConfig(positions=positions, layers=parse_layers(req.layers, model.info.n_layers),
                         prompt_index=req.prompt_index, batch_size=req.batch_size,
                         include_eot=req.include_eot, progress=req.progress)
-    return extract_to_store(model, cfg, personas, questions, out, responses)
+    stats: dict[str, int] = {}
+    path = extract_to_store(model, cfg, personas, questions, out, responses, stats=stats)
+    print(f"tlpersona: extracted {stats['computed']} personas ({stats['reused']} already in the store)",
+          file=sys.stderr)
+    return path
 
 
 def run_generate(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
@@ -160,6 +165,28 @@ def run_compare(store: str | None, seed_dir: str | None, cfg: Any, out: str | Pa
     from tlpersona.cache.seed_layout import read_seed
     from tlpersona.cache.store import open_store
 
-    source = read_seed(seed_dir) if seed_dir else open_store(store)
+    source = read_seed(seed_dir) if seed_dir else open_store(store, verify=True)
     result = compare(source, cfg)
     return write_report(result, source, out, title), result
+
+
+def run_subspace(store: str | None, seed_dir: str | None, cfg: Any, out: str | Path,
+                 append_to: Path | None = None) -> tuple[Path, dict]:
+    """Shared-subspace analysis into ``out`` (subspace.json, pcs.safetensors, figures,
+    subspace.md); with ``append_to``, the section is also appended to that report.
+
+    ``cfg`` is a :class:`tlpersona.analyses.subspace.SubspaceConfig`.
+    """
+    from tlpersona.analyses.report import write_subspace
+    from tlpersona.analyses.subspace import subspace
+    from tlpersona.cache.seed_layout import read_seed
+    from tlpersona.cache.store import atomic_write_bytes, open_store
+
+    source = read_seed(seed_dir) if seed_dir else open_store(store, verify=True)
+    result, comps = subspace(source, cfg)
+    section = write_subspace(result, comps, source, out)
+    path = Path(out) / "subspace.md"
+    atomic_write_bytes(path, section.encode())
+    if append_to is not None:
+        atomic_write_bytes(append_to, append_to.read_bytes() + b"\n" + section.encode())
+    return path, result

@@ -220,9 +220,24 @@ def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, fl
         "paired_tests": paired,
         "noise_floor": floors,
         "bstar_check": bstar,
+        "missing_rows": missing_rows(source, positions),
     }
     result["overall"] = overall(result)
     return result
+
+
+def missing_rows(source: Any, positions: list[str]) -> dict[str, dict[str, int]]:
+    """Per position, the personas with missing per-question rows (e.g. empty responses) and how
+    many; those rows are left out of that position's centroids and statistics."""
+    out = {}
+    for p in positions:
+        if source.question_invariant(p):
+            continue
+        counts = (~source.valid(p)).sum(1)
+        bad = {source.personas[i]: int(c) for i, c in enumerate(counts) if c > 0}
+        if bad:
+            out[p] = bad
+    return out
 
 
 def overall(result: dict[str, Any]) -> dict[str, Any]:

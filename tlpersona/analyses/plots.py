@@ -98,3 +98,55 @@ def cosine_matrices(source: Any, positions: list[str], layer: int, path: Path) -
         ax.set_yticks([])
     fig.suptitle(f"Mean-centred inter-persona cosine matrices, layer {layer}", fontsize=9)
     return _save(fig, path)
+
+
+def subspace_variance(layer: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (pos, v) in enumerate(layer["variance"].items()):
+        color = f"C{i}"
+        k = np.arange(1, len(v["shared_cumulative"]) + 1)
+        ax.plot(k, v["shared_cumulative"], color=color, label=f"{pos}: shared PCs")
+        ax.plot(np.arange(1, len(v["own_cumulative"]) + 1), v["own_cumulative"], color=color,
+                ls=":", label=f"{pos}: own PCs")
+    ax.set_xlabel("K")
+    ax.set_ylabel("between-persona variance explained")
+    ax.set_title(f"Variance captured by K shared vs own PCs, layer {layer['layer']}")
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def subspace_agreement(layer: dict[str, Any], th: dict[str, float], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = [row["k"] for row in layer["curve"]]
+    for i, pair in enumerate(layer["curve"][0]["pairs"]):
+        ax.plot(ks, [row["pairs"][pair]["cos_min"] for row in layer["curve"]], color=f"C{i % 10}",
+                label=pair, lw=1)
+        held = layer["held_out_curve"]
+        ax.plot([row["k"] for row in held], [row["pairs"][pair]["cos_min"] for row in held],
+                color=f"C{i % 10}", ls="--", lw=0.7)
+    ax.axhline(th["min_cos"], color="k", lw=0.8, ls=":")
+    if layer["k_found"]:
+        ax.axvline(layer["k_found"], color="#5cb85c", lw=1)
+    ax.set_xlabel("K shared PCs (dashed: held-out personas)")
+    ax.set_ylabel("per-persona min cosine")
+    ax.set_title(f"Recipe agreement inside the shared subspace, layer {layer['layer']}")
+    ax.legend(fontsize=5, ncol=2)
+    return _save(fig, path)
+
+
+def subspace_scatter(coords: dict[str, np.ndarray], layer: int, path: Path) -> Path:
+    """``coords[recipe]``: ``[persona, 2]`` on PC1–PC2; lines join one persona across recipes."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    recipes = list(coords)
+    stacked = np.stack([coords[r] for r in recipes])  # [recipe, persona, 2]
+    for p in range(stacked.shape[1]):
+        ax.plot(stacked[:, p, 0], stacked[:, p, 1], color="#cccccc", lw=0.5, zorder=1)
+    markers = "os^vD<>pP*"
+    for i, r in enumerate(recipes):
+        ax.scatter(stacked[i, :, 0], stacked[i, :, 1], s=14, marker=markers[i % len(markers)],
+                   label=r, zorder=2)
+    ax.set_xlabel("shared PC1")
+    ax.set_ylabel("shared PC2")
+    ax.set_title(f"Personas on the shared PCs, layer {layer}")
+    ax.legend(fontsize=7)
+    return _save(fig, path)

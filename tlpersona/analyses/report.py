@@ -103,6 +103,9 @@ def write_report(result: dict[str, Any], source: Any, out: str | Path,
         f"min cos < {th['kill_min_cos']} or mean-centred r < {th['kill_mc_r']}; GREY otherwise.", "",
         "## Verdicts", "", verdict_table(result), "", "![verdicts](figures/verdicts.png)", "",
     ]
+    for pos, by_persona in result.get("missing_rows", {}).items():
+        listed = ", ".join(f"{k} ({v})" for k, v in by_persona.items())
+        lines += [f"Missing rows for {pos} (left out of its centroids): {listed}.", ""]
     for layer in layers:
         lines += [f"## Layer {layer}", "", _detail_table(result, layer), ""]
     lines += [
@@ -125,3 +128,51 @@ def write_report(result: dict[str, Any], source: Any, out: str | Path,
     path = out / "report.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
     return path
+
+
+def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Any,
+                   out: str | Path) -> str:
+    """Write subspace.json, pcs.safetensors and figures into ``out``; return a markdown section."""
+    import numpy as np
+    import torch
+
+    from tlpersona.analyses.subspace import prepare
+    from tlpersona.cache.store import atomic_save_tensors
+
+    out = Path(out)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "subspace.json", json.dumps(result, indent=1).encode())
+    atomic_save_tensors(out / "pcs.safetensors",
+                        {f"layer_{k}": torch.from_numpy(np.ascontiguousarray(v)).float()
+                         for k, v in comps.items()})
+    layers = result["layers"]
+    mid = layers[len(layers) // 2]
+    li = source.layer_index(mid["layer"])
+    coords = {p: prepare(source.centroids(p)[:, li].double().numpy(), result["unit_norm"])
+              @ comps[mid["layer"]][:2].T for p in result["positions"]}
+    plots.subspace_variance(mid, figs / f"subspace_variance_L{mid['layer']}.png")
+    plots.subspace_agreement(mid, result["thresholds"], figs / f"subspace_agreement_L{mid['layer']}.png")
+    plots.subspace_scatter(coords, mid["layer"], figs / f"subspace_pc12_L{mid['layer']}.png")
+    rows = ["| layer | k_found | largest passing K | held-out: k_found / largest passing K "
+            "| variance of the first shared PC |", "|---|---|---|---|---|"]
+    for lay in layers:
+        rows.append(f"| {lay['layer']} | {lay['k_found']} | {lay['k_largest_passing']} | "
+                    f"{lay['k_found_held_out']} / {lay['k_largest_passing_held_out']} | "
+                    f"{lay['explained_variance_ratio'][0]:.3f} |")
+    th = result["thresholds"]
+    lines = [
+        "## Shared persona subspace", "",
+        f"One PCA on every recipe's mean-centred centroids ({', '.join(result['positions'])}"
+        f"{', each scaled to unit norm' if result['unit_norm'] else ''}). k_found is the largest K "
+        f"up to which every recipe pair, projected onto the top-K shared PCs, keeps per-persona "
+        f"min cos > {th['min_cos']} and mean-centred matrix r > {th['min_r']} (none if K = 1 "
+        "fails; small K is trivially agreeable: a 1-D projection makes every cosine ±1); the "
+        "largest passing K ignores failures at smaller K. Held-out: PCs fitted on half of the "
+        "personas, scored on the other half.", "",
+        *rows, "",
+        f"![variance](figures/subspace_variance_L{mid['layer']}.png)", "",
+        f"![agreement](figures/subspace_agreement_L{mid['layer']}.png)", "",
+        f"![PC1-PC2](figures/subspace_pc12_L{mid['layer']}.png)", "",
+    ]
+    return "\n".join(lines)

@@ -1,5 +1,5 @@
 """On-disk activation store (manifest + safetensors)."""
 
-from tlpersona.cache.store import Store, StoreWriter, open_store
+from tlpersona.cache.store import Store, StoreWriter, open_store, verify_store
 
-__all__ = ["Store", "StoreWriter", "open_store"]
+__all__ = ["Store", "StoreWriter", "open_store", "verify_store"]

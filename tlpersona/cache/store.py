@@ -9,10 +9,10 @@ Layout of a finished store::
                                          valid         [persona, question] uint8 (1 = present)
     DIR/responses.jsonl                  (when response positions were extracted here)
 
-While a run is in progress each finished persona is one file ``DIR/parts/<index>.safetensors``;
-a rerun of the same command skips those, and the last step stacks them into the per-position
-files. Every file is written under a temporary name and renamed, so a killed run never leaves a
-half-written file behind.
+While a run is in progress each finished group of personas is one file
+``DIR/parts/<first>-<end>.safetensors``; a rerun of the same command skips those, and the last
+step stacks them into the per-position files. Every file is written under a temporary name and
+renamed, so a killed run never leaves a half-written file behind.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,30 +40,39 @@ FORMAT = "tlpersona-store/1"
 MANIFEST = "manifest.json"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Write through ``write(tmp)`` and rename onto ``path``; on any failure the temporary file
+    is removed and ``path`` is untouched. OS errors (disk full, permissions) become one line."""
     try:
-        with os.fdopen(fd, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+    except OSError as exc:
+        raise TlpersonaError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise TlpersonaError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    _atomic(path, write)
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                                        metadata=meta))
 
 
 def sha256_file(path: Path) -> str:
@@ -165,20 +175,34 @@ class StoreWriter:
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
 
-    def part_path(self, index: int) -> Path:
-        return self.root / "parts" / f"{index:05d}.safetensors"
+    def _parts(self) -> dict[int, tuple[Path, int]]:
+        """Finished persona index -> (group part file, index of that persona's first key)."""
+        out = {}
+        for path in sorted((self.root / "parts").glob("*-*.safetensors")):
+            start, stop = (int(x) for x in path.stem.split("-"))
+            for i in range(start, stop):
+                out[i] = (path, start)
+        return out
 
     def done(self, index: int) -> bool:
-        return self.part_path(index).exists()
+        return index in self._parts()
+
+    def write_group(self, start: int, results: list[dict[str, torch.Tensor]]) -> None:
+        """Personas ``start … start+len(results)-1`` as one part file: a group is saved whole
+        or not at all, so a resumed run never computes a saved persona again."""
+        stop = start + len(results)
+        tensors = {f"{start + j}/{k}": v for j, r in enumerate(results) for k, v in r.items()}
+        atomic_save_tensors(self.root / "parts" / f"{start:05d}-{stop:05d}.safetensors", tensors)
 
     def write_part(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        atomic_save_tensors(self.part_path(index), tensors)
+        self.write_group(index, [tensors])
 
     def finalize(self) -> None:
         """Stack the per-persona parts into one file per position and mark the store complete."""
         prov = self.provenance
         n = len(prov["personas"])
-        missing = [i for i in range(n) if not self.done(i)]
+        parts = self._parts()
+        missing = [i for i in range(n) if i not in parts]
         if missing:
             raise TlpersonaError(f"cannot finalise: {len(missing)} personas not extracted yet")
         # One position at a time, each part read key by key: peak memory is one stacked tensor.
@@ -186,9 +210,9 @@ class StoreWriter:
         for pos in prov["positions"]:
             tensors: dict[str, torch.Tensor] = {}
             for i in range(n):
-                with safe_open(str(self.part_path(i)), framework="pt") as f:
+                with safe_open(str(parts[i][0]), framework="pt") as f:
                     for key in ("centroid", "per_question", "valid", "n_tokens"):
-                        name = f"{pos}/{key}"
+                        name = f"{i}/{pos}/{key}"
                         if name not in f.keys():
                             continue
                         t = f.get_tensor(name)
@@ -324,6 +348,36 @@ class Store:
         return self.layers.index(layer)
 
 
-def open_store(path: str | Path) -> Store:
-    """Open a finished activation store for reading."""
+def verify_store(path: str | Path) -> list[str]:
+    """Re-check every file the manifest lists (presence, sha256, tensor shapes).
+
+    Returns one line per problem; an empty list means the store is intact.
+    """
+    st = Store(path)
+    problems = []
+    for name, meta in st.manifest.get("files", {}).items():
+        f = st.root / name
+        if not f.exists():
+            problems.append(f"{name}: missing")
+            continue
+        if sha256_file(f) != meta["sha256"]:
+            problems.append(f"{name}: checksum mismatch (corrupted or modified)")
+            continue
+        with safe_open(str(f), framework="pt") as sf:
+            shapes = {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}
+        if shapes != meta["shapes"]:
+            problems.append(f"{name}: tensor shapes {shapes} differ from the manifest's")
+    listed = set(st.manifest.get("files", {}))
+    for pos in st.positions:
+        if position_file(pos) not in listed:
+            problems.append(f"{position_file(pos)}: not listed in the manifest")
+    return problems
+
+
+def open_store(path: str | Path, verify: bool = False) -> Store:
+    """Open a finished activation store for reading; ``verify`` re-checks every file first."""
+    if verify:
+        problems = verify_store(path)
+        if problems:
+            raise TlpersonaError(f"{path} fails verification: {'; '.join(problems)}")
     return Store(path)
