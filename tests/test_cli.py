@@ -63,3 +63,30 @@ def test_experiment_end_to_end(default_source, tmp_path):
     assert open_store(out / "store").positions == [
         "last", "response_mean", "prompt_mean", "prompt_mean_no_last", "raw_system_last",
         "sys_end", "sys_end+1"]
+
+
+def test_export_seed_layout_and_wandb_offline(loaded, tmp_path, monkeypatch):
+    import torch
+
+    from tlpersona.cache.seed_layout import read_seed
+    from tlpersona.data import builtin_personas, builtin_questions
+    from tlpersona.extract import ExtractConfig, extract_to_store
+    from tlpersona.positions import parse_positions
+
+    cfg = ExtractConfig(parse_positions("a,c2"), [3, 29], batch_size=4, progress=False)
+    store = extract_to_store(loaded, cfg, builtin_personas()[:3], builtin_questions()[:2], tmp_path / "s")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    res = CliRunner().invoke(main, ["export", str(store), "--seed-layout", str(tmp_path / "seed"),
+                                    "--wandb-project", "tlpersona-test"])
+    assert res.exit_code == 0, res.output
+    st = open_store(store)
+    back = read_seed(tmp_path / "seed")
+    assert back.layers == [3, 29] and back.personas == st.personas
+    assert torch.equal(back.centroids("c2"), st.centroids("sys_end"))
+    role = st.personas[1]
+    assert torch.equal(torch.load(tmp_path / "seed" / "method_a" / f"{role}.pt", weights_only=True),
+                       st.centroids("last")[1])
+    assert (tmp_path / "seed" / "method_a" / f"{role}__per_q.pt").exists()
+    assert "W&B artifact: store-" in res.output
+    assert list((tmp_path / "wandb").glob("offline-run-*"))  # the offline run was written

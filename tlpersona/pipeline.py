@@ -180,7 +180,8 @@ def run_subspace(store: str | None, seed_dir: str | None, cfg: Any, out: str | P
     from tlpersona.analyses.report import write_subspace
     from tlpersona.analyses.subspace import subspace
     from tlpersona.cache.seed_layout import read_seed
-    from tlpersona.cache.store import atomic_write_bytes, open_store
+    from tlpersona.cache.store import open_store
+    from tlpersona.files import atomic_write_bytes
 
     source = read_seed(seed_dir) if seed_dir else open_store(store, verify=True)
     result, comps = subspace(source, cfg)
@@ -190,3 +191,23 @@ def run_subspace(store: str | None, seed_dir: str | None, cfg: Any, out: str | P
     if append_to is not None:
         atomic_write_bytes(append_to, append_to.read_bytes() + b"\n" + section.encode())
     return path, result
+
+
+def log_wandb(store: Any, project: str) -> str:
+    """Log a store directory as a W&B artifact (type ``activation-store``, with its manifest as
+    metadata); ``WANDB_MODE=offline`` keeps it local. Returns the artifact name."""
+    try:
+        import wandb
+    except ImportError:
+        raise TlpersonaError("--wandb-project needs the wandb package") from None
+    name = f"store-{store.manifest_hash[:12]}"
+    run = wandb.init(project=project, job_type="extract", config=store.provenance,
+                     dir=str(store.root.parent))
+    try:
+        artifact = wandb.Artifact(name, type="activation-store",
+                                  metadata={"manifest_hash": store.manifest_hash})
+        artifact.add_dir(str(store.root))
+        run.log_artifact(artifact)
+    finally:
+        run.finish()
+    return name

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tlpersona.analyses import plots
-from tlpersona.cache.store import atomic_write_bytes
+from tlpersona.files import atomic_write_bytes
 
 
 def _f(v: Any, nd: int = 3) -> str:
@@ -137,7 +137,7 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Any,
     import torch
 
     from tlpersona.analyses.subspace import prepare
-    from tlpersona.cache.store import atomic_save_tensors
+    from tlpersona.files import atomic_save_tensors
 
     out = Path(out)
     figs = out / "figures"

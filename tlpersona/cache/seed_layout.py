@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from tlpersona.cache.store import Store, atomic_write_bytes
+from tlpersona.cache.store import Store
 from tlpersona.errors import TlpersonaError
+from tlpersona.files import atomic_write_bytes
 from tlpersona.positions import RECIPES, canonical, parse_position
 
 _BY_POSITION = {v: k for k, v in RECIPES.items()}
@@ -123,8 +124,16 @@ def read_seed(root: str | Path) -> SeedSource:
     return SeedSource(root)
 
 
+def _save_pt(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def export_seed(store: Store, root: str | Path) -> list[Path]:
-    """Write a store's recipes in the seed layout (only positions that have a recipe letter)."""
+    """Write a store's recipes in the seed layout (positions that have a recipe letter):
+    ``all_centroids.pt`` {role: [layer, d]}, ``<role>.pt`` (that centroid), ``<role>__per_q.pt``
+    ([question, layer, d], question-dependent recipes) and ``metadata.json`` with the layers."""
     out = []
     root = Path(root)
     for pos in store.positions:
@@ -134,16 +143,13 @@ def export_seed(store: Store, root: str | Path) -> list[Path]:
         mdir = root / f"method_{alias}"
         mdir.mkdir(parents=True, exist_ok=True)
         cent = store.centroids(pos)
-        blob = {name: cent[i].clone() for i, name in enumerate(store.personas)}
-        tmp = mdir / ".all_centroids.pt.tmp"
-        torch.save(blob, tmp)
-        tmp.replace(mdir / "all_centroids.pt")
-        if not store.question_invariant(pos):
-            pq = store.per_question(pos)
-            for i, name in enumerate(store.personas):
-                tmp = mdir / f".{name}__per_q.pt.tmp"
-                torch.save(pq[i].float().clone(), tmp)
-                tmp.replace(mdir / f"{name}__per_q.pt")
+        _save_pt({name: cent[i].clone() for i, name in enumerate(store.personas)},
+                 mdir / "all_centroids.pt")
+        per_q = None if store.question_invariant(pos) else store.per_question(pos)
+        for i, name in enumerate(store.personas):
+            _save_pt(cent[i].clone(), mdir / f"{name}.pt")
+            if per_q is not None:
+                _save_pt(per_q[i].float().clone(), mdir / f"{name}__per_q.pt")
         meta = {"layers": store.layers, "position": pos, "source": str(store.root)}
         atomic_write_bytes(mdir / "metadata.json", json.dumps(meta).encode())
         out.append(mdir)

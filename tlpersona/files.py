@@ -1,0 +1,57 @@
+"""Writing files so that a killed process never leaves half a file, and hashing them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tlpersona.errors import TlpersonaError
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Write through ``write(tmp)`` and rename onto ``path``; on any failure the temporary file
+    is removed and ``path`` is untouched. OS errors (disk full, permissions) become one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+    except OSError as exc:
+        raise TlpersonaError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise TlpersonaError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic(path, write)
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                                        metadata=meta))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
