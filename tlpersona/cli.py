@@ -340,6 +340,48 @@ def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | No
     click.echo(f"report: {path}")
 
 
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--out", default="tlpersona-out/project", show_default=True, type=click.Path())
+@click.option("--layer", type=int, default=None, help="a stored layer (default: the middle one)")
+@click.option("--positions", default=None, help="recipes to project (default: all stored)")
+@click.option("--axis", default="persona:assistant", show_default=True,
+              help="'pcs' (shared PCs of the stored recipes) or 'persona:NAME' (NAME minus the "
+                   "mean of the other personas)")
+@click.option("--k", type=int, default=2, show_default=True, help="number of shared PCs")
+@click.option("--unit-norm", is_flag=True, help="PCs fitted on unit-norm recipes")
+@click.option("--system", "systems", multiple=True, help="system prompt of a new persona")
+@click.option("--question", "questions", multiple=True,
+              help="question(s) for the new persona(s) (repeat; averaged)")
+@click.option("--conversations", type=click.Path(), default=None,
+              help="JSONL: each line a list of chat messages with a system and a user message")
+@click.option("--text", "texts", multiple=True,
+              help="raw text, read at its last token without a template (raw_system_last)")
+@click.option("--model", default=None, help="default: the store's model")
+@click.option("--device", default=None)
+@click.option("--dtype", default=None)
+@_friendly
+def project(store: str, out: str, layer: int | None, positions: str | None, axis: str, k: int,
+            unit_norm: bool, systems: tuple[str, ...], questions: tuple[str, ...],
+            conversations: str | None, texts: tuple[str, ...], model: str | None,
+            device: str | None, dtype: str | None) -> None:
+    """Project stored personas, and new material, onto shared PCs or a persona axis."""
+    from tlpersona.pipeline import ProjectRequest, run_project
+
+    if systems and not questions:
+        raise TlpersonaError("--system needs at least one --question")
+    req = ProjectRequest(store=store, out=out, layer=layer, positions=positions, axis=axis, k=k,
+                         unit_norm=unit_norm, systems=[(s, list(questions)) for s in systems],
+                         conversations=conversations, texts=list(texts), model=model,
+                         device=device, dtype=dtype)
+    path, result = run_project(req)
+    for it in result["items"]:
+        near = ", ".join(f"{n['persona']} ({n['cos']:.2f})" for n in it["nearest"][:3])
+        coords = ", ".join(f"{k_}={v:+.3f}" for k_, v in it["coords"].items())
+        click.echo(f"{it['label']} [{it['recipe']}]: {coords}; nearest: {near}")
+    click.echo(f"written: {path}")
+
+
 def _subspace_config(positions: str | None, layers: str | None, k_max: int = 50,
                      unit_norm: bool = False, seed: int = 0) -> Any:
     from tlpersona.analyses.subspace import SubspaceConfig

@@ -12,7 +12,7 @@ from tlpersona.cache.store import clear_store
 from tlpersona.conversation import ChatRenderer
 from tlpersona.data import load_personas, load_questions
 from tlpersona.errors import TlpersonaError
-from tlpersona.extract import ExtractConfig, extract_to_store
+from tlpersona.extract import ExtractConfig, Extractor, extract_to_store
 from tlpersona.generate import Key, Response, generate_responses, read_responses
 from tlpersona.models import (
     default_device,
@@ -211,3 +211,128 @@ def log_wandb(store: Any, project: str) -> str:
     finally:
         run.finish()
     return name
+
+
+@dataclass
+class ProjectRequest:
+    """Arguments of ``tlpersona project``."""
+
+    store: str
+    out: str = "tlpersona-out/project"
+    layer: int | None = None
+    positions: str | None = None
+    axis: str = "persona:assistant"  # or "pcs"
+    k: int = 2
+    unit_norm: bool = False
+    systems: list[tuple[str, list[str]]] | None = None  # (system prompt, questions)
+    conversations: str | None = None
+    texts: list[str] | None = None
+    model: str | None = None  # default: the store's model
+    device: str | None = None
+    dtype: str | None = None
+
+
+def _new_material(req: ProjectRequest) -> list[tuple[str, str, list[str]]]:
+    """(label, system text, questions) for every new item; questions empty for raw text."""
+    import json
+
+    items = [(f"system:{i}", s, qs) for i, (s, qs) in enumerate(req.systems or [])]
+    if req.conversations:
+        path = Path(req.conversations)
+        if not path.exists():
+            raise TlpersonaError(f"{path}: file not found")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                msgs = json.loads(line)
+                msgs = msgs["messages"] if isinstance(msgs, dict) else msgs
+                system = next(m["content"] for m in msgs if m["role"] == "system")
+                user = next(m["content"] for m in msgs if m["role"] == "user")
+            except (json.JSONDecodeError, KeyError, TypeError, StopIteration):
+                raise TlpersonaError(f"{path}:{n}: expected a list of chat messages with a system "
+                                     "and a user message") from None
+            items.append((f"conversation:{n}", system, [user]))
+    items += [(f"text:{i}", t, []) for i, t in enumerate(req.texts or [])]
+    return items
+
+
+def run_project(req: ProjectRequest) -> tuple[Path, dict]:
+    """Project stored personas (and new material run through the store's model) onto shared PCs
+    or a persona axis, per recipe; write projection.json, projection.csv and a figure."""
+    import csv
+    import io
+    import json
+
+    import numpy as np
+
+    from tlpersona.analyses import plots
+    from tlpersona.analyses.projection import axis_frame, nearest, pc_frame
+    from tlpersona.analyses.subspace import SubspaceConfig, subspace
+    from tlpersona.cache.store import open_store
+    from tlpersona.data import Persona, Question
+    from tlpersona.files import atomic_write_bytes
+
+    st = open_store(req.store, verify=True)
+    positions = ([p.name for p in parse_positions(req.positions)] if req.positions
+                 else list(st.positions))
+    layer = req.layer if req.layer is not None else st.layers[len(st.layers) // 2]
+    li = st.layer_index(layer)
+    cent = {p: st.centroids(p)[:, li].double().numpy() for p in positions}
+    if req.axis == "pcs":
+        if req.k < 1:
+            raise TlpersonaError("--k must be at least 1")
+        _, comps = subspace(st, SubspaceConfig(positions=positions, layers=[layer],
+                                               k_max=req.k, unit_norm=req.unit_norm))
+        frames = {p: pc_frame(c, comps[layer], req.k, req.unit_norm) for p, c in cent.items()}
+    elif req.axis.startswith("persona:"):
+        frames = {p: axis_frame(c, st.personas, req.axis.split(":", 1)[1]) for p, c in cent.items()}
+    else:
+        raise TlpersonaError(f"unknown --axis {req.axis!r} (pcs or persona:NAME)")
+    result: dict[str, Any] = {"store": str(st.root), "layer": layer, "axis": req.axis,
+                              "positions": positions, "stored": {}, "items": []}
+    for p, f in frames.items():
+        coords = f.coords(cent[p])
+        result["stored"][p] = [{"persona": name, "coords": dict(zip(f.names, map(float, c), strict=True))}
+                               for name, c in zip(st.personas, coords, strict=True)]
+    items = _new_material(req)
+    if items:
+        model_spec = req.model or st.provenance["model"]
+        model = load_bridge(model_spec, req.device or default_device(), req.dtype)
+        if model.info.identity != st.provenance.get("model_identity"):
+            raise TlpersonaError(f"{model_spec} is not the model this store was made with")
+        prompt_positions = [p for p in parse_positions(",".join(positions)) if not p.needs_response]
+        for label, system, questions in items:
+            pos_list = ([p for p in prompt_positions if p.kind == "raw"] if not questions
+                        else prompt_positions)
+            if not pos_list:
+                continue
+            ex = Extractor(model, ExtractConfig(positions=pos_list, layers=[layer], progress=False))
+            qs = [Question(str(i), q) for i, q in enumerate(questions or ["."])]
+            res = ex.persona(Persona(label, (system,)), qs)
+            for p in pos_list:
+                x = res.centroid[p.name][0].double().numpy()
+                f = frames[p.name]
+                result["items"].append({
+                    "label": label, "recipe": p.name,
+                    "coords": dict(zip(f.names, map(float, f.coords(x[None])[0]), strict=True)),
+                    "nearest": nearest(x, cent[p.name], st.personas),
+                })
+    out = Path(req.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "projection.json", json.dumps(result, indent=1).encode())
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    names = next(iter(frames.values())).names
+    w.writerow(["kind", "label", "recipe", "layer", *names])
+    for p, rows in result["stored"].items():
+        for r in rows:
+            w.writerow(["stored", r["persona"], p, layer, *(r["coords"][n] for n in names)])
+    for it in result["items"]:
+        w.writerow(["new", it["label"], it["recipe"], layer, *(it["coords"][n] for n in names)])
+    atomic_write_bytes(out / "projection.csv", buf.getvalue().encode())
+    first = {p: np.array([r["coords"][names[0]] for r in rows]) for p, rows in result["stored"].items()}
+    marks = {p: [(it["label"], it["coords"][names[0]]) for it in result["items"] if it["recipe"] == p]
+             for p in positions}
+    plots.ranked_bars(first, st.personas, marks, names[0], layer, out / "projection.png")
+    return out / "projection.json", result

@@ -150,3 +150,21 @@ def subspace_scatter(coords: dict[str, np.ndarray], layer: int, path: Path) -> P
     ax.set_title(f"Personas on the shared PCs, layer {layer}")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def ranked_bars(values: dict[str, np.ndarray], personas: list[str],
+                marks: dict[str, list[tuple[str, float]]], label: str, layer: int, path: Path) -> Path:
+    """One panel per recipe: stored personas ranked by their coordinate, new items as lines."""
+    fig, axes = plt.subplots(1, len(values), figsize=(3.2 * len(values), 0.5 + 0.16 * len(personas)),
+                             squeeze=False)
+    for ax, (recipe, v) in zip(axes[0], values.items(), strict=True):
+        order = np.argsort(v)
+        ax.barh(range(len(v)), v[order], color="#7a9cc6")
+        ax.set_yticks(range(len(v)), [personas[i] for i in order], fontsize=5)
+        for name, x in marks.get(recipe, []):
+            ax.axvline(x, color="#d9534f", lw=0.8)
+            ax.text(x, len(v) - 0.5, name, fontsize=5, rotation=90, va="top", color="#d9534f")
+        ax.set_title(recipe, fontsize=8)
+        ax.set_xlabel(label, fontsize=7)
+    fig.suptitle(f"Personas on {label}, layer {layer}", fontsize=9)
+    return _save(fig, path)
