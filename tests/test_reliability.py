@@ -272,3 +272,20 @@ def test_resume_with_other_provenance_is_refused(loaded, tmp_path, field):
     # --force-new starts a new store instead
     extract_to_store(model, cfg, personas, qs, out, force_new=True)
     assert open_store(out).provenance[field] != "" and verify_store(out) == []
+
+
+def test_torchrun_two_ranks_equal_one_process(default_source, tmp_path):
+    """torchrun with 2 CPU ranks (gloo): personas and responses split by rank, rank 0 finishes
+    the store; bit-identical to a single process (one thread each, so GEMMs match)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    subprocess.run(_cli(*ARGS, "--out", str(single)), check=True, capture_output=True, env=env)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(29500 + os.getpid() % 1000), "-m", "tlpersona",
+                          *ARGS, "--out", str(multi)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "(rank 0 of 2)" in res.stderr and "(rank 1 of 2)" in res.stderr
+    _same_store(multi, single)
+    lines = lambda p: sorted((p / "responses.jsonl").read_text().splitlines())  # noqa: E731
+    assert lines(multi) == lines(single)
+    assert not list(multi.glob("responses.rank*"))

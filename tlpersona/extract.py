@@ -28,6 +28,7 @@ from tqdm import tqdm
 from tlpersona.cache.store import StoreWriter
 from tlpersona.conversation import ChatRenderer, Spans, common_prefix_len, template_hash
 from tlpersona.data import Persona, Question, content_hash, system_prompts
+from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
 from tlpersona.generate import Key, Response
 from tlpersona.models import LoadedModel
@@ -380,7 +381,13 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
     prov = provenance(model, cfg, personas, questions, digest)
     info = {"n_layers_total": model.info.n_layers, "d_model": model.info.d_model,
             "model_source": model.info.source}
-    writer = StoreWriter(out, prov, info, force_new=force_new)
+    rk = ranks()
+    # Rank 0 creates (or checks) the store first; the others then open it and check it too.
+    if rk.main:
+        writer = StoreWriter(out, prov, info, force_new=force_new)
+    rk.barrier()
+    if not rk.main:
+        writer = StoreWriter(out, prov, info)
     if writer.complete:
         stats.update(computed=0, reused=len(personas))
         return Path(out)
@@ -390,10 +397,12 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
     per_persona = len(questions) * len(system_prompts(personas[0], cfg.prompt_index))
     size = max(1, min(2048 // per_persona, math.ceil(len(personas) / 8)))
     groups = [list(range(a, min(a + size, len(personas)))) for a in range(0, len(personas), size)]
-    todo = [g for g in groups if not all(writer.done(i) for i in g)]
-    done = len(personas) - sum(len(g) for g in todo)
-    bar = tqdm(total=len(personas), initial=done, desc="extract", unit="persona",
-               disable=not cfg.progress, file=sys.stderr)
+    mine = groups[rk.rank::rk.world]
+    todo = [g for g in mine if not all(writer.done(i) for i in g)]
+    total = sum(len(g) for g in mine)
+    done = total - sum(len(g) for g in todo)
+    bar = tqdm(total=total, initial=done, desc="extract", unit="persona",
+               disable=not cfg.progress or not rk.main, file=sys.stderr)
     for group in todo:
         results = extractor.personas([personas[i] for i in group], questions, responses)
         for i, res in zip(group, results, strict=True):
@@ -403,6 +412,9 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
         if on_group:
             on_group(group)
     bar.close()
-    stats.update(computed=len(personas) - done, reused=done)
-    writer.finalize()
+    stats.update(computed=total - done, reused=done)
+    rk.barrier()
+    if rk.main:
+        writer.finalize()
+    rk.barrier()
     return Path(out)

@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from tlpersona.conversation import ChatRenderer
 from tlpersona.data import Persona, Question, system_prompts
+from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
+from tlpersona.files import atomic_write_bytes
 
 Key = tuple[str, int, str]  # persona, prompt index, question id
 
@@ -35,9 +37,23 @@ class Response:
         return len(self.ids) if (include_eot or not self.finished) else len(self.ids) - 1
 
 
+def _rank_files(path: Path) -> list[Path]:
+    """Per-rank files that a torchrun generation writes beside ``path`` until they are merged."""
+    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
+
+
 def read_responses(path: str | Path) -> dict[Key, Response]:
-    """Read a responses JSONL; a torn last line (killed writer) is ignored."""
+    """Read a responses JSONL (and any unmerged per-rank files beside it); a torn last line
+    (killed writer) is ignored."""
     p = Path(path)
+    out: dict[Key, Response] = {}
+    for rank_file in _rank_files(p):
+        out.update(_read_one(rank_file))
+    out.update(_read_one(p))
+    return out
+
+
+def _read_one(p: Path) -> dict[Key, Response]:
     out: dict[Key, Response] = {}
     if not p.exists():
         return out
@@ -111,12 +127,24 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
     # responses are written.
     order = sorted(range(len(jobs)), key=lambda i: (len(jobs[i][1]), i))
     batches = [[jobs[i] for i in order[a:a + batch_size]] for a in range(0, len(order), batch_size)]
-    todo = [b for b in batches if any(key not in have for key, _ in b)]
-    if not todo:
-        return have
+    rk = ranks()
+    todo = [b for b in batches[rk.rank::rk.world] if any(key not in have for key, _ in b)]
+    main = Path(out_path)
+    # Under torchrun each rank appends to its own file; rank 0 merges them at the end.
+    path = main if rk.world == 1 else main.with_name(f"{main.stem}.rank{rk.rank}{main.suffix}")
+    if todo:
+        _generate(model, tokenizer, todo, have, path, max_new_tokens, progress and rk.main)
+    rk.barrier()
+    if rk.main:
+        _merge(main)  # also after a torchrun that was killed and is resumed by one process
+    rk.barrier()
+    return read_responses(main) if rk.world > 1 else have
+
+
+def _generate(model: Any, tokenizer: Any, todo: list[list[tuple[Key, list[int]]]],
+              have: dict[Key, Response], path: Path, max_new_tokens: int, progress: bool) -> None:
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _drop_torn_tail(path)
     missing = sum(key not in have for b in todo for key, _ in b)
@@ -136,7 +164,19 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
             f.flush()
             os.fsync(f.fileno())
     bar.close()
-    return have
+
+
+def _merge(main: Path) -> None:
+    """Fold the per-rank files into ``main`` (one atomic rewrite), then remove them."""
+    parts = _rank_files(main)
+    if not parts:
+        return
+    for p in [main, *parts]:
+        _drop_torn_tail(p)
+    data = b"".join(p.read_bytes() for p in [main, *parts] if p.exists())
+    atomic_write_bytes(main, data)
+    for p in parts:
+        p.unlink()
 
 
 def _drop_torn_tail(path: Path) -> None:

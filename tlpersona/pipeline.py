@@ -11,6 +11,7 @@ from typing import Any
 from tlpersona.cache.store import clear_store
 from tlpersona.conversation import ChatRenderer
 from tlpersona.data import load_personas, load_questions
+from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
 from tlpersona.extract import ExtractConfig, Extractor, extract_to_store
 from tlpersona.generate import Key, Response, generate_responses, read_responses
@@ -71,7 +72,12 @@ def run_extract(req: ExtractRequest) -> Path:
     questions = load_questions(req.questions, req.limit_questions)
     if req.batch_size < 1:
         raise TlpersonaError("--batch-size must be at least 1")
-    device = req.device or default_device()
+    rk = ranks()
+    if rk.world > 1:  # rank 0 fetches/converts the model once; the others then read the cache
+        if rk.main:
+            resolve(req.model)
+        rk.barrier()
+    device = req.device or rk.device()
     out = Path(req.out)
     if req.force_new:
         clear_store(out)  # before generation: a new store gets new responses too
@@ -98,8 +104,9 @@ def run_extract(req: ExtractRequest) -> Path:
                         include_eot=req.include_eot, progress=req.progress)
     stats: dict[str, int] = {}
     path = extract_to_store(model, cfg, personas, questions, out, responses, stats=stats)
-    print(f"tlpersona: extracted {stats['computed']} personas ({stats['reused']} already in the store)",
-          file=sys.stderr)
+    who = f" (rank {rk.rank} of {rk.world})" if rk.world > 1 else ""
+    print(f"tlpersona: extracted {stats['computed']} personas ({stats['reused']} already in the "
+          f"store){who}", file=sys.stderr)
     return path
 
 
@@ -112,7 +119,7 @@ def run_generate(model: str, device: str | None, dtype: str | None, personas: st
         raise TlpersonaError("the vllm backend is not available yet; use --backend hf")
     ps = load_personas(personas, limit_personas)
     qs = load_questions(questions, limit_questions)
-    dev = device or default_device()
+    dev = device or ranks().device()
     source, _ = resolve(model)
     tok = load_tokenizer(source)
     return len(_generate(source, dev, dtype, tok, ps, qs, prompt_index, out, max_new_tokens,

@@ -1,0 +1,52 @@
+"""Several processes (``torchrun``) sharing one run: personas and responses split by rank.
+
+Work is split by fixed groups (persona groups for extraction, batches for generation), so every
+item is computed exactly as a single process would compute it; each rank writes its own files
+and rank 0 finishes the store. Single-process runs see world size 1 and skip every collective.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def device(self) -> str:
+        """This rank's default device: its own GPU under torchrun, else cuda or cpu."""
+        if torch.cuda.is_available():
+            return f"cuda:{self.local_rank}" if self.world > 1 else "cuda"
+        return "cpu"
+
+
+def ranks() -> Ranks:
+    """The current process's place in a torchrun launch; joins the process group if needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    r = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not torch.distributed.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(r.local_rank)
+        # Ranks wait for each other only at the end of a phase, which can be hours away.
+        torch.distributed.init_process_group(
+            "nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=12),
+            device_id=torch.device("cuda", r.local_rank) if cuda else None)
+    return r
