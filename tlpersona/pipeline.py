@@ -64,6 +64,14 @@ def _generate(source: str, device: str, dtype: str | None, tokenizer, personas, 
         gc.collect()
 
 
+def _resolve_once(spec: str, rk: Any) -> None:
+    """Under torchrun, rank 0 fetches/converts the model first; the others then read its cache."""
+    if rk.world > 1:
+        if rk.main:
+            resolve(spec)
+        rk.barrier()
+
+
 def run_extract(req: ExtractRequest) -> Path:
     """Load data and model, generate missing responses if a response position needs them,
     extract into ``req.out``. Returns the store path."""
@@ -73,10 +81,7 @@ def run_extract(req: ExtractRequest) -> Path:
     if req.batch_size < 1:
         raise TlpersonaError("--batch-size must be at least 1")
     rk = ranks()
-    if rk.world > 1:  # rank 0 fetches/converts the model once; the others then read the cache
-        if rk.main:
-            resolve(req.model)
-        rk.barrier()
+    _resolve_once(req.model, rk)
     device = req.device or rk.device()
     out = Path(req.out)
     if req.force_new:
@@ -119,7 +124,9 @@ def run_generate(model: str, device: str | None, dtype: str | None, personas: st
         raise TlpersonaError("the vllm backend is not available yet; use --backend hf")
     ps = load_personas(personas, limit_personas)
     qs = load_questions(questions, limit_questions)
-    dev = device or ranks().device()
+    rk = ranks()
+    _resolve_once(model, rk)
+    dev = device or rk.device()
     source, _ = resolve(model)
     tok = load_tokenizer(source)
     return len(_generate(source, dev, dtype, tok, ps, qs, prompt_index, out, max_new_tokens,
