@@ -6,9 +6,9 @@ from conftest import SHARED_DATA
 from tlpersona.data import (
     builtin_personas,
     builtin_questions,
+    indexed_prompts,
     load_assistant_axis_personas,
     load_questions_jsonl,
-    system_prompts,
 )
 from tlpersona.errors import TlpersonaError
 
@@ -66,7 +66,7 @@ def test_empty_question_file(tmp_path):
 
 def test_prompt_index():
     p = builtin_personas()[0]
-    assert system_prompts(p, 1) == [p.system_prompts[1]]
-    assert system_prompts(p, "all") == list(p.system_prompts)
+    assert indexed_prompts(p, 1) == [(1, p.system_prompts[1])]
+    assert indexed_prompts(p, "all") == list(enumerate(p.system_prompts))
     with pytest.raises(TlpersonaError, match="out of range"):
-        system_prompts(p, 9)
+        indexed_prompts(p, 9)

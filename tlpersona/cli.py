@@ -69,10 +69,6 @@ def _data_options(fn: Any) -> Any:
     return fn
 
 
-def _default_new_tokens(device: str) -> int:
-    return 200 if device.startswith("cuda") else 48
-
-
 @click.group()
 @click.version_option(package_name="tlpersona")
 def main() -> None:
@@ -244,8 +240,6 @@ def compare(store: str | None, seed_dir: str | None, out: str, layers: str | Non
     """Compare recipes in a store: metrics, permutation tests, noise floor, verdicts, report."""
     from tlpersona.pipeline import run_compare
 
-    if (store is None) == (seed_dir is None):
-        raise TlpersonaError("give either STORE or --from-seed DIR")
     cfg = _compare_config(positions, layers, permutations, seed, splits, **th)
     report, result = run_compare(store, seed_dir, cfg, out)
     _print_summary(result)
@@ -328,8 +322,6 @@ def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | No
     """Joint PCA of all recipes: the persona subspace they share, and its dimension per layer."""
     from tlpersona.pipeline import run_subspace
 
-    if (store is None) == (seed_dir is None):
-        raise TlpersonaError("give either STORE or --from-seed DIR")
     if k_max < 1:
         raise TlpersonaError("--k-max must be at least 1")
     path, result = run_subspace(store, seed_dir, _subspace_config(positions, layers, k_max,

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from tlpersona.cache.store import StoreWriter
 from tlpersona.conversation import ChatRenderer, Spans, common_prefix_len, template_hash
-from tlpersona.data import Persona, Question, content_hash, system_prompts
+from tlpersona.data import Persona, Question, content_hash, indexed_prompts
 from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
 from tlpersona.generate import Key, Response
@@ -205,13 +205,13 @@ class Extractor:
             w[self._row[pos.name], start:stop] = 1.0 / (stop - start)
         return w
 
-    def _conversations(self, persona: Persona, prompts: list[str], questions: list[Question],
-                       responses: dict[Key, Response] | None) -> list[list[tuple[Spans, Response | None]]]:
+    def _conversations(self, persona: Persona, prompts: list[tuple[int, str]],
+                       questions: list[Question], responses: dict[Key, Response] | None
+                       ) -> list[list[tuple[Spans, Response | None]]]:
         """Every (phrasing, question) conversation, rendered once: ``[phrasing][question]``."""
         cfg = self.cfg
         out = []
-        for k, system in enumerate(prompts):
-            pidx = k if cfg.prompt_index == "all" else int(cfg.prompt_index)
+        for pidx, system in prompts:
             row = []
             for q in questions:
                 resp = (responses or {}).get((persona.name, pidx, q.id)) if cfg.needs_response else None
@@ -231,11 +231,11 @@ class Extractor:
         and one pass per question for everything else.
         """
         cfg = self.cfg
-        prompts = system_prompts(persona, cfg.prompt_index)
+        prompts = indexed_prompts(persona, cfg.prompt_index)
         convs = self._conversations(persona, prompts, questions, responses)
         plan: dict[str, Any] = {"n_prompts": len(prompts), "prefix": [], "raw": [], "dep": [],
                                 "has": [], "counts": []}
-        for system, row in zip(prompts, convs, strict=True):
+        for (_, system), row in zip(prompts, convs, strict=True):
             if self._anchored:
                 probes = [self.renderer.prompt(system, t).ids for t in _PROBES]
                 first = row[0][0]
@@ -345,11 +345,9 @@ def provenance(model: LoadedModel, cfg: ExtractConfig, personas: list[Persona],
 def responses_digest(responses: dict[Key, Response], personas: list[Persona],
                      questions: list[Question], prompt_index: int | str) -> str:
     """Hash of exactly the responses this run uses (so resumes see the same responses)."""
-    n_prompts = {p.name: len(p.system_prompts) for p in personas}
     keys = []
     for p in personas:
-        idxs = range(n_prompts[p.name]) if prompt_index == "all" else [int(prompt_index)]
-        for k in idxs:
+        for k, _ in indexed_prompts(p, prompt_index):
             for q in questions:
                 r = responses.get((p.name, k, q.id))
                 keys.append([p.name, k, q.id, r.ids if r else None, r.finished if r else None])
@@ -394,11 +392,12 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
     # Personas go through the model in groups (~2k passes): enough sequences to sort into full,
     # evenly long batches. Groups are fixed by the persona list alone, so a resumed run batches
     # exactly as an uninterrupted one (bit-identical results) and saves whole groups.
-    per_persona = len(questions) * len(system_prompts(personas[0], cfg.prompt_index))
+    per_persona = len(questions) * len(indexed_prompts(personas[0], cfg.prompt_index))
     size = max(1, min(2048 // per_persona, math.ceil(len(personas) / 8)))
     groups = [list(range(a, min(a + size, len(personas)))) for a in range(0, len(personas), size)]
     mine = groups[rk.rank::rk.world]
-    todo = [g for g in mine if not all(writer.done(i) for i in g)]
+    finished = writer.finished()
+    todo = [g for g in mine if not all(i in finished for i in g)]
     total = sum(len(g) for g in mine)
     done = total - sum(len(g) for g in todo)
     bar = tqdm(total=total, initial=done, desc="extract", unit="persona",

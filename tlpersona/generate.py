@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from tlpersona.conversation import ChatRenderer
-from tlpersona.data import Persona, Question, system_prompts
+from tlpersona.data import Persona, Question, indexed_prompts
 from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
 from tlpersona.files import atomic_write_bytes
@@ -117,8 +117,7 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
     have = read_responses(out_path)
     jobs: list[tuple[Key, list[int]]] = []
     for persona in personas:
-        for k, system in enumerate(system_prompts(persona, prompt_index)):
-            pidx = k if prompt_index == "all" else int(prompt_index)
+        for pidx, system in indexed_prompts(persona, prompt_index):
             for q in questions:
                 jobs.append(((persona.name, pidx, q.id), renderer.prompt(system, q.text).ids))
     # Batches are fixed over every job (similar lengths together), not just the missing ones, so

@@ -168,6 +168,16 @@ def describe_positions(model: str, system: str, question: str, spec: str) -> str
     return "\n".join(lines)
 
 
+def open_source(store: str | None, seed_dir: str | None) -> Any:
+    """What the analyses read: a verified store, or centroids in the seed layout."""
+    from tlpersona.cache.seed_layout import read_seed
+    from tlpersona.cache.store import open_store
+
+    if (store is None) == (seed_dir is None):
+        raise TlpersonaError("give either STORE or --from-seed DIR")
+    return read_seed(seed_dir) if seed_dir else open_store(store, verify=True)
+
+
 def run_compare(store: str | None, seed_dir: str | None, cfg: Any, out: str | Path,
                 title: str = "Recipe comparison") -> tuple[Path, dict]:
     """Compare a store (or seed-layout directory) and write results.json, figures, report.md.
@@ -176,10 +186,8 @@ def run_compare(store: str | None, seed_dir: str | None, cfg: Any, out: str | Pa
     """
     from tlpersona.analyses.compare import compare
     from tlpersona.analyses.report import write_report
-    from tlpersona.cache.seed_layout import read_seed
-    from tlpersona.cache.store import open_store
 
-    source = read_seed(seed_dir) if seed_dir else open_store(store, verify=True)
+    source = open_source(store, seed_dir)
     result = compare(source, cfg)
     return write_report(result, source, out, title), result
 
@@ -193,11 +201,9 @@ def run_subspace(store: str | None, seed_dir: str | None, cfg: Any, out: str | P
     """
     from tlpersona.analyses.report import write_subspace
     from tlpersona.analyses.subspace import subspace
-    from tlpersona.cache.seed_layout import read_seed
-    from tlpersona.cache.store import open_store
     from tlpersona.files import atomic_write_bytes
 
-    source = read_seed(seed_dir) if seed_dir else open_store(store, verify=True)
+    source = open_source(store, seed_dir)
     result, comps = subspace(source, cfg)
     section = write_subspace(result, comps, source, out)
     path = Path(out) / "subspace.md"

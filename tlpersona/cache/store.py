@@ -129,17 +129,13 @@ class StoreWriter:
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
 
-    def _parts(self) -> dict[int, tuple[Path, int]]:
-        """Finished persona index -> (group part file, index of that persona's first key)."""
+    def finished(self) -> dict[int, Path]:
+        """Saved persona index -> the group part file that holds it."""
         out = {}
         for path in sorted((self.root / "parts").glob("*-*.safetensors")):
             start, stop = (int(x) for x in path.stem.split("-"))
-            for i in range(start, stop):
-                out[i] = (path, start)
+            out.update(dict.fromkeys(range(start, stop), path))
         return out
-
-    def done(self, index: int) -> bool:
-        return index in self._parts()
 
     def write_group(self, start: int, results: list[dict[str, torch.Tensor]]) -> None:
         """Personas ``start … start+len(results)-1`` as one part file: a group is saved whole
@@ -155,7 +151,7 @@ class StoreWriter:
         """Stack the per-persona parts into one file per position and mark the store complete."""
         prov = self.provenance
         n = len(prov["personas"])
-        parts = self._parts()
+        parts = self.finished()
         missing = [i for i in range(n) if i not in parts]
         if missing:
             raise TlpersonaError(f"cannot finalise: {len(missing)} personas not extracted yet")
@@ -164,7 +160,7 @@ class StoreWriter:
         for pos in prov["positions"]:
             tensors: dict[str, torch.Tensor] = {}
             for i in range(n):
-                with safe_open(str(parts[i][0]), framework="pt") as f:
+                with safe_open(str(parts[i]), framework="pt") as f:
                     for key in ("centroid", "per_question", "valid", "n_tokens"):
                         name = f"{i}/{pos}/{key}"
                         if name not in f.keys():
@@ -237,17 +233,16 @@ class Store:
         return self._key_cache[name]
 
     def _tensor(self, position: str, key: str) -> torch.Tensor | None:
-        """One tensor of a position file, read on demand (per-question tensors can be GBs)."""
+        """One small tensor of a position file (centroids, valid, n_tokens), read once on demand;
+        per-question tensors (GBs) go through :func:`read_tensor` uncached."""
         name = self._name(position)
         if key not in self._keys(name):
             return None
         if (name, key) in self._cache:
             return self._cache[(name, key)]
         with safe_open(str(self.root / position_file(name)), framework="pt") as f:
-            t = f.get_tensor(key)
-        if key != "per_question":
-            self._cache[(name, key)] = t
-        return t
+            self._cache[(name, key)] = f.get_tensor(key)
+        return self._cache[(name, key)]
 
     def question_invariant(self, position: str) -> bool:
         return parse_position(self._name(position)).question_invariant
@@ -258,6 +253,12 @@ class Store:
         assert t is not None
         return t
 
+    def _per_question_name(self, position: str) -> str:
+        name = self._name(position)
+        if "per_question" not in self._keys(name):
+            raise TlpersonaError(f"{name} does not depend on the question: only centroids are stored")
+        return name
+
     def has_per_question(self, position: str) -> bool:
         return "per_question" in self._keys(self._name(position))
 
@@ -267,11 +268,7 @@ class Store:
         With ``layer`` (a layer number, not an index), only that layer is read from disk:
         ``[persona, question, d_model]``.
         """
-        name = self._name(position)
-        if "per_question" not in self._keys(name):
-            raise TlpersonaError(
-                f"{name} does not depend on the question: only centroids are stored"
-            )
+        name = self._per_question_name(position)
         if layer is None:
             return read_tensor(self.root / position_file(name), "per_question")
         li = self.layer_index(layer)
@@ -280,9 +277,7 @@ class Store:
 
     def per_question_rows(self, position: str, start: int, stop: int) -> torch.Tensor:
         """Personas ``[start, stop)`` of :meth:`per_question`: ``[stop-start, question, layer, d]``."""
-        name = self._name(position)
-        if "per_question" not in self._keys(name):
-            raise TlpersonaError(f"{name} does not depend on the question: only centroids are stored")
+        name = self._per_question_name(position)
         return read_tensor(self.root / position_file(name), "per_question", (start, stop))
 
     def n_tokens(self, position: str) -> torch.Tensor | None:

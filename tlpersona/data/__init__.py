@@ -122,17 +122,18 @@ def load_questions(spec: str, limit: int | None = None) -> list[Question]:
     return questions[:limit] if limit else questions
 
 
-def system_prompts(persona: Persona, prompt_index: int | str) -> list[str]:
-    """The phrasings to use: one (``prompt_index`` N) or all of them (``"all"``, averaged)."""
+def indexed_prompts(persona: Persona, prompt_index: int | str) -> list[tuple[int, str]]:
+    """The phrasings to use with their index in the persona's list: one (``prompt_index`` N)
+    or all of them (``"all"``, averaged). The index is what responses are keyed by."""
     if prompt_index == "all":
-        return list(persona.system_prompts)
+        return list(enumerate(persona.system_prompts))
     idx = int(prompt_index)
     if not 0 <= idx < len(persona.system_prompts):
         raise TlpersonaError(
             f"persona {persona.name!r} has {len(persona.system_prompts)} prompts; "
             f"--prompt-index {idx} is out of range"
         )
-    return [persona.system_prompts[idx]]
+    return [(idx, persona.system_prompts[idx])]
 
 
 def content_hash(obj: object) -> str:
