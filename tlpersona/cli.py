@@ -48,6 +48,11 @@ def _model_options(fn: Any) -> Any:
     return fn
 
 
+_decoder_option = click.option(
+    "--decoder", type=click.Choice(["auto", "hf", "static"]), default="auto", show_default=True,
+    help="greedy decoding: HF generate, or a static KV cache with CUDA graphs (same tokens, "
+         "several times faster on a GPU); auto = static on GPU, hf on CPU")
+
 _attn_option = click.option(
     "--attn", type=click.Choice(["auto", "sdpa", "eager"]), default="auto", show_default=True,
     help="attention inside the bridge: HF's sdpa (fast; attention-pattern hooks off) or the "
@@ -95,12 +100,13 @@ def main() -> None:
 @click.option("--include-eot", is_flag=True, help="response_mean also averages the end-of-turn token")
 @click.option("--force-new", is_flag=True, help="replace an existing store at --out")
 @_attn_option
+@_decoder_option
 @_friendly
 def extract(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
             prompt_index: str, limit_personas: int | None, limit_questions: int | None,
             positions_spec: str, layers: str, out: str, batch_size: int,
             max_new_tokens: int | None, responses_path: str | None, include_eot: bool,
-            force_new: bool, attn: str) -> None:
+            force_new: bool, attn: str, decoder: str) -> None:
     """Extract residual-stream vectors at named positions into an activation store."""
     from tlpersona.pipeline import ExtractRequest, run_extract
 
@@ -109,7 +115,7 @@ def extract(model: str, device: str | None, dtype: str | None, personas: str, qu
         prompt_index=_prompt_index(prompt_index), limit_personas=limit_personas,
         limit_questions=limit_questions, positions=positions_spec, layers=layers, out=out,
         batch_size=batch_size, max_new_tokens=max_new_tokens, responses=responses_path,
-        include_eot=include_eot, force_new=force_new, attn=attn,
+        include_eot=include_eot, force_new=force_new, attn=attn, decoder=decoder,
     )
     t0 = time.perf_counter()
     path = run_extract(req)
@@ -123,16 +129,19 @@ def extract(model: str, device: str | None, dtype: str | None, personas: str, qu
 @click.option("--max-new-tokens", type=int, default=None, help="default 200 on GPU, 48 on CPU")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
+@_decoder_option
 @_friendly
 def generate(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
              prompt_index: str, limit_personas: int | None, limit_questions: int | None,
-             out: str, max_new_tokens: int | None, batch_size: int, backend: str) -> None:
+             out: str, max_new_tokens: int | None, batch_size: int, backend: str,
+             decoder: str) -> None:
     """Greedy responses for every persona x question (resumable JSONL with token ids)."""
     from tlpersona.pipeline import run_generate
 
     t0 = time.perf_counter()
     n = run_generate(model, device, dtype, personas, questions, _prompt_index(prompt_index),
-                     limit_personas, limit_questions, out, max_new_tokens, batch_size, backend)
+                     limit_personas, limit_questions, out, max_new_tokens, batch_size, backend,
+                     decoder)
     click.echo(f"{n} responses in {out} ({time.perf_counter() - t0:.1f} s)")
 
 
@@ -270,12 +279,22 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
                prompt_index: str, limit_personas: int | None, limit_questions: int | None,
                layers: str, out: str, max_new_tokens: int | None, batch_size: int, attn: str,
                permutations: int, seed: int, splits: int, **th: float) -> None:
-    """Everything on one command: extract all seven recipes, compare them, write the report.
+    """Everything on one command: extract all seven recipes, compare them, find their shared
+    subspace, patch and steer with them (a short run), and write one report.
 
     On the CPU the defaults keep it to a few minutes: the built-in personas, their first 12
     questions and 24-token responses. Use --limit-questions 0 for every question.
     """
-    from tlpersona.pipeline import ExtractRequest, run_compare, run_extract, run_subspace
+    from tlpersona.cache.store import open_store
+    from tlpersona.files import atomic_write_bytes
+    from tlpersona.pipeline import (
+        ExtractRequest,
+        PatchRequest,
+        run_compare,
+        run_extract,
+        run_patch,
+        run_subspace,
+    )
 
     cpu = (device or "").startswith("cpu") or not _cuda()
     if limit_questions is None and cpu:
@@ -297,12 +316,25 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
     t2 = time.perf_counter()
     _, sub = run_subspace(str(store), None, _subspace_config(None, None), report.parent,
                           append_to=report)
+    t3 = time.perf_counter()
+    # A short causal section: 3 personas × 2 questions, steering at the two middle layers.
+    stored = sub["layers"]
+    mid = [lay["layer"] for lay in stored[max(0, len(stored) // 2 - 1):len(stored) // 2 + 1]]
+    names = open_store(store).personas
+    base = "assistant" if "assistant" in names else names[0]
+    _, causal = run_patch(PatchRequest(
+        store=str(store), out=str(report.parent), device=device, dtype=dtype, attn=attn,
+        personas=personas, questions=questions, n_personas=3, n_questions=2, corrupt=base,
+        steer_base=base,
+        steer_layers=",".join(map(str, mid)), seed=seed, progress=True))
+    atomic_write_bytes(report, report.read_bytes() + b"\n" + (report.parent / "patch.md").read_bytes())
     _print_summary(result)
     for lay in sub["layers"]:
         click.echo(f"shared subspace, layer {lay['layer']}: k_found {lay['k_found']} "
                    f"(held-out personas: {lay['k_found_held_out']})")
+    _print_patch(causal)
     click.echo(f"extract {t1 - t0:.1f} s, compare {t2 - t1:.1f} s, "
-               f"subspace {time.perf_counter() - t2:.1f} s")
+               f"subspace {t3 - t2:.1f} s, patching and steering {time.perf_counter() - t3:.1f} s")
     click.echo(f"report: {report}")
 
 
@@ -391,3 +423,69 @@ def _cuda() -> bool:
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.option("--store", type=click.Path(), default=None,
+              help="a store: its persona vectors are steered with (and its model is used)")
+@click.option("--out", default="tlpersona-out/patch", show_default=True, type=click.Path())
+@click.option("--model", default=None, help="default: the store's model, else 'default'")
+@click.option("--device", default=None)
+@click.option("--dtype", default=None)
+@_attn_option
+@click.option("--personas", default="builtin", show_default=True,
+              help="'builtin' or an assistant-axis directory (the store's, with --store)")
+@click.option("--questions", default="builtin", show_default=True)
+@click.option("--prompt-index", type=int, default=None, help="phrasing (default: the store's, else 0)")
+@click.option("--n-personas", type=int, default=4, show_default=True,
+              help="clean / steered personas (the first N besides the corrupt or base persona)")
+@click.option("--n-questions", type=int, default=2, show_default=True)
+@click.option("--layers", default=None, help="patching layers (default: 8 spread over the model)")
+@click.option("--positions", default="system,sys_end,sys_end+1,user_end,last", show_default=True,
+              help="patched positions; 'system' = every system-text token (sys_start+i)")
+@click.option("--hook", type=click.Choice(["resid_post", "resid_pre"]), default="resid_post",
+              show_default=True)
+@click.option("--corrupt", default="assistant", show_default=True,
+              help="corrupt persona, or 'next' (each persona against the next one)")
+@click.option("--response-tokens", type=int, default=0, show_default=True,
+              help="also read N teacher-forced tokens of the clean persona's greedy response")
+@click.option("--no-steer", is_flag=True, help="patching only")
+@click.option("--steer-base", default="assistant", show_default=True, help="the persona steered")
+@click.option("--steer-layers", default=None, help="stored layers to steer at (default: all)")
+@click.option("--recipes", default=None, help="stored recipes to steer with (default: all)")
+@click.option("--alphas", default="0,1,2,4", show_default=True)
+@click.option("--steer-where", type=click.Choice(["after_system", "response"]),
+              default="after_system", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="random-direction control")
+@click.option("--continuations", type=int, default=2, show_default=True,
+              help="personas shown with greedy steered continuations")
+@_friendly
+def patch(store: str | None, out: str, model: str | None, device: str | None, dtype: str | None,
+          attn: str, personas: str, questions: str, prompt_index: int | None, n_personas: int,
+          n_questions: int, layers: str | None, positions: str, hook: str, corrupt: str,
+          response_tokens: int, no_steer: bool, steer_base: str, steer_layers: str | None,
+          recipes: str | None, alphas: str, steer_where: str, seed: int,
+          continuations: int) -> None:
+    """Activation patching (positions × layers, clean persona into corrupt) and, with --store,
+    steering with each recipe's persona vectors against a random-direction control."""
+    from tlpersona.pipeline import PatchRequest, run_patch
+
+    path, result = run_patch(PatchRequest(
+        store=store, out=out, model=model, device=device, dtype=dtype, attn=attn,
+        personas=personas, questions=questions, prompt_index=prompt_index,
+        n_personas=n_personas, n_questions=n_questions, layers=layers, positions=positions,
+        hook=hook, corrupt=corrupt, response_tokens=response_tokens, steer=not no_steer,
+        steer_base=steer_base, steer_layers=steer_layers, recipes=recipes, alphas=alphas,
+        steer_where=steer_where, seed=seed, continuations=continuations))
+    _print_patch(result)
+    click.echo(f"report: {path}")
+
+
+def _print_patch(result: dict[str, Any]) -> None:
+    top = sorted(result["patching"]["cells"], key=lambda c: -c["kl_effect"])[:3]
+    click.echo("patching, largest KL effects: " + "; ".join(
+        f"{c['position']} L{c['layer']} {c['kl_effect']:.2f}" for c in top))
+    if result["steering"]:
+        click.echo("steering ranking: " + ", ".join(
+            f"{r['recipe']} (L{r['layer']}, alpha {r['alpha']:g}, effect {r['effect']:.3f}, "
+            f"random {r['random_effect']:.3f})" for r in result["steering"]["ranking"]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,18 @@ class PersonaResult:
         for k, v in self.n_tokens.items():
             out[f"{k}/n_tokens"] = v.float().cpu()
         return out
+
+
+@dataclass
+class Prepared:
+    """One group's passes, ready for the model: sequences, ``[n_pos, len]`` pooling weights and
+    where each persona's passes are."""
+
+    personas: list[Persona]
+    n_questions: int
+    plans: list[dict[str, Any]]
+    seqs: list[list[int]]
+    weights: list[torch.Tensor]
 
 
 def _stop_forward(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
@@ -309,12 +322,22 @@ class Extractor:
         All their passes go through one length-sorted batch schedule, so batches are full and
         evenly long, and the short system-block passes ride along with the rest.
         """
+        return self.finish(self.prepare(personas, questions, responses))
+
+    def prepare(self, personas: list[Persona], questions: list[Question],
+                responses: dict[Key, Response] | None = None) -> Prepared:
+        """Host-side work for :meth:`personas` (rendering, tokenising, pooling weights); safe to
+        run on a thread while the model works on another group."""
         seqs: list[list[int]] = []
         weights: list[torch.Tensor] = []
         plans = [self._plan(p, questions, responses, seqs, weights) for p in personas]
-        pooled = self._batched(seqs, weights)
-        return [self._assemble(p, plan, pooled, len(questions))
-                for p, plan in zip(personas, plans, strict=True)]
+        return Prepared(personas, len(questions), plans, seqs, weights)
+
+    def finish(self, prep: Prepared) -> list[PersonaResult]:
+        """Run the model on prepared passes and assemble per-persona results."""
+        pooled = self._batched(prep.seqs, prep.weights)
+        return [self._assemble(p, plan, pooled, prep.n_questions)
+                for p, plan in zip(prep.personas, prep.plans, strict=True)]
 
     def persona(self, persona: Persona, questions: list[Question],
                 responses: dict[Key, Response] | None = None) -> PersonaResult:
@@ -402,14 +425,33 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
     done = total - sum(len(g) for g in todo)
     bar = tqdm(total=total, initial=done, desc="extract", unit="persona",
                disable=not cfg.progress or not rk.main, file=sys.stderr)
-    for group in todo:
-        results = extractor.personas([personas[i] for i in group], questions, responses)
-        for i, res in zip(group, results, strict=True):
-            res.check_finite(personas[i].name, cfg.layers)
-        writer.write_group(group[0], [r.tensors() for r in results])
-        bar.update(len(group))
-        if on_group:
-            on_group(group)
+    # One host thread renders the next group and writes the previous one while the model runs
+    # this one: the accelerator does not wait on tokenisation or disk between groups.
+    with ThreadPoolExecutor(max_workers=1) as host:
+        def prepare(k: int) -> Future[Prepared]:
+            return host.submit(extractor.prepare, [personas[i] for i in todo[k]], questions,
+                               responses)
+
+        def saved(k: int, write: Future[None]) -> None:
+            write.result()
+            bar.update(len(todo[k]))
+            if on_group:
+                on_group(todo[k])
+
+        nxt = prepare(0) if todo else None
+        writing: tuple[int, Future[None]] | None = None
+        for k, group in enumerate(todo):
+            assert nxt is not None
+            prep = nxt.result()
+            nxt = prepare(k + 1) if k + 1 < len(todo) else None
+            results = extractor.finish(prep)
+            for i, res in zip(group, results, strict=True):
+                res.check_finite(personas[i].name, cfg.layers)
+            if writing:
+                saved(*writing)
+            writing = (k, host.submit(writer.write_group, group[0], [r.tensors() for r in results]))
+        if writing:
+            saved(*writing)
     bar.close()
     stats.update(computed=total - done, reused=done)
     rk.barrier()

@@ -48,17 +48,18 @@ class ExtractRequest:
     include_eot: bool = False
     force_new: bool = False
     attn: str = "auto"
+    decoder: str = "auto"
     progress: bool = True
 
 
 def _generate(source: str, device: str, dtype: str | None, tokenizer, personas, questions,
               prompt_index, out: str | Path, max_new_tokens: int | None, batch_size: int,
-              progress: bool = True) -> dict[Key, Response]:
+              progress: bool = True, decoder: str = "auto") -> dict[Key, Response]:
     hf = load_hf(source, device, pick_dtype(dtype, device))
     n_new = max_new_tokens or (200 if device.startswith("cuda") else 48)
     try:
         return generate_responses(hf, tokenizer, personas, questions, prompt_index, out, n_new,
-                                  batch_size, progress)
+                                  batch_size, progress, decoder)
     finally:
         del hf
         gc.collect()
@@ -102,7 +103,7 @@ def run_extract(req: ExtractRequest) -> Path:
             tok = load_tokenizer(source)
             responses = _generate(source, device, req.dtype, tok, personas, questions,
                                   req.prompt_index, resp_path, req.max_new_tokens,
-                                  max(req.batch_size, 16), req.progress)
+                                  max(req.batch_size, 16), req.progress, req.decoder)
     model = load_bridge(req.model, device, req.dtype, req.attn)
     cfg = ExtractConfig(positions=positions, layers=parse_layers(req.layers, model.info.n_layers),
                         prompt_index=req.prompt_index, batch_size=req.batch_size,
@@ -118,7 +119,7 @@ def run_extract(req: ExtractRequest) -> Path:
 def run_generate(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
                  prompt_index: int | str, limit_personas: int | None,
                  limit_questions: int | None, out: str, max_new_tokens: int | None,
-                 batch_size: int, backend: str = "hf") -> int:
+                 batch_size: int, backend: str = "hf", decoder: str = "auto") -> int:
     """``tlpersona generate``: returns the number of responses in ``out``."""
     if backend == "vllm":
         raise TlpersonaError("the vllm backend is not available yet; use --backend hf")
@@ -130,7 +131,7 @@ def run_generate(model: str, device: str | None, dtype: str | None, personas: st
     source, _ = resolve(model)
     tok = load_tokenizer(source)
     return len(_generate(source, dev, dtype, tok, ps, qs, prompt_index, out, max_new_tokens,
-                         batch_size))
+                         batch_size, decoder=decoder))
 
 
 def describe_positions(model: str, system: str, question: str, spec: str) -> str:
@@ -356,3 +357,107 @@ def run_project(req: ProjectRequest) -> tuple[Path, dict]:
              for p in positions}
     plots.ranked_bars(first, st.personas, marks, names[0], layer, out / "projection.png")
     return out / "projection.json", result
+
+
+@dataclass
+class PatchRequest:
+    """Arguments of ``tlpersona patch``. Without a store only patching runs (steering needs
+    stored persona vectors); with one, the model defaults to the store's."""
+
+    store: str | None = None
+    out: str = "tlpersona-out/patch"
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    attn: str = "auto"
+    personas: str = "builtin"
+    questions: str = "builtin"
+    prompt_index: int | None = None  # default: the store's, else 0
+    n_personas: int = 4
+    n_questions: int = 2
+    layers: str | None = None  # patching layers; default: 8 spread over the model
+    positions: str = "system,sys_end,sys_end+1,user_end,last"
+    hook: str = "resid_post"
+    corrupt: str = "assistant"
+    response_tokens: int = 0
+    steer: bool = True
+    steer_base: str = "assistant"
+    steer_layers: str | None = None  # default: every stored layer
+    recipes: str | None = None  # default: every stored position
+    alphas: str = "0,1,2,4"
+    steer_where: str = "after_system"
+    seed: int = 0
+    continuations: int = 2
+    progress: bool = True
+
+
+def _spread_layers(n_layers: int, k: int = 8) -> list[int]:
+    return sorted({round(i * (n_layers - 1) / (k - 1)) for i in range(k)})
+
+
+def _pick(personas: list[Any], keep: str | None, n: int) -> list[Any]:
+    """The first ``n`` personas other than ``keep``, with ``keep`` (if given) in front."""
+    if n < 1:
+        raise TlpersonaError("--n-personas must be at least 1")
+    named = [p for p in personas if p.name == keep]
+    if keep is not None and not named:
+        raise TlpersonaError(f"persona {keep!r} is not among the personas")
+    return named + [p for p in personas if p.name != keep][:n]
+
+
+def run_patch(req: PatchRequest) -> tuple[Path, dict[str, Any]]:
+    """Activation patching (and steering, with a store) into ``req.out``: patch.json, figures,
+    patch.md. Returns (patch.md, {"patching": ..., "steering": ...})."""
+    from tlpersona.analyses.interventions import HOOKS, Runner
+    from tlpersona.analyses.patching import PatchConfig, run_patching
+    from tlpersona.analyses.report import write_patch
+    from tlpersona.analyses.steering import SteerConfig, run_steering
+    from tlpersona.cache.store import open_store
+    from tlpersona.data import content_hash
+
+    if req.hook not in HOOKS:
+        raise TlpersonaError(f"unknown --hook {req.hook!r} (resid_post or resid_pre)")
+    if req.n_questions < 1:
+        raise TlpersonaError("--n-questions must be at least 1")
+    try:
+        alphas = [float(a) for a in req.alphas.split(",") if a.strip()]
+    except ValueError:
+        raise TlpersonaError(f"--alphas must be comma-separated numbers, not {req.alphas!r}") from None
+    st = open_store(req.store, verify=True) if req.store else None
+    prov = st.provenance if st else {}
+    personas = load_personas(req.personas)
+    questions = load_questions(req.questions, req.n_questions)
+    prompt_index = req.prompt_index
+    if prompt_index is None:
+        prompt_index = prov.get("prompt_index", 0) if isinstance(prov.get("prompt_index", 0), int) else 0
+    model = load_bridge(req.model or prov.get("model", "default"), req.device or default_device(),
+                        req.dtype, req.attn)
+    if st and model.info.identity != prov.get("model_identity"):
+        raise TlpersonaError(f"{model.info.spec} is not the model the store was made with "
+                             f"({prov.get('model')})")
+    runner = Runner(model)
+    layers = (parse_layers(req.layers, model.info.n_layers) if req.layers
+              else _spread_layers(model.info.n_layers))
+    keep = None if req.corrupt == "next" else req.corrupt
+    patching = run_patching(runner, _pick(personas, keep, req.n_personas), questions, PatchConfig(
+        layers=layers, positions=[p.strip() for p in req.positions.split(",") if p.strip()],
+        hook=req.hook, corrupt=req.corrupt, response_tokens=req.response_tokens,
+        prompt_index=prompt_index, progress=req.progress))
+    steering = None
+    if st is not None and req.steer:
+        by_name = {p.name: p for p in personas}
+        stored = [by_name.get(n) for n in st.personas]
+        if None in stored or content_hash([[p.name, list(p.system_prompts)] for p in stored]) \
+                != prov.get("persona_hash"):
+            raise TlpersonaError("--personas do not match the personas the store was made with")
+        chosen = _pick(personas, req.steer_base, req.n_personas)
+        recipes = ([p.name for p in parse_positions(req.recipes)] if req.recipes
+                   else list(st.positions))
+        steer_layers = ([int(x) for x in parse_layers(req.steer_layers, model.info.n_layers)]
+                        if req.steer_layers else list(st.layers))
+        steering = run_steering(runner, st, chosen[1:], chosen[0], questions, SteerConfig(
+            recipes=recipes, layers=steer_layers, alphas=alphas, where=req.steer_where,
+            base=req.steer_base, response_tokens=req.response_tokens, prompt_index=prompt_index,
+            seed=req.seed, continuations=req.continuations, progress=req.progress))
+    write_patch(patching, steering, req.out)
+    return Path(req.out) / "patch.md", {"patching": patching, "steering": steering}

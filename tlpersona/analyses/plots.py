@@ -168,3 +168,45 @@ def ranked_bars(values: dict[str, np.ndarray], personas: list[str],
         ax.set_xlabel(label, fontsize=7)
     fig.suptitle(f"Personas on {label}, layer {layer}", fontsize=9)
     return _save(fig, path)
+
+
+def patching_heatmap(result: dict[str, Any], path: Path) -> Path:
+    """Two panels (KL and logit-difference effect): positions × layers, 0 = corrupt, 1 = clean."""
+    rows, layers = result["positions"], result["layers"]
+    fig, axes = plt.subplots(1, 2, figsize=(2.5 + 1.2 * len(layers), 1.2 + 0.3 * len(rows)),
+                             squeeze=False)
+    for ax, key, title in zip(axes[0], ("kl_effect", "ld_effect"),
+                              ("KL effect", "logit-difference effect"), strict=True):
+        grid = np.full((len(rows), len(layers)), np.nan)
+        for c in result["cells"]:
+            grid[rows.index(c["position"]), layers.index(c["layer"])] = c[key]
+        im = ax.imshow(grid, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        for i in range(len(rows)):
+            for j in range(len(layers)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(len(layers)), [f"L{x}" for x in layers], fontsize=7)
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        ax.set_title(f"{title} ({result['config']['hook']})", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return _save(fig, path)
+
+
+def steering_curves(result: dict[str, Any], path: Path) -> Path:
+    """One panel per layer: mean KL(P_persona || P_steered) against alpha, per recipe; dashed:
+    a random direction of the same norm."""
+    layers = list(next(iter(result["kl"].values())))
+    alphas = result["alphas"]
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.4), squeeze=False,
+                             sharey=True)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        for i, (recipe, by_layer) in enumerate(result["kl"].items()):
+            ax.plot(alphas, by_layer[layer]["vector"], color=f"C{i % 10}", marker="o", ms=3,
+                    label=recipe)
+            ax.plot(alphas, by_layer[layer]["random"], color=f"C{i % 10}", ls="--", lw=0.7)
+        ax.axhline(result["kl_unsteered"], color="k", lw=0.6, ls=":")
+        ax.set_xlabel("alpha (dashed: random direction)")
+        ax.set_title(f"layer {layer}", fontsize=9)
+    axes[0][0].set_ylabel("KL(persona || steered base)")
+    axes[0][0].legend(fontsize=6)
+    return _save(fig, path)

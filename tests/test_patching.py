@@ -1,0 +1,217 @@
+"""Activation patching and steering on the embedded default model, checked against plain-HF
+forward hooks and against the identities every patching method must satisfy."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tlpersona.analyses.interventions import Runner, kl
+from tlpersona.analyses.patching import PatchConfig, _align, patch_example, run_patching
+from tlpersona.analyses.steering import (
+    SteerConfig,
+    _adder,
+    persona_vectors,
+    random_like,
+    run_steering,
+)
+from tlpersona.cli import main
+from tlpersona.data import builtin_personas, builtin_questions
+from tlpersona.errors import TlpersonaError
+
+Q = "What should I cook tonight?"
+
+
+@pytest.fixture(scope="module")
+def runner(loaded):
+    return Runner(loaded)
+
+
+def _effects(vals):
+    kl_p, kl_y, gain, rng = vals
+    return 1 - kl_p / kl_y, gain / rng
+
+
+def test_patching_everything_gives_clean_and_nothing_gives_corrupt(runner):
+    # equal-length system prompts, so every position has a partner
+    clean = runner.conversation("You are a pirate.", Q)
+    corrupt = runner.conversation("You are a chef.", Q)
+    assert len(clean.ids) == len(corrupt.ids) and clean.ids != corrupt.ids
+    for hook in ("resid_post", "resid_pre"):
+        cfg = PatchConfig(layers=[0, 12, 29], hook=hook, skip_noops=False)
+        got = patch_example(runner, clean, corrupt, ["all", "sys_start"], cfg)
+        for layer in cfg.layers:
+            kl_e, ld_e = _effects(got["all", layer])
+            assert got["all", layer][0] < 1e-8 and kl_e == pytest.approx(1, abs=1e-6)
+            assert ld_e == pytest.approx(1, abs=1e-4)
+            # "You" is shared: the patched activation equals the corrupt one, the hook path
+            # (not the shortcut) runs here and must leave the corrupt output
+            kl_e, ld_e = _effects(got["sys_start", layer])
+            assert abs(kl_e) < 1e-5 and abs(ld_e) < 1e-4
+    # the last position after the last block decides the next token alone
+    got = patch_example(runner, clean, corrupt, ["last"], PatchConfig(layers=[29]))
+    assert _effects(got["last", 29])[0] == pytest.approx(1, abs=1e-6)
+    assert runner.hook_free()
+
+
+def test_patched_cell_matches_plain_hf_forward_hook(runner, hf_ref):
+    """One cell against an independent computation: HF's decoder layer output replaced at the
+    corrupt position by the clean hidden state, KL from HF logits."""
+    clean = runner.conversation("You are a pirate who sails the seven seas.", Q)
+    corrupt = runner.conversation("You are a helpful assistant.", Q)
+    layer, row = 10, "sys_end"
+    (k, c), = _align(row, clean, corrupt)
+    assert k != c  # aligned by name, not index
+    got = patch_example(runner, clean, corrupt, [row], PatchConfig(layers=[layer]))
+    with torch.no_grad():
+        hc = hf_ref(torch.tensor([clean.ids]), output_hidden_states=True)
+        src = hc.hidden_states[layer + 1][0, k]
+
+        def hook(module, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h[0, c] = src
+            return out
+
+        handle = hf_ref.model.layers[layer].register_forward_hook(hook)
+        try:
+            patched = hf_ref(torch.tensor([corrupt.ids])).logits[0, -1]
+        finally:
+            handle.remove()
+        ref_c = torch.log_softmax(hc.logits[0, -1].double(), -1)
+        ref_p = torch.log_softmax(patched.double(), -1)
+    assert got[row, layer][0] == pytest.approx(float(kl(ref_c, ref_p)), rel=1e-3, abs=1e-6)
+
+
+def test_resid_pre_of_next_layer_equals_resid_post(runner):
+    clean = runner.conversation("You are a pirate who sails the seven seas.", Q)
+    corrupt = runner.conversation("You are a helpful assistant.", Q)
+    rows = ["sys_start+3", "last"]
+    post = patch_example(runner, clean, corrupt, rows, PatchConfig(layers=[9]))
+    pre = patch_example(runner, clean, corrupt, rows, PatchConfig(layers=[10], hook="resid_pre"))
+    for r in rows:
+        assert post[r, 9][0] == pytest.approx(pre[r, 10][0], rel=1e-5, abs=1e-9)
+
+
+def test_alignment_by_name(runner):
+    a = runner.conversation("You are a pirate who sails the seven seas.", Q)
+    b = runner.conversation("You are a helpful assistant.", Q)
+    assert _align("sys_end", a, b) == [(a.spans.anchors["sys_end"], b.spans.anchors["sys_end"])]
+    assert _align("sys_start+9", a, b) is None  # beyond the shorter system text
+    with pytest.raises(TlpersonaError, match="equal length"):
+        _align("all", a, b)
+
+
+def test_hooks_are_removed_even_when_a_hook_fails(runner):
+    conv = runner.conversation("You are a pirate.", Q)
+    before = runner.logprobs(conv.ids, conv.read)
+
+    def boom(act, hook):
+        raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        runner.logprobs(conv.ids, conv.read, hooks=[("blocks.3.hook_resid_post", boom)])
+    assert runner.hook_free()
+    run_patching(runner, builtin_personas()[:2], builtin_questions()[:1],
+                 PatchConfig(layers=[5], positions=["sys_end", "last"], progress=False))
+    assert runner.hook_free()
+    assert torch.equal(runner.logprobs(conv.ids, conv.read), before)
+
+
+def test_steering_alpha_zero_is_a_no_op_and_addition_matches_hf(runner, hf_ref):
+    conv = runner.conversation("You are a helpful assistant.", Q)
+    start = conv.spans.anchors["sys_end"] + 1
+    plain = runner.logprobs(conv.ids, conv.read, rows=2)
+    zero = runner.logprobs(conv.ids, conv.read, rows=2,
+                           hooks=[("blocks.7.hook_resid_post", _adder(torch.zeros(2, 576), start))])
+    assert torch.equal(zero, plain)  # same batch shape: bit-identical
+    v = torch.randn(576, generator=torch.Generator().manual_seed(1)) * 5
+    got = runner.logprobs(conv.ids, conv.read,
+                          hooks=[("blocks.7.hook_resid_post", _adder(v[None], start))])[0]
+
+    def hook(module, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h[0, start:] += v
+        return out
+
+    handle = hf_ref.model.layers[7].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_ref(torch.tensor([conv.ids])).logits[0, -1].double(), -1)
+    finally:
+        handle.remove()
+    assert (got[-1] - ref).abs().max() < 1e-3
+
+
+def test_persona_vectors_and_seeded_random_control():
+    c = torch.randn(5, 8, dtype=torch.float64)
+    v = persona_vectors(c)
+    np.testing.assert_allclose(v.numpy(), (c - c.mean(0)).numpy(), atol=1e-6)
+    r1 = random_like(v, torch.Generator().manual_seed(3))
+    r2 = random_like(v, torch.Generator().manual_seed(3))
+    r3 = random_like(v, torch.Generator().manual_seed(4))
+    assert torch.equal(r1, r2) and not torch.allclose(r1, r3)
+    np.testing.assert_allclose(r1.norm(dim=-1).numpy(), v.norm(dim=-1).numpy(), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small_store(loaded, tmp_path_factory):
+    from tlpersona.extract import ExtractConfig, extract_to_store
+    from tlpersona.positions import parse_positions
+
+    cfg = ExtractConfig(parse_positions("last,sys_end"), [7, 15], batch_size=8, progress=False)
+    return extract_to_store(loaded, cfg, builtin_personas()[:5], builtin_questions()[:3],
+                            tmp_path_factory.mktemp("steer") / "s")
+
+
+def test_steering_sweep_is_seeded_and_alpha_zero_has_no_effect(runner, small_store):
+    from tlpersona.cache import open_store
+
+    st = open_store(small_store)
+    ps = builtin_personas()[:5]
+    cfg = SteerConfig(recipes=["last", "sys_end"], layers=[15], alphas=[0, 1], seed=7,
+                      continuations=1, continuation_tokens=4, progress=False)
+    a = run_steering(runner, st, ps[1:3], ps[0], builtin_questions()[:1], cfg)
+    b = run_steering(runner, st, ps[1:3], ps[0], builtin_questions()[:1], cfg)
+    assert a["kl"] == b["kl"]
+    for r in ("last", "sys_end"):
+        curve = a["kl"][r]["15"]
+        assert curve["vector"][0] == curve["random"][0] == pytest.approx(a["kl_unsteered"])
+    other = run_steering(runner, st, ps[1:3], ps[0], builtin_questions()[:1],
+                         SteerConfig(**{**cfg.__dict__, "seed": 8}))
+    assert other["kl"]["last"]["15"]["random"][1] != a["kl"]["last"]["15"]["random"][1]
+    assert other["kl"]["last"]["15"]["vector"] == a["kl"]["last"]["15"]["vector"]
+    assert {t["recipe"] for t in a["ranking"]} == {"last", "sys_end"}
+    assert a["continuations"][0]["persona"] == ps[1].name
+    assert runner.hook_free()
+
+
+def test_patch_command_writes_json_figures_and_report(small_store, tmp_path):
+    out = tmp_path / "p"
+    res = CliRunner().invoke(main, [
+        "patch", "--store", str(small_store), "--out", str(out), "--n-personas", "2",
+        "--n-questions", "1", "--layers", "3,15,29", "--positions", "system,sys_end,last",
+        "--alphas", "0,1", "--continuations", "0"])
+    assert res.exit_code == 0, res.output[-2000:]
+    data = json.loads((out / "patch.json").read_text())
+    cells = {(c["position"], c["layer"]): c for c in data["patching"]["cells"]}
+    assert cells["last", 29]["kl_effect"] == pytest.approx(1, abs=1e-6)
+    assert cells["sys_start", 3]["kl_effect"] == 0  # shared first token: exact no-op
+    assert [r["recipe"] for r in data["steering"]["ranking"]] and "steering ranking:" in res.output
+    assert (out / "figures" / "patching.png").stat().st_size > 1000
+    assert "### Steering" in (out / "patch.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--corrupt", "nobody"], "persona 'nobody' is not among the personas"),
+    (["--alphas", "1,x"], "--alphas must be comma-separated numbers"),
+    (["--positions", "prompt_mean"], "patching needs single-token positions"),
+    (["--layers", "40"], "layer 40 is out of range"),
+])
+def test_patch_bad_input_is_one_line_exit_2(default_source, tmp_path, args, message):
+    res = CliRunner().invoke(main, ["patch", "--out", str(tmp_path / "p"), *args])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "p" / "patch.json").exists()
