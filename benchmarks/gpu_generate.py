@@ -6,7 +6,7 @@ depend on weight values). Prompts are assistant-axis personas × questions rende
 tokenizer. Both decoders run ``--max-new-tokens`` steps (random weights practically never emit
 the end-of-turn token). Also compares the generated ids row by row.
 
-    python benchmarks/gpu_generate.py --tokenizer DIR --data ASSISTANT_AXIS_DIR \
+    PYTHONPATH=. python benchmarks/gpu_generate.py --tokenizer DIR --data ASSISTANT_AXIS_DIR \
         [--batch-sizes 64,256] [--max-new-tokens 200] [--batches 2]
 """
 
@@ -17,8 +17,8 @@ import time
 from functools import partial
 
 import torch
-from gpu_extract import qwen7b  # noqa: E402  (same directory)
 
+from benchmarks.gpu_extract import qwen7b
 from tlpersona.conversation import ChatRenderer
 from tlpersona.data import load_assistant_axis_personas, load_questions_jsonl
 from tlpersona.decode import StaticGreedy

@@ -48,7 +48,7 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     grouped = query.view(b, hkv, hq // hkv, d)
     out = torch.nn.functional.scaled_dot_product_attention(
         grouped, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.view(b, hq, 1, d).transpose(1, 2).contiguous(), None
+    return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:

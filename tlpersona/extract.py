@@ -105,6 +105,24 @@ class Prepared:
     weights: list[torch.Tensor]
 
 
+@dataclass
+class Pooled:
+    """A launched group's pooled rows (``[job, position, layer, d]``, length-sorted order) and
+    the event marking their arrival on the host (None on the CPU)."""
+
+    rows: torch.Tensor
+    order: list[int]
+    done: Any
+
+    def host(self) -> torch.Tensor:
+        """The rows in job order, once the copy has landed."""
+        if self.done is not None:
+            self.done.synchronize()
+        out = torch.empty_like(self.rows)
+        out[torch.tensor(self.order)] = self.rows
+        return out
+
+
 def _stop_forward(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
@@ -182,8 +200,9 @@ class Extractor:
             return t.pin_memory().to(self.model.device, non_blocking=True)
         return t.to(self.model.device)
 
-    def _batched(self, seqs: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor:
-        """Length-sorted batches of ``run``; results (on the CPU) in input order.
+    def _batched(self, seqs: list[list[int]], weights: list[torch.Tensor]) -> Pooled:
+        """Queue length-sorted batches of ``run`` and a copy of the results to the host; the
+        copy is waited for in :meth:`Pooled.host`, so the caller can queue more work first.
 
         On CUDA out-of-memory the batch size is halved (and stays halved) and the batch retried.
         """
@@ -204,11 +223,16 @@ class Extractor:
                            file=sys.stderr)
                 continue
             start += len(idx)
-        # One device-to-host copy at the end: the GPU never waits on the host between batches.
-        pooled = torch.cat(chunks).cpu()
-        out = torch.empty_like(pooled)
-        out[torch.tensor(order)] = pooled
-        return out
+        pooled = torch.cat(chunks)
+        if pooled.device.type != "cuda":
+            return Pooled(pooled, order, None)
+        # One device-to-host copy per group, queued behind its batches: the GPU never waits on
+        # the host, and the host learns from an event when the copy has landed.
+        host = torch.empty(pooled.shape, dtype=pooled.dtype, pin_memory=True)
+        host.copy_(pooled, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Pooled(host, order, done)
 
     def _weights(self, positions: list[Position], spans: Spans, length: int) -> torch.Tensor:
         """``[n_all_positions, length]`` pooling weights; rows of other positions stay zero."""
@@ -335,8 +359,16 @@ class Extractor:
 
     def finish(self, prep: Prepared) -> list[PersonaResult]:
         """Run the model on prepared passes and assemble per-persona results."""
-        pooled = self._batched(prep.seqs, prep.weights)
-        return [self._assemble(p, plan, pooled, prep.n_questions)
+        return self.collect(prep, self.launch(prep))
+
+    def launch(self, prep: Prepared) -> Pooled:
+        """Queue the model work of a prepared group (returns once it is queued)."""
+        return self._batched(prep.seqs, prep.weights)
+
+    def collect(self, prep: Prepared, pooled: Pooled) -> list[PersonaResult]:
+        """Per-persona results of a launched group, on the CPU; safe on a host thread."""
+        rows = pooled.host()
+        return [self._assemble(p, plan, rows, prep.n_questions)
                 for p, plan in zip(prep.personas, prep.plans, strict=True)]
 
     def persona(self, persona: Persona, questions: list[Question],
@@ -425,8 +457,9 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
     done = total - sum(len(g) for g in todo)
     bar = tqdm(total=total, initial=done, desc="extract", unit="persona",
                disable=not cfg.progress or not rk.main, file=sys.stderr)
-    # One host thread renders the next group and writes the previous one while the model runs
-    # this one: the accelerator does not wait on tokenisation or disk between groups.
+    # One host thread renders the next group, and assembles and writes the previous one, while
+    # the model runs this one: the accelerator does not wait on tokenisation, host-side pooling
+    # or disk between groups.
     with ThreadPoolExecutor(max_workers=1) as host:
         def prepare(k: int) -> Future[Prepared]:
             return host.submit(extractor.prepare, [personas[i] for i in todo[k]], questions,
@@ -438,18 +471,22 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
             if on_group:
                 on_group(todo[k])
 
+        def save(k: int, prep: Prepared, pooled: Pooled) -> None:
+            results = extractor.collect(prep, pooled)
+            for i, res in zip(todo[k], results, strict=True):
+                res.check_finite(personas[i].name, cfg.layers)
+            writer.write_group(todo[k][0], [r.tensors() for r in results])
+
         nxt = prepare(0) if todo else None
         writing: tuple[int, Future[None]] | None = None
-        for k, group in enumerate(todo):
+        for k in range(len(todo)):
             assert nxt is not None
             prep = nxt.result()
             nxt = prepare(k + 1) if k + 1 < len(todo) else None
-            results = extractor.finish(prep)
-            for i, res in zip(group, results, strict=True):
-                res.check_finite(personas[i].name, cfg.layers)
+            pooled = extractor.launch(prep)
             if writing:
                 saved(*writing)
-            writing = (k, host.submit(writer.write_group, group[0], [r.tensors() for r in results]))
+            writing = (k, host.submit(save, k, prep, pooled))
         if writing:
             saved(*writing)
     bar.close()

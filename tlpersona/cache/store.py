@@ -22,6 +22,7 @@ import hashlib
 import json
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -155,32 +156,34 @@ class StoreWriter:
         missing = [i for i in range(n) if i not in parts]
         if missing:
             raise TlpersonaError(f"cannot finalise: {len(missing)} personas not extracted yet")
-        # One position at a time, each part read key by key: peak memory is one stacked tensor.
-        files = {}
-        for pos in prov["positions"]:
-            tensors: dict[str, torch.Tensor] = {}
-            for i in range(n):
-                with safe_open(str(parts[i]), framework="pt") as f:
-                    for key in ("centroid", "per_question", "valid", "n_tokens"):
-                        name = f"{i}/{pos}/{key}"
-                        if name not in f.keys():
-                            continue
-                        t = f.get_tensor(name)
-                        out_key = "centroids" if key == "centroid" else key
-                        if out_key not in tensors:
-                            tensors[out_key] = torch.empty((n, *t.shape), dtype=t.dtype)
-                        tensors[out_key][i] = t
-            path = self.root / position_file(pos)
-            atomic_save_tensors(path, tensors, {"position": pos})
-            files[path.name] = {
-                "sha256": sha256_file(path),
-                "shapes": {k: list(v.shape) for k, v in tensors.items()},
-            }
-            del tensors
+        # Two positions at a time (file reads, writes and hashing release the GIL), each part
+        # read key by key: peak memory is two stacked positions.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            files = dict(pool.map(lambda pos: self._stack(pos, parts, n), prov["positions"]))
         self.manifest.update(complete=True, files=files,
                              finished=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         atomic_write_bytes(self.root / MANIFEST, json.dumps(self.manifest, indent=1).encode())
         shutil.rmtree(self.root / "parts", ignore_errors=True)
+
+
+    def _stack(self, pos: str, parts: dict[int, Path], n: int) -> tuple[str, dict[str, Any]]:
+        """Write one position's file from the parts; return its manifest entry."""
+        tensors: dict[str, torch.Tensor] = {}
+        for i in range(n):
+            with safe_open(str(parts[i]), framework="pt") as f:
+                for key in ("centroid", "per_question", "valid", "n_tokens"):
+                    name = f"{i}/{pos}/{key}"
+                    if name not in f.keys():
+                        continue
+                    t = f.get_tensor(name)
+                    out_key = "centroids" if key == "centroid" else key
+                    if out_key not in tensors:
+                        tensors[out_key] = torch.empty((n, *t.shape), dtype=t.dtype)
+                    tensors[out_key][i] = t
+        path = self.root / position_file(pos)
+        atomic_save_tensors(path, tensors, {"position": pos})
+        return path.name, {"sha256": sha256_file(path),
+                           "shapes": {k: list(v.shape) for k, v in tensors.items()}}
 
 
 class Store:
