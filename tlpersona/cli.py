@@ -53,6 +53,10 @@ _decoder_option = click.option(
     help="greedy decoding: HF generate, or a static KV cache with CUDA graphs (same tokens, "
          "several times faster on a GPU); auto = static on GPU, hf on CPU")
 
+_device_map_option = click.option(
+    "--device-map", type=click.Choice(["auto", "balanced", "sequential"]), default=None,
+    help="spread a model too large for one GPU over all visible GPUs (accelerate device map)")
+
 _attn_option = click.option(
     "--attn", type=click.Choice(["auto", "sdpa", "eager"]), default="auto", show_default=True,
     help="attention inside the bridge: HF's sdpa (fast; attention-pattern hooks off) or the "
@@ -101,12 +105,13 @@ def main() -> None:
 @click.option("--force-new", is_flag=True, help="replace an existing store at --out")
 @_attn_option
 @_decoder_option
+@_device_map_option
 @_friendly
 def extract(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
             prompt_index: str, limit_personas: int | None, limit_questions: int | None,
             positions_spec: str, layers: str, out: str, batch_size: int,
             max_new_tokens: int | None, responses_path: str | None, include_eot: bool,
-            force_new: bool, attn: str, decoder: str) -> None:
+            force_new: bool, attn: str, decoder: str, device_map: str | None) -> None:
     """Extract residual-stream vectors at named positions into an activation store."""
     from tlpersona.pipeline import ExtractRequest, run_extract
 
@@ -116,6 +121,7 @@ def extract(model: str, device: str | None, dtype: str | None, personas: str, qu
         limit_questions=limit_questions, positions=positions_spec, layers=layers, out=out,
         batch_size=batch_size, max_new_tokens=max_new_tokens, responses=responses_path,
         include_eot=include_eot, force_new=force_new, attn=attn, decoder=decoder,
+        device_map=device_map,
     )
     t0 = time.perf_counter()
     path = run_extract(req)
@@ -130,18 +136,19 @@ def extract(model: str, device: str | None, dtype: str | None, personas: str, qu
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
 @_decoder_option
+@_device_map_option
 @_friendly
 def generate(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
              prompt_index: str, limit_personas: int | None, limit_questions: int | None,
              out: str, max_new_tokens: int | None, batch_size: int, backend: str,
-             decoder: str) -> None:
+             decoder: str, device_map: str | None) -> None:
     """Greedy responses for every persona x question (resumable JSONL with token ids)."""
     from tlpersona.pipeline import run_generate
 
     t0 = time.perf_counter()
     n = run_generate(model, device, dtype, personas, questions, _prompt_index(prompt_index),
                      limit_personas, limit_questions, out, max_new_tokens, batch_size, backend,
-                     decoder)
+                     decoder, device_map)
     click.echo(f"{n} responses in {out} ({time.perf_counter() - t0:.1f} s)")
 
 

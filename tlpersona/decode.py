@@ -80,8 +80,11 @@ class StaticGreedy:
         self.n = max_new_tokens
         self.eos = torch.tensor(eos, dtype=torch.long)
         self.pad = pad_id
-        self.device = next(model.parameters()).device
-        self.graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.device = model.get_input_embeddings().weight.device
+        # A graph records one device's stream: a model spread over several GPUs runs eagerly.
+        one_device = len({p.device for p in model.parameters()}) == 1
+        self.graphs = (self.device.type == "cuda" and one_device) if use_graphs is None \
+            else use_graphs
         self.check_every = check_every
         self._engines: dict[tuple[int, int], _Engine] = {}
 

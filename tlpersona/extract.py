@@ -191,7 +191,8 @@ class Extractor:
         out = torch.empty((len(seqs), n_pos, len(names), self.model.info.d_model),
                           dtype=torch.float32, device=device)
         for name, li in names.items():
-            out[:, :, li] = torch.bmm(w, cache[name].double()).float()
+            # under a device map each layer lives on its own GPU
+            out[:, :, li] = torch.bmm(w, cache[name].to(device).double()).float()
         return out
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:

@@ -160,18 +160,30 @@ def load_tokenizer(source: str) -> Any:
         raise TlpersonaError(f"cannot load tokenizer for {source}: {exc}") from None
 
 
-def load_hf(source: str, device: str, dtype: torch.dtype, attn: str | None = None) -> Any:
-    """A plain HF causal LM in eval mode (used for generation and as an independent reference)."""
+def load_hf(source: str, device: str, dtype: torch.dtype, attn: str | None = None,
+            device_map: str | None = None) -> Any:
+    """A plain HF causal LM in eval mode (used for generation and as an independent reference).
+
+    ``device_map`` (``auto``, ``balanced``, ``sequential``) spreads the layers over every visible
+    GPU through accelerate, for models larger than one card; ``device`` is then ignored.
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn:
         kwargs["attn_implementation"] = attn
+    if device_map:
+        kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise TlpersonaError(f"cannot load model {source}: {exc}") from None
-    return model.to(device).eval()
+    return (model if device_map else model.to(device)).eval()
+
+
+def input_device(model: Any) -> str:
+    """Where a (possibly device-mapped) HF model takes its input ids."""
+    return str(model.get_input_embeddings().weight.device)
 
 
 def model_info(spec: str, source: str, identity: str, hf_config: Any) -> ModelInfo:
@@ -213,7 +225,8 @@ def use_hf_attention(bridge: Any, hf: Any, implementation: str = "sdpa") -> bool
 
 
 def load_bridge(spec: str = "default", device: str | None = None,
-                dtype: str | torch.dtype | None = None, attn: str = "auto") -> LoadedModel:
+                dtype: str | torch.dtype | None = None, attn: str = "auto",
+                device_map: str | None = None) -> LoadedModel:
     """Load ``spec`` and wrap it with ``TransformerBridge.boot_transformers`` (no hub call).
 
     ``attn="sdpa"`` runs attention through HF's own module with SDPA, as a plain HF model does:
@@ -221,7 +234,8 @@ def load_bridge(spec: str = "default", device: str | None = None,
     ``attn="eager"`` keeps the bridge's own eager attention (all hooks fire). ``auto`` (default)
     is sdpa on CUDA, for speed, and eager on the CPU, where it makes a position's value
     independent of how long the sequence runs on after it (SDPA's CPU kernel rounds
-    differently for different lengths, ~1e-7 relative).
+    differently for different lengths, ~1e-7 relative). ``device_map`` spreads a model that
+    does not fit one GPU over all of them (see :func:`load_hf`).
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -231,11 +245,17 @@ def load_bridge(spec: str = "default", device: str | None = None,
     device = device or default_device()
     tdtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
     tokenizer = load_tokenizer(source)
-    hf = load_hf(source, device, tdtype)
+    hf = load_hf(source, device, tdtype, device_map=device_map)
     info = model_info(spec, source, identity, hf.config)
-    bridge = TransformerBridge.boot_transformers(
-        source, hf_model=hf, tokenizer=tokenizer, device=device, dtype=tdtype
-    )
+    if device_map:
+        # The bridge takes its placement from the dispatched model (hf_device_map).
+        device = input_device(hf)
+        bridge = TransformerBridge.boot_transformers(source, hf_model=hf, tokenizer=tokenizer,
+                                                     dtype=tdtype)
+    else:
+        bridge = TransformerBridge.boot_transformers(
+            source, hf_model=hf, tokenizer=tokenizer, device=device, dtype=tdtype
+        )
     bridge.eval()
     if attn == "sdpa" or (attn == "auto" and device.startswith("cuda")):
         use_hf_attention(bridge, hf)

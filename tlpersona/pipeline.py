@@ -49,13 +49,15 @@ class ExtractRequest:
     force_new: bool = False
     attn: str = "auto"
     decoder: str = "auto"
+    device_map: str | None = None
     progress: bool = True
 
 
 def _generate(source: str, device: str, dtype: str | None, tokenizer, personas, questions,
               prompt_index, out: str | Path, max_new_tokens: int | None, batch_size: int,
-              progress: bool = True, decoder: str = "auto") -> dict[Key, Response]:
-    hf = load_hf(source, device, pick_dtype(dtype, device))
+              progress: bool = True, decoder: str = "auto",
+              device_map: str | None = None) -> dict[Key, Response]:
+    hf = load_hf(source, device, pick_dtype(dtype, device), device_map=device_map)
     n_new = max_new_tokens or (200 if device.startswith("cuda") else 48)
     try:
         return generate_responses(hf, tokenizer, personas, questions, prompt_index, out, n_new,
@@ -103,8 +105,11 @@ def run_extract(req: ExtractRequest) -> Path:
             tok = load_tokenizer(source)
             responses = _generate(source, device, req.dtype, tok, personas, questions,
                                   req.prompt_index, resp_path, req.max_new_tokens,
-                                  max(req.batch_size, 16), req.progress, req.decoder)
-    model = load_bridge(req.model, device, req.dtype, req.attn)
+                                  max(req.batch_size, 16), req.progress, req.decoder,
+                                  req.device_map)
+    if req.device_map and rk.world > 1:
+        raise TlpersonaError("--device-map and torchrun do not combine: use one or the other")
+    model = load_bridge(req.model, device, req.dtype, req.attn, req.device_map)
     cfg = ExtractConfig(positions=positions, layers=parse_layers(req.layers, model.info.n_layers),
                         prompt_index=req.prompt_index, batch_size=req.batch_size,
                         include_eot=req.include_eot, progress=req.progress)
@@ -119,7 +124,8 @@ def run_extract(req: ExtractRequest) -> Path:
 def run_generate(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
                  prompt_index: int | str, limit_personas: int | None,
                  limit_questions: int | None, out: str, max_new_tokens: int | None,
-                 batch_size: int, backend: str = "hf", decoder: str = "auto") -> int:
+                 batch_size: int, backend: str = "hf", decoder: str = "auto",
+                 device_map: str | None = None) -> int:
     """``tlpersona generate``: returns the number of responses in ``out``."""
     if backend == "vllm":
         raise TlpersonaError("the vllm backend is not available yet; use --backend hf")
@@ -131,7 +137,7 @@ def run_generate(model: str, device: str | None, dtype: str | None, personas: st
     source, _ = resolve(model)
     tok = load_tokenizer(source)
     return len(_generate(source, dev, dtype, tok, ps, qs, prompt_index, out, max_new_tokens,
-                         batch_size, decoder=decoder))
+                         batch_size, decoder=decoder, device_map=device_map))
 
 
 def describe_positions(model: str, system: str, question: str, spec: str) -> str:
