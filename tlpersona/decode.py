@@ -81,7 +81,8 @@ class StaticGreedy:
         self.eos = torch.tensor(eos, dtype=torch.long)
         self.pad = pad_id
         self.device = model.get_input_embeddings().weight.device
-        # A graph records one device's stream: a model spread over several GPUs runs eagerly.
+        # A graph records one device's stream: a model spread over devices decodes eagerly (so
+        # must one loaded with a device map: its forward cannot be captured).
         one_device = len({p.device for p in model.parameters()}) == 1
         self.graphs = (self.device.type == "cuda" and one_device) if use_graphs is None \
             else use_graphs

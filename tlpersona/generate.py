@@ -110,12 +110,13 @@ def greedy_batch(model: Any, prompts: list[list[int]], max_new_tokens: int,
 def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
                        questions: list[Question], prompt_index: int | str, out_path: str | Path,
                        max_new_tokens: int, batch_size: int = 16,
-                       progress: bool = True, decoder: str = "auto") -> dict[Key, Response]:
+                       progress: bool = True, decoder: str = "auto",
+                       graphs: bool = True) -> dict[Key, Response]:
     """Generate every missing (persona, prompt, question) response into ``out_path`` (JSONL).
 
     Resumable: keys already in the file are kept; each batch is appended and fsynced.
     ``decoder``: ``hf`` (HF ``generate``), ``static`` (:mod:`tlpersona.decode`: static cache,
-    CUDA graphs on a GPU) or ``auto`` (static on CUDA, hf elsewhere).
+    CUDA graphs on a GPU unless ``graphs`` is false) or ``auto`` (static on CUDA, hf elsewhere).
     """
     if decoder not in DECODERS:
         raise TlpersonaError(f"unknown decoder {decoder!r} (auto, hf or static)")
@@ -139,7 +140,7 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
     path = main if rk.world == 1 else main.with_name(f"{main.stem}.rank{rk.rank}{main.suffix}")
     if todo:
         _generate(model, tokenizer, todo, have, path, max_new_tokens, progress and rk.main,
-                  decoder)
+                  decoder, graphs)
     rk.barrier()
     if rk.main:
         _merge(main)  # also after a torchrun that was killed and is resumed by one process
@@ -147,24 +148,24 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
     return read_responses(main) if rk.world > 1 else have
 
 
-def _decoder(model: Any, name: str, max_new_tokens: int, eos: list[int], pad: int
-             ) -> Callable[[list[list[int]]], list[Response]]:
+def _decoder(model: Any, name: str, max_new_tokens: int, eos: list[int], pad: int,
+             graphs: bool = True) -> Callable[[list[list[int]]], list[Response]]:
     if name == "auto":
         name = "static" if next(model.parameters()).device.type == "cuda" else "hf"
     if name == "hf":
         return lambda prompts: greedy_batch(model, prompts, max_new_tokens, eos, pad)
     from tlpersona.decode import StaticGreedy
 
-    engine = StaticGreedy(model, max_new_tokens, eos, pad)
+    engine = StaticGreedy(model, max_new_tokens, eos, pad, use_graphs=None if graphs else False)
     return lambda prompts: [Response(ids, bool(ids) and ids[-1] in eos) for ids in engine(prompts)]
 
 
 def _generate(model: Any, tokenizer: Any, todo: list[list[tuple[Key, list[int]]]],
               have: dict[Key, Response], path: Path, max_new_tokens: int, progress: bool,
-              decoder: str = "auto") -> None:
+              decoder: str = "auto", graphs: bool = True) -> None:
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    decode = _decoder(model, decoder, max_new_tokens, eos, pad)
+    decode = _decoder(model, decoder, max_new_tokens, eos, pad, graphs)
     path.parent.mkdir(parents=True, exist_ok=True)
     _drop_torn_tail(path)
     missing = sum(key not in have for b in todo for key, _ in b)

@@ -60,8 +60,9 @@ def _generate(source: str, device: str, dtype: str | None, tokenizer, personas, 
     hf = load_hf(source, device, pick_dtype(dtype, device), device_map=device_map)
     n_new = max_new_tokens or (200 if device.startswith("cuda") else 48)
     try:
+        # CUDA graphs cannot capture a device-mapped model's forward
         return generate_responses(hf, tokenizer, personas, questions, prompt_index, out, n_new,
-                                  batch_size, progress, decoder)
+                                  batch_size, progress, decoder, graphs=not device_map)
     finally:
         del hf
         gc.collect()
