@@ -215,3 +215,30 @@ def test_patch_bad_input_is_one_line_exit_2(default_source, tmp_path, args, mess
     lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "p" / "patch.json").exists()
+
+
+def test_steering_on_response_tokens_only(runner, small_store):
+    from tlpersona.cache import open_store
+
+    st = open_store(small_store)
+    ps = builtin_personas()[:3]
+    cfg = SteerConfig(recipes=["last"], layers=[7], alphas=[0, 2], where="response",
+                      response_tokens=3, continuations=0, progress=False)
+    res = run_steering(runner, st, ps[1:], ps[0], builtin_questions()[:1], cfg)
+    curve = res["kl"]["last"]["7"]["vector"]
+    assert curve[0] == pytest.approx(res["kl_unsteered"]) and curve[1] != curve[0]
+    with pytest.raises(TlpersonaError, match="needs --response-tokens"):
+        run_steering(runner, st, ps[1:], ps[0], builtin_questions()[:1],
+                     SteerConfig(**{**cfg.__dict__, "response_tokens": 0}))
+
+
+def test_corrupt_pairs():
+    from tlpersona.analyses.patching import pairs
+
+    ps = builtin_personas()[:3]
+    assert [(x.name, y.name) for x, y in pairs(ps, "next")] == [
+        (ps[0].name, ps[1].name), (ps[1].name, ps[2].name), (ps[2].name, ps[0].name)]
+    assert [(x.name, y.name) for x, y in pairs(ps, ps[0].name)] == [
+        (ps[1].name, ps[0].name), (ps[2].name, ps[0].name)]
+    with pytest.raises(TlpersonaError, match="not among the personas"):
+        pairs(ps, "nobody")

@@ -192,8 +192,9 @@ class StaticGreedy:
             if (t + 1) % self.check_every == 0 or t + 1 == self.n:
                 if bool(torch.isin(e.hist[:, : t + 1], eos).any(1).all()):
                     break
+        stops = set(self.eos.tolist())
         out = []
         for row in e.hist.tolist():
-            cut = next((i for i, tok in enumerate(row) if tok in set(self.eos.tolist())), None)
+            cut = next((i for i, tok in enumerate(row) if tok in stops), None)
             out.append(row if cut is None else row[: cut + 1])
         return out

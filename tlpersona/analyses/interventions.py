@@ -69,7 +69,7 @@ class Runner:
         self.bridge = model.bridge
         self.renderer = ChatRenderer(model.tokenizer)
         self.max_rows = max(1, max_rows)
-        self._eos = eos_ids(self.bridge.original_model, model.tokenizer)
+        self.eos = eos_ids(self.bridge.original_model, model.tokenizer)
         self._pad = model.tokenizer.pad_token_id or 0
 
     def conversation(self, system: str, question: str, response: list[int] | None = None
@@ -81,7 +81,7 @@ class Runner:
         """Plain HF greedy continuations (up to ``n`` tokens, cut after end-of-turn)."""
         if n <= 0:
             return [[] for _ in prompts]
-        out = greedy_batch(self.bridge.original_model, prompts, n, self._eos, self._pad)
+        out = greedy_batch(self.bridge.original_model, prompts, n, self.eos, self._pad)
         return [r.ids for r in out]
 
     @torch.no_grad()

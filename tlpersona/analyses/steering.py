@@ -203,13 +203,13 @@ def steered_greedy(runner: Runner, ids: list[int], start: int, layer: int,
         nxt = logits[:, -1].argmax(-1).tolist()
         for r in range(rows):
             seqs[r].append(nxt[r])
-            done[r] = done[r] or nxt[r] in runner._eos
+            done[r] = done[r] or nxt[r] in runner.eos
         if all(done):
             break
     out = []
     for s in seqs:
         gen = s[len(ids):]
-        cut = next((i for i, t in enumerate(gen) if t in runner._eos), None)
+        cut = next((i for i, t in enumerate(gen) if t in runner.eos), None)
         out.append(gen if cut is None else gen[:cut])
     return out
 
@@ -231,7 +231,7 @@ def continuations(runner: Runner, targets: list[Persona], base: Persona, questio
                                                  cfg.continuation_tokens)
         own = runner.greedy([runner.conversation(prompt(p), question.text).ids],
                             cfg.continuation_tokens)[0]
-        own = [t for t in own if t not in runner._eos]
+        own = [t for t in own if t not in runner.eos]
         out.append({"persona": p.name, "question": question.text, "recipe": r, "layer": layer,
                     "alpha": alpha, "base": tok.decode(plain), "steered": tok.decode(steered),
                     "random": tok.decode(random_), "persona_itself": tok.decode(own)})
