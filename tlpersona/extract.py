@@ -32,7 +32,7 @@ from tlpersona.data import Persona, Question, content_hash, indexed_prompts
 from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
 from tlpersona.generate import Key, Response
-from tlpersona.models import LoadedModel
+from tlpersona.models import LoadedModel, check_layers, stop_forward
 from tlpersona.positions import Position
 
 # Two questions that share no leading text: the prefix every conversation of a persona shares
@@ -123,12 +123,6 @@ class Pooled:
         return out
 
 
-def _stop_forward(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
-    from transformer_lens.model_bridge.exceptions import StopAtLayerException
-
-    raise StopAtLayerException(tensor)
-
-
 class Extractor:
     """Runs the bridge and pools activations at named positions."""
 
@@ -137,16 +131,14 @@ class Extractor:
         self.cfg = config
         self.renderer = ChatRenderer(model.tokenizer)
         n = model.info.n_layers
-        bad = [layer for layer in config.layers if not 0 <= layer < n]
-        if bad:
-            raise TlpersonaError(f"layer {bad[0]} is out of range for a {n}-layer model")
+        check_layers(config.layers, n)
         self._hook_names = {f"blocks.{layer}.hook_resid_post": i
                             for i, layer in enumerate(config.layers)}
         # Blocks past the last requested layer, the final norm and the unembedding cannot change
         # what we read: skip them (stop_at_layer, or a stop at the final norm's input).
         top = max(config.layers) + 1
         self._stop_at = top if top < n else None
-        self._stop_hooks = ([("ln_final.hook_in", _stop_forward)]
+        self._stop_hooks = ([("ln_final.hook_in", stop_forward)]
                             if top >= n and "ln_final.hook_in" in model.bridge.hook_dict else [])
         self._pad_id = model.tokenizer.pad_token_id or 0
         self.batch_size = max(1, config.batch_size)

@@ -202,6 +202,14 @@ class LoadedModel:
     dtype: torch.dtype
 
 
+def stop_forward(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
+    """Hook that ends a bridge forward where it fires (on ``ln_final.hook_in``: the residual
+    stream before the final norm becomes the forward's return value)."""
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    raise StopAtLayerException(tensor)
+
+
 def _hf_attention(self: Any, *args: Any, **kwargs: Any) -> Any:
     return self.original_component(*args, **kwargs)
 
@@ -247,15 +255,12 @@ def load_bridge(spec: str = "default", device: str | None = None,
     tokenizer = load_tokenizer(source)
     hf = load_hf(source, device, tdtype, device_map=device_map)
     info = model_info(spec, source, identity, hf.config)
+    # A dispatched model (device map) carries its own placement; the bridge takes it from there.
+    placement = {} if device_map else {"device": device}
     if device_map:
-        # The bridge takes its placement from the dispatched model (hf_device_map).
         device = input_device(hf)
-        bridge = TransformerBridge.boot_transformers(source, hf_model=hf, tokenizer=tokenizer,
-                                                     dtype=tdtype)
-    else:
-        bridge = TransformerBridge.boot_transformers(
-            source, hf_model=hf, tokenizer=tokenizer, device=device, dtype=tdtype
-        )
+    bridge = TransformerBridge.boot_transformers(source, hf_model=hf, tokenizer=tokenizer,
+                                                 dtype=tdtype, **placement)
     bridge.eval()
     if attn == "sdpa" or (attn == "auto" and device.startswith("cuda")):
         use_hf_attention(bridge, hf)
@@ -265,6 +270,13 @@ def load_bridge(spec: str = "default", device: str | None = None,
 def default_layers(n_layers: int) -> list[int]:
     """Quartile layers ending at the last block: 7,14,21,27 for 28 layers."""
     return sorted({n_layers * k // 4 for k in (1, 2, 3)} | {n_layers - 1})
+
+
+def check_layers(layers: list[int], n_layers: int) -> None:
+    """One-line error for the first block index outside the model."""
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise TlpersonaError(f"layer {bad[0]} is out of range for a {n_layers}-layer model")
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:

@@ -435,8 +435,9 @@ def run_patch(req: PatchRequest) -> tuple[Path, dict[str, Any]]:
     personas = load_personas(req.personas)
     questions = load_questions(req.questions, req.n_questions)
     prompt_index = req.prompt_index
-    if prompt_index is None:
-        prompt_index = prov.get("prompt_index", 0) if isinstance(prov.get("prompt_index", 0), int) else 0
+    if prompt_index is None:  # the store's phrasing; a store averaged over phrasings ("all") → 0
+        stored = prov.get("prompt_index", 0)
+        prompt_index = stored if isinstance(stored, int) else 0
     model = load_bridge(req.model or prov.get("model", "default"), req.device or default_device(),
                         req.dtype, req.attn)
     if st and model.info.identity != prov.get("model_identity"):

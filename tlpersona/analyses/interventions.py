@@ -20,7 +20,7 @@ import torch
 from tlpersona.conversation import ChatRenderer, Spans
 from tlpersona.errors import TlpersonaError
 from tlpersona.generate import eos_ids, greedy_batch
-from tlpersona.models import LoadedModel
+from tlpersona.models import LoadedModel, stop_forward
 
 HOOKS = ("resid_post", "resid_pre")
 Hook = tuple[str, Callable[..., Any]]
@@ -34,12 +34,6 @@ def hook_name(kind: str, layer: int) -> str:
     if kind not in HOOKS:
         raise TlpersonaError(f"unknown hook {kind!r} (resid_post or resid_pre)")
     return str(get_act_name(kind, layer))
-
-
-def _stop(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
-    from transformer_lens.model_bridge.exceptions import StopAtLayerException
-
-    raise StopAtLayerException(tensor)
 
 
 @dataclass
@@ -93,7 +87,7 @@ class Runner:
         activation and may edit rows independently.
         """
         x = torch.tensor([ids], dtype=torch.long, device=self.model.device).expand(rows, -1)
-        stop = [("ln_final.hook_in", _stop)]
+        stop = [("ln_final.hook_in", stop_forward)]
         return self._readout(self.bridge.run_with_hooks(x, fwd_hooks=[*(hooks or []), *stop]),
                              read)
 
@@ -107,7 +101,7 @@ class Runner:
         """Activations ``name -> [seq, d]`` of one unhooked run."""
         x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
         wanted = set(names)
-        stop = [("ln_final.hook_in", _stop)]
+        stop = [("ln_final.hook_in", stop_forward)]
         with self.bridge.hooks(fwd_hooks=stop):
             _, cache = self.bridge.run_with_cache(x, names_filter=lambda n: n in wanted)
         return {n: cache[n][0] for n in names}

@@ -35,8 +35,9 @@ import torch
 from tqdm import tqdm
 
 from tlpersona.analyses.interventions import Conversation, Runner, hook_name, kl
-from tlpersona.data import Persona, Question
+from tlpersona.data import Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
+from tlpersona.models import check_layers
 from tlpersona.positions import parse_position
 
 DEFAULT_POSITIONS = ("system", "sys_end", "sys_end+1", "user_end", "last")
@@ -213,10 +214,7 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
     """Grid of positions × layers averaged over persona pairs and questions (see module doc)."""
     if not cfg.layers:
         raise TlpersonaError("no layers to patch")
-    n_layers = runner.model.info.n_layers
-    bad = [la for la in cfg.layers if not 0 <= la < n_layers]
-    if bad:
-        raise TlpersonaError(f"layer {bad[0]} is out of range for a {n_layers}-layer model")
+    check_layers(cfg.layers, runner.model.info.n_layers)
     if cfg.response_tokens < 0:
         raise TlpersonaError("--response-tokens must be at least 0")
     plist = pairs(personas, cfg.corrupt)
@@ -224,22 +222,20 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
         raise TlpersonaError("patching needs at least one persona pair and one question")
 
     def system(p: Persona) -> str:
-        if not 0 <= cfg.prompt_index < len(p.system_prompts):
-            raise TlpersonaError(f"persona {p.name} has no prompt index {cfg.prompt_index}")
-        return p.system_prompts[cfg.prompt_index]
+        return system_prompt(p, cfg.prompt_index)
 
-    examples = []
-    prompts = [(x, y, q, runner.conversation(system(x), q.text)) for x, y, q in
-               ((x, y, q) for x, y in plist for q in questions)]
-    responses = runner.greedy([c.ids for *_, c in prompts], cfg.response_tokens)
-    for (x, y, q, _), resp in zip(prompts, responses, strict=True):
-        examples.append((x, y, q, runner.conversation(system(x), q.text, resp),
-                         runner.conversation(system(y), q.text, resp)))
-    rows = expand_positions(cfg.positions, [e[3] for e in examples])
+    jobs = [(x, y, q) for x, y in plist for q in questions]
+    responses = runner.greedy([runner.conversation(system(x), q.text).ids for x, _, q in jobs],
+                              cfg.response_tokens)
+    # (clean, corrupt), both followed by the clean persona's own response tokens
+    examples = [(runner.conversation(system(x), q.text, resp),
+                 runner.conversation(system(y), q.text, resp))
+                for (x, y, q), resp in zip(jobs, responses, strict=True)]
+    rows = expand_positions(cfg.positions, [clean for clean, _ in examples])
     cells = {(r, la): Cell(r, la) for r in rows for la in cfg.layers}
     kl_base = []
-    for *_, clean, corrupt in tqdm(examples, desc="patching", unit="example",
-                                   disable=not cfg.progress):
+    for clean, corrupt in tqdm(examples, desc="patching", unit="example",
+                               disable=not cfg.progress):
         got = patch_example(runner, clean, corrupt, rows, cfg)
         for key, vals in got.items():
             cells[key].add(*vals)

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from tlpersona.analyses.interventions import Runner, hook_name, kl
-from tlpersona.data import Persona, Question
+from tlpersona.data import Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
 
 WHERE = ("after_system", "response")
@@ -111,9 +111,7 @@ def run_steering(runner: Runner, store: Any, personas: list[Persona], base: Pers
     alphas = [float(a) for a in cfg.alphas]
 
     def prompt(p: Persona) -> str:
-        if not 0 <= cfg.prompt_index < len(p.system_prompts):
-            raise TlpersonaError(f"persona {p.name} has no prompt index {cfg.prompt_index}")
-        return p.system_prompts[cfg.prompt_index]
+        return system_prompt(p, cfg.prompt_index)
 
     own = [(i, q, runner.conversation(prompt(p), q.text)) for i, p in enumerate(targets)
            for q in questions]
@@ -121,11 +119,13 @@ def run_steering(runner: Runner, store: Any, personas: list[Persona], base: Pers
     # sums over examples of KL(P_X || P): [recipe, layer, alpha, kind(vector/random)]
     kl_sum = np.zeros((len(cfg.recipes), len(cfg.layers), len(alphas), 2))
     kl_base = 0.0
+    # response-only steering leaves the last prompt token as it was: read from the first
+    # response token on
+    lo = 0 if cfg.where == "after_system" else 1
     for (i, q, _), r_ids in tqdm(list(zip(own, resp, strict=True)), desc="steering",
                                  unit="example", disable=not cfg.progress):
         target = runner.conversation(prompt(targets[i]), q.text, r_ids)
         conv = runner.conversation(prompt(base), q.text, r_ids)
-        lo = 0 if cfg.where == "after_system" else 1
         lp_x = runner.logprobs(target.ids, target.read[lo:])[0]
         read = conv.read[lo:]
         lp_b = runner.logprobs(conv.ids, read)[0]
@@ -182,7 +182,7 @@ def run_steering(runner: Runner, store: Any, personas: list[Persona], base: Pers
         "table": table, "ranking": ranking,
     }
     result["continuations"] = continuations(runner, targets, base, questions[0], vecs, rand,
-                                            ranking[0], cfg, prompt) if cfg.continuations else []
+                                            ranking[0], cfg) if cfg.continuations else []
     return result
 
 
@@ -215,10 +215,14 @@ def steered_greedy(runner: Runner, ids: list[int], start: int, layer: int,
 
 
 def continuations(runner: Runner, targets: list[Persona], base: Persona, question: Question,
-                  vecs: dict, rand: dict, top: dict[str, Any], cfg: SteerConfig,
-                  prompt: Any) -> list[dict[str, Any]]:
+                  vecs: dict, rand: dict, top: dict[str, Any], cfg: SteerConfig
+                  ) -> list[dict[str, Any]]:
     """A few greedy continuations with the best recipe's vector at its best layer and alpha:
     unsteered base, base + alpha v, base + alpha random, and the persona itself."""
+
+    def prompt(p: Persona) -> str:
+        return system_prompt(p, cfg.prompt_index)
+
     r, layer, alpha = top["recipe"], top["layer"], top["alpha"]
     tok = runner.model.tokenizer
     conv = runner.conversation(prompt(base), question.text)

@@ -136,6 +136,11 @@ def indexed_prompts(persona: Persona, prompt_index: int | str) -> list[tuple[int
     return [(idx, persona.system_prompts[idx])]
 
 
+def system_prompt(persona: Persona, prompt_index: int) -> str:
+    """The one phrasing at ``prompt_index`` (same range check as :func:`indexed_prompts`)."""
+    return indexed_prompts(persona, prompt_index)[0][1]
+
+
 def content_hash(obj: object) -> str:
     """Stable sha256 of a JSON-serialisable object (for manifests)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
