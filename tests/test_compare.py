@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 from tlpersona.analyses import metrics as M
-from tlpersona.analyses.compare import CompareConfig, compare
+from tlpersona.analyses.compare import CompareConfig, Thresholds, compare
 from tlpersona.analyses.controls import noise_floor
 from tlpersona.analyses.report import write_report
 from tlpersona.cache import StoreWriter, open_store
@@ -86,6 +86,23 @@ def test_question_invariant_recipes_get_na_not_numbers(result):
     assert result["noise_floor"]["last"]["2"]["exact"] is False
 
 
+def test_noise_floor_min_is_the_minimum_and_spearman_brown():
+    rng = np.random.default_rng(4)
+    v = rng.normal(size=(6, 10, 4)).astype(np.float32) + 1.0
+    iu = np.triu_indices(6, k=1)
+    got = noise_floor(v, np.ones((6, 10), bool), 3, seed=2, iu=iu)
+    mins, rs = [], []
+    split_rng = np.random.default_rng(2)
+    for perm in (split_rng.permutation(10) for _ in range(3)):
+        a, b = v[:, perm[:5]].mean(1), v[:, perm[5:]].mean(1)
+        mins.append(M.rowwise_cos(a, b).min())
+        rs.append(np.corrcoef(M.cos_matrix(M.mean_centre(a))[iu], M.cos_matrix(M.mean_centre(b))[iu])[0, 1])
+    assert got["per_persona_cos_min"] == pytest.approx(min(mins), rel=1e-5)
+    assert got["per_persona_cos_min_split_mean"] == pytest.approx(np.mean(mins), rel=1e-5)
+    r = np.mean(rs)
+    assert got["matrix_mc_pearson_full"] == pytest.approx(2 * r / (1 + r), rel=1e-4)
+
+
 def test_noise_floor_matches_explicit_split():
     rng = np.random.default_rng(3)
     v = rng.normal(size=(6, 10, 4)).astype(np.float32)
@@ -122,16 +139,24 @@ def test_bstar_identity_failure_is_reported(tmp_path):
     assert not any(r["identity_holds"] for r in b["layers"].values())
 
 
-def test_overall_partition(result):
-    # last and prompt_mean share the planted persona geometry but not their per-question noise,
-    # so their spread Spearman keeps them GREY; prompt_mean is built from prompt_mean_no_last.
+def test_overall_partition(synth, result):
+    # last and prompt_mean share the planted persona geometry but not their per-question noise:
+    # the spread Spearman is low, which is descriptive by default and gates only on request.
     cell = next(c for c in result["cells"] if c["pair"] == ["last", "prompt_mean"])
     assert cell["per_persona_cos"]["min"] > 0.95 and cell["matrix_mc"]["pearson"] > 0.9
-    assert cell["spread"]["spearman"] < 0.8 and cell["verdict"] == "GREY"
-    assert result["overall"]["partition"] == [["prompt_mean", "prompt_mean_no_last"], ["last"],
+    assert cell["spread"]["spearman"] < 0.8 and cell["verdict"] == "PASS"
+    assert result["overall"]["partition"] == [["last", "prompt_mean", "prompt_mean_no_last"],
                                               ["sys_end"]]
+    # one load-bearing pair (A~B*) compared and passing is not robustness across recipes
     assert not result["overall"]["recipe_robust"]
-    assert "{prompt_mean, prompt_mean_no_last} | {last} | {sys_end}" in result["overall"]["sentence"]
+    assert "1 of 5 load-bearing pairs" in result["overall"]["sentence"]
+    assert "{last, prompt_mean, prompt_mean_no_last} | {sys_end}" in result["overall"]["sentence"]
+    gated = compare(synth, CompareConfig(n_perm=19, n_splits=4, n_null=3,
+                                         thresholds=Thresholds(gate_spread=True)))
+    cell = next(c for c in gated["cells"] if c["pair"] == ["last", "prompt_mean"])
+    assert cell["verdict"] == "GREY"
+    assert gated["overall"]["partition"] == [["prompt_mean", "prompt_mean_no_last"], ["last"],
+                                             ["sys_end"]]
 
 
 def test_seed_layout_round_trip_gives_same_numbers(synth, result, tmp_path):
@@ -217,3 +242,110 @@ def test_report_on_real_store(loaded, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert all(r["identity_holds"] for r in res["bstar_check"]["layers"].values())
     assert parse_position("c3").name in res["positions"]
+
+
+def invariant_store(path, recipes, extra=None):
+    """A store of question-invariant positions only (``{position: [persona, layer, d]}``)."""
+    n, n_layers, d = next(iter(recipes.values())).shape
+    prov = {"personas": [f"p{i}" for i in range(n)], "questions": ["0", "1"],
+            "layers": LAYERS[:n_layers], "positions": list(recipes), "prompt_index": 0}
+    w = StoreWriter(path, prov, {"d_model": d})
+    for i in range(n):
+        w.write_part(i, {f"{p}/centroid": torch.as_tensor(x[i]).float() for p, x in recipes.items()})
+    w.finalize()
+    return open_store(path)
+
+
+def test_groups_are_cliques_not_chains(tmp_path):
+    """X~Y and Y~Z pass but X~Z does not: no group may hold both X and Z."""
+    rng = np.random.default_rng(0)
+    n, d = 12, 40
+    v = rng.normal(size=(n, 1, d))
+    w = rng.normal(size=(n, 1, d))
+    w -= (np.sum(w * v, -1, keepdims=True) / np.sum(v * v, -1, keepdims=True)) * v
+    w *= np.linalg.norm(v, axis=-1, keepdims=True) / np.linalg.norm(w, axis=-1, keepdims=True)
+    theta = np.arccos(0.97)
+    rec = {"sys_start": v * np.cos(theta) + w * np.sin(theta), "sys_end": v,
+           "sys_end+1": v * np.cos(theta) - w * np.sin(theta)}
+    res = compare(invariant_store(tmp_path / "s", rec),
+                  CompareConfig(positions=list(rec), n_perm=49, n_null=5))
+    verdicts = {tuple(c["pair"]): c["verdict"] for c in res["cells"]}
+    assert verdicts[("sys_start", "sys_end")] == verdicts[("sys_end", "sys_end+1")] == "PASS"
+    assert verdicts[("sys_start", "sys_end+1")] != "PASS"
+    assert res["overall"]["partition"] == [["sys_start", "sys_end"], ["sys_end", "sys_end+1"]]
+
+
+def test_cliques_enumerates_maximal_groups():
+    from tlpersona.analyses.compare import cliques
+
+    nodes = ["a", "b", "c", "d", "e"]
+    edges = [("a", "b"), ("b", "c"), ("a", "c"), ("c", "d")]
+    assert cliques(nodes, edges) == [["a", "b", "c"], ["c", "d"], ["e"]]
+
+
+def test_sink_diagnostic_flags_a_planted_first_token_direction(tmp_path):
+    """prompt_mean whose persona differences are mostly the sink's weight 1/n: flagged, with
+    r(sink coordinate, 1/prompt length) near 1; a recipe without it is not."""
+    rng = np.random.default_rng(1)
+    n, n_q, d = 10, 4, 30
+    sink = np.zeros(d)
+    sink[0] = 500.0
+    lengths = rng.integers(20, 60, size=(n, n_q)).astype(float)
+    rest = rng.normal(size=(n, n_q, 1, d))
+    pm = rest * 0.5 + (sink / lengths[..., None])[:, :, None]
+    last = rng.normal(size=(n, n_q, 1, d))
+    prov = {"personas": [f"p{i}" for i in range(n)], "questions": [str(q) for q in range(n_q)],
+            "layers": [2], "positions": ["first", "last", "prompt_mean"], "prompt_index": 0}
+    w = StoreWriter(tmp_path / "s", prov, {"d_model": d})
+    for i in range(n):
+        t = {"first/centroid": torch.from_numpy(sink[None]).float()}
+        for k, v in {"last": last, "prompt_mean": pm}.items():
+            t[f"{k}/centroid"] = torch.from_numpy(v[i].mean(0)).float()
+            t[f"{k}/per_question"] = torch.from_numpy(v[i]).half()
+            t[f"{k}/valid"] = torch.ones(n_q, dtype=torch.uint8)
+        t["prompt_mean/n_tokens"] = torch.from_numpy(lengths[i]).float()
+        w.write_part(i, t)
+    w.finalize()
+    res = compare(open_store(tmp_path / "s"), CompareConfig(n_perm=19, n_splits=2, n_null=3))
+    assert res["positions"] == ["last", "prompt_mean"]  # `first` itself is not a recipe
+    row = res["sink"]["layers"]["2"]
+    xc = pm.mean(1)[:, 0] - pm.mean(1)[:, 0].mean(0)
+    assert row["prompt_mean"]["share"] == pytest.approx(np.sum(xc[:, 0] ** 2) / np.sum(xc**2), rel=1e-4)
+    assert row["prompt_mean"]["share"] > 0.5 and row["prompt_mean"]["warning"]
+    assert row["prompt_mean"]["r_with_inverse_length"] > 0.99
+    assert row["last"]["share"] < 0.3 and not row["last"]["warning"]
+    text = write_report(res, open_store(tmp_path / "s"), tmp_path / "cmp").read_text()
+    assert "**Warning:**" in text and "prompt_mean (L2)" in text
+
+
+def test_cells_carry_nulls_ceilings_and_holm(result):
+    n_cells = len(result["cells"])
+    for c in result["cells"]:
+        pc = c["procrustes_cos"]
+        assert pc["null_n"] == 100 and 0 < pc["ceiling"] <= 1.0
+        assert pc["null_mean"] < pc["null_p95"] and 0 < pc["p"] <= pc["p_holm"] <= 1
+        assert c["matrix_mc"]["mantel_p"] <= c["matrix_mc"]["mantel_p_holm"]
+        assert c["matrix_mc"]["null_p95"] < 0.6
+        assert "null_mean" in c["per_persona_cos"]
+    # the Holm floor of a permutation p is m/(N+1): with 99 permutations and 12 cells no cell
+    # can be called significant, and the summary says so instead
+    best = min(c["matrix_mc"]["mantel_p_holm"] for c in result["cells"])
+    assert best == pytest.approx(min(1.0, n_cells / 100))
+    assert "cannot reach p < 0.05 after Holm over 12 cells" in result["overall"]["sentence"]
+    cell = next(c for c in result["cells"] if c["pair"] == ["last", "prompt_mean"])
+    assert cell["matrix_mc"]["z"] > 3
+    # ceilings: geometric mean of the two recipes' split-half values (invariant recipes: 1)
+    fl = {p: v["5"] for p, v in result["noise_floor"].items()}
+    want = np.sqrt(fl["last"]["matrix_mc_pearson_full"] * fl["prompt_mean"]["matrix_mc_pearson_full"])
+    c5 = next(c for c in result["cells"] if c["pair"] == ["last", "prompt_mean"] and c["layer"] == 5)
+    assert c5["ceiling"]["matrix_mc_pearson"] == pytest.approx(want)
+    inv = next(c for c in result["cells"] if c["pair"] == ["last", "sys_end"] and c["layer"] == 5)
+    assert inv["ceiling"]["procrustes_cos_mean"] == pytest.approx(np.sqrt(fl["last"]["procrustes_cos_mean"]))
+
+
+def test_four_personas_compare_and_say_procrustes_needs_more(tmp_path):
+    st = write_synthetic(tmp_path / "s", n_p=4, n_q=4)
+    res = compare(st, CompareConfig(n_perm=9, n_splits=2, n_null=3))
+    pc = res["cells"][0]["procrustes_cos"]
+    assert pc["mean"] is None and "too few personas" in pc["reason"]
+    assert "4 personas the nulls are wide" in res["overall"]["sentence"]

@@ -1,5 +1,7 @@
 """Metrics and permutation tests against independent numpy/scipy computations."""
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -8,7 +10,7 @@ from scipy.spatial.distance import cosine
 
 from tlpersona.analyses import metrics as M
 from tlpersona.analyses.compare import Thresholds, verdict
-from tlpersona.analyses.stats import MantelPermuter, mantel, paired_permutation
+from tlpersona.analyses.stats import MantelPermuter, holm, mantel, paired_permutation, sign_flip_z
 
 
 def test_rowwise_cos_and_matrices_match_scipy():
@@ -38,12 +40,64 @@ def test_spread_matches_explicit_loop():
         assert got[q] == pytest.approx(want, rel=1e-5)
 
 
-def test_thin_procrustes_equals_scipy_when_full_rank():
+def _independent_held_out(x, y, fit, test, rank_cap):
+    """One split, one direction, straight from the definition in d dimensions: centre with
+    the fit half's mean, SVD of each recipe's centred fit rows, scipy's orthogonal Procrustes
+    between the top-r coordinates, cosines of the rotated test rows."""
+    mx, my = x[fit].mean(0), y[fit].mean(0)
+    _, sx, vx = np.linalg.svd(x[fit] - mx, full_matrices=False)
+    _, sy, vy = np.linalg.svd(y[fit] - my, full_matrices=False)
+    r = min(len(fit) - 1, rank_cap, int((sx > sx[0] * 1e-9).sum()), int((sy > sy[0] * 1e-9).sum()))
+    bx, by = vx[:r].T, vy[:r].T
+    rot, _ = orthogonal_procrustes((x[fit] - mx) @ bx, (y[fit] - my) @ by)
+    a, b = ((x[test] - mx) @ bx) @ rot, (y[test] - my) @ by
+    return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_held_out_procrustes_equals_the_definition():
     rng = np.random.default_rng(3)
-    a, b = rng.normal(size=(12, 6)), rng.normal(size=(12, 6))
-    qa, m, qb = M.thin_procrustes(a, b)
-    r_scipy, _ = orthogonal_procrustes(a, b)
-    np.testing.assert_allclose(qa @ m @ qb.T, r_scipy, atol=1e-10)
+    for n, d in [(20, 50), (90, 40)]:  # rank n_fit - 1 and rank capped at MAX_RANK
+        x, y = rng.normal(size=(n, d)) + 2.0, rng.normal(size=(n, d)) - 1.0
+        h = M.HeldOutProcrustes(n, 2, np.random.default_rng(5), n_null=3)
+        h.add("x", x)
+        h.add("y", y)
+        got = h.score_pairs([("x", "y")])[("x", "y")]
+        want = np.zeros(n)
+        for a, b in h.splits:
+            want[b] += _independent_held_out(x, y, a, b, M.MAX_RANK)
+            want[a] += _independent_held_out(x, y, b, a, M.MAX_RANK)
+        np.testing.assert_allclose(got.per_persona, want / 2, atol=1e-8)
+
+
+def test_held_out_procrustes_is_leak_free_under_the_null():
+    """Recipes with unrelated persona geometry: the mean over many data sets is 0 (the old
+    all-persona centring gave +0.36 at 8 personas and +0.13 at 26), and the relabelled null is
+    calibrated (p < 0.05 about 5 % of the time)."""
+    for n, bound in [(8, 0.1), (26, 0.05)]:
+        means, ps = [], []
+        for t in range(60):
+            rng = np.random.default_rng(t)
+            x = rng.normal(size=(n, 30)) + 3.0
+            y = 2.0 * rng.normal(size=(n, 30)) - 1.0
+            s = M.procrustes_score(x, y, seed=t, n_null=40).to_dict()
+            means.append(s["mean"])
+            ps.append(s["p"])
+        assert abs(np.mean(means)) < bound
+        assert np.mean(np.array(ps) < 0.05) <= 0.15
+
+
+def test_held_out_procrustes_too_few_personas_is_said_not_computed():
+    rng = np.random.default_rng(0)
+    s = M.procrustes_score(rng.normal(size=(6, 5)), rng.normal(size=(6, 5))).to_dict()
+    assert s["mean"] is None and "too few personas" in s["reason"]
+
+
+def test_identical_recipes_score_one():
+    """A recipe against itself is 1 for every persona (the old fit-span map gave well under 1)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(26, 300))
+    s = M.procrustes_score(x, x, n_null=5)
+    np.testing.assert_allclose(s.per_persona, 1.0, atol=1e-9)
 
 
 def test_planted_rotation_plus_offset():
@@ -56,7 +110,21 @@ def test_planted_rotation_plus_offset():
     y = x @ rot + 10.0 * rng.normal(size=d)
     assert M.rowwise_cos(x, y).mean() < 0.5
     assert M.matrix_agreement(M.mean_centre(x), M.mean_centre(y))["pearson"] == pytest.approx(1.0)
-    assert M.procrustes_cos(x, y, np.random.default_rng(0)).min() > 0.999
+    s = M.procrustes_score(x, y, seed=0, n_null=50).to_dict()
+    assert s["min"] > 0.999
+    assert s["null_p95"] < 0.5 and s["p"] == pytest.approx(1 / 51)
+    assert s["z"] > 5
+
+
+def test_shared_rotated_geometry_stays_above_the_null_with_few_personas():
+    rng = np.random.default_rng(7)
+    for n in (8, 26):
+        x = rng.normal(size=(n, 64)) * np.r_[np.full(6, 4.0), np.full(58, 0.3)]
+        rot, _ = np.linalg.qr(rng.normal(size=(64, 64)))
+        y = x @ rot + 5.0 + 0.3 * rng.normal(size=(n, 64))
+        s = M.procrustes_score(x, y, n_null=50).to_dict()
+        assert s["mean"] > 0.9 > s["null_p95"] + 0.3
+        assert s["p"] == pytest.approx(1 / 51)
 
 
 def _naive_mantel(x, y, n_perm, seed):
@@ -110,23 +178,50 @@ def test_permuter_reuse_is_consistent():
     np.testing.assert_allclose(np.linalg.norm(perm.permuted(y), axis=1), 1, atol=1e-5)
 
 
-def test_paired_permutation_matches_naive_and_detects_shift():
+def test_paired_permutation_detects_shift_and_is_exact_when_enumerable():
     rng = np.random.default_rng(10)
     d = np.stack([rng.normal(size=30) + 0.8, rng.normal(size=30)])
     p = paired_permutation(d, n_perm=499, seed=1)
-    rng2 = np.random.default_rng(1)
-    signs = rng2.choice(np.array([-1.0, 1.0]), size=(499, 30))
-    for row, got in zip(d, p, strict=True):
-        null = np.abs((signs * row).mean(axis=1))
-        want = (1 + np.sum(null >= abs(row.mean()) - 1e-12)) / 500
-        assert got == pytest.approx(want)
     assert p[0] < 0.01 and p[1] > 0.01
+    assert p.min() >= 1 / 500
+    # 2^8 = 256 <= 1000: every sign pattern, counted by hand
+    small = rng.normal(size=(3, 8)) + np.array([[0.0], [0.4], [1.5]])
+    got = paired_permutation(small, n_perm=1000, seed=0)
+    for row, g in zip(small, got, strict=True):
+        flips = np.array(list(itertools.product([-1.0, 1.0], repeat=8)))
+        null = np.abs((flips * row).mean(axis=1))
+        assert g == pytest.approx(np.mean(null >= abs(row.mean()) - 1e-12))
 
 
-@pytest.mark.parametrize("min_cos, mc_r, rho, want", [
-    (0.96, 0.91, None, "PASS"), (0.96, 0.91, 0.81, "PASS"), (0.96, 0.91, 0.79, "GREY"),
-    (0.95, 0.91, None, "GREY"), (0.96, 0.90, None, "GREY"), (0.849, 0.99, None, "KILL"),
-    (0.99, 0.699, 0.99, "KILL"), (0.85, 0.70, None, "GREY"),
+def test_sign_flip_z_uses_the_exact_null_sd():
+    rng = np.random.default_rng(4)
+    d = rng.normal(size=(1, 12)) + 0.3
+    flips = np.array(list(itertools.product([-1.0, 1.0], repeat=12)))
+    null = (flips * d[0]).mean(axis=1)
+    z = sign_flip_z(d)
+    assert z[0] == pytest.approx(d[0].mean() / null.std())
+
+
+def test_holm_against_its_definition():
+    rng = np.random.default_rng(11)
+    p = rng.uniform(0, 0.2, size=9)
+    p[3] = np.nan
+    got = holm(p)
+    ok = [i for i in range(9) if not np.isnan(p[i])]
+    order = sorted(ok, key=lambda i: p[i])
+    m = len(ok)
+    for rank, i in enumerate(order):
+        want = min(1.0, max((m - j) * p[order[j]] for j in range(rank + 1)))
+        assert got[i] == pytest.approx(want)
+    assert np.isnan(got[3])
+
+
+@pytest.mark.parametrize("min_cos, mc_r, rho, gate, want", [
+    (0.96, 0.91, None, False, "PASS"), (0.96, 0.91, 0.81, True, "PASS"),
+    (0.96, 0.91, 0.79, True, "GREY"), (0.96, 0.91, 0.79, False, "PASS"),
+    (0.95, 0.91, None, False, "GREY"), (0.96, 0.90, None, False, "GREY"),
+    (0.849, 0.99, None, False, "KILL"), (0.99, 0.699, 0.99, True, "KILL"),
+    (0.85, 0.70, None, False, "GREY"),
 ])
-def test_verdict_boundaries(min_cos, mc_r, rho, want):
-    assert verdict(min_cos, mc_r, rho, Thresholds()) == want
+def test_verdict_boundaries(min_cos, mc_r, rho, gate, want):
+    assert verdict(min_cos, mc_r, rho, Thresholds(gate_spread=gate)) == want

@@ -216,18 +216,24 @@ def _compare_options(fn: Any) -> Any:
         click.option("--pass-spread", type=float, default=0.80, show_default=True),
         click.option("--kill-min-cos", type=float, default=0.85, show_default=True),
         click.option("--kill-mc-r", type=float, default=0.70, show_default=True),
+        click.option("--gate-spread", is_flag=True,
+                     help="PASS also needs spread Spearman > --pass-spread (default: descriptive)"),
+        click.option("--null-draws", type=int, default=100, show_default=True,
+                     help="relabelled reruns behind the held-out Procrustes null"),
     ]):
         fn = opt(fn)
     return fn
 
 
 def _compare_config(positions: str | None, layers: str | None, permutations: int, seed: int,
-                    splits: int, **th: float) -> Any:
+                    splits: int, null_draws: int = 100, **th: Any) -> Any:
     from tlpersona.analyses.compare import CompareConfig, Thresholds
     from tlpersona.positions import parse_positions
 
     if permutations < 1:
         raise TlpersonaError("--permutations must be at least 1")
+    if null_draws < 1:
+        raise TlpersonaError("--null-draws must be at least 1")
     layer_list = None
     if layers:
         try:
@@ -236,7 +242,7 @@ def _compare_config(positions: str | None, layers: str | None, permutations: int
             raise TlpersonaError(f"bad --layers {layers!r}") from None
     return CompareConfig(
         positions=[p.name for p in parse_positions(positions)] if positions else None,
-        layers=layer_list, n_perm=permutations, seed=seed, n_splits=splits,
+        layers=layer_list, n_perm=permutations, seed=seed, n_splits=splits, n_null=null_draws,
         thresholds=Thresholds(**th),
     )
 
@@ -252,7 +258,7 @@ def _compare_config(positions: str | None, layers: str | None, permutations: int
 @_friendly
 def compare(store: str | None, seed_dir: str | None, out: str, layers: str | None,
             positions: str | None, permutations: int, seed: int, splits: int,
-            **th: float) -> None:
+            **th: Any) -> None:
     """Compare recipes in a store: metrics, permutation tests, noise floor, verdicts, report."""
     from tlpersona.pipeline import run_compare
 
@@ -285,7 +291,7 @@ def _print_summary(result: dict[str, Any]) -> None:
 def experiment(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
                prompt_index: str, limit_personas: int | None, limit_questions: int | None,
                layers: str, out: str, max_new_tokens: int | None, batch_size: int, attn: str,
-               permutations: int, seed: int, splits: int, **th: float) -> None:
+               permutations: int, seed: int, splits: int, **th: Any) -> None:
     """Everything on one command: extract all seven recipes, compare them, find their shared
     subspace, patch and steer with them (a short run), and write one report.
 
@@ -312,7 +318,9 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
     store = run_extract(ExtractRequest(
         model=model, device=device, dtype=dtype, personas=personas, questions=questions,
         prompt_index=_prompt_index(prompt_index), limit_personas=limit_personas,
-        limit_questions=limit_questions or None, positions="all6", layers=layers,
+        limit_questions=limit_questions or None,
+        # the sink position and the sink-free prompt mean feed the report's attention-sink check
+        positions="all6,first,prompt_mean_no_first", layers=layers,
         out=str(Path(out) / "store"), batch_size=batch_size, max_new_tokens=max_new_tokens,
         attn=attn,
     ))
@@ -337,8 +345,7 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
     atomic_write_bytes(report, report.read_bytes() + b"\n" + (report.parent / "patch.md").read_bytes())
     _print_summary(result)
     for lay in sub["layers"]:
-        click.echo(f"shared subspace, layer {lay['layer']}: k_found {lay['k_found']} "
-                   f"(held-out personas: {lay['k_found_held_out']})")
+        click.echo(f"shared subspace, {_subspace_line(lay)}")
     _print_patch(causal)
     click.echo(f"extract {t1 - t0:.1f} s, compare {t2 - t1:.1f} s, "
                f"subspace {t3 - t2:.1f} s, patching and steering {time.perf_counter() - t3:.1f} s")
@@ -353,7 +360,9 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
 @click.option("--layers", default=None, help="comma-separated stored layers (default: all stored)")
 @click.option("--positions", default=None, help="recipes to stack (default: the seven recipes)")
 @click.option("--k-max", type=int, default=50, show_default=True)
-@click.option("--unit-norm", is_flag=True, help="scale each recipe to unit norm before the PCA")
+@click.option("--unit-norm/--raw-scale", default=True, show_default=True,
+              help="scale each recipe to unit total variance before the PCA (--raw-scale: keep "
+                   "each recipe's own scale, so the largest recipe dominates)")
 @click.option("--seed", type=int, default=0, show_default=True, help="held-out persona split")
 @_friendly
 def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | None,
@@ -366,8 +375,7 @@ def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | No
     path, result = run_subspace(store, seed_dir, _subspace_config(positions, layers, k_max,
                                                                   unit_norm, seed), out)
     for lay in result["layers"]:
-        click.echo(f"layer {lay['layer']}: k_found {lay['k_found']} "
-                   f"(held-out personas: {lay['k_found_held_out']})")
+        click.echo(_subspace_line(lay))
     click.echo(f"report: {path}")
 
 
@@ -380,7 +388,8 @@ def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | No
               help="'pcs' (shared PCs of the stored recipes) or 'persona:NAME' (NAME minus the "
                    "mean of the other personas)")
 @click.option("--k", type=int, default=2, show_default=True, help="number of shared PCs")
-@click.option("--unit-norm", is_flag=True, help="PCs fitted on unit-norm recipes")
+@click.option("--unit-norm/--raw-scale", default=True, show_default=True,
+              help="PCs fitted on recipes scaled to unit total variance (as `subspace` does)")
 @click.option("--system", "systems", multiple=True, help="system prompt of a new persona")
 @click.option("--question", "questions", multiple=True,
               help="question(s) for the new persona(s) (repeat; averaged)")
@@ -413,8 +422,15 @@ def project(store: str, out: str, layer: int | None, positions: str | None, axis
     click.echo(f"written: {path}")
 
 
+def _subspace_line(lay: dict[str, Any]) -> str:
+    null = ", ".join("none" if k is None else str(k) for k in lay["k_found_null"])
+    found = f">= {lay['k_found']}" if lay["k_found_saturated"] else lay["k_found"]
+    return (f"layer {lay['layer']}: k_found {found} (held-out personas; in sample "
+            f"{lay['k_found_in_sample']}; relabelled-persona null: {null or 'not run'})")
+
+
 def _subspace_config(positions: str | None, layers: str | None, k_max: int = 50,
-                     unit_norm: bool = False, seed: int = 0) -> Any:
+                     unit_norm: bool = True, seed: int = 0) -> Any:
     from tlpersona.analyses.subspace import SubspaceConfig
 
     base = _compare_config(positions, layers, 1, seed, 1)

@@ -251,7 +251,7 @@ class ProjectRequest:
     positions: str | None = None
     axis: str = "persona:assistant"  # or "pcs"
     k: int = 2
-    unit_norm: bool = False
+    unit_norm: bool = True
     systems: list[tuple[str, list[str]]] | None = None  # (system prompt, questions)
     conversations: str | None = None
     texts: list[str] | None = None
@@ -302,8 +302,9 @@ def run_project(req: ProjectRequest) -> tuple[Path, dict]:
     from tlpersona.files import atomic_write_bytes
 
     st = open_store(req.store, verify=True)
+    # token 0 is the same for every persona: nothing to project
     positions = ([p.name for p in parse_positions(req.positions)] if req.positions
-                 else list(st.positions))
+                 else [p for p in st.positions if p != "first"])
     layer = req.layer if req.layer is not None else st.layers[len(st.layers) // 2]
     li = st.layer_index(layer)
     cent = {p: st.centroids(p)[:, li].double().numpy() for p in positions}
@@ -311,7 +312,7 @@ def run_project(req: ProjectRequest) -> tuple[Path, dict]:
         if req.k < 1:
             raise TlpersonaError("--k must be at least 1")
         _, comps = subspace(st, SubspaceConfig(positions=positions, layers=[layer],
-                                               k_max=req.k, unit_norm=req.unit_norm))
+                                               k_max=req.k, unit_norm=req.unit_norm, n_null=0))
         frames = {p: pc_frame(c, comps[layer], req.k, req.unit_norm) for p, c in cent.items()}
     elif req.axis.startswith("persona:"):
         frames = {p: axis_frame(c, st.personas, req.axis.split(":", 1)[1]) for p, c in cent.items()}

@@ -6,11 +6,13 @@ per conversation against the token spans that :mod:`tlpersona.conversation` find
 Kinds of position:
 
 * anchored: an anchor token plus an integer offset (``sys_end+1``, ``last-2``). Anchors:
+  ``first`` (token 0, the same for every prompt: the attention sink's residual),
   ``last`` (final prompt token, generation prompt included), ``sys_start``/``sys_last`` (first/last
   token of the system text), ``sys_end`` (the system block's end-of-turn token), ``user_start``/
   ``user_last``/``user_end`` (likewise for the user turn), ``resp_start`` (first response token).
 * pooled: ``prompt_mean`` (mean over every prompt token), ``prompt_mean_no_last`` (all but the
-  last), ``response_mean`` (mean over the generated response tokens).
+  last), ``prompt_mean_no_first`` (all but token 0, whose residual norm can be two orders above
+  the rest and then dominates ``prompt_mean``), ``response_mean`` (mean over the generated response tokens).
 * ``raw_system_last``: the system text tokenised alone (no template, no BOS), last token.
 
 Recipe aliases are accepted on input only; stored names are canonical.
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from tlpersona.conversation import Spans
 
 ANCHORS = (
+    "first",
     "last",
     "sys_start",
     "sys_last",
@@ -37,11 +40,11 @@ ANCHORS = (
     "user_end",
     "resp_start",
 )
-POOLED = ("prompt_mean", "prompt_mean_no_last", "response_mean")
+POOLED = ("prompt_mean", "prompt_mean_no_last", "prompt_mean_no_first", "response_mean")
 RAW = "raw_system_last"
 
-#: Anchors that lie in the system block; in a causal model they cannot see the question.
-SYSTEM_ANCHORS = frozenset({"sys_start", "sys_last", "sys_end"})
+#: Anchors that lie before the user turn; in a causal model they cannot see the question.
+SYSTEM_ANCHORS = frozenset({"first", "sys_start", "sys_last", "sys_end"})
 
 #: Recipe letter -> canonical position, in the order the recipes are usually listed.
 RECIPES: dict[str, str] = {
@@ -53,7 +56,8 @@ RECIPES: dict[str, str] = {
     "c2": "sys_end",
     "c3": "sys_end+1",
 }
-_ALIASES = {**RECIPES, "b*": "prompt_mean", "b*_no_last": "prompt_mean_no_last"}
+_ALIASES = {**RECIPES, "b*": "prompt_mean", "b*_no_last": "prompt_mean_no_last",
+            "bstar_no_first": "prompt_mean_no_first", "b*_no_first": "prompt_mean_no_first"}
 _GROUPS = {"all6": list(RECIPES.values()), "recipes": list(RECIPES.values())}
 _ANCHORED = re.compile(r"^(?P<anchor>[a-z_]+?)(?:(?P<sign>[+-])(?P<off>\d+))?$")
 
@@ -104,11 +108,15 @@ class Position:
                 if spans.prompt_len < 2:
                     raise TlpersonaError("prompt_mean_no_last needs a prompt of at least 2 tokens")
                 return 0, spans.prompt_len - 1
+            if self.anchor == "prompt_mean_no_first":
+                if spans.prompt_len < 2:
+                    raise TlpersonaError("prompt_mean_no_first needs a prompt of at least 2 tokens")
+                return 1, spans.prompt_len
             start, stop = spans.response
             if stop <= start:
                 raise TlpersonaError("response_mean: the response is empty")
             return start, stop
-        base = spans.anchor(self.anchor)
+        base = 0 if self.anchor == "first" else spans.anchor(self.anchor)
         idx = base + self.offset
         limit = spans.seq_len
         if not 0 <= idx < limit:

@@ -15,7 +15,14 @@ from scipy import stats
 
 from tlpersona.analyses import metrics as M
 from tlpersona.analyses.controls import bstar_check, per_question_pass
-from tlpersona.analyses.stats import MantelPermuter, paired_permutation
+from tlpersona.analyses.stats import (
+    MantelPermuter,
+    MantelResult,
+    holm,
+    paired_permutation,
+    sign_flip_z,
+    z_score,
+)
 from tlpersona.errors import TlpersonaError
 from tlpersona.positions import RECIPES, canonical
 
@@ -27,13 +34,18 @@ SANITY = {frozenset(p) for p in [("a", "c2"), ("a", "c3"), ("c2", "c3")]}
 
 @dataclass
 class Thresholds:
-    """PASS needs all of the pass_* bounds exceeded; KILL needs either kill_* bound undercut."""
+    """PASS needs all of the pass_* bounds exceeded; KILL needs either kill_* bound undercut.
+
+    The spread correlation is descriptive unless ``gate_spread`` is set; then PASS also needs
+    spread Spearman > ``pass_spread`` where it is defined.
+    """
 
     pass_min_cos: float = 0.95
     pass_mc_r: float = 0.90
     pass_spread: float = 0.80
     kill_min_cos: float = 0.85
     kill_mc_r: float = 0.70
+    gate_spread: bool = False
 
 
 @dataclass
@@ -44,15 +56,31 @@ class CompareConfig:
     seed: int = 0
     n_splits: int = 10
     thresholds: Thresholds = field(default_factory=Thresholds)
+    n_null: int = 100  # relabelled draws behind the held-out Procrustes null
+    alpha: float = 0.05  # family-wise level for the report's "above the null" statements
+
+
+
+#: Share of a recipe's persona variance along the first-token direction above which the report
+#: warns that the recipe mostly measures the attention sink (and so prompt length).
+SINK_WARN = 0.5
+
+#: Positions compared by default besides the seven recipes, when the input has them.
+EXTRA_DEFAULT = ("prompt_mean_no_first",)
 
 
 def verdict(min_cos: float, mc_r: float, spread_rho: float | None, th: Thresholds) -> str:
     if min_cos < th.kill_min_cos or mc_r < th.kill_mc_r:
         return "KILL"
-    spread_ok = spread_rho is None or spread_rho > th.pass_spread
+    spread_ok = not th.gate_spread or spread_rho is None or spread_rho > th.pass_spread
     if min_cos > th.pass_min_cos and mc_r > th.pass_mc_r and spread_ok:
         return "PASS"
     return "GREY"
+
+
+def default_positions(available: list[str]) -> list[str]:
+    """The seven recipes, and the sink-free prompt mean, that ``available`` holds."""
+    return [p for p in [*RECIPES.values(), *EXTRA_DEFAULT] if p in available]
 
 
 def pair_tag(x: str, y: str) -> str:
@@ -69,32 +97,32 @@ def recipe_label(pos: str) -> str:
     return f"{letter} ({pos})"
 
 
-def _components(nodes: list[str], edges: list[tuple[str, str]]) -> list[list[str]]:
-    parent = {n: n for n in nodes}
-
-    def find(n: str) -> str:
-        while parent[n] != n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
-
-    for a, b in edges:
-        parent[find(a)] = find(b)
-    groups: dict[str, list[str]] = {}
-    for n in nodes:
-        groups.setdefault(find(n), []).append(n)
-    return sorted(groups.values(), key=lambda g: (-len(g), nodes.index(g[0])))
+def cliques(nodes: list[str], edges: list[tuple[str, str]]) -> list[list[str]]:
+    """Maximal groups whose every pair is an edge (groups may overlap; isolated nodes are
+    groups of one). Largest first, then in ``nodes`` order. Exhaustive over subsets: a
+    comparison has a handful of recipes."""
+    adj = {frozenset(e) for e in edges}
+    found: list[frozenset[str]] = []
+    for size in range(len(nodes), 0, -1):
+        for group in itertools.combinations(nodes, size):
+            g = frozenset(group)
+            if any(g <= f for f in found):
+                continue
+            if all(frozenset(p) in adj for p in itertools.combinations(group, 2)):
+                found.append(g)
+    return [[n for n in nodes if n in g] for g in found]
 
 
 def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, float] | None = None
             ) -> dict[str, Any]:
-    """Every metric for every layer × pair; returns a JSON-ready dict (see results.json)."""
+    """Every metric for every layer × pair, each with its null (and ceiling where it has one);
+    returns a JSON-ready dict (see results.json)."""
     import time
 
     cfg = cfg or CompareConfig()
     th = cfg.thresholds
     positions = ([canonical(p) for p in cfg.positions] if cfg.positions
-                 else [p for p in RECIPES.values() if p in source.positions])
+                 else default_positions(list(source.positions)))
     missing = [p for p in positions if p not in source.positions]
     if missing:
         raise TlpersonaError(f"position {missing[0]} is not in the input")
@@ -141,7 +169,7 @@ def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, fl
         t0 = tick("centroid metrics", t0)
         # Mantel tests grouped by the permuted matrix: one recipe's permutations in memory at a
         # time, and one matrix product per recipe for all its partners.
-        mantel: dict[tuple[str, str, int], tuple[float, float]] = {}
+        mantel: dict[tuple[str, str, int], MantelResult] = {}
         for y in positions:
             xs = [x for x, yy in pairs if yy == y]
             for kind in (0, 1):  # raw, mean-centred
@@ -151,19 +179,21 @@ def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, fl
                     mantel.update({(x, y, kind): r for x, r in zip(xs, res, strict=True)})
                     del py
         t0 = tick("mantel permutations", t0)
+        held = M.HeldOutProcrustes(n, M.PROCRUSTES_SPLITS, np.random.default_rng(cfg.seed + layer),
+                                   cfg.n_null)
+        for p in positions:
+            held.add(p, cent[p])
+        proc = held.score_pairs(pairs)
+        t0 = tick("held-out Procrustes and its null", t0)
         spreads = {p: spread_by_layer[p].get(layer) if p in spread_by_layer else None
                    for p in positions}
-        procrustes = M.HeldOutProcrustes(n, np.random.default_rng(cfg.seed + layer))
         pp_cos: dict[tuple[str, str], np.ndarray] = {}
         for x, y in pairs:
             cos = M.rowwise_cos(cent[x], cent[y])
             pp_cos[(x, y)] = cos
             mc_cos = M.rowwise_cos(mc[x], mc[y])
-            proc = procrustes.cos(x, mc[x], y, mc[y])
             raw_t = (M.upper(mats[x][0]), M.upper(mats[y][0]))
             mc_t = (M.upper(mats[x][1]), M.upper(mats[y][1]))
-            r_raw, p_raw = mantel[(x, y, 0)]
-            r_mc, p_mc = mantel[(x, y, 1)]
             if spreads[x] is None or spreads[y] is None:
                 why = ("question-invariant recipe: no per-question variation"
                        if source.question_invariant(x) or source.question_invariant(y)
@@ -172,21 +202,24 @@ def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, fl
                 rho = None
             else:
                 ok = ~(np.isnan(spreads[x]) | np.isnan(spreads[y]))
-                rho = float(stats.spearmanr(spreads[x][ok], spreads[y][ok])[0])
-                spread_cell = {"spearman": rho, "n_questions": int(ok.sum())}
+                sp = stats.spearmanr(spreads[x][ok], spreads[y][ok])
+                rho = float(sp[0])
+                spread_cell = {"spearman": rho, "p": float(sp[1]), "n_questions": int(ok.sum()),
+                               "gates_verdict": th.gate_spread}
             s = M.Summary.of(cos)
             cell = {
                 "layer": layer, "pair": [x, y], "tag": pair_tag(x, y),
-                "per_persona_cos": asdict(s),
-                "per_persona_cos_mc": asdict(M.Summary.of(mc_cos)),
-                "procrustes_cos": asdict(M.Summary.of(proc)),
-                "matrix_raw": {"pearson": r_raw, "spearman": float(stats.spearmanr(*raw_t)[0]),
-                               "mantel_p": p_raw},
-                "matrix_mc": {"pearson": r_mc, "spearman": float(stats.spearmanr(*mc_t)[0]),
-                              "mantel_p": p_mc},
-                "mantel_p": p_mc,
+                "per_persona_cos": {**asdict(s), "null_mean": _shuffled_cos_mean(cent[x], cent[y])},
+                "per_persona_cos_mc": {**asdict(M.Summary.of(mc_cos)),
+                                       "null_mean": _shuffled_cos_mean(mc[x], mc[y])},
+                "procrustes_cos": {**proc[(x, y)].to_dict(),
+                                   "ceiling": _ceiling(floors, x, y, layer)["procrustes_cos_mean"]},
+                "matrix_raw": _matrix_cell(mantel[(x, y, 0)], raw_t),
+                "matrix_mc": _matrix_cell(mantel[(x, y, 1)], mc_t),
+                "mantel_p": mantel[(x, y, 1)].p,
                 "spread": spread_cell,
-                "verdict": verdict(s.min, r_mc, rho, th),
+                "ceiling": _ceiling(floors, x, y, layer),
+                "verdict": verdict(s.min, mantel[(x, y, 1)].r, rho, th),
                 "per_persona_cos_all": [round(float(v), 6) for v in cos],
             }
             cells.append(cell)
@@ -196,10 +229,16 @@ def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, fl
         if tests:
             d = np.stack([pp_cos[a] - pp_cos[b] for a, b in tests])
             pvals = paired_permutation(d, cfg.n_perm, cfg.seed + layer)
-            for (a, b), dv, pv in zip(tests, d, pvals, strict=True):
+            zs = sign_flip_z(d)
+            for (a, b), dv, pv, z in zip(tests, d, pvals, zs, strict=True):
                 paired.append({"layer": layer, "pair_1": list(a), "pair_2": list(b),
-                               "mean_diff": float(dv.mean()), "p": float(pv)})
+                               "mean_diff": float(dv.mean()), "p": float(pv), "z": float(z)})
         tick("paired tests", t0)
+
+    # One family per kind of test, across every cell of the run.
+    for key in ("matrix_raw", "matrix_mc", "procrustes_cos"):
+        _holm_into([c[key] for c in cells], "mantel_p" if key != "procrustes_cos" else "p")
+    _holm_into(paired, "p")
 
     t0 = time.perf_counter()
     bstar = bstar_check(source, layers)
@@ -215,15 +254,88 @@ def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, fl
         "min_attainable_p": 1.0 / (cfg.n_perm + 1),
         "seed": cfg.seed,
         "n_splits": cfg.n_splits,
+        "n_null": cfg.n_null,
+        "procrustes_splits": M.PROCRUSTES_SPLITS,
+        "alpha": cfg.alpha,
         "thresholds": asdict(th),
         "cells": cells,
         "paired_tests": paired,
         "noise_floor": floors,
         "bstar_check": bstar,
+        "sink": sink_diagnostic(source, positions, layers),
         "missing_rows": missing_rows(source, positions),
     }
     result["overall"] = overall(result)
     return result
+
+
+def _holm_into(rows: list[dict[str, Any]], p_key: str) -> None:
+    """Add ``{p_key}_holm`` (Holm over ``rows``) to each row that has a p-value."""
+    vals = [np.nan if r.get(p_key) is None else r[p_key] for r in rows]
+    for r, a in zip(rows, holm(vals), strict=True):
+        if r.get(p_key) is not None:
+            r[f"{p_key}_holm"] = float(a)
+
+
+def _shuffled_cos_mean(x: np.ndarray, y: np.ndarray) -> float:
+    """Expected mean per-persona cosine when one recipe's persona labels are shuffled uniformly
+    at random: the mean of every (i, j) cosine (exact, no sampling)."""
+    return float(np.mean(M.unit(x) @ M.unit(y).T))
+
+
+def _matrix_cell(res: MantelResult, tri: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    return {"pearson": res.r, "spearman": float(stats.spearmanr(*tri)[0]), "mantel_p": res.p,
+            "null_mean": res.null_mean, "null_sd": res.null_sd, "null_p95": res.null_p95,
+            "z": z_score(res.r, res.null_mean, res.null_sd)}
+
+
+def _ceiling(floors: dict[str, Any], x: str, y: str, layer: int) -> dict[str, Any]:
+    """What two recipes could reach if they were the same recipe, given each one's sampling
+    noise: the geometric mean of their split-half agreements (attenuation: noise in either
+    lowers agreement multiplicatively; question-invariant recipes have no sampling noise and
+    count 1; None where unknown). Matrix r uses the Spearman–Brown value for full-size
+    centroids; the cosines are half-size values (conservative)."""
+    vals = [floors.get(p, {}).get(str(layer), {}) for p in (x, y)]
+
+    def joint(key: str) -> float | None:
+        got = [1.0 if v.get("exact") is True else v.get(key) for v in vals]
+        if any(g is None for g in got):
+            return None
+        return float(np.sqrt(max(got[0], 0.0) * max(got[1], 0.0)))
+
+    return {"per_persona_cos_mean": joint("per_persona_cos_mean"),
+            "matrix_mc_pearson": joint("matrix_mc_pearson_full"),
+            "procrustes_cos_mean": joint("procrustes_cos_mean")}
+
+
+def sink_diagnostic(source: Any, positions: list[str], layers: list[int]) -> dict[str, Any]:
+    """Per layer and recipe, the share of the recipe's persona variance (mean-centred centroids)
+    that lies along the first token's residual direction, the attention sink. Where it is large
+    the recipe's differences between personas are mostly the sink's weight in a mean, i.e.
+    prompt length: the correlation with mean 1/prompt length is reported where known."""
+    if "first" not in source.positions:
+        return {"available": False,
+                "reason": "the input has no `first` position (extract it to measure the sink)"}
+    out: dict[str, Any] = {"available": True, "warn_above": SINK_WARN, "layers": {}}
+    for layer in layers:
+        li = source.layer_index(layer)
+        sink = source.centroids("first")[:, li].double().numpy().mean(0)
+        u = sink / max(np.linalg.norm(sink), 1e-30)
+        row: dict[str, Any] = {"sink_norm": float(np.linalg.norm(sink))}
+        for p in positions:
+            xc = M.mean_centre(source.centroids(p)[:, li].double().numpy())
+            total = float(np.sum(xc * xc))
+            along = xc @ u
+            entry: dict[str, Any] = {"share": float(np.sum(along**2) / total) if total > 0 else None}
+            n_tok = source.n_tokens(p)
+            if n_tok is not None and total > 0:
+                inv = (1.0 / n_tok.double().clamp(min=1)).mean(1).numpy()
+                entry["r_with_inverse_length"] = (float(np.corrcoef(along, inv)[0, 1])
+                                                  if np.std(inv) > 0 and np.std(along) > 0 else None)
+            entry["warning"] = entry["share"] is not None and entry["share"] > SINK_WARN
+            row[p] = entry
+        out["layers"][str(layer)] = row
+    return out
 
 
 def missing_rows(source: Any, positions: list[str]) -> dict[str, dict[str, int]]:
@@ -241,28 +353,64 @@ def missing_rows(source: Any, positions: list[str]) -> dict[str, dict[str, int]]
 
 
 def overall(result: dict[str, Any]) -> dict[str, Any]:
-    """Recipe-robust or not, and which recipes agree (PASS edges) per layer and at every layer."""
+    """Recipe-robust or not, which recipes agree (groups whose every pair passes) per layer and
+    at every layer, and what the nulls support."""
     positions = result["positions"]
     cells = result["cells"]
+    alpha = result.get("alpha", 0.05)
     per_layer = {}
     for layer in result["layers"]:
         edges = [tuple(c["pair"]) for c in cells if c["layer"] == layer and c["verdict"] == "PASS"]
-        per_layer[str(layer)] = _components(positions, edges)
+        per_layer[str(layer)] = cliques(positions, edges)
     always = [tuple(c["pair"]) for c in cells
               if all(d["verdict"] == "PASS" for d in cells if d["pair"] == c["pair"])]
     lb = [c for c in cells if c["tag"] == "load-bearing"]
-    robust = bool(lb) and all(c["verdict"] == "PASS" for c in lb)
+    n_lb = len({frozenset(c["pair"]) for c in lb})
+    all_pass = bool(lb) and all(c["verdict"] == "PASS" for c in lb)
+    robust = all_pass and n_lb == len(LOAD_BEARING)
     kills = sorted({f"{c['pair'][0]}~{c['pair'][1]}" for c in lb if c["verdict"] == "KILL"})
-    parts = _components(positions, always)
-    groups = " | ".join("{" + ", ".join(g) + "}" for g in parts)
+    groups_all = cliques(positions, always)
+    groups = " | ".join("{" + ", ".join(g) + "}" for g in groups_all)
     if not lb:
         sentence = "No load-bearing pair was compared, so recipe robustness is not assessed."
     elif robust:
         sentence = "Recipe-robust: every load-bearing pair passes at every layer."
+    elif all_pass:
+        sentence = (f"Only {n_lb} of {len(LOAD_BEARING)} load-bearing pairs were compared; they "
+                    "pass at every layer, which does not establish recipe robustness.")
     else:
         sentence = (f"Not recipe-robust: {sum(c['verdict'] != 'PASS' for c in lb)} of {len(lb)} "
                     "load-bearing cells fail to pass"
                     + (f" (KILL: {', '.join(kills)})" if kills else "") + ".")
-    sentence += f" Recipes that agree at every layer: {groups}."
-    return {"recipe_robust": robust, "sentence": sentence, "partition": parts,
+    sentence += f" Recipes that agree at every layer (every pair passes): {groups}."
+    evidence = " " + _beyond_null(cells, "matrix_mc", "mantel_p", result["n_permutations"], alpha,
+                                  "have mean-centred persona geometries more alike than shuffled "
+                                  "personas give (Mantel)")
+    n_null = result.get("n_null", 0)
+    if any(c["procrustes_cos"].get("p") is not None for c in cells):
+        evidence += " " + _beyond_null(cells, "procrustes_cos", "p", n_null, alpha,
+                                       "align personas under a held-out rotation better than "
+                                       "relabelled personas do (Procrustes; above-chance "
+                                       "alignment, not equality: see the cosine itself)")
+    if result["n_personas"] < 8:
+        evidence += (f" With {result['n_personas']} personas the nulls are wide; read agreement "
+                     "statistics as descriptive.")
+    return {"recipe_robust": robust, "sentence": sentence + evidence, "partition": groups_all,
             "partition_per_layer": per_layer}
+
+
+def _beyond_null(cells: list[dict[str, Any]], key: str, p_key: str, n_draws: int, alpha: float,
+                 claim: str) -> str:
+    """One sentence on how many cells beat their permutation null, Holm-adjusted over all
+    cells; where the draw count cannot reach ``alpha`` after Holm, the count at the smallest
+    attainable p and how many of those chance alone would give."""
+    ps = [c[key][p_key] for c in cells if c[key].get(p_key) is not None]
+    m = len(ps)
+    floor = 1.0 / (n_draws + 1)
+    if m * floor < alpha:
+        k = sum(c[key].get(f"{p_key}_holm", 1.0) < alpha for c in cells)
+        return f"{k} of {m} cells {claim} (Holm-adjusted over all cells, p < {alpha:g})."
+    k = sum(p <= floor + 1e-12 for p in ps)
+    return (f"{k} of {m} cells {claim} beyond every one of {n_draws} null draws (p = {floor:.4f} "
+            f"each, about {m * floor:.1f} such cells expected by chance; {n_draws} draws cannot "
+            f"reach p < {alpha:g} after Holm over {m} cells, so no cell is called significant).")

@@ -30,10 +30,27 @@ def half_centroids(per_q: torch.Tensor, valid: torch.Tensor, masks: np.ndarray) 
     return torch.bmm(w, per_q.float())
 
 
-def floor_stats(halves: np.ndarray, iu: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+def spearman_brown(r: float) -> float:
+    """Agreement of full-size centroids predicted from the agreement ``r`` of half-size ones
+    (each half averages half the questions): ``2r / (1 + r)``."""
+    return 2 * r / (1 + r) if r > -1 else float("nan")
+
+
+#: Question splits the held-out Procrustes ceiling averages over (each costs two Gram matrices
+#: and a dozen small eigendecompositions per recipe and layer).
+PROCRUSTES_FLOOR_SPLITS = 2
+
+
+def floor_stats(halves: np.ndarray, iu: tuple[np.ndarray, np.ndarray], seed: int = 0) -> dict[str, Any]:
     """Split-half agreement from ``[persona, 2K, d]`` half centroids, with the statistics the
-    recipe pairs get: per-persona cosine and mean-centred cosine-matrix Pearson r."""
-    cos_mean, cos_min, rs = [], [], []
+    recipe pairs get: per-persona cosine, mean-centred cosine-matrix Pearson r and the held-out
+    Procrustes cosine (the comparison's procedure, on the first splits; None with too few
+    personas).
+
+    Each half averages half of the questions, so these are floors for half-size centroids;
+    ``matrix_mc_pearson_full`` is the Spearman–Brown value for full-size ones.
+    """
+    cos_mean, cos_min, rs, procs = [], [], [], []
     for k in range(halves.shape[1] // 2):
         a, b = halves[:, 2 * k], halves[:, 2 * k + 1]
         c = M.rowwise_cos(a, b)
@@ -42,13 +59,24 @@ def floor_stats(halves: np.ndarray, iu: tuple[np.ndarray, np.ndarray]) -> dict[s
         ma = M.cos_matrix(M.mean_centre(a))[iu]
         mb = M.cos_matrix(M.mean_centre(b))[iu]
         rs.append(np.corrcoef(ma, mb)[0, 1])
+        if k < PROCRUSTES_FLOOR_SPLITS:
+            h = M.HeldOutProcrustes(a.shape[0], M.PROCRUSTES_SPLITS, np.random.default_rng(seed), 0)
+            h.add("a", a)
+            h.add("b", b)
+            procs.append(h.mean_score("a", "b"))
+    r_mean = float(np.mean(rs))
+    proc = None if not procs or procs[0] is None else float(np.mean(procs))
     return {
         "exact": False,
         "n_splits": halves.shape[1] // 2,
+        "half_size": True,
         "per_persona_cos_mean": float(np.mean(cos_mean)),
-        "per_persona_cos_min": float(np.mean(cos_min)),
-        "matrix_mc_pearson_mean": float(np.mean(rs)),
+        "per_persona_cos_min": float(np.min(cos_min)),
+        "per_persona_cos_min_split_mean": float(np.mean(cos_min)),
+        "matrix_mc_pearson_mean": r_mean,
         "matrix_mc_pearson_min": float(np.min(rs)),
+        "matrix_mc_pearson_full": spearman_brown(r_mean),
+        "procrustes_cos_mean": proc,
     }
 
 
@@ -63,7 +91,7 @@ def noise_floor(per_q: np.ndarray, valid: np.ndarray, n_splits: int, seed: int,
         return {"exact": None, "reason": "fewer than 2 questions"}
     masks = split_masks(per_q.shape[1], n_splits, seed)
     halves = half_centroids(torch.as_tensor(per_q), torch.as_tensor(valid), masks)
-    return floor_stats(halves.double().numpy(), iu)
+    return floor_stats(halves.double().numpy(), iu, seed)
 
 
 def per_question_pass(source: Any, pos: str, layers: list[int], n_splits: int, seed: int,
@@ -90,7 +118,7 @@ def per_question_pass(source: Any, pos: str, layers: list[int], n_splits: int, s
     spreads, floors = {}, {}
     for j, layer in enumerate(layers):
         spreads[layer] = M.spread_finish(sums[j], valid.sum(0))
-        floors[str(layer)] = (floor_stats(torch.cat(halves[j]).double().numpy(), iu)
+        floors[str(layer)] = (floor_stats(torch.cat(halves[j]).double().numpy(), iu, seed + layer)
                               if masks is not None else
                               {"exact": None, "reason": "fewer than 2 questions"})
     return spreads, floors

@@ -5,11 +5,12 @@ Shapes: centroids ``[persona, d]`` (one layer); per-question vectors ``[persona,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from scipy import stats
+from scipy.linalg import orthogonal_procrustes
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -57,54 +58,184 @@ def matrix_agreement(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {"pearson": float(stats.pearsonr(a, b)[0]), "spearman": float(stats.spearmanr(a, b)[0])}
 
 
-def thin_procrustes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Orthogonal map from ``a``'s row space to ``b``'s minimising ``||a R - b||`` (``[k, d]`` each).
+#: Most principal directions a held-out rotation is fitted in. Persona geometry lives in the top
+#: directions; the cap keeps the thousands of rotations behind the null cheap at 275 personas.
+MAX_RANK = 32
 
-    Returns factors ``(qa, m, qb)`` with ``R = qa @ m @ qb.T``; the d×d matrix is never formed.
-    Directions outside the fitted rows' span map to zero (a conservative choice for held-out
-    evaluation: it can only lower the held-out cosine).
+#: Persona halvings a held-out Procrustes cosine (its null and its ceiling too) averages over.
+PROCRUSTES_SPLITS = 4
+
+#: Fewest personas in a fit half for a held-out rotation to mean anything: a rotation fitted on
+#: 3 centred points lives in 2 dimensions, where any two configurations nearly align.
+MIN_FIT_PERSONAS = 4
+
+
+@dataclass
+class _Fit:
+    """One recipe fitted on a fit half: coordinates of the fit rows and of the test rows in the
+    fit half's top principal directions, after centring with the fit half's mean."""
+
+    fit: np.ndarray  # [n_fit, r], r <= min(n_fit - 1, MAX_RANK)
+    test: np.ndarray  # [n_test, r]
+
+
+def _fit_half(gram: np.ndarray, fit: np.ndarray, test: np.ndarray) -> _Fit:
+    """:class:`_Fit` from the recipe's Gram matrix ``[n, n]`` (``x @ x.T``): the fit half's
+    centred Gram matrix gives its principal coordinates, and the test rows' inner products with
+    the fit rows give theirs. Equal to an SVD of the centred fit rows, at the size of the
+    persona count instead of d_model."""
+    m = len(fit)
+    gff = gram[np.ix_(fit, fit)]
+    col = gff.mean(axis=0)
+    gc = gff - col[None, :] - col[:, None] + col.mean()
+    lam, u = np.linalg.eigh(gc)
+    lam, u = lam[::-1], u[:, ::-1]
+    keep = int(np.sum(lam > max(lam[0], 0.0) * 1e-12)) if m else 0
+    r = min(keep, MAX_RANK, m - 1)
+    lam, u = lam[:r], u[:, :r]
+    # (x_test - mean_fit) @ (centred x_fit).T = G_tf - mean over fit of G_f·, centred over fit
+    gtf = gram[np.ix_(test, fit)] - col[None, :]
+    gtf = gtf - gtf.mean(axis=1, keepdims=True)
+    return _Fit(u * np.sqrt(lam), (gtf @ u) / np.sqrt(lam))
+
+
+def _rotated_cos(fx: _Fit, fy: _Fit, ty: np.ndarray | None = None) -> np.ndarray:
+    """``[n_test]`` cosines of ``x``'s test rows rotated onto ``y``'s by the orthogonal map fitted
+    on the fit rows, in the smaller of the two ranks."""
+    r = min(fx.fit.shape[1], fy.fit.shape[1])
+    rot, _ = orthogonal_procrustes(fx.fit[:, :r], fy.fit[:, :r])
+    return rowwise_cos(fx.test[:, :r] @ rot, fy.test[:, :r])
+
+
+@dataclass
+class ProcrustesScore:
+    """Held-out Procrustes cosine of one recipe pair, with its null and ceiling.
+
+    ``per_persona`` is each persona's cosine averaged over the splits (every persona is scored
+    once per split, by a rotation fitted on the other half). ``null_means`` come from the same
+    procedure after shuffling one recipe's persona labels. ``p`` is one-sided: (1 + #null means
+    >= observed) / (N + 1). ``ceiling`` (set by the caller) is what the same procedure gives
+    between two question halves of one recipe.
     """
-    return _procrustes_from_qr(np.linalg.qr(a.T), np.linalg.qr(b.T))
 
+    per_persona: np.ndarray | None  # [n]
+    null_means: np.ndarray | None  # [n_null]
+    n_fit: int
+    rank: int
+    n_splits: int
+    reason: str | None = None
+    ceiling: float | None = None
 
-def _procrustes_from_qr(fa: tuple[np.ndarray, np.ndarray], fb: tuple[np.ndarray, np.ndarray]
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    (qa, ra), (qb, rb) = fa, fb  # a.T = qa ra, b.T = qb rb
-    u, _, vt = np.linalg.svd(ra @ rb.T)
-    return qa, u @ vt, qb
+    def to_dict(self) -> dict[str, object]:
+        if self.per_persona is None or self.null_means is None:
+            return {"mean": None, "min": None, "p5": None, "max": None, "reason": self.reason,
+                    "n_fit": self.n_fit}
+        from tlpersona.analyses.stats import z_score
+
+        mean = float(self.per_persona.mean())
+        null = self.null_means
+        return {
+            **asdict(Summary.of(self.per_persona)),
+            "null_mean": float(null.mean()),
+            "null_sd": float(null.std()),
+            "null_p95": float(np.percentile(null, 95)),
+            "null_n": int(null.size),
+            "p": float((1 + np.sum(null >= mean - 1e-12)) / (null.size + 1)),
+            "z": z_score(mean, float(null.mean()), float(null.std())),
+            "ceiling": self.ceiling,
+            "n_fit": self.n_fit, "rank": self.rank, "n_splits": self.n_splits,
+        }
 
 
 class HeldOutProcrustes:
-    """Held-out Procrustes cosines for many recipe pairs on one persona split.
+    """Leak-free held-out Procrustes cosines for many recipe pairs on shared persona splits.
 
-    The map is fitted on one random half of the personas and applied to the other, both ways
-    round, so every persona is scored once by a map that never saw it. Every pair uses the same
-    halves, so each recipe's QR factors (the costly part at d = 3584) are computed once.
+    Use: ``add`` each recipe's centroids, then ``score_pairs``; ``mean_score`` scores one pair
+    without a null (the noise-floor ceiling).
+
+    For each of ``n_splits`` seeded random halvings, a rotation is fitted on one half of the
+    personas and scored on the other, both ways round. Nothing about the scored half enters the
+    fit: the centring mean and the principal directions come from the fit half alone (centring
+    over all personas would put the scored half's mean inside the fitted span).
+
+    The null relabels one recipe's personas with a random permutation (the same one for every
+    split) and reruns everything, so it is computed exactly as the observed value is. Each
+    recipe's fits, observed and relabelled, are computed once and shared by all its pairs.
     """
 
-    def __init__(self, n: int, rng: np.random.Generator):
-        perm = rng.permutation(n)
-        self.halves = (perm[: n // 2], perm[n // 2:])
-        self._qr: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    def __init__(self, n: int, n_splits: int, rng: np.random.Generator, n_null: int = 100):
+        self.n = n
+        self.n_fit = n // 2
+        self.splits = []
+        for _ in range(max(n_splits, 1)):
+            perm = rng.permutation(n)
+            self.splits.append((perm[: n // 2], perm[n // 2:]))
+        self.null_perms = [rng.permutation(n) for _ in range(n_null)]
+        self._gram: dict[str, np.ndarray] = {}
 
-    def _factor(self, key: str, xc: np.ndarray, h: int) -> tuple[np.ndarray, np.ndarray]:
-        if (key, h) not in self._qr:
-            self._qr[(key, h)] = np.linalg.qr(xc[self.halves[h]].T)
-        return self._qr[(key, h)]
+    @property
+    def enough(self) -> bool:
+        return self.n_fit >= MIN_FIT_PERSONAS
 
-    def cos(self, kx: str, xc: np.ndarray, ky: str, yc: np.ndarray) -> np.ndarray:
-        """``[n]`` cosines of mean-centred ``xc`` mapped onto mean-centred ``yc``."""
-        out = np.empty(xc.shape[0])
-        for h in (0, 1):
-            qa, m, qb = _procrustes_from_qr(self._factor(kx, xc, h), self._factor(ky, yc, h))
-            test = self.halves[1 - h]
-            out[test] = rowwise_cos(((xc[test] @ qa) @ m) @ qb.T, yc[test])
+    def add(self, key: str, x: np.ndarray) -> None:
+        """Register a recipe's centroids ``[n, d]`` (not centred: centring is per fit half)."""
+        x = np.asarray(x, dtype=np.float64)
+        self._gram[key] = x @ x.T
+
+    def _fits(self, key: str, relabel: np.ndarray | None) -> list[tuple[_Fit, _Fit]]:
+        """Per split, the fits on its first and on its second half (rows relabelled: persona i
+        of the relabelled recipe is persona ``relabel[i]`` of the original)."""
+        g = self._gram[key]
+        out = []
+        for a, b in self.splits:
+            ra, rb = (a, b) if relabel is None else (relabel[a], relabel[b])
+            out.append((_fit_half(g, ra, rb), _fit_half(g, rb, ra)))
+        return out
+
+    def _per_persona(self, fx: list[tuple[_Fit, _Fit]], fy: list[tuple[_Fit, _Fit]]) -> np.ndarray:
+        total = np.zeros(self.n)
+        for (a, b), (xa, xb), (ya, yb) in zip(self.splits, fx, fy, strict=True):
+            total[b] += _rotated_cos(xa, ya)
+            total[a] += _rotated_cos(xb, yb)
+        return total / len(self.splits)
+
+    def mean_score(self, kx: str, ky: str) -> float | None:
+        """Mean held-out cosine of one pair, without its null (None with too few personas)."""
+        if not self.enough:
+            return None
+        return float(self._per_persona(self._fits(kx, None), self._fits(ky, None)).mean())
+
+    def score_pairs(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], ProcrustesScore]:
+        """Scores of every ``(x, y)`` pair; the null relabels ``y``."""
+        if not self.enough:
+            why = (f"too few personas: a held-out rotation needs at least {2 * MIN_FIT_PERSONAS}, "
+                   f"got {self.n}")
+            return {p: ProcrustesScore(None, None, self.n_fit, 0, len(self.splits), why)
+                    for p in pairs}
+        keys = sorted({k for p in pairs for k in p})
+        fits = {k: self._fits(k, None) for k in keys}
+        null = {p: np.empty(len(self.null_perms)) for p in pairs}
+        for y in sorted({p[1] for p in pairs}):  # one relabelled fit per y and draw, all partners
+            partners = [p for p in pairs if p[1] == y]
+            for i, perm in enumerate(self.null_perms):
+                fy = self._fits(y, perm)
+                for p in partners:
+                    null[p][i] = self._per_persona(fits[p[0]], fy).mean()
+        out = {}
+        for x, y in pairs:
+            rank = min(fits[k][0][0].fit.shape[1] for k in (x, y))
+            out[(x, y)] = ProcrustesScore(self._per_persona(fits[x], fits[y]), null[(x, y)],
+                                          self.n_fit, rank, len(self.splits))
         return out
 
 
-def procrustes_cos(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Per-persona held-out cosine after aligning mean-centred ``x`` onto ``y`` (``[n]``)."""
-    return HeldOutProcrustes(x.shape[0], rng).cos("x", mean_centre(x), "y", mean_centre(y))
+def procrustes_score(x: np.ndarray, y: np.ndarray, seed: int = 0, n_splits: int = PROCRUSTES_SPLITS,
+                     n_null: int = 100) -> ProcrustesScore:
+    """Held-out Procrustes cosine of ``y`` (``[n, d]``) from ``x``, with its null."""
+    h = HeldOutProcrustes(x.shape[0], n_splits, np.random.default_rng(seed), n_null)
+    h.add("x", x)
+    h.add("y", y)
+    return h.score_pairs([("x", "y")])[("x", "y")]
 
 
 def spread_sums(per_q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -71,13 +71,12 @@ def matrix_bars(result: dict[str, Any], layer: int, path: Path) -> Path:
     x = np.arange(len(cells))
     ax.bar(x - 0.2, [c["matrix_raw"]["pearson"] for c in cells], 0.4, label="raw r")
     ax.bar(x + 0.2, [c["matrix_mc"]["pearson"] for c in cells], 0.4, label="mean-centred r")
-    floors = []
-    for c in cells:
-        vals = [result["noise_floor"].get(p, {}).get(str(layer), {}) for p in c["pair"]]
-        rs = [v["matrix_mc_pearson_mean"] for v in vals if v.get("exact") is False]
-        floors.append(min(rs) if rs else np.nan)
-    ax.scatter(x + 0.2, floors, color="k", marker="_", s=200, zorder=3,
-               label="split-half floor (noisier recipe)")
+    ceilings = [np.nan if c["ceiling"]["matrix_mc_pearson"] is None else c["ceiling"]["matrix_mc_pearson"]
+                for c in cells]
+    ax.scatter(x + 0.2, ceilings, color="k", marker="_", s=200, zorder=3,
+               label="ceiling: split-half r, Spearman-Brown (noisier recipe)")
+    ax.scatter(x + 0.2, [c["matrix_mc"]["null_p95"] for c in cells], color="#d9534f", marker="_",
+               s=200, zorder=3, label="null: 95th percentile, shuffled personas")
     ax.axhline(result["thresholds"]["pass_mc_r"], color="#5cb85c", lw=0.8, ls="--")
     ax.set_xticks(x, [_pair_name(c["pair"]) for c in cells], rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("Pearson r of cosine matrices")
@@ -116,20 +115,20 @@ def subspace_variance(layer: dict[str, Any], path: Path) -> Path:
 
 
 def subspace_agreement(layer: dict[str, Any], th: dict[str, float], path: Path) -> Path:
+    """Per shared PC, each pair's correlation of persona scores (held out: solid; in sample:
+    dotted), with the threshold that counts a PC as shared."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ks = [row["k"] for row in layer["curve"]]
-    for i, pair in enumerate(layer["curve"][0]["pairs"]):
-        ax.plot(ks, [row["pairs"][pair]["cos_min"] for row in layer["curve"]], color=f"C{i % 10}",
-                label=pair, lw=1)
-        held = layer["held_out_curve"]
-        ax.plot([row["k"] for row in held], [row["pairs"][pair]["cos_min"] for row in held],
-                color=f"C{i % 10}", ls="--", lw=0.7)
-    ax.axhline(th["min_cos"], color="k", lw=0.8, ls=":")
-    if layer["k_found"]:
-        ax.axvline(layer["k_found"], color="#5cb85c", lw=1)
-    ax.set_xlabel("K shared PCs (dashed: held-out personas)")
-    ax.set_ylabel("per-persona min cosine")
-    ax.set_title(f"Recipe agreement inside the shared subspace, layer {layer['layer']}")
+    held, ins = layer["per_pc"], layer["per_pc_in_sample"]
+    for i, pair in enumerate(held[0]["pairs"] if held else []):
+        ax.plot([row["pc"] for row in held], [row["pairs"][pair] for row in held],
+                color=f"C{i % 10}", label=pair, lw=1, marker=".")
+        ax.plot([row["pc"] for row in ins], [row["pairs"][pair] for row in ins],
+                color=f"C{i % 10}", ls=":", lw=0.7)
+    ax.axhline(th["min_r"], color="k", lw=0.8, ls="--")
+    ax.set_xlabel("shared PC (dotted: in sample)")
+    ax.set_ylabel("r of the two recipes' persona scores")
+    ax.set_title(f"Which shared PCs every recipe shares, layer {layer['layer']}: "
+                 f"k_found = {layer['k_found']}", fontsize=9)
     ax.legend(fontsize=5, ncol=2)
     return _save(fig, path)
 

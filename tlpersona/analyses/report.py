@@ -30,34 +30,89 @@ def verdict_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _p(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}" if v >= 1e-4 else f"{v:.1e}"
+
+
 def _detail_table(result: dict[str, Any], layer: int) -> str:
-    rows = ["| pair | cos mean | cos min | cos p5 | mc cos mean | Procrustes cos | raw r | mc r "
-            "| mc Spearman | Mantel p | spread ρ | verdict |",
+    rows = ["| pair | cos mean (null; ceiling) | cos min | cos p5 | mc cos mean (null) | raw r (null p95) "
+            "| mc r (null p95) | mc r ceiling | mc Spearman | Mantel p (Holm) | spread ρ | verdict |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
         if c["layer"] != layer:
             continue
-        s, mc = c["per_persona_cos"], c["per_persona_cos_mc"]
+        s, mc, raw, mr = c["per_persona_cos"], c["per_persona_cos_mc"], c["matrix_raw"], c["matrix_mc"]
         rows.append(
-            f"| {c['pair'][0]} ~ {c['pair'][1]} | {_f(s['mean'])} | {_f(s['min'])} | {_f(s['p5'])} "
-            f"| {_f(mc['mean'])} | {_f(c['procrustes_cos']['mean'])} | {_f(c['matrix_raw']['pearson'])} "
-            f"| {_f(c['matrix_mc']['pearson'])} | {_f(c['matrix_mc']['spearman'])} "
-            f"| {c['mantel_p']:.4f} | {_f(c['spread']['spearman'])} | **{c['verdict']}** |")
+            f"| {c['pair'][0]} ~ {c['pair'][1]} | {_f(s['mean'])} ({_f(s['null_mean'])}; "
+            f"{_f(c['ceiling']['per_persona_cos_mean'])}) "
+            f"| {_f(s['min'])} | {_f(s['p5'])} | {_f(mc['mean'])} ({_f(mc['null_mean'])}) "
+            f"| {_f(raw['pearson'])} ({_f(raw['null_p95'])}) | {_f(mr['pearson'])} ({_f(mr['null_p95'])}) "
+            f"| {_f(c['ceiling']['matrix_mc_pearson'])} | {_f(mr['spearman'])} "
+            f"| {_p(mr['mantel_p'])} ({_p(mr.get('mantel_p_holm'))}) | {_f(c['spread']['spearman'])} "
+            f"| **{c['verdict']}** |")
+    return "\n".join(rows)
+
+
+def _procrustes_table(result: dict[str, Any], layer: int) -> str:
+    rows = ["| pair | held-out Procrustes cos | null mean / p95 | ceiling | z | p (Holm) |",
+            "|---|---|---|---|---|---|"]
+    for c in result["cells"]:
+        if c["layer"] != layer:
+            continue
+        pc = c["procrustes_cos"]
+        if pc.get("mean") is None:
+            rows.append(f"| {c['pair'][0]} ~ {c['pair'][1]} | {pc['reason']} | | | | |")
+            continue
+        rows.append(f"| {c['pair'][0]} ~ {c['pair'][1]} | {_f(pc['mean'])} "
+                    f"| {_f(pc['null_mean'])} / {_f(pc['null_p95'])} | {_f(pc['ceiling'])} "
+                    f"| {_f(pc['z'], 1)} | {_p(pc['p'])} ({_p(pc.get('p_holm'))}) |")
     return "\n".join(rows)
 
 
 def _floor_table(result: dict[str, Any]) -> str:
-    rows = ["| recipe | layer | per-persona cos (mean / min) | mc matrix r (mean / min) |",
-            "|---|---|---|---|"]
+    rows = ["| recipe | layer | per-persona cos: mean / min | mc matrix r: mean / min (half-size) "
+            "| mc matrix r, full size (Spearman–Brown) |", "|---|---|---|---|---|"]
     for pos, by_layer in result["noise_floor"].items():
         for layer, v in by_layer.items():
             if v.get("exact") is False:
                 rows.append(f"| {pos} | {layer} | {_f(v['per_persona_cos_mean'], 4)} / "
                             f"{_f(v['per_persona_cos_min'], 4)} | {_f(v['matrix_mc_pearson_mean'], 4)}"
-                            f" / {_f(v['matrix_mc_pearson_min'], 4)} |")
+                            f" / {_f(v['matrix_mc_pearson_min'], 4)} | "
+                            f"{_f(v['matrix_mc_pearson_full'], 4)} |")
             else:
-                rows.append(f"| {pos} | {layer} | {v['reason']} | — |")
+                rows.append(f"| {pos} | {layer} | {v['reason']} | — | — |")
     return "\n".join(rows)
+
+
+def _sink_section(result: dict[str, Any]) -> list[str]:
+    sink = result.get("sink", {})
+    if not sink.get("available"):
+        return [f"Not measured: {sink.get('reason', 'no first-token position')}."]
+    positions = result["positions"]
+    rows = ["| layer | first-token norm | " + " | ".join(positions) + " |",
+            "|---|---|" + "---|" * len(positions)]
+    warned = []
+    for layer, row in sink["layers"].items():
+        cells = []
+        for p in positions:
+            e = row[p]
+            txt = _f(e["share"], 2)
+            if e.get("r_with_inverse_length") is not None:
+                txt += f" (r {e['r_with_inverse_length']:+.2f})"
+            if e["warning"]:
+                txt = f"**{txt}**"
+                warned.append(f"{p} (L{layer})")
+            cells.append(txt)
+        rows.append(f"| {layer} | {row['sink_norm']:.0f} | " + " | ".join(cells) + " |")
+    lines = ["Share of each recipe's between-persona variance along the first token's residual "
+             "direction (the attention sink; in brackets, where prompt lengths are stored, the "
+             "correlation of that coordinate with 1/prompt length).", "", *rows, ""]
+    if warned:
+        lines += [f"**Warning:** more than {sink['warn_above']:.0%} of the persona variance of "
+                  f"{', '.join(warned)} lies along the sink direction: there the recipe mostly "
+                  "measures how much weight the sink token gets in a mean (prompt length), not the "
+                  "persona. `prompt_mean_no_first` leaves the first token out.", ""]
+    return lines
 
 
 def _bstar_section(result: dict[str, Any]) -> str:
@@ -99,30 +154,56 @@ def write_report(result: dict[str, Any], source: Any, out: str | Path,
         f"(smallest attainable p = {result['min_attainable_p']:.4f}), seed {result['seed']}; "
         f"input manifest {result['input']['manifest_hash'][:12]}.", "",
         f"Verdicts: PASS if per-persona min cos > {th['pass_min_cos']} and mean-centred matrix "
-        f"r > {th['pass_mc_r']} (and spread Spearman > {th['pass_spread']} where defined); KILL if "
-        f"min cos < {th['kill_min_cos']} or mean-centred r < {th['kill_mc_r']}; GREY otherwise.", "",
+        f"r > {th['pass_mc_r']}"
+        + (f" and spread Spearman > {th['pass_spread']} where defined" if th.get("gate_spread")
+           else " (the spread correlation is descriptive and does not gate the verdict)")
+        + f"; KILL if min cos < {th['kill_min_cos']} or mean-centred r < {th['kill_mc_r']}; GREY "
+        "otherwise. Groups of agreeing recipes are sets whose every pair passes.", "",
+        "Every statistic is shown with what unrelated personas would give (null) and, where it has "
+        "one, what identical data would give (ceiling). Nulls: for mean cosines, the mean over "
+        "every mismatched persona pairing (exact); for matrix r, the permutation distribution of "
+        "persona labels (Mantel); for the held-out Procrustes cosine, the same procedure rerun "
+        f"after relabelling one recipe's personas ({result.get('n_null', 0)} draws). p-values are "
+        "Holm-adjusted over all cells of a kind; a permutation p cannot go below 1/(N+1), so "
+        "after Holm over m cells it cannot go below m/(N+1): where that is above 0.05 the "
+        "summary says so instead of calling cells significant. z (distance above the null mean "
+        "in null standard deviations) is descriptive.", "",
         "## Verdicts", "", verdict_table(result), "", "![verdicts](figures/verdicts.png)", "",
     ]
     for pos, by_persona in result.get("missing_rows", {}).items():
         listed = ", ".join(f"{k} ({v})" for k, v in by_persona.items())
         lines += [f"Missing rows for {pos} (left out of its centroids): {listed}.", ""]
     for layer in layers:
-        lines += [f"## Layer {layer}", "", _detail_table(result, layer), ""]
+        lines += [f"## Layer {layer}", "", _detail_table(result, layer), "",
+                  "Held-out Procrustes: centred and reduced to each recipe's top principal "
+                  "directions on one half of the personas, rotated onto the other recipe there, "
+                  "scored on the other half (both ways round, averaged over "
+                  f"{result.get('procrustes_splits', 0)} halvings). Ceiling: the same procedure between two "
+                  "question halves of each recipe (geometric mean of the two; 1 for "
+                  "question-invariant recipes).", "", _procrustes_table(result, layer), ""]
     lines += [
         f"![cosines](figures/cosines_L{mid}.png)", "", f"![matrix r](figures/matrix_r_L{mid}.png)", "",
         f"![cosine matrices](figures/cos_matrices_L{mid}.png)", "",
-        "## Split-half noise floor", "",
+        "## Split-half noise floor (ceilings)", "",
         f"Centroids from two random halves of the questions ({result['n_splits']} seeded splits), "
-        "compared with the same statistics as the recipe pairs.", "", _floor_table(result), "",
+        "compared with the same statistics as the recipe pairs. Each half averages half of the "
+        "questions, so these are floors for half-size centroids; the last column is the "
+        "Spearman–Brown value for full-size centroids, used as the ceiling of mean-centred "
+        "matrix r. Min is the minimum over every split.", "", _floor_table(result), "",
+        "## Attention-sink check", "", *_sink_section(result),
         "## B*_no_last algebra check", "",
         "B* (prompt_mean) includes A's token (last) in its mean, so part of cos(A, B*) is "
         "arithmetic; B*_no_last removes it.", "", _bstar_section(result), "",
         "## Paired permutation tests", "",
         f"{len(result['paired_tests'])} tests of whether one pair is more aligned than another "
-        f"pair sharing a recipe (sign flips across personas). Smallest p-values:", "",
-        "| layer | pair 1 | pair 2 | mean cos difference | p |", "|---|---|---|---|---|",
+        f"pair sharing a recipe (sign flips across personas; every pattern enumerated where "
+        f"2^n ≤ {result['n_permutations']}). Smallest p-values, with Holm over all "
+        f"{len(result['paired_tests'])} tests:", "",
+        "| layer | pair 1 | pair 2 | mean cos difference | p | z | Holm p |",
+        "|---|---|---|---|---|---|---|",
         *[f"| {t['layer']} | {' ~ '.join(t['pair_1'])} | {' ~ '.join(t['pair_2'])} | "
-          f"{t['mean_diff']:+.4f} | {t['p']:.4f} |" for t in sig],
+          f"{t['mean_diff']:+.4f} | {_p(t['p'])} | {t['z']:+.1f} | {_p(t['p_holm'])} |"
+          for t in sig],
         "",
     ]
     path = out / "report.md"
@@ -154,22 +235,39 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Any,
     plots.subspace_variance(mid, figs / f"subspace_variance_L{mid['layer']}.png")
     plots.subspace_agreement(mid, result["thresholds"], figs / f"subspace_agreement_L{mid['layer']}.png")
     plots.subspace_scatter(coords, mid["layer"], figs / f"subspace_pc12_L{mid['layer']}.png")
-    rows = ["| layer | k_found | largest passing K | held-out: k_found / largest passing K "
-            "| variance of the first shared PC |", "|---|---|---|---|---|"]
+    rows = ["| layer | k_found (held out) | null: k_found of relabelled personas | in sample "
+            "| largest K with min cos and r passing (held out / in sample) | variance of PC1 "
+            "| \\|cos(PC1, first token)\\| |", "|---|---|---|---|---|---|---|"]
     for lay in layers:
-        rows.append(f"| {lay['layer']} | {lay['k_found']} | {lay['k_largest_passing']} | "
-                    f"{lay['k_found_held_out']} / {lay['k_largest_passing_held_out']} | "
-                    f"{lay['explained_variance_ratio'][0]:.3f} |")
+        null = ", ".join("none" if k is None else str(k) for k in lay["k_found_null"]) or "—"
+        if lay["k_found_null_p"] is not None:
+            null += f" (p = {lay['k_found_null_p']:.3f})"
+        found = "none" if not lay["k_found"] else (
+            f"≥ {lay['k_found']} (every countable PC shared)" if lay["k_found_saturated"]
+            else str(lay["k_found"]))
+        rows.append(f"| {lay['layer']} | {found} | {null} | "
+                    f"{lay['k_found_in_sample'] or 'none'} | "
+                    f"{lay['k_largest_passing'] or 'none'} / "
+                    f"{lay['k_largest_passing_in_sample'] or 'none'} | "
+                    f"{lay['explained_variance_ratio'][0]:.3f} | {_f(lay['pc1_sink_cos'])} |")
     th = result["thresholds"]
+    held = mid["held_out"]
+    scale = ("each recipe scaled to unit total variance first, so the PCA ranks directions by "
+             "how many recipes share them" if result["unit_norm"] else
+             "recipes at their own scale, so the recipe with the largest norm dominates the PCs")
     lines = [
         "## Shared persona subspace", "",
-        f"One PCA on every recipe's mean-centred centroids ({', '.join(result['positions'])}"
-        f"{', each scaled to unit norm' if result['unit_norm'] else ''}). k_found is the largest K "
-        f"up to which every recipe pair, projected onto the top-K shared PCs, keeps per-persona "
-        f"min cos > {th['min_cos']} and mean-centred matrix r > {th['min_r']} (none if K = 1 "
-        "fails; small K is trivially agreeable: a 1-D projection makes every cosine ±1); the "
-        "largest passing K ignores failures at smaller K. Held-out: PCs fitted on half of the "
-        "personas, scored on the other half.", "",
+        f"One PCA on every recipe's mean-centred centroids ({', '.join(result['positions'])}; "
+        f"{scale}). k_found counts the shared PCs on which every pair of recipes orders the "
+        f"personas alike (Pearson r of their scores > {th['min_r']}); a direction that only one "
+        f"recipe varies along gives r near 0. Headline: held out — centring, scaling and PCA "
+        f"fitted on {held['n_fit']} personas, scores taken on the other {held['n_scored']}; only "
+        f"the first {held['n_fit'] - 1} PCs can be counted. Null: the same after relabelling one "
+        "recipe's personas at random (what unrelated recipes reach; p = share of relabellings "
+        "reaching k_found). The last columns are descriptive: the largest K at which every pair, projected "
+        f"onto the top-K PCs, keeps per-persona min cos > {th['min_cos']} and cosine-matrix r > "
+        f"{th['min_r']} (K = 1 is not scored: a 1-D projection makes every cosine ±1), and how "
+        "closely PC1 follows the first token's residual (the attention sink).", "",
         *rows, "",
         f"![variance](figures/subspace_variance_L{mid['layer']}.png)", "",
         f"![agreement](figures/subspace_agreement_L{mid['layer']}.png)", "",

@@ -1,13 +1,26 @@
 """A persona subspace shared by every recipe: one PCA fitted on all recipes' centroids.
 
-Per layer, each recipe's centroids ``[persona, d]`` are mean-centred across personas (and
-optionally scaled to unit Frobenius norm, so no recipe dominates), stacked into
-``[recipe × persona, d]``, and one PCA gives the shared PCs. For K = 1 … k_max every recipe is
-projected onto the top-K shared PCs and the recipe pairs are scored there with the comparison's
-statistics (per-persona cosine, mean-centred cosine-matrix Pearson r). ``k_found`` is the
-largest K up to which every pair keeps agreeing (min cos > 0.85, r > 0.90), None if K = 1 fails;
-``k_largest_passing`` is the largest K that passes at all. A 1-D projection makes
-every cosine ±1, so small K is trivially agreeable; the largest K is the quantity of interest.
+Per layer, each recipe's centroids ``[persona, d]`` are mean-centred across personas and, by
+default, scaled to unit total variance (so the PCA ranks directions by how many recipes share
+them, not by which recipe has the largest norm); the recipes are stacked into
+``[recipe × persona, d]`` and one PCA gives the shared PCs.
+
+``k_found`` counts the shared PCs that every pair of recipes orders the personas alike on:
+Pearson r > 0.90 across personas between the two recipes' scores on that PC. A direction only
+one recipe varies along scores r near 0 whatever its variance, so a planted k-dimensional
+recipe-invariant subspace gives k and unrelated recipes give None (at 26 personas; with fewer,
+a few held-out personas correlate by chance, which the null shows). The headline value is held
+out: the centring, the scaling and the PCA are fitted on half of the personas, the scores taken
+on the other half (``k_found_in_sample`` uses every persona for both); only the first
+n_fit − 1 PCs are counted, and when all of them are shared ``k_found_saturated`` says the
+subspace may be larger than the personas can show. The null relabels one recipe's personas at
+random and reruns the held-out procedure: the K an unrelated pair reaches, and
+``k_found_null_p`` = (1 + #relabellings reaching k_found) / (N + 1).
+
+Descriptive curves: for K = 2 … k_max every recipe is projected onto the top-K shared PCs and
+the pairs are scored there (per-persona cosine, cosine-matrix Pearson r; ``k_largest_passing``
+is the largest K with min cos > 0.85 and r > 0.90). K = 1 is not scored: a 1-D projection makes
+every per-persona cosine ±1.
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ from sklearn.decomposition import PCA
 
 from tlpersona.analyses import metrics as M
 from tlpersona.errors import TlpersonaError
-from tlpersona.positions import RECIPES, canonical
+from tlpersona.positions import canonical
 
 
 @dataclass
@@ -30,29 +43,47 @@ class SubspaceConfig:
     positions: list[str] | None = None
     layers: list[int] | None = None
     k_max: int = 50
-    unit_norm: bool = False
+    unit_norm: bool = True
     min_cos: float = 0.85
     min_r: float = 0.90
     seed: int = 0
+    n_null: int = 10  # relabelled reruns behind the k_found null
+
+
+@dataclass
+class Centring:
+    """What a recipe is centred and scaled with: fitted on some personas, applied to any."""
+
+    mean: np.ndarray  # [d]
+    scale: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray, unit_norm: bool) -> Centring:
+        mean = x.mean(axis=0)
+        norm = float(np.linalg.norm(x - mean))
+        return cls(mean, 1.0 / norm if unit_norm and norm > 0 else 1.0)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) * self.scale
 
 
 def prepare(x: np.ndarray, unit_norm: bool) -> np.ndarray:
-    xc = M.mean_centre(x)
-    return xc / np.linalg.norm(xc) if unit_norm else xc
+    """``x`` centred over its personas (and scaled to unit Frobenius norm if ``unit_norm``)."""
+    return Centring.fit(x, unit_norm).apply(x)
 
 
 def agreement_curve(mats: dict[str, np.ndarray], components: np.ndarray,
                     pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    """For K = 1 … len(components): per pair, per-persona cos (mean, min) and mean-centred
-    matrix Pearson r of the recipes projected onto the top-K components (``[K, d]``)."""
+    """For K = 2 … len(components): per pair, per-persona cos (mean, min) and cosine-matrix
+    Pearson r of the (already centred) recipes projected onto the top-K components (``[K, d]``).
+    The rows are not re-centred, so held-out rows keep the fit half's centring."""
     out = []
-    for k in range(1, components.shape[0] + 1):
+    for k in range(2, components.shape[0] + 1):
         proj = {p: m @ components[:k].T for p, m in mats.items()}
         row: dict[str, Any] = {"k": k, "pairs": {}}
         for x, y in pairs:
             cos = M.rowwise_cos(proj[x], proj[y])
-            r = (M.matrix_agreement(M.mean_centre(proj[x]), M.mean_centre(proj[y]))["pearson"]
-                 if k > 1 else float("nan"))
+            r = M.matrix_agreement(proj[x], proj[y])["pearson"] if len(cos) > 2 else float("nan")
             row["pairs"][f"{x}~{y}"] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
                                         "mc_r": r}
         out.append(row)
@@ -60,42 +91,73 @@ def agreement_curve(mats: dict[str, np.ndarray], components: np.ndarray,
 
 
 def _passes(row: dict[str, Any], min_cos: float, min_r: float) -> bool:
-    # K=1: cosine only, a correlation of 1-D cosine matrices being undefined
-    return all(v["cos_min"] > min_cos and (row["k"] == 1 or v["mc_r"] > min_r)
-               for v in row["pairs"].values())
-
-
-def k_found(curve: list[dict[str, Any]], min_cos: float, min_r: float) -> int | None:
-    """Largest K up to which every pair keeps min cos > ``min_cos`` and r > ``min_r`` at every
-    K' ≤ K; None if K=1 already fails."""
-    best = None
-    for row in curve:
-        if not _passes(row, min_cos, min_r):
-            break
-        best = row["k"]
-    return best
+    return all(v["cos_min"] > min_cos and v["mc_r"] > min_r for v in row["pairs"].values())
 
 
 def k_largest_passing(curve: list[dict[str, Any]], min_cos: float, min_r: float) -> int | None:
-    """Largest K that passes, whether or not every smaller K does (a 1-D sign flip of one
-    persona fails K=1 without saying much about the subspace)."""
+    """Largest K (≥ 2) at which every pair keeps min cos and matrix r above the thresholds."""
     passing = [row["k"] for row in curve if _passes(row, min_cos, min_r)]
     return max(passing) if passing else None
 
 
-def subspace(source: Any, cfg: SubspaceConfig | None = None) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
-    """Shared PCs per layer, agreement curves, k_found, held-out check and variance shares.
+def per_pc_agreement(mats: dict[str, np.ndarray], components: np.ndarray,
+                     pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """For each shared PC alone: per pair, the Pearson r across personas of the two recipes'
+    scores on it. A PC both recipes share orders the personas alike (r near 1); a direction
+    only one recipe varies along gives r near 0 whatever its variance."""
+    scores = {p: m @ components.T for p, m in mats.items()}  # [persona, K]
+    out = []
+    for j in range(components.shape[0]):
+        row: dict[str, Any] = {"pc": j + 1, "pairs": {}}
+        for x, y in pairs:
+            a, b = scores[x][:, j], scores[y][:, j]
+            ok = np.std(a) > 0 and np.std(b) > 0 and len(a) > 2
+            row["pairs"][f"{x}~{y}"] = float(np.corrcoef(a, b)[0, 1]) if ok else float("nan")
+        out.append(row)
+    return out
 
-    Returns ``(results, {layer: components [k, d]})``.
+
+def k_found(per_pc: list[dict[str, Any]], min_r: float) -> int | None:
+    """How many of the shared PCs every recipe pair orders personas alike on (r > ``min_r``):
+    the dimension of the subspace the recipes share. None if no PC is shared."""
+    n = sum(all(r > min_r for r in row["pairs"].values()) for row in per_pc)
+    return n or None
+
+
+def held_out(raw: dict[str, np.ndarray], positions: list[str], pairs: list[tuple[str, str]],
+             fit: np.ndarray, test: np.ndarray, k_max: int, unit_norm: bool
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Shared PCs fitted on the ``fit`` personas only (their mean, scale and PCA), agreement
+    scored on the ``test`` personas only. Returns the per-PC agreement and the K curve."""
+    centring = {p: Centring.fit(x[fit], unit_norm) for p, x in raw.items()}
+    stacked = np.concatenate([centring[p].apply(raw[p][fit]) for p in positions])
+    k = min(k_max, stacked.shape[0] - 1, stacked.shape[1])
+    pca = PCA(n_components=k, svd_solver="full").fit(stacked)
+    test_rows = {p: centring[p].apply(raw[p][test]) for p in positions}
+    # a recipe's fit half spans n_fit - 1 directions: PCs past that are not its own estimate
+    countable = pca.components_[: len(fit) - 1]
+    return (per_pc_agreement(test_rows, countable, pairs),
+            agreement_curve(test_rows, pca.components_, pairs))
+
+
+def subspace(source: Any, cfg: SubspaceConfig | None = None) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+    """Shared PCs per layer, agreement curves, k_found (held out) with its null, in-sample
+    values, variance shares and the sink check.
+
+    Returns ``(results, {layer: components [k, d]})`` (components of the all-persona PCA).
     """
+    from tlpersona.analyses.compare import default_positions
+
     cfg = cfg or SubspaceConfig()
     positions = ([canonical(p) for p in cfg.positions] if cfg.positions
-                 else [p for p in RECIPES.values() if p in source.positions])
+                 else default_positions(list(source.positions)))
     if len(positions) < 2:
         raise TlpersonaError("the subspace needs at least two positions")
     missing = [p for p in positions if p not in source.positions]
     if missing:
         raise TlpersonaError(f"position {missing[0]} is not in the input")
+    if cfg.k_max < 1:
+        raise TlpersonaError(f"k_max must be at least 1, got {cfg.k_max}")
     n = len(source.personas)
     if n < 4:
         raise TlpersonaError(f"the subspace needs at least 4 personas, got {n}")
@@ -104,8 +166,10 @@ def subspace(source: Any, cfg: SubspaceConfig | None = None) -> tuple[dict[str, 
     rng = np.random.default_rng(cfg.seed)
     perm = rng.permutation(n)
     fit_half, test_half = perm[: n // 2], perm[n // 2:]
+    relabels = [rng.permutation(n) for _ in range(cfg.n_null)]
     results: dict[str, Any] = {"positions": positions, "n_personas": n, "unit_norm": cfg.unit_norm,
                                "thresholds": {"min_cos": cfg.min_cos, "min_r": cfg.min_r},
+                               "null": {"n": cfg.n_null, "relabelled": positions[-1]},
                                "layers": []}
     comps: dict[int, np.ndarray] = {}
     for layer in layers:
@@ -117,13 +181,15 @@ def subspace(source: Any, cfg: SubspaceConfig | None = None) -> tuple[dict[str, 
         pca = PCA(n_components=k_max, svd_solver="full").fit(stacked)
         comps[layer] = pca.components_
         curve = agreement_curve(mats, pca.components_, pairs)
-        # Held out: PCs from half of the personas, scored on the other half only.
-        fit = {p: prepare(x[fit_half], cfg.unit_norm) for p, x in raw.items()}
-        k_half = min(k_max, len(fit_half) * len(positions) - 1)
-        pca_half = PCA(n_components=k_half, svd_solver="full").fit(
-            np.concatenate([fit[p] for p in positions]))
-        test = {p: prepare(x[test_half], cfg.unit_norm) for p, x in raw.items()}
-        held = agreement_curve(test, pca_half.components_, pairs)
+        in_pc = per_pc_agreement(mats, pca.components_[: n - 1], pairs)
+        held_pc, held = held_out(raw, positions, pairs, fit_half, test_half, k_max, cfg.unit_norm)
+        # Null: the last recipe's personas relabelled, everything else as for the headline.
+        null_k = []
+        for relabel in relabels:
+            shuffled = {**raw, positions[-1]: raw[positions[-1]][relabel]}
+            null_pc, _ = held_out(shuffled, positions, pairs, fit_half, test_half, k_max,
+                                  cfg.unit_norm)
+            null_k.append(k_found(null_pc, cfg.min_r))
         variance = {}
         for p in positions:
             x = mats[p]
@@ -136,17 +202,37 @@ def subspace(source: Any, cfg: SubspaceConfig | None = None) -> tuple[dict[str, 
                       for k in range(1, min(k_max, own.components_.shape[0]) + 1)]
             variance[p] = {"shared_cumulative": shared.tolist(), "own_cumulative": own_cum.tolist(),
                            "max_principal_angle_deg": angles}
+        k_held = k_found(held_pc, cfg.min_r)
+        beaten = sum((k or 0) >= k_held for k in null_k) if k_held else None
         results["layers"].append({
             "layer": layer,
             "k_max": k_max,
-            "k_found": k_found(curve, cfg.min_cos, cfg.min_r),
-            "k_largest_passing": k_largest_passing(curve, cfg.min_cos, cfg.min_r),
-            "k_found_held_out": k_found(held, cfg.min_cos, cfg.min_r),
-            "k_largest_passing_held_out": k_largest_passing(held, cfg.min_cos, cfg.min_r),
+            "k_found": k_held,
+            "k_found_held_out": k_held,
+            # every countable PC shared: the subspace may be larger than the fit half can show
+            "k_found_saturated": bool(k_held) and k_held == len(held_pc),
+            "k_found_in_sample": k_found(in_pc, cfg.min_r),
+            "k_found_null": null_k,
+            "k_found_null_p": (None if beaten is None or not null_k
+                               else (1 + beaten) / (len(null_k) + 1)),
+            "k_largest_passing": k_largest_passing(held, cfg.min_cos, cfg.min_r),
+            "k_largest_passing_in_sample": k_largest_passing(curve, cfg.min_cos, cfg.min_r),
+            "per_pc": held_pc,
+            "per_pc_in_sample": in_pc,
             "held_out": {"n_fit": len(fit_half), "n_scored": len(test_half)},
             "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+            "pc1_sink_cos": _sink_cos(source, li, pca.components_[0]),
             "curve": curve,
             "held_out_curve": held,
             "variance": variance,
         })
     return results, comps
+
+
+def _sink_cos(source: Any, li: int, pc1: np.ndarray) -> float | None:
+    """|cos| between the first shared PC and the first token's residual (None without it)."""
+    if "first" not in source.positions:
+        return None
+    sink = source.centroids("first")[:, li].double().numpy().mean(0)
+    norm = np.linalg.norm(sink) * np.linalg.norm(pc1)
+    return float(abs(sink @ pc1) / norm) if norm > 0 else None
