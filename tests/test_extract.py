@@ -54,13 +54,16 @@ def _reference(hf, tok, system, question, resp_ids):
         "sys_end+1": h[:, sys_end + 1],
         "prompt_mean": h[:, :n].double().mean(1).float(),
         "prompt_mean_no_last": h[:, : n - 1].double().mean(1).float(),
+        "prompt_mean_no_first": h[:, 1:n].double().mean(1).float(),
+        "first": h[:, 0],
         "response_mean": h[:, n:].double().mean(1).float(),
         "raw_system_last": _hf_resid(hf, raw)[:, -1],
     }
 
 
 def test_every_recipe_matches_hf_hidden_states(loaded, hf_ref, responses):
-    cfg = ExtractConfig(parse_positions("all6"), LAYERS, prompt_index=0, batch_size=2, progress=False)
+    cfg = ExtractConfig(parse_positions("all6,first,prompt_mean_no_first"), LAYERS, prompt_index=0,
+                        batch_size=2, progress=False)
     res = Extractor(loaded, cfg).persona(PERSONA, QUESTIONS, responses)
     system = PERSONA.system_prompts[0]
     worst = 0.0

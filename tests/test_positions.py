@@ -34,3 +34,10 @@ def test_invariance_and_response_flags():
 def test_unknown_positions_raise(bad):
     with pytest.raises(TlpersonaError):
         parse_positions(bad)
+
+
+def test_sink_positions_parse():
+    assert canonical("bstar_no_first") == "prompt_mean_no_first"
+    assert parse_position("first").question_invariant
+    assert not parse_position("prompt_mean_no_first").question_invariant
+    assert "first" not in [p.name for p in parse_positions("all6")]
