@@ -63,7 +63,12 @@ def test_experiment_end_to_end(default_source, tmp_path):
     assert "## Activation patching and steering" in report and "steering ranking:" in res.output
     assert open_store(out / "store").positions == [
         "last", "response_mean", "prompt_mean", "prompt_mean_no_last", "raw_system_last",
-        "sys_end", "sys_end+1"]
+        "sys_end", "sys_end+1", "first", "prompt_mean_no_first"]
+    # the sink check ran on the stored first token, and the sink-free mean was compared
+    assert "## Attention-sink check" in report and "Not measured" not in report
+    assert "| last ~ prompt_mean_no_first |" in report
+    # 5 personas: the held-out rotation says it cannot be computed rather than give a number
+    assert "too few personas" in report and "nulls are wide" in report
 
 
 def test_export_seed_layout_and_wandb_offline(loaded, tmp_path, monkeypatch):
