@@ -13,6 +13,11 @@ from safetensors.torch import save_file
 
 from tlpersona.errors import TlpersonaError
 
+# mkstemp creates files readable by their owner only; a renamed result should get the mode any
+# other new file gets (0666 less the umask). Read once, while importing is single-threaded.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
     """Write through ``write(tmp)`` and rename onto ``path``; on any failure the temporary file
@@ -25,6 +30,7 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
         raise TlpersonaError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
