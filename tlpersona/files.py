@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -53,6 +55,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
                                         metadata=meta))
+
+
+def json_bytes(obj: object) -> bytes:
+    """Strict JSON (indented) of a results object: NaN and infinities become ``null``, which
+    every JSON reader accepts (bare ``NaN`` is not JSON)."""
+    def clean(x: object) -> object:
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=1, allow_nan=False).encode()
 
 
 def sha256_file(path: Path) -> str:

@@ -207,6 +207,8 @@ def load_hf(source: str, device: str, dtype: torch.dtype, attn: str | None = Non
     """
     from transformers import AutoModelForCausalLM
 
+    if not device_map:
+        check_device(device)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn:
         kwargs["attn_implementation"] = attn
@@ -289,6 +291,7 @@ def load_bridge(spec: str = "default", device: str | None = None,
         raise TlpersonaError(f"unknown attention implementation {attn!r} (auto, sdpa or eager)")
     source, identity = resolve(spec)
     device = device or default_device()
+    check_device(device)
     tdtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
     tokenizer = load_tokenizer(source)
     hf = load_hf(source, device, tdtype, device_map=device_map)

@@ -32,7 +32,14 @@ from tlpersona.positions import parse_positions
 from tlpersona.preflight import PromptCheck, check_context, check_prompts, check_responses
 from tlpersona.response_provenance import check_compatible, check_ours
 from tlpersona.response_provenance import header as response_header
-from tlpersona.safety import check_count, check_output_dir, check_output_file
+from tlpersona.safety import (
+    check_count,
+    check_finite_numbers,
+    check_output_dir,
+    check_output_file,
+    jsonl_lines,
+    read_text,
+)
 
 
 @dataclass
@@ -293,6 +300,7 @@ def run_compare(store: str | None, seed_dir: str | None, cfg: Any, out: str | Pa
     from tlpersona.analyses.compare import compare
     from tlpersona.analyses.report import write_report
 
+    check_output_dir(Path(out))
     source = open_source(store, seed_dir)
     result = compare(source, cfg)
     return write_report(result, source, out, title), result
@@ -309,6 +317,7 @@ def run_subspace(store: str | None, seed_dir: str | None, cfg: Any, out: str | P
     from tlpersona.analyses.subspace import subspace
     from tlpersona.files import atomic_write_bytes
 
+    check_output_dir(Path(out))
     source = open_source(store, seed_dir)
     result, comps = subspace(source, cfg)
     section = write_subspace(result, comps, source, out)
@@ -365,9 +374,7 @@ def _new_material(req: ProjectRequest) -> list[tuple[str, str, list[str]]]:
     items = [(f"system:{i}", s, qs) for i, (s, qs) in enumerate(req.systems or [])]
     if req.conversations:
         path = Path(req.conversations)
-        if not path.exists():
-            raise TlpersonaError(f"{path}: file not found")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(jsonl_lines(read_text(path, "conversations JSONL file")), 1):
             if not line.strip():
                 continue
             try:
@@ -399,17 +406,31 @@ def run_project(req: ProjectRequest) -> tuple[Path, dict]:
     from tlpersona.data import Persona, Question
     from tlpersona.files import atomic_write_bytes
 
+    check_output_dir(Path(req.out))
     st = open_store(req.store, verify=True)
     positions = ([p.name for p in parse_positions(req.positions)] if req.positions
                  else list(st.positions))
+    for p in positions:
+        st.centroids(p)  # one line for a position the store lacks
     layer = req.layer if req.layer is not None else st.layers[len(st.layers) // 2]
     li = st.layer_index(layer)
+    prompt_positions = [p for p in parse_positions(",".join(positions)) if not p.needs_response]
+    if req.texts and "raw_system_last" not in positions:
+        raise TlpersonaError("--text is read with the raw_system_last recipe, which "
+                             + ("--positions does not include" if req.positions else
+                                "this store does not have"))
+    if (req.systems or req.conversations) and not prompt_positions:
+        raise TlpersonaError("--system/--conversations need a recipe read from the prompt; "
+                             "these positions all need a response")
     cent = {p: st.centroids(p)[:, li].double().numpy() for p in positions}
     if req.axis == "pcs":
         if req.k < 1:
             raise TlpersonaError("--k must be at least 1")
         _, comps = subspace(st, SubspaceConfig(positions=positions, layers=[layer],
                                                k_max=req.k, unit_norm=req.unit_norm))
+        if req.k > comps[layer].shape[0]:
+            raise TlpersonaError(f"--k {req.k}: only {comps[layer].shape[0]} shared PCs exist for "
+                                 f"{len(st.personas)} personas and {len(positions)} recipes")
         frames = {p: pc_frame(c, comps[layer], req.k, req.unit_norm) for p, c in cent.items()}
     elif req.axis.startswith("persona:"):
         frames = {p: axis_frame(c, st.personas, req.axis.split(":", 1)[1]) for p, c in cent.items()}
@@ -427,7 +448,6 @@ def run_project(req: ProjectRequest) -> tuple[Path, dict]:
         model = load_bridge(model_spec, req.device or default_device(), req.dtype)
         if model.info.identity != st.provenance.get("model_identity"):
             raise TlpersonaError(f"{model_spec} is not the model this store was made with")
-        prompt_positions = [p for p in parse_positions(",".join(positions)) if not p.needs_response]
         for label, system, questions in items:
             pos_list = ([p for p in prompt_positions if p.kind == "raw"] if not questions
                         else prompt_positions)
@@ -520,6 +540,7 @@ def run_patch(req: PatchRequest) -> tuple[Path, dict[str, Any]]:
     from tlpersona.cache.store import open_store
     from tlpersona.data import content_hash
 
+    check_output_dir(Path(req.out))
     if req.hook not in HOOKS:
         raise TlpersonaError(f"unknown --hook {req.hook!r} (resid_post or resid_pre)")
     if req.n_questions < 1:
@@ -528,6 +549,7 @@ def run_patch(req: PatchRequest) -> tuple[Path, dict[str, Any]]:
         alphas = [float(a) for a in req.alphas.split(",") if a.strip()]
     except ValueError:
         raise TlpersonaError(f"--alphas must be comma-separated numbers, not {req.alphas!r}") from None
+    check_finite_numbers(alphas, "--alphas")
     st = open_store(req.store, verify=True) if req.store else None
     prov = st.provenance if st else {}
     personas = load_personas(req.personas)

@@ -51,8 +51,9 @@ def agreement_curve(mats: dict[str, np.ndarray], components: np.ndarray,
         row: dict[str, Any] = {"k": k, "pairs": {}}
         for x, y in pairs:
             cos = M.rowwise_cos(proj[x], proj[y])
+            # undefined for K = 1, and for 2 personas (one pair: nothing to correlate)
             r = (M.matrix_agreement(M.mean_centre(proj[x]), M.mean_centre(proj[y]))["pearson"]
-                 if k > 1 else float("nan"))
+                 if k > 1 and len(proj[x]) > 2 else float("nan"))
             row["pairs"][f"{x}~{y}"] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
                                         "mc_r": r}
         out.append(row)
