@@ -415,10 +415,11 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
                      questions: list[Question], out: str | Path,
                      responses: dict[Key, Response] | None = None, force_new: bool = False,
                      on_group: Callable[[list[int]], None] | None = None,
-                     stats: dict[str, int] | None = None) -> Path:
+                     stats: dict[str, int] | None = None, keep: set[Path] | None = None) -> Path:
     """Extract every persona into a store at ``out``; finished personas are skipped on resume.
 
-    ``stats`` (if given) receives how many personas were ``computed`` and ``reused``.
+    ``stats`` (if given) receives how many personas were ``computed`` and ``reused``; ``keep``
+    are files of the run's own input inside ``out`` (a responses file), never removed.
     """
     stats = {} if stats is None else stats
     if not personas:
@@ -444,10 +445,10 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
     rk = ranks()
     # Rank 0 creates (or checks) the store first; the others then open it and check it too.
     if rk.main:
-        writer = StoreWriter(out, prov, info, force_new=force_new)
+        writer = StoreWriter(out, prov, info, force_new=force_new, keep=keep)
     rk.barrier()
     if not rk.main:
-        writer = StoreWriter(out, prov, info)
+        writer = StoreWriter(out, prov, info, keep=keep)
     if writer.complete:
         stats.update(computed=0, reused=len(personas))
         return Path(out)

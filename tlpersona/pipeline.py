@@ -180,6 +180,7 @@ def run_extract(req: ExtractRequest) -> Path:
                        plan.header if needs and given is None else None)
             if req.force_new:
                 clear_store(out, keep)  # before generation: a new store gets new responses too
+        rk.barrier()  # other ranks start writing only once rank 0 has checked and cleared
         responses = None
         if given is not None:
             check_compatible(resp_path, plan.identity, expected["template_hash"])
@@ -194,7 +195,8 @@ def run_extract(req: ExtractRequest) -> Path:
                             str(resp_path), plan.context)
         model = load_bridge(req.model, plan.device, req.dtype, req.attn, req.device_map)
         stats: dict[str, int] = {}
-        path = extract_to_store(model, cfg, personas, questions, out, responses, stats=stats)
+        path = extract_to_store(model, cfg, personas, questions, out, responses, stats=stats,
+                                keep=keep)
     who = f" (rank {rk.rank} of {rk.world})" if rk.world > 1 else ""
     print(f"tlpersona: extracted {stats['computed']} personas ({stats['reused']} already in the "
           f"store){who}", file=sys.stderr)
@@ -206,18 +208,18 @@ def _check_out(out: Path, expected: dict[str, Any], force_new: bool, keep: set[P
     """Refuse, before anything is touched, an ``--out`` this run may not write: a directory that
     is not a store, a store made with other settings (unless ``force_new``), a responses file in
     it that is not ours or was made with other generation settings."""
-    manifest = store_dir_state(out)
+    resp = out / "responses.jsonl"
+    if header is not None and not force_new:
+        check_ours(resp, header, "--out")
+    manifest = store_dir_state(out, keep)
     if manifest is not None and not force_new:
         old = manifest.get("provenance") or {}
         diff = [k for k in expected if k != "responses_hash" and old.get(k) != expected[k]]
         if diff:
             raise TlpersonaError(f"{out} holds a store made with a different {', '.join(diff)}; "
                                  "use another --out or --force-new")
-    if force_new:
-        return  # clear_store refuses foreign files; our own responses are replaced
-    resp = out / "responses.jsonl"
-    if header is not None:
-        check_ours(resp, header, "--out")
+    if force_new and resp not in keep and resp.exists():
+        check_ours(resp, None, "--out")  # ours is replaced; a foreign one is never removed
 
 
 def run_generate(model: str, device: str | None, dtype: str | None, personas: str, questions: str,

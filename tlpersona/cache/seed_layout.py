@@ -89,15 +89,21 @@ class SeedSource:
         personas: list[str] | None = None
         layers: list[int] | None = None
         shape: tuple[int, ...] | None = None
-        sources: dict[str, object] = {}
+        # Folders that different exports wrote must not be read as one source.
+        metas = {mdir: _metadata(mdir) for mdir in methods}
+        sources = {mdir.name: m.get("source_manifest_hash") if m.get(MARK) else None
+                   for mdir, m in metas.items()}
+        if len(set(map(str, sources.values()))) > 1:
+            raise TlpersonaError(f"{self.root}: method folders come from different sources "
+                                 f"({', '.join(f'{k}: {v}' for k, v in sources.items())}); "
+                                 "export each store into its own directory")
         digest = hashlib.sha256()
         for mdir in methods:
             alias = mdir.name[len("method_"):]
             if alias not in RECIPES:
                 raise TlpersonaError(f"{mdir}: unknown method {alias!r} (known: {', '.join(RECIPES)})")
             pos = RECIPES[alias]
-            meta = _metadata(mdir)
-            sources[mdir.name] = meta.get("source_manifest_hash") if meta.get(MARK) else None
+            meta = metas[mdir]
             data = _load_pt(mdir / "all_centroids.pt")
             if not isinstance(data, dict) or not data:
                 raise TlpersonaError(f"{mdir / 'all_centroids.pt'}: expected a dict role -> tensor")
@@ -106,8 +112,10 @@ class SeedSource:
                 personas = names
             elif set(names) != set(personas):
                 raise TlpersonaError(f"{mdir}: its roles differ from the other methods'")
-            cents = [_tensor(data[r], f"{mdir / 'all_centroids.pt'}[{r!r}]", shape, 2) for r in personas]
-            shape = tuple(cents[0].shape)
+            cents = []
+            for r in personas:
+                cents.append(_tensor(data[r], f"{mdir / 'all_centroids.pt'}[{r!r}]", shape, 2))
+                shape = tuple(cents[0].shape)
             m_layers = _layers(meta, mdir / "metadata.json") or list(range(shape[0]))
             if len(m_layers) != shape[0]:
                 raise TlpersonaError(f"{mdir}: metadata.json lists {len(m_layers)} layers, the "
@@ -126,10 +134,6 @@ class SeedSource:
                 self._per_q[pos] = torch.stack(rows)
             self.positions.append(pos)
             digest.update((mdir / "all_centroids.pt").read_bytes())
-        if len(set(map(str, sources.values()))) > 1:
-            raise TlpersonaError(f"{self.root}: method folders come from different sources "
-                                 f"({', '.join(f'{k}: {v}' for k, v in sources.items())}); "
-                                 "export each store into its own directory")
         assert personas is not None and layers is not None
         self.personas = personas
         self.layers = layers

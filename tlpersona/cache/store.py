@@ -140,18 +140,20 @@ def _owned(root: Path, manifest: dict[str, Any] | None) -> tuple[list[Path], lis
     return owned, foreign
 
 
-def store_dir_state(root: str | Path) -> dict[str, Any] | None:
+def store_dir_state(root: str | Path, keep: set[Path] | None = None) -> dict[str, Any] | None:
     """The manifest of the store in ``root`` (None when there is none yet).
 
     Refuses a directory that holds a ``manifest.json`` of another kind, or, with no manifest,
-    files that a store does not own (so a run never writes into a user's directory).
+    files that a store does not own (so a run never writes into a user's directory); ``keep``
+    are files the run itself reads there (``--responses``).
     """
     root = Path(root)
     if not root.exists():
         return None
     if (root / MANIFEST).exists() or (root / MANIFEST).is_symlink():
         return _read_manifest(root / MANIFEST)
-    _, foreign = _owned(root, None)
+    kept = {k.resolve() for k in keep or set()}
+    foreign = [p for p in _owned(root, None)[1] if p.resolve() not in kept]
     if foreign:
         raise TlpersonaError(f"{root} is not empty and is not a tlpersona store "
                              f"(it holds {foreign[0].name}); use another --out")
@@ -170,7 +172,7 @@ def clear_store(root: str | Path, keep: set[Path] | None = None) -> list[Path]:
         return []
     if not root.is_dir():
         raise TlpersonaError(f"{root} is a file, not a store directory")
-    manifest = store_dir_state(root)
+    manifest = store_dir_state(root, keep)
     keep = {k.resolve() for k in keep or set()}
     owned, foreign = _owned(root, manifest)
     foreign = [p for p in foreign if p.resolve() not in keep]
@@ -195,13 +197,13 @@ class StoreWriter:
     """
 
     def __init__(self, root: str | Path, provenance: dict[str, Any], info: dict[str, Any],
-                 force_new: bool = False):
+                 force_new: bool = False, keep: set[Path] | None = None):
         self.root = Path(root)
         self.provenance = provenance
         manifest_path = self.root / MANIFEST
         if force_new:
-            clear_store(self.root)
-        old = store_dir_state(self.root)
+            clear_store(self.root, keep)
+        old = store_dir_state(self.root, keep)
         if old is not None:
             diff = [k for k in sorted(set(old.get("provenance", {})) | set(provenance))
                     if old.get("provenance", {}).get(k) != provenance.get(k)]
