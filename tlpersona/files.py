@@ -57,6 +57,10 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict
                                         metadata=meta))
 
 
+def atomic_save_pt(path: Path, obj: object) -> None:
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
 def json_bytes(obj: object) -> bytes:
     """Strict JSON (indented) of a results object: NaN and infinities become ``null``, which
     every JSON reader accepts (bare ``NaN`` is not JSON)."""

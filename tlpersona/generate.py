@@ -145,8 +145,9 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
     if max_new_tokens < 1:
         raise TlpersonaError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     renderer = ChatRenderer(tokenizer)
-    for p in [Path(out_path), *_rank_files(Path(out_path))]:
-        check_ours(p, header, "responses file")
+    if header is not None:
+        for p in [Path(out_path), *_rank_files(Path(out_path))]:
+            check_ours(p, header, "responses file")
     have = read_responses(out_path)
     jobs: list[tuple[Key, list[int]]] = []
     for persona in personas:
@@ -212,6 +213,8 @@ def _generate(model: Any, tokenizer: Any, todo: list[list[tuple[Key, list[int]]]
     with path.open("a", encoding="utf-8") as f:
         if header is not None and f.tell() == 0:
             f.write(json.dumps(header) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         for chunk in todo:
             responses = decode([c[1] for c in chunk])
             for (key, prompt), resp in zip(chunk, responses, strict=True):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tlpersona.errors import TlpersonaError
 
-#: Longest persona name in UTF-8 bytes: ``.<name>__per_q.pt.tmp`` must fit a 255-byte file name.
+#: Longest persona name in UTF-8 bytes: the temporary ``.<name>__per_q.pt.XXXXXXXX`` must fit a
+#: 255-byte file name.
 MAX_NAME_BYTES = 200
 #: Names the seed layout uses for its own files inside a method folder.
 RESERVED_NAMES = frozenset({"all_centroids", "metadata"})

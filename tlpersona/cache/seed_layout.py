@@ -24,7 +24,7 @@ import torch
 
 from tlpersona.cache.store import Store
 from tlpersona.errors import TlpersonaError
-from tlpersona.files import atomic_write_bytes
+from tlpersona.files import atomic_save_pt, atomic_write_bytes
 from tlpersona.positions import RECIPES, canonical, parse_position
 from tlpersona.safety import check_persona_names, inside, read_text, strict_json
 
@@ -185,12 +185,6 @@ def read_seed(root: str | Path) -> SeedSource:
     return SeedSource(root)
 
 
-def _save_pt(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def _owned_by_export(mdir: Path) -> list[Path]:
     """The files an earlier export wrote in ``mdir``; refuses a folder that no export wrote."""
     meta = _metadata(mdir)
@@ -234,15 +228,14 @@ def export_seed(store: Store, root: str | Path) -> list[Path]:
         if alias is None:
             continue
         mdir = inside(root, root / f"method_{alias}")
-        mdir.mkdir(parents=True, exist_ok=True)
         cent = store.centroids(pos)
-        _save_pt({name: cent[i].clone() for i, name in enumerate(names)},
-                 inside(mdir, mdir / "all_centroids.pt"))
+        atomic_save_pt(inside(mdir, mdir / "all_centroids.pt"),
+                       {name: cent[i].clone() for i, name in enumerate(names)})
         per_q = None if store.question_invariant(pos) else store.per_question(pos)
         for i, name in enumerate(names):
-            _save_pt(cent[i].clone(), inside(mdir, mdir / f"{name}.pt"))
+            atomic_save_pt(inside(mdir, mdir / f"{name}.pt"), cent[i].clone())
             if per_q is not None:
-                _save_pt(per_q[i].float().clone(), inside(mdir, mdir / f"{name}__per_q.pt"))
+                atomic_save_pt(inside(mdir, mdir / f"{name}__per_q.pt"), per_q[i].float().clone())
         meta = {MARK: 1, "layers": store.layers, "position": pos, "personas": names,
                 "source": str(store.root), "source_manifest_hash": store.manifest_hash}
         atomic_write_bytes(mdir / "metadata.json", json.dumps(meta).encode())
