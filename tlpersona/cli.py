@@ -234,6 +234,8 @@ def _compare_config(positions: str | None, layers: str | None, permutations: int
         raise TlpersonaError("--permutations must be at least 1")
     if null_draws < 1:
         raise TlpersonaError("--null-draws must be at least 1")
+    if splits < 1:
+        raise TlpersonaError("--splits must be at least 1")
     layer_list = None
     if layers:
         try:
@@ -370,8 +372,8 @@ def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | No
     """Joint PCA of all recipes: the persona subspace they share, and its dimension per layer."""
     from tlpersona.pipeline import run_subspace
 
-    if k_max < 1:
-        raise TlpersonaError("--k-max must be at least 1")
+    if k_max < 2:
+        raise TlpersonaError("--k-max must be at least 2 (the figures and the matrix r need two PCs)")
     path, result = run_subspace(store, seed_dir, _subspace_config(positions, layers, k_max,
                                                                   unit_norm, seed), out)
     for lay in result["layers"]:

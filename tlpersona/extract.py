@@ -34,6 +34,7 @@ from tlpersona.errors import TlpersonaError
 from tlpersona.generate import Key, Response
 from tlpersona.models import LoadedModel, check_layers, stop_forward
 from tlpersona.positions import Position
+from tlpersona.preflight import check_context, check_prompts, check_responses
 
 # Two questions that share no leading text: the prefix every conversation of a persona shares
 # is at most the common prefix of these two.
@@ -373,11 +374,19 @@ class Extractor:
 def provenance(model: LoadedModel, cfg: ExtractConfig, personas: list[Persona],
                questions: list[Question], responses_hash: str | None) -> dict[str, Any]:
     """Everything that decides the stored numbers; a resumed run must match it exactly."""
+    return provenance_of(model.info.spec, model.info.identity, model.tokenizer, model.dtype, cfg,
+                         personas, questions, responses_hash)
+
+
+def provenance_of(spec: str, identity: str, tokenizer: Any, dtype: torch.dtype, cfg: ExtractConfig,
+                  personas: list[Persona], questions: list[Question],
+                  responses_hash: str | None) -> dict[str, Any]:
+    """:func:`provenance` from its parts, so that a run can be checked before its model loads."""
     return {
-        "model": model.info.spec,
-        "model_identity": model.info.identity,
-        "template_hash": template_hash(model.tokenizer),
-        "dtype": str(model.dtype).replace("torch.", ""),
+        "model": spec,
+        "model_identity": identity,
+        "template_hash": template_hash(tokenizer),
+        "dtype": str(dtype).replace("torch.", ""),
         "layers": list(cfg.layers),
         "positions": [p.name for p in cfg.positions],
         "personas": [p.name for p in personas],
@@ -406,10 +415,11 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
                      questions: list[Question], out: str | Path,
                      responses: dict[Key, Response] | None = None, force_new: bool = False,
                      on_group: Callable[[list[int]], None] | None = None,
-                     stats: dict[str, int] | None = None) -> Path:
+                     stats: dict[str, int] | None = None, keep: set[Path] | None = None) -> Path:
     """Extract every persona into a store at ``out``; finished personas are skipped on resume.
 
-    ``stats`` (if given) receives how many personas were ``computed`` and ``reused``.
+    ``stats`` (if given) receives how many personas were ``computed`` and ``reused``; ``keep``
+    are files of the run's own input inside ``out`` (a responses file), never removed.
     """
     stats = {} if stats is None else stats
     if not personas:
@@ -422,18 +432,23 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
             raise TlpersonaError("response positions need responses (generate them first)")
         digest = responses_digest(responses, personas, questions, cfg.prompt_index)
     extractor = Extractor(model, cfg)
-    # Fail on template, position or offset problems before anything is written.
-    extractor._plan(personas[0], questions[:1], responses, [], [])
+    # Every persona and question against every position, and the responses, before anything is
+    # written or computed.
+    checked = check_prompts(model.tokenizer, cfg.positions, personas, questions, cfg.prompt_index)
+    check_context(checked, model.bridge.cfg.n_ctx)
+    if cfg.needs_response:
+        check_responses(checked, cfg.positions, responses or {}, model.bridge.cfg.d_vocab,
+                        cfg.include_eot, "responses", model.bridge.cfg.n_ctx)
     prov = provenance(model, cfg, personas, questions, digest)
     info = {"n_layers_total": model.info.n_layers, "d_model": model.info.d_model,
             "model_source": model.info.source}
     rk = ranks()
     # Rank 0 creates (or checks) the store first; the others then open it and check it too.
     if rk.main:
-        writer = StoreWriter(out, prov, info, force_new=force_new)
+        writer = StoreWriter(out, prov, info, force_new=force_new, keep=keep)
     rk.barrier()
     if not rk.main:
-        writer = StoreWriter(out, prov, info)
+        writer = StoreWriter(out, prov, info, keep=keep)
     if writer.complete:
         stats.update(computed=0, reused=len(personas))
         return Path(out)

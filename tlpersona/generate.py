@@ -1,6 +1,7 @@
 """Greedy response generation, saved as resumable JSONL with the generated token ids.
 
-Each line: ``{"persona", "prompt_index", "question_id", "response_ids", "finished", "text"}``.
+Each line: ``{"persona", "prompt_index", "question_id", "response_ids", "finished", "text",
+"prompt_sha"}``, after one header line (:mod:`tlpersona.response_provenance`).
 ``response_ids`` are exactly the generated ids (the end-of-turn token included when the model
 emitted it, ``finished`` true); extraction appends them to the prompt ids and never re-tokenises
 the text. Generation uses a plain (un-bridged) HF model.
@@ -24,6 +25,8 @@ from tlpersona.data import Persona, Question, indexed_prompts
 from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
 from tlpersona.files import atomic_write_bytes
+from tlpersona.response_provenance import check_ours, is_header, prompt_sha
+from tlpersona.safety import jsonl_lines, read_text
 
 Key = tuple[str, int, str]  # persona, prompt index, question id
 DECODERS = ("auto", "hf", "static")
@@ -33,6 +36,7 @@ DECODERS = ("auto", "hf", "static")
 class Response:
     ids: list[int]
     finished: bool
+    prompt_sha: str | None = None  # hash of the prompt ids it continues (None: made elsewhere)
 
     def content_len(self, include_eot: bool) -> int:
         """Number of response tokens that count as content."""
@@ -57,21 +61,36 @@ def read_responses(path: str | Path) -> dict[Key, Response]:
 
 def _read_one(p: Path) -> dict[Key, Response]:
     out: dict[Key, Response] = {}
-    if not p.exists():
+    if not p.exists() and not p.is_symlink():
         return out
-    lines = p.read_text(encoding="utf-8").split("\n")
+    lines = jsonl_lines(read_text(p, "responses JSONL file"))
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+            if is_header(row):
+                continue
             key = (str(row["persona"]), int(row["prompt_index"]), str(row["question_id"]))
-            out[key] = Response([int(t) for t in row["response_ids"]], bool(row["finished"]))
+            out[key] = Response(_token_ids(row["response_ids"]), _flag(row["finished"]),
+                                row.get("prompt_sha"))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             if lineno >= len(lines) - 1:  # the last line may be half-written
                 break
             raise TlpersonaError(f"{p}:{lineno}: bad response line ({exc})") from None
     return out
+
+
+def _token_ids(value: object) -> list[int]:
+    if not isinstance(value, list) or not all(type(t) is int for t in value):
+        raise ValueError("response_ids must be a list of integers")
+    return list(value)
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"finished must be true or false, not {value!r}")
+    return value
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -111,16 +130,24 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
                        questions: list[Question], prompt_index: int | str, out_path: str | Path,
                        max_new_tokens: int, batch_size: int = 16,
                        progress: bool = True, decoder: str = "auto",
-                       graphs: bool = True) -> dict[Key, Response]:
+                       graphs: bool = True, header: dict[str, Any] | None = None
+                       ) -> dict[Key, Response]:
     """Generate every missing (persona, prompt, question) response into ``out_path`` (JSONL).
 
     Resumable: keys already in the file are kept; each batch is appended and fsynced.
     ``decoder``: ``hf`` (HF ``generate``), ``static`` (:mod:`tlpersona.decode`: static cache,
     CUDA graphs on a GPU unless ``graphs`` is false) or ``auto`` (static on CUDA, hf elsewhere).
+    ``header`` (:func:`tlpersona.response_provenance.header`) starts a new file; an existing one
+    must carry the same, and its responses must continue this run's prompts.
     """
     if decoder not in DECODERS:
         raise TlpersonaError(f"unknown decoder {decoder!r} (auto, hf or static)")
+    if max_new_tokens < 1:
+        raise TlpersonaError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     renderer = ChatRenderer(tokenizer)
+    if header is not None:
+        for p in [Path(out_path), *_rank_files(Path(out_path))]:
+            check_ours(p, header, "responses file")
     have = read_responses(out_path)
     jobs: list[tuple[Key, list[int]]] = []
     for persona in personas:
@@ -131,6 +158,7 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
     # a resumed run decodes each prompt in the same batch as an uninterrupted run would, and gets
     # the same tokens. A batch with any response missing is decoded again; only the missing
     # responses are written.
+    check_prompts(have, jobs, out_path)
     order = sorted(range(len(jobs)), key=lambda i: (len(jobs[i][1]), i))
     batches = [[jobs[i] for i in order[a:a + batch_size]] for a in range(0, len(order), batch_size)]
     rk = ranks()
@@ -140,12 +168,23 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
     path = main if rk.world == 1 else main.with_name(f"{main.stem}.rank{rk.rank}{main.suffix}")
     if todo:
         _generate(model, tokenizer, todo, have, path, max_new_tokens, progress and rk.main,
-                  decoder, graphs)
+                  decoder, graphs, header)
     rk.barrier()
     if rk.main:
         _merge(main)  # also after a torchrun that was killed and is resumed by one process
     rk.barrier()
     return read_responses(main) if rk.world > 1 else have
+
+
+def check_prompts(have: dict[Key, Response], jobs: list[tuple[Key, list[int]]],
+                  where: str | Path) -> None:
+    """Every saved response that records its prompt continues this run's prompt for its key."""
+    for key, ids in jobs:
+        r = have.get(key)
+        if r is not None and r.prompt_sha is not None and r.prompt_sha != prompt_sha(ids):
+            raise TlpersonaError(
+                f"{where}: the response for persona {key[0]!r}, question {key[2]!r} continues a "
+                "different prompt (system prompt, question or chat template changed)")
 
 
 def _decoder(model: Any, name: str, max_new_tokens: int, eos: list[int], pad: int,
@@ -162,7 +201,8 @@ def _decoder(model: Any, name: str, max_new_tokens: int, eos: list[int], pad: in
 
 def _generate(model: Any, tokenizer: Any, todo: list[list[tuple[Key, list[int]]]],
               have: dict[Key, Response], path: Path, max_new_tokens: int, progress: bool,
-              decoder: str = "auto", graphs: bool = True) -> None:
+              decoder: str = "auto", graphs: bool = True,
+              header: dict[str, Any] | None = None) -> None:
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     decode = _decoder(model, decoder, max_new_tokens, eos, pad, graphs)
@@ -171,15 +211,20 @@ def _generate(model: Any, tokenizer: Any, todo: list[list[tuple[Key, list[int]]]
     missing = sum(key not in have for b in todo for key, _ in b)
     bar = tqdm(total=missing, desc="generate", unit="resp", disable=not progress, file=sys.stderr)
     with path.open("a", encoding="utf-8") as f:
+        if header is not None and f.tell() == 0:
+            f.write(json.dumps(header) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         for chunk in todo:
             responses = decode([c[1] for c in chunk])
-            for (key, _), resp in zip(chunk, responses, strict=True):
+            for (key, prompt), resp in zip(chunk, responses, strict=True):
                 if key in have:
                     continue
                 text = tokenizer.decode(resp.ids, skip_special_tokens=True)
                 f.write(json.dumps({"persona": key[0], "prompt_index": key[1],
                                     "question_id": key[2], "response_ids": resp.ids,
-                                    "finished": resp.finished, "text": text}) + "\n")
+                                    "finished": resp.finished, "text": text,
+                                    "prompt_sha": prompt_sha(prompt)}) + "\n")
                 have[key] = resp
                 bar.update(1)
             f.flush()
@@ -194,8 +239,12 @@ def _merge(main: Path) -> None:
         return
     for p in [main, *parts]:
         _drop_torn_tail(p)
-    data = b"".join(p.read_bytes() for p in [main, *parts] if p.exists())
-    atomic_write_bytes(main, data)
+    # One header (each rank file starts with the same one), then every response line.
+    lines = [line + b"\n" for p in [main, *parts] if p.exists()
+             for line in p.read_bytes().split(b"\n") if line]
+    heads = [line for line in lines if line.startswith(b'{"tlpersona_responses"')]
+    body = [line for line in lines if not line.startswith(b'{"tlpersona_responses"')]
+    atomic_write_bytes(main, b"".join(heads[:1] + body))
     for p in parts:
         p.unlink()
 

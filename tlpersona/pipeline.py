@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import gc
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlpersona.cache.store import clear_store
-from tlpersona.conversation import ChatRenderer
+from tlpersona.cache.store import clear_store, store_dir_state
+from tlpersona.conversation import ChatRenderer, template_hash
 from tlpersona.data import load_personas, load_questions
 from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
-from tlpersona.extract import ExtractConfig, Extractor, extract_to_store
+from tlpersona.extract import ExtractConfig, Extractor, extract_to_store, provenance_of
 from tlpersona.generate import Key, Response, generate_responses, read_responses
+from tlpersona.locks import exclusive
 from tlpersona.models import (
+    check_device,
     default_device,
     load_bridge,
+    load_config,
     load_hf,
     load_tokenizer,
     parse_layers,
@@ -25,6 +29,17 @@ from tlpersona.models import (
     resolve,
 )
 from tlpersona.positions import parse_positions
+from tlpersona.preflight import PromptCheck, check_context, check_prompts, check_responses
+from tlpersona.response_provenance import check_compatible, check_ours
+from tlpersona.response_provenance import header as response_header
+from tlpersona.safety import (
+    check_count,
+    check_finite_numbers,
+    check_output_dir,
+    check_output_file,
+    jsonl_lines,
+    read_text,
+)
 
 
 @dataclass
@@ -54,15 +69,16 @@ class ExtractRequest:
 
 
 def _generate(source: str, device: str, dtype: str | None, tokenizer, personas, questions,
-              prompt_index, out: str | Path, max_new_tokens: int | None, batch_size: int,
+              prompt_index, out: str | Path, max_new_tokens: int, batch_size: int,
               progress: bool = True, decoder: str = "auto",
-              device_map: str | None = None) -> dict[Key, Response]:
+              device_map: str | None = None,
+              header: dict[str, Any] | None = None) -> dict[Key, Response]:
     hf = load_hf(source, device, pick_dtype(dtype, device), device_map=device_map)
-    n_new = max_new_tokens or (200 if device.startswith("cuda") else 48)
     try:
         # CUDA graphs cannot capture a device-mapped model's forward
-        return generate_responses(hf, tokenizer, personas, questions, prompt_index, out, n_new,
-                                  batch_size, progress, decoder, graphs=not device_map)
+        return generate_responses(hf, tokenizer, personas, questions, prompt_index, out,
+                                  max_new_tokens, batch_size, progress, decoder,
+                                  graphs=not device_map, header=header)
     finally:
         del hf
         gc.collect()
@@ -76,50 +92,134 @@ def _resolve_once(spec: str, rk: Any) -> None:
         rk.barrier()
 
 
+@dataclass
+class _Plan:
+    """What a run was checked to do, before it writes anything."""
+
+    source: str
+    identity: str
+    tokenizer: Any
+    device: str
+    dtype: Any
+    n_layers: int
+    vocab: int
+    context: int | None
+    max_new_tokens: int
+    checked: dict[Key, PromptCheck]
+    header: dict[str, Any]
+
+
+def _plan(model: str, device: str | None, dtype: str | None, device_map: str | None,
+          positions: list[Any], personas: list[Any], questions: list[Any],
+          prompt_index: int | str, max_new_tokens: int | None, generating: bool) -> _Plan:
+    """Resolve the model (tokenizer and config only) and check every prompt of the run."""
+    rk = ranks()
+    if device_map and rk.world > 1:
+        raise TlpersonaError("--device-map and torchrun do not combine: use one or the other")
+    dev = device or rk.device()
+    check_device(dev)
+    tdtype = pick_dtype(dtype, dev)
+    _resolve_once(model, rk)
+    source, identity = resolve(model)
+    tok = load_tokenizer(source)
+    config = load_config(source)
+    n_new = max_new_tokens or (200 if dev.startswith("cuda") else 48)
+    context = getattr(config, "max_position_embeddings", None)
+    checked = check_prompts(tok, positions, personas, questions, prompt_index)
+    check_context(checked, context, n_new if generating else 0)
+    header = response_header(identity, template_hash(tok), str(tdtype).replace("torch.", ""), n_new)
+    return _Plan(source, identity, tok, dev, tdtype, int(config.num_hidden_layers),
+                 int(config.vocab_size), context, n_new, checked, header)
+
+
+def _check_counts(batch_size: int, max_new_tokens: int | None) -> None:
+    check_count(batch_size, "--batch-size", 1)
+    check_count(max_new_tokens, "--max-new-tokens", 1)
+
+
 def run_extract(req: ExtractRequest) -> Path:
     """Load data and model, generate missing responses if a response position needs them,
-    extract into ``req.out``. Returns the store path."""
+    extract into ``req.out``. Returns the store path.
+
+    Everything is checked before the first write or generation (options, data, every prompt
+    against every position and layer, the state of ``req.out``); ``force_new`` then removes only
+    what the store format owns (:func:`tlpersona.cache.store.clear_store`). ``req.out`` is
+    locked for the run: a second run on it stops at once, naming the holder's PID.
+    """
     positions = parse_positions(req.positions)
+    _check_counts(req.batch_size, req.max_new_tokens)
     personas = load_personas(req.personas, req.limit_personas)
     questions = load_questions(req.questions, req.limit_questions)
-    if req.batch_size < 1:
-        raise TlpersonaError("--batch-size must be at least 1")
-    rk = ranks()
-    _resolve_once(req.model, rk)
-    device = req.device or rk.device()
     out = Path(req.out)
-    if req.force_new:
-        clear_store(out)  # before generation: a new store gets new responses too
-    responses = None
-    if any(p.needs_response for p in positions):
-        resp_path = Path(req.responses) if req.responses else out / "responses.jsonl"
-        if req.responses and not resp_path.exists():
-            raise TlpersonaError(f"{resp_path}: responses file not found")
-        if req.responses:
-            responses = read_responses(resp_path)
-            known = {p.name for p in personas}
-            unknown = sorted({k[0] for k in responses} - known)
-            if unknown:
-                raise TlpersonaError(f"{resp_path}: responses for unknown persona {unknown[0]!r}")
-        else:
-            source, _ = resolve(req.model)
-            tok = load_tokenizer(source)
-            responses = _generate(source, device, req.dtype, tok, personas, questions,
-                                  req.prompt_index, resp_path, req.max_new_tokens,
-                                  max(req.batch_size, 16), req.progress, req.decoder,
-                                  req.device_map)
-    if req.device_map and rk.world > 1:
-        raise TlpersonaError("--device-map and torchrun do not combine: use one or the other")
-    model = load_bridge(req.model, device, req.dtype, req.attn, req.device_map)
-    cfg = ExtractConfig(positions=positions, layers=parse_layers(req.layers, model.info.n_layers),
+    check_output_dir(out)
+    if req.force_new and out.is_symlink():
+        raise TlpersonaError(f"--out {out} is a symbolic link; --force-new does not clear through links")
+    needs = any(p.needs_response for p in positions)
+    resp_path = Path(req.responses) if req.responses else out / "responses.jsonl"
+    if needs and req.responses and not resp_path.exists():
+        raise TlpersonaError(f"{resp_path}: responses file not found")
+    given = read_responses(resp_path) if needs and req.responses else None
+    if given is not None:
+        known = {p.name for p in personas}
+        unknown = sorted({k[0] for k in given} - known)
+        if unknown:
+            raise TlpersonaError(f"{resp_path}: responses for unknown persona {unknown[0]!r}")
+    plan = _plan(req.model, req.device, req.dtype, req.device_map, positions, personas, questions,
+                 req.prompt_index, req.max_new_tokens, needs and given is None)
+    cfg = ExtractConfig(positions=positions, layers=parse_layers(req.layers, plan.n_layers),
                         prompt_index=req.prompt_index, batch_size=req.batch_size,
                         include_eot=req.include_eot, progress=req.progress)
-    stats: dict[str, int] = {}
-    path = extract_to_store(model, cfg, personas, questions, out, responses, stats=stats)
+    expected = provenance_of(req.model, plan.identity, plan.tokenizer, plan.dtype, cfg, personas,
+                             questions, None)
+    keep = {resp_path} if given is not None else set()
+    _check_out(out, expected, req.force_new, keep, plan.header if needs and given is None else None)
+    rk = ranks()
+    with exclusive(out, "--out") if rk.main else nullcontext():
+        if rk.main:
+            _check_out(out, expected, req.force_new, keep,
+                       plan.header if needs and given is None else None)
+            if req.force_new:
+                clear_store(out, keep)  # before generation: a new store gets new responses too
+        rk.barrier()  # other ranks start writing only once rank 0 has checked and cleared
+        responses = None
+        if given is not None:
+            check_compatible(resp_path, plan.identity, expected["template_hash"])
+            responses = given
+        elif needs:
+            responses = _generate(plan.source, plan.device, req.dtype, plan.tokenizer, personas,
+                                  questions, req.prompt_index, resp_path, plan.max_new_tokens,
+                                  max(req.batch_size, 16), req.progress, req.decoder,
+                                  req.device_map, plan.header)
+        if responses is not None:
+            check_responses(plan.checked, positions, responses, plan.vocab, req.include_eot,
+                            str(resp_path), plan.context)
+        model = load_bridge(req.model, plan.device, req.dtype, req.attn, req.device_map)
+        stats: dict[str, int] = {}
+        path = extract_to_store(model, cfg, personas, questions, out, responses, stats=stats,
+                                keep=keep)
     who = f" (rank {rk.rank} of {rk.world})" if rk.world > 1 else ""
     print(f"tlpersona: extracted {stats['computed']} personas ({stats['reused']} already in the "
           f"store){who}", file=sys.stderr)
     return path
+
+
+def _check_out(out: Path, expected: dict[str, Any], force_new: bool, keep: set[Path],
+               header: dict[str, Any] | None) -> None:
+    """Refuse, before anything is touched, an ``--out`` this run may not write: a directory that
+    is not a store, a store made with other settings (unless ``force_new``), a responses file in
+    it that is not ours or was made with other generation settings."""
+    resp = out / "responses.jsonl"
+    if header is not None and not force_new:
+        check_ours(resp, header, "--out")
+    manifest = store_dir_state(out, keep)
+    if manifest is not None and not force_new:
+        old = manifest.get("provenance") or {}
+        diff = [k for k in expected if k != "responses_hash" and old.get(k) != expected[k]]
+        if diff:
+            raise TlpersonaError(f"{out} holds a store made with a different {', '.join(diff)}; "
+                                 "use another --out or --force-new")
+    if force_new and resp not in keep and resp.exists():
+        check_ours(resp, None, "--out")  # ours is replaced; a foreign one is never removed
 
 
 def run_generate(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
@@ -127,18 +227,25 @@ def run_generate(model: str, device: str | None, dtype: str | None, personas: st
                  limit_questions: int | None, out: str, max_new_tokens: int | None,
                  batch_size: int, backend: str = "hf", decoder: str = "auto",
                  device_map: str | None = None) -> int:
-    """``tlpersona generate``: returns the number of responses in ``out``."""
+    """``tlpersona generate``: returns the number of responses in ``out``.
+
+    ``out`` must be missing, empty or a tlpersona responses file made with the same model,
+    template and generation settings; its directory is locked for the run."""
     if backend == "vllm":
         raise TlpersonaError("the vllm backend is not available yet; use --backend hf")
+    _check_counts(batch_size, max_new_tokens)
     ps = load_personas(personas, limit_personas)
     qs = load_questions(questions, limit_questions)
+    path = Path(out)
+    check_output_file(path)
+    check_ours(path, None, "--out")
+    plan = _plan(model, device, dtype, device_map, [], ps, qs, prompt_index, max_new_tokens, True)
+    check_ours(path, plan.header, "--out")
     rk = ranks()
-    _resolve_once(model, rk)
-    dev = device or rk.device()
-    source, _ = resolve(model)
-    tok = load_tokenizer(source)
-    return len(_generate(source, dev, dtype, tok, ps, qs, prompt_index, out, max_new_tokens,
-                         batch_size, decoder=decoder, device_map=device_map))
+    with exclusive(path.parent, "the directory of --out") if rk.main else nullcontext():
+        return len(_generate(plan.source, plan.device, dtype, plan.tokenizer, ps, qs, prompt_index,
+                             path, plan.max_new_tokens, batch_size, decoder=decoder,
+                             device_map=device_map, header=plan.header))
 
 
 def describe_positions(model: str, system: str, question: str, spec: str) -> str:
@@ -195,6 +302,7 @@ def run_compare(store: str | None, seed_dir: str | None, cfg: Any, out: str | Pa
     from tlpersona.analyses.compare import compare
     from tlpersona.analyses.report import write_report
 
+    check_output_dir(Path(out))
     source = open_source(store, seed_dir)
     result = compare(source, cfg)
     return write_report(result, source, out, title), result
@@ -211,6 +319,7 @@ def run_subspace(store: str | None, seed_dir: str | None, cfg: Any, out: str | P
     from tlpersona.analyses.subspace import subspace
     from tlpersona.files import atomic_write_bytes
 
+    check_output_dir(Path(out))
     source = open_source(store, seed_dir)
     result, comps = subspace(source, cfg)
     section = write_subspace(result, comps, source, out)
@@ -267,9 +376,7 @@ def _new_material(req: ProjectRequest) -> list[tuple[str, str, list[str]]]:
     items = [(f"system:{i}", s, qs) for i, (s, qs) in enumerate(req.systems or [])]
     if req.conversations:
         path = Path(req.conversations)
-        if not path.exists():
-            raise TlpersonaError(f"{path}: file not found")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(jsonl_lines(read_text(path, "conversations JSONL file")), 1):
             if not line.strip():
                 continue
             try:
@@ -301,18 +408,32 @@ def run_project(req: ProjectRequest) -> tuple[Path, dict]:
     from tlpersona.data import Persona, Question
     from tlpersona.files import atomic_write_bytes
 
+    check_output_dir(Path(req.out))
     st = open_store(req.store, verify=True)
     # token 0 is the same for every persona: nothing to project
     positions = ([p.name for p in parse_positions(req.positions)] if req.positions
                  else [p for p in st.positions if p != "first"])
+    for p in positions:
+        st.centroids(p)  # one line for a position the store lacks
     layer = req.layer if req.layer is not None else st.layers[len(st.layers) // 2]
     li = st.layer_index(layer)
+    prompt_positions = [p for p in parse_positions(",".join(positions)) if not p.needs_response]
+    if req.texts and "raw_system_last" not in positions:
+        raise TlpersonaError("--text is read with the raw_system_last recipe, which "
+                             + ("--positions does not include" if req.positions else
+                                "this store does not have"))
+    if (req.systems or req.conversations) and not prompt_positions:
+        raise TlpersonaError("--system/--conversations need a recipe read from the prompt; "
+                             "these positions all need a response")
     cent = {p: st.centroids(p)[:, li].double().numpy() for p in positions}
     if req.axis == "pcs":
         if req.k < 1:
             raise TlpersonaError("--k must be at least 1")
         _, comps = subspace(st, SubspaceConfig(positions=positions, layers=[layer],
                                                k_max=req.k, unit_norm=req.unit_norm, n_null=0))
+        if req.k > comps[layer].shape[0]:
+            raise TlpersonaError(f"--k {req.k}: only {comps[layer].shape[0]} shared PCs exist for "
+                                 f"{len(st.personas)} personas and {len(positions)} recipes")
         frames = {p: pc_frame(c, comps[layer], req.k, req.unit_norm) for p, c in cent.items()}
     elif req.axis.startswith("persona:"):
         frames = {p: axis_frame(c, st.personas, req.axis.split(":", 1)[1]) for p, c in cent.items()}
@@ -330,7 +451,6 @@ def run_project(req: ProjectRequest) -> tuple[Path, dict]:
         model = load_bridge(model_spec, req.device or default_device(), req.dtype)
         if model.info.identity != st.provenance.get("model_identity"):
             raise TlpersonaError(f"{model_spec} is not the model this store was made with")
-        prompt_positions = [p for p in parse_positions(",".join(positions)) if not p.needs_response]
         for label, system, questions in items:
             pos_list = ([p for p in prompt_positions if p.kind == "raw"] if not questions
                         else prompt_positions)
@@ -423,6 +543,7 @@ def run_patch(req: PatchRequest) -> tuple[Path, dict[str, Any]]:
     from tlpersona.cache.store import open_store
     from tlpersona.data import content_hash
 
+    check_output_dir(Path(req.out))
     if req.hook not in HOOKS:
         raise TlpersonaError(f"unknown --hook {req.hook!r} (resid_post or resid_pre)")
     if req.n_questions < 1:
@@ -431,6 +552,7 @@ def run_patch(req: PatchRequest) -> tuple[Path, dict[str, Any]]:
         alphas = [float(a) for a in req.alphas.split(",") if a.strip()]
     except ValueError:
         raise TlpersonaError(f"--alphas must be comma-separated numbers, not {req.alphas!r}") from None
+    check_finite_numbers(alphas, "--alphas")
     st = open_store(req.store, verify=True) if req.store else None
     prov = st.provenance if st else {}
     personas = load_personas(req.personas)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tlpersona.analyses import plots
-from tlpersona.files import atomic_write_bytes
+from tlpersona.files import atomic_write_bytes, json_bytes
 
 
 def _f(v: Any, nd: int = 3) -> str:
@@ -137,7 +136,7 @@ def write_report(result: dict[str, Any], source: Any, out: str | Path,
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "results.json", json.dumps(result, indent=1).encode())
+    atomic_write_bytes(out / "results.json", json_bytes(result))
     layers = result["layers"]
     mid = layers[len(layers) // 2]
     plots.verdict_heatmap(result, figs / "verdicts.png")
@@ -223,7 +222,7 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Any,
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "subspace.json", json.dumps(result, indent=1).encode())
+    atomic_write_bytes(out / "subspace.json", json_bytes(result))
     atomic_save_tensors(out / "pcs.safetensors",
                         {f"layer_{k}": torch.from_numpy(np.ascontiguousarray(v)).float()
                          for k, v in comps.items()})
@@ -282,8 +281,7 @@ def write_patch(patching: dict[str, Any] | None, steering: dict[str, Any] | None
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "patch.json", json.dumps({"patching": patching, "steering": steering},
-                                                      indent=1).encode())
+    atomic_write_bytes(out / "patch.json", json_bytes({"patching": patching, "steering": steering}))
     lines = ["## Activation patching and steering", ""]
     if patching is not None:
         plots.patching_heatmap(patching, figs / "patching.png")

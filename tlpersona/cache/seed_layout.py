@@ -6,7 +6,12 @@
     DIR/method_<x>/<role>__per_q.pt                                  [n_questions, n_layers, d]
     DIR/method_<x>/metadata.json                                     {"layers": [...], ...}
 
-``.pt`` files are read with ``torch.load(weights_only=True)`` (no pickled code runs).
+``.pt`` files are read with ``torch.load(weights_only=True)`` (no pickled code runs), and every
+value is checked (tensors of consistent shapes, finite, the layer count of ``metadata.json``).
+
+An export writes ``"tlpersona_seed_layout": 1`` and its store's manifest hash (``source``) into
+each ``metadata.json``; the reader refuses method folders from different sources, and an export
+replaces only folders that an export wrote (never a layout made by other code).
 """
 
 from __future__ import annotations
@@ -19,10 +24,48 @@ import torch
 
 from tlpersona.cache.store import Store
 from tlpersona.errors import TlpersonaError
-from tlpersona.files import atomic_write_bytes
+from tlpersona.files import atomic_save_pt, atomic_write_bytes
 from tlpersona.positions import RECIPES, canonical, parse_position
+from tlpersona.safety import check_persona_names, inside, read_text, strict_json
 
 _BY_POSITION = {v: k for k, v in RECIPES.items()}
+MARK = "tlpersona_seed_layout"
+
+
+def _metadata(mdir: Path) -> dict:
+    """A method folder's ``metadata.json`` ({} when there is none)."""
+    path = mdir / "metadata.json"
+    if not path.exists():
+        return {}
+    try:
+        meta = strict_json(read_text(path, "JSON file"))
+    except ValueError as exc:
+        raise TlpersonaError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise TlpersonaError(f"{path}: expected a JSON object")
+    return meta
+
+
+def _layers(meta: dict, path: Path) -> list[int] | None:
+    layers = meta.get("layers")
+    if layers is None:
+        return None
+    if not isinstance(layers, list) or not layers or not all(type(x) is int and x >= 0 for x in layers):
+        raise TlpersonaError(f"{path}: 'layers' must be a list of block indices, not {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise TlpersonaError(f"{path}: 'layers' has duplicates")
+    return layers
+
+
+def _tensor(value: object, where: str, shape: tuple[int, ...] | None, ndim: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TlpersonaError(f"{where}: expected a tensor, found {type(value).__name__}")
+    if value.dim() != ndim or (shape is not None and tuple(value.shape) != shape):
+        raise TlpersonaError(f"{where}: tensor of shape {list(value.shape)}, expected "
+                             + (f"{list(shape)}" if shape is not None else f"{ndim} dimensions"))
+    if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+        raise TlpersonaError(f"{where}: not a finite floating-point tensor")
+    return value.float()
 
 
 def _load_pt(path: Path) -> object:
@@ -45,32 +88,50 @@ class SeedSource:
         self.positions: list[str] = []
         personas: list[str] | None = None
         layers: list[int] | None = None
+        shape: tuple[int, ...] | None = None
+        # Folders that different exports wrote must not be read as one source.
+        metas = {mdir: _metadata(mdir) for mdir in methods}
+        sources = {mdir.name: m.get("source_manifest_hash") if m.get(MARK) else None
+                   for mdir, m in metas.items()}
+        if len(set(map(str, sources.values()))) > 1:
+            raise TlpersonaError(f"{self.root}: method folders come from different sources "
+                                 f"({', '.join(f'{k}: {v}' for k, v in sources.items())}); "
+                                 "export each store into its own directory")
         digest = hashlib.sha256()
         for mdir in methods:
             alias = mdir.name[len("method_"):]
             if alias not in RECIPES:
                 raise TlpersonaError(f"{mdir}: unknown method {alias!r} (known: {', '.join(RECIPES)})")
             pos = RECIPES[alias]
+            meta = metas[mdir]
             data = _load_pt(mdir / "all_centroids.pt")
             if not isinstance(data, dict) or not data:
                 raise TlpersonaError(f"{mdir / 'all_centroids.pt'}: expected a dict role -> tensor")
-            names = list(data)
+            names = check_persona_names(data, str(mdir / "all_centroids.pt"))
             if personas is None:
                 personas = names
             elif set(names) != set(personas):
                 raise TlpersonaError(f"{mdir}: its roles differ from the other methods'")
-            meta_path = mdir / "metadata.json"
-            n_layers = next(iter(data.values())).shape[0]
-            m_layers = (json.loads(meta_path.read_text()).get("layers")
-                        if meta_path.exists() else None) or list(range(n_layers))
+            cents = []
+            for r in personas:
+                cents.append(_tensor(data[r], f"{mdir / 'all_centroids.pt'}[{r!r}]", shape, 2))
+                shape = tuple(cents[0].shape)
+            m_layers = _layers(meta, mdir / "metadata.json") or list(range(shape[0]))
+            if len(m_layers) != shape[0]:
+                raise TlpersonaError(f"{mdir}: metadata.json lists {len(m_layers)} layers, the "
+                                     f"tensors have {shape[0]}")
             if layers is None:
-                layers = [int(x) for x in m_layers]
-            elif [int(x) for x in m_layers] != layers:
+                layers = m_layers
+            elif m_layers != layers:
                 raise TlpersonaError(f"{mdir}: its layers differ from the other methods'")
-            self._cent[pos] = torch.stack([torch.as_tensor(data[r]).float() for r in personas])
-            per_q = [mdir / f"{r}__per_q.pt" for r in personas]
+            self._cent[pos] = torch.stack(cents)
+            per_q = [inside(mdir, mdir / f"{r}__per_q.pt") for r in personas]
             if all(p.exists() for p in per_q) and not parse_position(pos).question_invariant:
-                self._per_q[pos] = torch.stack([torch.as_tensor(_load_pt(p)).float() for p in per_q])
+                rows = [_tensor(_load_pt(p), str(p), None, 3) for p in per_q]
+                if any(tuple(t.shape[1:]) != shape for t in rows) or len({t.shape[0] for t in rows}) > 1:
+                    raise TlpersonaError(f"{mdir}: per-question files disagree in shape with each "
+                                         "other or with all_centroids.pt")
+                self._per_q[pos] = torch.stack(rows)
             self.positions.append(pos)
             digest.update((mdir / "all_centroids.pt").read_bytes())
         assert personas is not None and layers is not None
@@ -124,33 +185,62 @@ def read_seed(root: str | Path) -> SeedSource:
     return SeedSource(root)
 
 
-def _save_pt(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+def _owned_by_export(mdir: Path) -> list[Path]:
+    """The files an earlier export wrote in ``mdir``; refuses a folder that no export wrote."""
+    meta = _metadata(mdir)
+    if not meta.get(MARK):
+        raise TlpersonaError(f"{mdir} holds a seed layout that tlpersona did not write; export "
+                             "into another directory")
+    roles = meta.get("personas")
+    if not isinstance(roles, list):
+        raise TlpersonaError(f"{mdir / 'metadata.json'}: no persona list")
+    names = check_persona_names(roles, str(mdir / "metadata.json"))
+    files = ["all_centroids.pt", "metadata.json", *(f"{r}.pt" for r in names),
+             *(f"{r}__per_q.pt" for r in names)]
+    return [inside(mdir, mdir / f) for f in files if (mdir / f).is_file()]
 
 
 def export_seed(store: Store, root: str | Path) -> list[Path]:
     """Write a store's recipes in the seed layout (positions that have a recipe letter):
     ``all_centroids.pt`` {role: [layer, d]}, ``<role>.pt`` (that centroid), ``<role>__per_q.pt``
-    ([question, layer, d], question-dependent recipes) and ``metadata.json`` with the layers."""
-    out = []
+    ([question, layer, d], question-dependent recipes) and ``metadata.json`` with the layers,
+    the personas and the store's manifest hash.
+
+    Method folders already in ``root`` must have been written by an export (else nothing is
+    touched); those from another store are replaced whole, so the layout never mixes sources.
+    """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise TlpersonaError(f"--seed-layout {root} is a file, not a directory")
+    names = check_persona_names(store.personas, f"{store.root} (persona names)")
+    stale: list[Path] = []
+    for mdir in sorted(root.glob("method_*")) if root.exists() else []:
+        if mdir.is_symlink() or not mdir.is_dir():
+            raise TlpersonaError(f"{mdir} is not a directory; export into another directory")
+        owned = _owned_by_export(mdir)
+        if _metadata(mdir).get("source_manifest_hash") != store.manifest_hash:
+            stale.extend(owned)
+    for f in stale:  # another store's export: its files go, foreign files stay
+        f.unlink()
+    out = []
     for pos in store.positions:
         alias = _BY_POSITION.get(pos)
         if alias is None:
             continue
-        mdir = root / f"method_{alias}"
-        mdir.mkdir(parents=True, exist_ok=True)
+        mdir = inside(root, root / f"method_{alias}")
         cent = store.centroids(pos)
-        _save_pt({name: cent[i].clone() for i, name in enumerate(store.personas)},
-                 mdir / "all_centroids.pt")
+        atomic_save_pt(inside(mdir, mdir / "all_centroids.pt"),
+                       {name: cent[i].clone() for i, name in enumerate(names)})
         per_q = None if store.question_invariant(pos) else store.per_question(pos)
-        for i, name in enumerate(store.personas):
-            _save_pt(cent[i].clone(), mdir / f"{name}.pt")
+        for i, name in enumerate(names):
+            atomic_save_pt(inside(mdir, mdir / f"{name}.pt"), cent[i].clone())
             if per_q is not None:
-                _save_pt(per_q[i].float().clone(), mdir / f"{name}__per_q.pt")
-        meta = {"layers": store.layers, "position": pos, "source": str(store.root)}
+                atomic_save_pt(inside(mdir, mdir / f"{name}__per_q.pt"), per_q[i].float().clone())
+        meta = {MARK: 1, "layers": store.layers, "position": pos, "personas": names,
+                "source": str(store.root), "source_manifest_hash": store.manifest_hash}
         atomic_write_bytes(mdir / "metadata.json", json.dumps(meta).encode())
         out.append(mdir)
+    for mdir in sorted(root.glob("method_*")):
+        if mdir not in out and mdir.is_dir() and not any(mdir.iterdir()):
+            mdir.rmdir()
     return out

@@ -13,6 +13,11 @@ While a run is in progress each finished group of personas is one file
 ``DIR/parts/<first>-<end>.safetensors``; a rerun of the same command skips those, and the last
 step stacks them into the per-position files. Every file is written under a temporary name and
 renamed, so a killed run never leaves a half-written file behind.
+
+What the format owns in ``DIR`` (all that ``--force-new`` ever deletes): ``manifest.json``, the
+``<position>.safetensors`` files its provenance names, ``parts/NNNNN-NNNNN.safetensors``, the
+temporary files of these (``.<name>.*``), ``responses.jsonl`` and ``responses.rankR.jsonl`` when
+they carry a tlpersona header, and the lock file ``tlpersona.lock``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import re
 import shutil
+import stat
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +39,10 @@ from safetensors import safe_open
 from tlpersona import __version__
 from tlpersona.errors import TlpersonaError
 from tlpersona.files import atomic_save_tensors, atomic_write_bytes, sha256_file
+from tlpersona.locks import LOCK_NAME
 from tlpersona.positions import canonical, parse_position
+from tlpersona.response_provenance import read_header
+from tlpersona.safety import check_persona_names
 
 FORMAT = "tlpersona-store/1"
 MANIFEST = "manifest.json"
@@ -76,14 +86,106 @@ def position_file(position: str) -> str:
     return f"{position}.safetensors"
 
 
-def clear_store(root: str | Path) -> None:
-    """Remove a store directory for ``--force-new``; refuses a directory that is not a store."""
+_PART = re.compile(r"^\d{5}-\d{5}\.safetensors$")
+_RESPONSES = re.compile(r"^responses(\.rank\d+)?\.jsonl$")
+
+
+def _is_part(name: str) -> bool:
+    """A part file's name, or the temporary name it is written under (``.<name>.XXXX``)."""
+    if name.startswith("."):
+        name = name[1:].split(".safetensors.", 1)[0] + ".safetensors"
+    return bool(_PART.match(name))
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """A manifest's JSON object; anything else (unreadable, not JSON, another format) is one line."""
+    if not path.is_file():
+        raise TlpersonaError(f"{path}: not a regular file")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TlpersonaError(f"{path}: invalid JSON ({exc})") from None
+    except OSError as exc:
+        raise TlpersonaError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else None
+        raise TlpersonaError(f"{path}: not a tlpersona store manifest (format {got!r})")
+    return data
+
+
+def _owned(root: Path, manifest: dict[str, Any] | None) -> tuple[list[Path], list[Path]]:
+    """(files the store format owns in ``root``, files it does not). Never follows links."""
+    names = {MANIFEST, LOCK_NAME}
+    if manifest is not None:
+        prov = manifest.get("provenance")
+        positions = prov.get("positions") if isinstance(prov, dict) else None
+        for pos in positions if isinstance(positions, list) else []:
+            if isinstance(pos, str):
+                names.add(position_file(pos))
+    owned: list[Path] = []
+    foreign: list[Path] = []
+    for p in sorted(root.iterdir()):
+        own = (p.name in names or (p.name.startswith(".") and
+                                   any(p.name.startswith(f".{n}.") for n in names)))
+        if _RESPONSES.match(p.name) and p.is_file() and not p.is_symlink():
+            own = read_header(p) is not None
+        if p.name == "parts" and p.is_dir() and not p.is_symlink():
+            for q in sorted(p.iterdir()):
+                ok = _is_part(q.name) and q.is_file() and not q.is_symlink()
+                (owned if ok else foreign).append(q)
+            continue
+        if own and (p.is_symlink() or not p.is_file()):
+            own = False
+        (owned if own else foreign).append(p)
+    return owned, foreign
+
+
+def store_dir_state(root: str | Path, keep: set[Path] | None = None) -> dict[str, Any] | None:
+    """The manifest of the store in ``root`` (None when there is none yet).
+
+    Refuses a directory that holds a ``manifest.json`` of another kind, or, with no manifest,
+    files that a store does not own (so a run never writes into a user's directory); ``keep``
+    are files the run itself reads there (``--responses``).
+    """
     root = Path(root)
     if not root.exists():
-        return
-    if not (root / MANIFEST).exists() and any(p.name != "responses.jsonl" for p in root.iterdir()):
-        raise TlpersonaError(f"{root} is not a tlpersona store; not removing it")
-    shutil.rmtree(root)
+        return None
+    if (root / MANIFEST).exists() or (root / MANIFEST).is_symlink():
+        return _read_manifest(root / MANIFEST)
+    kept = {k.resolve() for k in keep or set()}
+    foreign = [p for p in _owned(root, None)[1] if p.resolve() not in kept]
+    if foreign:
+        raise TlpersonaError(f"{root} is not empty and is not a tlpersona store "
+                             f"(it holds {foreign[0].name}); use another --out")
+    return None
+
+
+def clear_store(root: str | Path, keep: set[Path] | None = None) -> list[Path]:
+    """Remove the files the store format owns in ``root`` for ``--force-new`` (see the module
+    docstring), except ``keep``; returns them. Refuses, touching nothing, a symbolic link, a
+    directory with another kind of ``manifest.json``, or one that holds any file a store does
+    not own."""
+    root = Path(root)
+    if root.is_symlink():
+        raise TlpersonaError(f"{root} is a symbolic link; --force-new does not clear through links")
+    if not root.exists():
+        return []
+    if not root.is_dir():
+        raise TlpersonaError(f"{root} is a file, not a store directory")
+    manifest = store_dir_state(root, keep)
+    keep = {k.resolve() for k in keep or set()}
+    owned, foreign = _owned(root, manifest)
+    foreign = [p for p in foreign if p.resolve() not in keep]
+    if foreign:
+        raise TlpersonaError(f"{root} holds {foreign[0].relative_to(root)}, which is not the store's; "
+                             "--force-new removes nothing")
+    removed = [p for p in owned if p.resolve() not in keep and p.name != LOCK_NAME]
+    for p in removed:
+        p.unlink()
+    parts = root / "parts"
+    if parts.is_dir() and not any(parts.iterdir()):
+        parts.rmdir()
+    return removed
 
 
 class StoreWriter:
@@ -95,14 +197,14 @@ class StoreWriter:
     """
 
     def __init__(self, root: str | Path, provenance: dict[str, Any], info: dict[str, Any],
-                 force_new: bool = False):
+                 force_new: bool = False, keep: set[Path] | None = None):
         self.root = Path(root)
         self.provenance = provenance
         manifest_path = self.root / MANIFEST
         if force_new:
-            clear_store(self.root)
-        if manifest_path.exists():
-            old = json.loads(manifest_path.read_text())
+            clear_store(self.root, keep)
+        old = store_dir_state(self.root, keep)
+        if old is not None:
             diff = [k for k in sorted(set(old.get("provenance", {})) | set(provenance))
                     if old.get("provenance", {}).get(k) != provenance.get(k)]
             if diff:
@@ -112,10 +214,6 @@ class StoreWriter:
                 )
             self.manifest = old
         else:
-            if self.root.exists() and any(self.root.iterdir()):
-                stray = [p.name for p in self.root.iterdir() if p.name != "responses.jsonl"]
-                if stray:
-                    raise TlpersonaError(f"{self.root} is not empty and is not a tlpersona store")
             self.manifest = {
                 "format": FORMAT,
                 "code_version": __version__,
@@ -132,9 +230,27 @@ class StoreWriter:
 
     def finished(self) -> dict[int, Path]:
         """Saved persona index -> the group part file that holds it."""
-        out = {}
-        for path in sorted((self.root / "parts").glob("*-*.safetensors")):
-            start, stop = (int(x) for x in path.stem.split("-"))
+        out: dict[int, Path] = {}
+        parts = self.root / "parts"
+        if not parts.is_dir():
+            return out
+        n = len(self.provenance["personas"])
+        for path in sorted(parts.iterdir()):
+            if path.name.startswith(".") and _is_part(path.name):
+                continue  # a killed writer's temporary file; its group is computed again
+            start, stop = ((int(x) for x in path.stem.split("-")) if _PART.match(path.name)
+                           else (-1, -1))
+            if (not _PART.match(path.name) or not path.is_file() or path.is_symlink()
+                    or not 0 <= start < stop <= n or any(i in out for i in range(start, stop))):
+                raise TlpersonaError(f"{path} is not a part file of this store; remove it and rerun")
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    keys = set(f.keys())
+            except Exception as exc:  # safetensors raises its own types for a damaged header
+                raise TlpersonaError(f"{path} is damaged ({type(exc).__name__}); remove it and rerun "
+                                     "to compute its personas again") from None
+            if not all(any(k.startswith(f"{i}/") for k in keys) for i in range(start, stop)):
+                raise TlpersonaError(f"{path} lacks personas it should hold; remove it and rerun")
             out.update(dict.fromkeys(range(start, stop), path))
         return out
 
@@ -194,14 +310,10 @@ class Store:
         path = self.root / MANIFEST
         if not path.exists():
             raise TlpersonaError(f"{self.root}: not a tlpersona store (no {MANIFEST})")
-        try:
-            self.manifest: dict[str, Any] = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise TlpersonaError(f"{path}: invalid JSON ({exc})") from None
-        if self.manifest.get("format") != FORMAT:
-            raise TlpersonaError(f"{path}: unknown store format {self.manifest.get('format')!r}")
-        if not self.manifest.get("complete"):
+        self.manifest: dict[str, Any] = _read_manifest(path)
+        if self.manifest.get("complete") is not True:
             raise TlpersonaError(f"{self.root}: the store is incomplete; rerun extract to resume it")
+        check_manifest(self.manifest, path)
         prov = self.manifest["provenance"]
         self.personas: list[str] = list(prov["personas"])
         self.questions: list[str] = list(prov["questions"])
@@ -300,6 +412,61 @@ class Store:
         return self.layers.index(layer)
 
 
+def _problem(manifest: dict[str, Any]) -> str | None:
+    """The first way a complete store's manifest breaks the format's schema, or None."""
+    prov = manifest.get("provenance")
+    if not isinstance(prov, dict):
+        return "provenance is not an object"
+    for key in ("personas", "questions", "positions", "layers"):
+        value = prov.get(key)
+        if not isinstance(value, list) or not value:
+            return f"provenance.{key} is not a non-empty list"
+        if len(set(map(str, value))) != len(value):
+            return f"provenance.{key} has duplicates"
+    if not all(isinstance(q, str) for q in prov["questions"]):
+        return "provenance.questions holds a non-string id"
+    if not all(type(x) is int and x >= 0 for x in prov["layers"]):
+        return "provenance.layers holds something other than block indices"
+    for pos in prov["positions"]:
+        try:
+            ok = isinstance(pos, str) and canonical(pos) == pos
+        except TlpersonaError:
+            ok = False
+        if not ok:
+            return f"provenance.positions holds {pos!r}, not a position name"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "files is not an object"
+    allowed = {position_file(p) for p in prov["positions"]}
+    n_p, n_q, n_l = len(prov["personas"]), len(prov["questions"]), len(prov["layers"])
+    for name, meta in files.items():
+        if name not in allowed:
+            return f"files lists {name!r}, which is not a file of its positions"
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) \
+                or not isinstance(meta.get("shapes"), dict):
+            return f"files.{name} lacks sha256 or shapes"
+        shapes = meta["shapes"]
+        want = {"centroids": [n_p, n_l], "per_question": [n_p, n_q, n_l], "valid": [n_p, n_q],
+                "n_tokens": [n_p, n_q]}
+        if "centroids" not in shapes:
+            return f"files.{name} has no centroids"
+        for key, shape in shapes.items():
+            if key not in want or not isinstance(shape, list) \
+                    or shape[:len(want[key])] != want[key]:
+                return (f"files.{name}: {key} shape {shape} does not fit {n_p} personas, "
+                        f"{n_q} questions and {n_l} layers")
+    return None
+
+
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse a complete store's manifest that breaks the schema (one line naming the field);
+    persona names must be safe file names, since export writes them as such."""
+    problem = _problem(manifest)
+    if problem:
+        raise TlpersonaError(f"{path}: {problem}")
+    check_persona_names(manifest["provenance"]["personas"], str(path))
+
+
 def verify_store(path: str | Path) -> list[str]:
     """Re-check every file the manifest lists (presence, sha256, tensor shapes).
 
@@ -307,16 +474,24 @@ def verify_store(path: str | Path) -> list[str]:
     """
     st = Store(path)
     problems = []
-    for name, meta in st.manifest.get("files", {}).items():
+    for name, meta in st.manifest["files"].items():
         f = st.root / name
-        if not f.exists():
+        if not f.exists() and not f.is_symlink():
             problems.append(f"{name}: missing")
+            continue
+        # only plain files inside the store are read (a link could point at /dev/zero)
+        if f.is_symlink() or not stat.S_ISREG(f.lstat().st_mode):
+            problems.append(f"{name}: not a regular file")
             continue
         if sha256_file(f) != meta["sha256"]:
             problems.append(f"{name}: checksum mismatch (corrupted or modified)")
             continue
-        with safe_open(str(f), framework="pt") as sf:
-            shapes = {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                shapes = {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}
+        except Exception as exc:  # safetensors raises its own types for a damaged file
+            problems.append(f"{name}: unreadable safetensors file ({type(exc).__name__})")
+            continue
         if shapes != meta["shapes"]:
             problems.append(f"{name}: tensor shapes {shapes} differ from the manifest's")
     listed = set(st.manifest.get("files", {}))

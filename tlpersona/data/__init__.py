@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from tlpersona.errors import TlpersonaError
+from tlpersona.safety import check_count, check_persona_names, jsonl_lines, read_text, strict_json
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,10 @@ class Question:
 
 
 def _read_json(path: Path) -> object:
+    text = read_text(path, "JSON file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TlpersonaError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return strict_json(text)
+    except ValueError as exc:  # JSONDecodeError, or a duplicate key
         raise TlpersonaError(f"{path}: invalid JSON ({exc})") from None
 
 
@@ -50,6 +50,7 @@ def _check_persona(name: str, prompts: list[object], where: str) -> Persona:
 
 def builtin_personas() -> list[Persona]:
     raw = json.loads(resources.files("tlpersona.data").joinpath("builtin_personas.json").read_text())
+    check_persona_names(raw, "builtin personas")
     return [_check_persona(name, prompts, "builtin") for name, prompts in raw.items()]
 
 
@@ -61,9 +62,14 @@ def builtin_questions() -> list[Question]:
 def load_assistant_axis_personas(directory: str | Path) -> list[Persona]:
     """Read ``role_list.json`` and ``instructions/<role>.json`` (``instruction[i].pos``)."""
     root = Path(directory)
+    if root.exists() and not root.is_dir():
+        raise TlpersonaError(f"--personas {root}: not a directory (expected role_list.json and "
+                             "instructions/ inside)")
     roles = _read_json(root / "role_list.json")
     if not isinstance(roles, dict) or not roles:
         raise TlpersonaError(f"{root / 'role_list.json'}: expected a non-empty object of roles")
+    # a role name becomes a file name here and in exports: check it before joining paths
+    check_persona_names(roles, str(root / "role_list.json"))
     out = []
     for role in roles:
         path = root / "instructions" / f"{role}.json"
@@ -85,11 +91,9 @@ def load_assistant_axis_personas(directory: str | Path) -> list[Persona]:
 def load_questions_jsonl(path: str | Path) -> list[Question]:
     """Read ``{"question": ..., "id": ...}`` lines; ids must be unique."""
     p = Path(path)
-    if not p.exists():
-        raise TlpersonaError(f"{p}: file not found")
     out: list[Question] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(jsonl_lines(read_text(p, "questions JSONL file")), 1):
         if not line.strip():
             continue
         try:
@@ -112,12 +116,14 @@ def load_questions_jsonl(path: str | Path) -> list[Question]:
 
 def load_personas(spec: str, limit: int | None = None) -> list[Persona]:
     """``builtin`` or an assistant-axis directory; ``limit`` keeps the first N."""
+    check_count(limit, "--limit-personas", 0)
     personas = builtin_personas() if spec == "builtin" else load_assistant_axis_personas(spec)
     return personas[:limit] if limit else personas
 
 
 def load_questions(spec: str, limit: int | None = None) -> list[Question]:
     """``builtin`` or a questions JSONL file; ``limit`` keeps the first N."""
+    check_count(limit, "--limit-questions", 0)
     questions = builtin_questions() if spec == "builtin" else load_questions_jsonl(spec)
     return questions[:limit] if limit else questions
 

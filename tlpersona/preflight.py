@@ -1,0 +1,149 @@
+"""Checks of a whole run before its first generation or forward pass: every persona, phrasing
+and question against every position, the model's context, and (once they exist) the responses.
+
+A problem that only one late persona has must stop a run before hours of work, not in the
+middle of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tlpersona.conversation import ChatRenderer, common_prefix_len, template_hash
+from tlpersona.data import Persona, Question, indexed_prompts
+from tlpersona.errors import TlpersonaError
+from tlpersona.generate import Key, Response
+from tlpersona.positions import Position
+from tlpersona.response_provenance import prompt_sha
+
+# The same two probe questions as extraction: the prefix every conversation of a persona shares
+# is at most the common prefix of these two.
+_PROBES = ("Zebra?", "1 + 1")
+
+
+@dataclass(frozen=True)
+class PromptCheck:
+    """One checked conversation: its prompt length, the sequence length its positions need
+    (at most ``prompt_len`` unless a response makes the sequence longer) and the prompt hash."""
+
+    prompt_len: int
+    need: int
+    sha: str
+
+
+_memo: dict[tuple, dict[Key, PromptCheck]] = {}
+
+
+def check_prompts(tokenizer: Any, positions: list[Position], personas: list[Persona],
+                  questions: list[Question], prompt_index: int | str) -> dict[Key, PromptCheck]:
+    """Render every (persona, phrasing, question) prompt and resolve every prompt position in it.
+
+    Raises one line naming the persona and question for the first problem: a phrasing index out
+    of range, an anchor the template lacks, an offset outside the prompt (where no response can
+    lengthen the sequence), a system-block position that reaches into the question. Results
+    are remembered, so a second check of the same run costs nothing.
+    """
+    key = (getattr(tokenizer, "name_or_path", ""), template_hash(tokenizer), tuple(personas),
+           tuple(questions), tuple(positions), prompt_index)
+    if key in _memo:
+        return _memo[key]
+    renderer = ChatRenderer(tokenizer)
+    response_run = any(p.needs_response for p in positions)
+    invariant = [p for p in positions if p.question_invariant and p.kind == "anchored"]
+    dep = [p for p in positions if not p.question_invariant and not p.needs_response]
+    out: dict[Key, PromptCheck] = {}
+    for persona in personas:
+        for pidx, system in indexed_prompts(persona, prompt_index):
+            rows = []
+            for q in questions:
+                where = f"persona {persona.name!r}, question {q.id!r}"
+                spans = _guard(where, lambda s=system, t=q.text: renderer.prompt(s, t))
+                n = spans.prompt_len
+                need = n
+                for p in dep:
+                    if p.kind == "pooled":
+                        _guard(where, lambda p=p, sp=spans: p.resolve(sp))
+                        continue
+                    idx = _guard(where, lambda p=p, sp=spans: sp.anchor(p.anchor)) + p.offset
+                    if idx < 0 or (idx >= n and not response_run):
+                        raise TlpersonaError(f"{where}: position {p.name} resolves to token {idx}, "
+                                             f"outside the sequence of {n} prompt tokens")
+                    need = max(need, idx + 1)
+                rows.append(spans)
+                out[(persona.name, pidx, q.id)] = PromptCheck(n, need, prompt_sha(spans.ids))
+            if invariant:
+                _check_invariant(renderer, persona, system, rows, invariant)
+    _memo.clear()
+    _memo[key] = out
+    return out
+
+
+def check_context(checked: dict[Key, PromptCheck], context: int | None,
+                  max_new_tokens: int = 0) -> None:
+    """Every prompt (plus ``max_new_tokens`` to generate) fits the model's ``context``."""
+    if context is None:
+        return
+    for key, c in checked.items():
+        if c.prompt_len + max_new_tokens > context:
+            extra = f" plus {max_new_tokens} new tokens" if max_new_tokens else ""
+            raise TlpersonaError(f"persona {key[0]!r}, question {key[2]!r}: the prompt of "
+                                 f"{c.prompt_len} tokens{extra} exceeds the model's context of "
+                                 f"{context} tokens")
+
+
+def _guard(where: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except TlpersonaError as exc:
+        raise TlpersonaError(f"{where}: {exc}") from None
+
+
+def _check_invariant(renderer: ChatRenderer, persona: Persona, system: str, rows: list,
+                     invariant: list[Position]) -> None:
+    """System-block positions must lie in the prefix that every question of the persona shares."""
+    probes = [renderer.prompt(system, t).ids for t in _PROBES]
+    shared = common_prefix_len([*probes, *(sp.ids for sp in rows)])
+    for p in invariant:
+        idx = _guard(f"persona {persona.name!r}", lambda p=p: p.resolve(rows[0])[0])
+        if idx >= shared:
+            raise TlpersonaError(f"position {p.name} of persona {persona.name!r} reaches past the "
+                                 "system block into the question; it is not question-invariant here")
+
+
+def check_responses(checked: dict[Key, PromptCheck], positions: list[Position],
+                    responses: dict[Key, Response], vocab_size: int, include_eot: bool,
+                    where: str, context: int | None = None) -> None:
+    """The responses a run will read fit it: token ids inside the vocabulary, each continuing
+    this run's prompt (where the file records it), and every position inside each sequence."""
+    response_run = any(p.needs_response for p in positions)
+    resp_pos = [p for p in positions if p.needs_response and p.kind == "anchored"]
+    for key, c in checked.items():
+        r = responses.get(key)
+        name = f"{where}: persona {key[0]!r}, question {key[2]!r}"
+        if r is None:
+            if c.need > c.prompt_len:
+                raise TlpersonaError(f"{name}: has no response, and a position needs token "
+                                     f"{c.need - 1} of a {c.prompt_len}-token prompt")
+            continue
+        bad = [t for t in r.ids if not 0 <= t < vocab_size]
+        if bad:
+            raise TlpersonaError(f"{name}: token id {bad[0]} is outside the model's vocabulary "
+                                 f"of {vocab_size}")
+        if r.prompt_sha is not None and r.prompt_sha != c.sha:
+            raise TlpersonaError(f"{name}: the response continues a different prompt (system "
+                                 "prompt, question or chat template changed)")
+        total = c.prompt_len + len(r.ids)
+        if context is not None and total > context:
+            raise TlpersonaError(f"{name}: prompt and response ({total} tokens) exceed the "
+                                 f"model's context of {context} tokens")
+        if response_run and c.need > total:
+            raise TlpersonaError(f"{name}: a position needs token {c.need - 1} of a "
+                                 f"{total}-token sequence")
+        if r.content_len(include_eot) > 0:
+            for p in resp_pos:
+                idx = c.prompt_len + p.offset
+                if not 0 <= idx < total:
+                    raise TlpersonaError(f"{name}: position {p.name} resolves to token {idx}, "
+                                         f"outside the sequence of {total} tokens")
