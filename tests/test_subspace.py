@@ -154,7 +154,7 @@ def test_high_dimensional_shared_geometry_saturates_and_says_so(tmp_path):
     not a count inflated by directions the fit half has no variance along."""
     rng = np.random.default_rng(3)
     z = rng.normal(size=(26, 200))
-    rec = {p: z + 0.2 * rng.normal(size=(26, 200)) for p in ["last", "sys_end", "sys_end+1"]}
+    rec = {p: z + 0.05 * rng.normal(size=(26, 200)) for p in ["last", "sys_end", "sys_end+1"]}
     res, _ = subspace(recipes_store(tmp_path / "s", rec), SubspaceConfig(k_max=50, n_null=2))
     layer = res["layers"][0]
     assert layer["k_found"] == 12 and layer["k_found_saturated"]
