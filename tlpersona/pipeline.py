@@ -42,7 +42,7 @@ class ExtractRequest:
     positions: str = "last,sys_end,sys_end+1"
     layers: str = "default"
     out: str = "tlpersona-out/store"
-    batch_size: int = 8
+    batch_size: int | None = None  # None: auto (tlpersona.batching)
     max_new_tokens: int | None = None
     responses: str | None = None
     include_eot: bool = False
@@ -54,7 +54,7 @@ class ExtractRequest:
 
 
 def _generate(source: str, device: str, dtype: str | None, tokenizer, personas, questions,
-              prompt_index, out: str | Path, max_new_tokens: int | None, batch_size: int,
+              prompt_index, out: str | Path, max_new_tokens: int | None, batch_size: int | None,
               progress: bool = True, decoder: str = "auto",
               device_map: str | None = None) -> dict[Key, Response]:
     hf = load_hf(source, device, pick_dtype(dtype, device), device_map=device_map)
@@ -82,7 +82,7 @@ def run_extract(req: ExtractRequest) -> Path:
     positions = parse_positions(req.positions)
     personas = load_personas(req.personas, req.limit_personas)
     questions = load_questions(req.questions, req.limit_questions)
-    if req.batch_size < 1:
+    if req.batch_size is not None and req.batch_size < 1:
         raise TlpersonaError("--batch-size must be at least 1")
     rk = ranks()
     _resolve_once(req.model, rk)
@@ -101,12 +101,15 @@ def run_extract(req: ExtractRequest) -> Path:
             unknown = sorted({k[0] for k in responses} - known)
             if unknown:
                 raise TlpersonaError(f"{resp_path}: responses for unknown persona {unknown[0]!r}")
+        elif _fused(req, device, resp_path, personas, questions):
+            return _run_fused(req, device, positions, personas, questions, out, resp_path, rk)
         else:
             source, _ = resolve(req.model)
             tok = load_tokenizer(source)
             responses = _generate(source, device, req.dtype, tok, personas, questions,
                                   req.prompt_index, resp_path, req.max_new_tokens,
-                                  max(req.batch_size, 16), req.progress, req.decoder,
+                                  req.batch_size and max(req.batch_size, 16), req.progress,
+                                  req.decoder,
                                   req.device_map)
     if req.device_map and rk.world > 1:
         raise TlpersonaError("--device-map and torchrun do not combine: use one or the other")
@@ -122,10 +125,49 @@ def run_extract(req: ExtractRequest) -> Path:
     return path
 
 
+def _fused(req: ExtractRequest, device: str, resp_path: Path, personas, questions) -> bool:
+    """Generate and extract in one pass (tlpersona.fused) when the static decoder generates the
+    responses here: always for a store that a fused run started; otherwise unless every
+    response is already on disk (then extraction alone is the shorter way)."""
+    from tlpersona.data import indexed_prompts
+    from tlpersona.fused import fused_marked
+
+    static = req.decoder == "static" or (req.decoder == "auto" and device.startswith("cuda"))
+    if not static or req.device_map:
+        return False
+    if fused_marked(req.out):
+        return True
+    have = read_responses(resp_path)
+    return any((p.name, k, q.id) not in have for p in personas
+               for k, _ in indexed_prompts(p, req.prompt_index) for q in questions)
+
+
+def _run_fused(req: ExtractRequest, device: str, positions, personas, questions, out: Path,
+               resp_path: Path, rk: Any) -> Path:
+    from tlpersona.fused import FusedConfig, fused_extract_to_store
+    from tlpersona.models import model_info
+
+    source, identity = resolve(req.model)
+    tok = load_tokenizer(source)
+    hf = load_hf(source, device, pick_dtype(req.dtype, device))
+    info = model_info(req.model, source, identity, hf.config)
+    cfg = ExtractConfig(positions=positions, layers=parse_layers(req.layers, info.n_layers),
+                        prompt_index=req.prompt_index, batch_size=req.batch_size,
+                        include_eot=req.include_eot, progress=req.progress)
+    n_new = req.max_new_tokens or (200 if device.startswith("cuda") else 48)
+    stats: dict[str, int] = {}
+    path = fused_extract_to_store(hf, tok, info, cfg, FusedConfig(n_new, req.batch_size), personas,
+                                  questions, out, resp_path, stats=stats)
+    who = f" (rank {rk.rank} of {rk.world})" if rk.world > 1 else ""
+    print(f"tlpersona: generated and extracted {stats['computed']} personas in one pass "
+          f"({stats['reused']} already in the store){who}", file=sys.stderr)
+    return path
+
+
 def run_generate(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
                  prompt_index: int | str, limit_personas: int | None,
                  limit_questions: int | None, out: str, max_new_tokens: int | None,
-                 batch_size: int, backend: str = "hf", decoder: str = "auto",
+                 batch_size: int | None, backend: str = "hf", decoder: str = "auto",
                  device_map: str | None = None) -> int:
     """``tlpersona generate``: returns the number of responses in ``out``."""
     if backend == "vllm":
