@@ -9,8 +9,9 @@ second forward pass over prompt + response is needed. Question-invariant positio
 anchors, the raw system text) are still read once per persona and phrasing, in a short plain-HF
 pass.
 
-The store, its groups of personas, resume and torchrun ranks are those of
-:func:`tlpersona.extract.extract_to_store`. Each group's responses are appended (and fsynced) to
+The store format, resume (whole groups of personas) and torchrun ranks (every n-th group) work
+as in :func:`tlpersona.extract.extract_to_store`; groups hold ~2k passes whatever the number of
+personas, so that decode batches are full. Each group's responses are appended (and fsynced) to
 the responses file before its store part is written. Until the store is finalised its
 provenance names the responses as generated in this pass (:data:`MARK`); finalising records
 the digest of the responses actually used, exactly as a two-pass run does. A resumed group whose
@@ -21,7 +22,6 @@ the saved tokens, so a stored vector always belongs to the response on disk.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +39,14 @@ from tlpersona.data import Persona, Question, indexed_prompts
 from tlpersona.decode import StaticGreedy
 from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
-from tlpersona.extract import ExtractConfig, Extractor, PersonaResult, provenance, responses_digest
+from tlpersona.extract import (
+    ExtractConfig,
+    Extractor,
+    PersonaResult,
+    Prepared,
+    provenance,
+    responses_digest,
+)
 from tlpersona.generate import Key, Response, _drop_torn_tail, _merge, eos_ids, read_responses
 from tlpersona.models import LoadedModel, ModelInfo, input_device
 
@@ -166,11 +173,16 @@ class FusedExtractor:
                                                   for r, p in zip(rows, self.ex._dep, strict=True)])
             plans[k]["counts"][slot] = (w[rows] > 0).sum(1)
 
-    def group(self, personas: list[Persona], questions: list[Question],
+    def prepare(self, personas: list[Persona], questions: list[Question]) -> Prepared:
+        """Host-side work of a group (rendering, pooling rows of the prompts; the responses'
+        rows come once they are decoded); safe on a host thread."""
+        return self.ex.prepare(personas, questions, None)
+
+    def group(self, prep: Prepared, questions: list[Question],
               have: dict[Key, Response]) -> GroupOutput:
-        """Decode and pool one group; ``have``: responses already saved (a resumed group)."""
-        prep = self.ex.prepare(personas, questions, None)  # prompts only: responses come next
-        seqs, weights, plans = prep.seqs, prep.weights, prep.plans
+        """Decode and pool one prepared group; ``have``: responses already saved (a resumed
+        group)."""
+        personas, seqs, weights, plans = prep.personas, prep.seqs, prep.weights, prep.plans
         dep = [j for plan in plans for j in plan["dep"]]
         job_of = {j: (k, slot) for k, plan in enumerate(plans) for slot, j in enumerate(plan["dep"])}
         keys = self.keys(personas, questions)
@@ -312,9 +324,11 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
     _drop_torn_tail(path)
     have = read_responses(main)  # read-only from here; the host thread tracks what it adds
     saved = set(have)
-    # the groups of extract_to_store: fixed by the persona list, so resumes batch identically
+    # Groups of ~2k passes, fixed by the data alone (so a resumed run, and any number of
+    # torchrun ranks, batch exactly as one uninterrupted process): big enough for full decode
+    # batches even in a short run.
     per_persona = len(questions) * len(indexed_prompts(personas[0], cfg.prompt_index))
-    size = max(1, min(2048 // per_persona, math.ceil(len(personas) / 8)))
+    size = max(1, 2048 // per_persona)
     groups = [list(range(a, min(a + size, len(personas)))) for a in range(0, len(personas), size)]
     mine = groups[rk.rank::rk.world]
     finished = writer.finished()
@@ -332,11 +346,19 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
             res.check_finite(personas[i].name, cfg.layers)
         writer.write_group(todo[k][0], [r.tensors() for r in results])
 
-    # A host thread assembles and writes each group while the model decodes the next one.
+    # A host thread renders the next group, and assembles and writes the previous one, while
+    # the model decodes this one.
     with ThreadPoolExecutor(max_workers=1) as host:
+        def prepare(k: int) -> Future[Prepared]:
+            return host.submit(fx.prepare, [personas[i] for i in todo[k]], questions)
+
+        nxt = prepare(0) if todo else None
         writing: tuple[int, Future[None]] | None = None
-        for k, g in enumerate(todo):
-            result = fx.group([personas[i] for i in g], questions, have)
+        for k in range(len(todo)):
+            assert nxt is not None
+            prep = nxt.result()
+            nxt = prepare(k + 1) if k + 1 < len(todo) else None
+            result = fx.group(prep, questions, have)
             if writing:
                 writing[1].result()
                 bar.update(len(todo[writing[0]]))
