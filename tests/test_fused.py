@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tlpersona.batching import decode_row_bytes, even, generate_batch
+from tlpersona.batching import decode_row_bytes, generate_batch
 from tlpersona.cache import open_store
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.extract import ExtractConfig, extract_to_store
@@ -51,8 +51,7 @@ def test_fused_store_equals_two_pass_store(loaded, hf_ref, tmp_path):
     assert a.n_tokens("response_mean")[1, 2] == len(planted) - 1
 
 
-def test_batch_sizes_split_rows_evenly_and_shrink_with_memory(monkeypatch):
-    assert even(1920, 1024) == 960 and even(100, 1024) == 100 and even(7, 2) == 2
+def test_auto_batch_sizes_shrink_with_memory(monkeypatch):
     from transformers import Qwen2Config
 
     cfg = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
@@ -60,13 +59,19 @@ def test_batch_sizes_split_rows_evenly_and_shrink_with_memory(monkeypatch):
     # KV cache alone: 2 (k, v) x 28 layers x 4 heads x 128 x 300 slots x 2 bytes
     assert decode_row_bytes(cfg, torch.bfloat16, 100, 200) > 2 * 28 * 4 * 128 * 300 * 2
     assert generate_batch("cpu", cfg, torch.bfloat16, 1920, 100, 200) == 16
+    assert generate_batch("cpu", cfg, torch.bfloat16, 5, 100, 200) == 5
     import tlpersona.batching as batching
 
     monkeypatch.setattr(batching, "free_bytes", lambda device: 64 * 2**30)
     big = generate_batch("cuda", cfg, torch.bfloat16, 1920, 100, 200, captured_layers=4)
     monkeypatch.setattr(batching, "free_bytes", lambda device: 16 * 2**30)
     small = generate_batch("cuda", cfg, torch.bfloat16, 1920, 100, 200, captured_layers=4)
-    assert 1 <= small < big <= 1024
+    assert 1 <= small < big <= 512
+    # the fixed-size parts of a row: its KV cache grows with the cache length, its capture
+    # buffers with the number of captured layers
+    row = decode_row_bytes(cfg, torch.bfloat16, 100, 200, 4)
+    assert decode_row_bytes(cfg, torch.bfloat16, 100, 400, 4) > row
+    assert decode_row_bytes(cfg, torch.bfloat16, 100, 200, 8) > row
 
 
 @pytest.mark.parametrize("value", ["0", "many"])
