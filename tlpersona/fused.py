@@ -257,7 +257,8 @@ class FusedExtractor:
                 pooled = torch.bmm(comb[sl, :, :width], cap.prefill[li][sl].double())
                 pooled += torch.bmm(comb[sl, :, width:], cap.resid[li][sl].double())
                 out[sl, :, li] = pooled.float()
-        keep = [b for b, j in enumerate(idx) if j not in set(forced)]
+        skip = set(forced)
+        keep = [b for b, j in enumerate(idx) if j not in skip]
         rows[torch.tensor([idx[b] for b in keep])] = out[torch.tensor(keep)].cpu()
 
     def assemble(self, out: GroupOutput, n_questions: int) -> list[PersonaResult]:
