@@ -81,3 +81,40 @@ def test_bad_batch_size_is_one_line_exit_2(value, tmp_path):
     res = CliRunner().invoke(main, ["extract", "--batch-size", value, "--out", str(tmp_path / "s")])
     assert res.exit_code == 2 and "--batch-size" in res.output
     assert not (tmp_path / "s").exists()
+
+
+def test_killed_fused_run_resumes_to_the_same_store(loaded, hf_ref, tmp_path, monkeypatch):
+    """Killed after a group's responses were appended but before its store part was written:
+    the rerun decodes that group again, appends nothing twice, and finishes the same store."""
+    import tlpersona.fused as fused_mod
+    from tlpersona.cache.store import StoreWriter
+
+    monkeypatch.setattr(fused_mod, "GROUP_PASSES", 2)  # one persona per group
+    personas, questions = builtin_personas()[:2], builtin_questions()[:2]
+    cfg = ExtractConfig(parse_positions("last,response_mean,sys_end"), LAYERS, progress=False)
+
+    def run(out):
+        return fused_extract_to_store(hf_ref, loaded.tokenizer, loaded.info, cfg,
+                                      FusedConfig(6, 2), personas, questions, out,
+                                      out / "responses.jsonl")
+
+    whole = run(tmp_path / "whole")
+    write_group = StoreWriter.write_group
+
+    def dies_on_second(self, start, results):
+        if start == 1:
+            raise KeyboardInterrupt
+        write_group(self, start, results)
+
+    monkeypatch.setattr(StoreWriter, "write_group", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    assert len(read_responses(tmp_path / "killed" / "responses.jsonl")) == 4  # both groups'
+    monkeypatch.setattr(StoreWriter, "write_group", write_group)
+    resumed = run(tmp_path / "killed")
+    lines = lambda p: (p / "responses.jsonl").read_text().splitlines()  # noqa: E731
+    assert len(lines(resumed)) == 4 and sorted(lines(resumed)) == sorted(lines(whole))
+    a, b = open_store(whole, verify=True), open_store(resumed, verify=True)
+    assert a.provenance == b.provenance
+    for pos in a.positions:
+        assert torch.equal(a.centroids(pos), b.centroids(pos))

@@ -54,6 +54,8 @@ from tlpersona.models import LoadedModel, ModelInfo, input_device
 MARK = "fused: generated in the extraction pass"
 #: rows pooled at once in float64 (bounds the temporary copies)
 POOL_ROWS = 64
+#: passes per group of personas
+GROUP_PASSES = 2048
 
 
 @dataclass
@@ -329,7 +331,7 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
     # torchrun ranks, batch exactly as one uninterrupted process): big enough for full decode
     # batches even in a short run.
     per_persona = len(questions) * len(indexed_prompts(personas[0], cfg.prompt_index))
-    size = max(1, 2048 // per_persona)
+    size = max(1, GROUP_PASSES // per_persona)
     groups = [list(range(a, min(a + size, len(personas)))) for a in range(0, len(personas), size)]
     mine = groups[rk.rank::rk.world]
     finished = writer.finished()
