@@ -37,6 +37,25 @@ def _prompt_index(value: str) -> int | str:
         raise TlpersonaError(f"--prompt-index must be an integer or 'all', not {value!r}") from None
 
 
+def _batch_size(value: str) -> int | None:
+    """``auto`` (None: sized from free GPU memory) or a positive integer."""
+    if value == "auto":
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        raise TlpersonaError(f"--batch-size must be a positive integer or 'auto', not {value!r}") from None
+    if size < 1:
+        raise TlpersonaError("--batch-size must be at least 1")
+    return size
+
+
+_batch_option = click.option(
+    "--batch-size", default="auto", show_default=True,
+    help="rows per batch, or auto: generation and extraction each sized from free GPU memory, "
+         "the model and the sequence lengths (16 and 8 on the CPU)")
+
+
 def _model_options(fn: Any) -> Any:
     for opt in reversed([
         click.option("--model", default="default", show_default=True,
@@ -96,7 +115,7 @@ def main() -> None:
 @click.option("--layers", default="default", show_default=True,
               help="comma-separated block indices, 'all', or 'default' (quartiles + last)")
 @click.option("--out", default="tlpersona-out/store", show_default=True, type=click.Path())
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@_batch_option
 @click.option("--max-new-tokens", type=int, default=None,
               help="response length when responses must be generated (default 200 GPU, 48 CPU)")
 @click.option("--responses", "responses_path", default=None, type=click.Path(),
@@ -109,7 +128,7 @@ def main() -> None:
 @_friendly
 def extract(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
             prompt_index: str, limit_personas: int | None, limit_questions: int | None,
-            positions_spec: str, layers: str, out: str, batch_size: int,
+            positions_spec: str, layers: str, out: str, batch_size: str,
             max_new_tokens: int | None, responses_path: str | None, include_eot: bool,
             force_new: bool, attn: str, decoder: str, device_map: str | None) -> None:
     """Extract residual-stream vectors at named positions into an activation store."""
@@ -119,7 +138,7 @@ def extract(model: str, device: str | None, dtype: str | None, personas: str, qu
         model=model, device=device, dtype=dtype, personas=personas, questions=questions,
         prompt_index=_prompt_index(prompt_index), limit_personas=limit_personas,
         limit_questions=limit_questions, positions=positions_spec, layers=layers, out=out,
-        batch_size=batch_size, max_new_tokens=max_new_tokens, responses=responses_path,
+        batch_size=_batch_size(batch_size), max_new_tokens=max_new_tokens, responses=responses_path,
         include_eot=include_eot, force_new=force_new, attn=attn, decoder=decoder,
         device_map=device_map,
     )
@@ -133,21 +152,22 @@ def extract(model: str, device: str | None, dtype: str | None, personas: str, qu
 @_data_options
 @click.option("--out", default="tlpersona-out/responses.jsonl", show_default=True, type=click.Path())
 @click.option("--max-new-tokens", type=int, default=None, help="default 200 on GPU, 48 on CPU")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@_batch_option
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
 @_decoder_option
 @_device_map_option
 @_friendly
 def generate(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
              prompt_index: str, limit_personas: int | None, limit_questions: int | None,
-             out: str, max_new_tokens: int | None, batch_size: int, backend: str,
+             out: str, max_new_tokens: int | None, batch_size: str, backend: str,
              decoder: str, device_map: str | None) -> None:
     """Greedy responses for every persona x question (resumable JSONL with token ids)."""
     from tlpersona.pipeline import run_generate
 
     t0 = time.perf_counter()
     n = run_generate(model, device, dtype, personas, questions, _prompt_index(prompt_index),
-                     limit_personas, limit_questions, out, max_new_tokens, batch_size, backend,
+                     limit_personas, limit_questions, out, max_new_tokens, _batch_size(batch_size),
+                     backend,
                      decoder, device_map)
     click.echo(f"{n} responses in {out} ({time.perf_counter() - t0:.1f} s)")
 
@@ -286,13 +306,13 @@ def _print_summary(result: dict[str, Any]) -> None:
 @click.option("--out", default="tlpersona-out/experiment", show_default=True, type=click.Path())
 @click.option("--max-new-tokens", type=int, default=None,
               help="response length (default 200 on GPU, 24 on CPU)")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@_batch_option
 @_attn_option
 @_compare_options
 @_friendly
 def experiment(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
                prompt_index: str, limit_personas: int | None, limit_questions: int | None,
-               layers: str, out: str, max_new_tokens: int | None, batch_size: int, attn: str,
+               layers: str, out: str, max_new_tokens: int | None, batch_size: str, attn: str,
                permutations: int, seed: int, splits: int, **th: Any) -> None:
     """Everything on one command: extract all seven recipes, compare them, find their shared
     subspace, patch and steer with them (a short run), and write one report.
@@ -323,7 +343,8 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
         limit_questions=limit_questions or None,
         # the sink position and the sink-free prompt mean feed the report's attention-sink check
         positions="all6,first,prompt_mean_no_first", layers=layers,
-        out=str(Path(out) / "store"), batch_size=batch_size, max_new_tokens=max_new_tokens,
+        out=str(Path(out) / "store"), batch_size=_batch_size(batch_size),
+        max_new_tokens=max_new_tokens,
         attn=attn,
     ))
     t1 = time.perf_counter()

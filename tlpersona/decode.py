@@ -5,7 +5,15 @@ model at batch 64 the GPU is idle most of the time). Here the prompt is prefille
 :class:`transformers.StaticCache`, and the step "feed the last token, take the argmax, advance
 every counter" is recorded as a CUDA graph whose replays need no host work at all: the next
 token, position ids, attention-mask column and output history are all updated on the device.
-The host only checks every few steps whether every row has ended its turn.
+Every few steps a device-side "has every row ended its turn" flag is copied to pinned host
+memory behind the queued steps; the host reads it once its event has fired, so it never waits on
+the GPU while steps remain to be queued.
+
+With ``layers``, the residual stream at those blocks is kept as it goes (for fused extraction):
+the prefill's ``[B, W, d]`` outputs, and at each step the fed token's ``[B, 1, d]`` written into
+a device buffer by a forward hook that the CUDA graph records with the step. Response token ``j``
+is fed back in at step ``j + 1``; one extra step feeds the last generated token, so every
+response token has its residual.
 
 The model is the plain HF module (no hooks); the attention mask is handed over as a ready 4D
 boolean mask ``[batch, 1, query, cache]`` so that HF's mask construction (which syncs with the
@@ -67,16 +75,40 @@ class _Engine:
     mask: torch.Tensor  # [B, 1, 1, L] bool: which cache slots each row may attend to
     slot: torch.Tensor  # [1] cache slot written at the current step
     step: torch.Tensor  # [1] index into hist of the token produced now
-    hist: torch.Tensor  # [B, N] generated tokens
+    hist: torch.Tensor  # [B, N + 1] generated tokens (the last column only in capture mode)
+    resid: torch.Tensor | None = None  # [layer, B, N + 1, d]: [:, :, j + 1] is response token j's
     graph: Any = None
+
+
+@dataclass
+class Captured:
+    """One decoded batch with its residual stream at the captured layers (device tensors).
+
+    ``ids[i]``: row i's generated ids (cut after its first end-of-turn token);
+    ``prefill[l]``: ``[B, W, d]`` over the left-padded prompts (row i starts at ``pads[i]``);
+    ``resid``: ``[layer, B, N, d]``, response token j of each row at ``[:, :, j]``.
+    Valid until the decoder's next call.
+    """
+
+    ids: list[list[int]]
+    prefill: list[torch.Tensor]
+    resid: torch.Tensor
+    pads: list[int]
 
 
 class StaticGreedy:
     """Greedy continuations of left-padded prompt batches (see module doc)."""
 
     def __init__(self, model: Any, max_new_tokens: int, eos: list[int], pad_id: int,
-                 use_graphs: bool | None = None, check_every: int = 16):
+                 use_graphs: bool | None = None, check_every: int = 16,
+                 layers: list[int] | None = None, cache_len: int | None = None):
         self.model = model
+        self.layers = list(layers or [])
+        # a fixed cache length (all batches of a run share one graph), else per batch
+        self.cache_len = cache_len
+        self._prefill_out: dict[int, torch.Tensor] = {}
+        self._active: _Engine | None = None
+        self._stepping = False
         self.n = max_new_tokens
         self.eos = torch.tensor(eos, dtype=torch.long)
         self.pad = pad_id
@@ -102,15 +134,35 @@ class StaticGreedy:
                 mask=torch.zeros((batch, 1, 1, length), dtype=torch.bool, device=dev),
                 slot=torch.zeros(1, dtype=torch.long, device=dev),
                 step=torch.zeros(1, dtype=torch.long, device=dev),
-                hist=torch.zeros((batch, self.n), dtype=torch.long, device=dev),
+                hist=torch.zeros((batch, self.n + 1), dtype=torch.long, device=dev),
+                resid=torch.zeros((len(self.layers), batch, self.n + 1, self.model.config.hidden_size),
+                                  dtype=self.model.dtype, device=dev) if self.layers else None,
             )
         return self._engines[key]
+
+    def _hook(self, li: int) -> Any:
+        """Forward hook of captured block ``li``: keeps the prefill output, and writes a decode
+        step's output into the engine's buffer at the current step (recorded by the graph)."""
+        def hook(module: Any, args: Any, output: Any) -> None:
+            h = output[0] if isinstance(output, tuple) else output
+            e = self._active
+            if e is None:
+                return
+            if self._stepping:
+                e.resid[li].index_copy_(1, e.step, h)
+            else:
+                self._prefill_out[li] = h
+        return hook
 
     def _step(self, e: _Engine) -> None:
         """One decode step, entirely on the device (what the CUDA graph records)."""
         e.mask.index_fill_(3, e.slot, True)
-        out = self.model(input_ids=e.ids, attention_mask=e.mask, position_ids=e.pos,
-                         past_key_values=e.cache, use_cache=True)
+        self._stepping = True
+        try:
+            out = self.model(input_ids=e.ids, attention_mask=e.mask, position_ids=e.pos,
+                             past_key_values=e.cache, use_cache=True)
+        finally:
+            self._stepping = False
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         e.hist.index_copy_(1, e.step, nxt)
         e.ids.copy_(nxt)
@@ -131,8 +183,9 @@ class StaticGreedy:
         # A pad query attends to nothing; let it see itself so its (unused) output stays finite.
         mask |= (col[None, :] == row[:, None])[None]
         pos = (row[None, :] - pads[:, None]).clamp(min=0)
+        # only the last position's logits are needed (all of them: batch x width x vocab)
         out = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos,
-                         past_key_values=e.cache, use_cache=True)
+                         past_key_values=e.cache, use_cache=True, logits_to_keep=1)
         first = out.logits[:, -1].argmax(-1, keepdim=True)
         e.mask.copy_(real[:, None, None, :] & (col < w)[None, None, None, :])
         e.ids.copy_(first)
@@ -158,43 +211,88 @@ class StaticGreedy:
     @torch.no_grad()
     def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
         """Generated ids per prompt, cut after the first end-of-turn token (kept)."""
+        return self.capture(prompts).ids
+
+    @torch.no_grad()
+    def capture(self, prompts: list[list[int]]) -> Captured:
+        """Decode a batch; with ``layers``, also keep its residual stream (:class:`Captured`)."""
         _register()
         config = self.model.config
         before = config._attn_implementation
         # Set on the config the modules read at call time; HF's setter would also reject a
         # model whose class does not declare support for custom functions.
         config._attn_implementation = ATTENTION
+        blocks = self.model.get_decoder().layers
+        handles = [blocks[layer].register_forward_hook(self._hook(li))
+                   for li, layer in enumerate(self.layers)]
         try:
             return self._run(prompts)
         finally:
+            for h in handles:
+                h.remove()
+            self._active = None
             config._attn_implementation = before
 
-    def _run(self, prompts: list[list[int]]) -> list[list[int]]:
+    def _done_flag(self, e: _Engine, t: int) -> tuple[Any, torch.Tensor]:
+        """Queue "every row has ended its turn by token t"; returns (event, flag): on CUDA the
+        flag lands in pinned host memory once the event fires (event None elsewhere)."""
+        done = torch.isin(e.hist[:, : t + 1], self._eos_dev).any(1).all().view(1)
+        if self.device.type != "cuda":
+            return None, done
+        flag = torch.empty(1, dtype=torch.bool, pin_memory=True)
+        flag.copy_(done, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return event, flag
+
+    def _run(self, prompts: list[list[int]]) -> Captured:
         b = len(prompts)
         w = max(len(p) for p in prompts)
-        length = -(-(w + self.n) // BUCKET) * BUCKET
+        length = self.cache_len or -(-(w + self.n) // BUCKET) * BUCKET
+        if length < w + self.n:
+            raise ValueError(f"cache_len {length} is shorter than prompt {w} + {self.n} new tokens")
+        if (b, length) not in self._engines and len(self._engines) >= 2:
+            # each engine holds a full KV cache: keep the two most recent shapes only
+            del self._engines[next(iter(self._engines))]
         e = self._engine(b, length)
+        self._active = e
+        self._eos_dev = self.eos.to(self.device)
         ids = torch.full((b, w), self.pad, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, w - len(p):] = torch.tensor(p)
-        pads = torch.tensor([w - len(p) for p in prompts], device=self.device)
+        pads = [w - len(p) for p in prompts]
+        pads_dev = torch.tensor(pads, device=self.device)
         ids = ids.to(self.device)
         if self.graphs and e.graph is None:
-            self._prefill(e, ids, pads)
+            self._prefill(e, ids, pads_dev)
             self._capture(e)
-        self._prefill(e, ids, pads)
-        eos = self.eos.to(self.device)
-        for t in range(1, self.n):
+        self._prefill_out = {}
+        self._prefill(e, ids, pads_dev)
+        # Capturing, one more step feeds the last generated token (its residual is needed).
+        last = self.n if self.layers else self.n - 1
+        # Every check_every steps a done-flag is queued; it is read one interval later (on the
+        # CPU: at the next step), when the flagged tokens have been fed and, on a GPU, the host
+        # waits on an event with an interval of steps still queued behind it (no idle GPU).
+        pending: tuple[int, Any, torch.Tensor] | None = None
+        for t in range(1, last + 1):
             if e.graph is not None:
                 e.graph.replay()
             else:
                 self._step(e)
-            if (t + 1) % self.check_every == 0 or t + 1 == self.n:
-                if bool(torch.isin(e.hist[:, : t + 1], eos).any(1).all()):
+            if pending is not None and t >= pending[0]:
+                _, event, flag = pending
+                if event is not None:
+                    event.synchronize()
+                if bool(flag):
                     break
+                pending = None
+            if pending is None and (t + 1) % self.check_every == 0 and t < last:
+                event, flag = self._done_flag(e, t)
+                pending = (t + (self.check_every if event is not None else 1), event, flag)
         stops = set(self.eos.tolist())
         out = []
-        for row in e.hist.tolist():
+        for row in e.hist[:, : self.n].tolist():
             cut = next((i for i, tok in enumerate(row) if tok in stops), None)
             out.append(row if cut is None else row[: cut + 1])
-        return out
+        resid = e.resid[:, :, 1:] if e.resid is not None else torch.empty(0)
+        return Captured(out, [self._prefill_out[li] for li in range(len(self.layers))], resid, pads)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from tlpersona.batching import extract_batch
 from tlpersona.cache.store import StoreWriter
 from tlpersona.conversation import ChatRenderer, Spans, common_prefix_len, template_hash
 from tlpersona.data import Persona, Question, content_hash, indexed_prompts
@@ -48,7 +49,7 @@ class ExtractConfig:
     positions: list[Position]
     layers: list[int]
     prompt_index: int | str = 0
-    batch_size: int = 8
+    batch_size: int | None = None  # None: from free memory (tlpersona.batching)
     padding_side: str = "right"
     include_eot: bool = False
     progress: bool = True
@@ -140,9 +141,10 @@ class Extractor:
         top = max(config.layers) + 1
         self._stop_at = top if top < n else None
         self._stop_hooks = ([("ln_final.hook_in", stop_forward)]
-                            if top >= n and "ln_final.hook_in" in model.bridge.hook_dict else [])
+                            if top >= n and model.bridge is not None
+                            and "ln_final.hook_in" in model.bridge.hook_dict else [])
         self._pad_id = model.tokenizer.pad_token_id or 0
-        self.batch_size = max(1, config.batch_size)
+        self.batch_size = max(1, config.batch_size) if config.batch_size else None
         self._row = {p.name: i for i, p in enumerate(config.positions)}
         self._anchored = [p for p in config.positions if p.question_invariant and p.kind == "anchored"]
         self._raw = any(p.kind == "raw" for p in config.positions)
@@ -201,6 +203,10 @@ class Extractor:
         On CUDA out-of-memory the batch size is halved (and stays halved) and the batch retried.
         """
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        if self.batch_size is None:
+            hf = self.model.bridge.original_model
+            self.batch_size = extract_batch(self.model.device, hf.config, self.model.dtype,
+                                            max(len(s) for s in seqs), len(self.cfg.layers))
         chunks: list[torch.Tensor] = []
         start = 0
         while start < len(order):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from tlpersona.batching import generate_batch
 from tlpersona.conversation import ChatRenderer
 from tlpersona.data import Persona, Question, indexed_prompts
 from tlpersona.distributed import ranks
@@ -128,7 +129,7 @@ def greedy_batch(model: Any, prompts: list[list[int]], max_new_tokens: int,
 
 def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
                        questions: list[Question], prompt_index: int | str, out_path: str | Path,
-                       max_new_tokens: int, batch_size: int = 16,
+                       max_new_tokens: int, batch_size: int | None = None,
                        progress: bool = True, decoder: str = "auto",
                        graphs: bool = True, header: dict[str, Any] | None = None
                        ) -> dict[Key, Response]:
@@ -160,6 +161,10 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
     # responses are written.
     check_prompts(have, jobs, out_path)
     order = sorted(range(len(jobs)), key=lambda i: (len(jobs[i][1]), i))
+    if batch_size is None:  # from free memory; fixed by the data and the card
+        batch_size = generate_batch(next(model.parameters()).device, model.config, model.dtype,
+                                    len(jobs), max((len(j[1]) for j in jobs), default=1),
+                                    max_new_tokens)
     batches = [[jobs[i] for i in order[a:a + batch_size]] for a in range(0, len(order), batch_size)]
     rk = ranks()
     todo = [b for b in batches[rk.rank::rk.world] if any(key not in have for key, _ in b)]

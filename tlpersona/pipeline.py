@@ -57,7 +57,7 @@ class ExtractRequest:
     positions: str = "last,sys_end,sys_end+1"
     layers: str = "default"
     out: str = "tlpersona-out/store"
-    batch_size: int = 8
+    batch_size: int | None = None  # None: auto (tlpersona.batching)
     max_new_tokens: int | None = None
     responses: str | None = None
     include_eot: bool = False
@@ -69,7 +69,7 @@ class ExtractRequest:
 
 
 def _generate(source: str, device: str, dtype: str | None, tokenizer, personas, questions,
-              prompt_index, out: str | Path, max_new_tokens: int, batch_size: int,
+              prompt_index, out: str | Path, max_new_tokens: int, batch_size: int | None,
               progress: bool = True, decoder: str = "auto",
               device_map: str | None = None,
               header: dict[str, Any] | None = None) -> dict[Key, Response]:
@@ -185,11 +185,13 @@ def run_extract(req: ExtractRequest) -> Path:
         if given is not None:
             check_compatible(resp_path, plan.identity, expected["template_hash"])
             responses = given
+        elif needs and _fused(req, plan.device, resp_path, personas, questions):
+            return _run_fused(req, plan, cfg, personas, questions, out, resp_path, rk)
         elif needs:
             responses = _generate(plan.source, plan.device, req.dtype, plan.tokenizer, personas,
                                   questions, req.prompt_index, resp_path, plan.max_new_tokens,
-                                  max(req.batch_size, 16), req.progress, req.decoder,
-                                  req.device_map, plan.header)
+                                  req.batch_size and max(req.batch_size, 16), req.progress,
+                                  req.decoder, req.device_map, plan.header)
         if responses is not None:
             check_responses(plan.checked, positions, responses, plan.vocab, req.include_eot,
                             str(resp_path), plan.context)
@@ -222,10 +224,45 @@ def _check_out(out: Path, expected: dict[str, Any], force_new: bool, keep: set[P
         check_ours(resp, None, "--out")  # ours is replaced; a foreign one is never removed
 
 
+def _fused(req: ExtractRequest, device: str, resp_path: Path, personas, questions) -> bool:
+    """Generate and extract in one pass (tlpersona.fused) when the static decoder generates the
+    responses here: always for a store that a fused run started; otherwise unless every
+    response is already on disk (then extraction alone is the shorter way)."""
+    from tlpersona.data import indexed_prompts
+    from tlpersona.fused import fused_marked
+
+    static = req.decoder == "static" or (req.decoder == "auto" and device.startswith("cuda"))
+    if not static or req.device_map:
+        return False
+    if fused_marked(req.out):
+        return True
+    have = read_responses(resp_path)
+    return any((p.name, k, q.id) not in have for p in personas
+               for k, _ in indexed_prompts(p, req.prompt_index) for q in questions)
+
+
+def _run_fused(req: ExtractRequest, plan: _Plan, cfg: ExtractConfig, personas, questions,
+               out: Path, resp_path: Path, rk: Any) -> Path:
+    """Generate and extract in one pass (the run was checked and ``out`` locked by the caller)."""
+    from tlpersona.fused import FusedConfig, fused_extract_to_store
+    from tlpersona.models import model_info
+
+    hf = load_hf(plan.source, plan.device, plan.dtype)
+    info = model_info(req.model, plan.source, plan.identity, hf.config)
+    stats: dict[str, int] = {}
+    path = fused_extract_to_store(hf, plan.tokenizer, info, cfg,
+                                  FusedConfig(plan.max_new_tokens, req.batch_size), personas,
+                                  questions, out, resp_path, stats=stats, header=plan.header)
+    who = f" (rank {rk.rank} of {rk.world})" if rk.world > 1 else ""
+    print(f"tlpersona: generated and extracted {stats['computed']} personas in one pass "
+          f"({stats['reused']} already in the store){who}", file=sys.stderr)
+    return path
+
+
 def run_generate(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
                  prompt_index: int | str, limit_personas: int | None,
                  limit_questions: int | None, out: str, max_new_tokens: int | None,
-                 batch_size: int, backend: str = "hf", decoder: str = "auto",
+                 batch_size: int | None, backend: str = "hf", decoder: str = "auto",
                  device_map: str | None = None) -> int:
     """``tlpersona generate``: returns the number of responses in ``out``.
 
