@@ -38,9 +38,10 @@ class RowEdits:
     start: torch.Tensor
 
     @classmethod
-    def neutral(cls, rows: int, d: int) -> RowEdits:
-        return cls(torch.zeros(rows, d), torch.zeros(rows, d), torch.full((rows,), -math.inf),
-                   torch.full((rows,), math.inf), torch.zeros(rows, dtype=torch.long))
+    def neutral(cls, rows: int, d: int, dtype: torch.dtype = torch.float32) -> RowEdits:
+        return cls(torch.zeros(rows, d, dtype=dtype), torch.zeros(rows, d, dtype=dtype),
+                   torch.full((rows,), -math.inf, dtype=dtype),
+                   torch.full((rows,), math.inf, dtype=dtype), torch.zeros(rows, dtype=torch.long))
 
     def set(self, row: int, start: int, *, delta: torch.Tensor | None = None,
             u: torch.Tensor | None = None, lo: float = -math.inf, hi: float = math.inf) -> None:

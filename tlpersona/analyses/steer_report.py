@@ -72,7 +72,7 @@ def effects_figure(result: SteeringResult, path: Path) -> Path:
 
 
 def curves_figure(result: SteeringResult, path: Path) -> Path:
-    """Effect against strength at the selected layers (own vector, scoring questions)."""
+    """Effect against strength at the selected layers (own vector, selection questions)."""
     ops = [op for op in result.config.operators if op != "ablate"]
     fig, axes = plt.subplots(1, max(1, len(ops)), figsize=(4 * max(1, len(ops)), 3.2),
                              squeeze=False)
@@ -89,7 +89,7 @@ def curves_figure(result: SteeringResult, path: Path) -> Path:
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xlabel("alpha (× typical residual norm)" if op == "add" else "cap percentile")
         ax.set_ylabel("effect")
-        ax.set_title(f"{op} (star: selected on other questions)", fontsize=8)
+        ax.set_title(f"{op}, selection questions (star: selected)", fontsize=8)
         ax.legend(fontsize=5)
     return _save(fig, path)
 
@@ -118,7 +118,7 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
         f"{len(result.scoring_questions)} scoring questions the intervals are coarse. "
         "\"wrong way\": fraction of examples whose KL to the goal grew. Fluency: mean per-token "
         "log-prob change of the base response (for `add`, relative to the persona's own run; "
-        f"settings below -{cfg.fluency_margin:g} nats/token were not selectable). Typical "
+        f"a setting below -{cfg.fluency_margin:g} nats/token cannot beat the controls). Typical "
         "residual norms: " + ", ".join(f"L{k} {v:.1f}" for k, v in result.typical_norm.items())
         + ".", "",
     ]
@@ -130,7 +130,7 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in scores:
             interior = {None: "", True: "yes", False: "**edge**"}[s.interior]
-            flu = _e(s.fluency, 2) + ("" if s.fluency_ok else " (none passed)")
+            flu = _e(s.fluency, 2) + ("" if s.fluency_ok else " **fails**")
             lines.append(
                 f"| {s.rank} | {s.recipe} | {s.setting.label()} | {interior} | {_e(s.own.effect)} "
                 f"| {_e(s.random.effect)} | {_e(s.other.effect if s.other else None)} | "
@@ -142,8 +142,8 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
                           "optimum may lie outside it."]
         rhos = [f"{s.recipe} {s.monotone_rho:.2f}" for s in scores if s.monotone_rho is not None]
         if rhos:
-            lines += ["", "Monotonicity (Spearman ρ of log-prob gain against strength, scoring "
-                          "questions): " + ", ".join(rhos) + "."]
+            lines += ["", "Monotonicity (Spearman ρ of the log-prob gain against strength at the "
+                          "selected layers, selection questions): " + ", ".join(rhos) + "."]
         lines.append("")
     lines += ["![steering effects](figures/steering_effects.png)", "",
               "![steering curves](figures/steering_curves.png)", ""]

@@ -27,15 +27,17 @@ log-prob gain of ``r_X`` (raised by ``add``; lowered, and counted as a gain, by 
 The fluency guard: the mean per-token log-prob change of ``r_0`` — for ``add`` measured
 against the persona's own (X's unedited run is allowed to find ``r_0`` less likely than the base
 does, the steered base no less fluent than that), for removals against the unedited X run.
-A setting whose guard falls below ``-fluency_margin`` nats/token is not selectable.
+A selected setting whose guard falls below ``-fluency_margin`` nats/token cannot count as
+beating the controls (it is flagged in the report).
 
 Selection: for each operator and recipe the layer (or, for the removals, every given layer
-together) and strength with the largest own-vector effect on the *selection* questions. Scoring,
-on the other questions only: the persona's own vector, ``n_random`` seeded random directions
-(unit, for ``add`` of the same norm), and the other target personas' vectors (specificity: X's
-vector moves the model toward X more than Y's vector does). Intervals: bootstrap over questions
-(:mod:`tlpersona.analyses.steer_stats`); recipes are ranked only where the paired interval of
-their difference excludes zero.
+together) and strength with the largest own-vector effect on the *selection* questions (whose
+effect-against-strength curve is kept, for the monotonicity check). Scoring, on the other
+questions only: the persona's own vector, ``n_random`` seeded random directions (unit, for
+``add`` of the same norm), and the other target personas' vectors (specificity: X's vector
+moves the model toward X more than Y's vector does), and the fluency guard. Intervals:
+bootstrap over questions (:mod:`tlpersona.analyses.steer_stats`); recipes are ranked only where
+the paired interval of their difference excludes zero.
 """
 
 from __future__ import annotations
@@ -134,10 +136,11 @@ class Example:
 
 @dataclass
 class CurvePoint:
+    """Own-vector effect and log-prob gain at one strength (selection questions)."""
+
     strength: float
     effect: float
     lp_gain: float
-    fluency: float
 
 
 @dataclass
@@ -147,17 +150,17 @@ class RecipeScore:
     setting: Setting
     selection_effect: float
     interior: bool | None  # selected strength strictly inside the grid (None: no grid)
-    fluency_ok: bool  # some selectable setting passed the fluency guard
+    fluency_ok: bool  # the selected setting passes the fluency guard (scoring questions)
     own: Arm
     random: Arm
     random_effects: list[float]  # per random direction (point estimates)
     other: Arm | None  # other target personas' vectors on the same targets
     specificity: Estimate | None  # own effect - other effect (paired)
     fluency: Estimate  # guard value of the own vector (nats/token, see module doc)
-    beats_random: bool  # own lower bound above the random directions' upper bound
+    beats_random: bool  # own lower bound above the random directions' upper bound, fluent
     rank: int = 0
     examples: list[Example] = field(default_factory=list)
-    curve: list[CurvePoint] = field(default_factory=list)  # scoring questions, own vector
+    curve: list[CurvePoint] = field(default_factory=list)  # selection questions, own vector
     monotone_rho: float | None = None  # Spearman(strength, lp gain) along the curve
 
 
@@ -286,7 +289,8 @@ def split_questions(questions: list[Question], seed: int) -> tuple[list[Question
     return [questions[i] for i in order[:k]], [questions[i] for i in order[k:]]
 
 
-def _check(cfg: SteerConfig, store: Any) -> None:
+def check_config(cfg: SteerConfig, store: Any) -> None:
+    """Every setting checked against the store, before any forward pass."""
     bad = [o for o in cfg.operators if o not in OPERATORS]
     if bad or not cfg.operators:
         raise TlpersonaError(f"unknown operator {bad[0] if bad else '(none)'!r} "
@@ -463,20 +467,21 @@ class _Eval:
     # -- per-example values ---------------------------------------------------------------------
 
     def values(self, s: Setting, recipe: str, direction: tuple, target: int, q: Question,
-               plan: _Plan) -> tuple[float, float, float, float]:
-        """(kl0, kl, log-prob gain toward the goal, fluency guard) of one planned example."""
+               plan: _Plan, fluency: bool = False) -> tuple[float, float, float, float]:
+        """(kl0, kl, log-prob gain toward the goal, fluency guard or nan) of a planned example."""
         p = self.targets[target].name
         main = ("A", p, q.id) if s.operator == "add" else ("B", p, q.id)
         kl, lp = self.results[self.plan_row(plan, s, recipe, direction, target, q, False)]
-        _, lp_f = self.results[self.plan_row(plan, s, recipe, direction, target, q, True)]
-        gain = lp - self.lp0[main]
-        if s.operator == "add":
-            # fluency: the steered base's change on r_0, against persona X's own change
-            ref = self.lp0["B0", p, q.id] - self.lp0["A0", q.id]
-            flu = (lp_f - self.lp0["A0", q.id]) - min(ref, 0.0)
-        else:
-            gain = -gain
-            flu = lp_f - self.lp0["B0", p, q.id]
+        gain = lp - self.lp0[main] if s.operator == "add" else self.lp0[main] - lp
+        flu = float("nan")
+        if fluency:
+            _, lp_f = self.results[self.plan_row(plan, s, recipe, direction, target, q, True)]
+            if s.operator == "add":
+                # the steered base's change on r_0, against persona X's own (when it is a loss)
+                ref = self.lp0["B0", p, q.id] - self.lp0["A0", q.id]
+                flu = (lp_f - self.lp0["A0", q.id]) - min(ref, 0.0)
+            else:
+                flu = lp_f - self.lp0["B0", p, q.id]
         return self.kl0[main], kl, gain, flu
 
 
@@ -523,7 +528,7 @@ def steer(store: Any, model: LoadedModel, personas: list[Persona], questions: li
     import time
 
     t0 = time.perf_counter()
-    _check(cfg, store)
+    check_config(cfg, store)
     runner = Runner(model, cfg.max_rows)
     by_name = {p.name: p for p in personas}
     recipes = cfg.recipes or list(store.positions)
@@ -550,25 +555,22 @@ def steer(store: Any, model: LoadedModel, personas: list[Persona], questions: li
             for i in range(nt):
                 for q in sel_q:
                     ev.plan_row(plan, s, r, own[i], i, q, False)
-                    ev.plan_row(plan, s, r, own[i], i, q, True)
     ev.run(plan, "steering: select")
-    chosen: dict[tuple[str, str], tuple[Setting, float, bool, bool | None]] = {}
+    chosen: dict[tuple[str, str], tuple[Setting, float, bool | None, list[CurvePoint]]] = {}
     for (op, r), settings in cands.items():
         scored = []
         for s in settings:
-            vals = np.array([ev.values(s, r, own[i], i, q, plan) for i in range(nt) for q in sel_q])
-            eff = 1 - vals[:, 1].sum() / vals[:, 0].sum()
-            scored.append((s, float(eff), float(np.nanmean(vals[:, 3])) >= -cfg.fluency_margin))
-        ok = [x for x in scored if x[2]]
-        s, eff, _ = max(ok or scored, key=lambda x: x[1])
+            v = np.array([ev.values(s, r, own[i], i, q, plan) for i in range(nt) for q in sel_q])
+            scored.append((s, float(1 - v[:, 1].sum() / v[:, 0].sum()), float(v[:, 2].mean())))
+        s, eff, _ = max(scored, key=lambda x: x[1])
         grid = [x[0].strength for x in scored if x[0].layers == s.layers]
         interior = None if op == "ablate" else min(grid) < s.strength < max(grid)
-        chosen[op, r] = (s, eff, bool(ok), interior)
+        curve = [CurvePoint(x.strength, e, g) for x, e, g in scored if x.layers == s.layers]
+        chosen[op, r] = (s, eff, interior, curve)
 
     # scoring: own, other personas, random directions, own curve; scoring questions only
     plan = _Plan()
     for (op, r), (s, *_) in chosen.items():
-        curve = [x for x in cands[op, r] if x.layers == s.layers]
         for j in range(nt):
             for q in score_q:
                 arms = [own[j], *(("random", k) for k in range(cfg.n_random))]
@@ -576,23 +578,20 @@ def steer(store: Any, model: LoadedModel, personas: list[Persona], questions: li
                     arms += [own[i] for i in range(nt) if i != j]
                 for a in arms:
                     ev.plan_row(plan, s, r, a, j, q, False)
-                    ev.plan_row(plan, s, r, a, j, q, True)
-                for c in curve:
-                    ev.plan_row(plan, c, r, own[j], j, q, False)
-                    ev.plan_row(plan, c, r, own[j], j, q, True)
+                ev.plan_row(plan, s, r, own[j], j, q, True)
     ev.run(plan, "steering: score")
 
     boot = Bootstrap(len(score_q), cfg.n_boot, cfg.seed, cfg.level)
     dir_w = boot.direction_weights(cfg.n_random)
     scores: list[RecipeScore] = []
     draws: dict[tuple[str, str], np.ndarray] = {}
-    for (op, r), (s, sel_eff, flu_ok, interior) in chosen.items():
-        def arr(direction_of: Any, setting: Setting = s, op: str = op, r: str = r) -> np.ndarray:
-            """``[..., target, question, 4]`` values for directions given per target."""
-            return np.array([[ev.values(setting, r, direction_of(j), j, q, plan) for q in score_q]
+    for (op, r), (s, sel_eff, interior, points) in chosen.items():
+        def arr(direction_of: Any, s: Setting = s, r: str = r, fl: bool = False) -> np.ndarray:
+            """``[target, question, 4]`` values for directions given per target."""
+            return np.array([[ev.values(s, r, direction_of(j), j, q, plan, fl) for q in score_q]
                              for j in range(nt)])
 
-        mine = arr(lambda j: own[j])  # [nt, nq, 4]
+        mine = arr(lambda j: own[j], fl=True)  # [nt, nq, 4]
         rand = np.stack([arr(lambda j, k=k: ("random", k)) for k in range(cfg.n_random)])
         own_arm, own_draws = _arm(boot, mine)
         rand_arm, _ = _arm(boot, rand, dir_w)
@@ -605,11 +604,7 @@ def steer(store: Any, model: LoadedModel, personas: list[Persona], questions: li
             other_arm, other_draws = _arm(boot, flat)
             spec = boot.estimate(own_arm.effect.mean - other_arm.effect.mean, own_draws - other_draws)
         flu_point, flu_draws = boot.mean(mine[..., 3])
-        points = []
-        for c in (x for x in cands[op, r] if x.layers == s.layers):
-            v = arr(lambda j: own[j], c)
-            points.append(CurvePoint(c.strength, float(1 - v[..., 1].sum() / v[..., 0].sum()),
-                                     float(np.nanmean(v[..., 2])), float(np.nanmean(v[..., 3]))))
+        flu_ok = flu_point >= -cfg.fluency_margin
         rho = None
         if len(points) > 2:
             rho = float(stats.spearmanr([p.strength for p in points],
@@ -621,7 +616,7 @@ def steer(store: Any, model: LoadedModel, personas: list[Persona], questions: li
             random_effects=[float(1 - rand[k, ..., 1].sum() / rand[k, ..., 0].sum())
                             for k in range(cfg.n_random)],
             other=other_arm, specificity=spec, fluency=boot.estimate(flu_point, flu_draws),
-            beats_random=bool(own_arm.effect.lo > rand_arm.effect.hi),
+            beats_random=bool(own_arm.effect.lo > rand_arm.effect.hi and flu_ok),
             examples=[Example(targets[j].name, q.id, *map(float, mine[j, qi]))
                       for j in range(nt) for qi, q in enumerate(score_q)],
             curve=points, monotone_rho=rho))
@@ -665,7 +660,9 @@ def _verdict(op: str, scores: list[RecipeScore]) -> str:
         top = [s.recipe for s in ranked if s.rank == 1]
         order = (f"{', '.join(top)} ranked first; ranks by separated intervals: "
                  + ", ".join(f"{s.recipe} {s.rank}" for s in ranked))
-    return f"{op}: {head}; {order}."
+    broken = [s.recipe for s in ranked if not s.fluency_ok]
+    tail = f"; {', '.join(broken)} failed the fluency guard" if broken else ""
+    return f"{op}: {head}; {order}{tail}."
 
 
 # ---------------------------------------------------------------------------------------------
