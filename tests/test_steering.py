@@ -159,7 +159,9 @@ def test_contrasting_personas_are_the_farthest_on_the_base_axis(store6):
     assert choice.names == want and "farthest" in choice.reason
     assert S.choose_personas(store6, "assistant", 2, ["chef"], ["last"], 15).names == ["chef"]
     with pytest.raises(TlpersonaError, match="'nobody' is not in the store"):
-        S.choose_personas(store6, "assistant", 2, ["nobody"], ["last"], 15)
+        S.check_config(S.SteerConfig(personas=["nobody"]), store6)
+    with pytest.raises(TlpersonaError, match="is the base persona"):
+        S.check_config(S.SteerConfig(personas=["assistant"]), store6)
 
 
 def _small(**kw):

@@ -326,10 +326,10 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
     _, sub = run_subspace(str(store), None, _subspace_config(None, None), report.parent,
                           append_to=report)
     t3 = time.perf_counter()
-    # A short causal section: patching (3 personas × 2 questions), then steering at the two
-    # middle stored layers (3 contrasting personas, 3 + 3 questions, 8 response tokens).
-    stored = sub["layers"]
-    mid = [lay["layer"] for lay in stored[max(0, len(stored) // 2 - 1):len(stored) // 2 + 1]]
+    # A short causal section: patching (3 personas × 2 questions), then steering with `add` and
+    # `ablate` at the middle stored layer (3 contrasting personas, 2 + 3 held-out questions).
+    stored = [lay["layer"] for lay in sub["layers"]]
+    mid = stored[(len(stored) - 1) // 2]
     names = open_store(store).personas
     base = "assistant" if "assistant" in names else names[0]
     _, causal = run_patch(PatchRequest(
@@ -338,9 +338,9 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
     t4 = time.perf_counter()
     steer_md, steering = run_steer(SteerRequest(
         store=str(store), out=str(report.parent), device=device, dtype=dtype, attn=attn,
-        persona_source=personas, questions=questions, n_questions=6, n_personas=3, base=base,
-        layers=",".join(map(str, mid)), alphas="0.125,0.25,0.5,1,2", cap_percentiles="25,50,90",
-        response_tokens=8, seed=seed, n_boot=1000, continuations=1))
+        persona_source=personas, questions=questions, n_questions=5, n_personas=3, base=base,
+        layers=str(mid), operators="add,ablate", alphas="0.25,0.5,1,2", response_tokens=6,
+        seed=seed, n_boot=1000, continuations=1))
     atomic_write_bytes(report, report.read_bytes() + b"\n" + (report.parent / "patch.md").read_bytes()
                        + b"\n" + steer_md.read_bytes())
     _print_summary(result)

@@ -265,14 +265,7 @@ def choose_personas(store: Any, base: str, n: int, names: list[str] | None,
     z /= len(recipes)
     position = {p: float(z[i]) for i, p in enumerate(store.personas)}
     if names:
-        missing = [p for p in names if p not in store.personas]
-        if missing:
-            raise TlpersonaError(f"--personas: {missing[0]!r} is not in the store")
-        if base in names:
-            raise TlpersonaError(f"--personas: {base!r} is the base persona; name others")
         return PersonaChoice(list(names), "named with --personas", position)
-    if n < 1:
-        raise TlpersonaError("--n-personas must be at least 1")
     chosen = sorted(others, key=lambda p: position[p])[:n]
     return PersonaChoice(chosen, f"the {len(chosen)} stored personas farthest from {base!r} on "
                          f"its axis at layer {layer} (mean standardised projection over "
@@ -314,6 +307,13 @@ def check_config(cfg: SteerConfig, store: Any) -> None:
         store.layer_index(layer)
     if cfg.base not in store.personas:
         raise TlpersonaError(f"base persona {cfg.base!r} is not in the store")
+    missing = [p for p in cfg.personas or [] if p not in store.personas]
+    if missing:
+        raise TlpersonaError(f"--personas: {missing[0]!r} is not in the store")
+    if cfg.base in (cfg.personas or []):
+        raise TlpersonaError(f"--personas: {cfg.base!r} is the base persona; name others")
+    if cfg.personas is None and cfg.n_personas < 1:
+        raise TlpersonaError("--n-personas must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------
