@@ -61,7 +61,7 @@ def test_experiment_end_to_end(default_source, tmp_path):
     assert "shared subspace, layer 29: k_found" in res.output
     assert (out / "compare" / "pcs.safetensors").exists()
     assert "## Activation patching" in report and "## Steering: which recipe" in report
-    assert "steering add:" in res.output and "steering ablate:" in res.output
+    assert "steering add:" in res.output
     assert (out / "compare" / "steering.json").exists()
     assert open_store(out / "store").positions == [
         "last", "response_mean", "prompt_mean", "prompt_mean_no_last", "raw_system_last",

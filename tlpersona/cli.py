@@ -326,8 +326,9 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
     _, sub = run_subspace(str(store), None, _subspace_config(None, None), report.parent,
                           append_to=report)
     t3 = time.perf_counter()
-    # A short causal section: patching (3 personas × 2 questions), then steering with `add` and
-    # `ablate` at the middle stored layer (3 contrasting personas, 2 + 3 held-out questions).
+    # A short causal section: patching (3 personas × 2 questions), then steering (`add`) at the
+    # middle stored layer (3 contrasting personas, 2 + 3 held-out questions); `tlpersona steer`
+    # runs the full evaluation (ablation and capping too).
     stored = [lay["layer"] for lay in sub["layers"]]
     mid = stored[(len(stored) - 1) // 2]
     names = open_store(store).personas
@@ -339,8 +340,8 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
     steer_md, steering = run_steer(SteerRequest(
         store=str(store), out=str(report.parent), device=device, dtype=dtype, attn=attn,
         persona_source=personas, questions=questions, n_questions=5, n_personas=3, base=base,
-        layers=str(mid), operators="add,ablate", alphas="0.25,0.5,1,2", response_tokens=6,
-        seed=seed, n_boot=1000, continuations=1))
+        layers=str(mid), operators="add", alphas="0.03125,0.0625,0.125,0.25", response_tokens=6,
+        seed=seed, n_boot=1000, continuations=1, continuation_tokens=16))
     atomic_write_bytes(report, report.read_bytes() + b"\n" + (report.parent / "patch.md").read_bytes()
                        + b"\n" + steer_md.read_bytes())
     _print_summary(result)
@@ -511,7 +512,7 @@ def _print_patch(result: dict[str, Any]) -> None:
 @click.option("--operators", default="add,ablate,cap", show_default=True)
 @click.option("--alphas", default=None,
               help="steering strengths × the layer's typical residual norm "
-                   "(default 0.0625,0.125,0.25,0.5,1,2)")
+                   "(default 0.03125,0.0625,0.125,0.25,0.5,1)")
 @click.option("--cap-percentiles", default=None,
               help="capping thresholds, percentiles of stored projections (default 10,25,50,75,90)")
 @click.option("--n-random", type=int, default=10, show_default=True,

@@ -483,6 +483,7 @@ class SteerRequest:
     n_boot: int = 2000
     fluency_margin: float = 0.5
     continuations: int = 2
+    continuation_tokens: int = 24
     progress: bool = True
 
 
@@ -546,7 +547,7 @@ def run_steer(req: SteerRequest) -> tuple[Path, Any]:
         n_random=req.n_random, response_tokens=req.response_tokens,
         prompt_index=_store_phrasing(prov, req.prompt_index), seed=req.seed, n_boot=req.n_boot,
         fluency_margin=req.fluency_margin, continuations=req.continuations,
-        progress=req.progress)
+        continuation_tokens=req.continuation_tokens, progress=req.progress)
     check_config(cfg, st)  # before the model is loaded
     model = _model_for(req.model, prov, req.device, req.dtype, req.attn)
     result = steer(st, model, personas, questions, cfg, questions_note=note)

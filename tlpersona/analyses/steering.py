@@ -61,7 +61,7 @@ from tlpersona.data import Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
 from tlpersona.models import LoadedModel
 
-DEFAULT_ALPHAS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)
+DEFAULT_ALPHAS = (0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0)
 DEFAULT_PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
 GOAL = {"add": "the base run toward the persona", "ablate": "the persona's run toward the base",
         "cap": "the persona's run toward the base"}
