@@ -126,7 +126,8 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
         scores = result.scores_for(op)
         lines += [f"### {op}", "", HOW[op] + ".", "", f"**{result.verdicts[op]}**", "",
                   "| rank | recipe | setting | interior | own effect | random dirs | other "
-                  "personas | specificity | log-prob gain | wrong way | fluency | beats random |",
+                  "personas | specificity | log-prob gain (own / other) | wrong way | fluency "
+                  "| beats random |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in scores:
             interior = {None: "", True: "yes", False: "**edge**"}[s.interior]
@@ -134,7 +135,8 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
             lines.append(
                 f"| {s.rank} | {s.recipe} | {s.setting.label()} | {interior} | {_e(s.own.effect)} "
                 f"| {_e(s.random.effect)} | {_e(s.other.effect if s.other else None)} | "
-                f"{_e(s.specificity)} | {_e(s.own.lp_gain)} | {s.own.wrong_way:.0%} | {flu} | "
+                f"{_e(s.specificity)} | {_e(s.own.lp_gain)} / "
+                f"{_e(s.other.lp_gain if s.other else None)} | {s.own.wrong_way:.0%} | {flu} | "
                 f"{'yes' if s.beats_random else 'no'} |")
         edge = [s.recipe for s in scores if s.interior is False]
         if edge:
