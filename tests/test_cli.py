@@ -60,7 +60,9 @@ def test_experiment_end_to_end(default_source, tmp_path):
     assert "## Shared persona subspace" in report
     assert "shared subspace, layer 29: k_found" in res.output
     assert (out / "compare" / "pcs.safetensors").exists()
-    assert "## Activation patching and steering" in report and "steering ranking:" in res.output
+    assert "## Activation patching" in report and "## Steering: which recipe" in report
+    assert "steering add:" in res.output
+    assert (out / "compare" / "steering.json").exists()
     assert open_store(out / "store").positions == [
         "last", "response_mean", "prompt_mean", "prompt_mean_no_last", "raw_system_last",
         "sys_end", "sys_end+1", "first", "prompt_mean_no_first"]

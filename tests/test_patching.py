@@ -1,4 +1,4 @@
-"""Activation patching and steering on the embedded default model, checked against plain-HF
+"""Activation patching on the embedded default model, checked against plain-HF
 forward hooks and against the identities every patching method must satisfy."""
 
 import json
@@ -10,13 +10,7 @@ from click.testing import CliRunner
 
 from tlpersona.analyses.interventions import Runner, kl
 from tlpersona.analyses.patching import PatchConfig, _align, patch_example, run_patching
-from tlpersona.analyses.steering import (
-    SteerConfig,
-    _adder,
-    persona_vectors,
-    random_like,
-    run_steering,
-)
+from tlpersona.analyses.steering import persona_vectors
 from tlpersona.cli import main
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
@@ -119,40 +113,10 @@ def test_hooks_are_removed_even_when_a_hook_fails(runner):
     assert torch.equal(runner.logprobs(conv.ids, conv.read), before)
 
 
-def test_steering_alpha_zero_is_a_no_op_and_addition_matches_hf(runner, hf_ref):
-    conv = runner.conversation("You are a helpful assistant.", Q)
-    start = conv.spans.anchors["sys_end"] + 1
-    plain = runner.logprobs(conv.ids, conv.read, rows=2)
-    zero = runner.logprobs(conv.ids, conv.read, rows=2,
-                           hooks=[("blocks.7.hook_resid_post", _adder(torch.zeros(2, 576), start))])
-    assert torch.equal(zero, plain)  # same batch shape: bit-identical
-    v = torch.randn(576, generator=torch.Generator().manual_seed(1)) * 5
-    got = runner.logprobs(conv.ids, conv.read,
-                          hooks=[("blocks.7.hook_resid_post", _adder(v[None], start))])[0]
-
-    def hook(module, args, out):
-        h = out[0] if isinstance(out, tuple) else out
-        h[0, start:] += v
-        return out
-
-    handle = hf_ref.model.layers[7].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            ref = torch.log_softmax(hf_ref(torch.tensor([conv.ids])).logits[0, -1].double(), -1)
-    finally:
-        handle.remove()
-    assert (got[-1] - ref).abs().max() < 1e-3
-
-
-def test_persona_vectors_and_seeded_random_control():
+def test_persona_vectors_are_centroids_minus_their_mean():
     c = torch.randn(5, 8, dtype=torch.float64)
     v = persona_vectors(c)
     np.testing.assert_allclose(v.numpy(), (c - c.mean(0)).numpy(), atol=1e-6)
-    r1 = random_like(v, torch.Generator().manual_seed(3))
-    r2 = random_like(v, torch.Generator().manual_seed(3))
-    r3 = random_like(v, torch.Generator().manual_seed(4))
-    assert torch.equal(r1, r2) and not torch.allclose(r1, r3)
-    np.testing.assert_allclose(r1.norm(dim=-1).numpy(), v.norm(dim=-1).numpy(), rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -165,47 +129,22 @@ def small_store(loaded, tmp_path_factory):
                             tmp_path_factory.mktemp("steer") / "s")
 
 
-def test_steering_sweep_is_seeded_and_alpha_zero_has_no_effect(runner, small_store):
-    from tlpersona.cache import open_store
-
-    st = open_store(small_store)
-    ps = builtin_personas()[:5]
-    cfg = SteerConfig(recipes=["last", "sys_end"], layers=[15], alphas=[0, 1], seed=7,
-                      continuations=1, continuation_tokens=4, progress=False)
-    a = run_steering(runner, st, ps[1:3], ps[0], builtin_questions()[:1], cfg)
-    b = run_steering(runner, st, ps[1:3], ps[0], builtin_questions()[:1], cfg)
-    assert a["kl"] == b["kl"]
-    for r in ("last", "sys_end"):
-        curve = a["kl"][r]["15"]
-        assert curve["vector"][0] == curve["random"][0] == pytest.approx(a["kl_unsteered"])
-    other = run_steering(runner, st, ps[1:3], ps[0], builtin_questions()[:1],
-                         SteerConfig(**{**cfg.__dict__, "seed": 8}))
-    assert other["kl"]["last"]["15"]["random"][1] != a["kl"]["last"]["15"]["random"][1]
-    assert other["kl"]["last"]["15"]["vector"] == a["kl"]["last"]["15"]["vector"]
-    assert {t["recipe"] for t in a["ranking"]} == {"last", "sys_end"}
-    assert a["continuations"][0]["persona"] == ps[1].name
-    assert runner.hook_free()
-
-
 def test_patch_command_writes_json_figures_and_report(small_store, tmp_path):
     out = tmp_path / "p"
     res = CliRunner().invoke(main, [
         "patch", "--store", str(small_store), "--out", str(out), "--n-personas", "2",
-        "--n-questions", "1", "--layers", "3,15,29", "--positions", "system,sys_end,last",
-        "--alphas", "0,1", "--continuations", "0"])
+        "--n-questions", "1", "--layers", "3,15,29", "--positions", "system,sys_end,last"])
     assert res.exit_code == 0, res.output[-2000:]
     data = json.loads((out / "patch.json").read_text())
     cells = {(c["position"], c["layer"]): c for c in data["patching"]["cells"]}
     assert cells["last", 29]["kl_effect"] == pytest.approx(1, abs=1e-6)
     assert cells["sys_start", 3]["kl_effect"] == 0  # shared first token: exact no-op
-    assert [r["recipe"] for r in data["steering"]["ranking"]] and "steering ranking:" in res.output
     assert (out / "figures" / "patching.png").stat().st_size > 1000
-    assert "### Steering" in (out / "patch.md").read_text()
+    assert "### Patching" in (out / "patch.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
     (["--corrupt", "nobody"], "persona 'nobody' is not among the personas"),
-    (["--alphas", "1,x"], "--alphas must be comma-separated numbers"),
     (["--positions", "prompt_mean"], "patching needs single-token positions"),
     (["--layers", "40"], "layer 40 is out of range"),
 ])
@@ -215,21 +154,6 @@ def test_patch_bad_input_is_one_line_exit_2(default_source, tmp_path, args, mess
     lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "p" / "patch.json").exists()
-
-
-def test_steering_on_response_tokens_only(runner, small_store):
-    from tlpersona.cache import open_store
-
-    st = open_store(small_store)
-    ps = builtin_personas()[:3]
-    cfg = SteerConfig(recipes=["last"], layers=[7], alphas=[0, 2], where="response",
-                      response_tokens=3, continuations=0, progress=False)
-    res = run_steering(runner, st, ps[1:], ps[0], builtin_questions()[:1], cfg)
-    curve = res["kl"]["last"]["7"]["vector"]
-    assert curve[0] == pytest.approx(res["kl_unsteered"]) and curve[1] != curve[0]
-    with pytest.raises(TlpersonaError, match="needs --response-tokens"):
-        run_steering(runner, st, ps[1:], ps[0], builtin_questions()[:1],
-                     SteerConfig(**{**cfg.__dict__, "response_tokens": 0}))
 
 
 def test_corrupt_pairs():

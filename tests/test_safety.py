@@ -458,7 +458,8 @@ def test_user_errors_are_one_line(store, tmp_path):
            "--out", str(tmp_path / "c"))
     _fails("--limit-personas must be at least 0", *ext[:1], "--limit-personas", "-1",
            "--out", str(tmp_path / "s"))
-    _fails("--alphas must be finite", "patch", "--alphas", "0,nan,inf", "--out", str(tmp_path / "pt"))
+    _fails("--alphas must be finite", "steer", str(store), "--alphas", "0,nan,inf",
+           "--out", str(tmp_path / "pt"))
     assert f.read_text() == "mine" and not (tmp_path / "s").exists()
 
 

@@ -325,9 +325,11 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
     from tlpersona.pipeline import (
         ExtractRequest,
         PatchRequest,
+        SteerRequest,
         run_compare,
         run_extract,
         run_patch,
+        run_steer,
         run_subspace,
     )
 
@@ -355,23 +357,31 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
     _, sub = run_subspace(str(store), None, _subspace_config(None, None), report.parent,
                           append_to=report)
     t3 = time.perf_counter()
-    # A short causal section: 3 personas × 2 questions, steering at the two middle layers.
-    stored = sub["layers"]
-    mid = [lay["layer"] for lay in stored[max(0, len(stored) // 2 - 1):len(stored) // 2 + 1]]
+    # A short causal section: patching (3 personas × 2 questions), then steering (`add`) at the
+    # middle stored layer (3 contrasting personas, 2 + 3 held-out questions); `tlpersona steer`
+    # runs the full evaluation (ablation and capping too).
+    stored = [lay["layer"] for lay in sub["layers"]]
+    mid = stored[(len(stored) - 1) // 2]
     names = open_store(store).personas
     base = "assistant" if "assistant" in names else names[0]
     _, causal = run_patch(PatchRequest(
         store=str(store), out=str(report.parent), device=device, dtype=dtype, attn=attn,
-        personas=personas, questions=questions, n_personas=3, n_questions=2, corrupt=base,
-        steer_base=base,
-        steer_layers=",".join(map(str, mid)), seed=seed, progress=True))
-    atomic_write_bytes(report, report.read_bytes() + b"\n" + (report.parent / "patch.md").read_bytes())
+        personas=personas, questions=questions, n_personas=3, n_questions=2, corrupt=base))
+    t4 = time.perf_counter()
+    steer_md, steering = run_steer(SteerRequest(
+        store=str(store), out=str(report.parent), device=device, dtype=dtype, attn=attn,
+        persona_source=personas, questions=questions, n_questions=5, n_personas=3, base=base,
+        layers=str(mid), operators="add", alphas="0.03125,0.0625,0.125,0.25", response_tokens=6,
+        seed=seed, n_boot=1000, continuations=1, continuation_tokens=16))
+    atomic_write_bytes(report, report.read_bytes() + b"\n" + (report.parent / "patch.md").read_bytes()
+                       + b"\n" + steer_md.read_bytes())
     _print_summary(result)
     for lay in sub["layers"]:
         click.echo(f"shared subspace, {_subspace_line(lay)}")
     _print_patch(causal)
-    click.echo(f"extract {t1 - t0:.1f} s, compare {t2 - t1:.1f} s, "
-               f"subspace {t3 - t2:.1f} s, patching and steering {time.perf_counter() - t3:.1f} s")
+    _print_steer(steering)
+    click.echo(f"extract {t1 - t0:.1f} s, compare {t2 - t1:.1f} s, subspace {t3 - t2:.1f} s, "
+               f"patching {t4 - t3:.1f} s, steering {time.perf_counter() - t4:.1f} s")
     click.echo(f"report: {report}")
 
 
@@ -473,18 +483,18 @@ if __name__ == "__main__":
 
 @main.command()
 @click.option("--store", type=click.Path(), default=None,
-              help="a store: its persona vectors are steered with (and its model is used)")
+              help="a store: its model and phrasing are used")
 @click.option("--out", default="tlpersona-out/patch", show_default=True, type=click.Path())
 @click.option("--model", default=None, help="default: the store's model, else 'default'")
 @click.option("--device", default=None)
 @click.option("--dtype", default=None)
 @_attn_option
 @click.option("--personas", default="builtin", show_default=True,
-              help="'builtin' or an assistant-axis directory (the store's, with --store)")
+              help="'builtin' or an assistant-axis directory")
 @click.option("--questions", default="builtin", show_default=True)
 @click.option("--prompt-index", type=int, default=None, help="phrasing (default: the store's, else 0)")
 @click.option("--n-personas", type=int, default=4, show_default=True,
-              help="clean / steered personas (the first N besides the corrupt or base persona)")
+              help="clean personas (the first N besides the corrupt persona)")
 @click.option("--n-questions", type=int, default=2, show_default=True)
 @click.option("--layers", default=None, help="patching layers (default: 8 spread over the model)")
 @click.option("--positions", default="system,sys_end,sys_end+1,user_end,last", show_default=True,
@@ -495,43 +505,88 @@ if __name__ == "__main__":
               help="corrupt persona, or 'next' (each persona against the next one)")
 @click.option("--response-tokens", type=int, default=0, show_default=True,
               help="also read N teacher-forced tokens of the clean persona's greedy response")
-@click.option("--no-steer", is_flag=True, help="patching only")
-@click.option("--steer-base", default="assistant", show_default=True, help="the persona steered")
-@click.option("--steer-layers", default=None, help="stored layers to steer at (default: all)")
-@click.option("--recipes", default=None, help="stored recipes to steer with (default: all)")
-@click.option("--alphas", default="0,1,2,4", show_default=True)
-@click.option("--steer-where", type=click.Choice(["after_system", "response"]),
-              default="after_system", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="random-direction control")
-@click.option("--continuations", type=int, default=2, show_default=True,
-              help="personas shown with greedy steered continuations")
 @_friendly
 def patch(store: str | None, out: str, model: str | None, device: str | None, dtype: str | None,
           attn: str, personas: str, questions: str, prompt_index: int | None, n_personas: int,
           n_questions: int, layers: str | None, positions: str, hook: str, corrupt: str,
-          response_tokens: int, no_steer: bool, steer_base: str, steer_layers: str | None,
-          recipes: str | None, alphas: str, steer_where: str, seed: int,
-          continuations: int) -> None:
-    """Activation patching (positions × layers, clean persona into corrupt) and, with --store,
-    steering with each recipe's persona vectors against a random-direction control."""
+          response_tokens: int) -> None:
+    """Activation patching: positions × layers, clean persona into corrupt (steering is
+    `tlpersona steer`)."""
     from tlpersona.pipeline import PatchRequest, run_patch
 
     path, result = run_patch(PatchRequest(
         store=store, out=out, model=model, device=device, dtype=dtype, attn=attn,
         personas=personas, questions=questions, prompt_index=prompt_index,
         n_personas=n_personas, n_questions=n_questions, layers=layers, positions=positions,
-        hook=hook, corrupt=corrupt, response_tokens=response_tokens, steer=not no_steer,
-        steer_base=steer_base, steer_layers=steer_layers, recipes=recipes, alphas=alphas,
-        steer_where=steer_where, seed=seed, continuations=continuations))
+        hook=hook, corrupt=corrupt, response_tokens=response_tokens))
     _print_patch(result)
     click.echo(f"report: {path}")
 
 
 def _print_patch(result: dict[str, Any]) -> None:
-    top = sorted(result["patching"]["cells"], key=lambda c: -c["kl_effect"])[:3]
+    top = sorted(result["cells"], key=lambda c: -c["kl_effect"])[:3]
     click.echo("patching, largest KL effects: " + "; ".join(
         f"{c['position']} L{c['layer']} {c['kl_effect']:.2f}" for c in top))
-    if result["steering"]:
-        click.echo("steering ranking: " + ", ".join(
-            f"{r['recipe']} (L{r['layer']}, alpha {r['alpha']:g}, effect {r['effect']:.3f}, "
-            f"random {r['random_effect']:.3f})" for r in result["steering"]["ranking"]))
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--out", default="tlpersona-out/steer", show_default=True, type=click.Path())
+@click.option("--model", default=None, help="default: the store's model")
+@click.option("--device", default=None)
+@click.option("--dtype", default=None)
+@_attn_option
+@click.option("--persona-source", default="builtin", show_default=True,
+              help="the persona set the store was made with ('builtin' or an assistant-axis dir)")
+@click.option("--questions", default="builtin", show_default=True,
+              help="evaluation questions (those the store was not built from are used first)")
+@click.option("--n-questions", type=int, default=8, show_default=True,
+              help="half select the setting, the other half score it")
+@click.option("--personas", default=None,
+              help="NAME,NAME: target personas (default: the N farthest from the base on its axis)")
+@click.option("--n-personas", type=int, default=4, show_default=True)
+@click.option("--base", default="assistant", show_default=True, help="the base persona")
+@click.option("--recipes", default=None, help="stored recipes (default: all)")
+@click.option("--layers", default=None, help="stored layers (default: all)")
+@click.option("--operators", default="add,ablate,cap", show_default=True)
+@click.option("--alphas", default=None,
+              help="steering strengths × the layer's typical residual norm "
+                   "(default 0.03125,0.0625,0.125,0.25,0.5,1)")
+@click.option("--cap-percentiles", default=None,
+              help="capping thresholds, percentiles of stored projections (default 10,25,50,75,90)")
+@click.option("--n-random", type=int, default=10, show_default=True,
+              help="seeded random directions (control)")
+@click.option("--response-tokens", type=int, default=16, show_default=True)
+@click.option("--prompt-index", type=int, default=None, help="phrasing (default: the store's)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--bootstrap", "n_boot", type=int, default=2000, show_default=True)
+@click.option("--fluency-margin", type=float, default=0.5, show_default=True,
+              help="nats/token a setting may lose on the base response (see report)")
+@click.option("--continuations", type=int, default=2, show_default=True,
+              help="personas shown with greedy steered continuations")
+@_friendly
+def steer(store: str, out: str, model: str | None, device: str | None, dtype: str | None,
+          attn: str, persona_source: str, questions: str, n_questions: int, personas: str | None,
+          n_personas: int, base: str, recipes: str | None, layers: str | None, operators: str,
+          alphas: str | None, cap_percentiles: str | None, n_random: int, response_tokens: int,
+          prompt_index: int | None, seed: int, n_boot: int, fluency_margin: float,
+          continuations: int) -> None:
+    """Steering, ablation and capping with each recipe's persona vectors: settings selected on
+    some questions, effects scored on others against random directions and other personas'
+    vectors, with bootstrap intervals."""
+    from tlpersona.pipeline import SteerRequest, run_steer
+
+    path, result = run_steer(SteerRequest(
+        store=store, out=out, model=model, device=device, dtype=dtype, attn=attn,
+        persona_source=persona_source, questions=questions, n_questions=n_questions,
+        personas=personas, n_personas=n_personas, base=base, recipes=recipes, layers=layers,
+        operators=operators, alphas=alphas, cap_percentiles=cap_percentiles, n_random=n_random,
+        response_tokens=response_tokens, prompt_index=prompt_index, seed=seed, n_boot=n_boot,
+        fluency_margin=fluency_margin, continuations=continuations))
+    _print_steer(result)
+    click.echo(f"report: {path}")
+
+
+def _print_steer(result: Any) -> None:
+    for sentence in result.verdicts.values():
+        click.echo("steering " + sentence)

@@ -526,8 +526,8 @@ def run_project(req: ProjectRequest) -> tuple[Path, dict]:
 
 @dataclass
 class PatchRequest:
-    """Arguments of ``tlpersona patch``. Without a store only patching runs (steering needs
-    stored persona vectors); with one, the model defaults to the store's."""
+    """Arguments of ``tlpersona patch``. With a store, the model and phrasing default to the
+    store's."""
 
     store: str | None = None
     out: str = "tlpersona-out/patch"
@@ -545,14 +545,6 @@ class PatchRequest:
     hook: str = "resid_post"
     corrupt: str = "assistant"
     response_tokens: int = 0
-    steer: bool = True
-    steer_base: str = "assistant"
-    steer_layers: str | None = None  # default: every stored layer
-    recipes: str | None = None  # default: every stored position
-    alphas: str = "0,1,2,4"
-    steer_where: str = "after_system"
-    seed: int = 0
-    continuations: int = 2
     progress: bool = True
 
 
@@ -570,62 +562,155 @@ def _pick(personas: list[Any], keep: str | None, n: int) -> list[Any]:
     return named + [p for p in personas if p.name != keep][:n]
 
 
+def _store_phrasing(prov: dict[str, Any], given: int | None) -> int:
+    """The store's phrasing unless one is given; a store averaged over phrasings ("all") → 0."""
+    if given is not None:
+        return given
+    stored = prov.get("prompt_index", 0)
+    return stored if isinstance(stored, int) else 0
+
+
+def _model_for(spec: str | None, prov: dict[str, Any], device: str | None, dtype: str | None,
+               attn: str) -> Any:
+    """The bridged model, checked against the store's model identity when there is a store."""
+    model = load_bridge(spec or prov.get("model", "default"), device or default_device(), dtype,
+                        attn)
+    if prov and model.info.identity != prov.get("model_identity"):
+        raise TlpersonaError(f"{model.info.spec} is not the model the store was made with "
+                             f"({prov.get('model')})")
+    return model
+
+
 def run_patch(req: PatchRequest) -> tuple[Path, dict[str, Any]]:
-    """Activation patching (and steering, with a store) into ``req.out``: patch.json, figures,
-    patch.md. Returns (patch.md, {"patching": ..., "steering": ...})."""
+    """Activation patching into ``req.out``: patch.json, figures, patch.md. Returns (patch.md,
+    the patching result)."""
     from tlpersona.analyses.interventions import HOOKS, Runner
     from tlpersona.analyses.patching import PatchConfig, run_patching
     from tlpersona.analyses.report import write_patch
-    from tlpersona.analyses.steering import SteerConfig, run_steering
     from tlpersona.cache.store import open_store
-    from tlpersona.data import content_hash
 
     check_output_dir(Path(req.out))
     if req.hook not in HOOKS:
         raise TlpersonaError(f"unknown --hook {req.hook!r} (resid_post or resid_pre)")
     if req.n_questions < 1:
         raise TlpersonaError("--n-questions must be at least 1")
-    try:
-        alphas = [float(a) for a in req.alphas.split(",") if a.strip()]
-    except ValueError:
-        raise TlpersonaError(f"--alphas must be comma-separated numbers, not {req.alphas!r}") from None
-    check_finite_numbers(alphas, "--alphas")
     st = open_store(req.store, verify=True) if req.store else None
     prov = st.provenance if st else {}
     personas = load_personas(req.personas)
     questions = load_questions(req.questions, req.n_questions)
-    prompt_index = req.prompt_index
-    if prompt_index is None:  # the store's phrasing; a store averaged over phrasings ("all") → 0
-        stored = prov.get("prompt_index", 0)
-        prompt_index = stored if isinstance(stored, int) else 0
-    model = load_bridge(req.model or prov.get("model", "default"), req.device or default_device(),
-                        req.dtype, req.attn)
-    if st and model.info.identity != prov.get("model_identity"):
-        raise TlpersonaError(f"{model.info.spec} is not the model the store was made with "
-                             f"({prov.get('model')})")
+    keep = None if req.corrupt == "next" else req.corrupt
+    chosen = _pick(personas, keep, req.n_personas)
+    model = _model_for(req.model, prov, req.device, req.dtype, req.attn)
     runner = Runner(model)
     layers = (parse_layers(req.layers, model.info.n_layers) if req.layers
               else _spread_layers(model.info.n_layers))
-    keep = None if req.corrupt == "next" else req.corrupt
-    patching = run_patching(runner, _pick(personas, keep, req.n_personas), questions, PatchConfig(
+    patching = run_patching(runner, chosen, questions, PatchConfig(
         layers=layers, positions=[p.strip() for p in req.positions.split(",") if p.strip()],
         hook=req.hook, corrupt=req.corrupt, response_tokens=req.response_tokens,
-        prompt_index=prompt_index, progress=req.progress))
-    steering = None
-    if st is not None and req.steer:
-        by_name = {p.name: p for p in personas}
-        stored = [by_name.get(n) for n in st.personas]
-        if None in stored or content_hash([[p.name, list(p.system_prompts)] for p in stored]) \
-                != prov.get("persona_hash"):
-            raise TlpersonaError("--personas do not match the personas the store was made with")
-        chosen = _pick(personas, req.steer_base, req.n_personas)
-        recipes = ([p.name for p in parse_positions(req.recipes)] if req.recipes
-                   else list(st.positions))
-        steer_layers = ([int(x) for x in parse_layers(req.steer_layers, model.info.n_layers)]
-                        if req.steer_layers else list(st.layers))
-        steering = run_steering(runner, st, chosen[1:], chosen[0], questions, SteerConfig(
-            recipes=recipes, layers=steer_layers, alphas=alphas, where=req.steer_where,
-            base=req.steer_base, response_tokens=req.response_tokens, prompt_index=prompt_index,
-            seed=req.seed, continuations=req.continuations, progress=req.progress))
-    write_patch(patching, steering, req.out)
-    return Path(req.out) / "patch.md", {"patching": patching, "steering": steering}
+        prompt_index=_store_phrasing(prov, req.prompt_index), progress=req.progress))
+    write_patch(patching, req.out)
+    return Path(req.out) / "patch.md", patching
+
+
+@dataclass
+class SteerRequest:
+    """Arguments of ``tlpersona steer``: strings as the CLI takes them, parsed here. Model and
+    phrasing default to the store's; ``persona_source`` must be the persona set the store was
+    made with (its system prompts are needed, the store keeps their hash)."""
+
+    store: str
+    out: str = "tlpersona-out/steer"
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    attn: str = "auto"
+    persona_source: str = "builtin"
+    questions: str = "builtin"
+    n_questions: int = 8
+    personas: str | None = None  # "NAME,NAME": the target personas, chosen by hand
+    n_personas: int = 4
+    base: str = "assistant"
+    recipes: str | None = None
+    layers: str | None = None
+    operators: str = "add,ablate,cap"
+    alphas: str | None = None
+    cap_percentiles: str | None = None
+    n_random: int = 10
+    response_tokens: int = 16
+    prompt_index: int | None = None
+    seed: int = 0
+    n_boot: int = 2000
+    fluency_margin: float = 0.5
+    continuations: int = 2
+    continuation_tokens: int = 24
+    progress: bool = True
+
+
+def _numbers(spec: str, option: str) -> list[float]:
+    try:
+        values = [float(a) for a in spec.split(",") if a.strip()]
+    except ValueError:
+        raise TlpersonaError(f"{option} must be comma-separated numbers, not {spec!r}") from None
+    check_finite_numbers(values, option)
+    return values
+
+
+def _names(spec: str | None) -> list[str] | None:
+    return [x.strip() for x in spec.split(",") if x.strip()] if spec else None
+
+
+def eval_questions(store: Any, questions: list[Any], n: int) -> tuple[list[Any], str]:
+    """Up to ``n`` questions the store's vectors were not built from; all of them (and a note
+    saying so) when fewer than two such remain."""
+    if n < 2:
+        raise TlpersonaError("--n-questions must be at least 2 (selection and scoring halves)")
+    fresh = [q for q in questions if q.id not in set(store.questions)]
+    if len(fresh) >= 2:
+        return fresh[:n], (f"Questions are ones the persona vectors were not built from "
+                           f"(not among the store's {len(store.questions)}).")
+    return questions[:n], ("Fewer than two questions are left outside the store's, so the "
+                           "persona vectors were built from these same questions.")
+
+
+def run_steer(req: SteerRequest) -> tuple[Path, Any]:
+    """``tlpersona steer``: evaluate every operator × recipe (see
+    :mod:`tlpersona.analyses.steering`), write steering.json, steering.md and figures into
+    ``req.out``. Returns (steering.md, the :class:`SteeringResult`)."""
+    from tlpersona.analyses.steer_report import write_steering
+    from tlpersona.analyses.steering import (
+        DEFAULT_ALPHAS,
+        DEFAULT_PERCENTILES,
+        SteerConfig,
+        check_config,
+        steer,
+    )
+    from tlpersona.cache.store import open_store
+    from tlpersona.data import content_hash
+    from tlpersona.positions import parse_positions
+
+    st = open_store(req.store, verify=True)
+    prov = st.provenance
+    personas = load_personas(req.persona_source)
+    by_name = {p.name: p for p in personas}
+    stored = [by_name.get(n) for n in st.personas]
+    if None in stored or content_hash([[p.name, list(p.system_prompts)] for p in stored]) \
+            != prov.get("persona_hash"):
+        raise TlpersonaError("--persona-source does not match the personas the store was made with")
+    questions, note = eval_questions(st, load_questions(req.questions), req.n_questions)
+    cfg = SteerConfig(
+        recipes=[p.name for p in parse_positions(req.recipes)] if req.recipes else None,
+        layers=[int(x) for x in _numbers(req.layers, "--layers")] if req.layers else None,
+        operators=_names(req.operators) or [],
+        alphas=_numbers(req.alphas, "--alphas") if req.alphas else list(DEFAULT_ALPHAS),
+        cap_percentiles=(_numbers(req.cap_percentiles, "--cap-percentiles")
+                         if req.cap_percentiles else list(DEFAULT_PERCENTILES)),
+        personas=_names(req.personas), n_personas=req.n_personas, base=req.base,
+        n_random=req.n_random, response_tokens=req.response_tokens,
+        prompt_index=_store_phrasing(prov, req.prompt_index), seed=req.seed, n_boot=req.n_boot,
+        fluency_margin=req.fluency_margin, continuations=req.continuations,
+        continuation_tokens=req.continuation_tokens, progress=req.progress)
+    check_config(cfg, st)  # before the model is loaded
+    model = _model_for(req.model, prov, req.device, req.dtype, req.attn)
+    result = steer(st, model, personas, questions, cfg, questions_note=note)
+    write_steering(result, req.out)
+    return Path(req.out) / "steering.md", result

@@ -189,23 +189,3 @@ def patching_heatmap(result: dict[str, Any], path: Path) -> Path:
         ax.set_title(f"{title} ({result['config']['hook']})", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
     return _save(fig, path)
-
-
-def steering_curves(result: dict[str, Any], path: Path) -> Path:
-    """One panel per layer: mean KL(P_persona || P_steered) against alpha, per recipe; dashed:
-    a random direction of the same norm."""
-    layers = list(next(iter(result["kl"].values())))
-    alphas = result["alphas"]
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.4), squeeze=False,
-                             sharey=True)
-    for ax, layer in zip(axes[0], layers, strict=True):
-        for i, (recipe, by_layer) in enumerate(result["kl"].items()):
-            ax.plot(alphas, by_layer[layer]["vector"], color=f"C{i % 10}", marker="o", ms=3,
-                    label=recipe)
-            ax.plot(alphas, by_layer[layer]["random"], color=f"C{i % 10}", ls="--", lw=0.7)
-        ax.axhline(result["kl_unsteered"], color="k", lw=0.6, ls=":")
-        ax.set_xlabel("alpha (dashed: random direction)")
-        ax.set_title(f"layer {layer}", fontsize=9)
-    axes[0][0].set_ylabel("KL(persona || steered base)")
-    axes[0][0].legend(fontsize=6)
-    return _save(fig, path)

@@ -275,75 +275,42 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Any,
     return "\n".join(lines)
 
 
-def write_patch(patching: dict[str, Any] | None, steering: dict[str, Any] | None,
-                out: str | Path) -> str:
+def write_patch(patching: dict[str, Any], out: str | Path) -> str:
     """Write patch.json and figures into ``out``; return a markdown section."""
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "patch.json", json_bytes({"patching": patching, "steering": steering}))
-    lines = ["## Activation patching and steering", ""]
-    if patching is not None:
-        plots.patching_heatmap(patching, figs / "patching.png")
-        cfg = patching["config"]
-        layers = patching["layers"]
-        by = {(c["position"], c["layer"]): c for c in patching["cells"]}
-        rows = ["| position | " + " | ".join(f"L{x}" for x in layers) + " |",
-                "|---|" + "---|" * len(layers)]
-        for pos in patching["positions"]:
-            cells = [by.get((pos, la)) for la in layers]
-            rows.append(f"| {pos} | " + " | ".join(
-                "" if c is None else f"{_f(c['kl_effect'], 2)} / {_f(c['ld_effect'], 2)}"
-                for c in cells) + " |")
-        top = sorted(patching["cells"], key=lambda c: -c["kl_effect"])[:5]
-        read = ("the last prompt token" if not cfg["response_tokens"] else
-                f"the last prompt token and {cfg['response_tokens']} teacher-forced response tokens")
-        lines += [
-            "### Patching", "",
-            f"Clean: a persona's system prompt + question; corrupt: "
-            f"{'the next persona' if cfg['corrupt'] == 'next' else repr(cfg['corrupt'])} with the "
-            f"same question ({len(patching['pairs'])} pairs × {len(patching['questions'])} "
-            f"questions). `{cfg['hook']}` at one named position and layer copied from clean into "
-            f"corrupt; next-token distributions read at {read}. Effect 0 = corrupt, 1 = clean "
-            f"(KL / logit difference, ratios of sums over examples). Mean KL(clean || corrupt) = "
-            f"{_f(patching['kl_clean_corrupt_mean'])}. `sys_start+i` rows are system-text tokens "
-            "aligned by index from the start of the system text.", "",
-            *rows, "",
-            "Largest KL effects: " + "; ".join(f"{c['position']} L{c['layer']} "
-                                               f"{_f(c['kl_effect'], 2)}" for c in top) + ".", "",
-            "![patching](figures/patching.png)", "",
-        ]
-    if steering is not None:
-        plots.steering_curves(steering, figs / "steering.png")
-        cfg = steering["config"]
-        where = ("every position after the system block" if cfg["where"] == "after_system"
-                 else "response tokens only")
-        rank = ["| rank | recipe | best layer | alpha | effect | random direction | mean norm of v |",
-                "|---|---|---|---|---|---|---|"]
-        norms = {(t["recipe"], t["layer"]): t["norm"] for t in steering["table"]}
-        for i, r in enumerate(steering["ranking"], 1):
-            rank.append(f"| {i} | {r['recipe']} | {r['layer']} | {r['alpha']:g} | "
-                        f"{_f(r['effect'])} | {_f(r['random_effect'])} | "
-                        f"{norms[r['recipe'], r['layer']]:.2f} |")
-        lines += [
-            "### Steering", "",
-            f"`alpha * v` added to `blocks.l.hook_resid_post` of the {steering['base']!r} run "
-            f"({where}), "
-            f"v = the persona's centroid minus the mean of all stored personas. Effect = "
-            f"1 - KL(persona || steered) / KL(persona || unsteered) at the best alpha of "
-            f"{', '.join(f'{a:g}' for a in steering['alphas'])} ({len(steering['personas'])} "
-            f"personas × {len(steering['questions'])} questions; unsteered KL "
-            f"{_f(steering['kl_unsteered'])}). The control adds a random direction of the same "
-            f"norm (seed {cfg['seed']}).", "",
-            *rank, "",
-            "![steering](figures/steering.png)", "",
-        ]
-        for c in steering["continuations"]:
-            lines += [f"**{c['persona']}** ({c['recipe']}, layer {c['layer']}, alpha "
-                      f"{c['alpha']:g}) — {c['question']}", "",
-                      f"* base: {c['base']!r}", f"* steered: {c['steered']!r}",
-                      f"* random direction: {c['random']!r}",
-                      f"* the persona itself: {c['persona_itself']!r}", ""]
+    atomic_write_bytes(out / "patch.json", json_bytes({"patching": patching}))
+    lines = ["## Activation patching", ""]
+    plots.patching_heatmap(patching, figs / "patching.png")
+    cfg = patching["config"]
+    layers = patching["layers"]
+    by = {(c["position"], c["layer"]): c for c in patching["cells"]}
+    rows = ["| position | " + " | ".join(f"L{x}" for x in layers) + " |",
+            "|---|" + "---|" * len(layers)]
+    for pos in patching["positions"]:
+        cells = [by.get((pos, la)) for la in layers]
+        rows.append(f"| {pos} | " + " | ".join(
+            "" if c is None else f"{_f(c['kl_effect'], 2)} / {_f(c['ld_effect'], 2)}"
+            for c in cells) + " |")
+    top = sorted(patching["cells"], key=lambda c: -c["kl_effect"])[:5]
+    read = ("the last prompt token" if not cfg["response_tokens"] else
+            f"the last prompt token and {cfg['response_tokens']} teacher-forced response tokens")
+    lines += [
+        "### Patching", "",
+        f"Clean: a persona's system prompt + question; corrupt: "
+        f"{'the next persona' if cfg['corrupt'] == 'next' else repr(cfg['corrupt'])} with the "
+        f"same question ({len(patching['pairs'])} pairs × {len(patching['questions'])} "
+        f"questions). `{cfg['hook']}` at one named position and layer copied from clean into "
+        f"corrupt; next-token distributions read at {read}. Effect 0 = corrupt, 1 = clean "
+        f"(KL / logit difference, ratios of sums over examples). Mean KL(clean || corrupt) = "
+        f"{_f(patching['kl_clean_corrupt_mean'])}. `sys_start+i` rows are system-text tokens "
+        "aligned by index from the start of the system text.", "",
+        *rows, "",
+        "Largest KL effects: " + "; ".join(f"{c['position']} L{c['layer']} "
+                                           f"{_f(c['kl_effect'], 2)}" for c in top) + ".", "",
+        "![patching](figures/patching.png)", "",
+    ]
     section = "\n".join(lines)
     atomic_write_bytes(out / "patch.md", section.encode())
     return section

@@ -1,47 +1,234 @@
-"""Steering with persona vectors: which recipe's vector actually moves the model.
+"""Which recipe's vector is causally the persona: steering, ablation and capping, selected on
+some questions and scored on others, against random directions and other personas' vectors.
 
-For persona X, recipe R and layer l, ``v = centroid_R(X) - mean_P centroid_R(P)`` (over every
-persona in the store). ``alpha * v`` is added to ``blocks.{l}.hook_resid_post`` of the base run
-(by default the ``assistant`` persona with the same question) at every position after the
-system block (``after_system``) or at the response tokens only (``response``). The steered
-next-token distributions are compared with X's own: ``KL(P_X || P_steered)`` at the last prompt
-token and at teacher-forced tokens of X's greedy response — lower is better steering. The
-control adds a random direction of the same norm (one Gaussian draw per recipe, layer and
-persona from a seeded generator).
+Sequences, for a target persona X, a question q and greedy responses ``r_X`` (X's) and ``r_0``
+(the base persona's) of ``response_tokens`` tokens:
 
-Score of a recipe at a layer: ``1 - KL(best alpha) / KL(alpha = 0)`` with KL averaged over
-(persona, question) examples; 0 = no better than the unsteered base, 1 = X's distribution.
+* ``base(q) + r_X`` — the base persona's prompt followed by X's response, teacher-forced;
+* ``X(q) + r_X`` — X's own run;
+* ``base(q) + r_0`` and ``X(q) + r_0`` — for the fluency guard.
+
+Operators (one formula, :mod:`tlpersona.analyses.operators`), at ``blocks.l.hook_resid_post``:
+
+* ``add``: ``alpha * s_l * v/|v|`` added to the base run at every token after its system block,
+  with ``v = centroid_R(X) - mean of every stored persona`` and ``s_l`` the layer's typical
+  residual norm (median token norm after the system block in the base runs of the selection
+  questions), so recipes are compared at equal relative strength. Goal: the base run becomes X.
+* ``ablate``: ``v/|v|`` projected out of X's run from the first system-text token on. Goal: X's
+  run becomes the base.
+* ``cap``: on X's run, the projection onto the base persona's axis (its centroid minus the mean
+  of the others, unit length) raised to at least the ``p``-th percentile of the stored
+  personas' centroid projections (the Assistant-Axis intervention). Goal: X becomes the base.
+
+Effect of an edit on an example (X, q): ``1 - KL_edit / KL_0`` where KL is mean over the read
+positions (last prompt token and every teacher-forced token) of ``KL(P_goal || P_edited)`` and
+``KL_0`` the same without the edit; aggregated as a ratio of sums. Also: the mean per-token
+log-prob gain of ``r_X`` (raised by ``add``; lowered, and counted as a gain, by the removals).
+The fluency guard: the mean per-token log-prob change of ``r_0`` — for ``add`` measured
+against the persona's own (X's unedited run is allowed to find ``r_0`` less likely than the base
+does, the steered base no less fluent than that), for removals against the unedited X run.
+A selected setting whose guard falls below ``-fluency_margin`` nats/token cannot count as
+beating the controls (it is flagged in the report).
+
+Selection: for each operator and recipe the layer (or, for the removals, every given layer
+together) and strength with the largest own-vector effect on the *selection* questions (whose
+effect-against-strength curve is kept, for the monotonicity check). Scoring, on the other
+questions only: the persona's own vector, ``n_random`` seeded random directions (unit, for
+``add`` of the same norm), and the other target personas' vectors (specificity: X's vector
+moves the model toward X more than Y's vector does), and the fluency guard. Intervals:
+bootstrap over questions (:mod:`tlpersona.analyses.steer_stats`); recipes are ranked only where
+the paired interval of their difference excludes zero.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 from tqdm import tqdm
 
-from tlpersona.analyses.interventions import Runner, hook_name, kl
+from tlpersona.analyses.interventions import Runner
+from tlpersona.analyses.operators import OPERATORS, unit
+from tlpersona.analyses.steer_batch import Edit, Row, run_rows
+from tlpersona.analyses.steer_stats import Bootstrap, Estimate, separated_ranks
 from tlpersona.data import Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
+from tlpersona.models import LoadedModel
 
-WHERE = ("after_system", "response")
+DEFAULT_ALPHAS = (0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0)
+DEFAULT_PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
+GOAL = {"add": "the base run toward the persona", "ablate": "the persona's run toward the base",
+        "cap": "the persona's run toward the base"}
 
 
 @dataclass
 class SteerConfig:
-    recipes: list[str]
-    layers: list[int]
-    alphas: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0])
-    where: str = "after_system"
+    """``alphas``: steering strengths in units of the layer's typical residual norm;
+    ``cap_percentiles``: capping thresholds as percentiles of the stored personas' projections.
+    ``n_personas`` contrasting personas are chosen unless ``personas`` names them."""
+
+    recipes: list[str] | None = None  # default: every stored position
+    layers: list[int] | None = None  # default: every stored layer
+    operators: list[str] = field(default_factory=lambda: list(OPERATORS))
+    alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
+    cap_percentiles: list[float] = field(default_factory=lambda: list(DEFAULT_PERCENTILES))
+    personas: list[str] | None = None
+    n_personas: int = 4
     base: str = "assistant"
-    response_tokens: int = 0
+    n_random: int = 10
+    response_tokens: int = 16
     prompt_index: int = 0
     seed: int = 0
+    n_boot: int = 2000
+    level: float = 0.95
+    fluency_margin: float = 0.5
+    max_rows: int = 16
     continuations: int = 2
     continuation_tokens: int = 24
     progress: bool = True
+
+
+@dataclass
+class Setting:
+    """One candidate: operator, the layers it edits together, and its strength (alpha for
+    ``add``, percentile for ``cap``, 1 for ``ablate``)."""
+
+    operator: str
+    layers: tuple[int, ...]
+    strength: float
+
+    def label(self) -> str:
+        where = "L" + "+".join(map(str, self.layers))
+        if self.operator == "add":
+            return f"{where} alpha {self.strength:g}"
+        if self.operator == "cap":
+            return f"{where} p{self.strength:g}"
+        return where
+
+
+@dataclass
+class Arm:
+    """One set of directions applied at the selected setting, scored on the scoring questions:
+    the KL effect, the log-prob gain of the target response (nats/token), the fraction of
+    examples steered the wrong way (KL grew), and the per-example KL gains."""
+
+    effect: Estimate
+    lp_gain: Estimate
+    wrong_way: float
+    n_examples: int
+
+
+@dataclass
+class Example:
+    persona: str
+    question: str
+    kl0: float
+    kl: float
+    lp_gain: float
+    fluency: float
+
+
+@dataclass
+class CurvePoint:
+    """Own-vector effect and log-prob gain at one strength (selection questions)."""
+
+    strength: float
+    effect: float
+    lp_gain: float
+
+
+@dataclass
+class RecipeScore:
+    operator: str
+    recipe: str
+    setting: Setting
+    selection_effect: float
+    interior: bool | None  # selected strength strictly inside the grid (None: no grid)
+    fluency_ok: bool  # the selected setting passes the fluency guard (scoring questions)
+    own: Arm
+    random: Arm
+    random_effects: list[float]  # per random direction (point estimates)
+    other: Arm | None  # other target personas' vectors on the same targets
+    specificity: Estimate | None  # own effect - other effect (paired)
+    fluency: Estimate  # guard value of the own vector (nats/token, see module doc)
+    beats_random: bool  # own lower bound above the random directions' upper bound, fluent
+    rank: int = 0
+    examples: list[Example] = field(default_factory=list)
+    curve: list[CurvePoint] = field(default_factory=list)  # selection questions, own vector
+    monotone_rho: float | None = None  # Spearman(strength, lp gain) along the curve
+
+
+@dataclass
+class Continuation:
+    persona: str
+    question: str
+    recipe: str
+    setting: str
+    base: str
+    steered: str
+    random: str
+    persona_itself: str
+    base_logprob: dict[str, float]  # mean per-token log-prob of each text under the base model
+
+
+@dataclass
+class PersonaChoice:
+    names: list[str]
+    reason: str
+    axis_position: dict[str, float]  # mean standardised projection on the base axis
+
+
+@dataclass
+class SteeringResult:
+    config: SteerConfig
+    store_manifest_hash: str
+    model: str
+    base: str
+    personas: PersonaChoice
+    selection_questions: list[str]
+    scoring_questions: list[str]
+    questions_note: str
+    layers: list[int]
+    recipes: list[str]
+    typical_norm: dict[int, float]
+    scores: list[RecipeScore]
+    verdicts: dict[str, str]  # operator -> sentence
+    seconds: float = 0.0
+    continuations: list[Continuation] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        from tlpersona.files import atomic_write_bytes
+
+        path = Path(path)
+        atomic_write_bytes(path, json.dumps(_jsonable(self.to_dict()), indent=1).encode())
+        return path
+
+    def scores_for(self, operator: str) -> list[RecipeScore]:
+        return sorted((s for s in self.scores if s.operator == operator),
+                      key=lambda s: (s.rank, -s.own.effect.mean))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
 
 
 def persona_vectors(centroids: torch.Tensor) -> torch.Tensor:
@@ -50,160 +237,455 @@ def persona_vectors(centroids: torch.Tensor) -> torch.Tensor:
     return (c - c.mean(0, keepdim=True)).float()
 
 
-def random_like(vectors: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One Gaussian direction per row, scaled to that row's norm (``[n, d]``)."""
-    g = torch.randn(vectors.shape, generator=generator, dtype=torch.float64)
-    g = g / g.norm(dim=-1, keepdim=True) * vectors.double().norm(dim=-1, keepdim=True)
-    return g.float()
+def random_directions(d: int, k: int, seed: int, layer: int) -> torch.Tensor:
+    """``[k, d]`` seeded Gaussian directions of unit length, one set per (seed, layer)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + layer)
+    return unit(torch.randn(k, d, generator=g, dtype=torch.float64)).float()
 
 
-def _start(conv: Any, where: str) -> int:
-    """First steered token of a conversation."""
-    return conv.spans.anchors["sys_end"] + 1 if where == "after_system" else conv.spans.prompt_len
+def base_axis(centroids: torch.Tensor, base: int) -> torch.Tensor:
+    """Unit axis ``centroid(base) - mean of the other personas`` (``[persona, d]`` → ``[d]``)."""
+    c = centroids.double()
+    others = torch.cat([c[:base], c[base + 1:]]).mean(0)
+    return unit(c[base] - others).float()
 
 
-def _adder(deltas: torch.Tensor, start: int) -> Any:
-    """Hook adding ``deltas[row]`` (``[rows, d]``) at every position from ``start`` on."""
-    def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        act[:, start:] += deltas.to(act.device, act.dtype)[:, None, :]
-        return act
+def choose_personas(store: Any, base: str, n: int, names: list[str] | None,
+                    recipes: list[str], layer: int) -> PersonaChoice:
+    """``names`` as given, else the ``n`` stored personas farthest from the base on its axis
+    (projection of each recipe's centroids, standardised per recipe, averaged over recipes)."""
+    others = [p for p in store.personas if p != base]
+    li = store.layer_index(layer)
+    b = store.personas.index(base)
+    z = np.zeros(len(store.personas))
+    for r in recipes:
+        c = store.centroids(r)[:, li]
+        proj = (c.double() @ base_axis(c, b).double()).numpy()
+        z += (proj - proj.mean()) / (proj.std() or 1.0)
+    z /= len(recipes)
+    position = {p: float(z[i]) for i, p in enumerate(store.personas)}
+    if names:
+        return PersonaChoice(list(names), "named with --personas", position)
+    chosen = sorted(others, key=lambda p: position[p])[:n]
+    return PersonaChoice(chosen, f"the {len(chosen)} stored personas farthest from {base!r} on "
+                         f"its axis at layer {layer} (mean standardised projection over "
+                         f"{len(recipes)} recipes; lowest first)", position)
 
-    return fn
+
+def split_questions(questions: list[Question], seed: int) -> tuple[list[Question], list[Question]]:
+    """Seeded split: the first ``n // 2`` of a permutation select, the rest are scored."""
+    if len(questions) < 2:
+        raise TlpersonaError("steering needs at least two questions (some to select the "
+                             "setting on, others to score it on)")
+    order = np.random.default_rng(seed).permutation(len(questions))
+    k = len(questions) // 2
+    return [questions[i] for i in order[:k]], [questions[i] for i in order[k:]]
 
 
-def _check(cfg: SteerConfig, store: Any, personas: list[Persona]) -> None:
-    if cfg.where not in WHERE:
-        raise TlpersonaError(f"unknown --steer-where {cfg.where!r} (after_system or response)")
-    if cfg.where == "response" and cfg.response_tokens < 1:
-        raise TlpersonaError("--steer-where response needs --response-tokens of at least 1")
-    if not cfg.alphas:
-        raise TlpersonaError("no alphas given")
-    for r in cfg.recipes:
+def check_config(cfg: SteerConfig, store: Any) -> None:
+    """Every setting checked against the store, before any forward pass."""
+    bad = [o for o in cfg.operators if o not in OPERATORS]
+    if bad or not cfg.operators:
+        raise TlpersonaError(f"unknown operator {bad[0] if bad else '(none)'!r} "
+                             f"({', '.join(OPERATORS)})")
+    if "add" in cfg.operators and (not cfg.alphas or min(cfg.alphas) <= 0):
+        raise TlpersonaError("--alphas must be positive numbers (0 is the unsteered reference)")
+    if "cap" in cfg.operators and (not cfg.cap_percentiles
+                                   or not all(0 <= p <= 100 for p in cfg.cap_percentiles)):
+        raise TlpersonaError("--cap-percentiles must lie in [0, 100]")
+    if cfg.n_random < 1:
+        raise TlpersonaError("--n-random must be at least 1")
+    if cfg.response_tokens < 1:
+        raise TlpersonaError("--response-tokens must be at least 1")
+    if not 0 < cfg.level < 1 or cfg.n_boot < 100:
+        raise TlpersonaError("the bootstrap needs a level in (0, 1) and at least 100 draws")
+    for r in cfg.recipes or []:
         if r not in store.positions:
             raise TlpersonaError(f"recipe {r} is not in the store (stored: "
                                  f"{', '.join(store.positions)})")
-    for layer in cfg.layers:
+    for layer in cfg.layers or []:
         store.layer_index(layer)
-    missing = [p.name for p in personas if p.name not in store.personas]
-    if missing:
-        raise TlpersonaError(f"persona {missing[0]} is not in the store")
     if cfg.base not in store.personas:
         raise TlpersonaError(f"base persona {cfg.base!r} is not in the store")
+    missing = [p for p in cfg.personas or [] if p not in store.personas]
+    if missing:
+        raise TlpersonaError(f"--personas: {missing[0]!r} is not in the store")
+    if cfg.base in (cfg.personas or []):
+        raise TlpersonaError(f"--personas: {cfg.base!r} is the base persona; name others")
+    if cfg.personas is None and cfg.n_personas < 1:
+        raise TlpersonaError("--n-personas must be at least 1")
 
 
-def run_steering(runner: Runner, store: Any, personas: list[Persona], base: Persona,
-                 questions: list[Question], cfg: SteerConfig) -> dict[str, Any]:
-    """Sweep alpha for every recipe and layer on ``personas`` (base excluded); see module doc."""
-    _check(cfg, store, personas)
-    targets = [p for p in personas if p.name != base.name]
-    if not targets or not questions:
-        raise TlpersonaError("steering needs at least one persona besides the base and a question")
-    index = [store.personas.index(p.name) for p in targets]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    vecs: dict[tuple[str, int], torch.Tensor] = {}
-    rand: dict[tuple[str, int], torch.Tensor] = {}
-    for r in cfg.recipes:
-        cent = store.centroids(r)
-        for layer in cfg.layers:
-            v = persona_vectors(cent[:, store.layer_index(layer)])[index]
-            vecs[r, layer] = v
-            rand[r, layer] = random_like(v, gen)
-    alphas = [float(a) for a in cfg.alphas]
+# ---------------------------------------------------------------------------------------------
+# the evaluation
 
-    def prompt(p: Persona) -> str:
-        return system_prompt(p, cfg.prompt_index)
 
-    own = [(i, q, runner.conversation(prompt(p), q.text)) for i, p in enumerate(targets)
-           for q in questions]
-    resp = runner.greedy([c.ids for *_, c in own], cfg.response_tokens)
-    # sums over examples of KL(P_X || P): [recipe, layer, alpha, kind(vector/random)]
-    kl_sum = np.zeros((len(cfg.recipes), len(cfg.layers), len(alphas), 2))
-    kl_base = 0.0
-    # response-only steering leaves the last prompt token as it was: read from the first
-    # response token on
-    lo = 0 if cfg.where == "after_system" else 1
-    for (i, q, _), r_ids in tqdm(list(zip(own, resp, strict=True)), desc="steering",
-                                 unit="example", disable=not cfg.progress):
-        target = runner.conversation(prompt(targets[i]), q.text, r_ids)
-        conv = runner.conversation(prompt(base), q.text, r_ids)
-        lp_x = runner.logprobs(target.ids, target.read[lo:])[0]
-        read = conv.read[lo:]
-        lp_b = runner.logprobs(conv.ids, read)[0]
-        k0 = float(kl(lp_x, lp_b).mean())
-        kl_base += k0
-        kl_sum[:, :, [j for j, a in enumerate(alphas) if a == 0.0], :] += k0
-        start = _start(conv, cfg.where)
-        # every steered row of this example: (recipe, layer, alpha, kind) with its delta
-        todo = [(ri, li, ai, kind, a * (vecs, rand)[kind][r, layer][i])
-                for ri, r in enumerate(cfg.recipes) for li, layer in enumerate(cfg.layers)
-                for ai, a in enumerate(alphas) if a != 0.0 for kind in (0, 1)]
-        for lo_row in range(0, len(todo), runner.max_rows):
-            chunk = todo[lo_row:lo_row + runner.max_rows]
-            hooks = []
-            for li, layer in enumerate(cfg.layers):
-                deltas = torch.zeros(len(chunk), runner.model.info.d_model)
-                for j, row in enumerate(chunk):
-                    if row[1] == li:
-                        deltas[j] = row[4]
-                if any(row[1] == li for row in chunk):
-                    hooks.append((hook_name("resid_post", layer), _adder(deltas, start)))
-            lp = runner.logprobs(conv.ids, read, rows=len(chunk), hooks=hooks)
-            vals = kl(lp_x, lp).mean(-1)
-            for j, (ri, li, ai, kind, _) in enumerate(chunk):
-                kl_sum[ri, li, ai, kind] += float(vals[j])
-    n = len(own)
-    mean = kl_sum / n
-    base_kl = kl_base / n
-    table = []
-    for ri, r in enumerate(cfg.recipes):
-        for li, layer in enumerate(cfg.layers):
-            best = int(np.argmin(mean[ri, li, :, 0]))
-            best_rand = int(np.argmin(mean[ri, li, :, 1]))
-            table.append({
-                "recipe": r, "layer": layer, "best_alpha": alphas[best],
-                "kl": mean[ri, li, best, 0], "effect": 1 - mean[ri, li, best, 0] / base_kl,
-                "random_kl_same_alpha": mean[ri, li, best, 1],
-                "random_effect": 1 - mean[ri, li, best_rand, 1] / base_kl,
-                "norm": float(vecs[r, layer].norm(dim=-1).mean()),
-            })
-    ranking = []
-    for r in cfg.recipes:
-        rows = [t for t in table if t["recipe"] == r]
-        top = max(rows, key=lambda t: t["effect"])
-        ranking.append({"recipe": r, "layer": top["layer"], "alpha": top["best_alpha"],
-                        "effect": top["effect"], "random_effect": top["random_effect"]})
-    ranking.sort(key=lambda t: -t["effect"])
-    result: dict[str, Any] = {
-        "config": asdict(cfg), "base": base.name, "personas": [p.name for p in targets],
-        "questions": [q.id for q in questions], "alphas": alphas, "kl_unsteered": base_kl,
-        "kl": {r: {str(layer): {"vector": mean[ri, li, :, 0].tolist(),
-                                "random": mean[ri, li, :, 1].tolist()}
-                   for li, layer in enumerate(cfg.layers)} for ri, r in enumerate(cfg.recipes)},
-        "table": table, "ranking": ranking,
-    }
-    result["continuations"] = continuations(runner, targets, base, questions[0], vecs, rand,
-                                            ranking[0], cfg) if cfg.continuations else []
+class _Plan:
+    """Rows to run, deduplicated by (sequence, edit) key; results by key."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple, Row] = {}
+        self.meta: dict[tuple, tuple] = {}
+
+    def add(self, key: tuple, row: Row, ref: tuple | None) -> None:
+        if key not in self.rows:
+            self.rows[key] = row
+            self.meta[key] = ref
+
+
+class _Eval:
+    def __init__(self, runner: Runner, store: Any, cfg: SteerConfig, targets: list[Persona],
+                 base: Persona, questions: list[Question]):
+        self.runner, self.store, self.cfg = runner, store, cfg
+        self.targets, self.base, self.questions = targets, base, questions
+        self.recipes = cfg.recipes or list(store.positions)
+        self.layers = cfg.layers or list(store.layers)
+        self.results: dict[tuple, tuple[float, float]] = {}  # key -> (kl, lp)
+        self.refs: dict[tuple, torch.Tensor] = {}
+        self.norm: dict[int, float] = {}
+
+    def prompt(self, p: Persona) -> str:
+        return system_prompt(p, self.cfg.prompt_index)
+
+    # -- sequences ------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        r, cfg = self.runner, self.cfg
+        ps = [self.base, *self.targets]
+        convs = [(p, q, r.conversation(self.prompt(p), q.text)) for p in ps for q in self.questions]
+        resp = r.greedy([c.ids for *_, c in convs], cfg.response_tokens)
+        self.resp = {(p.name, q.id): ids for (p, q, _), ids in zip(convs, resp, strict=True)}
+        self.seq: dict[tuple, Any] = {}
+        for q in self.questions:
+            r0 = self.resp[self.base.name, q.id]
+            self.seq["A0", q.id] = r.conversation(self.prompt(self.base), q.text, r0)
+            for p in self.targets:
+                rx = self.resp[p.name, q.id]
+                self.seq["A", p.name, q.id] = r.conversation(self.prompt(self.base), q.text, rx)
+                self.seq["B", p.name, q.id] = r.conversation(self.prompt(p), q.text, rx)
+                self.seq["B0", p.name, q.id] = r.conversation(self.prompt(p), q.text, r0)
+        a0 = self.seq["A0", self.questions[0].id]
+        self.steer_start = _after_system(a0)
+        self.prefix = a0.ids[:self.steer_start]
+
+    def unedited(self) -> None:
+        """Reference log-probs (kept for the KL sequences) and unedited KL / log-prob values."""
+        keys = list(self.seq)
+        rows = [Row(self.seq[k].ids, self.seq[k].read) for k in keys]
+        lps: dict[tuple, torch.Tensor] = {}
+        for i, lp in run_rows(self.runner, rows, self.cfg.max_rows, self.prefix):
+            lps[keys[i]] = lp
+        for k in keys:
+            if k[0] in ("A", "B"):
+                self.refs[k] = lps[k].float()
+        self.lp0 = {k: _target_logprob(lps[k], self.seq[k].ids, self.seq[k].read) for k in keys}
+        self.kl0 = {}
+        for p in self.targets:
+            for q in self.questions:
+                a, b = ("A", p.name, q.id), ("B", p.name, q.id)
+                self.kl0[a] = float(_kl(lps[b], lps[a]).mean())  # add: goal P_X, edited: base
+                self.kl0[b] = float(_kl(lps[a], lps[b]).mean())  # removals: goal P_base
+
+    def typical_norms(self, questions: list[Question]) -> dict[int, float]:
+        from tlpersona.analyses.interventions import hook_name
+
+        norms: dict[int, list[torch.Tensor]] = {la: [] for la in self.layers}
+        for q in questions:
+            conv = self.seq["A0", q.id]
+            acts = self.runner.cache(conv.ids, [hook_name("resid_post", la) for la in self.layers])
+            for la in self.layers:
+                norms[la].append(acts[hook_name("resid_post", la)][self.steer_start:].norm(dim=-1))
+        return {la: float(torch.cat(v).median()) for la, v in norms.items()}
+
+    def directions(self) -> None:
+        st, cfg = self.store, self.cfg
+        tidx = [st.personas.index(p.name) for p in self.targets]
+        b = st.personas.index(self.base.name)
+        d = self.runner.model.info.d_model
+        self.own: dict[tuple[str, int], torch.Tensor] = {}  # [target, d] unit
+        self.axis: dict[tuple[str, int], torch.Tensor] = {}  # [d]
+        self.cent: dict[tuple[str, int], torch.Tensor] = {}
+        for r in self.recipes:
+            cent = st.centroids(r)
+            for la in self.layers:
+                c = cent[:, st.layer_index(la)]
+                self.cent[r, la] = c
+                self.own[r, la] = unit(persona_vectors(c)[tidx])
+                self.axis[r, la] = base_axis(c, b)
+        self.rand = {la: random_directions(d, cfg.n_random, cfg.seed, la) for la in self.layers}
+
+    def tau(self, recipe: str, layer: int, u: torch.Tensor, pct: float) -> float:
+        proj = (self.cent[recipe, layer].double() @ u.double()).numpy()
+        return float(np.percentile(proj, pct))
+
+    # -- rows -----------------------------------------------------------------------------------
+
+    def edits(self, s: Setting, recipe: str, direction: tuple, seq_key: tuple) -> list[Edit]:
+        """Edits of one row. ``direction``: ("persona", i) a target's vector, ("random", k)."""
+        out = []
+        for la in s.layers:
+            kind, i = direction
+            if s.operator == "cap":
+                u = self.axis[recipe, la] if kind == "persona" else self.rand[la][i]
+            else:
+                u = self.own[recipe, la][i] if kind == "persona" else self.rand[la][i]
+            if s.operator == "add":
+                out.append(Edit(la, self.steer_start, delta=s.strength * self.norm[la] * u))
+            else:
+                start = self.seq[seq_key].spans.anchors["sys_start"]
+                lo = 0.0 if s.operator == "ablate" else self.tau(recipe, la, u, s.strength)
+                out.append(Edit(la, start, u=u, lo=lo, hi=0.0 if s.operator == "ablate" else math.inf))
+        return out
+
+    def plan_row(self, plan: _Plan, s: Setting, recipe: str, direction: tuple, target: int,
+                 q: Question, fluency: bool) -> tuple:
+        """Plan one row (once) and return its key."""
+        p = self.targets[target].name
+        main = ("A", p, q.id) if s.operator == "add" else ("B", p, q.id)
+        seq_key = (("A0", q.id) if s.operator == "add" else ("B0", p, q.id)) if fluency else main
+        # a random direction's edit does not depend on the recipe, except a cap's threshold
+        dkey = (recipe if direction[0] == "persona" or s.operator == "cap" else None, direction)
+        key = (seq_key, s.operator, s.layers, s.strength, dkey)
+        if key not in plan.rows:
+            conv = self.seq[seq_key]
+            plan.add(key, Row(conv.ids, conv.read, self.edits(s, recipe, direction, seq_key)),
+                     None if fluency else main)
+        return key
+
+    def run(self, plan: _Plan, desc: str) -> None:
+        todo = [k for k in plan.rows if k not in self.results]
+        rows = [plan.rows[k] for k in todo]
+        bar = tqdm(total=len(rows), desc=desc, unit="row", disable=not self.cfg.progress)
+        for i, lp in run_rows(self.runner, rows, self.cfg.max_rows, self.prefix):
+            k = todo[i]
+            ref = plan.meta[k]
+            kl = float(_kl(self.refs[_goal(ref)].double(), lp).mean()) if ref else float("nan")
+            self.results[k] = (kl, _target_logprob(lp, plan.rows[k].ids, plan.rows[k].read))
+            bar.update(1)
+        bar.close()
+
+    # -- per-example values ---------------------------------------------------------------------
+
+    def values(self, s: Setting, recipe: str, direction: tuple, target: int, q: Question,
+               plan: _Plan, fluency: bool = False) -> tuple[float, float, float, float]:
+        """(kl0, kl, log-prob gain toward the goal, fluency guard or nan) of a planned example."""
+        p = self.targets[target].name
+        main = ("A", p, q.id) if s.operator == "add" else ("B", p, q.id)
+        kl, lp = self.results[self.plan_row(plan, s, recipe, direction, target, q, False)]
+        gain = lp - self.lp0[main] if s.operator == "add" else self.lp0[main] - lp
+        flu = float("nan")
+        if fluency:
+            _, lp_f = self.results[self.plan_row(plan, s, recipe, direction, target, q, True)]
+            if s.operator == "add":
+                # the steered base's change on r_0, against persona X's own (when it is a loss)
+                ref = self.lp0["B0", p, q.id] - self.lp0["A0", q.id]
+                flu = (lp_f - self.lp0["A0", q.id]) - min(ref, 0.0)
+            else:
+                flu = lp_f - self.lp0["B0", p, q.id]
+        return self.kl0[main], kl, gain, flu
+
+
+def _goal(main: tuple) -> tuple:
+    """The sequence whose distributions an edited main sequence is compared with."""
+    kind, p, q = main
+    return ("B" if kind == "A" else "A", p, q)
+
+
+def _after_system(conv: Any) -> int:
+    a = conv.spans.anchors
+    return a["sys_end"] + 1 if "sys_end" in a else a["sys_last"] + 1
+
+
+def _kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(ref || other) per read position (float64)."""
+    ref, other = ref.double(), other.double()
+    return (ref.exp() * (ref - other)).sum(-1).clamp(min=0.0)
+
+
+def _target_logprob(lp: torch.Tensor, ids: list[int], read: list[int]) -> float:
+    """Mean log-prob of the teacher-forced tokens (every read position but the last predicts
+    the token after it)."""
+    nxt = torch.tensor([ids[t + 1] for t in read[:-1]])
+    if not len(nxt):
+        return float("nan")
+    return float(lp[:-1].gather(-1, nxt[:, None]).mean())
+
+
+def _settings(cfg: SteerConfig, op: str, layers: list[int]) -> list[Setting]:
+    singles = [(la,) for la in layers]
+    if op == "add":
+        return [Setting(op, ls, float(a)) for ls in singles for a in sorted(cfg.alphas)]
+    spans = singles + ([tuple(layers)] if len(layers) > 1 else [])
+    if op == "ablate":
+        return [Setting(op, ls, 1.0) for ls in spans]
+    return [Setting(op, ls, float(p)) for ls in spans for p in sorted(cfg.cap_percentiles)]
+
+
+def steer(store: Any, model: LoadedModel, personas: list[Persona], questions: list[Question],
+          cfg: SteerConfig, questions_note: str = "") -> SteeringResult:
+    """Evaluate every operator × recipe (see module doc). ``personas``: every persona of the
+    store (the targets are chosen among them); ``questions``: the evaluation questions."""
+    import time
+
+    t0 = time.perf_counter()
+    check_config(cfg, store)
+    runner = Runner(model, cfg.max_rows)
+    by_name = {p.name: p for p in personas}
+    recipes = cfg.recipes or list(store.positions)
+    layers = cfg.layers or list(store.layers)
+    mid = layers[len(layers) // 2]
+    choice = choose_personas(store, cfg.base, cfg.n_personas, cfg.personas, recipes, mid)
+    if cfg.base not in by_name or any(n not in by_name for n in choice.names):
+        raise TlpersonaError("the personas given do not include the store's personas")
+    targets = [by_name[n] for n in choice.names]
+    sel_q, score_q = split_questions(questions, cfg.seed)
+    ev = _Eval(runner, store, cfg, targets, by_name[cfg.base], sel_q + score_q)
+    ev.build()
+    ev.unedited()
+    ev.norm = ev.typical_norms(sel_q)
+    ev.directions()
+    nt = len(targets)
+    own = [("persona", i) for i in range(nt)]
+
+    # selection: own vectors, selection questions
+    plan = _Plan()
+    cands = {(op, r): _settings(cfg, op, layers) for op in cfg.operators for r in recipes}
+    for (_, r), settings in cands.items():
+        for s in settings:
+            for i in range(nt):
+                for q in sel_q:
+                    ev.plan_row(plan, s, r, own[i], i, q, False)
+    ev.run(plan, "steering: select")
+    chosen: dict[tuple[str, str], tuple[Setting, float, bool | None, list[CurvePoint]]] = {}
+    for (op, r), settings in cands.items():
+        scored = []
+        for s in settings:
+            v = np.array([ev.values(s, r, own[i], i, q, plan) for i in range(nt) for q in sel_q])
+            scored.append((s, float(1 - v[:, 1].sum() / v[:, 0].sum()), float(v[:, 2].mean())))
+        s, eff, _ = max(scored, key=lambda x: x[1])
+        grid = [x[0].strength for x in scored if x[0].layers == s.layers]
+        interior = None if op == "ablate" else min(grid) < s.strength < max(grid)
+        curve = [CurvePoint(x.strength, e, g) for x, e, g in scored if x.layers == s.layers]
+        chosen[op, r] = (s, eff, interior, curve)
+
+    # scoring: own, other personas, random directions, own curve; scoring questions only
+    plan = _Plan()
+    for (op, r), (s, *_) in chosen.items():
+        for j in range(nt):
+            for q in score_q:
+                arms = [own[j], *(("random", k) for k in range(cfg.n_random))]
+                if op != "cap":
+                    arms += [own[i] for i in range(nt) if i != j]
+                for a in arms:
+                    ev.plan_row(plan, s, r, a, j, q, False)
+                ev.plan_row(plan, s, r, own[j], j, q, True)
+    ev.run(plan, "steering: score")
+
+    boot = Bootstrap(len(score_q), cfg.n_boot, cfg.seed, cfg.level)
+    dir_w = boot.direction_weights(cfg.n_random)
+    scores: list[RecipeScore] = []
+    draws: dict[tuple[str, str], np.ndarray] = {}
+    for (op, r), (s, sel_eff, interior, points) in chosen.items():
+        def arr(direction_of: Any, s: Setting = s, r: str = r, fl: bool = False) -> np.ndarray:
+            """``[target, question, 4]`` values for directions given per target."""
+            return np.array([[ev.values(s, r, direction_of(j), j, q, plan, fl) for q in score_q]
+                             for j in range(nt)])
+
+        mine = arr(lambda j: own[j], fl=True)  # [nt, nq, 4]
+        rand = np.stack([arr(lambda j, k=k: ("random", k)) for k in range(cfg.n_random)])
+        own_arm, own_draws = _arm(boot, mine)
+        rand_arm, _ = _arm(boot, rand, dir_w)
+        other_arm = spec = None
+        if op != "cap" and nt > 1:
+            other = np.stack([np.array([[ev.values(s, r, own[i], j, q, plan) for q in score_q]
+                                        for j in range(nt) if j != i]) for i in range(nt)])
+            # other[i] : vector of persona i on every other target j
+            flat = other.reshape(-1, len(score_q), 4)
+            other_arm, other_draws = _arm(boot, flat)
+            spec = boot.estimate(own_arm.effect.mean - other_arm.effect.mean, own_draws - other_draws)
+        flu_point, flu_draws = boot.mean(mine[..., 3])
+        flu_ok = flu_point >= -cfg.fluency_margin
+        rho = None
+        if len(points) > 2:
+            rho = float(stats.spearmanr([p.strength for p in points],
+                                        [p.lp_gain for p in points]).statistic)
+        draws[op, r] = own_draws
+        scores.append(RecipeScore(
+            operator=op, recipe=r, setting=s, selection_effect=sel_eff, interior=interior,
+            fluency_ok=flu_ok, own=own_arm, random=rand_arm,
+            random_effects=[float(1 - rand[k, ..., 1].sum() / rand[k, ..., 0].sum())
+                            for k in range(cfg.n_random)],
+            other=other_arm, specificity=spec, fluency=boot.estimate(flu_point, flu_draws),
+            beats_random=bool(own_arm.effect.lo > rand_arm.effect.hi and flu_ok),
+            examples=[Example(targets[j].name, q.id, *map(float, mine[j, qi]))
+                      for j in range(nt) for qi, q in enumerate(score_q)],
+            curve=points, monotone_rho=rho))
+    verdicts = {}
+    for op in cfg.operators:
+        mine = [x for x in scores if x.operator == op]
+        ranks = separated_ranks([draws[op, x.recipe] for x in mine], cfg.level)
+        for x, k in zip(mine, ranks, strict=True):
+            x.rank = k
+        verdicts[op] = _verdict(op, mine)
+    result = SteeringResult(
+        config=cfg, store_manifest_hash=store.manifest_hash, model=str(runner.model.info.spec),
+        base=cfg.base, personas=choice, selection_questions=[q.id for q in sel_q],
+        scoring_questions=[q.id for q in score_q], questions_note=questions_note, layers=layers,
+        recipes=recipes, typical_norm=ev.norm, scores=scores, verdicts=verdicts)
+    if cfg.continuations and "add" in cfg.operators:
+        result.continuations = continuations(ev, result, score_q[0])
+    result.seconds = time.perf_counter() - t0
     return result
 
 
+def _arm(boot: Bootstrap, v: np.ndarray, dir_w: np.ndarray | None = None
+         ) -> tuple[Arm, np.ndarray]:
+    """``v``: ``[..., question, 4]`` of (kl0, kl, lp gain, fluency)."""
+    point, draws = boot.ratio_effect(v[..., 1], v[..., 0], dir_w)
+    lp_point, lp_draws = boot.mean(v[..., 2], dir_w)
+    wrong = float(np.mean(v[..., 1] > v[..., 0]))
+    return Arm(boot.estimate(point, draws), boot.estimate(lp_point, lp_draws), wrong,
+               int(np.prod(v.shape[:-1]))), draws
+
+
+def _verdict(op: str, scores: list[RecipeScore]) -> str:
+    ranked = sorted(scores, key=lambda s: (s.rank, -s.own.effect.mean))
+    beat = [s for s in ranked if s.beats_random]
+    head = (f"{', '.join(f'{s.recipe} ({s.setting.label()})' for s in beat)} beat the random "
+            "directions' upper bound" if beat else
+            "no recipe's own vector beats the random directions' upper bound")
+    if len({s.rank for s in scores}) == 1:
+        order = "the recipes are indistinguishable (every paired interval includes zero)"
+    else:
+        top = [s.recipe for s in ranked if s.rank == 1]
+        order = (f"{', '.join(top)} ranked first; ranks by separated intervals: "
+                 + ", ".join(f"{s.recipe} {s.rank}" for s in ranked))
+    broken = [s.recipe for s in ranked if not s.fluency_ok]
+    tail = f"; {', '.join(broken)} failed the fluency guard" if broken else ""
+    return f"{op}: {head}; {order}{tail}."
+
+
+# ---------------------------------------------------------------------------------------------
+# continuations
+
+
 @torch.no_grad()
-def steered_greedy(runner: Runner, ids: list[int], start: int, layer: int,
-                   deltas: torch.Tensor, n: int) -> list[list[int]]:
-    """Greedy continuations of one prompt, one row per steering delta (``[rows, d]``); the
-    delta is added from ``start`` on, generated tokens included. No KV cache: every step reruns
-    the whole sequence through the hooked model, so what is generated is exactly what the
-    steered forward pass predicts."""
-    rows = len(deltas)
+def steered_greedy(runner: Runner, ids: list[int], edits: list[list[Edit]], n: int
+                   ) -> list[list[int]]:
+    """Greedy continuations of one prompt, one row per edit list. No KV cache: every step
+    reruns the whole sequence with the edits (they cover the generated tokens too), so what is
+    generated is exactly what the edited forward pass predicts."""
+    rows = len(edits)
     seqs = [list(ids) for _ in range(rows)]
     done = [False] * rows
-    name = hook_name("resid_post", layer)
     for _ in range(n):
-        x = torch.tensor(seqs, device=runner.model.device)
-        logits = runner.bridge.run_with_hooks(x, fwd_hooks=[(name, _adder(deltas, start))])
-        nxt = logits[:, -1].argmax(-1).tolist()
+        lps = dict(run_rows(runner, [Row(s, [len(s) - 1], e) for s, e in zip(seqs, edits,
+                                                                             strict=True)], rows))
         for r in range(rows):
-            seqs[r].append(nxt[r])
-            done[r] = done[r] or nxt[r] in runner.eos
+            if not done[r]:
+                t = int(lps[r][0].argmax())
+                seqs[r].append(t)
+                done[r] = t in runner.eos
         if all(done):
             break
     out = []
@@ -214,29 +696,28 @@ def steered_greedy(runner: Runner, ids: list[int], start: int, layer: int,
     return out
 
 
-def continuations(runner: Runner, targets: list[Persona], base: Persona, question: Question,
-                  vecs: dict, rand: dict, top: dict[str, Any], cfg: SteerConfig
-                  ) -> list[dict[str, Any]]:
-    """A few greedy continuations with the best recipe's vector at its best layer and alpha:
-    unsteered base, base + alpha v, base + alpha random, and the persona itself."""
-
-    def prompt(p: Persona) -> str:
-        return system_prompt(p, cfg.prompt_index)
-
-    r, layer, alpha = top["recipe"], top["layer"], top["alpha"]
-    tok = runner.model.tokenizer
-    conv = runner.conversation(prompt(base), question.text)
-    start = _start(conv, "after_system")
+def continuations(ev: _Eval, result: SteeringResult, question: Question) -> list[Continuation]:
+    """Greedy continuations with the best ``add`` recipe at its selected setting: unsteered
+    base, steered, a random direction of equal norm, and the persona itself; each text's mean
+    per-token log-prob under the unsteered base model (the fluency of what was generated)."""
+    best = result.scores_for("add")[0]
+    r, s = best.recipe, best.setting
+    tok = ev.runner.model.tokenizer
+    conv = ev.runner.conversation(ev.prompt(ev.base), question.text)
+    n = ev.cfg.continuation_tokens
     out = []
-    for i, p in enumerate(targets[: cfg.continuations]):
-        deltas = torch.stack([torch.zeros_like(vecs[r, layer][i]), alpha * vecs[r, layer][i],
-                              alpha * rand[r, layer][i]])
-        plain, steered, random_ = steered_greedy(runner, conv.ids, start, layer, deltas,
-                                                 cfg.continuation_tokens)
-        own = runner.greedy([runner.conversation(prompt(p), question.text).ids],
-                            cfg.continuation_tokens)[0]
-        own = [t for t in own if t not in runner.eos]
-        out.append({"persona": p.name, "question": question.text, "recipe": r, "layer": layer,
-                    "alpha": alpha, "base": tok.decode(plain), "steered": tok.decode(steered),
-                    "random": tok.decode(random_), "persona_itself": tok.decode(own)})
+    for i, p in enumerate(ev.targets[: ev.cfg.continuations]):
+        plain, steered, rand = steered_greedy(ev.runner, conv.ids, [
+            [], ev.edits(s, r, ("persona", i), ("A0", question.id)),
+            ev.edits(s, r, ("random", 0), ("A0", question.id))], n)
+        own = ev.runner.greedy([ev.runner.conversation(ev.prompt(p), question.text).ids], n)[0]
+        own = [t for t in own if t not in ev.runner.eos]
+        texts = {"base": plain, "steered": steered, "random": rand, "persona_itself": own}
+        rows = [Row(conv.ids + t, list(range(len(conv.ids) - 1, len(conv.ids) + len(t))))
+                for t in texts.values()]
+        lps = dict(run_rows(ev.runner, rows, len(rows)))
+        fl = {k: _target_logprob(lps[i_], rows[i_].ids, rows[i_].read)
+              for i_, k in enumerate(texts)}
+        out.append(Continuation(p.name, question.text, r, s.label(), tok.decode(plain),
+                                tok.decode(steered), tok.decode(rand), tok.decode(own), fl))
     return out
