@@ -8,11 +8,13 @@ from click.testing import CliRunner
 
 from tlpersona.batching import decode_row_bytes, generate_batch
 from tlpersona.cache import open_store
+from tlpersona.conversation import template_hash
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.extract import ExtractConfig, extract_to_store
 from tlpersona.fused import MARK, FusedConfig, fused_extract_to_store
 from tlpersona.generate import read_responses
 from tlpersona.positions import parse_positions
+from tlpersona.response_provenance import header as response_header
 
 LAYERS = [3, 29]  # 29: the last block, read before the final norm
 
@@ -29,7 +31,9 @@ def test_fused_store_equals_two_pass_store(loaded, hf_ref, tmp_path):
     planted.append(loaded.tokenizer.convert_tokens_to_ids("<|im_end|>"))
     line = {"persona": personas[1].name, "prompt_index": 0, "question_id": questions[2].id,
             "response_ids": planted, "finished": True, "text": "Arr, the sea!"}
-    (fused / "responses.jsonl").write_text(json.dumps(line) + "\n")
+    # the file a killed earlier run of this store left: our header, then its responses
+    head = response_header(loaded.info.identity, template_hash(loaded.tokenizer), "float32", 8)
+    (fused / "responses.jsonl").write_text(json.dumps(head) + "\n" + json.dumps(line) + "\n")
     fused_extract_to_store(hf_ref, loaded.tokenizer, loaded.info, cfg, FusedConfig(8, 4),
                            personas, questions, fused, fused / "responses.jsonl")
     responses = read_responses(fused / "responses.jsonl")
@@ -113,7 +117,9 @@ def test_killed_fused_run_resumes_to_the_same_store(loaded, hf_ref, tmp_path, mo
     monkeypatch.setattr(StoreWriter, "write_group", write_group)
     resumed = run(tmp_path / "killed")
     lines = lambda p: (p / "responses.jsonl").read_text().splitlines()  # noqa: E731
-    assert len(lines(resumed)) == 4 and sorted(lines(resumed)) == sorted(lines(whole))
+    # one provenance header, then each response once
+    assert len(lines(resumed)) == 5 and sorted(lines(resumed)) == sorted(lines(whole))
+    assert lines(resumed)[0].startswith('{"tlpersona_responses"')
     a, b = open_store(whole, verify=True), open_store(resumed, verify=True)
     assert a.provenance == b.provenance
     for pos in a.positions:

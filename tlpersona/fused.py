@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from tlpersona.batching import generate_batch
 from tlpersona.cache.store import MANIFEST, StoreWriter
-from tlpersona.conversation import Spans
+from tlpersona.conversation import Spans, template_hash
 from tlpersona.data import Persona, Question, indexed_prompts
 from tlpersona.decode import StaticGreedy
 from tlpersona.distributed import ranks
@@ -49,6 +49,7 @@ from tlpersona.extract import (
 )
 from tlpersona.generate import Key, Response, _drop_torn_tail, _merge, eos_ids, read_responses
 from tlpersona.models import LoadedModel, ModelInfo, input_device
+from tlpersona.response_provenance import header as response_header
 from tlpersona.response_provenance import prompt_sha
 
 #: provenance ``responses_hash`` of a fused store until it is finalised
@@ -307,7 +308,8 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
                            header: dict[str, Any] | None = None) -> Path:
     """Generate the responses into ``responses_path`` and extract every persona into a store at
     ``out`` in one pass per group (see module doc); finished groups are skipped on resume.
-    ``header`` (:func:`tlpersona.response_provenance.header`) starts the responses file."""
+    ``header`` (:func:`tlpersona.response_provenance.header`; by default built from the model
+    and these settings) starts the responses file, so the file is recognisably ours on resume."""
     stats = {} if stats is None else stats
     if not personas:
         raise TlpersonaError("no personas")
@@ -315,6 +317,9 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
         raise TlpersonaError("no questions")
     if not cfg.needs_response:
         raise TlpersonaError("fused extraction is for runs with response positions")
+    if header is None:
+        header = response_header(info.identity, template_hash(tokenizer),
+                                 str(hf.dtype).replace("torch.", ""), fcfg.max_new_tokens)
     fx = FusedExtractor(hf, tokenizer, info, cfg, fcfg)
     fx.ex._plan(personas[0], questions[:1], None, [], [])  # template/position errors first
     prov = provenance(fx.loaded, cfg, personas, questions, MARK)

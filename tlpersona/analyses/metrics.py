@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from scipy import stats
 from scipy.linalg import orthogonal_procrustes
+from threadpoolctl import threadpool_limits
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -203,10 +204,16 @@ class HeldOutProcrustes:
         """Mean held-out cosine of one pair, without its null (None with too few personas)."""
         if not self.enough:
             return None
-        return float(self._per_persona(self._fits(kx, None), self._fits(ky, None)).mean())
+        with threadpool_limits(limits=1, user_api="blas"):
+            return float(self._per_persona(self._fits(kx, None), self._fits(ky, None)).mean())
 
     def score_pairs(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], ProcrustesScore]:
         """Scores of every ``(x, y)`` pair; the null relabels ``y``."""
+        # thousands of persona-sized eigendecompositions: BLAS threads only cost here
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._score_pairs(pairs)
+
+    def _score_pairs(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], ProcrustesScore]:
         if not self.enough:
             why = (f"too few personas: a held-out rotation needs at least {2 * MIN_FIT_PERSONAS}, "
                    f"got {self.n}")
