@@ -20,7 +20,8 @@ def _pair_name(pair: list[str]) -> str:
     return f"{pair[0]} ~ {pair[1]}"
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write ``path`` (PNG) through a temporary name, and close ``fig``."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -46,7 +47,7 @@ def verdict_heatmap(result: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(range(len(layers)), [f"L{x}" for x in layers])
     ax.set_yticks(range(len(pairs)), pairs, fontsize=7)
     ax.set_title("Verdict per recipe pair and layer")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def cosine_violins(result: dict[str, Any], layer: int, path: Path) -> Path:
@@ -62,7 +63,7 @@ def cosine_violins(result: dict[str, Any], layer: int, path: Path) -> Path:
     ax.set_ylabel("per-persona cosine")
     ax.set_title(f"Per-persona cosine between recipes, layer {layer}")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def matrix_bars(result: dict[str, Any], layer: int, path: Path) -> Path:
@@ -82,7 +83,7 @@ def matrix_bars(result: dict[str, Any], layer: int, path: Path) -> Path:
     ax.set_ylabel("Pearson r of cosine matrices")
     ax.set_title(f"Inter-persona matrix agreement, layer {layer}")
     ax.legend(fontsize=7, loc="lower left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def cosine_matrices(source: Any, positions: list[str], layer: int, path: Path) -> Path:
@@ -96,7 +97,7 @@ def cosine_matrices(source: Any, positions: list[str], layer: int, path: Path) -
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"Mean-centred inter-persona cosine matrices, layer {layer}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def subspace_variance(layer: dict[str, Any], path: Path) -> Path:
@@ -111,7 +112,7 @@ def subspace_variance(layer: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("between-persona variance explained")
     ax.set_title(f"Variance captured by K shared vs own PCs, layer {layer['layer']}")
     ax.legend(fontsize=6, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def subspace_agreement(layer: dict[str, Any], th: dict[str, float], path: Path) -> Path:
@@ -130,7 +131,7 @@ def subspace_agreement(layer: dict[str, Any], th: dict[str, float], path: Path) 
     ax.set_title(f"Which shared PCs every recipe shares, layer {layer['layer']}: "
                  f"k_found = {layer['k_found']}", fontsize=9)
     ax.legend(fontsize=5, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def subspace_scatter(coords: dict[str, np.ndarray], layer: int, path: Path) -> Path:
@@ -148,7 +149,7 @@ def subspace_scatter(coords: dict[str, np.ndarray], layer: int, path: Path) -> P
     ax.set_ylabel("shared PC2")
     ax.set_title(f"Personas on the shared PCs, layer {layer}")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def ranked_bars(values: dict[str, np.ndarray], personas: list[str],
@@ -166,7 +167,7 @@ def ranked_bars(values: dict[str, np.ndarray], personas: list[str],
         ax.set_title(recipe, fontsize=8)
         ax.set_xlabel(label, fontsize=7)
     fig.suptitle(f"Personas on {label}, layer {layer}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def patching_heatmap(result: dict[str, Any], path: Path) -> Path:
@@ -188,4 +189,4 @@ def patching_heatmap(result: dict[str, Any], path: Path) -> Path:
         ax.set_yticks(range(len(rows)), rows, fontsize=7)
         ax.set_title(f"{title} ({result['config']['hook']})", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tlpersona.analyses.plots import save_figure  # noqa: E402
 from tlpersona.analyses.steer_stats import Estimate  # noqa: E402
 from tlpersona.analyses.steering import SteeringResult  # noqa: E402
 from tlpersona.files import atomic_write_bytes  # noqa: E402
@@ -31,15 +32,6 @@ def _e(x: Estimate | None, nd: int = 3) -> str:
     if not np.isfinite(x.lo):
         return f"{x.mean:.{nd}f}"
     return f"{x.mean:.{nd}f} [{x.lo:.{nd}f}, {x.hi:.{nd}f}]"
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def effects_figure(result: SteeringResult, path: Path) -> Path:
@@ -68,7 +60,7 @@ def effects_figure(result: SteeringResult, path: Path) -> Path:
         ax.set_xticks(x, [f"{s.recipe}\n{s.setting.label()}" for s in scores], fontsize=6)
         ax.set_title(f"{op}: effect (1 - KL/KL0), scoring questions", fontsize=8)
     axes[0][0].legend(fontsize=6)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def curves_figure(result: SteeringResult, path: Path) -> Path:
@@ -91,7 +83,7 @@ def curves_figure(result: SteeringResult, path: Path) -> Path:
         ax.set_ylabel("effect")
         ax.set_title(f"{op}, selection questions (star: selected)", fontsize=8)
         ax.legend(fontsize=5)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_steering(result: SteeringResult, out: str | Path) -> str:
