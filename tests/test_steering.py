@@ -242,3 +242,14 @@ def test_unit_and_random_directions_are_seeded_unit_vectors():
     assert not torch.allclose(a, S.random_directions(576, 10, 0, 15))
     np.testing.assert_allclose(a.norm(dim=-1).numpy(), 1, rtol=1e-6)
     assert math.isclose(float(unit(torch.tensor([3.0, 4.0])).norm()), 1.0, rel_tol=1e-7)
+
+
+def test_first_token_is_not_a_steering_recipe():
+    """Token 0 is identical in every prompt: its persona vector is zero, so it is not steered
+    with by default (the experiment stores it for the sink check)."""
+    from tlpersona.analyses.steering import default_recipes
+
+    class Stored:
+        positions = ["last", "first", "sys_end", "prompt_mean_no_first"]
+
+    assert default_recipes(Stored()) == ["last", "sys_end", "prompt_mean_no_first"]

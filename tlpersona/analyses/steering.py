@@ -73,7 +73,7 @@ class SteerConfig:
     ``cap_percentiles``: capping thresholds as percentiles of the stored personas' projections.
     ``n_personas`` contrasting personas are chosen unless ``personas`` names them."""
 
-    recipes: list[str] | None = None  # default: every stored position
+    recipes: list[str] | None = None  # default: every stored position but `first`
     layers: list[int] | None = None  # default: every stored layer
     operators: list[str] = field(default_factory=lambda: list(OPERATORS))
     alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
@@ -250,6 +250,12 @@ def base_axis(centroids: torch.Tensor, base: int) -> torch.Tensor:
     return unit(c[base] - others).float()
 
 
+def default_recipes(store: Any) -> list[str]:
+    """Every stored position but ``first``: token 0 is the same in every prompt, so its persona
+    vector is zero and steering with it is meaningless."""
+    return [p for p in store.positions if p != "first"]
+
+
 def choose_personas(store: Any, base: str, n: int, names: list[str] | None,
                     recipes: list[str], layer: int) -> PersonaChoice:
     """``names`` as given, else the ``n`` stored personas farthest from the base on its axis
@@ -338,7 +344,7 @@ class _Eval:
                  base: Persona, questions: list[Question]):
         self.runner, self.store, self.cfg = runner, store, cfg
         self.targets, self.base, self.questions = targets, base, questions
-        self.recipes = cfg.recipes or list(store.positions)
+        self.recipes = cfg.recipes or default_recipes(store)
         self.layers = cfg.layers or list(store.layers)
         self.results: dict[tuple, tuple[float, float]] = {}  # key -> (kl, lp)
         self.refs: dict[tuple, torch.Tensor] = {}
@@ -531,7 +537,7 @@ def steer(store: Any, model: LoadedModel, personas: list[Persona], questions: li
     check_config(cfg, store)
     runner = Runner(model, cfg.max_rows)
     by_name = {p.name: p for p in personas}
-    recipes = cfg.recipes or list(store.positions)
+    recipes = cfg.recipes or default_recipes(store)
     layers = cfg.layers or list(store.layers)
     mid = layers[len(layers) // 2]
     choice = choose_personas(store, cfg.base, cfg.n_personas, cfg.personas, recipes, mid)
