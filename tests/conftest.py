@@ -27,10 +27,10 @@ def tokenizer(default_source):
 
 @pytest.fixture(scope="session")
 def loaded(default_source):
-    from tlpersona.models import load_bridge
+    from tlpersona.models import load_model
 
     torch.manual_seed(0)
-    return load_bridge("default", device="cpu", dtype="fp32")
+    return load_model("default", device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="session")

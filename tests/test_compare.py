@@ -10,10 +10,10 @@ from scipy import stats
 from tlpersona.analyses import metrics as M
 from tlpersona.analyses.compare import CompareConfig, Thresholds, compare
 from tlpersona.analyses.controls import noise_floor
-from tlpersona.analyses.report import write_report
 from tlpersona.cache import StoreWriter, open_store
 from tlpersona.cache.seed_layout import export_seed, read_seed
 from tlpersona.positions import parse_position
+from tlpersona.report.compare import write_report
 
 LAYERS = [2, 5]
 

@@ -141,9 +141,9 @@ def test_greedy_generation_matches_step_by_step_argmax(loaded, hf_ref, responses
 
 def test_sdpa_bridge_matches_plain_hf_sdpa(default_source):
     """attn="sdpa" hands attention to HF's own module: residuals match plain HF (sdpa)."""
-    from tlpersona.models import load_bridge, load_hf
+    from tlpersona.models import load_hf, load_model
 
-    fast = load_bridge("default", device="cpu", dtype="fp32", attn="sdpa")
+    fast = load_model("default", device="cpu", dtype="fp32", attn="sdpa")
     ref = load_hf(default_source, "cpu", torch.float32)  # HF's default attention: sdpa
     assert ref.config._attn_implementation == "sdpa"
     cfg = ExtractConfig(parse_positions("last,sys_end,prompt_mean"), LAYERS, batch_size=3, progress=False)
@@ -159,9 +159,9 @@ def test_sdpa_bridge_matches_plain_hf_sdpa(default_source):
 
 
 def test_bridge_attention_hooks_still_fire_in_eager_mode(default_source):
-    from tlpersona.models import load_bridge
+    from tlpersona.models import load_model
 
-    eager = load_bridge("default", device="cpu", dtype="fp32", attn="eager")
+    eager = load_model("default", device="cpu", dtype="fp32", attn="eager")
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         _, cache = eager.bridge.run_with_cache(ids, names_filter=lambda n: n == "blocks.0.attn.hook_pattern")

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
+import tlpersona as tlp
 from tlpersona.cache import open_store
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
 from tlpersona.extract import ExtractConfig, extract_to_store
-from tlpersona.pipeline import ProjectRequest, run_project
 from tlpersona.positions import parse_positions
 
 PERSONAS = builtin_personas()[:5]  # includes "assistant"
@@ -23,7 +23,9 @@ def store(loaded, tmp_path_factory):
 
 
 def test_assistant_axis_matches_numpy(store, tmp_path):
-    _, res = run_project(ProjectRequest(store=str(store), out=str(tmp_path / "o"), layer=29))
+    result = tlp.project(store, layer=29)
+    result.save(tmp_path / "o")
+    res = result.to_dict()
     st = open_store(store)
     for pos in ("last", "sys_end", "raw_system_last"):
         c = st.centroids(pos)[:, 1].double().numpy()
@@ -38,9 +40,10 @@ def test_assistant_axis_matches_numpy(store, tmp_path):
 
 def test_new_persona_with_a_stored_prompt_lands_on_that_persona(store, tmp_path):
     target = PERSONAS[2]
-    req = ProjectRequest(store=str(store), out=str(tmp_path / "o"), layer=29, axis="pcs", k=3,
+    result = tlp.project(store, layer=29, axis="pcs", k=3,
                          systems=[(target.system_prompts[0], [q.text for q in QUESTIONS])])
-    _, res = run_project(req)
+    result.save(tmp_path / "o")
+    res = result.to_dict()
     assert {it["recipe"] for it in res["items"]} == {"last", "sys_end", "raw_system_last"}
     for it in res["items"]:
         stored = next(r for r in res["stored"][it["recipe"]] if r["persona"] == target.name)
@@ -53,7 +56,7 @@ def test_new_persona_with_a_stored_prompt_lands_on_that_persona(store, tmp_path)
 
 
 def test_pc_coordinates_are_centred(store, tmp_path):
-    _, res = run_project(ProjectRequest(store=str(store), out=str(tmp_path / "o"), axis="pcs", k=2))
+    res = tlp.project(store, axis="pcs", k=2).to_dict()
     for rows in res["stored"].values():
         pc1 = np.array([r["coords"]["PC1"] for r in rows])
         assert abs(pc1.mean()) < 1e-6 * (np.abs(pc1).max() + 1)
@@ -61,4 +64,4 @@ def test_pc_coordinates_are_centred(store, tmp_path):
 
 def test_unknown_axis_persona(store, tmp_path):
     with pytest.raises(TlpersonaError, match="persona 'nobody' is not in the store"):
-        run_project(ProjectRequest(store=str(store), out=str(tmp_path / "o"), axis="persona:nobody"))
+        tlp.project(store, axis="persona:nobody")

@@ -1,11 +1,16 @@
-"""Command line: a thin click shell over the Python API.
+"""Command line: click declarations that parse strings into typed values and call the API
+(:mod:`tlpersona`).
 
-Errors a user can cause are :class:`TlpersonaError`: printed as one line, exit code 2.
+Errors a user can cause are :class:`TlpersonaError`: printed as one line, exit code 2. The
+library names parameters in backticks (`batch_size`); here they become the flags that set them
+(--batch-size).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,6 +20,24 @@ import click
 
 from tlpersona.errors import TlpersonaError
 
+#: API parameter -> flag, where a command's flag is not the parameter's own name.
+_RENAMED = {"seed_dir": "--from-seed", "seed_layout": "--seed-layout"}
+
+
+def _flags(message: str) -> str:
+    """``message`` with every backticked parameter name written as the current command's flag
+    for it (or as the bare name where the command has none)."""
+    names = dict(_RENAMED)
+    ctx = click.get_current_context(silent=True)
+    for param in ctx.command.params if ctx else []:
+        if isinstance(param, click.Option):
+            for opt in param.opts:
+                if opt.startswith("--"):
+                    names[opt[2:].replace("-", "_")] = opt
+        elif param.name:
+            names[param.name] = param.name.upper()
+    return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", lambda m: names.get(m[1], m[1]), message)
+
 
 def _friendly(fn: Any) -> Any:
     @functools.wraps(fn)
@@ -22,10 +45,14 @@ def _friendly(fn: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except TlpersonaError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_flags(str(exc))}", err=True)
             sys.exit(2)
 
     return wrapper
+
+
+# ------------------------------------------------------------------------------------------
+# string parsing: the only place it happens
 
 
 def _prompt_index(value: str) -> int | str:
@@ -34,7 +61,7 @@ def _prompt_index(value: str) -> int | str:
     try:
         return int(value)
     except ValueError:
-        raise TlpersonaError(f"--prompt-index must be an integer or 'all', not {value!r}") from None
+        raise TlpersonaError(f"`prompt_index` must be an integer or 'all', not {value!r}") from None
 
 
 def _batch_size(value: str) -> int | None:
@@ -44,10 +71,61 @@ def _batch_size(value: str) -> int | None:
     try:
         size = int(value)
     except ValueError:
-        raise TlpersonaError(f"--batch-size must be a positive integer or 'auto', not {value!r}") from None
+        raise TlpersonaError(f"`batch_size` must be a positive integer or 'auto', not {value!r}") from None
     if size < 1:
-        raise TlpersonaError("--batch-size must be at least 1")
+        raise TlpersonaError("`batch_size` must be at least 1")
     return size
+
+
+def _items(value: str) -> list[str]:
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def _layers(value: str | None, default: Any = "default") -> Any:
+    """One layer syntax for every command: ``default``, ``all``, or comma-separated block
+    indices (negative from the end)."""
+    if value is None:
+        return default
+    if value in ("default", "all"):
+        return value
+    try:
+        return [int(x) for x in _items(value)]
+    except ValueError:
+        raise TlpersonaError(f"bad `layers` {value!r}: block indices (e.g. 7,14,-1), 'default' "
+                             "or 'all'") from None
+
+
+def _stored_layers(value: str | None) -> list[int] | None:
+    """``--layers`` of a command that reads a store: every stored layer by default or ``all``."""
+    got = _layers(value, None)
+    if got in (None, "all"):
+        return None
+    if got == "default":
+        raise TlpersonaError("`layers` default means every stored layer here: leave it out")
+    return got
+
+
+def _numbers(value: str, name: str) -> list[float]:
+    try:
+        return [float(a) for a in _items(value)]
+    except ValueError:
+        raise TlpersonaError(f"`{name}` must be comma-separated numbers, not {value!r}") from None
+
+
+def _personas(spec: str, limit: int | None = None) -> Any:
+    from tlpersona.data import load_personas
+
+    return load_personas(spec, limit)
+
+
+def _questions(spec: str, limit: int | None = None) -> Any:
+    from tlpersona.data import load_questions
+
+    return load_questions(spec, limit)
+
+
+# ------------------------------------------------------------------------------------------
+# shared options
 
 
 _batch_option = click.option(
@@ -81,6 +159,9 @@ _attn_option = click.option(
     help="attention inside the bridge: HF's sdpa (fast; attention-pattern hooks off) or the "
          "bridge's eager; auto = sdpa on GPU, eager on CPU")
 
+_layers_help = "comma-separated block indices (negative from the end), 'default' or 'all'"
+_stored_layers_help = "comma-separated stored layers (negative from the end; default: all stored)"
+
 
 def _data_options(fn: Any) -> Any:
     for opt in reversed([
@@ -109,16 +190,15 @@ def main() -> None:
 @main.command()
 @_model_options
 @_data_options
-@click.option("--positions", "positions_spec", default="last,sys_end,sys_end+1", show_default=True,
+@click.option("--positions", default="last,sys_end,sys_end+1", show_default=True,
               help="comma-separated positions or recipe aliases "
-                   "(a,b,bstar,bstar_no_last,c1,c2,c3); all6 = all seven")
-@click.option("--layers", default="default", show_default=True,
-              help="comma-separated block indices, 'all', or 'default' (quartiles + last)")
+                   "(a,b,bstar,bstar_no_last,c1,c2,c3); recipes = all seven (alias all6)")
+@click.option("--layers", default="default", show_default=True, help=_layers_help)
 @click.option("--out", default="tlpersona-out/store", show_default=True, type=click.Path())
 @_batch_option
 @click.option("--max-new-tokens", type=int, default=None,
               help="response length when responses must be generated (default 200 GPU, 48 CPU)")
-@click.option("--responses", "responses_path", default=None, type=click.Path(),
+@click.option("--responses", default=None, type=click.Path(),
               help="responses JSONL made elsewhere (default: OUT/responses.jsonl, generated if needed)")
 @click.option("--include-eot", is_flag=True, help="response_mean also averages the end-of-turn token")
 @click.option("--force-new", is_flag=True, help="replace an existing store at --out")
@@ -128,23 +208,20 @@ def main() -> None:
 @_friendly
 def extract(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
             prompt_index: str, limit_personas: int | None, limit_questions: int | None,
-            positions_spec: str, layers: str, out: str, batch_size: str,
-            max_new_tokens: int | None, responses_path: str | None, include_eot: bool,
-            force_new: bool, attn: str, decoder: str, device_map: str | None) -> None:
+            positions: str, layers: str, out: str, batch_size: str, max_new_tokens: int | None,
+            responses: str | None, include_eot: bool, force_new: bool, attn: str, decoder: str,
+            device_map: str | None) -> None:
     """Extract residual-stream vectors at named positions into an activation store."""
-    from tlpersona.pipeline import ExtractRequest, run_extract
+    from tlpersona.api.extraction import extract as run
 
-    req = ExtractRequest(
-        model=model, device=device, dtype=dtype, personas=personas, questions=questions,
-        prompt_index=_prompt_index(prompt_index), limit_personas=limit_personas,
-        limit_questions=limit_questions, positions=positions_spec, layers=layers, out=out,
-        batch_size=_batch_size(batch_size), max_new_tokens=max_new_tokens, responses=responses_path,
-        include_eot=include_eot, force_new=force_new, attn=attn, decoder=decoder,
-        device_map=device_map,
-    )
     t0 = time.perf_counter()
-    path = run_extract(req)
-    click.echo(f"store written to {path} in {time.perf_counter() - t0:.1f} s")
+    store = run(model, _personas(personas, limit_personas), _questions(questions, limit_questions),
+                positions=_items(positions), layers=_layers(layers), out=out,
+                prompt_index=_prompt_index(prompt_index), batch_size=_batch_size(batch_size),
+                max_new_tokens=max_new_tokens, responses=responses, include_eot=include_eot,
+                force_new=force_new, device=device, dtype=dtype, attn=attn, decoder=decoder,
+                device_map=device_map)
+    click.echo(f"store written to {store.root} in {time.perf_counter() - t0:.1f} s")
 
 
 @main.command()
@@ -153,23 +230,23 @@ def extract(model: str, device: str | None, dtype: str | None, personas: str, qu
 @click.option("--out", default="tlpersona-out/responses.jsonl", show_default=True, type=click.Path())
 @click.option("--max-new-tokens", type=int, default=None, help="default 200 on GPU, 48 on CPU")
 @_batch_option
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
 @_decoder_option
 @_device_map_option
 @_friendly
 def generate(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
              prompt_index: str, limit_personas: int | None, limit_questions: int | None,
-             out: str, max_new_tokens: int | None, batch_size: str, backend: str,
-             decoder: str, device_map: str | None) -> None:
-    """Greedy responses for every persona x question (resumable JSONL with token ids)."""
-    from tlpersona.pipeline import run_generate
+             out: str, max_new_tokens: int | None, batch_size: str, decoder: str,
+             device_map: str | None) -> None:
+    """Greedy responses for every persona x question (resumable JSONL with token ids; the same
+    format `extract --responses` reads, so any engine can write it)."""
+    from tlpersona.api.extraction import generate as run
 
     t0 = time.perf_counter()
-    n = run_generate(model, device, dtype, personas, questions, _prompt_index(prompt_index),
-                     limit_personas, limit_questions, out, max_new_tokens, _batch_size(batch_size),
-                     backend,
-                     decoder, device_map)
-    click.echo(f"{n} responses in {out} ({time.perf_counter() - t0:.1f} s)")
+    got = run(model, _personas(personas, limit_personas), _questions(questions, limit_questions),
+              out=out, prompt_index=_prompt_index(prompt_index), max_new_tokens=max_new_tokens,
+              batch_size=_batch_size(batch_size), device=device, dtype=dtype, decoder=decoder,
+              device_map=device_map)
+    click.echo(f"{len(got)} responses in {out} ({time.perf_counter() - t0:.1f} s)")
 
 
 @main.command()
@@ -178,13 +255,13 @@ def generate(model: str, device: str | None, dtype: str | None, personas: str, q
               show_default=True)
 @click.option("--question", default="What is the best way to spend a free afternoon?",
               show_default=True)
-@click.option("--positions", "positions_spec", default="all6", show_default=True)
+@click.option("--positions", default="recipes", show_default=True)
 @_friendly
-def positions(model: str, system: str, question: str, positions_spec: str) -> None:
+def positions(model: str, system: str, question: str, positions: str) -> None:
     """Print one templated example with every position marked on its token."""
-    from tlpersona.pipeline import describe_positions
+    from tlpersona.api.inspect import describe_positions
 
-    click.echo(describe_positions(model, system, question, positions_spec))
+    click.echo(describe_positions(model, system, question, _items(positions)))
 
 
 @main.command()
@@ -202,24 +279,24 @@ def verify(store: str) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path())
-@click.option("--seed-layout", "seed_dir", type=click.Path(), default=None,
+@click.option("--seed-layout", type=click.Path(), default=None,
               help="write method_<x>/all_centroids.pt, <role>.pt, <role>__per_q.pt here")
 @click.option("--wandb-project", default=None, help="log the store as a W&B artifact")
 @_friendly
-def export(store: str, seed_dir: str | None, wandb_project: str | None) -> None:
+def export(store: str, seed_layout: str | None, wandb_project: str | None) -> None:
     """Export a store for older code (seed layout) and/or log it as a W&B artifact."""
     from tlpersona.cache import open_store
 
-    if seed_dir is None and wandb_project is None:
+    if seed_layout is None and wandb_project is None:
         raise TlpersonaError("nothing to do: give --seed-layout DIR and/or --wandb-project NAME")
     st = open_store(store, verify=True)
-    if seed_dir:
+    if seed_layout:
         from tlpersona.cache.seed_layout import export_seed
 
-        dirs = export_seed(st, seed_dir)
-        click.echo(f"seed layout: {len(dirs)} methods in {seed_dir}")
+        dirs = export_seed(st, seed_layout)
+        click.echo(f"seed layout: {len(dirs)} methods in {seed_layout}")
     if wandb_project:
-        from tlpersona.pipeline import log_wandb
+        from tlpersona.cache.wandb import log_wandb
 
         click.echo(f"W&B artifact: {log_wandb(st, wandb_project)}")
 
@@ -245,28 +322,20 @@ def _compare_options(fn: Any) -> Any:
     return fn
 
 
-def _compare_config(positions: str | None, layers: str | None, permutations: int, seed: int,
-                    splits: int, null_draws: int = 100, **th: Any) -> Any:
-    from tlpersona.analyses.compare import CompareConfig, Thresholds
-    from tlpersona.positions import parse_positions
+def _source(store: str | None, seed_dir: str | None) -> Any:
+    from tlpersona.cache.seed_layout import read_seed
+    from tlpersona.cache.store import open_store
 
-    if permutations < 1:
-        raise TlpersonaError("--permutations must be at least 1")
-    if null_draws < 1:
-        raise TlpersonaError("--null-draws must be at least 1")
-    if splits < 1:
-        raise TlpersonaError("--splits must be at least 1")
-    layer_list = None
-    if layers:
-        try:
-            layer_list = [int(x) for x in layers.split(",")]
-        except ValueError:
-            raise TlpersonaError(f"bad --layers {layers!r}") from None
-    return CompareConfig(
-        positions=[p.name for p in parse_positions(positions)] if positions else None,
-        layers=layer_list, n_perm=permutations, seed=seed, n_splits=splits, n_null=null_draws,
-        thresholds=Thresholds(**th),
-    )
+    if (store is None) == (seed_dir is None):
+        raise TlpersonaError("give either STORE or --from-seed DIR")
+    return read_seed(seed_dir) if seed_dir else open_store(store, verify=True)
+
+
+def _checked_out(out: str) -> Path:
+    from tlpersona.safety import check_output_dir
+
+    check_output_dir(Path(out))  # before any computation
+    return Path(out)
 
 
 @main.command()
@@ -274,27 +343,32 @@ def _compare_config(positions: str | None, layers: str | None, permutations: int
 @click.option("--from-seed", "seed_dir", type=click.Path(), default=None,
               help="read centroids in the seed layout (method_<x>/all_centroids.pt) instead")
 @click.option("--out", default="tlpersona-out/compare", show_default=True, type=click.Path())
-@click.option("--layers", default=None, help="comma-separated stored layers (default: all stored)")
+@click.option("--layers", default=None, help=_stored_layers_help)
 @click.option("--positions", default=None, help="positions to compare (default: the seven recipes)")
 @_compare_options
 @_friendly
 def compare(store: str | None, seed_dir: str | None, out: str, layers: str | None,
-            positions: str | None, permutations: int, seed: int, splits: int,
-            **th: Any) -> None:
+            positions: str | None, permutations: int, seed: int, splits: int, null_draws: int,
+            **thresholds: Any) -> None:
     """Compare recipes in a store: metrics, permutation tests, noise floor, verdicts, report."""
-    from tlpersona.pipeline import run_compare
+    from tlpersona.analyses.compare import Thresholds
+    from tlpersona.api.analysis import compare as run
 
-    cfg = _compare_config(positions, layers, permutations, seed, splits, **th)
-    report, result = run_compare(store, seed_dir, cfg, out)
+    path = _checked_out(out)
+    result = run(_source(store, seed_dir), layers=_stored_layers(layers),
+                 positions=_items(positions) if positions else None, permutations=permutations,
+                 seed=seed, splits=splits, null_draws=null_draws,
+                 thresholds=Thresholds(**thresholds))
+    report = result.save(path)
     _print_summary(result)
     click.echo(f"report: {report}")
 
 
-def _print_summary(result: dict[str, Any]) -> None:
-    from tlpersona.analyses.report import verdict_table
+def _print_summary(result: Any) -> None:
+    from tlpersona.report.compare import verdict_table
 
-    click.echo(verdict_table(result))
-    click.echo(result["overall"]["sentence"])
+    click.echo(verdict_table(result.to_dict()))
+    click.echo(result.sentence)
 
 
 @main.command()
@@ -302,7 +376,7 @@ def _print_summary(result: dict[str, Any]) -> None:
 @click.option("--device", default=None)
 @click.option("--dtype", default=None)
 @_data_options
-@click.option("--layers", default="default", show_default=True)
+@click.option("--layers", default="default", show_default=True, help=_layers_help)
 @click.option("--out", default="tlpersona-out/experiment", show_default=True, type=click.Path())
 @click.option("--max-new-tokens", type=int, default=None,
               help="response length (default 200 on GPU, 24 on CPU)")
@@ -313,76 +387,32 @@ def _print_summary(result: dict[str, Any]) -> None:
 def experiment(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
                prompt_index: str, limit_personas: int | None, limit_questions: int | None,
                layers: str, out: str, max_new_tokens: int | None, batch_size: str, attn: str,
-               permutations: int, seed: int, splits: int, **th: Any) -> None:
+               permutations: int, seed: int, splits: int, null_draws: int,
+               **thresholds: Any) -> None:
     """Everything on one command: extract all seven recipes, compare them, find their shared
     subspace, patch and steer with them (a short run), and write one report.
 
     On the CPU the defaults keep it to a few minutes: the built-in personas, their first 12
     questions and 24-token responses. Use --limit-questions 0 for every question.
     """
-    from tlpersona.cache.store import open_store
-    from tlpersona.files import atomic_write_bytes
-    from tlpersona.pipeline import (
-        ExtractRequest,
-        PatchRequest,
-        SteerRequest,
-        run_compare,
-        run_extract,
-        run_patch,
-        run_steer,
-        run_subspace,
-    )
+    from tlpersona.analyses.compare import Thresholds
+    from tlpersona.api.experiment import experiment as run
+    from tlpersona.safety import check_count
 
-    cpu = (device or "").startswith("cpu") or not _cuda()
-    if limit_questions is None and cpu:
-        limit_questions = 12
-    if max_new_tokens is None and cpu:
-        max_new_tokens = 24
-    t0 = time.perf_counter()
-    store = run_extract(ExtractRequest(
-        model=model, device=device, dtype=dtype, personas=personas, questions=questions,
-        prompt_index=_prompt_index(prompt_index), limit_personas=limit_personas,
-        limit_questions=limit_questions or None,
-        # the sink position and the sink-free prompt mean feed the report's attention-sink check
-        positions="all6,first,prompt_mean_no_first", layers=layers,
-        out=str(Path(out) / "store"), batch_size=_batch_size(batch_size),
-        max_new_tokens=max_new_tokens,
-        attn=attn,
-    ))
-    t1 = time.perf_counter()
-    cfg = _compare_config(None, None, permutations, seed, splits, **th)
-    report, result = run_compare(str(store), None, cfg, str(Path(out) / "compare"),
-                                 title=f"Recipe comparison: {model}")
-    t2 = time.perf_counter()
-    _, sub = run_subspace(str(store), None, _subspace_config(None, None), report.parent,
-                          append_to=report)
-    t3 = time.perf_counter()
-    # A short causal section: patching (3 personas × 2 questions), then steering (`add`) at the
-    # middle stored layer (3 contrasting personas, 2 + 3 held-out questions); `tlpersona steer`
-    # runs the full evaluation (ablation and capping too).
-    stored = [lay["layer"] for lay in sub["layers"]]
-    mid = stored[(len(stored) - 1) // 2]
-    names = open_store(store).personas
-    base = "assistant" if "assistant" in names else names[0]
-    _, causal = run_patch(PatchRequest(
-        store=str(store), out=str(report.parent), device=device, dtype=dtype, attn=attn,
-        personas=personas, questions=questions, n_personas=3, n_questions=2, corrupt=base))
-    t4 = time.perf_counter()
-    steer_md, steering = run_steer(SteerRequest(
-        store=str(store), out=str(report.parent), device=device, dtype=dtype, attn=attn,
-        persona_source=personas, questions=questions, n_questions=5, n_personas=3, base=base,
-        layers=str(mid), operators="add", alphas="0.03125,0.0625,0.125,0.25", response_tokens=6,
-        seed=seed, n_boot=1000, continuations=1, continuation_tokens=16))
-    atomic_write_bytes(report, report.read_bytes() + b"\n" + (report.parent / "patch.md").read_bytes()
-                       + b"\n" + steer_md.read_bytes())
-    _print_summary(result)
-    for lay in sub["layers"]:
+    check_count(limit_questions, "`limit_questions`", 0)
+    res = run(out, model=model, personas=_personas(personas, limit_personas),
+              questions=_questions(questions), limit_questions=limit_questions,
+              prompt_index=_prompt_index(prompt_index), layers=_layers(layers),
+              max_new_tokens=max_new_tokens, batch_size=_batch_size(batch_size), device=device,
+              dtype=dtype, attn=attn, permutations=permutations, seed=seed, splits=splits,
+              null_draws=null_draws, thresholds=Thresholds(**thresholds))
+    _print_summary(res.compare)
+    for lay in res.subspace.layers:
         click.echo(f"shared subspace, {_subspace_line(lay)}")
-    _print_patch(causal)
-    _print_steer(steering)
-    click.echo(f"extract {t1 - t0:.1f} s, compare {t2 - t1:.1f} s, subspace {t3 - t2:.1f} s, "
-               f"patching {t4 - t3:.1f} s, steering {time.perf_counter() - t4:.1f} s")
-    click.echo(f"report: {report}")
+    _print_patch(res.patch)
+    _print_steer(res.steering)
+    click.echo(", ".join(f"{k} {v:.1f} s" for k, v in res.seconds.items()))
+    click.echo(f"report: {res.report}")
 
 
 @main.command()
@@ -390,7 +420,7 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
 @click.option("--from-seed", "seed_dir", type=click.Path(), default=None,
               help="read centroids in the seed layout instead of a store")
 @click.option("--out", default="tlpersona-out/subspace", show_default=True, type=click.Path())
-@click.option("--layers", default=None, help="comma-separated stored layers (default: all stored)")
+@click.option("--layers", default=None, help=_stored_layers_help)
 @click.option("--positions", default=None, help="recipes to stack (default: the seven recipes)")
 @click.option("--k-max", type=int, default=50, show_default=True)
 @click.option("--unit-norm/--raw-scale", default=True, show_default=True,
@@ -401,15 +431,45 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
 def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | None,
              positions: str | None, k_max: int, unit_norm: bool, seed: int) -> None:
     """Joint PCA of all recipes: the persona subspace they share, and its dimension per layer."""
-    from tlpersona.pipeline import run_subspace
+    from tlpersona.api.analysis import subspace as run
 
-    if k_max < 2:
-        raise TlpersonaError("--k-max must be at least 2 (the figures and the matrix r need two PCs)")
-    path, result = run_subspace(store, seed_dir, _subspace_config(positions, layers, k_max,
-                                                                  unit_norm, seed), out)
-    for lay in result["layers"]:
+    path = _checked_out(out)
+    result = run(_source(store, seed_dir), layers=_stored_layers(layers),
+                 positions=_items(positions) if positions else None, k_max=k_max,
+                 unit_norm=unit_norm, seed=seed)
+    report = result.save(path)
+    for lay in result.layers:
         click.echo(_subspace_line(lay))
-    click.echo(f"report: {path}")
+    click.echo(f"report: {report}")
+
+
+def _subspace_line(lay: Any) -> str:
+    null = ", ".join("none" if k is None else str(k) for k in lay.k_found_null)
+    found = f">= {lay.k_found}" if lay.k_found_saturated else lay.k_found
+    return (f"layer {lay.layer}: k_found {found} (held-out personas; in sample "
+            f"{lay.k_found_in_sample}; relabelled-persona null: {null or 'not run'})")
+
+
+def _conversations(path: str | None) -> list[tuple[str, str]]:
+    """(system, user) of every line of a JSONL file of chat messages."""
+    from tlpersona.safety import jsonl_lines, read_text
+
+    if path is None:
+        return []
+    out = []
+    for n, line in enumerate(jsonl_lines(read_text(Path(path), "conversations JSONL file")), 1):
+        if not line.strip():
+            continue
+        try:
+            msgs = json.loads(line)
+            msgs = msgs["messages"] if isinstance(msgs, dict) else msgs
+            system = next(m["content"] for m in msgs if m["role"] == "system")
+            user = next(m["content"] for m in msgs if m["role"] == "user")
+        except (json.JSONDecodeError, KeyError, TypeError, StopIteration):
+            raise TlpersonaError(f"{path}:{n}: expected a list of chat messages with a system "
+                                 "and a user message") from None
+        out.append((system, user))
+    return out
 
 
 @main.command()
@@ -439,46 +499,23 @@ def project(store: str, out: str, layer: int | None, positions: str | None, axis
             conversations: str | None, texts: tuple[str, ...], model: str | None,
             device: str | None, dtype: str | None) -> None:
     """Project stored personas, and new material, onto shared PCs or a persona axis."""
-    from tlpersona.pipeline import ProjectRequest, run_project
+    from tlpersona.api.analysis import project as run
 
     if systems and not questions:
         raise TlpersonaError("--system needs at least one --question")
-    req = ProjectRequest(store=store, out=out, layer=layer, positions=positions, axis=axis, k=k,
-                         unit_norm=unit_norm, systems=[(s, list(questions)) for s in systems],
-                         conversations=conversations, texts=list(texts), model=model,
-                         device=device, dtype=dtype)
-    path, result = run_project(req)
-    for it in result["items"]:
-        near = ", ".join(f"{n['persona']} ({n['cos']:.2f})" for n in it["nearest"][:3])
-        coords = ", ".join(f"{k_}={v:+.3f}" for k_, v in it["coords"].items())
-        click.echo(f"{it['label']} [{it['recipe']}]: {coords}; nearest: {near}")
-    click.echo(f"written: {path}")
-
-
-def _subspace_line(lay: dict[str, Any]) -> str:
-    null = ", ".join("none" if k is None else str(k) for k in lay["k_found_null"])
-    found = f">= {lay['k_found']}" if lay["k_found_saturated"] else lay["k_found"]
-    return (f"layer {lay['layer']}: k_found {found} (held-out personas; in sample "
-            f"{lay['k_found_in_sample']}; relabelled-persona null: {null or 'not run'})")
-
-
-def _subspace_config(positions: str | None, layers: str | None, k_max: int = 50,
-                     unit_norm: bool = True, seed: int = 0) -> Any:
-    from tlpersona.analyses.subspace import SubspaceConfig
-
-    base = _compare_config(positions, layers, 1, seed, 1)
-    return SubspaceConfig(positions=base.positions, layers=base.layers, k_max=k_max,
-                          unit_norm=unit_norm, seed=seed)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-if __name__ == "__main__":
-    main()
+    path = _checked_out(out)
+    result = run(store, layer=layer, positions=_items(positions) if positions else None,
+                 axis=axis, k=k, unit_norm=unit_norm,
+                 systems=[(s, list(questions)) for s in systems],
+                 conversations=_conversations(conversations), texts=list(texts), model=model,
+                 device=device, dtype=dtype)
+    written = result.save(path)
+    for pt in result.points:
+        if not pt.stored:
+            near = ", ".join(f"{n} ({c:.2f})" for n, c in pt.nearest[:3])
+            coords = ", ".join(f"{k_}={v:+.3f}" for k_, v in pt.coords.items())
+            click.echo(f"{pt.label} [{pt.recipe}]: {coords}; nearest: {near}")
+    click.echo(f"written: {written}")
 
 
 @main.command()
@@ -496,7 +533,8 @@ if __name__ == "__main__":
 @click.option("--n-personas", type=int, default=4, show_default=True,
               help="clean personas (the first N besides the corrupt persona)")
 @click.option("--n-questions", type=int, default=2, show_default=True)
-@click.option("--layers", default=None, help="patching layers (default: 8 spread over the model)")
+@click.option("--layers", default=None,
+              help="patching layers: " + _layers_help + " (default: 8 spread over the model)")
 @click.option("--positions", default="system,sys_end,sys_end+1,user_end,last", show_default=True,
               help="patched positions; 'system' = every system-text token (sys_start+i)")
 @click.option("--hook", type=click.Choice(["resid_post", "resid_pre"]), default="resid_post",
@@ -512,21 +550,23 @@ def patch(store: str | None, out: str, model: str | None, device: str | None, dt
           response_tokens: int) -> None:
     """Activation patching: positions × layers, clean persona into corrupt (steering is
     `tlpersona steer`)."""
-    from tlpersona.pipeline import PatchRequest, run_patch
+    from tlpersona.api.causal import patch as run
 
-    path, result = run_patch(PatchRequest(
-        store=store, out=out, model=model, device=device, dtype=dtype, attn=attn,
-        personas=personas, questions=questions, prompt_index=prompt_index,
-        n_personas=n_personas, n_questions=n_questions, layers=layers, positions=positions,
-        hook=hook, corrupt=corrupt, response_tokens=response_tokens))
+    path = _checked_out(out)
+    result = run(model, _personas(personas), _questions(questions), store=store,
+                 n_personas=n_personas, n_questions=n_questions, layers=_layers(layers, None),
+                 positions=_items(positions), hook=hook, corrupt=corrupt,
+                 response_tokens=response_tokens, prompt_index=prompt_index, device=device,
+                 dtype=dtype, attn=attn)
+    report = result.save(path)
     _print_patch(result)
-    click.echo(f"report: {path}")
+    click.echo(f"report: {report}")
 
 
-def _print_patch(result: dict[str, Any]) -> None:
-    top = sorted(result["cells"], key=lambda c: -c["kl_effect"])[:3]
+def _print_patch(result: Any) -> None:
+    top = sorted(result.cells, key=lambda c: -c.kl_effect)[:3]
     click.echo("patching, largest KL effects: " + "; ".join(
-        f"{c['position']} L{c['layer']} {c['kl_effect']:.2f}" for c in top))
+        f"{c.position} L{c.layer} {c.kl_effect:.2f}" for c in top))
 
 
 @main.command()
@@ -547,7 +587,7 @@ def _print_patch(result: dict[str, Any]) -> None:
 @click.option("--n-personas", type=int, default=4, show_default=True)
 @click.option("--base", default="assistant", show_default=True, help="the base persona")
 @click.option("--recipes", default=None, help="stored recipes (default: all)")
-@click.option("--layers", default=None, help="stored layers (default: all)")
+@click.option("--layers", default=None, help=_stored_layers_help)
 @click.option("--operators", default="add,ablate,cap", show_default=True)
 @click.option("--alphas", default=None,
               help="steering strengths × the layer's typical residual norm "
@@ -574,19 +614,30 @@ def steer(store: str, out: str, model: str | None, device: str | None, dtype: st
     """Steering, ablation and capping with each recipe's persona vectors: settings selected on
     some questions, effects scored on others against random directions and other personas'
     vectors, with bootstrap intervals."""
-    from tlpersona.pipeline import SteerRequest, run_steer
+    from tlpersona.api.causal import steer as run
+    from tlpersona.cache.store import open_store
 
-    path, result = run_steer(SteerRequest(
-        store=store, out=out, model=model, device=device, dtype=dtype, attn=attn,
-        persona_source=persona_source, questions=questions, n_questions=n_questions,
-        personas=personas, n_personas=n_personas, base=base, recipes=recipes, layers=layers,
-        operators=operators, alphas=alphas, cap_percentiles=cap_percentiles, n_random=n_random,
-        response_tokens=response_tokens, prompt_index=prompt_index, seed=seed, n_boot=n_boot,
-        fluency_margin=fluency_margin, continuations=continuations))
+    path = _checked_out(out)
+    result = run(open_store(store, verify=True), model, _personas(persona_source), _questions(questions),
+                 n_questions=n_questions, personas=_items(personas) if personas else None,
+                 n_personas=n_personas, base=base, recipes=_items(recipes) if recipes else None,
+                 layers=_stored_layers(layers),
+                 operators=_items(operators),
+                 alphas=_numbers(alphas, "alphas") if alphas else None,
+                 cap_percentiles=(_numbers(cap_percentiles, "cap_percentiles")
+                                  if cap_percentiles else None),
+                 n_random=n_random, response_tokens=response_tokens, prompt_index=prompt_index,
+                 seed=seed, n_boot=n_boot, fluency_margin=fluency_margin,
+                 continuations=continuations, device=device, dtype=dtype, attn=attn)
+    report = result.save(path)
     _print_steer(result)
-    click.echo(f"report: {path}")
+    click.echo(f"report: {report}")
 
 
 def _print_steer(result: Any) -> None:
     for sentence in result.verdicts.values():
         click.echo("steering " + sentence)
+
+
+if __name__ == "__main__":
+    main()

@@ -81,7 +81,7 @@ class PersonaResult:
                     layer = layers[int(bad.nonzero()[0][-2])]
                     raise TlpersonaError(
                         f"non-finite activations (NaN/inf) for persona {persona!r} at layer {layer} "
-                        f"({pos}); check the model weights and --dtype"
+                        f"({pos}); check the model weights and `dtype`"
                     )
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -21,9 +21,10 @@ import sys
 import tempfile
 import types
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -167,14 +168,14 @@ def check_device(device: str) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise TlpersonaError(f"unknown --device {device!r} (cpu, cuda, cuda:1 …)") from None
+        raise TlpersonaError(f"unknown `device` {device!r} (cpu, cuda, cuda:1 …)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise TlpersonaError(f"--device {device}: no CUDA GPU is available here")
+            raise TlpersonaError(f"`device` {device}: no CUDA GPU is available here")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise TlpersonaError(f"--device {device}: only {torch.cuda.device_count()} GPUs here")
+            raise TlpersonaError(f"`device` {device}: only {torch.cuda.device_count()} GPUs here")
     elif dev.type not in ("cpu", "mps"):
-        raise TlpersonaError(f"--device {device}: unsupported device type {dev.type!r}")
+        raise TlpersonaError(f"`device` {device}: unsupported device type {dev.type!r}")
 
 
 def default_device() -> str:
@@ -272,7 +273,7 @@ def use_hf_attention(bridge: Any, hf: Any, implementation: str = "sdpa") -> bool
     return True
 
 
-def load_bridge(spec: str = "default", device: str | None = None,
+def load_model(spec: str = "default", device: str | None = None,
                 dtype: str | torch.dtype | None = None, attn: str = "auto",
                 device_map: str | None = None) -> LoadedModel:
     """Load ``spec`` and wrap it with ``TransformerBridge.boot_transformers`` (no hub call).
@@ -320,21 +321,27 @@ def check_layers(layers: list[int], n_layers: int) -> None:
         raise TlpersonaError(f"layer {bad[0]} is out of range for a {n_layers}-layer model")
 
 
-def parse_layers(spec: str | None, n_layers: int) -> list[int]:
-    """``all``, ``default``/None, or comma-separated ints (negative counts from the end)."""
+#: Which blocks to read: block indices (negative counts from the end), ``"default"`` (the
+#: quartile set plus the last block) or ``"all"``.
+LayerSpec = Sequence[int] | Literal["default", "all"]
+
+
+def resolve_layers(spec: LayerSpec | None, n_layers: int) -> list[int]:
+    """Block indices of ``spec`` (None = ``"default"``) for an ``n_layers``-layer model, sorted."""
     if spec is None or spec == "default":
         return default_layers(n_layers)
     if spec == "all":
         return list(range(n_layers))
+    if isinstance(spec, str):
+        raise TlpersonaError(f"`layers` must be block indices, 'default' or 'all', not {spec!r}")
     out = []
-    for item in spec.split(","):
-        try:
-            layer = int(item)
-        except ValueError:
-            raise TlpersonaError(f"bad layer {item!r} in --layers") from None
-        if layer < 0:
-            layer += n_layers
+    for item in spec:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise TlpersonaError(f"`layers`: {item!r} is not a block index")
+        layer = item + n_layers if item < 0 else item
         if not 0 <= layer < n_layers:
-            raise TlpersonaError(f"layer {item} is out of range for a {n_layers}-layer model")
+            raise TlpersonaError(f"`layers`: layer {item} is out of range for a {n_layers}-layer model")
         out.append(layer)
+    if not out:
+        raise TlpersonaError("`layers` is empty")
     return sorted(set(out))

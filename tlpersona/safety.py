@@ -80,7 +80,7 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def check_output_dir(path: Path, option: str = "--out") -> None:
+def check_output_dir(path: Path, option: str = "`out`") -> None:
     """``path`` is (or can become) a directory this process may write into."""
     if path.is_symlink() and not path.exists():
         raise TlpersonaError(f"{option} {path} is a dangling symbolic link")
@@ -93,7 +93,7 @@ def check_output_dir(path: Path, option: str = "--out") -> None:
         raise TlpersonaError(f"{option} {path}: {base} is not writable")
 
 
-def check_output_file(path: Path, option: str = "--out") -> None:
+def check_output_file(path: Path, option: str = "`out`") -> None:
     """``path`` is (or can become) a regular file this process may write."""
     if path.exists() and not path.is_file():
         raise TlpersonaError(f"{option} {path} is not a regular file")

@@ -95,7 +95,7 @@ def pairs(personas: list[Persona], corrupt: str) -> list[tuple[Persona, Persona]
     """(clean, corrupt) persona pairs."""
     if corrupt == "next":
         if len(personas) < 2:
-            raise TlpersonaError("--corrupt next needs at least two personas")
+            raise TlpersonaError("`corrupt` next needs at least two personas")
         return [(p, personas[(i + 1) % len(personas)]) for i, p in enumerate(personas)]
     by_name = {p.name: p for p in personas}
     if corrupt not in by_name:
@@ -216,7 +216,7 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
         raise TlpersonaError("no layers to patch")
     check_layers(cfg.layers, runner.model.info.n_layers)
     if cfg.response_tokens < 0:
-        raise TlpersonaError("--response-tokens must be at least 0")
+        raise TlpersonaError("`response_tokens` must be at least 0")
     plist = pairs(personas, cfg.corrupt)
     if not plist or not questions:
         raise TlpersonaError("patching needs at least one persona pair and one question")

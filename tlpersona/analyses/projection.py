@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from tlpersona.analyses import metrics as M
+from tlpersona.cache.vectors import axis as persona_axis
 from tlpersona.errors import TlpersonaError
 
 
@@ -44,7 +46,7 @@ def axis_frame(cent: np.ndarray, personas: list[str], persona: str) -> Frame:
     if persona not in personas:
         raise TlpersonaError(f"persona {persona!r} is not in the store; cannot build its axis")
     i = personas.index(persona)
-    axis = cent[i] - np.delete(cent, i, axis=0).mean(0)
+    axis = persona_axis(torch.from_numpy(cent), i).numpy()
     norm = np.linalg.norm(axis)
     if norm == 0:
         raise TlpersonaError(f"the {persona} axis is zero")

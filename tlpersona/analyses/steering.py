@@ -57,6 +57,7 @@ from tlpersona.analyses.interventions import Runner
 from tlpersona.analyses.operators import OPERATORS, unit
 from tlpersona.analyses.steer_batch import Edit, Row, run_rows
 from tlpersona.analyses.steer_stats import Bootstrap, Estimate, separated_ranks
+from tlpersona.cache.vectors import axis, centred
 from tlpersona.data import Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
 from tlpersona.models import LoadedModel
@@ -205,7 +206,7 @@ class SteeringResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def save(self, path: str | Path) -> Path:
+    def write_json(self, path: str | Path) -> Path:
         from tlpersona.files import atomic_write_bytes
 
         path = Path(path)
@@ -231,23 +232,10 @@ def _jsonable(x: Any) -> Any:
 # inputs
 
 
-def persona_vectors(centroids: torch.Tensor) -> torch.Tensor:
-    """``[persona, d]`` centroids → ``[persona, d]`` float32 vectors minus the persona mean."""
-    c = centroids.double()
-    return (c - c.mean(0, keepdim=True)).float()
-
-
 def random_directions(d: int, k: int, seed: int, layer: int) -> torch.Tensor:
     """``[k, d]`` seeded Gaussian directions of unit length, one set per (seed, layer)."""
     g = torch.Generator().manual_seed(seed * 100_003 + layer)
     return unit(torch.randn(k, d, generator=g, dtype=torch.float64)).float()
-
-
-def base_axis(centroids: torch.Tensor, base: int) -> torch.Tensor:
-    """Unit axis ``centroid(base) - mean of the other personas`` (``[persona, d]`` → ``[d]``)."""
-    c = centroids.double()
-    others = torch.cat([c[:base], c[base + 1:]]).mean(0)
-    return unit(c[base] - others).float()
 
 
 def default_recipes(store: Any) -> list[str]:
@@ -266,12 +254,12 @@ def choose_personas(store: Any, base: str, n: int, names: list[str] | None,
     z = np.zeros(len(store.personas))
     for r in recipes:
         c = store.centroids(r)[:, li]
-        proj = (c.double() @ base_axis(c, b).double()).numpy()
+        proj = (c.double() @ unit(axis(c, b))).numpy()
         z += (proj - proj.mean()) / (proj.std() or 1.0)
     z /= len(recipes)
     position = {p: float(z[i]) for i, p in enumerate(store.personas)}
     if names:
-        return PersonaChoice(list(names), "named with --personas", position)
+        return PersonaChoice(list(names), "named with `personas`", position)
     chosen = sorted(others, key=lambda p: position[p])[:n]
     return PersonaChoice(chosen, f"the {len(chosen)} stored personas farthest from {base!r} on "
                          f"its axis at layer {layer} (mean standardised projection over "
@@ -295,14 +283,14 @@ def check_config(cfg: SteerConfig, store: Any) -> None:
         raise TlpersonaError(f"unknown operator {bad[0] if bad else '(none)'!r} "
                              f"({', '.join(OPERATORS)})")
     if "add" in cfg.operators and (not cfg.alphas or min(cfg.alphas) <= 0):
-        raise TlpersonaError("--alphas must be positive numbers (0 is the unsteered reference)")
+        raise TlpersonaError("`alphas` must be positive numbers (0 is the unsteered reference)")
     if "cap" in cfg.operators and (not cfg.cap_percentiles
                                    or not all(0 <= p <= 100 for p in cfg.cap_percentiles)):
-        raise TlpersonaError("--cap-percentiles must lie in [0, 100]")
+        raise TlpersonaError("`cap_percentiles` must lie in [0, 100]")
     if cfg.n_random < 1:
-        raise TlpersonaError("--n-random must be at least 1")
+        raise TlpersonaError("`n_random` must be at least 1")
     if cfg.response_tokens < 1:
-        raise TlpersonaError("--response-tokens must be at least 1")
+        raise TlpersonaError("`response_tokens` must be at least 1")
     if not 0 < cfg.level < 1 or cfg.n_boot < 100:
         raise TlpersonaError("the bootstrap needs a level in (0, 1) and at least 100 draws")
     for r in cfg.recipes or []:
@@ -315,11 +303,11 @@ def check_config(cfg: SteerConfig, store: Any) -> None:
         raise TlpersonaError(f"base persona {cfg.base!r} is not in the store")
     missing = [p for p in cfg.personas or [] if p not in store.personas]
     if missing:
-        raise TlpersonaError(f"--personas: {missing[0]!r} is not in the store")
+        raise TlpersonaError(f"`personas`: {missing[0]!r} is not in the store")
     if cfg.base in (cfg.personas or []):
-        raise TlpersonaError(f"--personas: {cfg.base!r} is the base persona; name others")
+        raise TlpersonaError(f"`personas`: {cfg.base!r} is the base persona; name others")
     if cfg.personas is None and cfg.n_personas < 1:
-        raise TlpersonaError("--n-personas must be at least 1")
+        raise TlpersonaError("`n_personas` must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,8 +404,8 @@ class _Eval:
             for la in self.layers:
                 c = cent[:, st.layer_index(la)]
                 self.cent[r, la] = c
-                self.own[r, la] = unit(persona_vectors(c)[tidx])
-                self.axis[r, la] = base_axis(c, b)
+                self.own[r, la] = unit(centred(c)[tidx]).float()
+                self.axis[r, la] = unit(axis(c, b)).float()
         self.rand = {la: random_directions(d, cfg.n_random, cfg.seed, la) for la in self.layers}
 
     def tau(self, recipe: str, layer: int, u: torch.Tensor, pct: float) -> float:

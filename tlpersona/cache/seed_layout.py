@@ -211,7 +211,7 @@ def export_seed(store: Store, root: str | Path) -> list[Path]:
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
-        raise TlpersonaError(f"--seed-layout {root} is a file, not a directory")
+        raise TlpersonaError(f"`seed_layout` {root} is a file, not a directory")
     names = check_persona_names(store.personas, f"{store.root} (persona names)")
     stale: list[Path] = []
     for mdir in sorted(root.glob("method_*")) if root.exists() else []:

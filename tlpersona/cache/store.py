@@ -37,6 +37,7 @@ import torch
 from safetensors import safe_open
 
 from tlpersona import __version__
+from tlpersona.cache.vectors import PersonaVector, Reference, persona_vector
 from tlpersona.errors import TlpersonaError
 from tlpersona.files import atomic_save_tensors, atomic_write_bytes, sha256_file
 from tlpersona.locks import LOCK_NAME
@@ -156,7 +157,7 @@ def store_dir_state(root: str | Path, keep: set[Path] | None = None) -> dict[str
     foreign = [p for p in _owned(root, None)[1] if p.resolve() not in kept]
     if foreign:
         raise TlpersonaError(f"{root} is not empty and is not a tlpersona store "
-                             f"(it holds {foreign[0].name}); use another --out")
+                             f"(it holds {foreign[0].name}); use another `out`")
     return None
 
 
@@ -167,7 +168,7 @@ def clear_store(root: str | Path, keep: set[Path] | None = None) -> list[Path]:
     not own."""
     root = Path(root)
     if root.is_symlink():
-        raise TlpersonaError(f"{root} is a symbolic link; --force-new does not clear through links")
+        raise TlpersonaError(f"{root} is a symbolic link; `force_new` does not clear through links")
     if not root.exists():
         return []
     if not root.is_dir():
@@ -178,7 +179,7 @@ def clear_store(root: str | Path, keep: set[Path] | None = None) -> list[Path]:
     foreign = [p for p in foreign if p.resolve() not in keep]
     if foreign:
         raise TlpersonaError(f"{root} holds {foreign[0].relative_to(root)}, which is not the store's; "
-                             "--force-new removes nothing")
+                             "`force_new` removes nothing")
     removed = [p for p in owned if p.resolve() not in keep and p.name != LOCK_NAME]
     for p in removed:
         p.unlink()
@@ -210,7 +211,7 @@ class StoreWriter:
             if diff:
                 raise TlpersonaError(
                     f"{self.root} holds a store made with a different {', '.join(diff)}; "
-                    "use another --out or --force-new"
+                    "use another `out` or `force_new`"
                 )
             self.manifest = old
         else:
@@ -410,6 +411,13 @@ class Store:
         if layer not in self.layers:
             raise TlpersonaError(f"layer {layer} is not in this store (it has {self.layers})")
         return self.layers.index(layer)
+
+    def persona_vector(self, persona: str, position: str, layer: int,
+                       relative_to: Reference = "all") -> PersonaVector:
+        """``persona``'s vector for one recipe and layer with its provenance (see
+        :mod:`tlpersona.cache.vectors`): centroid minus the mean of all personas (``"all"``)
+        or of the other personas (``"others"``, the persona's axis)."""
+        return persona_vector(self, persona, position, layer, relative_to)
 
 
 def _problem(manifest: dict[str, Any]) -> str | None:

@@ -63,7 +63,7 @@ def load_assistant_axis_personas(directory: str | Path) -> list[Persona]:
     """Read ``role_list.json`` and ``instructions/<role>.json`` (``instruction[i].pos``)."""
     root = Path(directory)
     if root.exists() and not root.is_dir():
-        raise TlpersonaError(f"--personas {root}: not a directory (expected role_list.json and "
+        raise TlpersonaError(f"`personas` {root}: not a directory (expected role_list.json and "
                              "instructions/ inside)")
     roles = _read_json(root / "role_list.json")
     if not isinstance(roles, dict) or not roles:
@@ -116,14 +116,14 @@ def load_questions_jsonl(path: str | Path) -> list[Question]:
 
 def load_personas(spec: str, limit: int | None = None) -> list[Persona]:
     """``builtin`` or an assistant-axis directory; ``limit`` keeps the first N."""
-    check_count(limit, "--limit-personas", 0)
+    check_count(limit, "`limit_personas`", 0)
     personas = builtin_personas() if spec == "builtin" else load_assistant_axis_personas(spec)
     return personas[:limit] if limit else personas
 
 
 def load_questions(spec: str, limit: int | None = None) -> list[Question]:
     """``builtin`` or a questions JSONL file; ``limit`` keeps the first N."""
-    check_count(limit, "--limit-questions", 0)
+    check_count(limit, "`limit_questions`", 0)
     questions = builtin_questions() if spec == "builtin" else load_questions_jsonl(spec)
     return questions[:limit] if limit else questions
 
@@ -137,7 +137,7 @@ def indexed_prompts(persona: Persona, prompt_index: int | str) -> list[tuple[int
     if not 0 <= idx < len(persona.system_prompts):
         raise TlpersonaError(
             f"persona {persona.name!r} has {len(persona.system_prompts)} prompts; "
-            f"--prompt-index {idx} is out of range"
+            f"`prompt_index` {idx} is out of range"
         )
     return [(idx, persona.system_prompts[idx])]
 

@@ -1,17 +1,16 @@
-"""Figures for the comparison report (matplotlib, Agg backend, PNG)."""
+"""Figures for the reports (PNG). Figures are matplotlib ``Figure`` objects drawn without
+pyplot, so importing this module leaves a notebook's matplotlib backend alone."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.colors
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tlpersona.analyses import metrics as M  # noqa: E402
+from tlpersona.analyses import metrics as M
 
 _VERDICT_CODE = {"KILL": 0, "GREY": 1, "PASS": 2}
 
@@ -20,12 +19,18 @@ def _pair_name(pair: list[str]) -> str:
     return f"{pair[0]} ~ {pair[1]}"
 
 
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
+             **kw: Any) -> tuple[Figure, Any]:
+    """A figure and its axes, as ``pyplot.subplots`` gives, without touching pyplot's state."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
 def save_figure(fig: Any, path: Path) -> Path:
     """Lay out, write ``path`` (PNG) through a temporary name, and close ``fig``."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     tmp.replace(path)
     return path
 
@@ -36,7 +41,7 @@ def verdict_heatmap(result: dict[str, Any], path: Path) -> Path:
     grid = np.full((len(pairs), len(layers)), np.nan)
     for c in result["cells"]:
         grid[pairs.index(_pair_name(c["pair"])), layers.index(c["layer"])] = _VERDICT_CODE[c["verdict"]]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(layers), 0.8 + 0.35 * len(pairs)))
+    fig, ax = subplots(figsize=(1.2 + 0.9 * len(layers), 0.8 + 0.35 * len(pairs)))
     cmap = matplotlib.colors.ListedColormap(["#d9534f", "#bbbbbb", "#5cb85c"])
     ax.imshow(grid, cmap=cmap, vmin=0, vmax=2, aspect="auto")
     names = {v: k for k, v in _VERDICT_CODE.items()}
@@ -52,7 +57,7 @@ def verdict_heatmap(result: dict[str, Any], path: Path) -> Path:
 
 def cosine_violins(result: dict[str, Any], layer: int, path: Path) -> Path:
     cells = [c for c in result["cells"] if c["layer"] == layer]
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(cells)), 4))
+    fig, ax = subplots(figsize=(max(6, 0.45 * len(cells)), 4))
     data = [np.asarray(c["per_persona_cos_all"]) for c in cells]
     ax.violinplot(data, showmedians=True)
     th = result["thresholds"]
@@ -68,7 +73,7 @@ def cosine_violins(result: dict[str, Any], layer: int, path: Path) -> Path:
 
 def matrix_bars(result: dict[str, Any], layer: int, path: Path) -> Path:
     cells = [c for c in result["cells"] if c["layer"] == layer]
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(cells)), 4))
+    fig, ax = subplots(figsize=(max(6, 0.45 * len(cells)), 4))
     x = np.arange(len(cells))
     ax.bar(x - 0.2, [c["matrix_raw"]["pearson"] for c in cells], 0.4, label="raw r")
     ax.bar(x + 0.2, [c["matrix_mc"]["pearson"] for c in cells], 0.4, label="mean-centred r")
@@ -88,7 +93,7 @@ def matrix_bars(result: dict[str, Any], layer: int, path: Path) -> Path:
 
 def cosine_matrices(source: Any, positions: list[str], layer: int, path: Path) -> Path:
     li = source.layer_index(layer)
-    fig, axes = plt.subplots(1, len(positions), figsize=(2.6 * len(positions), 2.8))
+    fig, axes = subplots(1, len(positions), figsize=(2.6 * len(positions), 2.8))
     axes = np.atleast_1d(axes)
     for ax, pos in zip(axes, positions, strict=True):
         m = M.cos_matrix(M.mean_centre(source.centroids(pos)[:, li].double().numpy()))
@@ -101,7 +106,7 @@ def cosine_matrices(source: Any, positions: list[str], layer: int, path: Path) -
 
 
 def subspace_variance(layer: dict[str, Any], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     for i, (pos, v) in enumerate(layer["variance"].items()):
         color = f"C{i}"
         k = np.arange(1, len(v["shared_cumulative"]) + 1)
@@ -118,7 +123,7 @@ def subspace_variance(layer: dict[str, Any], path: Path) -> Path:
 def subspace_agreement(layer: dict[str, Any], th: dict[str, float], path: Path) -> Path:
     """Per shared PC, each pair's correlation of persona scores (held out: solid; in sample:
     dotted), with the threshold that counts a PC as shared."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     held, ins = layer["per_pc"], layer["per_pc_in_sample"]
     for i, pair in enumerate(held[0]["pairs"] if held else []):
         ax.plot([row["pc"] for row in held], [row["pairs"][pair] for row in held],
@@ -136,7 +141,7 @@ def subspace_agreement(layer: dict[str, Any], th: dict[str, float], path: Path) 
 
 def subspace_scatter(coords: dict[str, np.ndarray], layer: int, path: Path) -> Path:
     """``coords[recipe]``: ``[persona, 2]`` on PC1–PC2; lines join one persona across recipes."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = subplots(figsize=(5.5, 5))
     recipes = list(coords)
     stacked = np.stack([coords[r] for r in recipes])  # [recipe, persona, 2]
     for p in range(stacked.shape[1]):
@@ -155,7 +160,7 @@ def subspace_scatter(coords: dict[str, np.ndarray], layer: int, path: Path) -> P
 def ranked_bars(values: dict[str, np.ndarray], personas: list[str],
                 marks: dict[str, list[tuple[str, float]]], label: str, layer: int, path: Path) -> Path:
     """One panel per recipe: stored personas ranked by their coordinate, new items as lines."""
-    fig, axes = plt.subplots(1, len(values), figsize=(3.2 * len(values), 0.5 + 0.16 * len(personas)),
+    fig, axes = subplots(1, len(values), figsize=(3.2 * len(values), 0.5 + 0.16 * len(personas)),
                              squeeze=False)
     for ax, (recipe, v) in zip(axes[0], values.items(), strict=True):
         order = np.argsort(v)
@@ -173,7 +178,7 @@ def ranked_bars(values: dict[str, np.ndarray], personas: list[str],
 def patching_heatmap(result: dict[str, Any], path: Path) -> Path:
     """Two panels (KL and logit-difference effect): positions × layers, 0 = corrupt, 1 = clean."""
     rows, layers = result["positions"], result["layers"]
-    fig, axes = plt.subplots(1, 2, figsize=(2.5 + 1.2 * len(layers), 1.2 + 0.3 * len(rows)),
+    fig, axes = subplots(1, 2, figsize=(2.5 + 1.2 * len(layers), 1.2 + 0.3 * len(rows)),
                              squeeze=False)
     for ax, key, title in zip(axes[0], ("kl_effect", "ld_effect"),
                               ("KL effect", "logit-difference effect"), strict=True):

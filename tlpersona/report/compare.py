@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tlpersona.analyses import plots
 from tlpersona.files import atomic_write_bytes, json_bytes
+from tlpersona.report import plots
 
 
 def _f(v: Any, nd: int = 3) -> str:

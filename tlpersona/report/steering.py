@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tlpersona.analyses.plots import save_figure  # noqa: E402
-from tlpersona.analyses.steer_stats import Estimate  # noqa: E402
-from tlpersona.analyses.steering import SteeringResult  # noqa: E402
-from tlpersona.files import atomic_write_bytes  # noqa: E402
+from tlpersona.analyses.steer_stats import Estimate
+from tlpersona.analyses.steering import SteeringResult
+from tlpersona.files import atomic_write_bytes
+from tlpersona.report.plots import save_figure, subplots
 
 HOW = {
     "add": "`alpha · s_l · v/|v|` added to the base run after its system block (alpha in units "
@@ -38,7 +34,7 @@ def effects_figure(result: SteeringResult, path: Path) -> Path:
     """One panel per operator: the own vector's effect with its interval, the random
     directions' and the other personas' vectors' (scoring questions)."""
     ops = list(result.config.operators)
-    fig, axes = plt.subplots(1, len(ops), figsize=(1.2 + 1.1 * len(result.recipes) * len(ops), 3.4),
+    fig, axes = subplots(1, len(ops), figsize=(1.2 + 1.1 * len(result.recipes) * len(ops), 3.4),
                              squeeze=False)
     for ax, op in zip(axes[0], ops, strict=True):
         scores = result.scores_for(op)
@@ -66,7 +62,7 @@ def effects_figure(result: SteeringResult, path: Path) -> Path:
 def curves_figure(result: SteeringResult, path: Path) -> Path:
     """Effect against strength at the selected layers (own vector, selection questions)."""
     ops = [op for op in result.config.operators if op != "ablate"]
-    fig, axes = plt.subplots(1, max(1, len(ops)), figsize=(4 * max(1, len(ops)), 3.2),
+    fig, axes = subplots(1, max(1, len(ops)), figsize=(4 * max(1, len(ops)), 3.2),
                              squeeze=False)
     for ax, op in zip(axes[0], ops, strict=False):
         for i, s in enumerate(result.scores_for(op)):
@@ -91,7 +87,7 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    result.save(out / "steering.json")
+    result.write_json(out / "steering.json")
     effects_figure(result, figs / "steering_effects.png")
     curves_figure(result, figs / "steering_curves.png")
     cfg = result.config

@@ -1,0 +1,1 @@
+"""The typed API behind ``tlpersona``'s front door (see :mod:`tlpersona`)."""

@@ -1,0 +1,161 @@
+"""Analyses that read activations only: compare, subspace, project."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tlpersona.analyses.compare import CompareConfig, Thresholds
+from tlpersona.analyses.compare import compare as _compare
+from tlpersona.analyses.subspace import SubspaceConfig
+from tlpersona.analyses.subspace import subspace as _subspace
+from tlpersona.api.results import CompareResult, Projected, ProjectionResult, SubspaceResult
+from tlpersona.cache.store import Store, open_store
+from tlpersona.cache.vectors import PersonaVector, Reference
+from tlpersona.errors import TlpersonaError
+from tlpersona.models import LoadedModel
+from tlpersona.positions import canonical, parse_positions
+from tlpersona.sources import ActivationSource, open_source, stored_layers
+
+
+def _recipes(positions: Sequence[str] | None) -> list[str] | None:
+    if positions is None:
+        return None
+    return [p.name for p in parse_positions(",".join(positions))]
+
+
+def _count(value: int, name: str, minimum: int) -> None:
+    if value < minimum:
+        raise TlpersonaError(f"`{name}` must be at least {minimum}, not {value}")
+
+
+def compare(source: ActivationSource | str | Path, *, layers: Sequence[int] | None = None,
+            positions: Sequence[str] | None = None, permutations: int = 1000, seed: int = 0,
+            splits: int = 10, null_draws: int = 100,
+            thresholds: Thresholds | None = None) -> CompareResult:
+    """Compare the recipes of ``source`` (a store, a seed-layout directory, or a path to one).
+
+    For every stored layer (or ``layers``) × pair of ``positions`` (default: the seven recipes
+    present): per-persona cosines, mean-centred persona-geometry correlation with a Mantel null
+    (``permutations``), held-out Procrustes cosine with a relabelled null (``null_draws``),
+    split-half ceilings (``splits`` question halvings), spread, Holm-adjusted p-values, PASS /
+    GREY / KILL verdicts under ``thresholds`` and the groups of recipes that agree.
+    ``.save(out)`` writes results.json, figures and report.md.
+    """
+    _count(permutations, "permutations", 1)
+    _count(null_draws, "null_draws", 1)
+    _count(splits, "splits", 1)
+    src = open_source(source)
+    cfg = CompareConfig(positions=_recipes(positions), layers=stored_layers(src, layers),
+                        n_perm=permutations, seed=seed, n_splits=splits, n_null=null_draws,
+                        thresholds=thresholds or Thresholds())
+    return CompareResult.of(_compare(src, cfg), src)
+
+
+def subspace(source: ActivationSource | str | Path, *, layers: Sequence[int] | None = None,
+             positions: Sequence[str] | None = None, k_max: int = 50, unit_norm: bool = True,
+             seed: int = 0) -> SubspaceResult:
+    """The persona subspace the recipes share: joint PCA of the stacked recipes (each scaled to
+    unit total variance unless ``unit_norm=False``), and per layer ``k_found``, the number of
+    shared PCs whose persona scores agree across recipes on held-out personas, beside the same
+    count after relabelling one recipe's personas (null). ``.save(out)`` writes subspace.json,
+    pcs.safetensors, figures and subspace.md."""
+    _count(k_max, "k_max", 2)  # the figures and the matrix r need two PCs
+    src = open_source(source)
+    cfg = SubspaceConfig(positions=_recipes(positions), layers=stored_layers(src, layers),
+                         k_max=k_max, unit_norm=unit_norm, seed=seed)
+    data, comps = _subspace(src, cfg)
+    return SubspaceResult.of(data, comps, src)
+
+
+def project(store: Store | str | Path, *, layer: int | None = None,
+            positions: Sequence[str] | None = None, axis: str = "persona:assistant", k: int = 2,
+            unit_norm: bool = True, systems: Sequence[tuple[str, Sequence[str]]] = (),
+            conversations: Sequence[tuple[str, str]] = (), texts: Sequence[str] = (),
+            model: str | LoadedModel | None = None, device: str | None = None,
+            dtype: str | None = None) -> ProjectionResult:
+    """Project stored personas, and new material, onto shared PCs (``axis="pcs"``, the top
+    ``k``) or a persona axis (``axis="persona:NAME"``: NAME minus the mean of the others), per
+    recipe at ``layer`` (default: the middle stored layer).
+
+    New material is read through the store's model (``model`` overrides it; it must be the same
+    model): ``systems`` as (system prompt, questions averaged over), ``conversations`` as
+    (system, user) messages, ``texts`` as raw text at its last token (raw_system_last).
+    """
+    from tlpersona.analyses.projection import axis_frame, nearest, pc_frame
+    from tlpersona.data import Persona, Question
+    from tlpersona.extract import ExtractConfig, Extractor
+    from tlpersona.models import default_device, load_model
+
+    st = store if isinstance(store, Store) else open_store(store, verify=True)
+    # token 0 is the same for every persona: nothing to project
+    names = ([canonical(p.name) for p in parse_positions(",".join(positions))] if positions
+             else [p for p in st.positions if p != "first"])
+    for p in names:
+        st.centroids(p)  # one line for a position the store lacks
+    layer = layer if layer is not None else st.layers[len(st.layers) // 2]
+    li = st.layer_index(layer)
+    prompt_positions = [p for p in parse_positions(",".join(names)) if not p.needs_response]
+    if texts and "raw_system_last" not in names:
+        raise TlpersonaError("`texts` are read with the raw_system_last recipe, which "
+                             + ("`positions` does not include" if positions else
+                                "this store does not have"))
+    if any(not qs for _, qs in systems):
+        raise TlpersonaError("`systems`: every system prompt needs at least one question")
+    if (systems or conversations) and not prompt_positions:
+        raise TlpersonaError("`systems`/`conversations` need a recipe read from the prompt; "
+                             "these positions all need a response")
+    cent = {p: st.centroids(p)[:, li].double().numpy() for p in names}
+    if axis == "pcs":
+        _count(k, "k", 1)
+        sub = subspace(st, positions=names, layers=[layer], k_max=max(k, 2), unit_norm=unit_norm)
+        comps = sub.components[layer]
+        if k > comps.shape[0]:
+            raise TlpersonaError(f"`k` {k}: only {comps.shape[0]} shared PCs exist for "
+                                 f"{len(st.personas)} personas and {len(names)} recipes")
+        frames = {p: pc_frame(c, comps, k, unit_norm) for p, c in cent.items()}
+    elif axis.startswith("persona:"):
+        frames = {p: axis_frame(c, st.personas, axis.split(":", 1)[1]) for p, c in cent.items()}
+    else:
+        raise TlpersonaError(f"unknown `axis` {axis!r} (pcs or persona:NAME)")
+    points = [Projected(name, p, dict(zip(f.names, map(float, c), strict=True)), True, [])
+              for p, f in frames.items() for name, c in zip(st.personas, f.coords(cent[p]),
+                                                             strict=True)]
+    items = ([(f"system:{i}", s, list(qs)) for i, (s, qs) in enumerate(systems)]
+             + [(f"conversation:{i + 1}", s, [u]) for i, (s, u) in enumerate(conversations)]
+             + [(f"text:{i}", t, []) for i, t in enumerate(texts)])
+    if items:
+        if isinstance(model, LoadedModel):
+            bridge = model
+        else:
+            spec = model or st.provenance["model"]
+            bridge = load_model(spec, device or default_device(), dtype)
+        if bridge.info.identity != st.provenance.get("model_identity"):
+            raise TlpersonaError(f"`model` {bridge.info.spec} is not the model this store was "
+                                 "made with")
+        for label, system, questions in items:
+            pos_list = ([p for p in prompt_positions if p.kind == "raw"] if not questions
+                        else prompt_positions)
+            if not pos_list:
+                continue
+            ex = Extractor(bridge, ExtractConfig(positions=pos_list, layers=[layer], progress=False))
+            qs = [Question(str(i), q) for i, q in enumerate(questions or ["."])]
+            res = ex.persona(Persona(label, (system,)), qs)
+            for p in pos_list:
+                x = res.centroid[p.name][0].double().numpy()
+                f = frames[p.name]
+                near = nearest(x, cent[p.name], st.personas)
+                points.append(Projected(
+                    label, p.name, dict(zip(f.names, map(float, f.coords(x[None])[0]), strict=True)),
+                    False, [(n["persona"], float(n["cos"])) for n in near]))
+    axes = next(iter(frames.values())).names
+    return ProjectionResult(str(st.root), layer, axis, names, list(axes), points)
+
+
+def persona_vector(store: Store | str | Path, persona: str, position: str, layer: int,
+                   relative_to: Reference = "all") -> PersonaVector:
+    """``persona``'s vector for one stored recipe and layer, with its provenance: its centroid
+    minus the mean of all personas' (``"all"``, what steering adds) or of the other personas'
+    (``"others"``, its axis, what projection uses)."""
+    st = store if isinstance(store, Store) else open_store(store, verify=True)
+    return st.persona_vector(persona, canonical(position), layer, relative_to)

@@ -1,0 +1,163 @@
+"""Experiments that run the model: activation patching and steering."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tlpersona.api.results import PatchResult, SteeringResult
+from tlpersona.cache.store import Store, open_store
+from tlpersona.data import Persona, Question, builtin_personas, builtin_questions, content_hash
+from tlpersona.errors import TlpersonaError
+from tlpersona.models import LayerSpec, LoadedModel, default_device, load_model, resolve_layers
+from tlpersona.positions import canonical
+from tlpersona.sources import stored_layers
+
+
+def _model_for(model: str | LoadedModel | None, prov: dict[str, Any], device: str | None,
+               dtype: str | None, attn: str) -> LoadedModel:
+    """The bridged model (loaded unless given), checked against the store's model identity when
+    there is a store."""
+    loaded = (model if isinstance(model, LoadedModel)
+              else load_model(model or prov.get("model", "default"), device or default_device(),
+                               dtype, attn))
+    if prov and loaded.info.identity != prov.get("model_identity"):
+        raise TlpersonaError(f"`model` {loaded.info.spec} is not the model the store was made "
+                             f"with ({prov.get('model')})")
+    return loaded
+
+
+def _store_phrasing(prov: dict[str, Any], given: int | None) -> int:
+    """The store's phrasing unless one is given; a store averaged over phrasings ("all") → 0."""
+    if given is not None:
+        return given
+    stored = prov.get("prompt_index", 0)
+    return stored if isinstance(stored, int) else 0
+
+
+def _spread_layers(n_layers: int, k: int = 8) -> list[int]:
+    return sorted({round(i * (n_layers - 1) / (k - 1)) for i in range(k)})
+
+
+def _pick(personas: list[Persona], keep: str | None, n: int) -> list[Persona]:
+    """The first ``n`` personas other than ``keep``, with ``keep`` (if given) in front."""
+    if n < 1:
+        raise TlpersonaError("`n_personas` must be at least 1")
+    named = [p for p in personas if p.name == keep]
+    if keep is not None and not named:
+        raise TlpersonaError(f"`corrupt`: persona {keep!r} is not among the personas")
+    return named + [p for p in personas if p.name != keep][:n]
+
+
+def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | None = None,
+          questions: Sequence[Question] | None = None, *, store: Store | str | Path | None = None,
+          n_personas: int = 4, n_questions: int = 2, layers: LayerSpec | None = None,
+          positions: Sequence[str] = ("system", "sys_end", "sys_end+1", "user_end", "last"),
+          hook: str = "resid_post", corrupt: str = "assistant", response_tokens: int = 0,
+          prompt_index: int | None = None, device: str | None = None, dtype: str | None = None,
+          attn: str = "auto", progress: bool = True) -> PatchResult:
+    """Activation patching over positions × layers: each clean persona's activation patched into
+    the ``corrupt`` persona's run (or each persona into the next, ``corrupt="next"``), effects
+    as the share of KL(clean ‖ corrupt) removed and of the logit difference restored, averaged
+    over persona pairs and the first ``n_questions`` questions.
+
+    With ``store``, the model and phrasing default to the store's (a different model is an
+    error). ``layers`` default to 8 spread over the model; ``positions`` use the position
+    grammar, ``"system"`` being every system-text token. ``.save(out)`` writes patch.json,
+    figures and patch.md.
+    """
+    from tlpersona.analyses.interventions import HOOKS, Runner
+    from tlpersona.analyses.patching import PatchConfig, run_patching
+
+    if hook not in HOOKS:
+        raise TlpersonaError(f"unknown `hook` {hook!r} ({' or '.join(HOOKS)})")
+    if n_questions < 1:
+        raise TlpersonaError("`n_questions` must be at least 1")
+    st = (store if isinstance(store, Store) or store is None else open_store(store, verify=True))
+    prov = st.provenance if st is not None else {}
+    ps = builtin_personas() if personas is None else list(personas)
+    qs = (builtin_questions() if questions is None else list(questions))[:n_questions]
+    keep = None if corrupt == "next" else corrupt
+    chosen = _pick(ps, keep, n_personas)
+    loaded = _model_for(model, prov, device, dtype, attn)
+    chosen_layers = (resolve_layers(layers, loaded.info.n_layers) if layers is not None
+                     else _spread_layers(loaded.info.n_layers))
+    data = run_patching(Runner(loaded), chosen, qs, PatchConfig(
+        layers=chosen_layers, positions=list(positions), hook=hook, corrupt=corrupt,
+        response_tokens=response_tokens, prompt_index=_store_phrasing(prov, prompt_index),
+        progress=progress))
+    return PatchResult.of(data)
+
+
+def eval_questions(store: Store, questions: list[Question], n: int) -> tuple[list[Question], str]:
+    """Up to ``n`` questions the store's vectors were not built from; all of them (and a note
+    saying so) when fewer than two such remain."""
+    if n < 2:
+        raise TlpersonaError("`n_questions` must be at least 2 (selection and scoring halves)")
+    fresh = [q for q in questions if q.id not in set(store.questions)]
+    if len(fresh) >= 2:
+        return fresh[:n], (f"Questions are ones the persona vectors were not built from "
+                           f"(not among the store's {len(store.questions)}).")
+    return questions[:n], ("Fewer than two questions are left outside the store's, so the "
+                           "persona vectors were built from these same questions.")
+
+
+def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
+          persona_source: Sequence[Persona] | None = None,
+          questions: Sequence[Question] | None = None, *, n_questions: int = 8,
+          personas: Sequence[str] | None = None, n_personas: int = 4,
+          base: str = "assistant", recipes: Sequence[str] | None = None,
+          layers: Sequence[int] | None = None, operators: Sequence[str] = ("add", "ablate", "cap"),
+          alphas: Sequence[float] | None = None, cap_percentiles: Sequence[float] | None = None,
+          n_random: int = 10, response_tokens: int = 16, prompt_index: int | None = None,
+          seed: int = 0, n_boot: int = 2000, fluency_margin: float = 0.5, continuations: int = 2,
+          continuation_tokens: int = 24, device: str | None = None, dtype: str | None = None,
+          attn: str = "auto", progress: bool = True) -> SteeringResult:
+    """Steering, ablation and capping with each stored recipe's persona vectors.
+
+    ``persona_source`` must be the persona set the store was made with (their system prompts
+    are needed; the store keeps their hash); default: the built-in set. Settings (layer, alpha in
+    units of the layer's typical residual norm) are selected on one half of up to
+    ``n_questions`` questions the store was not built from and scored on the other half,
+    against ``n_random`` random directions and the other personas' vectors, with bootstrap
+    intervals. ``personas`` names the steered personas; default: the ``n_personas`` farthest
+    from ``base`` on its axis. ``.save(out)`` writes steering.json, figures and steering.md.
+    """
+    from tlpersona.analyses.steering import (
+        DEFAULT_ALPHAS,
+        DEFAULT_PERCENTILES,
+        SteerConfig,
+        check_config,
+    )
+    from tlpersona.analyses.steering import steer as _steer
+    from tlpersona.safety import check_finite_numbers
+
+    st = store if isinstance(store, Store) else open_store(store, verify=True)
+    prov = st.provenance
+    ps = builtin_personas() if persona_source is None else list(persona_source)
+    by_name = {p.name: p for p in ps}
+    stored = [by_name.get(n) for n in st.personas]
+    if any(p is None for p in stored) or content_hash(
+            [[p.name, list(p.system_prompts)] for p in stored if p is not None]) \
+            != prov.get("persona_hash"):
+        raise TlpersonaError("`persona_source` does not match the personas the store was made with")
+    qs, note = eval_questions(st, builtin_questions() if questions is None else list(questions),
+                              n_questions)
+    for name, values in (("alphas", alphas), ("cap_percentiles", cap_percentiles)):
+        if values is not None:
+            check_finite_numbers(values, f"`{name}`")
+    cfg = SteerConfig(
+        recipes=[canonical(r) for r in recipes] if recipes else None,
+        layers=stored_layers(st, layers), operators=list(operators),
+        alphas=list(alphas) if alphas is not None else list(DEFAULT_ALPHAS),
+        cap_percentiles=(list(cap_percentiles) if cap_percentiles is not None
+                         else list(DEFAULT_PERCENTILES)),
+        personas=list(personas) if personas else None, n_personas=n_personas, base=base,
+        n_random=n_random, response_tokens=response_tokens,
+        prompt_index=_store_phrasing(prov, prompt_index), seed=seed, n_boot=n_boot,
+        fluency_margin=fluency_margin, continuations=continuations,
+        continuation_tokens=continuation_tokens, progress=progress)
+    check_config(cfg, st)  # before the model is loaded
+    loaded = _model_for(model, prov, device, dtype, attn)
+    return SteeringResult.of(_steer(st, loaded, ps, qs, cfg, questions_note=note))

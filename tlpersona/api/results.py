@@ -1,0 +1,260 @@
+"""Typed results of the API calls: the numbers a notebook reads as attributes, ``.to_dict()``
+(exactly the JSON the CLI writes) and ``.save(out_dir)`` (JSON, report, figures)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlpersona.analyses.steering import SteeringResult as _SteeringResult
+from tlpersona.files import atomic_write_bytes
+from tlpersona.safety import check_output_dir
+from tlpersona.sources import ActivationSource
+
+
+@dataclass(frozen=True)
+class PairCell:
+    """One layer × recipe pair of :func:`tlpersona.compare`, each statistic beside its null
+    (what unrelated personas give) and ceiling (what the same recipe gives across question
+    halves; None where unknown)."""
+
+    layer: int
+    x: str
+    y: str
+    verdict: str  # PASS, GREY or KILL
+    cos_mean: float
+    cos_min: float
+    cos_null_mean: float
+    mc_r: float  # mean-centred persona-geometry correlation
+    mc_r_null_p95: float
+    mc_r_p_holm: float
+    mc_r_ceiling: float | None
+    procrustes_cos: float | None  # held-out Procrustes cosine (None: too few personas)
+    procrustes_null_p95: float | None
+    procrustes_p_holm: float | None
+    procrustes_ceiling: float | None
+    spread_spearman: float | None
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """What :func:`tlpersona.compare` found; ``.to_dict()`` is results.json."""
+
+    layers: list[int]
+    positions: list[str]
+    personas: list[str]
+    cells: list[PairCell]
+    recipe_robust: bool
+    sentence: str
+    partition: list[list[str]]  # recipes agreeing at every layer (every pair passes)
+    source: ActivationSource = field(repr=False)
+    _data: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def of(cls, data: dict[str, Any], source: ActivationSource) -> CompareResult:
+        cells = []
+        for c in data["cells"]:
+            proc, mc = c["procrustes_cos"], c["matrix_mc"]
+            cells.append(PairCell(
+                layer=c["layer"], x=c["pair"][0], y=c["pair"][1], verdict=c["verdict"],
+                cos_mean=c["per_persona_cos"]["mean"], cos_min=c["per_persona_cos"]["min"],
+                cos_null_mean=c["per_persona_cos"]["null_mean"], mc_r=mc["pearson"],
+                mc_r_null_p95=mc["null_p95"], mc_r_p_holm=mc.get("mantel_p_holm", mc["mantel_p"]),
+                mc_r_ceiling=c["ceiling"]["matrix_mc_pearson"], procrustes_cos=proc.get("mean"),
+                procrustes_null_p95=proc.get("null_p95"), procrustes_p_holm=proc.get("p_holm"),
+                procrustes_ceiling=proc.get("ceiling"),
+                spread_spearman=c["spread"].get("spearman")))
+        ov = data["overall"]
+        return cls(list(data["layers"]), list(data["positions"]), list(data["personas"]), cells,
+                   bool(ov["recipe_robust"]), ov["sentence"], [list(g) for g in ov["partition"]],
+                   source, data)
+
+    def cell(self, layer: int, x: str, y: str) -> PairCell:
+        for c in self.cells:
+            if c.layer == layer and {c.x, c.y} == {x, y}:
+                return c
+        raise KeyError((layer, x, y))
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._data)
+
+    def save(self, out: str | Path, title: str = "Recipe comparison") -> Path:
+        """results.json, figures/ and report.md into ``out``; returns report.md's path."""
+        from tlpersona.report.compare import write_report
+
+        check_output_dir(Path(out), "`out`")
+        return write_report(self._data, self.source, out, title)
+
+
+@dataclass(frozen=True)
+class SubspaceLayer:
+    """The shared persona subspace at one layer."""
+
+    layer: int
+    k_found: int | None  # shared PCs whose held-out persona scores agree (r > 0.9) across recipes
+    k_found_saturated: bool  # every countable PC passed: the subspace may be larger
+    k_found_in_sample: int | None
+    k_found_null: list[int | None]  # the same count after relabelling one recipe's personas
+    k_found_null_p: float | None
+    explained_variance_ratio: list[float]
+
+
+@dataclass(frozen=True)
+class SubspaceResult:
+    """What :func:`tlpersona.subspace` found; ``.to_dict()`` is subspace.json."""
+
+    positions: list[str]
+    unit_norm: bool
+    layers: list[SubspaceLayer]
+    components: dict[int, np.ndarray] = field(repr=False)  # layer -> [k, d_model] shared PCs
+    source: ActivationSource = field(repr=False)
+    _data: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def of(cls, data: dict[str, Any], components: dict[int, np.ndarray],
+           source: ActivationSource) -> SubspaceResult:
+        layers = [SubspaceLayer(d["layer"], d["k_found"], d["k_found_saturated"],
+                                d["k_found_in_sample"], list(d["k_found_null"]),
+                                d["k_found_null_p"], list(d["explained_variance_ratio"]))
+                  for d in data["layers"]]
+        return cls(list(data["positions"]), bool(data["unit_norm"]), layers, components, source,
+                   data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._data)
+
+    def save(self, out: str | Path) -> Path:
+        """subspace.json, pcs.safetensors, figures/ and subspace.md into ``out``; returns
+        subspace.md's path."""
+        from tlpersona.report.compare import write_subspace
+
+        check_output_dir(Path(out), "`out`")
+        section = write_subspace(self._data, self.components, self.source, out)
+        path = Path(out) / "subspace.md"
+        atomic_write_bytes(path, section.encode())
+        return path
+
+
+@dataclass(frozen=True)
+class Projected:
+    """One stored persona or new item in a projection frame."""
+
+    label: str
+    recipe: str
+    coords: dict[str, float]  # axis name -> coordinate
+    stored: bool
+    nearest: list[tuple[str, float]]  # (stored persona, cosine), closest first; new items only
+
+
+@dataclass(frozen=True)
+class ProjectionResult:
+    """What :func:`tlpersona.project` computed; ``.to_dict()`` is projection.json."""
+
+    store: str
+    layer: int
+    axis: str
+    positions: list[str]
+    axes: list[str]  # coordinate names (PC1 …, or the persona axis)
+    points: list[Projected]
+
+    def to_dict(self) -> dict[str, Any]:
+        stored: dict[str, list[dict[str, Any]]] = {p: [] for p in self.positions}
+        items = []
+        for pt in self.points:
+            if pt.stored:
+                stored[pt.recipe].append({"persona": pt.label, "coords": dict(pt.coords)})
+            else:
+                items.append({"label": pt.label, "recipe": pt.recipe, "coords": dict(pt.coords),
+                              "nearest": [{"persona": n, "cos": c} for n, c in pt.nearest]})
+        return {"store": self.store, "layer": self.layer, "axis": self.axis,
+                "positions": list(self.positions), "stored": stored, "items": items}
+
+    def save(self, out: str | Path) -> Path:
+        """projection.json, projection.csv and projection.png into ``out``; returns the JSON's
+        path."""
+        import csv
+        import io
+
+        from tlpersona.report import plots
+
+        out = Path(out)
+        check_output_dir(out, "`out`")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "projection.json", json.dumps(self.to_dict(), indent=1).encode())
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["kind", "label", "recipe", "layer", *self.axes])
+        for pt in sorted(self.points, key=lambda p: not p.stored):
+            w.writerow(["stored" if pt.stored else "new", pt.label, pt.recipe, self.layer,
+                        *(pt.coords[n] for n in self.axes)])
+        atomic_write_bytes(out / "projection.csv", buf.getvalue().encode())
+        first = self.axes[0]
+        personas = [pt.label for pt in self.points if pt.stored and pt.recipe == self.positions[0]]
+        bars = {p: np.array([pt.coords[first] for pt in self.points if pt.stored and pt.recipe == p])
+                for p in self.positions}
+        marks = {p: [(pt.label, pt.coords[first]) for pt in self.points
+                     if not pt.stored and pt.recipe == p] for p in self.positions}
+        plots.ranked_bars(bars, personas, marks, first, self.layer, out / "projection.png")
+        return out / "projection.json"
+
+
+@dataclass(frozen=True)
+class PatchCellResult:
+    """Mean effect of patching one position × layer from clean into corrupt."""
+
+    position: str
+    layer: int
+    kl_effect: float  # share of KL(clean ‖ corrupt) removed
+    ld_effect: float  # share of the clean-vs-corrupt logit difference restored
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """What :func:`tlpersona.patch` measured; ``.to_dict()`` is patch.json."""
+
+    pairs: list[tuple[str, str]]  # (clean, corrupt) persona names
+    positions: list[str]
+    layers: list[int]
+    cells: list[PatchCellResult]
+    _data: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> PatchResult:
+        cells = [PatchCellResult(c["position"], c["layer"], c["kl_effect"], c["ld_effect"])
+                 for c in data["cells"]]
+        return cls([(a, b) for a, b in data["pairs"]], list(data["positions"]),
+                   list(data["layers"]), cells, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._data)
+
+    def save(self, out: str | Path) -> Path:
+        """patch.json, figures/ and patch.md into ``out``; returns patch.md's path."""
+        from tlpersona.report.compare import write_patch
+
+        check_output_dir(Path(out), "`out`")
+        write_patch(self._data, out)
+        return Path(out) / "patch.md"
+
+
+@dataclass
+class SteeringResult(_SteeringResult):
+    """What :func:`tlpersona.steer` found (see
+    :class:`tlpersona.analyses.steering.SteeringResult` for the fields)."""
+
+    @classmethod
+    def of(cls, result: _SteeringResult) -> SteeringResult:
+        return cls(**{f.name: getattr(result, f.name) for f in fields(result)})
+
+    def save(self, out: str | Path) -> Path:
+        """steering.json, figures/ and steering.md into ``out``; returns steering.md's path."""
+        from tlpersona.report.steering import write_steering
+
+        check_output_dir(Path(out), "`out`")
+        write_steering(self, out)
+        return Path(out) / "steering.md"

@@ -1,0 +1,77 @@
+"""What the read-only analyses read: a store, or centroids in the seed layout."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class ActivationSource(Protocol):
+    """Persona × layer activations per position, behind the store's read interface.
+
+    Implemented by :class:`tlpersona.cache.store.Store` and
+    :class:`tlpersona.cache.seed_layout.SeedSource`. Layers are block numbers (``layer_index``
+    maps one to its row); tensors are ``[persona, layer, d_model]`` (centroids) and
+    ``[persona, question, layer, d_model]`` (per question).
+    """
+
+    personas: list[str]
+    questions: list[str]
+    layers: list[int]
+    positions: list[str]
+
+    @property
+    def provenance(self) -> dict[str, Any]: ...
+
+    @property
+    def manifest_hash(self) -> str: ...
+
+    def question_invariant(self, position: str) -> bool: ...
+
+    def centroids(self, position: str) -> torch.Tensor: ...
+
+    def has_per_question(self, position: str) -> bool: ...
+
+    def per_question(self, position: str, layer: int | None = None) -> torch.Tensor: ...
+
+    def per_question_rows(self, position: str, start: int, stop: int) -> torch.Tensor: ...
+
+    def valid(self, position: str) -> torch.Tensor: ...
+
+    def n_tokens(self, position: str) -> torch.Tensor | None: ...
+
+    def layer_index(self, layer: int) -> int: ...
+
+
+def open_source(source: ActivationSource | str | Path) -> ActivationSource:
+    """An opened source as is; a path opened as a store (verified) or, when it holds
+    ``method_<x>/all_centroids.pt`` folders instead of a manifest, as a seed-layout directory."""
+    from tlpersona.cache.seed_layout import read_seed
+    from tlpersona.cache.store import MANIFEST, open_store
+
+    if not isinstance(source, (str, Path)):
+        return source
+    path = Path(source)
+    if not (path / MANIFEST).exists() and any(path.glob("method_*/all_centroids.pt")):
+        return read_seed(path)
+    return open_store(path, verify=True)
+
+
+def stored_layers(source: ActivationSource, layers: Sequence[int] | None) -> list[int] | None:
+    """``layers`` as stored block numbers (None: every stored layer). Negative numbers count
+    from the end of the model (its block count from a store's manifest; for a seed layout,
+    from the last stored layer). A layer the source lacks is an error."""
+    if layers is None:
+        return None
+    manifest = getattr(source, "manifest", {})
+    n = manifest.get("n_layers_total") or max(source.layers) + 1
+    out = []
+    for layer in layers:
+        block = layer + n if layer < 0 else layer
+        source.layer_index(block)
+        out.append(block)
+    return out
