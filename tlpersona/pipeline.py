@@ -185,7 +185,7 @@ def run_extract(req: ExtractRequest) -> Path:
         if given is not None:
             check_compatible(resp_path, plan.identity, expected["template_hash"])
             responses = given
-        elif needs and _fused(req, plan.device, resp_path, personas, questions):
+        elif needs and _fused(req, plan.device, resp_path, personas, questions, cfg):
             return _run_fused(req, plan, cfg, personas, questions, out, resp_path, rk)
         elif needs:
             responses = _generate(plan.source, plan.device, req.dtype, plan.tokenizer, personas,
@@ -224,15 +224,22 @@ def _check_out(out: Path, expected: dict[str, Any], force_new: bool, keep: set[P
         check_ours(resp, None, "--out")  # ours is replaced; a foreign one is never removed
 
 
-def _fused(req: ExtractRequest, device: str, resp_path: Path, personas, questions) -> bool:
+def _fused(req: ExtractRequest, device: str, resp_path: Path, personas, questions,
+           cfg: ExtractConfig) -> bool:
     """Generate and extract in one pass (tlpersona.fused) when the static decoder generates the
     responses here: always for a store that a fused run started; otherwise unless every
-    response is already on disk (then extraction alone is the shorter way)."""
+    response is already on disk (then extraction alone is the shorter way), or a position needs
+    tokens after the response (:func:`tlpersona.fused.fusable`)."""
     from tlpersona.data import indexed_prompts
-    from tlpersona.fused import fused_marked
+    from tlpersona.fused import fusable, fused_marked
 
     static = req.decoder == "static" or (req.decoder == "auto" and device.startswith("cuda"))
     if not static or req.device_map:
+        return False
+    if not fusable(cfg):
+        print("tlpersona: response_mean_seed reads the template's closing tokens after each "
+              "response, which decoding never feeds: generating first, then extracting in a "
+              "second pass", file=sys.stderr)
         return False
     if fused_marked(req.out):
         return True
