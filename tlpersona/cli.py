@@ -397,18 +397,24 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
               help="scale each recipe to unit total variance before the PCA (--raw-scale: keep "
                    "each recipe's own scale, so the largest recipe dominates)")
 @click.option("--seed", type=int, default=0, show_default=True, help="held-out persona split")
+@click.option("--align", type=click.Choice(["none", "procrustes"]), default="none", show_default=True,
+              help="procrustes: also rotate each recipe onto a common frame before the PCA, so "
+                   "the same geometry in a rotated basis counts as shared")
 @_friendly
 def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | None,
-             positions: str | None, k_max: int, unit_norm: bool, seed: int) -> None:
+             positions: str | None, k_max: int, unit_norm: bool, seed: int, align: str) -> None:
     """Joint PCA of all recipes: the persona subspace they share, and its dimension per layer."""
     from tlpersona.pipeline import run_subspace
 
     if k_max < 2:
         raise TlpersonaError("--k-max must be at least 2 (the figures and the matrix r need two PCs)")
     path, result = run_subspace(store, seed_dir, _subspace_config(positions, layers, k_max,
-                                                                  unit_norm, seed), out)
+                                                                  unit_norm, seed, align), out)
     for lay in result["layers"]:
         click.echo(_subspace_line(lay))
+        if "aligned" in lay:
+            click.echo(f"  aligned (procrustes): k_found {lay['aligned']['k_found']}, null "
+                       f"{lay['aligned']['k_found_null']}")
     click.echo(f"report: {path}")
 
 
@@ -463,12 +469,12 @@ def _subspace_line(lay: dict[str, Any]) -> str:
 
 
 def _subspace_config(positions: str | None, layers: str | None, k_max: int = 50,
-                     unit_norm: bool = True, seed: int = 0) -> Any:
+                     unit_norm: bool = True, seed: int = 0, align: str = "none") -> Any:
     from tlpersona.analyses.subspace import SubspaceConfig
 
     base = _compare_config(positions, layers, 1, seed, 1)
     return SubspaceConfig(positions=base.positions, layers=base.layers, k_max=k_max,
-                          unit_norm=unit_norm, seed=seed)
+                          unit_norm=unit_norm, seed=seed, align=align)
 
 
 def _cuda() -> bool:
