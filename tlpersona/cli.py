@@ -427,19 +427,25 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
               help="scale each recipe to unit total variance before the PCA (--raw-scale: keep "
                    "each recipe's own scale, so the largest recipe dominates)")
 @click.option("--seed", type=int, default=0, show_default=True, help="held-out persona split")
+@click.option("--align", type=click.Choice(["none", "procrustes"]), default="none", show_default=True,
+              help="procrustes: also rotate each recipe onto a common frame before the PCA, so "
+                   "the same geometry in a rotated basis counts as shared")
 @_friendly
 def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | None,
-             positions: str | None, k_max: int, unit_norm: bool, seed: int) -> None:
+             positions: str | None, k_max: int, unit_norm: bool, seed: int, align: str) -> None:
     """Joint PCA of all recipes: the persona subspace they share, and its dimension per layer."""
     from tlpersona.api.analysis import subspace as run
 
     path = _checked_out(out)
     result = run(_source(store, seed_dir), layers=_stored_layers(layers),
                  positions=_items(positions) if positions else None, k_max=k_max,
-                 unit_norm=unit_norm, seed=seed)
+                 unit_norm=unit_norm, seed=seed, align=align)
     report = result.save(path)
     for lay in result.layers:
         click.echo(_subspace_line(lay))
+        if lay.aligned_k_found_null is not None:
+            click.echo(f"  aligned (procrustes): k_found {lay.aligned_k_found}, null "
+                       f"{lay.aligned_k_found_null}")
     click.echo(f"report: {report}")
 
 

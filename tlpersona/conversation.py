@@ -28,6 +28,8 @@ class Spans:
     anchors: dict[str, int] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
     response_stop: int | None = None
+    # end of the assistant turn as the template closes it (the closing tokens follow the response)
+    turn_stop: int | None = None
 
     @property
     def seq_len(self) -> int:
@@ -71,6 +73,7 @@ class ChatRenderer:
             raise TlpersonaError("the tokenizer has no chat template; positions need one")
         self._special = _special_ids(tokenizer)
         self._system_role: bool | None = None
+        self._close: list[int] | None = None
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         try:
@@ -145,6 +148,34 @@ class ChatRenderer:
         else:
             spans.missing["resp_start"] = "resp_start needs a response"
         return spans
+
+    def turn_close(self) -> list[int]:
+        """Token ids the template writes after an assistant message's content (ChatML:
+        ``<|im_end|>``, ``\n``).
+
+        The seed experiment rendered each conversation with its response as an assistant message
+        and pooled every token after the generation prompt, so its response span ends with
+        these. Found by rendering a probe conversation with and without an assistant message;
+        a template whose assistant turn does not continue its generation prompt, or whose closing
+        text would merge into the content's last token, is refused.
+        """
+        if self._close is None:
+            probe = "q7x closing probe"
+            msgs = self.messages("You are a probe.", "Hi?")
+            head = self._render(msgs, generation_prompt=True) + probe
+            full = self._render([*msgs, {"role": "assistant", "content": probe}], generation_prompt=False)
+            tail = full[len(head):]
+            if not full.startswith(head) or not tail:
+                raise TlpersonaError("response_mean_seed: this chat template does not render an "
+                                     "assistant message as its generation prompt followed by the "
+                                     "content and closing text")
+            close = list(self.tokenizer(tail, add_special_tokens=False)["input_ids"])
+            whole = list(self.tokenizer(full, add_special_tokens=False)["input_ids"])
+            if whole[-len(close):] != close:
+                raise TlpersonaError("response_mean_seed: this chat template's closing text "
+                                     "tokenises differently after the content than alone")
+            self._close = close
+        return list(self._close)
 
     def raw_system(self, system: str) -> list[int]:
         """The system text tokenised alone: no template, no BOS."""

@@ -149,6 +149,7 @@ class Extractor:
         self._anchored = [p for p in config.positions if p.question_invariant and p.kind == "anchored"]
         self._raw = any(p.kind == "raw" for p in config.positions)
         self._dep = [p for p in config.positions if not p.question_invariant]
+        self._seed = any(p.anchor == "response_mean_seed" for p in config.positions)
 
     @torch.no_grad()
     def run(self, seqs: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor:
@@ -252,9 +253,16 @@ class Extractor:
             row = []
             for q in questions:
                 resp = (responses or {}).get((persona.name, pidx, q.id)) if cfg.needs_response else None
-                spans = self.renderer.prompt(system, q.text, resp.ids if resp else None)
+                ids = resp.ids if resp else None
+                if resp is not None and self._seed:
+                    # the seed's templated conversation: content, then the template's closing
+                    # tokens in place of the end token the model emitted (checked in preflight)
+                    ids = resp.ids[: resp.content_len(False)] + self.renderer.turn_close()
+                spans = self.renderer.prompt(system, q.text, ids)
                 if resp is not None:
                     spans.response_stop = spans.prompt_len + resp.content_len(cfg.include_eot)
+                    if self._seed:
+                        spans.turn_stop = spans.seq_len
                 row.append((spans, resp))
             out.append(row)
         return out
@@ -296,8 +304,10 @@ class Extractor:
                 w[self._row["raw_system_last"], -1] = 1.0
                 weights.append(w)
             for spans, resp in row:
+                # the seed span exists for an empty response too (the closing tokens alone)
                 has = torch.tensor([not p.needs_response or
-                                    (resp is not None and resp.content_len(cfg.include_eot) > 0)
+                                    (resp is not None and (p.anchor == "response_mean_seed"
+                                                           or resp.content_len(cfg.include_eot) > 0))
                                     for p in self._dep])
                 live = [p for p, h in zip(self._dep, has, strict=True) if h]
                 w = self._weights(live, spans, spans.seq_len)

@@ -301,6 +301,12 @@ def _append(path: Path, tokenizer: Any, responses: dict[Key, Response], saved: s
     saved.update(k for k, _ in new)
 
 
+def fusable(cfg: ExtractConfig) -> bool:
+    """Whether one decoding pass can read every position: not ``response_mean_seed``, whose
+    closing tokens come after the generated ones and are never fed to the model while decoding."""
+    return not any(p.anchor == "response_mean_seed" for p in cfg.positions)
+
+
 def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: ExtractConfig,
                            fcfg: FusedConfig, personas: list[Persona], questions: list[Question],
                            out: str | Path, responses_path: str | Path,
@@ -317,6 +323,9 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
         raise TlpersonaError("no questions")
     if not cfg.needs_response:
         raise TlpersonaError("fused extraction is for runs with response positions")
+    if not fusable(cfg):
+        raise TlpersonaError("response_mean_seed reads the template's closing tokens after each "
+                             "response, which decoding never feeds; extract it in a second pass")
     if header is None:
         header = response_header(info.identity, template_hash(tokenizer),
                                  str(hf.dtype).replace("torch.", ""), fcfg.max_new_tokens)

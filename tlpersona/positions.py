@@ -12,7 +12,10 @@ Kinds of position:
   ``user_last``/``user_end`` (likewise for the user turn), ``resp_start`` (first response token).
 * pooled: ``prompt_mean`` (mean over every prompt token), ``prompt_mean_no_last`` (all but the
   last), ``prompt_mean_no_first`` (all but token 0, whose residual norm can be two orders above
-  the rest and then dominates ``prompt_mean``), ``response_mean`` (mean over the generated response tokens).
+  the rest and then dominates ``prompt_mean``), ``response_mean`` (mean over the generated response
+  tokens; the end-of-turn token only with ``include_eot``), ``response_mean_seed`` (the seed
+  experiment's span: the response tokens followed by the tokens the chat template closes an
+  assistant turn with, for ChatML ``<|im_end|>`` and ``\n``; see :meth:`ChatRenderer.turn_close`).
 * ``raw_system_last``: the system text tokenised alone (no template, no BOS), last token.
 
 Recipe aliases are accepted on input only; stored names are canonical.
@@ -40,7 +43,8 @@ ANCHORS = (
     "user_end",
     "resp_start",
 )
-POOLED = ("prompt_mean", "prompt_mean_no_last", "prompt_mean_no_first", "response_mean")
+POOLED = ("prompt_mean", "prompt_mean_no_last", "prompt_mean_no_first", "response_mean",
+          "response_mean_seed")
 RAW = "raw_system_last"
 
 #: Anchors that lie before the user turn; in a causal model they cannot see the question.
@@ -57,7 +61,8 @@ RECIPES: dict[str, str] = {
     "c3": "sys_end+1",
 }
 _ALIASES = {**RECIPES, "b*": "prompt_mean", "b*_no_last": "prompt_mean_no_last",
-            "bstar_no_first": "prompt_mean_no_first", "b*_no_first": "prompt_mean_no_first"}
+            "bstar_no_first": "prompt_mean_no_first", "b*_no_first": "prompt_mean_no_first",
+            "b_seed": "response_mean_seed"}
 _GROUPS = {"all6": list(RECIPES.values()), "recipes": list(RECIPES.values())}
 _ANCHORED = re.compile(r"^(?P<anchor>[a-z_]+?)(?:(?P<sign>[+-])(?P<off>\d+))?$")
 
@@ -88,7 +93,7 @@ class Position:
 
     @property
     def needs_response(self) -> bool:
-        return self.anchor in ("response_mean", "resp_start")
+        return self.anchor in ("response_mean", "response_mean_seed", "resp_start")
 
     def __str__(self) -> str:
         return self.name
@@ -112,6 +117,11 @@ class Position:
                 if spans.prompt_len < 2:
                     raise TlpersonaError("prompt_mean_no_first needs a prompt of at least 2 tokens")
                 return 1, spans.prompt_len
+            if self.anchor == "response_mean_seed":
+                if spans.turn_stop is None:
+                    raise TlpersonaError("response_mean_seed needs the chat template's closing "
+                                         "tokens after the response")
+                return spans.prompt_len, spans.turn_stop
             start, stop = spans.response
             if stop <= start:
                 raise TlpersonaError("response_mean: the response is empty")

@@ -26,11 +26,14 @@ _PROBES = ("Zebra?", "1 + 1")
 @dataclass(frozen=True)
 class PromptCheck:
     """One checked conversation: its prompt length, the sequence length its positions need
-    (at most ``prompt_len`` unless a response makes the sequence longer) and the prompt hash."""
+    (at most ``prompt_len`` unless a response makes the sequence longer), the prompt hash and
+    the template's closing tokens that ``response_mean_seed`` appends after the response
+    (empty without that position)."""
 
     prompt_len: int
     need: int
     sha: str
+    close: tuple[int, ...] = ()
 
 
 _memo: dict[tuple, dict[Key, PromptCheck]] = {}
@@ -51,6 +54,9 @@ def check_prompts(tokenizer: Any, positions: list[Position], personas: list[Pers
         return _memo[key]
     renderer = ChatRenderer(tokenizer)
     response_run = any(p.needs_response for p in positions)
+    # a template without a well-defined closing must stop the run before any generation
+    close = (tuple(renderer.turn_close()) if any(p.anchor == "response_mean_seed" for p in positions)
+             else ())
     invariant = [p for p in positions if p.question_invariant and p.kind == "anchored"]
     dep = [p for p in positions if not p.question_invariant and not p.needs_response]
     out: dict[Key, PromptCheck] = {}
@@ -72,7 +78,7 @@ def check_prompts(tokenizer: Any, positions: list[Position], personas: list[Pers
                                              f"outside the sequence of {n} prompt tokens")
                     need = max(need, idx + 1)
                 rows.append(spans)
-                out[(persona.name, pidx, q.id)] = PromptCheck(n, need, prompt_sha(spans.ids))
+                out[(persona.name, pidx, q.id)] = PromptCheck(n, need, prompt_sha(spans.ids), close)
             if invariant:
                 _check_invariant(renderer, persona, system, rows, invariant)
     _memo.clear()
@@ -82,12 +88,14 @@ def check_prompts(tokenizer: Any, positions: list[Position], personas: list[Pers
 
 def check_context(checked: dict[Key, PromptCheck], context: int | None,
                   max_new_tokens: int = 0) -> None:
-    """Every prompt (plus ``max_new_tokens`` to generate) fits the model's ``context``."""
+    """Every prompt (plus ``max_new_tokens`` to generate, plus the closing tokens of
+    ``response_mean_seed``) fits the model's ``context``."""
     if context is None:
         return
     for key, c in checked.items():
-        if c.prompt_len + max_new_tokens > context:
+        if c.prompt_len + max_new_tokens + len(c.close) > context:
             extra = f" plus {max_new_tokens} new tokens" if max_new_tokens else ""
+            extra += f" plus {len(c.close)} closing tokens" if c.close else ""
             raise TlpersonaError(f"persona {key[0]!r}, question {key[2]!r}: the prompt of "
                                  f"{c.prompt_len} tokens{extra} exceeds the model's context of "
                                  f"{context} tokens")
@@ -141,9 +149,34 @@ def check_responses(checked: dict[Key, PromptCheck], positions: list[Position],
         if response_run and c.need > total:
             raise TlpersonaError(f"{name}: a position needs token {c.need - 1} of a "
                                  f"{total}-token sequence")
+        if c.close:
+            _check_closed(name, c, r, positions, include_eot, context)
         if r.content_len(include_eot) > 0:
             for p in resp_pos:
                 idx = c.prompt_len + p.offset
                 if not 0 <= idx < total:
                     raise TlpersonaError(f"{name}: position {p.name} resolves to token {idx}, "
                                          f"outside the sequence of {total} tokens")
+
+
+def _check_closed(name: str, c: PromptCheck, r: Response, positions: list[Position],
+                  include_eot: bool, context: int | None) -> None:
+    """With ``response_mean_seed`` the sequence is prompt, response content, then the template's
+    closing tokens (which replace the end token the model emitted). Refused: a sequence past the
+    context, and a response ending with another end token than the template's when a position
+    would read that token (``response_mean`` with ``include_eot``, a ``resp_start`` offset), since
+    that position would then read the template's token instead of the generated one."""
+    content = r.content_len(False)
+    total = c.prompt_len + content + len(c.close)
+    if context is not None and total > context:
+        raise TlpersonaError(f"{name}: prompt, response and the template's closing tokens ({total} "
+                             f"tokens) exceed the model's context of {context} tokens")
+    if not r.finished or r.ids[-1] == c.close[0]:
+        return
+    readers = [p.name for p in positions if (p.anchor == "response_mean" and include_eot)
+               or (p.anchor == "resp_start" and p.offset >= content)]
+    if readers:
+        raise TlpersonaError(f"{name}: the response ends with token {r.ids[-1]}, not the template's "
+                             f"end-of-turn token {c.close[0]} that response_mean_seed puts in its "
+                             f"place, and {readers[0]} reads that token; extract "
+                             "response_mean_seed in a separate run")

@@ -66,7 +66,7 @@ class CompareConfig:
 SINK_WARN = 0.5
 
 #: Positions compared by default besides the seven recipes, when the input has them.
-EXTRA_DEFAULT = ("prompt_mean_no_first",)
+EXTRA_DEFAULT = ("prompt_mean_no_first", "response_mean_seed")
 
 
 def verdict(min_cos: float, mc_r: float, spread_rho: float | None, th: Thresholds) -> str:
@@ -79,7 +79,8 @@ def verdict(min_cos: float, mc_r: float, spread_rho: float | None, th: Threshold
 
 
 def default_positions(available: list[str]) -> list[str]:
-    """The seven recipes, and the sink-free prompt mean, that ``available`` holds."""
+    """The seven recipes, the sink-free prompt mean and the seed's response span, that
+    ``available`` holds."""
     return [p for p in [*RECIPES.values(), *EXTRA_DEFAULT] if p in available]
 
 

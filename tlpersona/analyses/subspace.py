@@ -21,6 +21,11 @@ Descriptive curves: for K = 2 … k_max every recipe is projected onto the top-K
 the pairs are scored there (per-persona cosine, cosine-matrix Pearson r; ``k_largest_passing``
 is the largest K with min cos > 0.85 and r > 0.90). K = 1 is not scored: a 1-D projection makes
 every per-persona cosine ±1.
+
+``align="procrustes"`` adds, per layer, the same held-out ``k_found`` (with its relabelled null
+and in-sample value) for recipes rotated onto the first one before the PCA
+(:mod:`tlpersona.analyses.aligned`): it finds a persona geometry that every recipe has in its own
+rotated basis, which the plain joint PCA misses.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class SubspaceConfig:
     min_r: float = 0.90
     seed: int = 0
     n_null: int = 10  # relabelled reruns behind the k_found null
+    align: str = "none"  # "procrustes": also the rotation-aligned subspace (analyses.aligned)
 
 
 @dataclass
@@ -156,6 +162,10 @@ def subspace(source: Any, cfg: SubspaceConfig | None = None) -> tuple[dict[str, 
     missing = [p for p in positions if p not in source.positions]
     if missing:
         raise TlpersonaError(f"position {missing[0]} is not in the input")
+    from tlpersona.analyses.aligned import ALIGNMENTS, aligned_layer
+
+    if cfg.align not in ALIGNMENTS:
+        raise TlpersonaError(f"align must be one of {', '.join(ALIGNMENTS)}, not {cfg.align!r}")
     if cfg.k_max < 1:
         raise TlpersonaError(f"k_max must be at least 1, got {cfg.k_max}")
     n = len(source.personas)
@@ -168,6 +178,7 @@ def subspace(source: Any, cfg: SubspaceConfig | None = None) -> tuple[dict[str, 
     fit_half, test_half = perm[: n // 2], perm[n // 2:]
     relabels = [rng.permutation(n) for _ in range(cfg.n_null)]
     results: dict[str, Any] = {"positions": positions, "n_personas": n, "unit_norm": cfg.unit_norm,
+                               "align": cfg.align,
                                "thresholds": {"min_cos": cfg.min_cos, "min_r": cfg.min_r},
                                "null": {"n": cfg.n_null, "relabelled": positions[-1]},
                                "layers": []}
@@ -226,6 +237,9 @@ def subspace(source: Any, cfg: SubspaceConfig | None = None) -> tuple[dict[str, 
             "held_out_curve": held,
             "variance": variance,
         })
+        if cfg.align == "procrustes":
+            results["layers"][-1]["aligned"] = aligned_layer(
+                raw, positions, pairs, fit_half, test_half, relabels, cfg.unit_norm, cfg.min_r).to_dict()
     return results, comps
 
 

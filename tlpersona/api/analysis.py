@@ -54,16 +54,18 @@ def compare(source: ActivationSource | str | Path, *, layers: Sequence[int] | No
 
 def subspace(source: ActivationSource | str | Path, *, layers: Sequence[int] | None = None,
              positions: Sequence[str] | None = None, k_max: int = 50, unit_norm: bool = True,
-             seed: int = 0) -> SubspaceResult:
+             seed: int = 0, align: str = "none") -> SubspaceResult:
     """The persona subspace the recipes share: joint PCA of the stacked recipes (each scaled to
     unit total variance unless ``unit_norm=False``), and per layer ``k_found``, the number of
     shared PCs whose persona scores agree across recipes on held-out personas, beside the same
-    count after relabelling one recipe's personas (null). ``.save(out)`` writes subspace.json,
+    count after relabelling one recipe's personas (null). ``align="procrustes"`` also rotates
+    each recipe onto a common frame (fitted on the fit personas) before the PCA, so the same
+    geometry in a rotated basis counts as shared. ``.save(out)`` writes subspace.json,
     pcs.safetensors, figures and subspace.md."""
     _count(k_max, "k_max", 2)  # the figures and the matrix r need two PCs
     src = open_source(source)
     cfg = SubspaceConfig(positions=_recipes(positions), layers=stored_layers(src, layers),
-                         k_max=k_max, unit_norm=unit_norm, seed=seed)
+                         k_max=k_max, unit_norm=unit_norm, seed=seed, align=align)
     data, comps = _subspace(src, cfg)
     return SubspaceResult.of(data, comps, src)
 

@@ -191,7 +191,7 @@ def extract(model: str | LoadedModel = "default", personas: Sequence[Persona] | 
             check_compatible(resp_path, plan.identity, expected["template_hash"])
             resp = given
         elif needs and _fused(decoder, plan.device, device_map, out, resp_path, ps, qs,
-                              prompt_index):
+                              prompt_index, cfg):
             return _run_fused(spec, plan, cfg, batch_size, ps, qs, out, resp_path, rk)
         elif needs:
             resp = _generate(plan, dtype_name, ps, qs, prompt_index, resp_path,
@@ -229,14 +229,21 @@ def _check_out(out: Path, expected: dict[str, Any], force_new: bool, keep: set[P
 
 
 def _fused(decoder: str, device: str, device_map: str | None, out: Path, resp_path: Path,
-           personas: list[Persona], questions: list[Question], prompt_index: PromptIndex) -> bool:
+           personas: list[Persona], questions: list[Question], prompt_index: PromptIndex,
+           cfg: ExtractConfig) -> bool:
     """Generate and extract in one pass (tlpersona.fused) when the static decoder generates the
     responses here: always for a store that a fused run started; otherwise unless every
-    response is already on disk (then extraction alone is the shorter way)."""
-    from tlpersona.fused import fused_marked
+    response is already on disk (then extraction alone is the shorter way), or a position needs
+    tokens after the response (:func:`tlpersona.fused.fusable`)."""
+    from tlpersona.fused import fusable, fused_marked
 
     static = decoder == "static" or (decoder == "auto" and device.startswith("cuda"))
     if not static or device_map:
+        return False
+    if not fusable(cfg):
+        print("tlpersona: response_mean_seed reads the template's closing tokens after each "
+              "response, which decoding never feeds: generating first, then extracting in a "
+              "second pass", file=sys.stderr)
         return False
     if fused_marked(out):
         return True

@@ -102,6 +102,9 @@ class SubspaceLayer:
     k_found_null: list[int | None]  # the same count after relabelling one recipe's personas
     k_found_null_p: float | None
     explained_variance_ratio: list[float]
+    # align="procrustes": the same count after rotating the recipes onto a common frame
+    aligned_k_found: int | None = None
+    aligned_k_found_null: list[int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,9 @@ class SubspaceResult:
            source: ActivationSource) -> SubspaceResult:
         layers = [SubspaceLayer(d["layer"], d["k_found"], d["k_found_saturated"],
                                 d["k_found_in_sample"], list(d["k_found_null"]),
-                                d["k_found_null_p"], list(d["explained_variance_ratio"]))
+                                d["k_found_null_p"], list(d["explained_variance_ratio"]),
+                                d["aligned"]["k_found"] if "aligned" in d else None,
+                                list(d["aligned"]["k_found_null"]) if "aligned" in d else None)
                   for d in data["layers"]]
         return cls(list(data["positions"]), bool(data["unit_norm"]), layers, components, source,
                    data)

@@ -216,6 +216,7 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Any,
     import numpy as np
     import torch
 
+    from tlpersona.analyses.aligned import report_section as aligned_section
     from tlpersona.analyses.subspace import prepare
     from tlpersona.files import atomic_save_tensors
 
@@ -268,6 +269,7 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Any,
         f"{th['min_r']} (K = 1 is not scored: a 1-D projection makes every cosine ±1), and how "
         "closely PC1 follows the first token's residual (the attention sink).", "",
         *rows, "",
+        *aligned_section(result),
         f"![variance](figures/subspace_variance_L{mid['layer']}.png)", "",
         f"![agreement](figures/subspace_agreement_L{mid['layer']}.png)", "",
         f"![PC1-PC2](figures/subspace_pc12_L{mid['layer']}.png)", "",
