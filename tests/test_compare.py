@@ -349,3 +349,18 @@ def test_four_personas_compare_and_say_procrustes_needs_more(tmp_path):
     pc = res["cells"][0]["procrustes_cos"]
     assert pc["mean"] is None and "too few personas" in pc["reason"]
     assert "4 personas the nulls are wide" in res["overall"]["sentence"]
+
+
+def test_foreign_method_b_is_the_seed_response_span(tmp_path):
+    """Other code's method_b averaged the closing tokens too: it is read as response_mean_seed
+    (recipe B for the load-bearing tags), never as our response_mean."""
+    rng = np.random.default_rng(3)
+    roles = [f"r{i}" for i in range(6)]
+    for m in ("a", "b"):
+        (tmp_path / f"method_{m}").mkdir()
+        torch.save({r: torch.from_numpy(rng.normal(size=(2, 5))).float() for r in roles},
+                   tmp_path / f"method_{m}" / "all_centroids.pt")
+    src = read_seed(tmp_path)
+    assert src.positions == ["last", "response_mean_seed"]
+    res = compare(src, CompareConfig(n_perm=9, n_splits=2, n_null=2))
+    assert {c["tag"] for c in res["cells"]} == {"load-bearing"}

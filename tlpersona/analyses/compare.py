@@ -26,7 +26,8 @@ from tlpersona.analyses.stats import (
 from tlpersona.errors import TlpersonaError
 from tlpersona.positions import RECIPES, canonical
 
-_ALIAS = {v: k for k, v in RECIPES.items()}
+#: position -> recipe letter; the seed's response span is its recipe B too
+_ALIAS = {**{v: k for k, v in RECIPES.items()}, "response_mean_seed": "b"}
 LOAD_BEARING = {frozenset(p) for p in [("a", "b"), ("a", "bstar"), ("a", "c1"), ("b", "bstar"),
                                        ("bstar", "c1")]}
 SANITY = {frozenset(p) for p in [("a", "c2"), ("a", "c3"), ("c2", "c3")]}

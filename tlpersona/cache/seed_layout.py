@@ -9,9 +9,15 @@
 ``.pt`` files are read with ``torch.load(weights_only=True)`` (no pickled code runs), and every
 value is checked (tensors of consistent shapes, finite, the layer count of ``metadata.json``).
 
-An export writes ``"tlpersona_seed_layout": 1`` and its store's manifest hash (``source``) into
-each ``metadata.json``; the reader refuses method folders from different sources, and an export
-replaces only folders that an export wrote (never a layout made by other code).
+An export writes ``"tlpersona_seed_layout": 1``, the position and its store's manifest hash
+(``source``) into each ``metadata.json``; the reader refuses method folders from different
+sources, and an export replaces only folders that an export wrote (never a layout made by other
+code).
+
+``method_b`` in a layout other code wrote holds the seed's response mean, which averages the
+template's closing tokens after the response too: it is read as ``response_mean_seed``, not as
+``response_mean`` (which leaves them out). An export writes ``response_mean_seed`` to
+``method_b`` when the store has it, else ``response_mean`` (labelled so in its metadata).
 """
 
 from __future__ import annotations
@@ -30,6 +36,16 @@ from tlpersona.safety import check_persona_names, inside, read_text, strict_json
 
 _BY_POSITION = {v: k for k, v in RECIPES.items()}
 MARK = "tlpersona_seed_layout"
+#: What the seed's method B averaged: response and closing tokens.
+SEED_B = "response_mean_seed"
+
+
+def _position(alias: str, meta: dict) -> str:
+    """The position a method folder holds: what an export recorded, else the seed's meaning."""
+    recorded = meta.get("position")
+    if meta.get(MARK) and recorded in (*RECIPES.values(), SEED_B):
+        return recorded
+    return SEED_B if alias == "b" else RECIPES[alias]
 
 
 def _metadata(mdir: Path) -> dict:
@@ -102,8 +118,8 @@ class SeedSource:
             alias = mdir.name[len("method_"):]
             if alias not in RECIPES:
                 raise TlpersonaError(f"{mdir}: unknown method {alias!r} (known: {', '.join(RECIPES)})")
-            pos = RECIPES[alias]
             meta = metas[mdir]
+            pos = _position(alias, meta)
             data = _load_pt(mdir / "all_centroids.pt")
             if not isinstance(data, dict) or not data:
                 raise TlpersonaError(f"{mdir / 'all_centroids.pt'}: expected a dict role -> tensor")
@@ -201,7 +217,8 @@ def _owned_by_export(mdir: Path) -> list[Path]:
 
 
 def export_seed(store: Store, root: str | Path) -> list[Path]:
-    """Write a store's recipes in the seed layout (positions that have a recipe letter):
+    """Write a store's recipes in the seed layout (positions that have a recipe letter;
+    ``method_b`` gets ``response_mean_seed`` where the store has it, see the module doc):
     ``all_centroids.pt`` {role: [layer, d]}, ``<role>.pt`` (that centroid), ``<role>__per_q.pt``
     ([question, layer, d], question-dependent recipes) and ``metadata.json`` with the layers,
     the personas and the store's manifest hash.
@@ -224,9 +241,9 @@ def export_seed(store: Store, root: str | Path) -> list[Path]:
         f.unlink()
     out = []
     for pos in store.positions:
-        alias = _BY_POSITION.get(pos)
-        if alias is None:
-            continue
+        alias = "b" if pos == SEED_B else _BY_POSITION.get(pos)
+        if alias is None or (pos == "response_mean" and SEED_B in store.positions):
+            continue  # method_b holds the seed's span where the store has it
         mdir = inside(root, root / f"method_{alias}")
         cent = store.centroids(pos)
         atomic_save_pt(inside(mdir, mdir / "all_centroids.pt"),
