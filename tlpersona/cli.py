@@ -14,7 +14,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -55,7 +55,7 @@ def _friendly(fn: Any) -> Any:
 # string parsing: the only place it happens
 
 
-def _prompt_index(value: str) -> int | str:
+def _prompt_index(value: str) -> int | Literal["all"]:
     if value == "all":
         return "all"
     try:
@@ -328,7 +328,7 @@ def _source(store: str | None, seed_dir: str | None) -> Any:
 
     if (store is None) == (seed_dir is None):
         raise TlpersonaError("give either STORE or --from-seed DIR")
-    return read_seed(seed_dir) if seed_dir else open_store(store, verify=True)
+    return read_seed(seed_dir) if seed_dir else open_store(str(store), verify=True)
 
 
 def _checked_out(out: str) -> Path:

@@ -148,7 +148,7 @@ class StaticGreedy:
             e = self._active
             if e is None:
                 return
-            if self._stepping:
+            if self._stepping and e.resid is not None:
                 e.resid[li].index_copy_(1, e.step, h)
             else:
                 self._prefill_out[li] = h

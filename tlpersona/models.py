@@ -112,7 +112,7 @@ def _dequantise(gguf: Path, digest: str, out: Path) -> None:
     except Exception as exc:  # gguf/transformers raise many types for a bad file
         raise TlpersonaError(f"{gguf}: unreadable GGUF ({type(exc).__name__}: {exc})") from None
     # A dequantised copy must not claim to be quantised, or reloading it asks for the GGUF again.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +219,7 @@ def load_hf(source: str, device: str, dtype: torch.dtype, attn: str | None = Non
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise TlpersonaError(f"cannot load model {source}: {exc}") from None
-    return (model if device_map else model.to(device)).eval()
+    return (model if device_map else model.to(device)).eval()  # type: ignore[arg-type]
 
 
 def input_device(model: Any) -> str:

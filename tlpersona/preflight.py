@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from tlpersona.conversation import ChatRenderer, common_prefix_len, template_hash
@@ -65,14 +66,14 @@ def check_prompts(tokenizer: Any, positions: list[Position], personas: list[Pers
             rows = []
             for q in questions:
                 where = f"persona {persona.name!r}, question {q.id!r}"
-                spans = _guard(where, lambda s=system, t=q.text: renderer.prompt(s, t))
+                spans = _guard(where, partial(renderer.prompt, system, q.text))
                 n = spans.prompt_len
                 need = n
                 for p in dep:
                     if p.kind == "pooled":
-                        _guard(where, lambda p=p, sp=spans: p.resolve(sp))
+                        _guard(where, partial(p.resolve, spans))
                         continue
-                    idx = _guard(where, lambda p=p, sp=spans: sp.anchor(p.anchor)) + p.offset
+                    idx = _guard(where, partial(spans.anchor, p.anchor)) + p.offset
                     if idx < 0 or (idx >= n and not response_run):
                         raise TlpersonaError(f"{where}: position {p.name} resolves to token {idx}, "
                                              f"outside the sequence of {n} prompt tokens")
@@ -114,7 +115,7 @@ def _check_invariant(renderer: ChatRenderer, persona: Persona, system: str, rows
     probes = [renderer.prompt(system, t).ids for t in _PROBES]
     shared = common_prefix_len([*probes, *(sp.ids for sp in rows)])
     for p in invariant:
-        idx = _guard(f"persona {persona.name!r}", lambda p=p: p.resolve(rows[0])[0])
+        idx = _guard(f"persona {persona.name!r}", partial(p.resolve, rows[0]))[0]
         if idx >= shared:
             raise TlpersonaError(f"position {p.name} of persona {persona.name!r} reaches past the "
                                  "system block into the question; it is not question-invariant here")

@@ -196,15 +196,16 @@ def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, fl
             mc_cos = M.rowwise_cos(mc[x], mc[y])
             raw_t = (M.upper(mats[x][0]), M.upper(mats[y][0]))
             mc_t = (M.upper(mats[x][1]), M.upper(mats[y][1]))
-            if spreads[x] is None or spreads[y] is None:
+            sx, sy = spreads[x], spreads[y]
+            if sx is None or sy is None:
                 why = ("question-invariant recipe: no per-question variation"
                        if source.question_invariant(x) or source.question_invariant(y)
                        else "no per-question vectors in the input")
                 spread_cell: dict[str, Any] = {"spearman": None, "reason": why}
                 rho = None
             else:
-                ok = ~(np.isnan(spreads[x]) | np.isnan(spreads[y]))
-                sp = stats.spearmanr(spreads[x][ok], spreads[y][ok])
+                ok = ~(np.isnan(sx) | np.isnan(sy))
+                sp = stats.spearmanr(sx[ok], sy[ok])
                 rho = float(sp[0])
                 spread_cell = {"spearman": rho, "p": float(sp[1]), "n_questions": int(ok.sum()),
                                "gates_verdict": th.gate_spread}

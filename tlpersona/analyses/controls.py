@@ -65,7 +65,7 @@ def floor_stats(halves: np.ndarray, iu: tuple[np.ndarray, np.ndarray], seed: int
             h.add("b", b)
             procs.append(h.mean_score("a", "b"))
     r_mean = float(np.mean(rs))
-    proc = None if not procs or procs[0] is None else float(np.mean(procs))
+    proc = None if not procs or procs[0] is None else float(np.mean(np.asarray(procs, float)))
     return {
         "exact": False,
         "n_splits": halves.shape[1] // 2,

@@ -62,7 +62,8 @@ def run_rows(runner: Runner, rows: list[Row], max_rows: int, prefix: list[int] |
         for lo in range(0, len(group), max_rows):
             chunk = group[lo:lo + max_rows]
             yield from zip(chunk, _forward(runner, [rows[i] for i in chunk],
-                                           len(prefix) if kv is not None else 0, kv), strict=True)
+                                           len(prefix) if kv is not None and prefix else 0, kv),
+                                  strict=True)
 
 
 def _starts_with(row: Row, prefix: list[int]) -> bool:

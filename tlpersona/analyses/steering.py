@@ -319,7 +319,7 @@ class _Plan:
 
     def __init__(self) -> None:
         self.rows: dict[tuple, Row] = {}
-        self.meta: dict[tuple, tuple] = {}
+        self.meta: dict[tuple, tuple | None] = {}
 
     def add(self, key: tuple, row: Row, ref: tuple | None) -> None:
         if key not in self.rows:
@@ -616,11 +616,11 @@ def steer(store: Any, model: LoadedModel, personas: list[Persona], questions: li
             curve=points, monotone_rho=rho))
     verdicts = {}
     for op in cfg.operators:
-        mine = [x for x in scores if x.operator == op]
-        ranks = separated_ranks([draws[op, x.recipe] for x in mine], cfg.level)
-        for x, k in zip(mine, ranks, strict=True):
+        of_op = [x for x in scores if x.operator == op]
+        ranks = separated_ranks([draws[op, x.recipe] for x in of_op], cfg.level)
+        for x, k in zip(of_op, ranks, strict=True):
             x.rank = k
-        verdicts[op] = _verdict(op, mine)
+        verdicts[op] = _verdict(op, of_op)
     result = SteeringResult(
         config=cfg, store_manifest_hash=store.manifest_hash, model=str(runner.model.info.spec),
         base=cfg.base, personas=choice, selection_questions=[q.id for q in sel_q],

@@ -93,8 +93,8 @@ def project(store: Store | str | Path, *, layer: int | None = None,
     # token 0 is the same for every persona: nothing to project
     names = ([canonical(p.name) for p in parse_positions(",".join(positions))] if positions
              else [p for p in st.positions if p != "first"])
-    for p in names:
-        st.centroids(p)  # one line for a position the store lacks
+    for name in names:
+        st.centroids(name)  # one line for a position the store lacks
     layer = layer if layer is not None else st.layers[len(st.layers) // 2]
     li = st.layer_index(layer)
     prompt_positions = [p for p in parse_positions(",".join(names)) if not p.needs_response]

@@ -132,6 +132,7 @@ class SeedSource:
             for r in personas:
                 cents.append(_tensor(data[r], f"{mdir / 'all_centroids.pt'}[{r!r}]", shape, 2))
                 shape = tuple(cents[0].shape)
+            assert shape is not None  # personas is never empty
             m_layers = _layers(meta, mdir / "metadata.json") or list(range(shape[0]))
             if len(m_layers) != shape[0]:
                 raise TlpersonaError(f"{mdir}: metadata.json lists {len(m_layers)} layers, the "

@@ -74,7 +74,7 @@ def read_tensor(path: Path, key: str, rows: tuple[int, int] | None = None) -> to
             start, stop = start + lo * row_bytes, start + hi * row_bytes
             shape[0] = hi - lo
         out = torch.empty(shape, dtype=_DTYPES[info["dtype"]])
-        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
+        buf: Any = out.view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
         if stop - start != len(buf):
             raise TlpersonaError(f"{path}: tensor {key!r} has a corrupt header")
         f.seek(8 + header_len + start)
