@@ -10,6 +10,28 @@ import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "assistant_axis"
 
+#: Fixtures that need the embedded model's files; a test using one is in the `model` tier.
+MODEL_FIXTURES = {"default_source", "tokenizer", "loaded", "hf_ref"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+
+
+@pytest.fixture(autouse=True)
+def _model_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeps the fast tier honest: a test outside the `model` tier that reaches for the
+    embedded model fails, naming the marker it needs."""
+    if request.node.get_closest_marker("model") is None:
+        import tlpersona.models
+
+        def refuse() -> None:
+            raise RuntimeError("this test uses the embedded model: mark it @pytest.mark.model")
+
+        monkeypatch.setattr(tlpersona.models, "_fetch_default_gguf", refuse)
+
 
 @pytest.fixture(scope="session")
 def default_source() -> str:

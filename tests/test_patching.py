@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from tlpersona.analyses.interventions import Runner, kl
 from tlpersona.analyses.patching import PatchConfig, _align, patch_example, run_patching
-from tlpersona.analyses.steering import persona_vectors
+from tlpersona.cache.vectors import axis, centred
 from tlpersona.cli import main
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
@@ -113,10 +113,13 @@ def test_hooks_are_removed_even_when_a_hook_fails(runner):
     assert torch.equal(runner.logprobs(conv.ids, conv.read), before)
 
 
-def test_persona_vectors_are_centroids_minus_their_mean():
+def test_persona_vectors_are_centroids_minus_a_mean():
     c = torch.randn(5, 8, dtype=torch.float64)
-    v = persona_vectors(c)
-    np.testing.assert_allclose(v.numpy(), (c - c.mean(0)).numpy(), atol=1e-6)
+    np.testing.assert_allclose(centred(c).numpy(), (c - c.mean(0)).numpy(), atol=1e-12)
+    others = np.delete(c.numpy(), 2, axis=0).mean(0)
+    np.testing.assert_allclose(axis(c, 2).numpy(), c[2].numpy() - others, atol=1e-12)
+    # the two references differ only in scale: n / (n - 1)
+    np.testing.assert_allclose(axis(c, 2).numpy(), centred(c)[2].numpy() * 5 / 4, atol=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,7 @@ def test_export_refuses_a_manifest_with_unsafe_names_and_writes_nothing(store, t
 
 # --- 2. --force-new deletes only what the store owns, after every check ---------------------
 
+@pytest.mark.model
 def test_force_new_on_a_foreign_manifest_touches_nothing(tmp_path):
     d = tmp_path / "project"
     d.mkdir()
@@ -173,6 +174,7 @@ def test_force_new_on_a_symlink_is_refused(store, tmp_path):
 
 # --- 3. files in --out that are not ours are refused untouched -------------------------------
 
+@pytest.mark.model
 def test_foreign_responses_file_in_out_is_not_touched(tmp_path):
     out = tmp_path / "s"
     out.mkdir()
@@ -191,6 +193,7 @@ def test_generate_into_a_foreign_file_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.md"]  # no lock file left either
 
 
+@pytest.mark.model
 def test_extract_into_a_foreign_directory_is_refused_before_generation(tmp_path):
     out = tmp_path / "thesis"
     out.mkdir()
@@ -388,6 +391,7 @@ def test_seed_reader_refuses_bad_files(tmp_path, data, meta, per_q, message):
 
 # --- 10. every persona and question is checked before the first forward pass --------------------
 
+@pytest.mark.model
 def test_bad_layer_with_response_positions_fails_before_generation(tmp_path):
     out = tmp_path / "s"
     _fails("layer 99 is out of range", "extract", *SMALL, "--positions", "last,response_mean",
@@ -395,6 +399,7 @@ def test_bad_layer_with_response_positions_fails_before_generation(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.model
 def test_an_offset_only_a_later_persona_violates_fails_before_any_work(tmp_path):
     long = "You are a ship's navigator. " * 8
     d = _personas_dir(tmp_path, {"first": long, "second": long, "third": "You are brief."})
@@ -480,6 +485,7 @@ def test_read_only_out_is_one_line(tmp_path, monkeypatch):
     assert not list(ro.iterdir())
 
 
+@pytest.mark.model
 def test_response_ids_outside_the_vocabulary(tmp_path):
     rows = [{"persona": p.name, "prompt_index": 0, "question_id": q.id,
              "response_ids": [10 ** 7], "finished": False}

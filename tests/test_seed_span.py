@@ -98,4 +98,5 @@ def test_compare_takes_both_spans_as_separate_positions_by_default():
 
     got = default_positions(["response_mean_seed", "last", "response_mean"])
     assert got == ["last", "response_mean", "response_mean_seed"]
-    assert pair_tag("last", "response_mean_seed") == "other"  # not silently recipe B
+    # the seed's recipe B was this span: it is load-bearing as B, under its own name
+    assert pair_tag("last", "response_mean_seed") == "load-bearing"

@@ -1,0 +1,106 @@
+"""The notebook path: ``import tlpersona as tlp`` with plain Python values, equal to the CLI's
+output files for the same inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tlpersona as tlp
+from tlpersona.cli import main
+from tlpersona.files import json_bytes
+
+pytestmark = pytest.mark.model
+
+POSITIONS = ["last", "sys_end", "prompt_mean"]
+LAYERS = [3, -1]  # the last block counted from the end
+N_PERSONAS, N_QUESTIONS = 6, 3
+
+
+def _cli(*args: str) -> str:
+    res = CliRunner().invoke(main, list(args))
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def _json(path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _same(api: dict, path) -> None:
+    assert json.loads(json_bytes(api)) == _json(path)
+
+
+@pytest.fixture(scope="module")
+def runs(loaded, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api")
+    personas = tlp.builtin_personas()[:N_PERSONAS]
+    questions = tlp.builtin_questions()[:N_QUESTIONS]
+    store = tlp.extract(loaded, personas, questions, positions=POSITIONS, layers=LAYERS,
+                        out=tmp / "api_store", progress=False)
+    _cli("extract", "--device", "cpu", "--dtype", "fp32", "--limit-personas", str(N_PERSONAS),
+         "--limit-questions", str(N_QUESTIONS), "--positions", ",".join(POSITIONS),
+         "--layers", "3,-1", "--out", str(tmp / "cli_store"))
+    return tmp, store, personas, questions
+
+
+def test_extract_through_the_api_equals_the_cli(runs):
+    tmp, store, _, _ = runs
+    cli = tlp.open_store(tmp / "cli_store")
+    assert isinstance(store, tlp.Store) and store.layers == cli.layers == [3, 29]
+    for p in POSITIONS:
+        assert torch.equal(store.centroids(p), cli.centroids(p)), p
+    vec = store.persona_vector("pirate", "last", 29)
+    c = store.centroids("last")[:, 1].double()
+    want = c[store.personas.index("pirate")] - c.mean(0)
+    assert torch.allclose(vec.vector.double(), want, atol=1e-5)
+    assert vec.provenance()["hook"] == "blocks.29.hook_resid_post"
+
+
+def test_analyses_through_the_api_equal_the_cli(runs):
+    tmp, store, _, _ = runs
+    cmp = tlp.compare(store, layers=[-1], permutations=19, null_draws=3, splits=2)
+    _cli("compare", str(store.root), "--layers", "-1", "--permutations", "19", "--null-draws",
+         "3", "--splits", "2", "--out", str(tmp / "cmp"))
+    _same(cmp.to_dict(), tmp / "cmp" / "results.json")
+    cell = cmp.cell(29, "last", "sys_end")
+    assert cell.verdict in ("PASS", "GREY", "KILL") and -1 <= cell.cos_mean <= 1
+
+    sub = tlp.subspace(store, k_max=4)
+    _cli("subspace", str(store.root), "--k-max", "4", "--out", str(tmp / "sub"))
+    _same(sub.to_dict(), tmp / "sub" / "subspace.json")
+    assert [lay.layer for lay in sub.layers] == [3, 29]
+
+    proj = tlp.project(store, axis="pcs", k=2, layer=29)
+    _cli("project", str(store.root), "--axis", "pcs", "--k", "2", "--layer", "29", "--out",
+         str(tmp / "proj"))
+    _same(proj.to_dict(), tmp / "proj" / "projection.json")
+
+
+def test_patch_and_steer_through_the_api_equal_the_cli(runs, loaded):
+    tmp, store, personas, questions = runs
+    pat = tlp.patch(loaded, personas, questions, store=store, n_personas=2, n_questions=1,
+                    layers=[3, 15], positions=["sys_end", "last"], progress=False)
+    _cli("patch", "--store", str(store.root), "--device", "cpu", "--dtype", "fp32",
+         "--n-personas", "2", "--n-questions", "1", "--layers", "3,15", "--positions",
+         "sys_end,last", "--out", str(tmp / "patch"))
+    _same({"patching": pat.to_dict()}, tmp / "patch" / "patch.json")
+
+    options = dict(n_questions=2, n_personas=1, recipes=["last"], layers=[29],
+                   operators=["add"], alphas=[0.125], n_random=2, response_tokens=2,
+                   n_boot=50, continuations=0)
+    steering = tlp.steer(store, loaded, tlp.builtin_personas(), tlp.builtin_questions(),
+                         progress=False, **options)
+    _cli("steer", str(store.root), "--device", "cpu", "--dtype", "fp32", "--n-questions", "2",
+         "--n-personas", "1", "--recipes", "last", "--layers", "29", "--operators", "add",
+         "--alphas", "0.125", "--n-random", "2", "--response-tokens", "2", "--bootstrap", "50",
+         "--continuations", "0", "--out", str(tmp / "steer"))
+    got = _json(tmp / "steer" / "steering.json")
+    want = json.loads(json_bytes(steering.to_dict()))
+    got.pop("seconds"), want.pop("seconds")
+    assert got == want
+    steering.save(tmp / "steer_api")
+    assert (tmp / "steer_api" / "steering.md").read_text().startswith("## Steering")
