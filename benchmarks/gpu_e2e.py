@@ -16,7 +16,7 @@ projection is ``fixed + (wall - fixed) × 275 / PERSONAS``.
 
     python benchmarks/gpu_e2e.py --tokenizer DIR --data ASSISTANT_AXIS_DIR --work /tmp/e2e \
         --run 'defaults:1:' --run 'b512:8:--batch-size 512' --plain-hf 2 \
-        [--compare fused,twopass]
+        [--compare fused,twopass] [--nproc NAME:2]
 """
 
 from __future__ import annotations
@@ -143,8 +143,9 @@ def child_plain_hf(model_dir: str, data: str, n_personas: int, batch: int, fwd_b
                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30}))
 
 
-def run_child(args: list[str], log: Path) -> dict:
-    cmd = [sys.executable, __file__, *args]
+def run_child(args: list[str], log: Path, nproc: int = 1) -> dict:
+    launch = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc > 1 else []
+    cmd = [sys.executable, *launch, __file__, *args]
     with log.open("w") as f:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -158,6 +159,16 @@ def generated_tokens(store: Path, n_personas: int) -> int:
     from tlpersona.generate import read_responses
 
     return sum(len(r.ids) for r in read_responses(store / "responses.jsonl").values())
+
+
+def identical(a: Path, b: Path) -> bool:
+    """Whether two stores hold bit-identical centroids and per-question vectors."""
+    from tlpersona.cache import open_store
+
+    sa, sb = open_store(a), open_store(b)
+    return all(torch.equal(sa.centroids(p), sb.centroids(p))
+               and (not sa.has_per_question(p) or torch.equal(sa.per_question(p), sb.per_question(p)))
+               for p in sa.positions)
 
 
 def min_cosine(a: Path, b: Path) -> dict[str, float]:
@@ -194,7 +205,10 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=256)
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--compare", action="append", default=[], help="NAME_A,NAME_B")
+    ap.add_argument("--nproc", action="append", default=[],
+                    help="NAME:N: run NAME (and its --tiny) under torchrun with N processes")
     args = ap.parse_args()
+    nproc = {k: int(v) for k, v in (x.split(":") for x in args.nproc)}
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -219,14 +233,16 @@ def main() -> None:
             tiny = work / f"store-{name}-tiny"
             shutil.rmtree(tiny, ignore_errors=True)
             r = run_child(["--child-cli", *base, "--limit-personas", "1", "--limit-questions", "1",
-                           "--out", str(tiny), *shlex.split(flags)], work / f"{name}-tiny.log")
+                           "--out", str(tiny), *shlex.split(flags)], work / f"{name}-tiny.log",
+                          nproc.get(name, 1))
             fixed = r["wall"]
             shutil.rmtree(tiny, ignore_errors=True)
         r = run_child(["--child-cli", *base, "--limit-personas", n, "--out", str(out),
-                       *shlex.split(flags)], work / f"{name}.log")
+                       *shlex.split(flags)], work / f"{name}.log", nproc.get(name, 1))
         outs[name] = out
         n_gen = generated_tokens(out, int(n)) if "--responses" not in flags else 0
-        line = (f"[{name}] tlpersona extract --positions all6 {flags or '(defaults)'}: "
+        line = (f"[{name}] {nproc.get(name, 1)} process(es): tlpersona extract --positions all6 "
+                f"{flags or '(defaults)'}: "
                 f"{n} personas x {N_QUESTIONS} questions, wall {r['wall']:.1f} s, "
                 f"peak {r['peak_gib']:.1f} GiB")
         if n_gen:
@@ -257,7 +273,8 @@ def main() -> None:
         cos = min_cosine(outs[a], outs[b])
         print(f"min cosine {a} vs {b} (every persona x question x layer): "
               + ", ".join(f"{k} {v:.5f}" for k, v in cos.items())
-              + f"; overall {min(cos.values()):.5f}", flush=True)
+              + f"; overall {min(cos.values()):.5f}; bit-identical: {identical(outs[a], outs[b])}",
+              flush=True)
     (work / "results.json").write_text(json.dumps(results, indent=1))
 
 

@@ -22,6 +22,10 @@ head group (``repeat_kv``) at every step — a quarter of a 7B decode step at ba
 on an H100). A single query token needs no copy: the query heads that share a key/value head are
 laid out as that head's query rows, and one ordinary SDPA call covers them.
 
+Steering: each row may carry its own residual edits (an added vector, a clamp of the projection on
+a direction) at a set of blocks, held in device buffers that are rewritten before every batch, so
+one captured step serves a whole sweep of vectors (see :meth:`StaticGreedy.capture`).
+
 Left padding: pad tokens are never attended to and positions count real tokens, as in HF
 ``generate``. Graphs and caches are kept per (batch, cache length) and reused across batches;
 cache lengths are rounded up so that batches of similar prompts share one.
@@ -29,10 +33,12 @@ cache lengths are rounded up so that batches of similar prompts share one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from tlpersona.analyses.operators import RowEdits, edit
 
 #: cache lengths are rounded up to a multiple of this, so similar batches share a graph
 BUCKET = 64
@@ -77,7 +83,28 @@ class _Engine:
     step: torch.Tensor  # [1] index into hist of the token produced now
     hist: torch.Tensor  # [B, N + 1] generated tokens (the last column only in capture mode)
     resid: torch.Tensor | None = None  # [layer, B, N + 1, d]: [:, :, j + 1] is response token j's
-    graph: Any = None
+    # one captured step per steering form (None: unsteered), sharing one memory pool
+    graphs: dict[Any, Any] = field(default_factory=dict)
+    steer: dict[Any, _Steer] = field(default_factory=dict)
+    pool: Any = None
+
+
+@dataclass
+class _Steer:
+    """Device copies of a batch's per-row edits at the steered layers (rewritten in place before
+    every batch, so a captured step is reused with new vectors): ``delta``/``u`` ``[k, B, d]``,
+    ``lo``/``hi`` ``[k, B]`` (``u``, ``lo``, ``hi`` None when only vectors are added),
+    ``first`` ``[k, B]`` each row's first edited prefill column (left padding included)."""
+
+    layers: tuple[int, ...]
+    delta: torch.Tensor
+    u: torch.Tensor | None
+    lo: torch.Tensor | None
+    hi: torch.Tensor | None
+    first: torch.Tensor
+
+    def bounds(self, k: int) -> tuple[torch.Tensor, ...]:
+        return () if self.u is None else (self.u[k], self.lo[k], self.hi[k])  # type: ignore[index]
 
 
 @dataclass
@@ -108,6 +135,7 @@ class StaticGreedy:
         self.cache_len = cache_len
         self._prefill_out: dict[int, torch.Tensor] = {}
         self._active: _Engine | None = None
+        self._steer: _Steer | None = None
         self._stepping = False
         self.n = max_new_tokens
         self.eos = torch.tensor(eos, dtype=torch.long)
@@ -154,6 +182,59 @@ class StaticGreedy:
                 self._prefill_out[li] = h
         return hook
 
+    def _steer_hook(self, k: int) -> Any:
+        """Forward hook of the ``k``-th steered block: returns its output edited by the rows'
+        operators (from each row's first edited column in the prefill; at every decode step)."""
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            h = output[0] if isinstance(output, tuple) else output
+            s = self._steer
+            assert s is not None
+            new = edit(h, s.delta[k], *s.bounds(k))
+            if not self._stepping:
+                col = torch.arange(h.shape[1], device=h.device)
+                new = torch.where((col[None, :] < s.first[k][:, None])[..., None], h, new)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        return hook
+
+    def _check_steer(self, prompts: list[list[int]], steer: dict[int, RowEdits]) -> None:
+        n_blocks = len(self.model.get_decoder().layers)
+        for layer, ed in steer.items():
+            if not 0 <= layer < n_blocks:
+                raise ValueError(f"steer: layer {layer} is not a block of this model (0..{n_blocks - 1})")
+            if ed.delta.shape[0] != len(prompts):
+                raise ValueError(f"steer: layer {layer} has edits for {ed.delta.shape[0]} rows, "
+                                 f"the batch {len(prompts)}")
+            over = [i for i, p in enumerate(prompts) if int(ed.start[i]) > len(p)]
+            if over:
+                raise ValueError(f"steer: row {over[0]}'s edit at layer {layer} starts after its prompt")
+
+    def _steer_buffers(self, e: _Engine, steer: dict[int, RowEdits], prompts: list[list[int]],
+                       pads: list[int]) -> _Steer:
+        """Copy ``steer`` into the engine's buffers of its form."""
+        b = len(prompts)
+        layers = tuple(sorted(steer))
+        # a batch whose edits only add vectors needs no projection (same values, fewer kernels)
+        clamps = any(bool(steer[la].u.any()) for la in layers)
+        key = (layers, clamps)
+        if key not in e.steer:
+            k, d, dev, dt = len(layers), self.model.config.hidden_size, self.device, self.model.dtype
+            e.steer[key] = _Steer(
+                layers, torch.zeros((k, b, d), dtype=dt, device=dev),
+                torch.zeros((k, b, d), dtype=dt, device=dev) if clamps else None,
+                torch.zeros((k, b), dtype=dt, device=dev) if clamps else None,
+                torch.zeros((k, b), dtype=dt, device=dev) if clamps else None,
+                torch.zeros((k, b), dtype=torch.long, device=dev))
+        buf = e.steer[key]
+        for k, layer in enumerate(layers):
+            ed = steer[layer]
+            buf.delta[k].copy_(ed.delta)
+            if buf.u is not None:
+                buf.u[k].copy_(ed.u)
+                buf.lo[k].copy_(ed.lo)  # type: ignore[index]
+                buf.hi[k].copy_(ed.hi)  # type: ignore[index]
+            buf.first[k].copy_(ed.start + torch.tensor(pads))
+        return buf
+
     def _step(self, e: _Engine) -> None:
         """One decode step, entirely on the device (what the CUDA graph records)."""
         e.mask.index_fill_(3, e.slot, True)
@@ -195,27 +276,45 @@ class StaticGreedy:
         e.hist.zero_()
         e.hist[:, :1] = first
 
-    def _capture(self, e: _Engine) -> None:
-        """Record ``_step`` once buffers and cache are initialised; the warm-up step that the
-        capture needs is undone by the next prefill, which resets everything."""
+    def _capture(self, e: _Engine, form: Any) -> None:
+        """Record ``_step`` (with the hooks of steering form ``form``) once buffers and cache are
+        initialised; the warm-up step that the capture needs is undone by the next prefill,
+        which resets everything."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self._step(e)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # graphs of one engine never run at the same time: their temporaries can share memory
+        with torch.cuda.graph(graph, pool=e.pool):
             self._step(e)
-        e.graph = graph
+        e.pool = graph.pool()
+        e.graphs[form] = graph
 
     @torch.no_grad()
-    def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
+    def __call__(self, prompts: list[list[int]], steer: dict[int, RowEdits] | None = None
+                 ) -> list[list[int]]:
         """Generated ids per prompt, cut after the first end-of-turn token (kept)."""
-        return self.capture(prompts).ids
+        return self.capture(prompts, steer).ids
 
     @torch.no_grad()
-    def capture(self, prompts: list[list[int]]) -> Captured:
-        """Decode a batch; with ``layers``, also keep its residual stream (:class:`Captured`)."""
+    def capture(self, prompts: list[list[int]], steer: dict[int, RowEdits] | None = None
+                ) -> Captured:
+        """Decode a batch; with ``layers``, also keep its residual stream (:class:`Captured`).
+
+        ``steer``: block index → that block's output edits, one row per prompt
+        (:class:`~tlpersona.analyses.operators.RowEdits`: an added vector, and a clamp of the
+        projection on a unit direction for ablation and capping; a row with zero vector and zero
+        direction is not edited). Layer ``l`` is block ``l``'s output (``resid_post``, HF
+        ``hidden_states[l + 1]``). A row's ``start`` counts its own prompt tokens: prompt
+        positions from ``start`` on are edited in the prefill, and every decode step is, as in
+        an uncached forward of prompt + generated tokens with the same edits. The captured
+        layers see the edited stream. Each steering form (layer set; add only or with clamps)
+        gets its own captured step, reused for every batch of that form.
+        """
+        if steer:
+            self._check_steer(prompts, steer)
         _register()
         config = self.model.config
         before = config._attn_implementation
@@ -223,14 +322,18 @@ class StaticGreedy:
         # model whose class does not declare support for custom functions.
         config._attn_implementation = ATTENTION
         blocks = self.model.get_decoder().layers
-        handles = [blocks[layer].register_forward_hook(self._hook(li))
-                   for li, layer in enumerate(self.layers)]
+        # steering hooks first: a block's edited output is what the capture hook reads
+        handles = [blocks[layer].register_forward_hook(self._steer_hook(k))
+                   for k, layer in enumerate(sorted(steer or {}))]
+        handles += [blocks[layer].register_forward_hook(self._hook(li))
+                    for li, layer in enumerate(self.layers)]
         try:
-            return self._run(prompts)
+            return self._run(prompts, steer)
         finally:
             for h in handles:
                 h.remove()
             self._active = None
+            self._steer = None
             config._attn_implementation = before
 
     def _done_flag(self, e: _Engine, t: int) -> tuple[Any, torch.Tensor]:
@@ -245,7 +348,7 @@ class StaticGreedy:
         event.record()
         return event, flag
 
-    def _run(self, prompts: list[list[int]]) -> Captured:
+    def _run(self, prompts: list[list[int]], steer: dict[int, RowEdits] | None) -> Captured:
         b = len(prompts)
         w = max(len(p) for p in prompts)
         length = self.cache_len or -(-(w + self.n) // BUCKET) * BUCKET
@@ -263,9 +366,12 @@ class StaticGreedy:
         pads = [w - len(p) for p in prompts]
         pads_dev = torch.tensor(pads, device=self.device)
         ids = ids.to(self.device)
-        if self.graphs and e.graph is None:
+        self._steer = self._steer_buffers(e, steer, prompts, pads) if steer else None
+        form = None if self._steer is None else (self._steer.layers, self._steer.u is not None)
+        if self.graphs and form not in e.graphs:
             self._prefill(e, ids, pads_dev)
-            self._capture(e)
+            self._capture(e, form)
+        graph = e.graphs.get(form)
         self._prefill_out = {}
         self._prefill(e, ids, pads_dev)
         # Capturing, one more step feeds the last generated token (its residual is needed).
@@ -275,8 +381,8 @@ class StaticGreedy:
         # waits on an event with an interval of steps still queued behind it (no idle GPU).
         pending: tuple[int, Any, torch.Tensor] | None = None
         for t in range(1, last + 1):
-            if e.graph is not None:
-                e.graph.replay()
+            if graph is not None:
+                graph.replay()
             else:
                 self._step(e)
             if pending is not None and t >= pending[0]:

@@ -56,13 +56,25 @@ class RowEdits:
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         """``h`` ``[rows, seq, d]`` → edited copy (positions before each row's start untouched)."""
         dev, dt = h.device, h.dtype
-        u = self.u.to(dev, dt)
-        p = torch.einsum("bsd,bd->bs", h, u)
-        target = torch.clamp(p, self.lo.to(dev, dt)[:, None], self.hi.to(dev, dt)[:, None])
-        edited = h + self.delta.to(dev, dt)[:, None, :] + (target - p)[..., None] * u[:, None, :]
+        edited = edit(h, self.delta.to(dev, dt), self.u.to(dev, dt), self.lo.to(dev, dt),
+                      self.hi.to(dev, dt))
         pos = torch.arange(h.shape[1], device=dev)
         keep = pos[None, :] < self.start.to(dev)[:, None]  # [rows, seq]
         return torch.where(keep[..., None], h, edited)
+
+
+def edit(h: torch.Tensor, delta: torch.Tensor, u: torch.Tensor | None = None,
+         lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> torch.Tensor:
+    """The module's formula at every position: ``h`` ``[rows, seq, d]``, ``delta``/``u``
+    ``[rows, d]``, ``lo``/``hi`` ``[rows]``, all on ``h``'s device and dtype. Without ``u``
+    only ``delta`` is added (what the formula gives when every ``u`` is zero)."""
+    out = h + delta[:, None, :]
+    if u is None:
+        return out
+    assert lo is not None and hi is not None, "a direction needs its bounds"
+    p = torch.einsum("bsd,bd->bs", h, u)
+    target = torch.clamp(p, lo[:, None], hi[:, None])
+    return out + (target - p)[..., None] * u[:, None, :]
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:

@@ -99,17 +99,9 @@ def _forward(runner: Runner, rows: list[Row], offset: int, kv: Any) -> list[torc
     x = torch.full((len(rows), width), pad, dtype=torch.long)
     for b, r in enumerate(rows):
         x[b, :len(r.ids) - offset] = torch.tensor(r.ids[offset:])
-    d = runner.model.info.d_model
-    layers = sorted({e.layer for r in rows for e in r.edits})
-    hooks = []
-    for layer in layers:
-        edits = RowEdits.neutral(len(rows), d)
-        edits.start[:] = width + offset  # rows without an edit here stay as they are
-        for b, r in enumerate(rows):
-            for e in r.edits:
-                if e.layer == layer:
-                    edits.set(b, e.start - offset, delta=e.delta, u=e.u, lo=e.lo, hi=e.hi)
-        hooks.append((hook_name("resid_post", layer), _hook(edits)))
+    per_layer = row_edits([r.edits for r in rows], runner.model.info.d_model, offset,
+                          width + offset)
+    hooks = [(hook_name("resid_post", layer), _hook(edits)) for layer, edits in per_layer.items()]
     stop = [("ln_final.hook_in", stop_forward)]
     kwargs = {"past_key_values": _expand(kv, len(rows))} if kv is not None else {}
     resid = runner.bridge.run_with_hooks(x.to(runner.model.device), fwd_hooks=[*hooks, *stop],
@@ -119,6 +111,21 @@ def _forward(runner: Runner, rows: list[Row], offset: int, kv: Any) -> list[torc
     flat = resid[b_idx.to(resid.device), t_idx.to(resid.device)]
     lp = torch.log_softmax(runner.bridge.unembed(runner.bridge.ln_final(flat)).double(), dim=-1)
     return list(lp.split([len(r.read) for r in rows]))
+
+
+def row_edits(edits: list[list[Edit]], d: int, offset: int = 0, idle: int = 0
+              ) -> dict[int, RowEdits]:
+    """Row ``b``'s ``edits[b]`` gathered per layer (starts shifted by ``-offset``); a row with no
+    edit at a layer gets the neutral one, starting at ``idle``."""
+    out: dict[int, RowEdits] = {}
+    for layer in sorted({e.layer for row in edits for e in row}):
+        per = out[layer] = RowEdits.neutral(len(edits), d)
+        per.start[:] = idle
+        for b, row in enumerate(edits):
+            for e in row:
+                if e.layer == layer:
+                    per.set(b, e.start - offset, delta=e.delta, u=e.u, lo=e.lo, hi=e.hi)
+    return out
 
 
 def _hook(edits: RowEdits) -> Any:

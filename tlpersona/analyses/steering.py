@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from tlpersona.analyses.interventions import Runner
 from tlpersona.analyses.operators import OPERATORS, unit
-from tlpersona.analyses.steer_batch import Edit, Row, run_rows
+from tlpersona.analyses.steer_batch import Edit, Row, row_edits, run_rows
 from tlpersona.analyses.steer_stats import Bootstrap, Estimate, separated_ranks
 from tlpersona.cache.vectors import axis, centred
 from tlpersona.data import Persona, Question, system_prompt
@@ -664,30 +664,18 @@ def _verdict(op: str, scores: list[RecipeScore]) -> str:
 
 
 @torch.no_grad()
-def steered_greedy(runner: Runner, ids: list[int], edits: list[list[Edit]], n: int
+def steered_greedy(runner: Runner, prompts: list[list[int]], edits: list[list[Edit]], n: int
                    ) -> list[list[int]]:
-    """Greedy continuations of one prompt, one row per edit list. No KV cache: every step
-    reruns the whole sequence with the edits (they cover the generated tokens too), so what is
-    generated is exactly what the edited forward pass predicts."""
-    rows = len(edits)
-    seqs = [list(ids) for _ in range(rows)]
-    done = [False] * rows
-    for _ in range(n):
-        lps = dict(run_rows(runner, [Row(s, [len(s) - 1], e) for s, e in zip(seqs, edits,
-                                                                             strict=True)], rows))
-        for r in range(rows):
-            if not done[r]:
-                t = int(lps[r][0].argmax())
-                seqs[r].append(t)
-                done[r] = t in runner.eos
-        if all(done):
-            break
-    out = []
-    for s in seqs:
-        gen = s[len(ids):]
-        cut = next((i for i, t in enumerate(gen) if t in runner.eos), None)
-        out.append(gen if cut is None else gen[:cut])
-    return out
+    """Greedy continuations (end-of-turn token dropped), row ``b`` of ``prompts[b]`` with
+    ``edits[b]``, in one batch of the static-cache decoder on the bridge's HF model: the edits
+    cover the prompt from their start and every generated token, as in an uncached edited
+    forward of the whole sequence."""
+    from tlpersona.decode import StaticGreedy
+
+    hf = runner.bridge.original_model
+    dec = StaticGreedy(hf, n, runner.eos, runner._pad)
+    steer = row_edits(edits, hf.config.hidden_size)
+    return [[t for t in ids if t not in runner.eos] for ids in dec(prompts, steer or None)]
 
 
 def continuations(ev: _Eval, result: SteeringResult, question: Question) -> list[Continuation]:
@@ -699,13 +687,19 @@ def continuations(ev: _Eval, result: SteeringResult, question: Question) -> list
     tok = ev.runner.model.tokenizer
     conv = ev.runner.conversation(ev.prompt(ev.base), question.text)
     n = ev.cfg.continuation_tokens
+    targets = ev.targets[: ev.cfg.continuations]
+    seq = ("A0", question.id)
+    # one batch: base, random direction, then each target steered and each target itself
+    prompts = [conv.ids] * (2 + len(targets)) + [
+        ev.runner.conversation(ev.prompt(p), question.text).ids for p in targets]
+    edits = [[], ev.edits(s, r, ("random", 0), seq),
+             *[ev.edits(s, r, ("persona", i), seq) for i in range(len(targets))],
+             *[[] for _ in targets]]
+    gen = steered_greedy(ev.runner, prompts, edits, n)
+    plain, rand = gen[0], gen[1]
     out = []
-    for i, p in enumerate(ev.targets[: ev.cfg.continuations]):
-        plain, steered, rand = steered_greedy(ev.runner, conv.ids, [
-            [], ev.edits(s, r, ("persona", i), ("A0", question.id)),
-            ev.edits(s, r, ("random", 0), ("A0", question.id))], n)
-        own = ev.runner.greedy([ev.runner.conversation(ev.prompt(p), question.text).ids], n)[0]
-        own = [t for t in own if t not in ev.runner.eos]
+    for i, p in enumerate(targets):
+        steered, own = gen[2 + i], gen[2 + len(targets) + i]
         texts = {"base": plain, "steered": steered, "random": rand, "persona_itself": own}
         rows = [Row(conv.ids + t, list(range(len(conv.ids) - 1, len(conv.ids) + len(t))))
                 for t in texts.values()]
