@@ -156,7 +156,7 @@ def run_child(args: list[str], log: Path, nproc: int = 1) -> dict:
 
 
 def generated_tokens(store: Path, n_personas: int) -> int:
-    from tlpersona.generate import read_responses
+    from tlpersona.data.responses import read_responses
 
     return sum(len(r.ids) for r in read_responses(store / "responses.jsonl").values())
 

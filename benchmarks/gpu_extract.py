@@ -26,8 +26,8 @@ import torch
 from tlpersona.cache import open_store
 from tlpersona.conversation import ChatRenderer
 from tlpersona.data import load_assistant_axis_personas, load_questions_jsonl
-from tlpersona.extract import ExtractConfig, Extractor, extract_to_store
-from tlpersona.generate import Response
+from tlpersona.data.responses import Response
+from tlpersona.extraction import ExtractConfig, Extractor, extract_to_store
 from tlpersona.models import LoadedModel, ModelInfo, use_hf_attention
 from tlpersona.positions import parse_positions
 

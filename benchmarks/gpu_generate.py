@@ -22,7 +22,7 @@ from benchmarks.gpu_extract import qwen7b
 from tlpersona.conversation import ChatRenderer
 from tlpersona.data import load_assistant_axis_personas, load_questions_jsonl
 from tlpersona.decode import StaticGreedy
-from tlpersona.generate import greedy_batch
+from tlpersona.generation import greedy_batch
 
 
 def timed(fn):

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> None:
 
     from tlpersona.data import load_assistant_axis_personas, load_questions_jsonl
     from tlpersona.distributed import ranks
-    from tlpersona.extract import ExtractConfig, extract_to_store
+    from tlpersona.extraction import ExtractConfig, extract_to_store
     from tlpersona.models import LoadedModel, ModelInfo, use_hf_attention
     from tlpersona.positions import parse_positions
 

@@ -78,7 +78,7 @@ def test_export_seed_layout_and_wandb_offline(loaded, tmp_path, monkeypatch):
 
     from tlpersona.cache.seed_layout import read_seed
     from tlpersona.data import builtin_personas, builtin_questions
-    from tlpersona.extract import ExtractConfig, extract_to_store
+    from tlpersona.extraction import ExtractConfig, extract_to_store
     from tlpersona.positions import parse_positions
 
     cfg = ExtractConfig(parse_positions("a,c2"), [3, 29], batch_size=4, progress=False)

@@ -218,8 +218,8 @@ def test_seed_pt_loading_refuses_pickled_code(tmp_path):
 def test_report_on_real_store(loaded, tmp_path):
     """End to end on the embedded default: all seven recipes, comparison, report."""
     from tlpersona.data import builtin_personas, builtin_questions
-    from tlpersona.extract import ExtractConfig, extract_to_store
-    from tlpersona.generate import generate_responses
+    from tlpersona.extraction import ExtractConfig, extract_to_store
+    from tlpersona.generation import generate_responses
     from tlpersona.models import load_hf
     from tlpersona.positions import parse_positions
 

@@ -5,7 +5,7 @@ import torch
 from tlpersona.conversation import ChatRenderer
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.decode import StaticGreedy, decode_attention
-from tlpersona.generate import eos_ids, greedy_batch
+from tlpersona.generation import eos_ids, greedy_batch
 
 
 def test_static_decoder_gives_the_same_tokens_as_hf_generate(hf_ref, tokenizer):

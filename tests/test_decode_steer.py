@@ -10,7 +10,7 @@ from tlpersona.analyses.operators import RowEdits
 from tlpersona.conversation import ChatRenderer
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.decode import StaticGreedy
-from tlpersona.generate import eos_ids
+from tlpersona.generation import eos_ids
 
 N = 16
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tlpersona.data import Persona, Question
-from tlpersona.extract import ExtractConfig, Extractor
-from tlpersona.generate import generate_responses
+from tlpersona.extraction import ExtractConfig, Extractor
+from tlpersona.generation import generate_responses
 from tlpersona.positions import parse_positions
 
 LAYERS = [0, 7, 15, 22, 29]  # 29 is the last block: HF's hidden_states[-1] is after the final norm

@@ -10,9 +10,9 @@ from tlpersona.batching import decode_row_bytes, generate_batch
 from tlpersona.cache import open_store
 from tlpersona.conversation import template_hash
 from tlpersona.data import builtin_personas, builtin_questions
-from tlpersona.extract import ExtractConfig, extract_to_store
+from tlpersona.data.responses import read_responses
+from tlpersona.extraction import ExtractConfig, extract_to_store
 from tlpersona.fused import MARK, FusedConfig, fused_extract_to_store
-from tlpersona.generate import read_responses
 from tlpersona.positions import parse_positions
 from tlpersona.response_provenance import header as response_header
 

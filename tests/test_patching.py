@@ -124,7 +124,7 @@ def test_persona_vectors_are_centroids_minus_a_mean():
 
 @pytest.fixture(scope="module")
 def small_store(loaded, tmp_path_factory):
-    from tlpersona.extract import ExtractConfig, extract_to_store
+    from tlpersona.extraction import ExtractConfig, extract_to_store
     from tlpersona.positions import parse_positions
 
     cfg = ExtractConfig(parse_positions("last,sys_end"), [7, 15], batch_size=8, progress=False)

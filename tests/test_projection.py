@@ -9,7 +9,7 @@ import tlpersona as tlp
 from tlpersona.cache import open_store
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
-from tlpersona.extract import ExtractConfig, extract_to_store
+from tlpersona.extraction import ExtractConfig, extract_to_store
 from tlpersona.positions import parse_positions
 
 PERSONAS = builtin_personas()[:5]  # includes "assistant"

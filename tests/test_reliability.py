@@ -23,7 +23,7 @@ from tlpersona.cache import open_store, verify_store
 from tlpersona.cli import main
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
-from tlpersona.extract import ExtractConfig, Extractor, extract_to_store
+from tlpersona.extraction import ExtractConfig, Extractor, extract_to_store
 from tlpersona.positions import parse_positions
 
 ARGS = ["extract", "--limit-personas", "6", "--limit-questions", "3",
@@ -219,7 +219,7 @@ def test_pt_import_uses_weights_only(tmp_path):
 
 def test_missing_and_empty_responses_are_recorded_and_reported(loaded, tmp_path):
     from tlpersona.analyses.compare import CompareConfig, compare
-    from tlpersona.generate import Response
+    from tlpersona.data.responses import Response
 
     personas, questions = builtin_personas()[:4], builtin_questions()[:3]
     eos = loaded.tokenizer.eos_token_id

@@ -24,7 +24,7 @@ from tlpersona.cache.store import clear_store
 from tlpersona.cli import main
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
-from tlpersona.extract import ExtractConfig, extract_to_store
+from tlpersona.extraction import ExtractConfig, extract_to_store
 from tlpersona.positions import parse_positions
 
 SMALL = ["--limit-personas", "2", "--limit-questions", "2"]
@@ -540,7 +540,7 @@ def test_duplicate_keys_in_role_list_are_refused(tmp_path):
 
 
 def test_finished_must_be_a_boolean(tmp_path):
-    from tlpersona.generate import read_responses
+    from tlpersona.data.responses import read_responses
 
     f = tmp_path / "r.jsonl"
     row = {"persona": "a", "prompt_index": 0, "question_id": "q", "response_ids": [1], "finished": "false"}

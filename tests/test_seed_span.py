@@ -5,9 +5,10 @@ import pytest
 from test_extract import LAYERS, PERSONA, QUESTIONS, _hf_resid
 
 from tlpersona.conversation import ChatRenderer
+from tlpersona.data.responses import Response
 from tlpersona.errors import TlpersonaError
-from tlpersona.extract import ExtractConfig, Extractor
-from tlpersona.generate import Response, generate_responses
+from tlpersona.extraction import ExtractConfig, Extractor
+from tlpersona.generation import generate_responses
 from tlpersona.positions import parse_position, parse_positions
 from tlpersona.preflight import check_prompts, check_responses
 

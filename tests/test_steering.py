@@ -138,7 +138,7 @@ def test_split_questions_is_seeded_and_disjoint():
 @pytest.fixture(scope="module")
 def store6(loaded, tmp_path_factory):
     from tlpersona.cache import open_store
-    from tlpersona.extract import ExtractConfig, extract_to_store
+    from tlpersona.extraction import ExtractConfig, extract_to_store
     from tlpersona.positions import parse_positions
 
     cfg = ExtractConfig(parse_positions("last,sys_end"), [7, 15], batch_size=8, progress=False)

@@ -8,7 +8,7 @@ import torch
 from tlpersona.cache import open_store
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
-from tlpersona.extract import ExtractConfig, Extractor, extract_to_store
+from tlpersona.extraction import ExtractConfig, Extractor, extract_to_store
 from tlpersona.positions import parse_positions
 
 LAYERS = [3, 15, 29]

@@ -4,13 +4,13 @@ When the responses are generated here, the static decoder (:mod:`tlpersona.decod
 every token of the conversation through the model: the prompt in the prefill, response token
 ``j`` when it is fed back in at step ``j + 1``. Forward hooks keep the residual stream at the
 requested blocks as it goes, and each decoded batch is pooled into every recipe on the device
-with the same pooling rows as the two-pass path (:class:`tlpersona.extract.Extractor`), so no
+with the same pooling rows as the two-pass path (:class:`tlpersona.extraction.Extractor`), so no
 second forward pass over prompt + response is needed. Question-invariant positions (system-block
 anchors, the raw system text) are still read once per persona and phrasing, in a short plain-HF
 pass.
 
 The store format, resume (whole groups of personas) and torchrun ranks (every n-th group) work
-as in :func:`tlpersona.extract.extract_to_store`; groups hold ~2k passes whatever the number of
+as in :func:`tlpersona.extraction.extract_to_store`; groups hold ~2k passes whatever the number of
 personas, so that decode batches are full. Each group's responses are appended (and fsynced) to
 the responses file before its store part is written. Until the store is finalised its
 provenance names the responses as generated in this pass (:data:`MARK`); finalising records
@@ -36,18 +36,20 @@ from tlpersona.batching import generate_batch
 from tlpersona.cache.store import MANIFEST, StoreWriter
 from tlpersona.conversation import Spans, template_hash
 from tlpersona.data import Persona, Question, indexed_prompts
+from tlpersona.data.responses import Key, Response, drop_torn_tail, merge_rank_files, read_responses
 from tlpersona.decode import StaticGreedy
 from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
-from tlpersona.extract import (
+from tlpersona.extraction import (
     ExtractConfig,
     Extractor,
     PersonaResult,
     Prepared,
     provenance,
     responses_digest,
+    schedule_groups,
 )
-from tlpersona.generate import Key, Response, _drop_torn_tail, _merge, eos_ids, read_responses
+from tlpersona.generation import eos_ids
 from tlpersona.models import LoadedModel, ModelInfo, input_device
 from tlpersona.response_provenance import header as response_header
 from tlpersona.response_provenance import prompt_sha
@@ -345,7 +347,7 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
     main = Path(responses_path)
     path = main if rk.world == 1 else main.with_name(f"{main.stem}.rank{rk.rank}{main.suffix}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _drop_torn_tail(path)
+    drop_torn_tail(path)
     have = read_responses(main)  # read-only from here; the host thread tracks what it adds
     saved = set(have)
     # Groups of ~2k passes, fixed by the data alone (so a resumed run, and any number of
@@ -353,12 +355,7 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
     # batches even in a short run.
     per_persona = len(questions) * len(indexed_prompts(personas[0], cfg.prompt_index))
     size = max(1, GROUP_PASSES // per_persona)
-    groups = [list(range(a, min(a + size, len(personas)))) for a in range(0, len(personas), size)]
-    mine = groups[rk.rank::rk.world]
-    finished = writer.finished()
-    todo = [g for g in mine if not all(i in finished for i in g)]
-    total = sum(len(g) for g in mine)
-    done = total - sum(len(g) for g in todo)
+    todo, total, done = schedule_groups(len(personas), size, rk.rank, rk.world, writer.finished())
     bar = tqdm(total=total, initial=done, desc="generate+extract", unit="persona",
                disable=not cfg.progress or not rk.main, file=sys.stderr)
 
@@ -394,7 +391,7 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
     stats.update(computed=total - done, reused=done)
     rk.barrier()
     if rk.main:
-        _merge(main)
+        merge_rank_files(main)
         used = read_responses(main)
         # from here on the store is indistinguishable from a two-pass one over these responses
         writer.manifest["provenance"]["responses_hash"] = responses_digest(

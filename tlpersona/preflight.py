@@ -14,8 +14,8 @@ from typing import Any
 
 from tlpersona.conversation import ChatRenderer, common_prefix_len, template_hash
 from tlpersona.data import Persona, Question, indexed_prompts
+from tlpersona.data.responses import Key, Response
 from tlpersona.errors import TlpersonaError
-from tlpersona.generate import Key, Response
 from tlpersona.positions import Position
 from tlpersona.response_provenance import prompt_sha
 

@@ -210,18 +210,19 @@ def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, fl
                 spread_cell = {"spearman": rho, "p": float(sp[1]), "n_questions": int(ok.sum()),
                                "gates_verdict": th.gate_spread}
             s = M.Summary.of(cos)
+            ceiling = _ceiling(floors, x, y, layer)
             cell = {
                 "layer": layer, "pair": [x, y], "tag": pair_tag(x, y),
                 "per_persona_cos": {**asdict(s), "null_mean": _shuffled_cos_mean(cent[x], cent[y])},
                 "per_persona_cos_mc": {**asdict(M.Summary.of(mc_cos)),
                                        "null_mean": _shuffled_cos_mean(mc[x], mc[y])},
                 "procrustes_cos": {**proc[(x, y)].to_dict(),
-                                   "ceiling": _ceiling(floors, x, y, layer)["procrustes_cos_mean"]},
+                                   "ceiling": ceiling["procrustes_cos_mean"]},
                 "matrix_raw": _matrix_cell(mantel[(x, y, 0)], raw_t),
                 "matrix_mc": _matrix_cell(mantel[(x, y, 1)], mc_t),
                 "mantel_p": mantel[(x, y, 1)].p,
                 "spread": spread_cell,
-                "ceiling": _ceiling(floors, x, y, layer),
+                "ceiling": ceiling,
                 "verdict": verdict(s.min, mantel[(x, y, 1)].r, rho, th),
                 "per_persona_cos_all": [round(float(v), 6) for v in cos],
             }

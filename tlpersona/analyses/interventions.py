@@ -19,7 +19,7 @@ import torch
 
 from tlpersona.conversation import ChatRenderer, Spans
 from tlpersona.errors import TlpersonaError
-from tlpersona.generate import eos_ids, greedy_batch
+from tlpersona.generation import eos_ids, greedy_batch
 from tlpersona.models import LoadedModel, stop_forward
 
 HOOKS = ("resid_post", "resid_pre")

@@ -86,7 +86,7 @@ def project(store: Store | str | Path, *, layer: int | None = None,
     """
     from tlpersona.analyses.projection import axis_frame, nearest, pc_frame
     from tlpersona.data import Persona, Question
-    from tlpersona.extract import ExtractConfig, Extractor
+    from tlpersona.extraction import ExtractConfig, Extractor
     from tlpersona.models import default_device, load_model
 
     st = store if isinstance(store, Store) else open_store(store, verify=True)

@@ -15,10 +15,11 @@ import torch
 from tlpersona.cache.store import Store, clear_store, open_store, store_dir_state
 from tlpersona.conversation import template_hash
 from tlpersona.data import Persona, Question, builtin_personas, builtin_questions, indexed_prompts
+from tlpersona.data.responses import Key, Response, read_responses
 from tlpersona.distributed import Ranks, ranks
 from tlpersona.errors import TlpersonaError
-from tlpersona.extract import ExtractConfig, extract_to_store, provenance_of
-from tlpersona.generate import Key, Response, generate_responses, read_responses
+from tlpersona.extraction import ExtractConfig, extract_to_store, provenance_of
+from tlpersona.generation import generate_responses
 from tlpersona.locks import exclusive
 from tlpersona.models import (
     LayerSpec,

@@ -1,11 +1,5 @@
-"""Greedy response generation, saved as resumable JSONL with the generated token ids.
-
-Each line: ``{"persona", "prompt_index", "question_id", "response_ids", "finished", "text",
-"prompt_sha"}``, after one header line (:mod:`tlpersona.response_provenance`).
-``response_ids`` are exactly the generated ids (the end-of-turn token included when the model
-emitted it, ``finished`` true); extraction appends them to the prompt ids and never re-tokenises
-the text. Generation uses a plain (un-bridged) HF model.
-"""
+"""Greedy response generation, saved as resumable JSONL with the generated token ids (the
+format of :mod:`tlpersona.data.responses`). Generation uses a plain (un-bridged) HF model."""
 
 from __future__ import annotations
 
@@ -13,7 +7,6 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,75 +16,19 @@ from tqdm import tqdm
 from tlpersona.batching import generate_batch
 from tlpersona.conversation import ChatRenderer
 from tlpersona.data import Persona, Question, indexed_prompts
+from tlpersona.data.responses import (
+    Key,
+    Response,
+    drop_torn_tail,
+    merge_rank_files,
+    rank_files,
+    read_responses,
+)
 from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
-from tlpersona.files import atomic_write_bytes
-from tlpersona.response_provenance import check_ours, is_header, prompt_sha
-from tlpersona.safety import jsonl_lines, read_text
+from tlpersona.response_provenance import check_ours, prompt_sha
 
-Key = tuple[str, int, str]  # persona, prompt index, question id
 DECODERS = ("auto", "hf", "static")
-
-
-@dataclass
-class Response:
-    ids: list[int]
-    finished: bool
-    prompt_sha: str | None = None  # hash of the prompt ids it continues (None: made elsewhere)
-
-    def content_len(self, include_eot: bool) -> int:
-        """Number of response tokens that count as content."""
-        return len(self.ids) if (include_eot or not self.finished) else len(self.ids) - 1
-
-
-def _rank_files(path: Path) -> list[Path]:
-    """Per-rank files that a torchrun generation writes beside ``path`` until they are merged."""
-    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
-
-
-def read_responses(path: str | Path) -> dict[Key, Response]:
-    """Read a responses JSONL (and any unmerged per-rank files beside it); a torn last line
-    (killed writer) is ignored."""
-    p = Path(path)
-    out: dict[Key, Response] = {}
-    for rank_file in _rank_files(p):
-        out.update(_read_one(rank_file))
-    out.update(_read_one(p))
-    return out
-
-
-def _read_one(p: Path) -> dict[Key, Response]:
-    out: dict[Key, Response] = {}
-    if not p.exists() and not p.is_symlink():
-        return out
-    lines = jsonl_lines(read_text(p, "responses JSONL file"))
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if is_header(row):
-                continue
-            key = (str(row["persona"]), int(row["prompt_index"]), str(row["question_id"]))
-            out[key] = Response(_token_ids(row["response_ids"]), _flag(row["finished"]),
-                                row.get("prompt_sha"))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            if lineno >= len(lines) - 1:  # the last line may be half-written
-                break
-            raise TlpersonaError(f"{p}:{lineno}: bad response line ({exc})") from None
-    return out
-
-
-def _token_ids(value: object) -> list[int]:
-    if not isinstance(value, list) or not all(type(t) is int for t in value):
-        raise ValueError("response_ids must be a list of integers")
-    return list(value)
-
-
-def _flag(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"finished must be true or false, not {value!r}")
-    return value
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -147,7 +84,7 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
         raise TlpersonaError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     renderer = ChatRenderer(tokenizer)
     if header is not None:
-        for p in [Path(out_path), *_rank_files(Path(out_path))]:
+        for p in [Path(out_path), *rank_files(Path(out_path))]:
             check_ours(p, header, "responses file")
     have = read_responses(out_path)
     jobs: list[tuple[Key, list[int]]] = []
@@ -176,7 +113,7 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
                   decoder, graphs, header)
     rk.barrier()
     if rk.main:
-        _merge(main)  # also after a torchrun that was killed and is resumed by one process
+        merge_rank_files(main)  # also after a torchrun that was killed and is resumed by one process
     rk.barrier()
     return read_responses(main) if rk.world > 1 else have
 
@@ -212,7 +149,7 @@ def _generate(model: Any, tokenizer: Any, todo: list[list[tuple[Key, list[int]]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     decode = _decoder(model, decoder, max_new_tokens, eos, pad, graphs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _drop_torn_tail(path)
+    drop_torn_tail(path)
     missing = sum(key not in have for b in todo for key, _ in b)
     bar = tqdm(total=missing, desc="generate", unit="resp", disable=not progress, file=sys.stderr)
     with path.open("a", encoding="utf-8") as f:
@@ -237,29 +174,3 @@ def _generate(model: Any, tokenizer: Any, todo: list[list[tuple[Key, list[int]]]
     bar.close()
 
 
-def _merge(main: Path) -> None:
-    """Fold the per-rank files into ``main`` (one atomic rewrite), then remove them."""
-    parts = _rank_files(main)
-    if not parts:
-        return
-    for p in [main, *parts]:
-        _drop_torn_tail(p)
-    # One header (each rank file starts with the same one), then every response line.
-    lines = [line + b"\n" for p in [main, *parts] if p.exists()
-             for line in p.read_bytes().split(b"\n") if line]
-    heads = [line for line in lines if line.startswith(b'{"tlpersona_responses"')]
-    body = [line for line in lines if not line.startswith(b'{"tlpersona_responses"')]
-    atomic_write_bytes(main, b"".join(heads[:1] + body))
-    for p in parts:
-        p.unlink()
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a half-written last line left by a killed run, so appends start on a fresh line."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with path.open("r+b") as f:
-            f.truncate(keep)
