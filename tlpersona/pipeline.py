@@ -543,23 +543,15 @@ class PatchRequest:
     layers: str | None = None  # patching layers; default: 8 spread over the model
     positions: str = "system,sys_end,sys_end+1,user_end,last"
     hook: str = "resid_post"
+    method: str = "both"  # exact, attribution or both
     corrupt: str = "assistant"
+    clean_personas: str | None = None  # "NAME,NAME": chosen by hand
     response_tokens: int = 0
     progress: bool = True
 
 
 def _spread_layers(n_layers: int, k: int = 8) -> list[int]:
     return sorted({round(i * (n_layers - 1) / (k - 1)) for i in range(k)})
-
-
-def _pick(personas: list[Any], keep: str | None, n: int) -> list[Any]:
-    """The first ``n`` personas other than ``keep``, with ``keep`` (if given) in front."""
-    if n < 1:
-        raise TlpersonaError("--n-personas must be at least 1")
-    named = [p for p in personas if p.name == keep]
-    if keep is not None and not named:
-        raise TlpersonaError(f"persona {keep!r} is not among the personas")
-    return named + [p for p in personas if p.name != keep][:n]
 
 
 def _store_phrasing(prov: dict[str, Any], given: int | None) -> int:
@@ -581,17 +573,17 @@ def _model_for(spec: str | None, prov: dict[str, Any], device: str | None, dtype
     return model
 
 
-def run_patch(req: PatchRequest) -> tuple[Path, dict[str, Any]]:
+def run_patch(req: PatchRequest) -> tuple[Path, Any]:
     """Activation patching into ``req.out``: patch.json, figures, patch.md. Returns (patch.md,
-    the patching result)."""
+    the :class:`~tlpersona.analyses.patching.PatchResult`)."""
     from tlpersona.analyses.interventions import HOOKS, Runner
-    from tlpersona.analyses.patching import PatchConfig, run_patching
+    from tlpersona.analyses.patching import PatchConfig, check_config, choose_clean, run_patching
     from tlpersona.analyses.report import write_patch
     from tlpersona.cache.store import open_store
 
     check_output_dir(Path(req.out))
     if req.hook not in HOOKS:
-        raise TlpersonaError(f"unknown --hook {req.hook!r} (resid_post or resid_pre)")
+        raise TlpersonaError(f"unknown --hook {req.hook!r} ({', '.join(HOOKS)})")
     if req.n_questions < 1:
         raise TlpersonaError("--n-questions must be at least 1")
     st = open_store(req.store, verify=True) if req.store else None
@@ -599,15 +591,18 @@ def run_patch(req: PatchRequest) -> tuple[Path, dict[str, Any]]:
     personas = load_personas(req.personas)
     questions = load_questions(req.questions, req.n_questions)
     keep = None if req.corrupt == "next" else req.corrupt
-    chosen = _pick(personas, keep, req.n_personas)
+    chosen, note = choose_clean(personas, keep, req.n_personas, _names(req.clean_personas), st)
     model = _model_for(req.model, prov, req.device, req.dtype, req.attn)
     runner = Runner(model)
     layers = (parse_layers(req.layers, model.info.n_layers) if req.layers
               else _spread_layers(model.info.n_layers))
-    patching = run_patching(runner, chosen, questions, PatchConfig(
+    cfg = PatchConfig(
         layers=layers, positions=[p.strip() for p in req.positions.split(",") if p.strip()],
-        hook=req.hook, corrupt=req.corrupt, response_tokens=req.response_tokens,
-        prompt_index=_store_phrasing(prov, req.prompt_index), progress=req.progress))
+        hook=req.hook, method=req.method, corrupt=req.corrupt,
+        response_tokens=req.response_tokens,
+        prompt_index=_store_phrasing(prov, req.prompt_index), progress=req.progress)
+    check_config(cfg, model.info.n_layers)
+    patching = run_patching(runner, chosen, questions, cfg, personas_note=note)
     write_patch(patching, req.out)
     return Path(req.out) / "patch.md", patching
 
