@@ -88,11 +88,11 @@ def attribute_example(runner: Runner, clean: Conversation, corrupt: Conversation
         both = torch.stack([(grad[name][i].double()[c] * delta).sum(-1) for i in (0, 1)])
         per_row = torch.zeros(2, len(order), *both.shape[2:], dtype=both.dtype, device=dev)
         per_row.index_add_(1, r_ix.to(dev), both)  # summed over a row's index pairs
-        d_kl, d_ld = per_row.cpu().unbind(0)
+        d_kl, d_ld = per_row.tolist()  # one device-to-host copy per hook point
         for r, (row, _) in enumerate(order):
-            heads = [None] if comp != "head" else list(range(d_kl.shape[1]))
+            heads = [None] if comp != "head" else list(range(len(d_kl[r])))
             for h in heads:
-                dk = 0.0 if is_noop[r] else float(d_kl[r] if h is None else d_kl[r, h])
-                dl = 0.0 if is_noop[r] else float(d_ld[r] if h is None else d_ld[r, h])
+                dk = 0.0 if is_noop[r] else (d_kl[r] if h is None else d_kl[r][h])
+                dl = 0.0 if is_noop[r] else (d_ld[r] if h is None else d_ld[r][h])
                 out[comp, row, layer, h] = (kl0 + dk, kl0, dl, ld_range, is_noop[r])
     return out
