@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from tlpersona.analyses.interventions import Runner, kl
-from tlpersona.analyses.patching import PatchConfig, _align, patch_example, run_patching
+from tlpersona.analyses.patching import PatchConfig, align, choose_clean, patch_example, run_patching
 from tlpersona.cache.vectors import axis, centred
 from tlpersona.cli import main
 from tlpersona.data import builtin_personas, builtin_questions
@@ -24,7 +24,7 @@ def runner(loaded):
 
 
 def _effects(vals):
-    kl_p, kl_y, gain, rng = vals
+    kl_p, kl_y, gain, rng, _ = vals
     return 1 - kl_p / kl_y, gain / rng
 
 
@@ -37,16 +37,16 @@ def test_patching_everything_gives_clean_and_nothing_gives_corrupt(runner):
         cfg = PatchConfig(layers=[0, 12, 29], hook=hook, skip_noops=False)
         got = patch_example(runner, clean, corrupt, ["all", "sys_start"], cfg)
         for layer in cfg.layers:
-            kl_e, ld_e = _effects(got["all", layer])
-            assert got["all", layer][0] < 1e-8 and kl_e == pytest.approx(1, abs=1e-6)
+            kl_e, ld_e = _effects(got["all", layer, None])
+            assert got["all", layer, None][0] < 1e-8 and kl_e == pytest.approx(1, abs=1e-6)
             assert ld_e == pytest.approx(1, abs=1e-4)
             # "You" is shared: the patched activation equals the corrupt one, the hook path
             # (not the shortcut) runs here and must leave the corrupt output
-            kl_e, ld_e = _effects(got["sys_start", layer])
+            kl_e, ld_e = _effects(got["sys_start", layer, None])
             assert abs(kl_e) < 1e-5 and abs(ld_e) < 1e-4
     # the last position after the last block decides the next token alone
     got = patch_example(runner, clean, corrupt, ["last"], PatchConfig(layers=[29]))
-    assert _effects(got["last", 29])[0] == pytest.approx(1, abs=1e-6)
+    assert _effects(got["last", 29, None])[0] == pytest.approx(1, abs=1e-6)
     assert runner.hook_free()
 
 
@@ -56,7 +56,7 @@ def test_patched_cell_matches_plain_hf_forward_hook(runner, hf_ref):
     clean = runner.conversation("You are a pirate who sails the seven seas.", Q)
     corrupt = runner.conversation("You are a helpful assistant.", Q)
     layer, row = 10, "sys_end"
-    (k, c), = _align(row, clean, corrupt)
+    (k, c), = align(row, clean, corrupt)
     assert k != c  # aligned by name, not index
     got = patch_example(runner, clean, corrupt, [row], PatchConfig(layers=[layer]))
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_patched_cell_matches_plain_hf_forward_hook(runner, hf_ref):
             handle.remove()
         ref_c = torch.log_softmax(hc.logits[0, -1].double(), -1)
         ref_p = torch.log_softmax(patched.double(), -1)
-    assert got[row, layer][0] == pytest.approx(float(kl(ref_c, ref_p)), rel=1e-3, abs=1e-6)
+    assert got[row, layer, None][0] == pytest.approx(float(kl(ref_c, ref_p)), rel=1e-3, abs=1e-6)
 
 
 def test_resid_pre_of_next_layer_equals_resid_post(runner):
@@ -85,16 +85,16 @@ def test_resid_pre_of_next_layer_equals_resid_post(runner):
     post = patch_example(runner, clean, corrupt, rows, PatchConfig(layers=[9]))
     pre = patch_example(runner, clean, corrupt, rows, PatchConfig(layers=[10], hook="resid_pre"))
     for r in rows:
-        assert post[r, 9][0] == pytest.approx(pre[r, 10][0], rel=1e-5, abs=1e-9)
+        assert post[r, 9, None][0] == pytest.approx(pre[r, 10, None][0], rel=1e-5, abs=1e-9)
 
 
 def test_alignment_by_name(runner):
     a = runner.conversation("You are a pirate who sails the seven seas.", Q)
     b = runner.conversation("You are a helpful assistant.", Q)
-    assert _align("sys_end", a, b) == [(a.spans.anchors["sys_end"], b.spans.anchors["sys_end"])]
-    assert _align("sys_start+9", a, b) is None  # beyond the shorter system text
+    assert align("sys_end", a, b) == [(a.spans.anchors["sys_end"], b.spans.anchors["sys_end"])]
+    assert align("sys_start+9", a, b) is None  # beyond the shorter system text
     with pytest.raises(TlpersonaError, match="equal length"):
-        _align("all", a, b)
+        align("all", a, b)
 
 
 def test_hooks_are_removed_even_when_a_hook_fails(runner):
@@ -138,12 +138,21 @@ def test_patch_command_writes_json_figures_and_report(small_store, tmp_path):
         "patch", "--store", str(small_store), "--out", str(out), "--n-personas", "2",
         "--n-questions", "1", "--layers", "3,15,29", "--positions", "system,sys_end,last"])
     assert res.exit_code == 0, res.output[-2000:]
-    data = json.loads((out / "patch.json").read_text())
-    cells = {(c["position"], c["layer"]): c for c in data["patching"]["cells"]}
-    assert cells["last", 29]["kl_effect"] == pytest.approx(1, abs=1e-6)
-    assert cells["sys_start", 3]["kl_effect"] == 0  # shared first token: exact no-op
-    assert (out / "figures" / "patching.png").stat().st_size > 1000
-    assert "### Patching" in (out / "patch.md").read_text()
+    data = json.loads((out / "patch.json").read_text())["patching"]
+    cells = {(c["method"], c["component"], c["position"], c["layer"]): c for c in data["cells"]}
+    assert cells["exact", "resid_post", "last", 29]["kl_effect"] == pytest.approx(1, abs=1e-6)
+    # shared first token: exact no-op, for both methods and every component
+    assert cells["exact", "resid_post", "sys_start", 3]["kl_effect"] == 0
+    for comp in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
+        assert cells["attribution", comp, "sys_start", 3]["kl_effect"] == 0
+    assert {a["metric"] for a in data["agreement"]} == {"kl", "ld"}
+    # with a store, the clean personas are the ones farthest from the corrupt persona
+    assert "farthest from 'assistant'" in data["personas_note"]
+    for fig in ("patching", "attribution_resid_post", "attribution_attn_out", "attribution_mlp_out",
+                "attribution_head"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
+    md = (out / "patch.md").read_text()
+    assert "### Patching" in md and "Agreement with exact" in md
 
 
 @pytest.mark.parametrize("args, message", [
@@ -169,3 +178,23 @@ def test_corrupt_pairs():
         (ps[1].name, ps[0].name), (ps[2].name, ps[0].name)]
     with pytest.raises(TlpersonaError, match="not among the personas"):
         pairs(ps, "nobody")
+
+
+def test_clean_personas_contrast_with_the_corrupt_persona(small_store):
+    from tlpersona.analyses.steering import choose_personas, default_recipes
+    from tlpersona.cache.store import open_store
+
+    small_store = open_store(small_store)
+    ps = builtin_personas()[:5]
+    chosen, note = choose_clean(ps, "assistant", 3, None, small_store)
+    # the same choice `steer` makes: farthest from the base on its axis, at the middle layer
+    ref = choose_personas(small_store, "assistant", 3, None, default_recipes(small_store), 7)
+    assert [p.name for p in chosen] == ["assistant", *ref.names]
+    assert ref.names != [p.name for p in ps[1:4]]  # not merely the first three of the list
+    assert "farthest from 'assistant'" in note
+    chosen, note = choose_clean(ps, "assistant", 2, [ps[4].name], small_store)
+    assert [p.name for p in chosen] == ["assistant", ps[4].name] and "--clean-personas" in note
+    chosen, note = choose_clean(ps, "assistant", 2, None, None)
+    assert [p.name for p in chosen] == [p.name for p in ps[:3]] and "first 2" in note
+    with pytest.raises(TlpersonaError, match="'nobody' is not among"):
+        choose_clean(ps, "assistant", 2, ["nobody"], small_store)

@@ -45,6 +45,7 @@ _EXPORTS = {
     "subspace": "tlpersona.api.analysis",
     "project": "tlpersona.api.analysis",
     "persona_vector": "tlpersona.api.analysis",
+    "export_vectors": "tlpersona.api.analysis",
     "Thresholds": "tlpersona.analyses.compare",
     "patch": "tlpersona.api.causal",
     "steer": "tlpersona.api.causal",
@@ -80,6 +81,7 @@ __all__ = [
     "subspace",
     "project",
     "persona_vector",
+    "export_vectors",
     "Thresholds",
     "patch",
     "steer",
@@ -111,7 +113,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from tlpersona.analyses.compare import Thresholds
-    from tlpersona.api.analysis import compare, persona_vector, project, subspace
+    from tlpersona.api.analysis import compare, export_vectors, persona_vector, project, subspace
     from tlpersona.api.causal import patch, steer
     from tlpersona.api.experiment import ExperimentResult, experiment
     from tlpersona.api.extraction import extract, generate

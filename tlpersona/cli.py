@@ -21,7 +21,7 @@ import click
 from tlpersona.errors import TlpersonaError
 
 #: API parameter -> flag, where a command's flag is not the parameter's own name.
-_RENAMED = {"seed_dir": "--from-seed", "seed_layout": "--seed-layout"}
+_RENAMED = {"seed_dir": "--from-seed", "format": "--vectors"}
 
 
 def _flags(message: str) -> str:
@@ -282,14 +282,32 @@ def verify(store: str) -> None:
 @click.option("--seed-layout", type=click.Path(), default=None,
               help="write method_<x>/all_centroids.pt, <role>.pt, <role>__per_q.pt here")
 @click.option("--wandb-project", default=None, help="log the store as a W&B artifact")
+@click.option("--vectors", default=None,
+              help="write one persona's vectors: gguf (llama.cpp control vector), safetensors, "
+                   "pt, npz, npy (one layer)")
+@click.option("--persona", default=None, help="with --vectors: the persona")
+@click.option("--position", default=None, help="with --vectors: the recipe (a stored position)")
+@click.option("--layers", default=None, help="with --vectors: " + _stored_layers_help)
+@click.option("--out", default=None, type=click.Path(), help="with --vectors: the file to write")
 @_friendly
-def export(store: str, seed_layout: str | None, wandb_project: str | None) -> None:
-    """Export a store for older code (seed layout) and/or log it as a W&B artifact."""
+def export(store: str, seed_layout: str | None, wandb_project: str | None, vectors: str | None,
+           persona: str | None, position: str | None, layers: str | None, out: str | None) -> None:
+    """Export a store for older code (seed layout), log it as a W&B artifact, and/or write one
+    persona's vectors for llama.cpp, steering libraries or numpy (--vectors)."""
     from tlpersona.cache import open_store
 
-    if seed_layout is None and wandb_project is None:
-        raise TlpersonaError("nothing to do: give --seed-layout DIR and/or --wandb-project NAME")
+    if seed_layout is None and wandb_project is None and vectors is None:
+        raise TlpersonaError("nothing to do: give --seed-layout DIR, --wandb-project NAME "
+                             "and/or --vectors FORMAT")
+    if vectors is not None and not (persona and position and out):
+        raise TlpersonaError("--vectors needs --persona, --position and --out")
     st = open_store(store, verify=True)
+    if vectors is not None:
+        from tlpersona.api.analysis import export_vectors
+
+        assert persona and position and out
+        vecs = export_vectors(st, persona, position, vectors, out, _stored_layers(layers))
+        click.echo(f"{vectors}: {persona} {position} layers {','.join(map(str, vecs))} -> {out}")
     if seed_layout:
         from tlpersona.cache.seed_layout import export_seed
 
@@ -537,14 +555,18 @@ def project(store: str, out: str, layer: int | None, positions: str | None, axis
 @click.option("--questions", default="builtin", show_default=True)
 @click.option("--prompt-index", type=int, default=None, help="phrasing (default: the store's, else 0)")
 @click.option("--n-personas", type=int, default=4, show_default=True,
-              help="clean personas (the first N besides the corrupt persona)")
+              help="clean personas: with --store the N farthest from the corrupt persona on its "
+                   "axis, else the first N")
+@click.option("--clean-personas", default=None, help="NAME,NAME: the clean personas, by hand")
 @click.option("--n-questions", type=int, default=2, show_default=True)
 @click.option("--layers", default=None,
               help="patching layers: " + _layers_help + " (default: 8 spread over the model)")
 @click.option("--positions", default="system,sys_end,sys_end+1,user_end,last", show_default=True,
               help="patched positions; 'system' = every system-text token (sys_start+i)")
-@click.option("--hook", type=click.Choice(["resid_post", "resid_pre"]), default="resid_post",
-              show_default=True)
+@click.option("--hook", type=click.Choice(["resid_post", "resid_pre", "attn_out", "mlp_out", "head"]),
+              default="resid_post", show_default=True, help="component patched exactly")
+@click.option("--method", type=click.Choice(["exact", "attribution", "both"]), default="both",
+              show_default=True, help="attribution: every component estimated from one backward")
 @click.option("--corrupt", default="assistant", show_default=True,
               help="corrupt persona, or 'next' (each persona against the next one)")
 @click.option("--response-tokens", type=int, default=0, show_default=True,
@@ -552,16 +574,18 @@ def project(store: str, out: str, layer: int | None, positions: str | None, axis
 @_friendly
 def patch(store: str | None, out: str, model: str | None, device: str | None, dtype: str | None,
           attn: str, personas: str, questions: str, prompt_index: int | None, n_personas: int,
-          n_questions: int, layers: str | None, positions: str, hook: str, corrupt: str,
-          response_tokens: int) -> None:
+          clean_personas: str | None, n_questions: int, layers: str | None, positions: str,
+          hook: str, method: str, corrupt: str, response_tokens: int) -> None:
     """Activation patching: positions × layers, clean persona into corrupt (steering is
     `tlpersona steer`)."""
     from tlpersona.api.causal import patch as run
 
     path = _checked_out(out)
     result = run(model, _personas(personas), _questions(questions), store=store,
-                 n_personas=n_personas, n_questions=n_questions, layers=_layers(layers, None),
-                 positions=_items(positions), hook=hook, corrupt=corrupt,
+                 n_personas=n_personas,
+                 clean_personas=_items(clean_personas) if clean_personas else None,
+                 n_questions=n_questions, layers=_layers(layers, None),
+                 positions=_items(positions), hook=hook, method=method, corrupt=corrupt,
                  response_tokens=response_tokens, prompt_index=prompt_index, device=device,
                  dtype=dtype, attn=attn)
     report = result.save(path)
@@ -570,9 +594,14 @@ def patch(store: str | None, out: str, model: str | None, device: str | None, dt
 
 
 def _print_patch(result: Any) -> None:
-    top = sorted(result.cells, key=lambda c: -c.kl_effect)[:3]
-    click.echo("patching, largest KL effects: " + "; ".join(
-        f"{c.position} L{c.layer} {c.kl_effect:.2f}" for c in top))
+    click.echo(f"patching, clean personas: {', '.join(x for x, _ in result.pairs)} "
+               f"({result.personas_note})")
+    for method in ("exact", "attribution"):
+        top = sorted(result.select(method, result.config.hook), key=lambda c: -c.kl_effect)[:3]
+        if top:
+            click.echo(f"patching ({method}, {result.config.hook}), largest KL effects: " + "; ".join(
+                f"{c.position} L{c.layer}{'' if c.head is None else f' H{c.head}'} "
+                f"{c.kl_effect:.2f}" for c in top))
 
 
 @main.command()

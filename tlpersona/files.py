@@ -42,6 +42,12 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
+    """Atomic write through a writer that takes a file name (a library that opens the file
+    itself)."""
+    _atomic(path, write)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:

@@ -1,8 +1,8 @@
 """Forward passes with residual-stream interventions, read out as next-token log-probabilities.
 
-Shared by activation patching and steering. Hook names are TransformerLens's
-(``blocks.{l}.hook_resid_post`` / ``hook_resid_pre``); hooks are attached for one call only
-(``run_with_hooks`` removes them afterwards, also when the call raises).
+Shared by activation patching and steering. Hook names are the bridge's TransformerLens hook
+points (see :data:`HOOK_POINTS`); hooks are attached for one call only (``run_with_hooks``
+removes them afterwards, also when the call raises).
 
 The model is run to the input of the final norm; the norm and the unembedding are then applied
 only at the positions a metric reads, so a batch of patched rows never materialises
@@ -22,18 +22,29 @@ from tlpersona.errors import TlpersonaError
 from tlpersona.generation import eos_ids, greedy_batch
 from tlpersona.models import LoadedModel, stop_forward
 
-HOOKS = ("resid_post", "resid_pre")
+# Component -> hook point of block ``l``. Shapes per row: ``[seq, d_model]``, for ``head``
+# ``[seq, n_heads, d_head]`` (each head's attention-weighted values, the output projection's input).
+# The attention output is read where the output projection hands it back (``attn.o.hook_out``):
+# with HF's own SDPA attention inside the bridge (the CUDA default, see models.use_hf_attention)
+# the bridge's ``hook_attn_out`` never fires, while this one (and ``attn.hook_z``) does in both
+# modes. Without a bias in the attention block (Llama, Qwen2, SmolLM) it is the block's attention
+# output before the residual add.
+HOOK_POINTS = {
+    "resid_pre": "blocks.{}.hook_resid_pre",
+    "resid_post": "blocks.{}.hook_resid_post",
+    "attn_out": "blocks.{}.attn.o.hook_out",
+    "mlp_out": "blocks.{}.hook_mlp_out",
+    "head": "blocks.{}.attn.hook_z",
+}
+HOOKS = tuple(HOOK_POINTS)
 Hook = tuple[str, Callable[..., Any]]
 
 
 def hook_name(kind: str, layer: int) -> str:
-    """TransformerLens hook name of the residual stream after (``resid_post``) or before
-    (``resid_pre``) block ``layer``."""
-    from transformer_lens.utilities import get_act_name
-
-    if kind not in HOOKS:
-        raise TlpersonaError(f"unknown hook {kind!r} (resid_post or resid_pre)")
-    return str(get_act_name(kind, layer))
+    """TransformerLens hook name of component ``kind`` (one of :data:`HOOKS`) of block ``layer``."""
+    if kind not in HOOK_POINTS:
+        raise TlpersonaError(f"unknown hook {kind!r} ({', '.join(HOOKS)})")
+    return HOOK_POINTS[kind].format(layer)
 
 
 @dataclass
@@ -86,25 +97,41 @@ class Runner:
         Returns ``[rows, len(read), vocab]`` float64. Hooks see the full ``[rows, seq, d]``
         activation and may edit rows independently.
         """
+        return self.readout(self.final(ids, read, rows, hooks))
+
+    def final(self, ids: list[int], read: list[int], rows: int = 1,
+              hooks: list[Hook] | None = None) -> torch.Tensor:
+        """Like :meth:`logprobs`, but the residual stream before the final norm at ``read``:
+        ``[rows, len(read), d]`` in the model's dtype. Records the autograd graph when called
+        with gradients enabled (attribution patching)."""
         x = torch.tensor([ids], dtype=torch.long, device=self.model.device).expand(rows, -1)
         stop = [("ln_final.hook_in", stop_forward)]
-        return self._readout(self.bridge.run_with_hooks(x, fwd_hooks=[*(hooks or []), *stop]),
-                             read)
+        resid = self.bridge.run_with_hooks(x, fwd_hooks=[*(hooks or []), *stop])
+        return resid[:, torch.tensor(read, device=resid.device)]
 
-    def _readout(self, resid: torch.Tensor, read: list[int]) -> torch.Tensor:
-        at = torch.tensor(read, device=resid.device)
-        logits = self.bridge.unembed(self.bridge.ln_final(resid[:, at]))
+    def readout(self, resid: torch.Tensor) -> torch.Tensor:
+        """``[..., d]`` residuals before the final norm → ``[..., vocab]`` float64 log-probs."""
+        logits = self.bridge.unembed(self.bridge.ln_final(resid))
         return torch.log_softmax(logits.double(), dim=-1)
 
     @torch.no_grad()
-    def cache(self, ids: list[int], names: list[str]) -> dict[str, torch.Tensor]:
-        """Activations ``name -> [seq, d]`` of one unhooked run."""
+    def cache(self, ids: list[int], names: list[str], read: list[int] | None = None
+              ) -> dict[str, torch.Tensor]:
+        """Activations ``name -> [seq, ...]`` of one unhooked run (an error names a hook point
+        that did not fire). With ``read``, the same forward's log-probs there come back too,
+        under the key ``"logprobs"`` (``[len(read), vocab]``)."""
         x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
         wanted = set(names)
         stop = [("ln_final.hook_in", stop_forward)]
         with self.bridge.hooks(fwd_hooks=stop):
-            _, cache = self.bridge.run_with_cache(x, names_filter=lambda n: n in wanted)
-        return {n: cache[n][0] for n in names}
+            resid, cache = self.bridge.run_with_cache(x, names_filter=lambda n: n in wanted)
+        missing = [n for n in names if n not in cache.cache_dict]
+        if missing:
+            raise TlpersonaError(f"hook point {missing[0]} did not fire in this model")
+        out = {n: cache[n][0] for n in names}
+        if read is not None:
+            out["logprobs"] = self.readout(resid[0, torch.tensor(read, device=resid.device)])
+        return out
 
     def hook_free(self) -> bool:
         """True when no forward hook is left attached anywhere in the bridge."""

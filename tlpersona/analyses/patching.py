@@ -1,10 +1,13 @@
-"""Cross-persona activation patching: which positions and layers carry the persona causally.
+"""Cross-persona activation patching: which positions, layers and components carry the persona.
 
 Clean run: persona X's system prompt + a question. Corrupt run: persona Y's (by default the
-``assistant`` persona) + the same question. The residual stream at one named position and layer
-is copied from the clean run into the corrupt run, and the corrupt run's next-token distribution
-at the last prompt token (and at teacher-forced tokens of X's own greedy response, if asked) is
-compared with the clean one.
+``assistant`` persona) + the same question. One component's activation at one named position
+and layer (and, for ``head``, one attention head) is copied from the clean run into the corrupt
+run, and the corrupt run's next-token distribution at the last prompt token (and at
+teacher-forced tokens of X's own greedy response, if asked) is compared with the clean one.
+Components (:data:`~tlpersona.analyses.interventions.HOOK_POINTS`): the residual stream before
+or after a block, the attention and MLP outputs that the block adds to it, and each head's
+attention-weighted values (``attn.hook_z``).
 
 Positions are aligned by name, not index: ``sys_end`` of X goes into ``sys_end`` of Y even when
 the system prompts differ in length. ``sys_start+i`` rows are the system-text tokens; a row is
@@ -20,63 +23,90 @@ examples where the cell is defined (stable when one example has a tiny denominat
 * logit difference: with ``t_c``/``t_y`` the clean/corrupt top tokens at each read position and
   ``LD = logit[t_c] - logit[t_y]``, ``sum(LD_patched - LD_corrupt) / sum(LD_clean - LD_corrupt)``.
 
+Two methods, reported side by side:
+
+* ``exact``: one patched corrupt forward per cell. The cells of an example run as rows of
+  batched forwards (the corrupt sequence replicated along the batch, each row patched at its own
+  cell); the clean activations come from one cached clean forward. The residuals before the
+  final norm are collected for every cell and read out (final norm, unembedding) in chunks of a
+  size fixed by the read length alone, so a cell's numbers do not depend on which other cells
+  shared its forward: on the CPU in fp32 they are bit-identical to one forward per cell.
+* ``attribution`` (:mod:`tlpersona.analyses.attribution`): a first-order estimate of every cell
+  of every component from one clean forward and one corrupt forward + backward.
+
 TransformerLens's ``patching.generic_activation_patch`` runs one unbatched forward per cell and
-indexes clean and corrupt by the same position; here clean and corrupt differ in length and the
-cells of an example run as rows of batched forwards (about 2.5x faster per cell on a CPU), so
-the loop is our own; the hooks are TransformerLens's (``run_with_cache``, ``run_with_hooks``).
+indexes clean and corrupt by the same position; here clean and corrupt differ in length, so the
+loop is our own; the hooks are TransformerLens's (``run_with_cache``, ``run_with_hooks``).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from scipy import stats
 from tqdm import tqdm
 
-from tlpersona.analyses.interventions import Conversation, Runner, hook_name, kl
+from tlpersona.analyses.interventions import HOOKS, Conversation, Runner, hook_name, kl
 from tlpersona.data import Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
 from tlpersona.models import check_layers
 from tlpersona.positions import parse_position
 
 DEFAULT_POSITIONS = ("system", "sys_end", "sys_end+1", "user_end", "last")
+METHODS = ("exact", "attribution", "both")
+# Cells of a forward on the CPU; on a GPU a forward carries about this many tokens.
+CPU_ROWS, GPU_TOKENS = 32, 16384
+# Tokens per readout chunk: the chunking depends on the read length only (see module doc).
+READOUT_TOKENS = 256
+
+Key = tuple[str, int, int | None]  # (position row, layer, head or None)
 
 
 @dataclass
 class PatchConfig:
     """``positions``: names in the position grammar (single tokens), ``system`` for every
     system-text token (``sys_start+0``, ``sys_start+1`` …) or ``all`` for every token (equal-length
-    prompts only). ``corrupt``: a persona name, or ``next`` to pair each persona with the next
-    one in the list."""
+    prompts only). ``hook``: the component patched exactly (one of ``HOOKS``);
+    ``attribution_hooks``: the components estimated by attribution patching. ``method``:
+    ``exact``, ``attribution`` or ``both``. ``corrupt``: a persona name, or ``next`` to pair
+    each persona with the next one in the list. ``max_rows``: cells per forward (None: 32 on the
+    CPU, about 16k tokens per forward on a GPU)."""
 
     layers: list[int]
     positions: list[str] = field(default_factory=lambda: list(DEFAULT_POSITIONS))
     hook: str = "resid_post"
+    method: str = "both"
+    attribution_hooks: list[str] = field(default_factory=lambda: list(HOOKS))
     corrupt: str = "assistant"
     response_tokens: int = 0
     prompt_index: int = 0
-    max_rows: int = 32
+    max_rows: int | None = None
     skip_noops: bool = True
     progress: bool = True
 
 
 @dataclass
 class Cell:
-    position: str
-    layer: int
+    """Running sums of one cell over examples."""
+
     kl_patched: float = 0.0
     kl_corrupt: float = 0.0
     ld_gain: float = 0.0  # sum of LD_patched - LD_corrupt
     ld_range: float = 0.0  # sum of LD_clean - LD_corrupt
     n: int = 0
+    n_noop: int = 0
 
-    def add(self, kl_p: float, kl_y: float, gain: float, rng: float) -> None:
+    def add(self, kl_p: float, kl_y: float, gain: float, rng: float, noop: bool) -> None:
         self.kl_patched += kl_p
         self.kl_corrupt += kl_y
         self.ld_gain += gain
         self.ld_range += rng
         self.n += 1
+        self.n_noop += noop
 
     @property
     def kl_effect(self) -> float:
@@ -86,9 +116,60 @@ class Cell:
     def ld_effect(self) -> float:
         return self.ld_gain / self.ld_range if self.ld_range > 0 else float("nan")
 
-    def summary(self) -> dict[str, Any]:
-        return {"position": self.position, "layer": self.layer, "kl_effect": self.kl_effect,
-                "ld_effect": self.ld_effect, "n": self.n}
+
+@dataclass
+class CellEffect:
+    """One cell's effects over every example where it is defined. ``noop``: a no-op in every
+    one of them (identical prefixes), so both methods give exactly 0."""
+
+    method: str
+    component: str
+    position: str
+    layer: int
+    head: int | None
+    kl_effect: float
+    ld_effect: float
+    n: int
+    noop: bool
+
+
+@dataclass
+class Agreement:
+    """Attribution against exact patching over the cells of one component that are not no-ops:
+    Spearman over all of them, per region (system-text rows ``sys_start+i``, where clean and
+    corrupt tokens differ and a patch swaps a token's whole identity; and the rows after the
+    system text, which differ only through what they attend to), within each layer, and the
+    cells where the two differ most (``(position, layer, head, exact, attribution)``)."""
+
+    component: str
+    metric: str  # "kl" or "ld"
+    spearman: float
+    n_cells: int
+    by_region: dict[str, tuple[float, int]]  # region -> (Spearman, cells)
+    by_layer: dict[int, float]
+    largest_gaps: list[tuple[str, int, int | None, float, float]]
+
+
+@dataclass
+class PatchResult:
+    config: PatchConfig
+    model: str
+    pairs: list[tuple[str, str]]
+    personas_note: str  # which clean personas were chosen, and why
+    questions: list[str]
+    positions: list[str]
+    layers: list[int]
+    n_heads: int
+    kl_clean_corrupt_mean: float | None
+    cells: list[CellEffect]
+    agreement: list[Agreement]
+    seconds: dict[str, float]  # wall time per method
+
+    def select(self, method: str, component: str) -> list[CellEffect]:
+        return [c for c in self.cells if c.method == method and c.component == component]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def pairs(personas: list[Persona], corrupt: str) -> list[tuple[Persona, Persona]]:
@@ -101,6 +182,39 @@ def pairs(personas: list[Persona], corrupt: str) -> list[tuple[Persona, Persona]
     if corrupt not in by_name:
         raise TlpersonaError(f"corrupt persona {corrupt!r} is not among the personas")
     return [(p, by_name[corrupt]) for p in personas if p.name != corrupt]
+
+
+def choose_clean(personas: list[Persona], keep: str | None, n: int, names: list[str] | None,
+                 store: Any) -> tuple[list[Persona], str]:
+    """Clean personas (with ``keep``, the corrupt persona, in front) and why they were chosen:
+    ``names`` as given; else, with a store that holds ``keep`` (or the ``assistant`` persona
+    for ``--corrupt next``), the ``n`` stored personas farthest from it on its axis, as
+    ``tlpersona steer`` chooses them; else the first ``n`` of the list."""
+    from tlpersona.analyses.steering import choose_personas, default_recipes
+
+    if n < 1:
+        raise TlpersonaError("--n-personas must be at least 1")
+    by_name = {p.name: p for p in personas}
+    if keep is not None and keep not in by_name:
+        raise TlpersonaError(f"persona {keep!r} is not among the personas")
+    base = keep or "assistant"
+    if names:
+        missing = [x for x in names if x not in by_name]
+        if missing:
+            raise TlpersonaError(f"--clean-personas: {missing[0]!r} is not among the personas")
+        picked, note = names, "named with --clean-personas"
+    elif store is not None and base in store.personas and all(x in by_name for x in store.personas):
+        layer = store.layers[(len(store.layers) - 1) // 2]
+        picked = choose_personas(store, base, n, None, default_recipes(store), layer).names
+        note = (f"the {len(picked)} stored personas farthest from {base!r} on its axis at layer "
+                f"{layer} (mean standardised projection over the stored recipes), as `steer` "
+                "chooses them: contrasting personas give the largest clean-corrupt differences")
+    else:
+        picked = [p.name for p in personas if p.name != keep][:n]
+        note = (f"the first {len(picked)} of the list (no store with {base!r} to rank them by "
+                "contrast)")
+    head = [by_name[keep]] if keep is not None else []
+    return head + [by_name[x] for x in picked if x != keep], note
 
 
 def _system_len(conv: Conversation) -> int:
@@ -125,7 +239,7 @@ def expand_positions(names: list[str], clean: list[Conversation]) -> list[str]:
     return list(dict.fromkeys(rows))
 
 
-def _align(name: str, clean: Conversation, corrupt: Conversation) -> list[tuple[int, int]] | None:
+def align(name: str, clean: Conversation, corrupt: Conversation) -> list[tuple[int, int]] | None:
     """(clean index, corrupt index) pairs that the row ``name`` patches, or None where the row
     does not exist for this example."""
     if name == "all":
@@ -141,82 +255,129 @@ def _align(name: str, clean: Conversation, corrupt: Conversation) -> list[tuple[
     return [(k, c)]
 
 
-def _noop(idx: list[tuple[int, int]], clean: Conversation, corrupt: Conversation) -> bool:
+def noop(idx: list[tuple[int, int]], clean: Conversation, corrupt: Conversation) -> bool:
     """A patch copies identical activations when every index pair is the same position and the
     token prefixes up to it agree (a causal model's activation there depends on nothing else)."""
     return all(k == c and clean.ids[: k + 1] == corrupt.ids[: c + 1] for k, c in idx)
 
 
-def _logit_diff(lp: torch.Tensor, tc: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+def logit_diff(lp: torch.Tensor, tc: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
     """``[..., read, vocab]`` → ``[...]``: summed over read positions."""
     at_c = lp.gather(-1, tc.expand(*lp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
     at_y = lp.gather(-1, ty.expand(*lp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
     return (at_c - at_y).sum(-1)
 
 
-def patch_example(runner: Runner, clean: Conversation, corrupt: Conversation,
-                  rows: list[str], cfg: PatchConfig) -> dict[tuple[str, int], tuple[float, ...]]:
-    """Every (row, layer) cell for one example: ``(KL_patched, KL_corrupt, LD gain, LD range)``.
+def rows_per_forward(runner: Runner, cfg: PatchConfig, seq_len: int) -> int:
+    if cfg.max_rows is not None:
+        return cfg.max_rows
+    if str(runner.model.device).startswith("cuda"):
+        return max(1, GPU_TOKENS // seq_len)
+    return CPU_ROWS
 
-    ``clean`` and ``corrupt`` carry the same teacher-forced tokens after their prompts. Cells
-    run as rows of batched corrupt forwards; the hook at each layer patches only its own rows.
+
+@torch.no_grad()
+def patch_example(runner: Runner, clean: Conversation, corrupt: Conversation,
+                  rows: list[str], cfg: PatchConfig) -> dict[Key, tuple[float, float, float, float, bool]]:
+    """Every (row, layer, head) cell of ``cfg.hook`` for one example, exactly: ``(KL_patched,
+    KL_corrupt, LD gain, LD range, no-op)``; ``head`` is None except for the ``head`` component.
+
+    ``clean`` and ``corrupt`` carry the same teacher-forced tokens after their prompts.
     """
-    lp_c = runner.logprobs(clean.ids, clean.read)[0]  # [read, vocab]
+    names = {layer: hook_name(cfg.hook, layer) for layer in cfg.layers}
+    acts = runner.cache(clean.ids, list(names.values()), clean.read)
+    lp_c = acts.pop("logprobs")  # [read, vocab]
     lp_y = runner.logprobs(corrupt.ids, corrupt.read)[0]
     tc, ty = lp_c.argmax(-1), lp_y.argmax(-1)
     kl_y = float(kl(lp_c, lp_y).sum())
-    ld_c = float(_logit_diff(lp_c, tc, ty))
-    ld_y = float(_logit_diff(lp_y, tc, ty))
-    names = {layer: hook_name(cfg.hook, layer) for layer in cfg.layers}
-    acts = runner.cache(clean.ids, list(names.values()))
-    out: dict[tuple[str, int], tuple[float, ...]] = {}
-    todo: list[tuple[str, int, list[tuple[int, int]]]] = []
+    ld_c = float(logit_diff(lp_c, tc, ty))
+    ld_y = float(logit_diff(lp_y, tc, ty))
+    heads: list[int | None] = (list(range(runner.bridge.cfg.n_heads)) if cfg.hook == "head"
+                               else [None])
+    out: dict[Key, tuple[float, float, float, float, bool]] = {}
+    todo: list[tuple[Key, list[tuple[int, int]]]] = []
     for row in rows:
-        idx = _align(row, clean, corrupt)
+        idx = align(row, clean, corrupt)
         if idx is None:
             continue
         for layer in cfg.layers:
-            if cfg.skip_noops and _noop(idx, clean, corrupt):
-                out[row, layer] = (kl_y, kl_y, 0.0, ld_c - ld_y)
-            else:
-                todo.append((row, layer, idx))
-    for start in range(0, len(todo), runner.max_rows):
-        chunk = todo[start:start + runner.max_rows]
+            for head in heads:
+                if cfg.skip_noops and noop(idx, clean, corrupt):
+                    out[row, layer, head] = (kl_y, kl_y, 0.0, ld_c - ld_y, True)
+                else:
+                    todo.append(((row, layer, head), idx))
+    if not todo:
+        return out
+    per = rows_per_forward(runner, cfg, len(corrupt.ids))
+    finals = []
+    for start in range(0, len(todo), per):
+        chunk = todo[start:start + per]
         hooks = []
         for layer, name in names.items():
-            mine = [(r, idx) for r, (_, lay, idx) in enumerate(chunk) if lay == layer]
+            mine = [(r, idx, key[2]) for r, (key, idx) in enumerate(chunk) if key[1] == layer]
             if mine:
                 hooks.append((name, _patcher(mine, acts[name])))
-        lp = runner.logprobs(corrupt.ids, corrupt.read, rows=len(chunk), hooks=hooks)
+        finals.append(runner.final(corrupt.ids, corrupt.read, rows=len(chunk), hooks=hooks))
+    resid = torch.cat(finals)  # [cells, read, d]
+    step = max(1, READOUT_TOKENS // len(corrupt.read))
+    for start in range(0, len(todo), step):
+        lp = runner.readout(resid[start:start + step])
         kl_p = kl(lp_c, lp).sum(-1)
-        ld_p = _logit_diff(lp, tc, ty)
-        for i, (row, layer, _) in enumerate(chunk):
-            out[row, layer] = (float(kl_p[i]), kl_y, float(ld_p[i]) - ld_y, ld_c - ld_y)
+        ld_p = logit_diff(lp, tc, ty)
+        for i, (key, _) in enumerate(todo[start:start + step]):
+            out[key] = (float(kl_p[i]), kl_y, float(ld_p[i]) - ld_y, ld_c - ld_y, False)
     return out
 
 
-def _patcher(rows: list[tuple[int, list[tuple[int, int]]]], clean: torch.Tensor) -> Any:
-    """Hook writing the clean activations (``[seq, d]``) into each (batch row, index pairs)."""
-    b = torch.tensor([r for r, idx in rows for _ in idx])
-    k = torch.tensor([i for _, idx in rows for i, _ in idx])
-    c = torch.tensor([j for _, idx in rows for _, j in idx])
-    src = clean[k]
+def _patcher(rows: list[tuple[int, list[tuple[int, int]], int | None]], clean: torch.Tensor) -> Any:
+    """Hook writing clean activations (``[seq, ...]``) into each (batch row, index pairs, head)."""
+    b = torch.tensor([r for r, idx, _ in rows for _ in idx])
+    k = torch.tensor([i for _, idx, _ in rows for i, _ in idx])
+    c = torch.tensor([j for _, idx, _ in rows for _, j in idx])
+    if rows[0][2] is None:
+        src = clean[k]
 
-    def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        act[b.to(act.device), c.to(act.device)] = src.to(act.dtype)
-        return act
+        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            act[b.to(act.device), c.to(act.device)] = src.to(act.dtype)
+            return act
+    else:
+        h = torch.tensor([head for _, idx, head in rows for _ in idx])
+        src = clean[k, h]
+
+        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            act[b.to(act.device), c.to(act.device), h.to(act.device)] = src.to(act.dtype)
+            return act
 
     return fn
 
 
-def run_patching(runner: Runner, personas: list[Persona], questions: list[Question],
-                 cfg: PatchConfig) -> dict[str, Any]:
-    """Grid of positions × layers averaged over persona pairs and questions (see module doc)."""
+def check_config(cfg: PatchConfig, n_layers: int) -> None:
+    """Every setting checked before any forward pass."""
     if not cfg.layers:
         raise TlpersonaError("no layers to patch")
-    check_layers(cfg.layers, runner.model.info.n_layers)
+    check_layers(cfg.layers, n_layers)
+    if cfg.method not in METHODS:
+        raise TlpersonaError(f"unknown --method {cfg.method!r} ({', '.join(METHODS)})")
+    for h in [cfg.hook, *cfg.attribution_hooks]:
+        hook_name(h, 0)
+    if cfg.method != "exact" and not cfg.attribution_hooks:
+        raise TlpersonaError("attribution patching needs at least one component")
     if cfg.response_tokens < 0:
-        raise TlpersonaError("`response_tokens` must be at least 0")
+        raise TlpersonaError("--response-tokens must be at least 0")
+    if cfg.max_rows is not None and cfg.max_rows < 1:
+        raise TlpersonaError("--max-rows must be at least 1")
+    for name in cfg.positions:
+        if name not in ("system", "all"):
+            expand_positions([name], [])
+
+
+def run_patching(runner: Runner, personas: list[Persona], questions: list[Question],
+                 cfg: PatchConfig, personas_note: str = "") -> PatchResult:
+    """Grid of positions × layers (× heads) averaged over persona pairs and questions, by exact
+    and/or attribution patching (see module doc)."""
+    from tlpersona.analyses.attribution import attribute_example
+
+    check_config(cfg, runner.model.info.n_layers)
     plist = pairs(personas, cfg.corrupt)
     if not plist or not questions:
         raise TlpersonaError("patching needs at least one persona pair and one question")
@@ -232,21 +393,71 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
                  runner.conversation(system(y), q.text, resp))
                 for (x, y, q), resp in zip(jobs, responses, strict=True)]
     rows = expand_positions(cfg.positions, [clean for clean, _ in examples])
-    cells = {(r, la): Cell(r, la) for r in rows for la in cfg.layers}
-    kl_base = []
-    for clean, corrupt in tqdm(examples, desc="patching", unit="example",
-                               disable=not cfg.progress):
-        got = patch_example(runner, clean, corrupt, rows, cfg)
-        for key, vals in got.items():
-            cells[key].add(*vals)
-        kl_base.append(next(iter(got.values()))[1] if got else float("nan"))
-    order = [c for c in cells.values() if c.n > 0]
-    return {
-        "config": asdict(cfg),
-        "pairs": [[x.name, y.name] for x, y in plist],
-        "questions": [q.id for q in questions],
-        "positions": [r for r in rows if any(c.position == r for c in order)],
-        "layers": list(cfg.layers),
-        "kl_clean_corrupt_mean": float(torch.tensor(kl_base).nanmean()) if kl_base else None,
-        "cells": [c.summary() for c in order],
-    }
+    sums: dict[tuple[str, str, str, int, int | None], Cell] = {}  # method, component, cell
+    kl_base: list[float] = []
+    seconds: dict[str, float] = {}
+    methods = ["exact", "attribution"] if cfg.method == "both" else [cfg.method]
+    for method in methods:
+        t0 = time.perf_counter()
+        for clean, corrupt in tqdm(examples, desc=f"patching ({method})", unit="example",
+                                   disable=not cfg.progress):
+            if method == "exact":
+                got = {(cfg.hook, *key): v for key, v in
+                       patch_example(runner, clean, corrupt, rows, cfg).items()}
+            else:
+                got = attribute_example(runner, clean, corrupt, rows, cfg.layers,
+                                        cfg.attribution_hooks, cfg.skip_noops)
+            for key, vals in got.items():
+                sums.setdefault((method, *key), Cell()).add(*vals)
+            if method == methods[0]:
+                kl_base.append(next(iter(got.values()))[1] if got else float("nan"))
+        seconds[method] = time.perf_counter() - t0
+    cells = [CellEffect(m, comp, row, layer, head, c.kl_effect, c.ld_effect, c.n,
+                        c.n_noop == c.n)
+             for (m, comp, row, layer, head), c in sums.items() if c.n > 0]
+    order = {r: i for i, r in enumerate(rows)}
+    cells.sort(key=lambda c: (c.method, c.component, order[c.position], c.layer, c.head or 0))
+    agreement = [agree(cells, cfg.hook, metric) for metric in ("kl", "ld")
+                 if cfg.method == "both" and cfg.hook in cfg.attribution_hooks]
+    return PatchResult(
+        config=cfg, model=runner.model.info.spec,
+        pairs=[(x.name, y.name) for x, y in plist], personas_note=personas_note,
+        questions=[q.id for q in questions],
+        positions=[r for r in rows if any(c.position == r for c in cells)],
+        layers=list(cfg.layers), n_heads=int(runner.bridge.cfg.n_heads),
+        kl_clean_corrupt_mean=float(np.nanmean(kl_base)) if kl_base else None,
+        cells=cells, agreement=agreement, seconds=seconds)
+
+
+REGIONS = ("system text", "after the system text")
+
+
+def region(position: str) -> str:
+    return REGIONS[0] if position.startswith("sys_start") or position == "all" else REGIONS[1]
+
+
+def agree(cells: list[CellEffect], component: str, metric: str) -> Agreement:
+    """Spearman between exact and attribution effects of ``component`` (see :class:`Agreement`)."""
+    attr = "kl_effect" if metric == "kl" else "ld_effect"
+    est = {(c.position, c.layer, c.head): c for c in cells
+           if c.method == "attribution" and c.component == component}
+    both = [(c, est[c.position, c.layer, c.head]) for c in cells
+            if c.method == "exact" and c.component == component and not c.noop
+            and (c.position, c.layer, c.head) in est]
+    both = [(e, a) for e, a in both
+            if np.isfinite(getattr(e, attr)) and np.isfinite(getattr(a, attr))]
+
+    def rho(group: list[tuple[CellEffect, CellEffect]]) -> float:
+        if len(group) < 3:
+            return float("nan")
+        return float(stats.spearmanr([getattr(e, attr) for e, _ in group],
+                                     [getattr(a, attr) for _, a in group]).statistic)
+
+    regions = {name: [p for p in both if region(p[0].position) == name] for name in REGIONS}
+    by_layer = {la: rho([p for p in both if p[0].layer == la])
+                for la in sorted({e.layer for e, _ in both})}
+    gaps = sorted(both, key=lambda p: -abs(getattr(p[0], attr) - getattr(p[1], attr)))[:5]
+    return Agreement(component, metric, rho(both), len(both),
+                     {name: (rho(group), len(group)) for name, group in regions.items()}, by_layer,
+                     [(e.position, e.layer, e.head, getattr(e, attr), getattr(a, attr))
+                      for e, a in gaps])

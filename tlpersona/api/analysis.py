@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from tlpersona.analyses.compare import CompareConfig, Thresholds
 from tlpersona.analyses.compare import compare as _compare
 from tlpersona.analyses.subspace import SubspaceConfig
@@ -161,3 +163,21 @@ def persona_vector(store: Store | str | Path, persona: str, position: str, layer
     (``"others"``, its axis, what projection uses)."""
     st = store if isinstance(store, Store) else open_store(store, verify=True)
     return st.persona_vector(persona, canonical(position), layer, relative_to)
+
+
+def export_vectors(store: Store | str | Path, persona: str, position: str, format: str,
+                   out: str | Path, layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+    """Write ``persona``'s vectors for one recipe where other tools load them: ``format``
+    ``gguf`` (a llama.cpp control vector, ``direction.l`` = our block ``l``'s output),
+    ``safetensors``/``pt`` (``{layer: tensor}``), ``npz`` or ``npy`` (one layer). ``layers``
+    default to every stored layer (layer 0 left out for gguf). The file is written under a
+    temporary name, then renamed; returns ``{layer: [d_model] tensor}`` as written."""
+    from tlpersona.cache.export import VectorExport, check_export
+    from tlpersona.cache.export import export_vectors as write
+
+    req = VectorExport(persona, canonical(position), format, Path(out),
+                       list(layers) if layers is not None else None)
+    check_export(req)  # before the store is read
+    st = store if isinstance(store, Store) else open_store(store, verify=True)
+    req.meta = {"model": str(st.provenance.get("model")), "store_manifest": st.manifest_hash}
+    return write(st, req, stored_layers(st, req.layers))

@@ -40,54 +40,53 @@ def _spread_layers(n_layers: int, k: int = 8) -> list[int]:
     return sorted({round(i * (n_layers - 1) / (k - 1)) for i in range(k)})
 
 
-def _pick(personas: list[Persona], keep: str | None, n: int) -> list[Persona]:
-    """The first ``n`` personas other than ``keep``, with ``keep`` (if given) in front."""
-    if n < 1:
-        raise TlpersonaError("`n_personas` must be at least 1")
-    named = [p for p in personas if p.name == keep]
-    if keep is not None and not named:
-        raise TlpersonaError(f"`corrupt`: persona {keep!r} is not among the personas")
-    return named + [p for p in personas if p.name != keep][:n]
-
-
 def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | None = None,
           questions: Sequence[Question] | None = None, *, store: Store | str | Path | None = None,
-          n_personas: int = 4, n_questions: int = 2, layers: LayerSpec | None = None,
+          n_personas: int = 4, clean_personas: Sequence[str] | None = None,
+          n_questions: int = 2, layers: LayerSpec | None = None,
           positions: Sequence[str] = ("system", "sys_end", "sys_end+1", "user_end", "last"),
-          hook: str = "resid_post", corrupt: str = "assistant", response_tokens: int = 0,
-          prompt_index: int | None = None, device: str | None = None, dtype: str | None = None,
-          attn: str = "auto", progress: bool = True) -> PatchResult:
+          hook: str = "resid_post", method: str = "both", corrupt: str = "assistant",
+          response_tokens: int = 0, prompt_index: int | None = None, device: str | None = None,
+          dtype: str | None = None, attn: str = "auto", progress: bool = True) -> PatchResult:
     """Activation patching over positions × layers: each clean persona's activation patched into
     the ``corrupt`` persona's run (or each persona into the next, ``corrupt="next"``), effects
     as the share of KL(clean ‖ corrupt) removed and of the logit difference restored, averaged
     over persona pairs and the first ``n_questions`` questions.
 
-    With ``store``, the model and phrasing default to the store's (a different model is an
-    error). ``layers`` default to 8 spread over the model; ``positions`` use the position
-    grammar, ``"system"`` being every system-text token. ``.save(out)`` writes patch.json,
-    figures and patch.md.
+    ``hook`` is the component patched exactly (``resid_pre``, ``resid_post``, ``attn_out``,
+    ``mlp_out``, ``head``); ``method="attribution"`` estimates every component from one
+    backward pass per example, ``"both"`` reports the two side by side. Clean personas:
+    ``clean_personas`` by name, else with a store the ``n_personas`` farthest from the corrupt
+    persona on its axis, else the first ``n_personas``. With ``store``, the model and phrasing
+    default to the store's (a different model is an error). ``layers`` default to 8 spread
+    over the model; ``positions`` use the position grammar, ``"system"`` being every
+    system-text token. ``.save(out)`` writes patch.json, figures and patch.md.
     """
     from tlpersona.analyses.interventions import HOOKS, Runner
-    from tlpersona.analyses.patching import PatchConfig, run_patching
+    from tlpersona.analyses.patching import PatchConfig, check_config, choose_clean, run_patching
 
     if hook not in HOOKS:
-        raise TlpersonaError(f"unknown `hook` {hook!r} ({' or '.join(HOOKS)})")
+        raise TlpersonaError(f"unknown `hook` {hook!r} ({', '.join(HOOKS)})")
     if n_questions < 1:
         raise TlpersonaError("`n_questions` must be at least 1")
+    if n_personas < 1:
+        raise TlpersonaError("`n_personas` must be at least 1")
     st = (store if isinstance(store, Store) or store is None else open_store(store, verify=True))
     prov = st.provenance if st is not None else {}
     ps = builtin_personas() if personas is None else list(personas)
     qs = (builtin_questions() if questions is None else list(questions))[:n_questions]
     keep = None if corrupt == "next" else corrupt
-    chosen = _pick(ps, keep, n_personas)
+    chosen, note = choose_clean(ps, keep, n_personas,
+                                list(clean_personas) if clean_personas else None, st)
     loaded = _model_for(model, prov, device, dtype, attn)
-    chosen_layers = (resolve_layers(layers, loaded.info.n_layers) if layers is not None
-                     else _spread_layers(loaded.info.n_layers))
-    data = run_patching(Runner(loaded), chosen, qs, PatchConfig(
-        layers=chosen_layers, positions=list(positions), hook=hook, corrupt=corrupt,
+    cfg = PatchConfig(
+        layers=(resolve_layers(layers, loaded.info.n_layers) if layers is not None
+                else _spread_layers(loaded.info.n_layers)),
+        positions=list(positions), hook=hook, method=method, corrupt=corrupt,
         response_tokens=response_tokens, prompt_index=_store_phrasing(prov, prompt_index),
-        progress=progress))
-    return PatchResult.of(data)
+        progress=progress)
+    check_config(cfg, loaded.info.n_layers)
+    return PatchResult.of(run_patching(Runner(loaded), chosen, qs, cfg, personas_note=note))
 
 
 def eval_questions(store: Store, questions: list[Question], n: int) -> tuple[list[Question], str]:

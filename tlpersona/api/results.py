@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from tlpersona.analyses.patching import PatchResult as _PatchResult
 from tlpersona.analyses.steering import SteeringResult as _SteeringResult
 from tlpersona.files import atomic_write_bytes
 from tlpersona.safety import check_output_dir
@@ -208,42 +209,22 @@ class ProjectionResult:
         return out / "projection.json"
 
 
-@dataclass(frozen=True)
-class PatchCellResult:
-    """Mean effect of patching one position × layer from clean into corrupt."""
-
-    position: str
-    layer: int
-    kl_effect: float  # share of KL(clean ‖ corrupt) removed
-    ld_effect: float  # share of the clean-vs-corrupt logit difference restored
-
-
-@dataclass(frozen=True)
-class PatchResult:
-    """What :func:`tlpersona.patch` measured; ``.to_dict()`` is patch.json."""
-
-    pairs: list[tuple[str, str]]  # (clean, corrupt) persona names
-    positions: list[str]
-    layers: list[int]
-    cells: list[PatchCellResult]
-    _data: dict[str, Any] = field(repr=False)
+@dataclass
+class PatchResult(_PatchResult):
+    """What :func:`tlpersona.patch` measured (see
+    :class:`tlpersona.analyses.patching.PatchResult` for the fields); ``.to_dict()`` is what
+    patch.json holds under ``"patching"``."""
 
     @classmethod
-    def of(cls, data: dict[str, Any]) -> PatchResult:
-        cells = [PatchCellResult(c["position"], c["layer"], c["kl_effect"], c["ld_effect"])
-                 for c in data["cells"]]
-        return cls([(a, b) for a, b in data["pairs"]], list(data["positions"]),
-                   list(data["layers"]), cells, data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self._data)
+    def of(cls, result: _PatchResult) -> PatchResult:
+        return cls(**{f.name: getattr(result, f.name) for f in fields(result)})
 
     def save(self, out: str | Path) -> Path:
         """patch.json, figures/ and patch.md into ``out``; returns patch.md's path."""
         from tlpersona.report.compare import write_patch
 
         check_output_dir(Path(out), "`out`")
-        write_patch(self._data, out)
+        write_patch(self, out)
         return Path(out) / "patch.md"
 
 

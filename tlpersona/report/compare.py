@@ -277,42 +277,85 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Any,
     return "\n".join(lines)
 
 
-def write_patch(patching: dict[str, Any], out: str | Path) -> str:
-    """Write patch.json and figures into ``out``; return a markdown section."""
+def write_patch(result: Any, out: str | Path) -> str:
+    """Write patch.json and figures (one per method and component) into ``out``; return a
+    markdown section. ``result``: a :class:`~tlpersona.analyses.patching.PatchResult`."""
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "patch.json", json_bytes({"patching": patching}))
+    atomic_write_bytes(out / "patch.json", json_bytes({"patching": result.to_dict()}))
+    cfg = result.config
+    layers, rows = result.layers, result.positions
     lines = ["## Activation patching", ""]
-    plots.patching_heatmap(patching, figs / "patching.png")
-    cfg = patching["config"]
-    layers = patching["layers"]
-    by = {(c["position"], c["layer"]): c for c in patching["cells"]}
-    rows = ["| position | " + " | ".join(f"L{x}" for x in layers) + " |",
-            "|---|" + "---|" * len(layers)]
-    for pos in patching["positions"]:
-        cells = [by.get((pos, la)) for la in layers]
-        rows.append(f"| {pos} | " + " | ".join(
-            "" if c is None else f"{_f(c['kl_effect'], 2)} / {_f(c['ld_effect'], 2)}"
-            for c in cells) + " |")
-    top = sorted(patching["cells"], key=lambda c: -c["kl_effect"])[:5]
-    read = ("the last prompt token" if not cfg["response_tokens"] else
-            f"the last prompt token and {cfg['response_tokens']} teacher-forced response tokens")
+    read = ("the last prompt token" if not cfg.response_tokens else
+            f"the last prompt token and {cfg.response_tokens} teacher-forced response tokens")
     lines += [
         "### Patching", "",
         f"Clean: a persona's system prompt + question; corrupt: "
-        f"{'the next persona' if cfg['corrupt'] == 'next' else repr(cfg['corrupt'])} with the "
-        f"same question ({len(patching['pairs'])} pairs × {len(patching['questions'])} "
-        f"questions). `{cfg['hook']}` at one named position and layer copied from clean into "
-        f"corrupt; next-token distributions read at {read}. Effect 0 = corrupt, 1 = clean "
-        f"(KL / logit difference, ratios of sums over examples). Mean KL(clean || corrupt) = "
-        f"{_f(patching['kl_clean_corrupt_mean'])}. `sys_start+i` rows are system-text tokens "
-        "aligned by index from the start of the system text.", "",
-        *rows, "",
-        "Largest KL effects: " + "; ".join(f"{c['position']} L{c['layer']} "
-                                           f"{_f(c['kl_effect'], 2)}" for c in top) + ".", "",
-        "![patching](figures/patching.png)", "",
-    ]
+        f"{'the next persona' if cfg.corrupt == 'next' else repr(cfg.corrupt)} with the "
+        f"same question ({len(result.pairs)} pairs × {len(result.questions)} questions; "
+        f"clean personas: {result.personas_note}). One component at one named position and "
+        f"layer copied from clean into corrupt; next-token distributions read at {read}. "
+        f"Effect 0 = corrupt, 1 = clean (KL / logit difference, ratios of sums over examples). "
+        f"Mean KL(clean || corrupt) = {_f(result.kl_clean_corrupt_mean)}. `sys_start+i` rows are "
+        "system-text tokens aligned by index from the start of the system text.", ""]
+    exact = result.select("exact", cfg.hook)
+    if exact:
+        by = {(c.position, c.layer, c.head): c for c in exact}
+        lines += [f"Exact patching of `{cfg.hook}` ({_f(result.seconds.get('exact'), 1)} s):", ""]
+        if cfg.hook == "head":
+            plots.head_heatmap(exact, layers, result.n_heads, "exact, head", figs / "patching.png")
+        else:
+            plots.patching_heatmap(exact, rows, layers, f"exact, {cfg.hook}", figs / "patching.png")
+            lines += ["| position | " + " | ".join(f"L{x}" for x in layers) + " |",
+                      "|---|" + "---|" * len(layers)]
+            for pos in rows:
+                got = [by.get((pos, la, None)) for la in layers]
+                lines.append(f"| {pos} | " + " | ".join(
+                    "" if c is None else f"{_f(c.kl_effect, 2)} / {_f(c.ld_effect, 2)}"
+                    for c in got) + " |")
+            lines.append("")
+        top = sorted(exact, key=lambda c: -c.kl_effect)[:5]
+        lines += ["Largest KL effects: " + "; ".join(
+            f"{_cell_name(c)} {_f(c.kl_effect, 2)}" for c in top) + ".", "",
+            "![patching](figures/patching.png)", ""]
+    comps = [c for c in cfg.attribution_hooks if result.select("attribution", c)]
+    if comps:
+        lines += [
+            f"Attribution patching ({_f(result.seconds.get('attribution'), 1)} s): the "
+            "first-order estimate grad × (clean − corrupt activation), every cell of every "
+            "component from one clean forward and one corrupt forward + backward per example.", ""]
+        for a in result.agreement:
+            regions = "; ".join(f"{name} {_f(r, 2)} ({n} cells)" for name, (r, n) in a.by_region.items())
+            gaps = "; ".join(f"{_cell_name_t(g)} exact {_f(g[3], 2)} vs {_f(g[4], 2)}"
+                             for g in a.largest_gaps[:3])
+            lines += [f"- Agreement with exact `{a.component}` ({a.metric.upper()} effect): "
+                      f"Spearman {_f(a.spearman, 2)} over {a.n_cells} cells that are not no-ops; "
+                      f"{regions}. Largest gaps: {gaps}."]
+        if result.agreement:
+            lines += ["", "The linear estimate holds where a patch is a small change of the "
+                      "activation; at system-text tokens it swaps one token's identity for "
+                      "another, far outside that range, so read attribution there as a "
+                      "screening signal and check with exact patching.", ""]
+        for comp in comps:
+            cells = result.select("attribution", comp)
+            fig = f"attribution_{comp}.png"
+            if comp == "head":
+                plots.head_heatmap(cells, layers, result.n_heads, "attribution, head", figs / fig)
+            else:
+                plots.patching_heatmap(cells, rows, layers, f"attribution, {comp}", figs / fig)
+            top = sorted(cells, key=lambda c: -abs(c.kl_effect))[:3]
+            lines += [f"`{comp}`: largest |KL effect| " + "; ".join(
+                f"{_cell_name(c)} {_f(c.kl_effect, 2)}" for c in top) + f" ![{comp}](figures/{fig})", ""]
     section = "\n".join(lines)
     atomic_write_bytes(out / "patch.md", section.encode())
     return section
+
+
+def _cell_name(c: Any) -> str:
+    return _cell_name_t((c.position, c.layer, c.head))
+
+
+def _cell_name_t(key: tuple) -> str:
+    position, layer, head = key[:3]
+    return f"{position} L{layer}" + ("" if head is None else f" H{head}")

@@ -175,16 +175,17 @@ def ranked_bars(values: dict[str, np.ndarray], personas: list[str],
     return save_figure(fig, path)
 
 
-def patching_heatmap(result: dict[str, Any], path: Path) -> Path:
-    """Two panels (KL and logit-difference effect): positions × layers, 0 = corrupt, 1 = clean."""
-    rows, layers = result["positions"], result["layers"]
+def patching_heatmap(cells: list[Any], rows: list[str], layers: list[int], title: str,
+                     path: Path) -> Path:
+    """Two panels (KL and logit-difference effect): positions × layers, 0 = corrupt, 1 = clean.
+    ``cells``: :class:`~tlpersona.analyses.patching.CellEffect` of one method and component."""
     fig, axes = subplots(1, 2, figsize=(2.5 + 1.2 * len(layers), 1.2 + 0.3 * len(rows)),
                              squeeze=False)
-    for ax, key, title in zip(axes[0], ("kl_effect", "ld_effect"),
-                              ("KL effect", "logit-difference effect"), strict=True):
+    for ax, key, name in zip(axes[0], ("kl_effect", "ld_effect"),
+                             ("KL effect", "logit-difference effect"), strict=True):
         grid = np.full((len(rows), len(layers)), np.nan)
-        for c in result["cells"]:
-            grid[rows.index(c["position"]), layers.index(c["layer"])] = c[key]
+        for c in cells:
+            grid[rows.index(c.position), layers.index(c.layer)] = getattr(c, key)
         im = ax.imshow(grid, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
         for i in range(len(rows)):
             for j in range(len(layers)):
@@ -192,6 +193,28 @@ def patching_heatmap(result: dict[str, Any], path: Path) -> Path:
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6)
         ax.set_xticks(range(len(layers)), [f"L{x}" for x in layers], fontsize=7)
         ax.set_yticks(range(len(rows)), rows, fontsize=7)
-        ax.set_title(f"{title} ({result['config']['hook']})", fontsize=9)
+        ax.set_title(f"{name} ({title})", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8)
+    return save_figure(fig, path)
+
+
+def head_heatmap(cells: list[Any], layers: list[int], n_heads: int, title: str, path: Path,
+                 panels: int = 6) -> Path:
+    """KL effect of each head (layers × heads), one panel per position: the ``panels``
+    positions whose largest absolute effect is largest."""
+    by_pos: dict[str, np.ndarray] = {}
+    for c in cells:
+        grid = by_pos.setdefault(c.position, np.full((len(layers), n_heads), np.nan))
+        grid[layers.index(c.layer), c.head] = c.kl_effect
+    top = sorted(by_pos, key=lambda p: -np.nanmax(np.abs(by_pos[p]), initial=0.0))[:panels]
+    fig, axes = subplots(1, max(1, len(top)), squeeze=False,
+                             figsize=(1.5 + (1.0 + 0.18 * n_heads) * max(1, len(top)),
+                                      1.5 + 0.25 * len(layers)))
+    for ax, pos in zip(axes[0], top, strict=False):
+        im = ax.imshow(by_pos[pos], cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        ax.set_xlabel("head", fontsize=7)
+        ax.set_yticks(range(len(layers)), [f"L{x}" for x in layers], fontsize=6)
+        ax.set_title(pos, fontsize=8)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(f"KL effect per head ({title})", fontsize=9)
     return save_figure(fig, path)
