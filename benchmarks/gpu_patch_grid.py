@@ -70,11 +70,11 @@ def main() -> None:
     ap.add_argument("--skip-cli", action="store_true")
     args = ap.parse_args()
 
-    from tlpersona.analyses.attribution import attribute_example
-    from tlpersona.analyses.interventions import HOOKS, Runner
-    from tlpersona.analyses.patching import PatchConfig, expand_positions, patch_example, run_patching
     from tlpersona.cli import main as cli
     from tlpersona.data import load_personas, load_questions, system_prompt
+    from tlpersona.interventions.attribution import attribute_example
+    from tlpersona.interventions.patching import PatchConfig, expand_positions, patch_example, run_patching
+    from tlpersona.interventions.runner import HOOKS, Runner
     from tlpersona.models import load_model
 
     work = Path(args.work)

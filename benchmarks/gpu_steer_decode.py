@@ -21,8 +21,8 @@ import time
 import torch
 
 from benchmarks.gpu_extract import qwen7b
-from tlpersona.analyses.operators import RowEdits
 from tlpersona.decode import StaticGreedy
+from tlpersona.operators import RowEdits
 
 
 def edits(rows: int, d: int, layers: list[int], seed: int, cap: bool = False) -> dict[int, RowEdits]:

@@ -4,10 +4,10 @@ against plain-HF module hooks, one-cell-per-forward sweeps and finite difference
 import pytest
 import torch
 
-from tlpersona.analyses.attribution import attribute_example
-from tlpersona.analyses.interventions import HOOKS, Runner, hook_name, kl
-from tlpersona.analyses.patching import PatchConfig, align, patch_example, run_patching
 from tlpersona.data import builtin_personas, builtin_questions
+from tlpersona.interventions.attribution import attribute_example
+from tlpersona.interventions.patching import PatchConfig, align, patch_example, run_patching
+from tlpersona.interventions.runner import HOOKS, Runner, hook_name, kl
 
 Q = "What should I cook tonight?"
 CLEAN = "You are a pirate who sails the seven seas."

@@ -8,12 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tlpersona.analyses.interventions import Runner, kl
-from tlpersona.analyses.patching import PatchConfig, align, choose_clean, patch_example, run_patching
 from tlpersona.cache.vectors import axis, centred
 from tlpersona.cli import main
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
+from tlpersona.interventions.patching import PatchConfig, align, choose_clean, patch_example, run_patching
+from tlpersona.interventions.runner import Runner, kl
 
 Q = "What should I cook tonight?"
 
@@ -169,7 +169,7 @@ def test_patch_bad_input_is_one_line_exit_2(default_source, tmp_path, args, mess
 
 
 def test_corrupt_pairs():
-    from tlpersona.analyses.patching import pairs
+    from tlpersona.interventions.patching import pairs
 
     ps = builtin_personas()[:3]
     assert [(x.name, y.name) for x, y in pairs(ps, "next")] == [
@@ -181,8 +181,8 @@ def test_corrupt_pairs():
 
 
 def test_clean_personas_contrast_with_the_corrupt_persona(small_store):
-    from tlpersona.analyses.steering import choose_personas, default_recipes
     from tlpersona.cache.store import open_store
+    from tlpersona.interventions.steering import choose_personas, default_recipes
 
     small_store = open_store(small_store)
     ps = builtin_personas()[:5]

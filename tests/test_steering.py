@@ -10,14 +10,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tlpersona.analyses import steering as S
-from tlpersona.analyses.interventions import Runner
-from tlpersona.analyses.operators import RowEdits, unit
-from tlpersona.analyses.steer_batch import Edit, Row, run_rows
-from tlpersona.analyses.steer_stats import Bootstrap, separated_ranks
 from tlpersona.cli import main
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
+from tlpersona.interventions import steering as S
+from tlpersona.interventions.runner import Runner
+from tlpersona.interventions.steer_batch import Edit, Row, run_rows
+from tlpersona.interventions.steer_stats import Bootstrap, separated_ranks
+from tlpersona.operators import RowEdits, unit
 
 
 def test_edit_algebra_matches_numpy():
@@ -247,7 +247,7 @@ def test_unit_and_random_directions_are_seeded_unit_vectors():
 def test_first_token_is_not_a_steering_recipe():
     """Token 0 is identical in every prompt: its persona vector is zero, so it is not steered
     with by default (the experiment stores it for the sink check)."""
-    from tlpersona.analyses.steering import default_recipes
+    from tlpersona.interventions.steering import default_recipes
 
     class Stored:
         positions = ["last", "first", "sys_end", "prompt_mean_no_first"]

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from tlpersona.analyses.operators import RowEdits, edit
+from tlpersona.operators import RowEdits, edit
 
 #: cache lengths are rounded up to a multiple of this, so similar batches share a graph
 BUCKET = 64
@@ -304,7 +304,7 @@ class StaticGreedy:
         """Decode a batch; with ``layers``, also keep its residual stream (:class:`Captured`).
 
         ``steer``: block index → that block's output edits, one row per prompt
-        (:class:`~tlpersona.analyses.operators.RowEdits`: an added vector, and a clamp of the
+        (:class:`~tlpersona.operators.RowEdits`: an added vector, and a clamp of the
         projection on a unit direction for ablation and capping; a row with zero vector and zero
         direction is not edited). Layer ``l`` is block ``l``'s output (``resid_post``, HF
         ``hidden_states[l + 1]``). A row's ``start`` counts its own prompt tokens: prompt

@@ -62,8 +62,8 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
     over the model; ``positions`` use the position grammar, ``"system"`` being every
     system-text token. ``.save(out)`` writes patch.json, figures and patch.md.
     """
-    from tlpersona.analyses.interventions import HOOKS, Runner
-    from tlpersona.analyses.patching import PatchConfig, check_config, choose_clean, run_patching
+    from tlpersona.interventions.patching import PatchConfig, check_config, choose_clean, run_patching
+    from tlpersona.interventions.runner import HOOKS, Runner
 
     if hook not in HOOKS:
         raise TlpersonaError(f"unknown `hook` {hook!r} ({', '.join(HOOKS)})")
@@ -123,13 +123,13 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
     intervals. ``personas`` names the steered personas; default: the ``n_personas`` farthest
     from ``base`` on its axis. ``.save(out)`` writes steering.json, figures and steering.md.
     """
-    from tlpersona.analyses.steering import (
+    from tlpersona.interventions.steering import (
         DEFAULT_ALPHAS,
         DEFAULT_PERCENTILES,
         SteerConfig,
         check_config,
     )
-    from tlpersona.analyses.steering import steer as _steer
+    from tlpersona.interventions.steering import steer as _steer
     from tlpersona.safety import check_finite_numbers
 
     st = store if isinstance(store, Store) else open_store(store, verify=True)

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from tlpersona.analyses.patching import PatchResult as _PatchResult
-from tlpersona.analyses.steering import SteeringResult as _SteeringResult
 from tlpersona.files import atomic_write_bytes
+from tlpersona.interventions.patching import PatchResult as _PatchResult
+from tlpersona.interventions.steering import SteeringResult as _SteeringResult
 from tlpersona.safety import check_output_dir
 from tlpersona.sources import ActivationSource
 
@@ -212,7 +212,7 @@ class ProjectionResult:
 @dataclass
 class PatchResult(_PatchResult):
     """What :func:`tlpersona.patch` measured (see
-    :class:`tlpersona.analyses.patching.PatchResult` for the fields); ``.to_dict()`` is what
+    :class:`tlpersona.interventions.patching.PatchResult` for the fields); ``.to_dict()`` is what
     patch.json holds under ``"patching"``."""
 
     @classmethod
@@ -231,7 +231,7 @@ class PatchResult(_PatchResult):
 @dataclass
 class SteeringResult(_SteeringResult):
     """What :func:`tlpersona.steer` found (see
-    :class:`tlpersona.analyses.steering.SteeringResult` for the fields)."""
+    :class:`tlpersona.interventions.steering.SteeringResult` for the fields)."""
 
     @classmethod
     def of(cls, result: _SteeringResult) -> SteeringResult:

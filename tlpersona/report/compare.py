@@ -279,7 +279,7 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Any,
 
 def write_patch(result: Any, out: str | Path) -> str:
     """Write patch.json and figures (one per method and component) into ``out``; return a
-    markdown section. ``result``: a :class:`~tlpersona.analyses.patching.PatchResult`."""
+    markdown section. ``result``: a :class:`~tlpersona.interventions.patching.PatchResult`."""
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)

@@ -178,7 +178,7 @@ def ranked_bars(values: dict[str, np.ndarray], personas: list[str],
 def patching_heatmap(cells: list[Any], rows: list[str], layers: list[int], title: str,
                      path: Path) -> Path:
     """Two panels (KL and logit-difference effect): positions × layers, 0 = corrupt, 1 = clean.
-    ``cells``: :class:`~tlpersona.analyses.patching.CellEffect` of one method and component."""
+    ``cells``: :class:`~tlpersona.interventions.patching.CellEffect` of one method and component."""
     fig, axes = subplots(1, 2, figsize=(2.5 + 1.2 * len(layers), 1.2 + 0.3 * len(rows)),
                              squeeze=False)
     for ax, key, name in zip(axes[0], ("kl_effect", "ld_effect"),

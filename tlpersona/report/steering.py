@@ -1,4 +1,4 @@
-"""Markdown and figures for a :class:`~tlpersona.analyses.steering.SteeringResult`."""
+"""Markdown and figures for a :class:`~tlpersona.interventions.steering.SteeringResult`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpersona.analyses.steer_stats import Estimate
-from tlpersona.analyses.steering import SteeringResult
 from tlpersona.files import atomic_write_bytes
+from tlpersona.interventions.steer_stats import Estimate
+from tlpersona.interventions.steering import SteeringResult
 from tlpersona.report.plots import save_figure, subplots
 
 HOW = {

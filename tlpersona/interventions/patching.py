@@ -5,7 +5,7 @@ Clean run: persona X's system prompt + a question. Corrupt run: persona Y's (by 
 and layer (and, for ``head``, one attention head) is copied from the clean run into the corrupt
 run, and the corrupt run's next-token distribution at the last prompt token (and at
 teacher-forced tokens of X's own greedy response, if asked) is compared with the clean one.
-Components (:data:`~tlpersona.analyses.interventions.HOOK_POINTS`): the residual stream before
+Components (:data:`~tlpersona.interventions.runner.HOOK_POINTS`): the residual stream before
 or after a block, the attention and MLP outputs that the block adds to it, and each head's
 attention-weighted values (``attn.hook_z``).
 
@@ -31,7 +31,7 @@ Two methods, reported side by side:
   final norm are collected for every cell and read out (final norm, unembedding) in chunks of a
   size fixed by the read length alone, so a cell's numbers do not depend on which other cells
   shared its forward: on the CPU in fp32 they are bit-identical to one forward per cell.
-* ``attribution`` (:mod:`tlpersona.analyses.attribution`): a first-order estimate of every cell
+* ``attribution`` (:mod:`tlpersona.interventions.attribution`): a first-order estimate of every cell
   of every component from one clean forward and one corrupt forward + backward.
 
 TransformerLens's ``patching.generic_activation_patch`` runs one unbatched forward per cell and
@@ -50,9 +50,9 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from tlpersona.analyses.interventions import HOOKS, Conversation, Runner, hook_name, kl
 from tlpersona.data import Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
+from tlpersona.interventions.runner import HOOKS, Conversation, Runner, hook_name, kl
 from tlpersona.models import check_layers
 from tlpersona.positions import parse_position
 
@@ -190,7 +190,7 @@ def choose_clean(personas: list[Persona], keep: str | None, n: int, names: list[
     ``names`` as given; else, with a store that holds ``keep`` (or the ``assistant`` persona
     for ``--corrupt next``), the ``n`` stored personas farthest from it on its axis, as
     ``tlpersona steer`` chooses them; else the first ``n`` of the list."""
-    from tlpersona.analyses.steering import choose_personas, default_recipes
+    from tlpersona.interventions.steering import choose_personas, default_recipes
 
     if n < 1:
         raise TlpersonaError("--n-personas must be at least 1")
@@ -375,7 +375,7 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
                  cfg: PatchConfig, personas_note: str = "") -> PatchResult:
     """Grid of positions × layers (× heads) averaged over persona pairs and questions, by exact
     and/or attribution patching (see module doc)."""
-    from tlpersona.analyses.attribution import attribute_example
+    from tlpersona.interventions.attribution import attribute_example
 
     check_config(cfg, runner.model.info.n_layers)
     plist = pairs(personas, cfg.corrupt)

@@ -6,7 +6,7 @@ head), patching in the clean value changes ``M`` by approximately
 gives every ``a_clean``; one corrupt forward and one backward give every ``a_corrupt`` and every
 gradient, for all positions, layers, heads and components at once.
 
-Both metrics of exact patching (:mod:`tlpersona.analyses.patching`) are estimated:
+Both metrics of exact patching (:mod:`tlpersona.interventions.patching`) are estimated:
 ``KL(clean || patched) ≈ KL(clean || corrupt) + dKL/da · Δa`` and
 ``LD_patched - LD_corrupt ≈ dLD/da · Δa``. The corrupt run is two identical batch rows, row 0
 scored by KL and row 1 by LD, so that one backward of their sum yields both gradients.
@@ -15,7 +15,7 @@ The estimate is linear in ``Δa``: it is good where patching one cell moves the 
 and poor where it moves it a lot (patching the residual stream at the last position late in the
 model restores the clean output almost fully; KL, quadratic near the clean distribution, is
 then over- or under-shot). The report puts its numbers beside exact ones with their Spearman
-agreement (:func:`tlpersona.analyses.patching.agree`).
+agreement (:func:`tlpersona.interventions.patching.agree`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from tlpersona.analyses.interventions import Conversation, Runner, hook_name, kl
-from tlpersona.analyses.patching import align, logit_diff, noop
+from tlpersona.interventions.patching import align, logit_diff, noop
+from tlpersona.interventions.runner import Conversation, Runner, hook_name, kl
 
 Key = tuple[str, str, int, int | None]  # (component, position row, layer, head or None)
 
@@ -34,7 +34,7 @@ def attribute_example(runner: Runner, clean: Conversation, corrupt: Conversation
                       rows: list[str], layers: list[int], components: list[str],
                       skip_noops: bool = True) -> dict[Key, tuple[float, float, float, float, bool]]:
     """Every (component, row, layer, head) cell for one example, estimated: ``(KL_patched,
-    KL_corrupt, LD gain, LD range, no-op)`` as :func:`~tlpersona.analyses.patching.patch_example`
+    KL_corrupt, LD gain, LD range, no-op)`` as :func:`~tlpersona.interventions.patching.patch_example`
     returns them exactly."""
     names = {(comp, layer): hook_name(comp, layer) for comp in components for layer in layers}
     uniq = list(dict.fromkeys(names.values()))

@@ -8,7 +8,7 @@ Sequences, for a target persona X, a question q and greedy responses ``r_X`` (X'
 * ``X(q) + r_X`` — X's own run;
 * ``base(q) + r_0`` and ``X(q) + r_0`` — for the fluency guard.
 
-Operators (one formula, :mod:`tlpersona.analyses.operators`), at ``blocks.l.hook_resid_post``:
+Operators (one formula, :mod:`tlpersona.operators`), at ``blocks.l.hook_resid_post``:
 
 * ``add``: ``alpha * s_l * v/|v|`` added to the base run at every token after its system block,
   with ``v = centroid_R(X) - mean of every stored persona`` and ``s_l`` the layer's typical
@@ -36,7 +36,7 @@ effect-against-strength curve is kept, for the monotonicity check). Scoring, on 
 questions only: the persona's own vector, ``n_random`` seeded random directions (unit, for
 ``add`` of the same norm), and the other target personas' vectors (specificity: X's vector
 moves the model toward X more than Y's vector does), and the fluency guard. Intervals:
-bootstrap over questions (:mod:`tlpersona.analyses.steer_stats`); recipes are ranked only where
+bootstrap over questions (:mod:`tlpersona.interventions.steer_stats`); recipes are ranked only where
 the paired interval of their difference excludes zero.
 """
 
@@ -53,14 +53,14 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from tlpersona.analyses.interventions import Runner
-from tlpersona.analyses.operators import OPERATORS, unit
-from tlpersona.analyses.steer_batch import Edit, Row, row_edits, run_rows
-from tlpersona.analyses.steer_stats import Bootstrap, Estimate, separated_ranks
 from tlpersona.cache.vectors import axis, centred
 from tlpersona.data import Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
+from tlpersona.interventions.runner import Runner
+from tlpersona.interventions.steer_batch import Edit, Row, row_edits, run_rows
+from tlpersona.interventions.steer_stats import Bootstrap, Estimate, separated_ranks
 from tlpersona.models import LoadedModel
+from tlpersona.operators import OPERATORS, unit
 
 DEFAULT_ALPHAS = (0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0)
 DEFAULT_PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
@@ -381,7 +381,7 @@ class _Eval:
                 self.kl0[b] = float(_kl(lps[a], lps[b]).mean())  # removals: goal P_base
 
     def typical_norms(self, questions: list[Question]) -> dict[int, float]:
-        from tlpersona.analyses.interventions import hook_name
+        from tlpersona.interventions.runner import hook_name
 
         norms: dict[int, list[torch.Tensor]] = {la: [] for la in self.layers}
         for q in questions:
