@@ -206,7 +206,7 @@ def subspace(source: Any, cfg: SubspaceConfig | None = None) -> tuple[dict[str, 
             x = mats[p]
             total = float(np.sum(x * x))
             shared = np.cumsum(np.sum((x @ pca.components_.T) ** 2, axis=0)) / total
-            own = PCA(n_components=min(k_max, n - 1)).fit(x)
+            own = PCA(n_components=min(k_max, n - 1), svd_solver="full").fit(x)  # exact, reproducible
             own_cum = np.cumsum(own.explained_variance_ratio_)
             angles = [float(np.degrees(subspace_angles(own.components_[:k].T,
                                                        pca.components_[:k].T)).max())
