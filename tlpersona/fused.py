@@ -33,7 +33,8 @@ import torch
 from tqdm import tqdm
 
 from tlpersona.batching import generate_batch
-from tlpersona.cache.store import MANIFEST, StoreWriter
+from tlpersona.cache.schema import MANIFEST
+from tlpersona.cache.store import StoreWriter
 from tlpersona.conversation import Spans, template_hash
 from tlpersona.data import Persona, Question, indexed_prompts
 from tlpersona.data.responses import Key, Response, drop_torn_tail, merge_rank_files, read_responses
@@ -43,6 +44,7 @@ from tlpersona.errors import TlpersonaError
 from tlpersona.extraction import (
     ExtractConfig,
     Extractor,
+    PassPlan,
     PersonaResult,
     Prepared,
     provenance,
@@ -78,7 +80,7 @@ class GroupOutput:
     of :meth:`Extractor.prepare`), its plans, and the responses decoded for it."""
 
     personas: list[Persona]
-    plans: list[dict[str, Any]]
+    plans: list[PassPlan]
     rows: torch.Tensor
     responses: dict[Key, Response]
 
@@ -167,7 +169,7 @@ class FusedExtractor:
             full[row, start:stop] = 1.0 / (stop - start)
         return full
 
-    def _fix_plan(self, plans: list[dict[str, Any]], job_of: dict[int, tuple[int, int]],
+    def _fix_plan(self, plans: list[PassPlan], job_of: dict[int, tuple[int, int]],
                   weights: list[torch.Tensor], dep: list[int]) -> None:
         """Recompute which question-dependent rows exist and their token counts, now that the
         responses (and so the response positions' rows) are known."""
@@ -175,9 +177,9 @@ class FusedExtractor:
         for j in dep:
             k, slot = job_of[j]
             w = weights[j]
-            plans[k]["has"][slot] = torch.tensor([bool((w[r] > 0).any()) or not p.needs_response
+            plans[k].has[slot] = torch.tensor([bool((w[r] > 0).any()) or not p.needs_response
                                                   for r, p in zip(rows, self.ex._dep, strict=True)])
-            plans[k]["counts"][slot] = (w[rows] > 0).sum(1)
+            plans[k].counts[slot] = (w[rows] > 0).sum(1)
 
     def prepare(self, personas: list[Persona], questions: list[Question]) -> Prepared:
         """Host-side work of a group (rendering, pooling rows of the prompts; the responses'
@@ -189,12 +191,12 @@ class FusedExtractor:
         """Decode and pool one prepared group; ``have``: responses already saved (a resumed
         group)."""
         personas, seqs, weights, plans = prep.personas, prep.seqs, prep.weights, prep.plans
-        dep = [j for plan in plans for j in plan["dep"]]
-        job_of = {j: (k, slot) for k, plan in enumerate(plans) for slot, j in enumerate(plan["dep"])}
+        dep = [j for plan in plans for j in plan.dep]
+        job_of = {j: (k, slot) for k, plan in enumerate(plans) for slot, j in enumerate(plan.dep)}
         keys = self.keys(personas, questions)
         n_pos, n_layers = len(self.cfg.positions), len(self.cfg.layers)
         rows = torch.empty((len(seqs), n_pos, n_layers, self.hf.config.hidden_size))
-        invariant = [j for plan in plans for j in plan["prefix"] + plan["raw"]]
+        invariant = [j for plan in plans for j in plan.prefix + plan.raw]
         if invariant:
             rows[torch.tensor(invariant)] = hooked_pool(
                 self.hf, self.cfg.layers, [seqs[j] for j in invariant],

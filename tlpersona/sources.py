@@ -50,8 +50,9 @@ class ActivationSource(Protocol):
 def open_source(source: ActivationSource | str | Path) -> ActivationSource:
     """An opened source as is; a path opened as a store (verified) or, when it holds
     ``method_<x>/all_centroids.pt`` folders instead of a manifest, as a seed-layout directory."""
+    from tlpersona.cache.schema import MANIFEST
     from tlpersona.cache.seed_layout import read_seed
-    from tlpersona.cache.store import MANIFEST, open_store
+    from tlpersona.cache.store import open_store
 
     if not isinstance(source, (str, Path)):
         return source

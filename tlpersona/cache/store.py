@@ -37,6 +37,19 @@ import torch
 from safetensors import safe_open
 
 from tlpersona import __version__
+from tlpersona.cache.schema import (
+    FILE_SHAPES,
+    MANIFEST,
+    PART_FILE,
+    PART_KINDS,
+    PARTS,
+    file_key,
+    leading_shape,
+    part_file,
+    part_key,
+    persona_key,
+    position_file,
+)
 from tlpersona.cache.vectors import PersonaVector, Reference, persona_vector
 from tlpersona.errors import TlpersonaError
 from tlpersona.files import atomic_save_tensors, atomic_write_bytes, sha256_file
@@ -46,7 +59,6 @@ from tlpersona.response_provenance import read_header
 from tlpersona.safety import check_persona_names
 
 FORMAT = "tlpersona-store/1"
-MANIFEST = "manifest.json"
 
 
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
@@ -83,11 +95,6 @@ def read_tensor(path: Path, key: str, rows: tuple[int, int] | None = None) -> to
     return out
 
 
-def position_file(position: str) -> str:
-    return f"{position}.safetensors"
-
-
-_PART = re.compile(r"^\d{5}-\d{5}\.safetensors$")
 _RESPONSES = re.compile(r"^responses(\.rank\d+)?\.jsonl$")
 
 
@@ -95,7 +102,7 @@ def _is_part(name: str) -> bool:
     """A part file's name, or the temporary name it is written under (``.<name>.XXXX``)."""
     if name.startswith("."):
         name = name[1:].split(".safetensors.", 1)[0] + ".safetensors"
-    return bool(_PART.match(name))
+    return bool(PART_FILE.match(name))
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -130,7 +137,7 @@ def _owned(root: Path, manifest: dict[str, Any] | None) -> tuple[list[Path], lis
                                    any(p.name.startswith(f".{n}.") for n in names)))
         if _RESPONSES.match(p.name) and p.is_file() and not p.is_symlink():
             own = read_header(p) is not None
-        if p.name == "parts" and p.is_dir() and not p.is_symlink():
+        if p.name == PARTS and p.is_dir() and not p.is_symlink():
             for q in sorted(p.iterdir()):
                 ok = _is_part(q.name) and q.is_file() and not q.is_symlink()
                 (owned if ok else foreign).append(q)
@@ -183,7 +190,7 @@ def clear_store(root: str | Path, keep: set[Path] | None = None) -> list[Path]:
     removed = [p for p in owned if p.resolve() not in keep and p.name != LOCK_NAME]
     for p in removed:
         p.unlink()
-    parts = root / "parts"
+    parts = root / PARTS
     if parts.is_dir() and not any(parts.iterdir()):
         parts.rmdir()
     return removed
@@ -232,16 +239,16 @@ class StoreWriter:
     def finished(self) -> dict[int, Path]:
         """Saved persona index -> the group part file that holds it."""
         out: dict[int, Path] = {}
-        parts = self.root / "parts"
+        parts = self.root / PARTS
         if not parts.is_dir():
             return out
         n = len(self.provenance["personas"])
         for path in sorted(parts.iterdir()):
             if path.name.startswith(".") and _is_part(path.name):
                 continue  # a killed writer's temporary file; its group is computed again
-            start, stop = ((int(x) for x in path.stem.split("-")) if _PART.match(path.name)
+            start, stop = ((int(x) for x in path.stem.split("-")) if PART_FILE.match(path.name)
                            else (-1, -1))
-            if (not _PART.match(path.name) or not path.is_file() or path.is_symlink()
+            if (not PART_FILE.match(path.name) or not path.is_file() or path.is_symlink()
                     or not 0 <= start < stop <= n or any(i in out for i in range(start, stop))):
                 raise TlpersonaError(f"{path} is not a part file of this store; remove it and rerun")
             try:
@@ -259,8 +266,8 @@ class StoreWriter:
         """Personas ``start … start+len(results)-1`` as one part file: a group is saved whole
         or not at all, so a resumed run never computes a saved persona again."""
         stop = start + len(results)
-        tensors = {f"{start + j}/{k}": v for j, r in enumerate(results) for k, v in r.items()}
-        atomic_save_tensors(self.root / "parts" / f"{start:05d}-{stop:05d}.safetensors", tensors)
+        tensors = {part_key(start + j, k): v for j, r in enumerate(results) for k, v in r.items()}
+        atomic_save_tensors(self.root / PARTS / part_file(start, stop), tensors)
 
     def write_part(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         self.write_group(index, [tensors])
@@ -280,7 +287,7 @@ class StoreWriter:
         self.manifest.update(complete=True, files=files,
                              finished=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         atomic_write_bytes(self.root / MANIFEST, json.dumps(self.manifest, indent=1).encode())
-        shutil.rmtree(self.root / "parts", ignore_errors=True)
+        shutil.rmtree(self.root / PARTS, ignore_errors=True)
 
 
     def _stack(self, pos: str, parts: dict[int, Path], n: int) -> tuple[str, dict[str, Any]]:
@@ -288,12 +295,12 @@ class StoreWriter:
         tensors: dict[str, torch.Tensor] = {}
         for i in range(n):
             with safe_open(str(parts[i]), framework="pt") as f:
-                for key in ("centroid", "per_question", "valid", "n_tokens"):
-                    name = f"{i}/{pos}/{key}"
+                for kind in PART_KINDS:
+                    name = part_key(i, persona_key(pos, kind))
                     if name not in f.keys():
                         continue
                     t = f.get_tensor(name)
-                    out_key = "centroids" if key == "centroid" else key
+                    out_key = file_key(kind)
                     if out_key not in tensors:
                         tensors[out_key] = torch.empty((n, *t.shape), dtype=t.dtype)
                     tensors[out_key][i] = t
@@ -454,8 +461,7 @@ def _problem(manifest: dict[str, Any]) -> str | None:
                 or not isinstance(meta.get("shapes"), dict):
             return f"files.{name} lacks sha256 or shapes"
         shapes = meta["shapes"]
-        want = {"centroids": [n_p, n_l], "per_question": [n_p, n_q, n_l], "valid": [n_p, n_q],
-                "n_tokens": [n_p, n_q]}
+        want = {k: leading_shape(k, n_p, n_q, n_l) for k in FILE_SHAPES}
         if "centroids" not in shapes:
             return f"files.{name} has no centroids"
         for key, shape in shapes.items():

@@ -4,6 +4,7 @@ the device) and runs of it into a store (provenance, resume, torchrun ranks)."""
 from tlpersona.extraction.engine import (
     ExtractConfig,
     Extractor,
+    PassPlan,
     PersonaResult,
     Pooled,
     Prepared,
@@ -16,5 +17,5 @@ from tlpersona.extraction.run import (
     schedule_groups,
 )
 
-__all__ = ["ExtractConfig", "Extractor", "PersonaResult", "Pooled", "Prepared", "extract_to_store",
-           "provenance", "provenance_of", "responses_digest", "schedule_groups"]
+__all__ = ["ExtractConfig", "Extractor", "PassPlan", "PersonaResult", "Pooled", "Prepared",
+           "extract_to_store", "provenance", "provenance_of", "responses_digest", "schedule_groups"]

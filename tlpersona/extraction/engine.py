@@ -16,13 +16,14 @@ position from each cached layer.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from tlpersona.batching import extract_batch
+from tlpersona.cache.schema import persona_key
 from tlpersona.conversation import ChatRenderer, Spans, common_prefix_len
 from tlpersona.data import Persona, Question, indexed_prompts
 from tlpersona.data.responses import Key, Response
@@ -79,13 +80,25 @@ class PersonaResult:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat dict for a store part: per-question vectors go to fp16."""
-        out = {f"{k}/centroid": v.float().cpu() for k, v in self.centroid.items()}
+        out = {persona_key(k, "centroid"): v.float().cpu() for k, v in self.centroid.items()}
         for k, v in self.per_question.items():
-            out[f"{k}/per_question"] = v.half().cpu()
-            out[f"{k}/valid"] = self.valid[k].to(torch.uint8).cpu()
+            out[persona_key(k, "per_question")] = v.half().cpu()
+            out[persona_key(k, "valid")] = self.valid[k].to(torch.uint8).cpu()
         for k, v in self.n_tokens.items():
-            out[f"{k}/n_tokens"] = v.float().cpu()
+            out[persona_key(k, "n_tokens")] = v.float().cpu()
         return out
+
+
+@dataclass
+class PassPlan:
+    """Where one persona's forward passes sit in a group's sequence list (indices into it)."""
+
+    n_prompts: int  # phrasings
+    prefix: list[int] = field(default_factory=list)  # per phrasing: the system-block pass
+    raw: list[int] = field(default_factory=list)  # per phrasing: the raw system text pass
+    dep: list[int] = field(default_factory=list)  # per (phrasing, question): the full pass
+    has: list[torch.Tensor] = field(default_factory=list)  # per dep pass: [n_dep] bool, row exists
+    counts: list[torch.Tensor] = field(default_factory=list)  # per dep pass: [n_dep] tokens pooled
 
 
 @dataclass
@@ -95,7 +108,7 @@ class Prepared:
 
     personas: list[Persona]
     n_questions: int
-    plans: list[dict[str, Any]]
+    plans: list[PassPlan]
     seqs: list[list[int]]
     weights: list[torch.Tensor]
 
@@ -253,16 +266,16 @@ class Extractor:
                     ids = resp.ids[: resp.content_len(False)] + self.renderer.turn_close()
                 spans = self.renderer.prompt(system, q.text, ids)
                 if resp is not None:
-                    spans.response_stop = spans.prompt_len + resp.content_len(cfg.include_eot)
-                    if self._seed:
-                        spans.turn_stop = spans.seq_len
+                    spans = replace(spans,
+                                    response_stop=spans.prompt_len + resp.content_len(cfg.include_eot),
+                                    turn_stop=spans.seq_len if self._seed else None)
                 row.append((spans, resp))
             out.append(row)
         return out
 
     def _plan(self, persona: Persona, questions: list[Question],
               responses: dict[Key, Response] | None, seqs: list[list[int]],
-              weights: list[torch.Tensor]) -> dict[str, Any]:
+              weights: list[torch.Tensor]) -> PassPlan:
         """Append one persona's forward passes to ``seqs``/``weights``; return where they are.
 
         Per phrasing: one prefix pass for the system-block anchors, one raw-system-text pass,
@@ -271,8 +284,7 @@ class Extractor:
         cfg = self.cfg
         prompts = indexed_prompts(persona, cfg.prompt_index)
         convs = self._conversations(persona, prompts, questions, responses)
-        plan: dict[str, Any] = {"n_prompts": len(prompts), "prefix": [], "raw": [], "dep": [],
-                                "has": [], "counts": []}
+        plan = PassPlan(len(prompts))
         for (_, system), row in zip(prompts, convs, strict=True):
             if self._anchored:
                 probes = [self.renderer.prompt(system, t).ids for t in _PROBES]
@@ -286,12 +298,12 @@ class Extractor:
                             "block into the question; it is not question-invariant here"
                         )
                 length = max(idx.values()) + 1
-                plan["prefix"].append(len(seqs))
+                plan.prefix.append(len(seqs))
                 seqs.append(first.ids[:length])
                 weights.append(self._weights(self._anchored, first, length))
             if self._raw:
                 ids = self.renderer.raw_system(system)
-                plan["raw"].append(len(seqs))
+                plan.raw.append(len(seqs))
                 seqs.append(ids)
                 w = torch.zeros((len(cfg.positions), len(ids)))
                 w[self._row["raw_system_last"], -1] = 1.0
@@ -304,27 +316,27 @@ class Extractor:
                                     for p in self._dep])
                 live = [p for p, h in zip(self._dep, has, strict=True) if h]
                 w = self._weights(live, spans, spans.seq_len)
-                plan["dep"].append(len(seqs))
+                plan.dep.append(len(seqs))
                 seqs.append(spans.ids)
                 weights.append(w)
-                plan["has"].append(has)
-                plan["counts"].append((w[[self._row[p.name] for p in self._dep]] > 0).sum(1))
+                plan.has.append(has)
+                plan.counts.append((w[[self._row[p.name] for p in self._dep]] > 0).sum(1))
         return plan
 
-    def _assemble(self, persona: Persona, plan: dict[str, Any], pooled: torch.Tensor,
+    def _assemble(self, persona: Persona, plan: PassPlan, pooled: torch.Tensor,
                   n_q: int) -> PersonaResult:
         """Per-persona results from the pooled rows of its passes (``[job, position, L, D]``)."""
         result = PersonaResult()
         for p in self._anchored:
-            result.centroid[p.name] = pooled[plan["prefix"], self._row[p.name]].mean(0)
+            result.centroid[p.name] = pooled[plan.prefix, self._row[p.name]].mean(0)
         if self._raw:
-            result.centroid["raw_system_last"] = pooled[plan["raw"], self._row["raw_system_last"]].mean(0)
+            result.centroid["raw_system_last"] = pooled[plan.raw, self._row["raw_system_last"]].mean(0)
         if not self._dep:
             return result
-        n_prompts = plan["n_prompts"]
-        rows = pooled[plan["dep"]]
-        has = torch.stack(plan["has"]).view(n_prompts, n_q, len(self._dep))
-        n_tok = torch.stack(plan["counts"]).view(n_prompts, n_q, len(self._dep)).float()
+        n_prompts = plan.n_prompts
+        rows = pooled[plan.dep]
+        has = torch.stack(plan.has).view(n_prompts, n_q, len(self._dep))
+        n_tok = torch.stack(plan.counts).view(n_prompts, n_q, len(self._dep)).float()
         for j, p in enumerate(self._dep):
             vecs = rows[:, self._row[p.name]].view(n_prompts, n_q, *rows.shape[2:])
             # Average over phrasings that have this row; a question is valid if any does.
