@@ -77,14 +77,14 @@ def test_safetensors_pt_npz_npy_round_trips(store, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--vectors", "gguf", "--persona", "pirate", "--position", "last", "--layers", "0,7"],
      "llama.cpp cannot add a control vector after block 0"),
-    (["--vectors", "onnx", "--persona", "pirate", "--position", "last"], "unknown --vectors format"),
+    (["--vectors", "onnx", "--persona", "pirate", "--position", "last"], "unknown --vectors 'onnx'"),
     (["--vectors", "npy", "--persona", "pirate", "--position", "last"], "npy holds one layer"),
     (["--vectors", "pt", "--persona", "nobody", "--position", "last"], "'nobody' is not in the store"),
     (["--vectors", "pt", "--persona", "pirate", "--position", "sys_end"], "sys_end is not in the store"),
     (["--vectors", "pt", "--persona", "pirate", "--position", "last", "--layers", "3"],
      "layer 3 is not in this store"),
     (["--vectors", "pt", "--persona", "pirate", "--position", "last", "--layers", "x"],
-     "--layers must be comma-separated integers"),
+     "bad --layers 'x'"),
     (["--vectors", "pt", "--position", "last"], "--vectors needs --persona"),
 ])
 def test_bad_export_is_one_line_exit_2_and_writes_nothing(store, tmp_path, args, message):

@@ -41,6 +41,7 @@ _EXPORTS = {
     "ActivationSource": "tlpersona.sources",
     "extract": "tlpersona.api.extraction",
     "generate": "tlpersona.api.extraction",
+    "write_prompts": "tlpersona.api.extraction",
     "compare": "tlpersona.api.analysis",
     "subspace": "tlpersona.api.analysis",
     "project": "tlpersona.api.analysis",
@@ -77,6 +78,7 @@ __all__ = [
     "ActivationSource",
     "extract",
     "generate",
+    "write_prompts",
     "compare",
     "subspace",
     "project",
@@ -116,7 +118,7 @@ if TYPE_CHECKING:
     from tlpersona.api.analysis import compare, export_vectors, persona_vector, project, subspace
     from tlpersona.api.causal import patch, steer
     from tlpersona.api.experiment import ExperimentResult, experiment
-    from tlpersona.api.extraction import extract, generate
+    from tlpersona.api.extraction import extract, generate, write_prompts
     from tlpersona.api.results import (
         CompareResult,
         PairCell,

@@ -251,6 +251,23 @@ def generate(model: str, device: str | None, dtype: str | None, personas: str, q
 
 @main.command()
 @click.option("--model", default="default", show_default=True)
+@_data_options
+@click.option("--out", default="tlpersona-out/prompts.jsonl", show_default=True, type=click.Path())
+@_friendly
+def prompts(model: str, personas: str, questions: str, prompt_index: str,
+            limit_personas: int | None, limit_questions: int | None, out: str) -> None:
+    """Write the templated prompts (token ids and text) for another engine to continue; read
+    its responses back with `extract --responses` (see README, Python API)."""
+    from tlpersona.api.extraction import write_prompts
+
+    n = write_prompts(model, _personas(personas, limit_personas),
+                      _questions(questions, limit_questions), out=out,
+                      prompt_index=_prompt_index(prompt_index))
+    click.echo(f"{n} prompts in {out}")
+
+
+@main.command()
+@click.option("--model", default="default", show_default=True)
 @click.option("--system", default="You are a pirate captain who has spent forty years at sea.",
               show_default=True)
 @click.option("--question", default="What is the best way to spend a free afternoon?",

@@ -64,6 +64,22 @@ def greedy_batch(model: Any, prompts: list[list[int]], max_new_tokens: int,
     return result
 
 
+def prompt_lines(tokenizer: Any, personas: list[Persona], questions: list[Question],
+                 prompt_index: int | str) -> list[dict[str, Any]]:
+    """The prompts file's lines: every (persona, phrasing, question) prompt as templated token
+    ids and text, keyed as the responses file is, with the prompt hash a response echoes."""
+    renderer = ChatRenderer(tokenizer)
+    lines = []
+    for persona in personas:
+        for pidx, system in indexed_prompts(persona, prompt_index):
+            for q in questions:
+                ids = renderer.prompt(system, q.text).ids
+                lines.append({"persona": persona.name, "prompt_index": pidx, "question_id": q.id,
+                              "prompt_ids": ids, "prompt_text": tokenizer.decode(ids),
+                              "prompt_sha": prompt_sha(ids)})
+    return lines
+
+
 def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
                        questions: list[Question], prompt_index: int | str, out_path: str | Path,
                        max_new_tokens: int, batch_size: int | None = None,

@@ -297,3 +297,28 @@ def generate(model: str = "default", personas: Sequence[Persona] | None = None,
     with exclusive(path.parent, "the directory of `out`") if rk.main else nullcontext():
         return _generate(plan, dtype, ps, qs, prompt_index, path, batch_size, progress, decoder,
                          device_map)
+
+
+def write_prompts(model: str = "default", personas: Sequence[Persona] | None = None,
+                  questions: Sequence[Question] | None = None, *,
+                  out: str | Path = "tlpersona-out/prompts.jsonl",
+                  prompt_index: PromptIndex = 0) -> int:
+    """Write every prompt a run would generate from, for another engine (vLLM, llama.cpp …) to
+    continue: a JSONL file, one line per (persona, phrasing, question) with ``persona``,
+    ``prompt_index``, ``question_id``, the templated ``prompt_ids`` (generation prompt
+    included), ``prompt_text`` and ``prompt_sha``. The engine writes back, per line, the same
+    keys with ``response_ids`` (the generated ids, end-of-turn token included when emitted),
+    ``finished`` and optionally ``prompt_sha``; ``extract(responses=...)`` reads that file.
+    Written under a temporary name, then renamed; returns the number of prompts."""
+    import json
+
+    from tlpersona.files import atomic_write_bytes
+    from tlpersona.generation import prompt_lines
+
+    ps, qs = _data(personas, questions)
+    path = Path(out)
+    check_output_file(path)
+    source, _ = resolve(model)
+    lines = prompt_lines(load_tokenizer(source), ps, qs, prompt_index)
+    atomic_write_bytes(path, "".join(json.dumps(line) + "\n" for line in lines).encode())
+    return len(lines)

@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from tlpersona.analyses import metrics as M
+from tlpersona.files import atomic_write_with
 
 _VERDICT_CODE = {"KILL": 0, "GREY": 1, "PASS": 2}
 
@@ -26,12 +27,10 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
     return fig, fig.subplots(nrows, ncols, **kw)
 
 
-def save_figure(fig: Any, path: Path) -> Path:
-    """Lay out, write ``path`` (PNG) through a temporary name, and close ``fig``."""
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Lay out and write ``path`` (PNG) through a temporary name."""
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return path
 
 
