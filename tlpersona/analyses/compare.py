@@ -25,6 +25,7 @@ from tlpersona.analyses.stats import (
 )
 from tlpersona.errors import TlpersonaError
 from tlpersona.positions import RECIPES, canonical
+from tlpersona.sources import ActivationSource
 
 #: position -> recipe letter; the seed's response span is its recipe B too
 _ALIAS = {**{v: k for k, v in RECIPES.items()}, "response_mean_seed": "b"}
@@ -115,8 +116,8 @@ def cliques(nodes: list[str], edges: list[tuple[str, str]]) -> list[list[str]]:
     return [[n for n in nodes if n in g] for g in found]
 
 
-def compare(source: Any, cfg: CompareConfig | None = None, timings: dict[str, float] | None = None
-            ) -> dict[str, Any]:
+def compare(source: ActivationSource, cfg: CompareConfig | None = None,
+            timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Every metric for every layer × pair, each with its null (and ceiling where it has one);
     returns a JSON-ready dict (see results.json)."""
     import time
@@ -312,7 +313,7 @@ def _ceiling(floors: dict[str, Any], x: str, y: str, layer: int) -> dict[str, An
             "procrustes_cos_mean": joint("procrustes_cos_mean")}
 
 
-def sink_diagnostic(source: Any, positions: list[str], layers: list[int]) -> dict[str, Any]:
+def sink_diagnostic(source: ActivationSource, positions: list[str], layers: list[int]) -> dict[str, Any]:
     """Per layer and recipe, the share of the recipe's persona variance (mean-centred centroids)
     that lies along the first token's residual direction, the attention sink. Where it is large
     the recipe's differences between personas are mostly the sink's weight in a mean, i.e.
@@ -342,7 +343,7 @@ def sink_diagnostic(source: Any, positions: list[str], layers: list[int]) -> dic
     return out
 
 
-def missing_rows(source: Any, positions: list[str]) -> dict[str, dict[str, int]]:
+def missing_rows(source: ActivationSource, positions: list[str]) -> dict[str, dict[str, int]]:
     """Per position, the personas with missing per-question rows (e.g. empty responses) and how
     many; those rows are left out of that position's centroids and statistics."""
     out = {}

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from tlpersona.analyses import metrics as M
+from tlpersona.sources import ActivationSource
 
 CHUNK = 32  # personas read at a time: [32, 240, 4, 3584] fp32 is ~0.4 GB
 
@@ -94,7 +95,7 @@ def noise_floor(per_q: np.ndarray, valid: np.ndarray, n_splits: int, seed: int,
     return floor_stats(halves.double().numpy(), iu, seed)
 
 
-def per_question_pass(source: Any, pos: str, layers: list[int], n_splits: int, seed: int,
+def per_question_pass(source: ActivationSource, pos: str, layers: list[int], n_splits: int, seed: int,
                       iu: tuple[np.ndarray, np.ndarray]) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
     """Spread per question and the noise floor for every layer, in one pass over a recipe's
     per-question vectors, ``CHUNK`` personas at a time (full scale is ~2 GB per recipe).
@@ -124,7 +125,7 @@ def per_question_pass(source: Any, pos: str, layers: list[int], n_splits: int, s
     return spreads, floors
 
 
-def bstar_check(source: Any, layers: list[int]) -> dict[str, Any]:
+def bstar_check(source: ActivationSource, layers: list[int]) -> dict[str, Any]:
     """How much of cos(A, B*) is arithmetic: B* averages A's token in.
 
     Reports cos(A, B*) against cos(A, B*_no_last) per layer (per-persona centroids), and checks
@@ -136,7 +137,7 @@ def bstar_check(source: Any, layers: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {"available": True, "layers": {}}
     n_tok = source.n_tokens("prompt_mean")
     exact_n = n_tok is not None and source.provenance.get("prompt_index") != "all"
-    if exact_n and source.has_per_question("last"):
+    if n_tok is not None and exact_n and source.has_per_question("last"):
         worst = _identity_errors(source, n_tok)
     for layer in layers:
         li = source.layer_index(layer)
@@ -155,7 +156,7 @@ def bstar_check(source: Any, layers: list[int]) -> dict[str, Any]:
     return out
 
 
-def _identity_errors(source: Any, n_tok: torch.Tensor) -> list[float]:
+def _identity_errors(source: ActivationSource, n_tok: torch.Tensor) -> list[float]:
     """Worst relative error of ``B* = ((n-1)·B*_no_last + A)/n`` over persona × question, per
     stored layer, streamed ``CHUNK`` personas at a time."""
     valid = source.valid("prompt_mean") & source.valid("last")

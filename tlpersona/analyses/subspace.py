@@ -41,6 +41,7 @@ from sklearn.decomposition import PCA
 from tlpersona.analyses import metrics as M
 from tlpersona.errors import TlpersonaError
 from tlpersona.positions import canonical
+from tlpersona.sources import ActivationSource
 
 
 @dataclass
@@ -146,7 +147,8 @@ def held_out(raw: dict[str, np.ndarray], positions: list[str], pairs: list[tuple
             agreement_curve(test_rows, pca.components_, pairs))
 
 
-def subspace(source: Any, cfg: SubspaceConfig | None = None) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+def subspace(source: ActivationSource, cfg: SubspaceConfig | None = None
+             ) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
     """Shared PCs per layer, agreement curves, k_found (held out) with its null, in-sample
     values, variance shares and the sink check.
 
@@ -243,7 +245,7 @@ def subspace(source: Any, cfg: SubspaceConfig | None = None) -> tuple[dict[str, 
     return results, comps
 
 
-def _sink_cos(source: Any, li: int, pc1: np.ndarray) -> float | None:
+def _sink_cos(source: ActivationSource, li: int, pc1: np.ndarray) -> float | None:
     """|cos| between the first shared PC and the first token's residual (None without it)."""
     if "first" not in source.positions:
         return None

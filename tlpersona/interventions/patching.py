@@ -55,6 +55,7 @@ from tlpersona.errors import TlpersonaError
 from tlpersona.interventions.runner import HOOKS, Conversation, Runner, hook_name, kl
 from tlpersona.models import check_layers
 from tlpersona.positions import parse_position
+from tlpersona.sources import ActivationSource
 
 DEFAULT_POSITIONS = ("system", "sys_end", "sys_end+1", "user_end", "last")
 METHODS = ("exact", "attribution", "both")
@@ -185,7 +186,7 @@ def pairs(personas: list[Persona], corrupt: str) -> list[tuple[Persona, Persona]
 
 
 def choose_clean(personas: list[Persona], keep: str | None, n: int, names: list[str] | None,
-                 store: Any) -> tuple[list[Persona], str]:
+                 store: ActivationSource | None) -> tuple[list[Persona], str]:
     """Clean personas (with ``keep``, the corrupt persona, in front) and why they were chosen:
     ``names`` as given; else, with a store that holds ``keep`` (or the ``assistant`` persona
     for ``--corrupt next``), the ``n`` stored personas farthest from it on its axis, as

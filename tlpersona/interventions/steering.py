@@ -61,6 +61,7 @@ from tlpersona.interventions.steer_batch import Edit, Row, row_edits, run_rows
 from tlpersona.interventions.steer_stats import Bootstrap, Estimate, separated_ranks
 from tlpersona.models import LoadedModel
 from tlpersona.operators import OPERATORS, unit
+from tlpersona.sources import ActivationSource
 
 DEFAULT_ALPHAS = (0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0)
 DEFAULT_PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
@@ -238,13 +239,13 @@ def random_directions(d: int, k: int, seed: int, layer: int) -> torch.Tensor:
     return unit(torch.randn(k, d, generator=g, dtype=torch.float64)).float()
 
 
-def default_recipes(store: Any) -> list[str]:
+def default_recipes(store: ActivationSource) -> list[str]:
     """Every stored position but ``first``: token 0 is the same in every prompt, so its persona
     vector is zero and steering with it is meaningless."""
     return [p for p in store.positions if p != "first"]
 
 
-def choose_personas(store: Any, base: str, n: int, names: list[str] | None,
+def choose_personas(store: ActivationSource, base: str, n: int, names: list[str] | None,
                     recipes: list[str], layer: int) -> PersonaChoice:
     """``names`` as given, else the ``n`` stored personas farthest from the base on its axis
     (projection of each recipe's centroids, standardised per recipe, averaged over recipes)."""
@@ -276,7 +277,7 @@ def split_questions(questions: list[Question], seed: int) -> tuple[list[Question
     return [questions[i] for i in order[:k]], [questions[i] for i in order[k:]]
 
 
-def check_config(cfg: SteerConfig, store: Any) -> None:
+def check_config(cfg: SteerConfig, store: ActivationSource) -> None:
     """Every setting checked against the store, before any forward pass."""
     bad = [o for o in cfg.operators if o not in OPERATORS]
     if bad or not cfg.operators:
@@ -328,7 +329,7 @@ class _Plan:
 
 
 class _Eval:
-    def __init__(self, runner: Runner, store: Any, cfg: SteerConfig, targets: list[Persona],
+    def __init__(self, runner: Runner, store: ActivationSource, cfg: SteerConfig, targets: list[Persona],
                  base: Persona, questions: list[Question]):
         self.runner, self.store, self.cfg = runner, store, cfg
         self.targets, self.base, self.questions = targets, base, questions
@@ -515,7 +516,7 @@ def _settings(cfg: SteerConfig, op: str, layers: list[int]) -> list[Setting]:
     return [Setting(op, ls, float(p)) for ls in spans for p in sorted(cfg.cap_percentiles)]
 
 
-def steer(store: Any, model: LoadedModel, personas: list[Persona], questions: list[Question],
+def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], questions: list[Question],
           cfg: SteerConfig, questions_note: str = "") -> SteeringResult:
     """Evaluate every operator × recipe (see module doc). ``personas``: every persona of the
     store (the targets are chosen among them); ``questions``: the evaluation questions."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from tlpersona.files import atomic_write_bytes, json_bytes
 from tlpersona.report import plots
+from tlpersona.sources import ActivationSource
 
 
 def _f(v: Any, nd: int = 3) -> str:
@@ -130,7 +131,7 @@ def _bstar_section(result: dict[str, Any]) -> str:
     return "\n".join(rows) + (f"\n\n{note}." if note else "")
 
 
-def write_report(result: dict[str, Any], source: Any, out: str | Path,
+def write_report(result: dict[str, Any], source: ActivationSource, out: str | Path,
                  title: str = "Recipe comparison") -> Path:
     """Write results.json, figures/*.png and report.md into ``out``; returns report.md's path."""
     out = Path(out)
@@ -210,7 +211,7 @@ def write_report(result: dict[str, Any], source: Any, out: str | Path,
     return path
 
 
-def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Any,
+def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: ActivationSource,
                    out: str | Path) -> str:
     """Write subspace.json, pcs.safetensors and figures into ``out``; return a markdown section."""
     import numpy as np

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from tlpersona.analyses import metrics as M
 from tlpersona.files import atomic_write_with
+from tlpersona.sources import ActivationSource
 
 _VERDICT_CODE = {"KILL": 0, "GREY": 1, "PASS": 2}
 
@@ -90,7 +91,7 @@ def matrix_bars(result: dict[str, Any], layer: int, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def cosine_matrices(source: Any, positions: list[str], layer: int, path: Path) -> Path:
+def cosine_matrices(source: ActivationSource, positions: list[str], layer: int, path: Path) -> Path:
     li = source.layer_index(layer)
     fig, axes = subplots(1, len(positions), figsize=(2.6 * len(positions), 2.8))
     axes = np.atleast_1d(axes)
