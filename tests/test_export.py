@@ -94,3 +94,21 @@ def test_bad_export_is_one_line_exit_2_and_writes_nothing(store, tmp_path, args,
     lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], res.output
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_export_never_replaces_a_file_unasked_nor_writes_into_a_store(store, tmp_path):
+    out = tmp_path / "mine.pt"
+    out.write_bytes(b"the user's file")
+    args = ["--vectors", "pt", "--persona", "pirate", "--position", "last"]
+    res = _export(store, *args, "--out", str(out))
+    assert res.exit_code == 2 and "exists; not replacing it without --overwrite" in res.output
+    assert out.read_bytes() == b"the user's file"
+    res = _export(store, *args, "--out", str(store.root / "pirate.pt"))
+    assert res.exit_code == 2 and "inside a store's directory" in res.output
+    assert not (store.root / "pirate.pt").exists()
+    res = _export(store, *args, "--out", str(out), "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert set(torch.load(out, weights_only=True)) == {0, 7, 15}
+    res = _export(store, "--seed-layout", str(tmp_path / "seed"), "--persona", "pirate")
+    assert res.exit_code == 2 and "go with --vectors" in res.output
+    assert not (tmp_path / "seed").exists()

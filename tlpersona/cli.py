@@ -21,7 +21,8 @@ import click
 from tlpersona.errors import TlpersonaError
 
 #: API parameter -> flag, where a command's flag is not the parameter's own name.
-_RENAMED = {"seed_dir": "--from-seed", "format": "--vectors"}
+_RENAMED = {"seed_dir": "--from-seed", "format": "--vectors", "systems": "--system",
+            "texts": "--text"}
 
 
 def _flags(message: str) -> str:
@@ -112,10 +113,10 @@ def _numbers(value: str, name: str) -> list[float]:
         raise TlpersonaError(f"`{name}` must be comma-separated numbers, not {value!r}") from None
 
 
-def _personas(spec: str, limit: int | None = None) -> Any:
+def _personas(spec: str, limit: int | None = None, param: str = "personas") -> Any:
     from tlpersona.data import load_personas
 
-    return load_personas(spec, limit)
+    return load_personas(spec, limit, param)
 
 
 def _questions(spec: str, limit: int | None = None) -> Any:
@@ -253,16 +254,18 @@ def generate(model: str, device: str | None, dtype: str | None, personas: str, q
 @click.option("--model", default="default", show_default=True)
 @_data_options
 @click.option("--out", default="tlpersona-out/prompts.jsonl", show_default=True, type=click.Path())
+@click.option("--overwrite", is_flag=True, help="replace an existing --out file")
 @_friendly
 def prompts(model: str, personas: str, questions: str, prompt_index: str,
-            limit_personas: int | None, limit_questions: int | None, out: str) -> None:
+            limit_personas: int | None, limit_questions: int | None, out: str,
+            overwrite: bool) -> None:
     """Write the templated prompts (token ids and text) for another engine to continue; read
     its responses back with `extract --responses` (see README, Python API)."""
     from tlpersona.api.extraction import write_prompts
 
     n = write_prompts(model, _personas(personas, limit_personas),
                       _questions(questions, limit_questions), out=out,
-                      prompt_index=_prompt_index(prompt_index))
+                      prompt_index=_prompt_index(prompt_index), overwrite=overwrite)
     click.echo(f"{n} prompts in {out}")
 
 
@@ -306,24 +309,32 @@ def verify(store: str) -> None:
 @click.option("--position", default=None, help="with --vectors: the recipe (a stored position)")
 @click.option("--layers", default=None, help="with --vectors: " + _stored_layers_help)
 @click.option("--out", default=None, type=click.Path(), help="with --vectors: the file to write")
+@click.option("--overwrite", is_flag=True, help="with --vectors: replace an existing --out file")
 @_friendly
 def export(store: str, seed_layout: str | None, wandb_project: str | None, vectors: str | None,
-           persona: str | None, position: str | None, layers: str | None, out: str | None) -> None:
+           persona: str | None, position: str | None, layers: str | None, out: str | None,
+           overwrite: bool) -> None:
     """Export a store for older code (seed layout), log it as a W&B artifact, and/or write one
     persona's vectors for llama.cpp, steering libraries or numpy (--vectors)."""
+    from tlpersona.api.analysis import export_vectors, vector_request
     from tlpersona.cache import open_store
 
     if seed_layout is None and wandb_project is None and vectors is None:
         raise TlpersonaError("nothing to do: give --seed-layout DIR, --wandb-project NAME "
                              "and/or --vectors FORMAT")
+    if vectors is None and any(v is not None for v in (persona, position, layers, out)):
+        raise TlpersonaError("--persona, --position, --layers and --out go with --vectors")
     if vectors is not None and not (persona and position and out):
         raise TlpersonaError("--vectors needs --persona, --position and --out")
+    if seed_layout and Path(seed_layout).exists() and not Path(seed_layout).is_dir():
+        raise TlpersonaError(f"--seed-layout {seed_layout} is a file, not a directory")
+    wanted = _stored_layers(layers)
+    if vectors is not None:  # every request checked before the store is read or anything written
+        vector_request(str(persona), str(position), vectors, str(out), wanted, overwrite)
     st = open_store(store, verify=True)
     if vectors is not None:
-        from tlpersona.api.analysis import export_vectors
-
-        assert persona and position and out
-        vecs = export_vectors(st, persona, position, vectors, out, _stored_layers(layers))
+        vecs = export_vectors(st, str(persona), str(position), vectors, str(out), wanted,
+                              overwrite)
         click.echo(f"{vectors}: {persona} {position} layers {','.join(map(str, vecs))} -> {out}")
     if seed_layout:
         from tlpersona.cache.seed_layout import export_seed
@@ -358,12 +369,13 @@ def _compare_options(fn: Any) -> Any:
 
 
 def _source(store: str | None, seed_dir: str | None) -> Any:
+    """A seed-layout source (read now: it is small), or the store's path, which the API opens
+    and verifies after checking every option."""
     from tlpersona.cache.seed_layout import read_seed
-    from tlpersona.cache.store import open_store
 
     if (store is None) == (seed_dir is None):
         raise TlpersonaError("give either STORE or --from-seed DIR")
-    return read_seed(seed_dir) if seed_dir else open_store(str(store), verify=True)
+    return read_seed(seed_dir) if seed_dir else Path(str(store))
 
 
 def _checked_out(out: str) -> Path:
@@ -601,7 +613,8 @@ def patch(store: str | None, out: str, model: str | None, device: str | None, dt
     result = run(model, _personas(personas), _questions(questions), store=store,
                  n_personas=n_personas,
                  clean_personas=_items(clean_personas) if clean_personas else None,
-                 n_questions=n_questions, layers=_layers(layers, None),
+                 n_questions=n_questions,
+                 layers=None if layers == "default" else _layers(layers, None),
                  positions=_items(positions), hook=hook, method=method, corrupt=corrupt,
                  response_tokens=response_tokens, prompt_index=prompt_index, device=device,
                  dtype=dtype, attn=attn)
@@ -670,7 +683,8 @@ def steer(store: str, out: str, model: str | None, device: str | None, dtype: st
     from tlpersona.cache.store import open_store
 
     path = _checked_out(out)
-    result = run(open_store(store, verify=True), model, _personas(persona_source), _questions(questions),
+    result = run(open_store(store, verify=True), model,
+                 _personas(persona_source, param="persona_source"), _questions(questions),
                  n_questions=n_questions, personas=_items(personas) if personas else None,
                  n_personas=n_personas, base=base, recipes=_items(recipes) if recipes else None,
                  layers=_stored_layers(layers),

@@ -62,7 +62,8 @@ def check_ours(path: Path, expected: dict[str, Any] | None, option: str) -> None
     found = read_header(path)
     if found is None:
         raise TlpersonaError(f"{path} is not a tlpersona responses file (no header line); not "
-                             f"touching it: move it away, or pass it with `responses`")
+                             "touching it: move it away (extract reads a file made elsewhere as "
+                             "its `responses`)")
     if expected is None:
         return
     diff = [k for k in expected if k != HEADER_KEY and found.get(k) != expected[k]]

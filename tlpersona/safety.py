@@ -102,6 +102,17 @@ def check_output_file(path: Path, option: str = "`out`") -> None:
     check_output_dir(path.parent, option)
 
 
+def check_new_file(path: Path, overwrite: bool, option: str = "`out`") -> None:
+    """``path`` may receive a file that a one-shot writer makes whole: it is writable, does not
+    exist (or ``overwrite`` is given), and does not lie in a store's directory, whose files
+    belong to the store."""
+    check_output_file(path, option)
+    if (path.parent / "manifest.json").exists() or path.parent.name == "parts":
+        raise TlpersonaError(f"{option} {path} lies inside a store's directory; write it elsewhere")
+    if path.exists() and not overwrite:
+        raise TlpersonaError(f"{option} {path} exists; not replacing it without `overwrite`")
+
+
 def read_text(path: Path, what: str = "file") -> str:
     """A UTF-8 text file's content; a directory, a missing, unreadable or non-UTF-8 file is one
     line naming the path."""

@@ -62,6 +62,13 @@ def open_source(source: ActivationSource | str | Path) -> ActivationSource:
     return open_store(path, verify=True)
 
 
+def stored_layer(source: ActivationSource, layer: int) -> int:
+    """One stored block number (negative counts from the end of the model)."""
+    got = stored_layers(source, [layer])
+    assert got is not None
+    return got[0]
+
+
 def stored_layers(source: ActivationSource, layers: Sequence[int] | None) -> list[int] | None:
     """``layers`` as stored block numbers (None: every stored layer). Negative numbers count
     from the end of the model (its block count from a store's manifest; for a seed layout,

@@ -12,12 +12,14 @@ from tlpersona.analyses.compare import compare as _compare
 from tlpersona.analyses.subspace import SubspaceConfig
 from tlpersona.analyses.subspace import subspace as _subspace
 from tlpersona.api.results import CompareResult, Projected, ProjectionResult, SubspaceResult
+from tlpersona.cache.export import VectorExport
 from tlpersona.cache.store import Store, open_store
 from tlpersona.cache.vectors import PersonaVector, Reference
 from tlpersona.errors import TlpersonaError
 from tlpersona.models import LoadedModel
 from tlpersona.positions import canonical, parse_positions
-from tlpersona.sources import ActivationSource, open_source, stored_layers
+from tlpersona.safety import check_new_file
+from tlpersona.sources import ActivationSource, open_source, stored_layer, stored_layers
 
 
 def _recipes(positions: Sequence[str] | None) -> list[str] | None:
@@ -97,7 +99,7 @@ def project(store: Store | str | Path, *, layer: int | None = None,
              else [p for p in st.positions if p != "first"])
     for name in names:
         st.centroids(name)  # one line for a position the store lacks
-    layer = layer if layer is not None else st.layers[len(st.layers) // 2]
+    layer = stored_layer(st, layer) if layer is not None else st.layers[len(st.layers) // 2]
     li = st.layer_index(layer)
     prompt_positions = [p for p in parse_positions(",".join(names)) if not p.needs_response]
     if texts and "raw_system_last" not in names:
@@ -112,8 +114,10 @@ def project(store: Store | str | Path, *, layer: int | None = None,
     cent = {p: st.centroids(p)[:, li].double().numpy() for p in names}
     if axis == "pcs":
         _count(k, "k", 1)
-        sub = subspace(st, positions=names, layers=[layer], k_max=max(k, 2), unit_norm=unit_norm)
-        comps = sub.components[layer]
+        # the PCs only: no held-out fits or null reruns
+        _, pcs = _subspace(st, SubspaceConfig(positions=names, layers=[layer], k_max=k,
+                                              unit_norm=unit_norm, n_null=0))
+        comps = pcs[layer]
         if k > comps.shape[0]:
             raise TlpersonaError(f"`k` {k}: only {comps.shape[0]} shared PCs exist for "
                                  f"{len(st.personas)} personas and {len(names)} recipes")
@@ -162,22 +166,34 @@ def persona_vector(store: Store | str | Path, persona: str, position: str, layer
     minus the mean of all personas' (``"all"``, what steering adds) or of the other personas'
     (``"others"``, its axis, what projection uses)."""
     st = store if isinstance(store, Store) else open_store(store, verify=True)
-    return st.persona_vector(persona, canonical(position), layer, relative_to)
+    return st.persona_vector(persona, canonical(position), stored_layer(st, layer), relative_to)
+
+
+def vector_request(persona: str, position: str, format: str, out: str | Path,
+                   layers: Sequence[int] | None = None, overwrite: bool = False) -> VectorExport:
+    """The checked request of :func:`export_vectors` (everything but the store: format, layers
+    the format can hold, ``out``), so that a caller can refuse bad input before any write."""
+    from tlpersona.cache.export import VectorExport, check_export
+
+    req = VectorExport(persona, canonical(position), format, Path(out),
+                       list(layers) if layers is not None else None)
+    check_export(req)
+    check_new_file(req.out, overwrite)
+    return req
 
 
 def export_vectors(store: Store | str | Path, persona: str, position: str, format: str,
-                   out: str | Path, layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+                   out: str | Path, layers: Sequence[int] | None = None,
+                   overwrite: bool = False) -> dict[int, torch.Tensor]:
     """Write ``persona``'s vectors for one recipe where other tools load them: ``format``
     ``gguf`` (a llama.cpp control vector, ``direction.l`` = our block ``l``'s output),
     ``safetensors``/``pt`` (``{layer: tensor}``), ``npz`` or ``npy`` (one layer). ``layers``
     default to every stored layer (layer 0 left out for gguf). The file is written under a
-    temporary name, then renamed; returns ``{layer: [d_model] tensor}`` as written."""
-    from tlpersona.cache.export import VectorExport, check_export
+    temporary name, then renamed (an existing ``out`` only with ``overwrite``); returns
+    ``{layer: [d_model] tensor}`` as written."""
     from tlpersona.cache.export import export_vectors as write
 
-    req = VectorExport(persona, canonical(position), format, Path(out),
-                       list(layers) if layers is not None else None)
-    check_export(req)  # before the store is read
+    req = vector_request(persona, position, format, out, layers, overwrite)
     st = store if isinstance(store, Store) else open_store(store, verify=True)
     req.meta = {"model": str(st.provenance.get("model")), "store_manifest": st.manifest_hash}
     return write(st, req, stored_layers(st, req.layers))

@@ -10,8 +10,16 @@ from tlpersona.api.results import PatchResult, SteeringResult
 from tlpersona.cache.store import Store, open_store
 from tlpersona.data import Persona, Question, builtin_personas, builtin_questions, content_hash
 from tlpersona.errors import TlpersonaError
-from tlpersona.models import LayerSpec, LoadedModel, default_device, load_model, resolve_layers
-from tlpersona.positions import canonical
+from tlpersona.models import (
+    LayerSpec,
+    LoadedModel,
+    default_device,
+    load_config,
+    load_model,
+    resolve,
+    resolve_layers,
+)
+from tlpersona.positions import parse_positions
 from tlpersona.sources import stored_layers
 
 
@@ -78,14 +86,20 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
     keep = None if corrupt == "next" else corrupt
     chosen, note = choose_clean(ps, keep, n_personas,
                                 list(clean_personas) if clean_personas else None, st)
-    loaded = _model_for(model, prov, device, dtype, attn)
+    # every option checked against the model's shape before the model loads
+    if isinstance(model, LoadedModel):
+        n_layers = model.info.n_layers
+    else:
+        source, _ = resolve(model or prov.get("model", "default"))
+        n_layers = int(load_config(source).num_hidden_layers)
     cfg = PatchConfig(
-        layers=(resolve_layers(layers, loaded.info.n_layers) if layers is not None
-                else _spread_layers(loaded.info.n_layers)),
+        layers=(resolve_layers(layers, n_layers) if layers is not None
+                else _spread_layers(n_layers)),
         positions=list(positions), hook=hook, method=method, corrupt=corrupt,
         response_tokens=response_tokens, prompt_index=_store_phrasing(prov, prompt_index),
         progress=progress)
-    check_config(cfg, loaded.info.n_layers)
+    check_config(cfg, n_layers)
+    loaded = _model_for(model, prov, device, dtype, attn)
     return PatchResult.of(run_patching(Runner(loaded), chosen, qs, cfg, personas_note=note))
 
 
@@ -147,7 +161,7 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
         if values is not None:
             check_finite_numbers(values, f"`{name}`")
     cfg = SteerConfig(
-        recipes=[canonical(r) for r in recipes] if recipes else None,
+        recipes=[p.name for p in parse_positions(",".join(recipes))] if recipes else None,
         layers=stored_layers(st, layers), operators=list(operators),
         alphas=list(alphas) if alphas is not None else list(DEFAULT_ALPHAS),
         cap_percentiles=(list(cap_percentiles) if cap_percentiles is not None

@@ -37,7 +37,7 @@ from tlpersona.positions import Position, parse_positions
 from tlpersona.preflight import PromptCheck, check_context, check_prompts, check_responses
 from tlpersona.response_provenance import check_compatible, check_ours
 from tlpersona.response_provenance import header as response_header
-from tlpersona.safety import check_count, check_output_dir, check_output_file
+from tlpersona.safety import check_count, check_new_file, check_output_dir, check_output_file
 
 #: Recipes ``extract`` reads when none are named.
 DEFAULT_POSITIONS = ("last", "sys_end", "sys_end+1")
@@ -302,14 +302,15 @@ def generate(model: str = "default", personas: Sequence[Persona] | None = None,
 def write_prompts(model: str = "default", personas: Sequence[Persona] | None = None,
                   questions: Sequence[Question] | None = None, *,
                   out: str | Path = "tlpersona-out/prompts.jsonl",
-                  prompt_index: PromptIndex = 0) -> int:
+                  prompt_index: PromptIndex = 0, overwrite: bool = False) -> int:
     """Write every prompt a run would generate from, for another engine (vLLM, llama.cpp …) to
     continue: a JSONL file, one line per (persona, phrasing, question) with ``persona``,
     ``prompt_index``, ``question_id``, the templated ``prompt_ids`` (generation prompt
     included), ``prompt_text`` and ``prompt_sha``. The engine writes back, per line, the same
     keys with ``response_ids`` (the generated ids, end-of-turn token included when emitted),
     ``finished`` and optionally ``prompt_sha``; ``extract(responses=...)`` reads that file.
-    Written under a temporary name, then renamed; returns the number of prompts."""
+    Written under a temporary name, then renamed; an existing ``out`` is replaced only with
+    ``overwrite``. Returns the number of prompts."""
     import json
 
     from tlpersona.files import atomic_write_bytes
@@ -317,7 +318,7 @@ def write_prompts(model: str = "default", personas: Sequence[Persona] | None = N
 
     ps, qs = _data(personas, questions)
     path = Path(out)
-    check_output_file(path)
+    check_new_file(path, overwrite)
     source, _ = resolve(model)
     lines = prompt_lines(load_tokenizer(source), ps, qs, prompt_index)
     atomic_write_bytes(path, "".join(json.dumps(line) + "\n" for line in lines).encode())

@@ -59,11 +59,11 @@ def builtin_questions() -> list[Question]:
     return [Question(f"q{i:03d}", text) for i, text in enumerate(raw)]
 
 
-def load_assistant_axis_personas(directory: str | Path) -> list[Persona]:
+def load_assistant_axis_personas(directory: str | Path, param: str = "personas") -> list[Persona]:
     """Read ``role_list.json`` and ``instructions/<role>.json`` (``instruction[i].pos``)."""
     root = Path(directory)
     if root.exists() and not root.is_dir():
-        raise TlpersonaError(f"`personas` {root}: not a directory (expected role_list.json and "
+        raise TlpersonaError(f"`{param}` {root}: not a directory (expected role_list.json and "
                              "instructions/ inside)")
     roles = _read_json(root / "role_list.json")
     if not isinstance(roles, dict) or not roles:
@@ -114,10 +114,12 @@ def load_questions_jsonl(path: str | Path) -> list[Question]:
     return out
 
 
-def load_personas(spec: str, limit: int | None = None) -> list[Persona]:
-    """``builtin`` or an assistant-axis directory; ``limit`` keeps the first N."""
+def load_personas(spec: str, limit: int | None = None, param: str = "personas") -> list[Persona]:
+    """``builtin`` or an assistant-axis directory; ``limit`` keeps the first N. ``param``: the
+    caller's name for ``spec`` in error messages."""
     check_count(limit, "`limit_personas`", 0)
-    personas = builtin_personas() if spec == "builtin" else load_assistant_axis_personas(spec)
+    personas = (builtin_personas() if spec == "builtin"
+                else load_assistant_axis_personas(spec, param))
     return personas[:limit] if limit else personas
 
 

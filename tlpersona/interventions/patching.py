@@ -194,7 +194,7 @@ def choose_clean(personas: list[Persona], keep: str | None, n: int, names: list[
     from tlpersona.interventions.steering import choose_personas, default_recipes
 
     if n < 1:
-        raise TlpersonaError("--n-personas must be at least 1")
+        raise TlpersonaError("`n_personas` must be at least 1")
     by_name = {p.name: p for p in personas}
     if keep is not None and keep not in by_name:
         raise TlpersonaError(f"persona {keep!r} is not among the personas")
@@ -202,8 +202,8 @@ def choose_clean(personas: list[Persona], keep: str | None, n: int, names: list[
     if names:
         missing = [x for x in names if x not in by_name]
         if missing:
-            raise TlpersonaError(f"--clean-personas: {missing[0]!r} is not among the personas")
-        picked, note = names, "named with --clean-personas"
+            raise TlpersonaError(f"`clean_personas`: {missing[0]!r} is not among the personas")
+        picked, note = names, "named with `clean_personas`"
     elif store is not None and base in store.personas and all(x in by_name for x in store.personas):
         layer = store.layers[(len(store.layers) - 1) // 2]
         picked = choose_personas(store, base, n, None, default_recipes(store), layer).names
@@ -358,15 +358,15 @@ def check_config(cfg: PatchConfig, n_layers: int) -> None:
         raise TlpersonaError("no layers to patch")
     check_layers(cfg.layers, n_layers)
     if cfg.method not in METHODS:
-        raise TlpersonaError(f"unknown --method {cfg.method!r} ({', '.join(METHODS)})")
+        raise TlpersonaError(f"unknown `method` {cfg.method!r} ({', '.join(METHODS)})")
     for h in [cfg.hook, *cfg.attribution_hooks]:
         hook_name(h, 0)
     if cfg.method != "exact" and not cfg.attribution_hooks:
         raise TlpersonaError("attribution patching needs at least one component")
     if cfg.response_tokens < 0:
-        raise TlpersonaError("--response-tokens must be at least 0")
+        raise TlpersonaError("`response_tokens` must be at least 0")
     if cfg.max_rows is not None and cfg.max_rows < 1:
-        raise TlpersonaError("--max-rows must be at least 1")
+        raise TlpersonaError("`max_rows` must be at least 1")
     for name in cfg.positions:
         if name not in ("system", "all"):
             expand_positions([name], [])
