@@ -36,3 +36,19 @@ def test_grouped_decode_attention_equals_repeated_heads():
         q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask, scale=0.25).transpose(1, 2)
     assert got.shape == (3, 1, 8, 16)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_one_padder_left_and_right():
+    from tlpersona.batching import pad_batch, pad_id
+
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad=9, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+    class Tok:
+        pad_token_id = None
+
+    assert pad_id(Tok(), [2, 3]) == 2 and pad_id(Tok()) == 0
+    Tok.pad_token_id = 4
+    assert pad_id(Tok(), [2]) == 4

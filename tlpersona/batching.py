@@ -89,3 +89,26 @@ def extract_batch(device: str | torch.device, config: Any, dtype: torch.dtype, s
         return CPU_EXTRACT
     per_row = extract_row_bytes(config, dtype, seq_len, cached_layers)
     return max(1, min(MAX_EXTRACT, int(FILL * free) // per_row))
+
+
+def pad_id(tokenizer: Any, eos: list[int] | None = None) -> int:
+    """The id that fills padding: the tokenizer's pad token, else the first end-of-turn id,
+    else 0. Padded positions are always masked or never read, so the choice never changes a
+    result; one rule keeps every batch builder alike."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(eos[0]) if eos else 0
+
+
+def pad_batch(seqs: list[list[int]], pad: int, side: str = "left"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, W]`` token ids padded with ``pad`` on ``side`` (``left`` or ``right``) and the
+    ``[B, W]`` attention mask (1 on real tokens); W is the longest sequence."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask

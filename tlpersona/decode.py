@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from tlpersona.batching import pad_batch
 from tlpersona.operators import RowEdits, edit
 
 #: cache lengths are rounded up to a multiple of this, so similar batches share a graph
@@ -360,9 +361,7 @@ class StaticGreedy:
         e = self._engine(b, length)
         self._active = e
         self._eos_dev = self.eos.to(self.device)
-        ids = torch.full((b, w), self.pad, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, w - len(p):] = torch.tensor(p)
+        ids, _ = pad_batch(prompts, self.pad, "left")
         pads = [w - len(p) for p in prompts]
         pads_dev = torch.tensor(pads, device=self.device)
         ids = ids.to(self.device)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tlpersona.batching import generate_batch
+from tlpersona.batching import generate_batch, pad_id
 from tlpersona.cache.schema import MANIFEST
 from tlpersona.cache.store import StoreWriter
 from tlpersona.conversation import Spans, template_hash
@@ -47,6 +46,7 @@ from tlpersona.extraction import (
     PassPlan,
     PersonaResult,
     Prepared,
+    overlap_groups,
     provenance,
     responses_digest,
     schedule_groups,
@@ -142,7 +142,7 @@ class FusedExtractor:
         self.loaded = LoadedModel(None, tokenizer, info, str(self.device), hf.dtype)
         self.ex = Extractor(self.loaded, cfg)
         self.eos = eos_ids(hf, tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self.pad = pad_id(tokenizer, self.eos)
         self.decoder = StaticGreedy(hf, fcfg.max_new_tokens, self.eos, self.pad,
                                     use_graphs=None if fcfg.graphs else False, layers=cfg.layers)
         self._cap: int | None = None
@@ -361,7 +361,7 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
     bar = tqdm(total=total, initial=done, desc="generate+extract", unit="persona",
                disable=not cfg.progress or not rk.main, file=sys.stderr)
 
-    def save(k: int, result: GroupOutput) -> None:
+    def save(k: int, prep: Prepared, result: GroupOutput) -> None:
         # responses first: a store part never refers to responses that are not on disk
         _append(path, tokenizer, result.responses, saved, header)
         results = fx.assemble(result, len(questions))
@@ -369,26 +369,10 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
             res.check_finite(personas[i].name, cfg.layers)
         writer.write_group(todo[k][0], [r.tensors() for r in results])
 
-    # A host thread renders the next group, and assembles and writes the previous one, while
-    # the model decodes this one.
-    with ThreadPoolExecutor(max_workers=1) as host:
-        def prepare(k: int) -> Future[Prepared]:
-            return host.submit(fx.prepare, [personas[i] for i in todo[k]], questions)
-
-        nxt = prepare(0) if todo else None
-        writing: tuple[int, Future[None]] | None = None
-        for k in range(len(todo)):
-            assert nxt is not None
-            prep = nxt.result()
-            nxt = prepare(k + 1) if k + 1 < len(todo) else None
-            result = fx.group(prep, questions, have)
-            if writing:
-                writing[1].result()
-                bar.update(len(todo[writing[0]]))
-            writing = (k, host.submit(save, k, result))
-        if writing:
-            writing[1].result()
-            bar.update(len(todo[writing[0]]))
+    # the model decodes a group while the host renders the next and writes the previous one
+    overlap_groups(len(todo), lambda k: fx.prepare([personas[i] for i in todo[k]], questions),
+                   lambda prep: fx.group(prep, questions, have), save,
+                   lambda k: bar.update(len(todo[k])))
     bar.close()
     stats.update(computed=total - done, reused=done)
     rk.barrier()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tlpersona.batching import generate_batch
+from tlpersona.batching import generate_batch, pad_batch, pad_id
 from tlpersona.conversation import ChatRenderer
 from tlpersona.data import Persona, Question, indexed_prompts
 from tlpersona.data.responses import (
@@ -47,11 +47,7 @@ def greedy_batch(model: Any, prompts: list[list[int]], max_new_tokens: int,
     """Plain HF greedy decoding of a left-padded batch; returns each row's generated ids."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = pad_batch(prompts, pad_id, "left")
     out = model.generate(
         input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
         do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos,
@@ -162,7 +158,7 @@ def _generate(model: Any, tokenizer: Any, todo: list[list[tuple[Key, list[int]]]
               decoder: str = "auto", graphs: bool = True,
               header: dict[str, Any] | None = None) -> None:
     eos = eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad = pad_id(tokenizer, eos)
     decode = _decoder(model, decoder, max_new_tokens, eos, pad, graphs)
     path.parent.mkdir(parents=True, exist_ok=True)
     drop_torn_tail(path)

@@ -11,6 +11,7 @@ from tlpersona.extraction.engine import (
 )
 from tlpersona.extraction.run import (
     extract_to_store,
+    overlap_groups,
     provenance,
     provenance_of,
     responses_digest,
@@ -18,4 +19,5 @@ from tlpersona.extraction.run import (
 )
 
 __all__ = ["ExtractConfig", "Extractor", "PassPlan", "PersonaResult", "Pooled", "Prepared",
-           "extract_to_store", "provenance", "provenance_of", "responses_digest", "schedule_groups"]
+           "extract_to_store", "overlap_groups", "provenance", "provenance_of",
+           "responses_digest", "schedule_groups"]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tlpersona.batching import extract_batch
+from tlpersona.batching import extract_batch, pad_batch, pad_id
 from tlpersona.cache.schema import persona_key
 from tlpersona.conversation import ChatRenderer, Spans, common_prefix_len
 from tlpersona.data import Persona, Question, indexed_prompts
@@ -149,7 +149,7 @@ class Extractor:
         self._stop_hooks = ([("ln_final.hook_in", stop_forward)]
                             if top >= n and model.bridge is not None
                             and "ln_final.hook_in" in model.bridge.hook_dict else [])
-        self._pad_id = model.tokenizer.pad_token_id or 0
+        self._pad_id = pad_id(model.tokenizer)
         self.batch_size = max(1, config.batch_size) if config.batch_size else None
         self._row = {p.name: i for i, p in enumerate(config.positions)}
         self._anchored = [p for p in config.positions if p.question_invariant and p.kind == "anchored"]
@@ -167,13 +167,10 @@ class Extractor:
         device = self.model.device
         width = max(len(s) for s in seqs)
         n_pos = weights[0].shape[0]
-        ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        ids, mask = pad_batch(seqs, self._pad_id, self.cfg.padding_side)
         w = torch.zeros((len(seqs), n_pos, width), dtype=torch.float32)
         for i, (s, wi) in enumerate(zip(seqs, weights, strict=True)):
             sl = slice(width - len(s), width) if self.cfg.padding_side == "left" else slice(0, len(s))
-            ids[i, sl] = torch.tensor(s)
-            mask[i, sl] = 1
             w[i, :, sl] = wi
         # Positions count real tokens only (left padding shifts them); passing them also spares
         # the bridge deriving them, which costs a device sync per batch.

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -21,6 +21,9 @@ from tlpersona.errors import TlpersonaError
 from tlpersona.extraction.engine import ExtractConfig, Extractor, Pooled, Prepared
 from tlpersona.models import LoadedModel
 from tlpersona.preflight import check_context, check_prompts, check_responses
+
+P = TypeVar("P")
+R = TypeVar("R")
 
 
 def provenance(model: LoadedModel, cfg: ExtractConfig, personas: list[Persona],
@@ -75,6 +78,29 @@ def schedule_groups(n_personas: int, size: int, rank: int, world: int,
     return todo, total, total - sum(len(g) for g in todo)
 
 
+def overlap_groups(n: int, prepare: Callable[[int], P], run: Callable[[P], R],
+                   save: Callable[[int, P, R], None], saved: Callable[[int], None]) -> None:
+    """Groups ``0 … n-1``: ``run`` (the device work) on this thread while one host thread
+    prepares the next group and saves the previous one, so the accelerator does not wait on
+    tokenisation, host-side pooling or disk between groups. ``saved(k)`` runs here once group
+    ``k`` is on disk, in order."""
+    with ThreadPoolExecutor(max_workers=1) as host:
+        nxt = host.submit(prepare, 0) if n else None
+        writing: tuple[int, Future[None]] | None = None
+        for k in range(n):
+            assert nxt is not None
+            prep = nxt.result()
+            nxt = host.submit(prepare, k + 1) if k + 1 < n else None
+            out = run(prep)
+            if writing:
+                writing[1].result()
+                saved(writing[0])
+            writing = (k, host.submit(save, k, prep, out))
+        if writing:
+            writing[1].result()
+            saved(writing[0])
+
+
 def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Persona],
                      questions: list[Question], out: str | Path,
                      responses: dict[Key, Response] | None = None, force_new: bool = False,
@@ -124,38 +150,21 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
     todo, total, done = schedule_groups(len(personas), size, rk.rank, rk.world, writer.finished())
     bar = tqdm(total=total, initial=done, desc="extract", unit="persona",
                disable=not cfg.progress or not rk.main, file=sys.stderr)
-    # One host thread renders the next group, and assembles and writes the previous one, while
-    # the model runs this one: the accelerator does not wait on tokenisation, host-side pooling
-    # or disk between groups.
-    with ThreadPoolExecutor(max_workers=1) as host:
-        def prepare(k: int) -> Future[Prepared]:
-            return host.submit(extractor.prepare, [personas[i] for i in todo[k]], questions,
-                               responses)
+    def saved(k: int) -> None:
+        bar.update(len(todo[k]))
+        if on_group:
+            on_group(todo[k])
 
-        def saved(k: int, write: Future[None]) -> None:
-            write.result()
-            bar.update(len(todo[k]))
-            if on_group:
-                on_group(todo[k])
+    def save(k: int, prep: Prepared, pooled: Pooled) -> None:
+        results = extractor.collect(prep, pooled)
+        for i, res in zip(todo[k], results, strict=True):
+            res.check_finite(personas[i].name, cfg.layers)
+        writer.write_group(todo[k][0], [r.tensors() for r in results])
 
-        def save(k: int, prep: Prepared, pooled: Pooled) -> None:
-            results = extractor.collect(prep, pooled)
-            for i, res in zip(todo[k], results, strict=True):
-                res.check_finite(personas[i].name, cfg.layers)
-            writer.write_group(todo[k][0], [r.tensors() for r in results])
-
-        nxt = prepare(0) if todo else None
-        writing: tuple[int, Future[None]] | None = None
-        for k in range(len(todo)):
-            assert nxt is not None
-            prep = nxt.result()
-            nxt = prepare(k + 1) if k + 1 < len(todo) else None
-            pooled = extractor.launch(prep)
-            if writing:
-                saved(*writing)
-            writing = (k, host.submit(save, k, prep, pooled))
-        if writing:
-            saved(*writing)
+    overlap_groups(len(todo),
+                   lambda k: extractor.prepare([personas[i] for i in todo[k]], questions,
+                                               responses),
+                   extractor.launch, save, saved)
     bar.close()
     stats.update(computed=total - done, reused=done)
     rk.barrier()

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tlpersona.batching import pad_id
 from tlpersona.conversation import ChatRenderer, Spans
 from tlpersona.errors import TlpersonaError
 from tlpersona.generation import eos_ids, greedy_batch
@@ -75,7 +76,7 @@ class Runner:
         self.renderer = ChatRenderer(model.tokenizer)
         self.max_rows = max(1, max_rows)
         self.eos = eos_ids(self.bridge.original_model, model.tokenizer)
-        self._pad = model.tokenizer.pad_token_id or 0
+        self.pad = pad_id(model.tokenizer, self.eos)
 
     def conversation(self, system: str, question: str, response: list[int] | None = None
                      ) -> Conversation:
@@ -86,7 +87,7 @@ class Runner:
         """Plain HF greedy continuations (up to ``n`` tokens, cut after end-of-turn)."""
         if n <= 0:
             return [[] for _ in prompts]
-        out = greedy_batch(self.bridge.original_model, prompts, n, self.eos, self._pad)
+        out = greedy_batch(self.bridge.original_model, prompts, n, self.eos, self.pad)
         return [r.ids for r in out]
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from tlpersona.batching import pad_batch
 from tlpersona.interventions.runner import Runner, hook_name
 from tlpersona.models import stop_forward
 from tlpersona.operators import RowEdits
@@ -94,11 +95,8 @@ def _expand(cache: Any, rows: int) -> Any:
 def _forward(runner: Runner, rows: list[Row], offset: int, kv: Any) -> list[torch.Tensor]:
     """One batched forward of ``rows`` (tokens from ``offset`` on when ``kv`` holds the
     prefix); per-row log-probs at each row's read positions."""
-    width = max(len(r.ids) for r in rows) - offset
-    pad = runner.model.tokenizer.pad_token_id or 0
-    x = torch.full((len(rows), width), pad, dtype=torch.long)
-    for b, r in enumerate(rows):
-        x[b, :len(r.ids) - offset] = torch.tensor(r.ids[offset:])
+    x, _ = pad_batch([r.ids[offset:] for r in rows], runner.pad, "right")
+    width = x.shape[1]
     per_layer = row_edits([r.edits for r in rows], runner.model.info.d_model, offset,
                           width + offset)
     hooks = [(hook_name("resid_post", layer), _hook(edits)) for layer, edits in per_layer.items()]

@@ -674,7 +674,7 @@ def steered_greedy(runner: Runner, prompts: list[list[int]], edits: list[list[Ed
     from tlpersona.decode import StaticGreedy
 
     hf = runner.bridge.original_model
-    dec = StaticGreedy(hf, n, runner.eos, runner._pad)
+    dec = StaticGreedy(hf, n, runner.eos, runner.pad)
     steer = row_edits(edits, hf.config.hidden_size)
     return [[t for t in ids if t not in runner.eos] for ids in dec(prompts, steer or None)]
 
