@@ -193,7 +193,7 @@ def test_clean_personas_contrast_with_the_corrupt_persona(small_store):
     assert ref.names != [p.name for p in ps[1:4]]  # not merely the first three of the list
     assert "farthest from 'assistant'" in note
     chosen, note = choose_clean(ps, "assistant", 2, [ps[4].name], small_store)
-    assert [p.name for p in chosen] == ["assistant", ps[4].name] and "--clean-personas" in note
+    assert [p.name for p in chosen] == ["assistant", ps[4].name] and "by hand" in note
     chosen, note = choose_clean(ps, "assistant", 2, None, None)
     assert [p.name for p in chosen] == [p.name for p in ps[:3]] and "first 2" in note
     with pytest.raises(TlpersonaError, match="'nobody' is not among"):

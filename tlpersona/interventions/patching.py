@@ -203,7 +203,7 @@ def choose_clean(personas: list[Persona], keep: str | None, n: int, names: list[
         missing = [x for x in names if x not in by_name]
         if missing:
             raise TlpersonaError(f"`clean_personas`: {missing[0]!r} is not among the personas")
-        picked, note = names, "named with `clean_personas`"
+        picked, note = names, "named by hand"
     elif store is not None and base in store.personas and all(x in by_name for x in store.personas):
         layer = store.layers[(len(store.layers) - 1) // 2]
         picked = choose_personas(store, base, n, None, default_recipes(store), layer).names

@@ -260,7 +260,7 @@ def choose_personas(store: ActivationSource, base: str, n: int, names: list[str]
     z /= len(recipes)
     position = {p: float(z[i]) for i, p in enumerate(store.personas)}
     if names:
-        return PersonaChoice(list(names), "named with `personas`", position)
+        return PersonaChoice(list(names), "named by hand", position)
     chosen = sorted(others, key=lambda p: position[p])[:n]
     return PersonaChoice(chosen, f"the {len(chosen)} stored personas farthest from {base!r} on "
                          f"its axis at layer {layer} (mean standardised projection over "
