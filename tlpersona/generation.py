@@ -64,16 +64,18 @@ def prompt_lines(tokenizer: Any, personas: list[Persona], questions: list[Questi
                  prompt_index: int | str) -> list[dict[str, Any]]:
     """The prompts file's lines: every (persona, phrasing, question) prompt as templated token
     ids and text, keyed as the responses file is, with the prompt hash a response echoes."""
+    return [{"persona": key[0], "prompt_index": key[1], "question_id": key[2], "prompt_ids": ids,
+             "prompt_text": tokenizer.decode(ids), "prompt_sha": prompt_sha(ids)}
+            for key, ids in prompt_jobs(tokenizer, personas, questions, prompt_index)]
+
+
+def prompt_jobs(tokenizer: Any, personas: list[Persona], questions: list[Question],
+                prompt_index: int | str) -> list[tuple[Key, list[int]]]:
+    """Every (persona, phrasing, question) key with its templated prompt ids."""
     renderer = ChatRenderer(tokenizer)
-    lines = []
-    for persona in personas:
-        for pidx, system in indexed_prompts(persona, prompt_index):
-            for q in questions:
-                ids = renderer.prompt(system, q.text).ids
-                lines.append({"persona": persona.name, "prompt_index": pidx, "question_id": q.id,
-                              "prompt_ids": ids, "prompt_text": tokenizer.decode(ids),
-                              "prompt_sha": prompt_sha(ids)})
-    return lines
+    return [((persona.name, pidx, q.id), renderer.prompt(system, q.text).ids)
+            for persona in personas for pidx, system in indexed_prompts(persona, prompt_index)
+            for q in questions]
 
 
 def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
@@ -94,16 +96,11 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
         raise TlpersonaError(f"unknown decoder {decoder!r} (auto, hf or static)")
     if max_new_tokens < 1:
         raise TlpersonaError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-    renderer = ChatRenderer(tokenizer)
     if header is not None:
         for p in [Path(out_path), *rank_files(Path(out_path))]:
             check_ours(p, header, "responses file")
     have = read_responses(out_path)
-    jobs: list[tuple[Key, list[int]]] = []
-    for persona in personas:
-        for pidx, system in indexed_prompts(persona, prompt_index):
-            for q in questions:
-                jobs.append(((persona.name, pidx, q.id), renderer.prompt(system, q.text).ids))
+    jobs = prompt_jobs(tokenizer, personas, questions, prompt_index)
     # Batches are fixed over every job (similar lengths together), not just the missing ones, so
     # a resumed run decodes each prompt in the same batch as an uninterrupted run would, and gets
     # the same tokens. A batch with any response missing is decoded again; only the missing

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from tlpersona.cache.store import Store
 
 
 @runtime_checkable
@@ -62,24 +65,23 @@ def open_source(source: ActivationSource | str | Path) -> ActivationSource:
     return open_store(path, verify=True)
 
 
+def as_store(store: Store | str | Path) -> Store:
+    """An opened store as is; a path opened and verified."""
+    from tlpersona.cache.store import Store, open_store
+
+    return store if isinstance(store, Store) else open_store(store, verify=True)
+
+
 def stored_layer(source: ActivationSource, layer: int) -> int:
-    """One stored block number (negative counts from the end of the model)."""
-    got = stored_layers(source, [layer])
-    assert got is not None
-    return got[0]
+    """``layer`` as a stored block number: negative numbers count from the end of the model
+    (its block count from a store's manifest; for a seed layout, from the last stored layer).
+    A layer the source lacks is an error."""
+    if layer < 0:
+        layer += getattr(source, "manifest", {}).get("n_layers_total") or max(source.layers) + 1
+    source.layer_index(layer)
+    return layer
 
 
 def stored_layers(source: ActivationSource, layers: Sequence[int] | None) -> list[int] | None:
-    """``layers`` as stored block numbers (None: every stored layer). Negative numbers count
-    from the end of the model (its block count from a store's manifest; for a seed layout,
-    from the last stored layer). A layer the source lacks is an error."""
-    if layers is None:
-        return None
-    manifest = getattr(source, "manifest", {})
-    n = manifest.get("n_layers_total") or max(source.layers) + 1
-    out = []
-    for layer in layers:
-        block = layer + n if layer < 0 else layer
-        source.layer_index(block)
-        out.append(block)
-    return out
+    """:func:`stored_layer` of each of ``layers`` (None: every stored layer)."""
+    return None if layers is None else [stored_layer(source, layer) for layer in layers]

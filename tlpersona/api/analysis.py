@@ -12,25 +12,19 @@ from tlpersona.analyses.compare import compare as _compare
 from tlpersona.analyses.subspace import SubspaceConfig
 from tlpersona.analyses.subspace import subspace as _subspace
 from tlpersona.api.results import CompareResult, Projected, ProjectionResult, SubspaceResult
-from tlpersona.cache.export import VectorExport
-from tlpersona.cache.store import Store, open_store
+from tlpersona.cache.export import VectorExport, check_export
+from tlpersona.cache.store import Store
 from tlpersona.cache.vectors import PersonaVector, Reference
 from tlpersona.errors import TlpersonaError
 from tlpersona.models import LoadedModel
 from tlpersona.positions import canonical, parse_positions
-from tlpersona.safety import check_new_file
-from tlpersona.sources import ActivationSource, open_source, stored_layer, stored_layers
+from tlpersona.safety import check_count, check_new_file
+from tlpersona.sources import ActivationSource, as_store, open_source, stored_layer, stored_layers
 
 
 def _recipes(positions: Sequence[str] | None) -> list[str] | None:
-    if positions is None:
-        return None
-    return [p.name for p in parse_positions(",".join(positions))]
-
-
-def _count(value: int, name: str, minimum: int) -> None:
-    if value < minimum:
-        raise TlpersonaError(f"`{name}` must be at least {minimum}, not {value}")
+    """Canonical names of ``positions`` (groups and aliases expanded); None stays None."""
+    return None if positions is None else [p.name for p in parse_positions(list(positions))]
 
 
 def compare(source: ActivationSource | str | Path, *, layers: Sequence[int] | None = None,
@@ -46,9 +40,9 @@ def compare(source: ActivationSource | str | Path, *, layers: Sequence[int] | No
     GREY / KILL verdicts under ``thresholds`` and the groups of recipes that agree.
     ``.save(out)`` writes results.json, figures and report.md.
     """
-    _count(permutations, "permutations", 1)
-    _count(null_draws, "null_draws", 1)
-    _count(splits, "splits", 1)
+    check_count(permutations, "`permutations`", 1)
+    check_count(null_draws, "`null_draws`", 1)
+    check_count(splits, "`splits`", 1)
     src = open_source(source)
     cfg = CompareConfig(positions=_recipes(positions), layers=stored_layers(src, layers),
                         n_perm=permutations, seed=seed, n_splits=splits, n_null=null_draws,
@@ -66,7 +60,7 @@ def subspace(source: ActivationSource | str | Path, *, layers: Sequence[int] | N
     each recipe onto a common frame (fitted on the fit personas) before the PCA, so the same
     geometry in a rotated basis counts as shared. ``.save(out)`` writes subspace.json,
     pcs.safetensors, figures and subspace.md."""
-    _count(k_max, "k_max", 2)  # the figures and the matrix r need two PCs
+    check_count(k_max, "`k_max`", 2)  # the figures and the matrix r need two PCs
     src = open_source(source)
     cfg = SubspaceConfig(positions=_recipes(positions), layers=stored_layers(src, layers),
                          k_max=k_max, unit_norm=unit_norm, seed=seed, align=align)
@@ -93,15 +87,14 @@ def project(store: Store | str | Path, *, layer: int | None = None,
     from tlpersona.extraction import ExtractConfig, Extractor
     from tlpersona.models import default_device, load_model
 
-    st = store if isinstance(store, Store) else open_store(store, verify=True)
+    st = as_store(store)
     # token 0 is the same for every persona: nothing to project
-    names = ([canonical(p.name) for p in parse_positions(",".join(positions))] if positions
-             else [p for p in st.positions if p != "first"])
+    names = _recipes(positions) or [p for p in st.positions if p != "first"]
     for name in names:
         st.centroids(name)  # one line for a position the store lacks
     layer = stored_layer(st, layer) if layer is not None else st.layers[len(st.layers) // 2]
     li = st.layer_index(layer)
-    prompt_positions = [p for p in parse_positions(",".join(names)) if not p.needs_response]
+    prompt_positions = [p for p in parse_positions(names) if not p.needs_response]
     if texts and "raw_system_last" not in names:
         raise TlpersonaError("`texts` are read with the raw_system_last recipe, which "
                              + ("`positions` does not include" if positions else
@@ -113,7 +106,7 @@ def project(store: Store | str | Path, *, layer: int | None = None,
                              "these positions all need a response")
     cent = {p: st.centroids(p)[:, li].double().numpy() for p in names}
     if axis == "pcs":
-        _count(k, "k", 1)
+        check_count(k, "`k`", 1)
         # the PCs only: no held-out fits or null reruns
         _, pcs = _subspace(st, SubspaceConfig(positions=names, layers=[layer], k_max=k,
                                               unit_norm=unit_norm, n_null=0))
@@ -165,7 +158,7 @@ def persona_vector(store: Store | str | Path, persona: str, position: str, layer
     """``persona``'s vector for one stored recipe and layer, with its provenance: its centroid
     minus the mean of all personas' (``"all"``, what steering adds) or of the other personas'
     (``"others"``, its axis, what projection uses)."""
-    st = store if isinstance(store, Store) else open_store(store, verify=True)
+    st = as_store(store)
     return st.persona_vector(persona, canonical(position), stored_layer(st, layer), relative_to)
 
 
@@ -173,8 +166,6 @@ def vector_request(persona: str, position: str, format: str, out: str | Path,
                    layers: Sequence[int] | None = None, overwrite: bool = False) -> VectorExport:
     """The checked request of :func:`export_vectors` (everything but the store: format, layers
     the format can hold, ``out``), so that a caller can refuse bad input before any write."""
-    from tlpersona.cache.export import VectorExport, check_export
-
     req = VectorExport(persona, canonical(position), format, Path(out),
                        list(layers) if layers is not None else None)
     check_export(req)
@@ -194,6 +185,6 @@ def export_vectors(store: Store | str | Path, persona: str, position: str, forma
     from tlpersona.cache.export import export_vectors as write
 
     req = vector_request(persona, position, format, out, layers, overwrite)
-    st = store if isinstance(store, Store) else open_store(store, verify=True)
+    st = as_store(store)
     req.meta = {"model": str(st.provenance.get("model")), "store_manifest": st.manifest_hash}
     return write(st, req, stored_layers(st, req.layers))

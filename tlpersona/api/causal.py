@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from tlpersona.api.results import PatchResult, SteeringResult
-from tlpersona.cache.store import Store, open_store
-from tlpersona.data import Persona, Question, builtin_personas, builtin_questions, content_hash
+from tlpersona.cache.store import Store
+from tlpersona.data import Persona, Question, builtin_personas, builtin_questions, persona_hash
 from tlpersona.errors import TlpersonaError
+from tlpersona.interventions.patching import DEFAULT_POSITIONS
 from tlpersona.models import (
     LayerSpec,
     LoadedModel,
@@ -20,7 +21,7 @@ from tlpersona.models import (
     resolve_layers,
 )
 from tlpersona.positions import parse_positions
-from tlpersona.sources import stored_layers
+from tlpersona.sources import as_store, stored_layers
 
 
 def _model_for(model: str | LoadedModel | None, prov: dict[str, Any], device: str | None,
@@ -52,7 +53,7 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
           questions: Sequence[Question] | None = None, *, store: Store | str | Path | None = None,
           n_personas: int = 4, clean_personas: Sequence[str] | None = None,
           n_questions: int = 2, layers: LayerSpec | None = None,
-          positions: Sequence[str] = ("system", "sys_end", "sys_end+1", "user_end", "last"),
+          positions: Sequence[str] = DEFAULT_POSITIONS,
           hook: str = "resid_post", method: str = "both", corrupt: str = "assistant",
           response_tokens: int = 0, prompt_index: int | None = None, device: str | None = None,
           dtype: str | None = None, attn: str = "auto", progress: bool = True) -> PatchResult:
@@ -77,9 +78,7 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
         raise TlpersonaError(f"unknown `hook` {hook!r} ({', '.join(HOOKS)})")
     if n_questions < 1:
         raise TlpersonaError("`n_questions` must be at least 1")
-    if n_personas < 1:
-        raise TlpersonaError("`n_personas` must be at least 1")
-    st = (store if isinstance(store, Store) or store is None else open_store(store, verify=True))
+    st = None if store is None else as_store(store)
     prov = st.provenance if st is not None else {}
     ps = builtin_personas() if personas is None else list(personas)
     qs = (builtin_questions() if questions is None else list(questions))[:n_questions]
@@ -146,14 +145,12 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
     from tlpersona.interventions.steering import steer as _steer
     from tlpersona.safety import check_finite_numbers
 
-    st = store if isinstance(store, Store) else open_store(store, verify=True)
+    st = as_store(store)
     prov = st.provenance
     ps = builtin_personas() if persona_source is None else list(persona_source)
     by_name = {p.name: p for p in ps}
-    stored = [by_name.get(n) for n in st.personas]
-    if any(p is None for p in stored) or content_hash(
-            [[p.name, list(p.system_prompts)] for p in stored if p is not None]) \
-            != prov.get("persona_hash"):
+    stored = [by_name[n] for n in st.personas if n in by_name]
+    if len(stored) != len(st.personas) or persona_hash(stored) != prov.get("persona_hash"):
         raise TlpersonaError("`persona_source` does not match the personas the store was made with")
     qs, note = eval_questions(st, builtin_questions() if questions is None else list(questions),
                               n_questions)
@@ -161,7 +158,7 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
         if values is not None:
             check_finite_numbers(values, f"`{name}`")
     cfg = SteerConfig(
-        recipes=[p.name for p in parse_positions(",".join(recipes))] if recipes else None,
+        recipes=[p.name for p in parse_positions(list(recipes))] if recipes else None,
         layers=stored_layers(st, layers), operators=list(operators),
         alphas=list(alphas) if alphas is not None else list(DEFAULT_ALPHAS),
         cap_percentiles=(list(cap_percentiles) if cap_percentiles is not None

@@ -71,12 +71,11 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
                         ("null_draws", null_draws)):
         check_count(value, f"`{name}`", 1)  # before hours of extraction, not after
     ps = builtin_personas() if personas is None else list(personas)
-    qs = builtin_questions() if questions is None else list(questions)
+    all_questions = builtin_questions() if questions is None else list(questions)
     cpu = _cpu(device)
     if limit_questions is None and cpu:
         limit_questions = 12
-    if limit_questions:
-        qs = qs[:limit_questions]
+    qs = all_questions[:limit_questions] if limit_questions else all_questions
     if max_new_tokens is None and cpu:
         max_new_tokens = 24
     seconds: dict[str, float] = {}
@@ -105,10 +104,11 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
     t0 = time.perf_counter()
     stored = store.layers
     mid = stored[(len(stored) - 1) // 2]
-    steering = steer(store, loaded, ps, builtin_questions() if questions is None
-                     else list(questions), n_questions=5, n_personas=3, base=base, layers=[mid],
-                     operators=["add"], alphas=STEER_ALPHAS, response_tokens=6, seed=seed,
-                     n_boot=1000, continuations=1, continuation_tokens=16, progress=progress)
+    # the store's questions are the first ones: steering scores on later ones where there are any
+    steering = steer(store, loaded, ps, all_questions, n_questions=5, n_personas=3, base=base,
+                     layers=[mid], operators=["add"], alphas=STEER_ALPHAS, response_tokens=6,
+                     seed=seed, n_boot=1000, continuations=1, continuation_tokens=16,
+                     progress=progress)
     sections.append(steering.save(report.parent))
     seconds["steering"] = time.perf_counter() - t0
     atomic_write_bytes(report, report.read_bytes()

@@ -152,3 +152,8 @@ def system_prompt(persona: Persona, prompt_index: int) -> str:
 def content_hash(obj: object) -> str:
     """Stable sha256 of a JSON-serialisable object (for manifests)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def persona_hash(personas: list[Persona]) -> str:
+    """What a store records of its personas: names and every system-prompt phrasing, in order."""
+    return content_hash([[p.name, list(p.system_prompts)] for p in personas])
