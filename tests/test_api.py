@@ -115,6 +115,12 @@ def test_prompts_file_round_trip_through_another_engine(loaded, hf_ref, tmp_path
     prompt + response content."""
     personas, questions = tlp.builtin_personas()[1:3], tlp.builtin_questions()[:2]
     assert tlp.write_prompts("default", personas, questions, out=tmp_path / "p.jsonl") == 4
+    before = (tmp_path / "p.jsonl").read_bytes()
+    with pytest.raises(tlp.TlpersonaError, match="exists; not replacing it without `overwrite`"):
+        tlp.write_prompts("default", personas[:1], questions, out=tmp_path / "p.jsonl")
+    assert (tmp_path / "p.jsonl").read_bytes() == before
+    assert tlp.write_prompts("default", personas, questions, out=tmp_path / "p.jsonl",
+                             overwrite=True) == 4
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     eos = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
     with (tmp_path / "r.jsonl").open("w") as f:
