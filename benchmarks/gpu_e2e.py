@@ -143,11 +143,16 @@ def child_plain_hf(model_dir: str, data: str, n_personas: int, batch: int, fwd_b
                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30}))
 
 
-def run_child(args: list[str], log: Path, nproc: int = 1) -> dict:
+def run_child(args: list[str], log: Path, nproc: int = 1, code: str | None = None) -> dict:
+    """One child process; ``code``: a directory holding another version of the ``tlpersona``
+    package, imported instead of this checkout's (a baseline in the same run)."""
     launch = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc > 1 else []
     cmd = [sys.executable, *launch, __file__, *args]
+    env = dict(os.environ)
+    if code:
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(code), env.get("PYTHONPATH", "")])
     with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = log.read_text()[-3000:]
@@ -207,8 +212,18 @@ def main() -> None:
     ap.add_argument("--compare", action="append", default=[], help="NAME_A,NAME_B")
     ap.add_argument("--nproc", action="append", default=[],
                     help="NAME:N: run NAME (and its --tiny) under torchrun with N processes")
+    ap.add_argument("--fit", action="append", default=[],
+                    help="LABEL=SMALL,LARGE: two runs of one configuration at different persona "
+                         "counts; the 275 x 240 time from the line through them (fixed costs and "
+                         "anything that grows with the study, e.g. the store's finalisation)")
+    ap.add_argument("--speedup", action="append", default=[],
+                    help="FIT_A,FIT_B: ratio of two fits' projected 275 x 240 times")
+    ap.add_argument("--code", action="append", default=[],
+                    help="NAME:DIR: run NAME (and its --tiny) with the tlpersona package in DIR "
+                         "(e.g. the previous commit's) instead of this checkout's")
     args = ap.parse_args()
     nproc = {k: int(v) for k, v in (x.split(":") for x in args.nproc)}
+    code = dict(x.split(":", 1) for x in args.code)
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -234,14 +249,17 @@ def main() -> None:
             shutil.rmtree(tiny, ignore_errors=True)
             r = run_child(["--child-cli", *base, "--limit-personas", "1", "--limit-questions", "1",
                            "--out", str(tiny), *shlex.split(flags)], work / f"{name}-tiny.log",
-                          nproc.get(name, 1))
+                          nproc.get(name, 1), code.get(name))
             fixed = r["wall"]
             shutil.rmtree(tiny, ignore_errors=True)
         r = run_child(["--child-cli", *base, "--limit-personas", n, "--out", str(out),
-                       *shlex.split(flags)], work / f"{name}.log", nproc.get(name, 1))
+                       *shlex.split(flags)], work / f"{name}.log", nproc.get(name, 1),
+                      code.get(name))
         outs[name] = out
         n_gen = generated_tokens(out, int(n)) if "--responses" not in flags else 0
-        line = (f"[{name}] {nproc.get(name, 1)} process(es): tlpersona extract --positions all6 "
+        line = (f"[{name}] {nproc.get(name, 1)} process(es)"
+                + (f", code from {code[name]}" if name in code else "")
+                + ": tlpersona extract --positions all6 "
                 f"{flags or '(defaults)'}: "
                 f"{n} personas x {N_QUESTIONS} questions, wall {r['wall']:.1f} s, "
                 f"peak {r['peak_gib']:.1f} GiB")
@@ -275,6 +293,21 @@ def main() -> None:
               + ", ".join(f"{k} {v:.5f}" for k, v in cos.items())
               + f"; overall {min(cos.values()):.5f}; bit-identical: {identical(outs[a], outs[b])}",
               flush=True)
+    fits = {}
+    for spec in args.fit:
+        label, pair = spec.split("=", 1)
+        small, large = pair.split(",")
+        ns, nl = (int(next(r.split(":")[1] for r in args.run if r.split(":")[0] == x))
+                  for x in (small, large))
+        ts, tl = results[small]["wall"], results[large]["wall"]
+        slope = (tl - ts) / (nl - ns)
+        fits[label] = ts + slope * (FULL_PERSONAS - ns)
+        print(f"[fit {label}] {small} ({ns} personas, {ts:.1f} s) and {large} ({nl}, {tl:.1f} s): "
+              f"{slope:.3f} s/persona, intercept {ts - slope * ns:.1f} s, projected 275 x 240: "
+              f"{fits[label] / 60:.2f} min", flush=True)
+    for pair in args.speedup:
+        a, b = pair.split(",")
+        print(f"speedup {b} over {a} at 275 x 240 (projected): {fits[a] / fits[b]:.3f}x", flush=True)
     (work / "results.json").write_text(json.dumps(results, indent=1))
 
 

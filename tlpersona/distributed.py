@@ -1,8 +1,9 @@
 """Several processes (``torchrun``) sharing one run: personas and responses split by rank.
 
 Work is split by fixed groups (persona groups for extraction, batches for generation), so every
-item is computed exactly as a single process would compute it; each rank writes its own files
-and rank 0 finishes the store. Single-process runs see world size 1 and skip every collective.
+item is computed exactly as a single process would compute it; each rank writes its own files,
+every rank stacks its share of the store's position files at the end, and rank 0 writes the
+manifest. Single-process runs see world size 1 and skip every collective.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,14 @@ class Ranks:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out: list[T] = [obj] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
 
     def device(self) -> str:
         """This rank's default device: its own GPU under torchrun, else cuda or cpu."""

@@ -382,6 +382,6 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
         # from here on the store is indistinguishable from a two-pass one over these responses
         writer.manifest["provenance"]["responses_hash"] = responses_digest(
             used, personas, questions, cfg.prompt_index)
-        writer.finalize()
+    writer.finalize(rk)
     rk.barrier()
     return Path(out)

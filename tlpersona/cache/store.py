@@ -51,6 +51,7 @@ from tlpersona.cache.schema import (
     position_file,
 )
 from tlpersona.cache.vectors import PersonaVector, Reference, persona_vector
+from tlpersona.distributed import Ranks
 from tlpersona.errors import TlpersonaError
 from tlpersona.files import atomic_save_tensors, atomic_write_bytes, sha256_file
 from tlpersona.locks import LOCK_NAME
@@ -272,18 +273,29 @@ class StoreWriter:
     def write_part(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         self.write_group(index, [tensors])
 
-    def finalize(self) -> None:
-        """Stack the per-persona parts into one file per position and mark the store complete."""
+    def finalize(self, ranks: Ranks | None = None) -> None:
+        """Stack the per-persona parts into one file per position and mark the store complete.
+
+        Under torchrun every rank calls this once all parts are on disk: rank ``r`` of ``w``
+        stacks positions ``r, r + w, …`` (the stacking scales with the study, and would otherwise
+        run on rank 0 alone while the others wait), and rank 0 writes the manifest."""
+        rk = ranks or Ranks()
         prov = self.provenance
         n = len(prov["personas"])
         parts = self.finished()
         missing = [i for i in range(n) if i not in parts]
         if missing:
             raise TlpersonaError(f"cannot finalise: {len(missing)} personas not extracted yet")
+        positions = list(prov["positions"])
         # Two positions at a time (file reads, writes and hashing release the GIL), each part
         # read key by key: peak memory is two stacked positions.
         with ThreadPoolExecutor(max_workers=2) as pool:
-            files = dict(pool.map(lambda pos: self._stack(pos, parts, n), prov["positions"]))
+            mine = dict(pool.map(lambda pos: (pos, self._stack(pos, parts, n)),
+                                 positions[rk.rank::rk.world]))
+        stacked = {pos: entry for part in rk.gather(mine) for pos, entry in part.items()}
+        if not rk.main:
+            return
+        files = dict(stacked[pos] for pos in positions)
         self.manifest.update(complete=True, files=files,
                              finished=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         atomic_write_bytes(self.root / MANIFEST, json.dumps(self.manifest, indent=1).encode())

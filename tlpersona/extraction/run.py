@@ -168,7 +168,6 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
     bar.close()
     stats.update(computed=total - done, reused=done)
     rk.barrier()
-    if rk.main:
-        writer.finalize()
+    writer.finalize(rk)
     rk.barrier()
     return Path(out)
