@@ -77,12 +77,17 @@ class FusedConfig:
 @dataclass
 class GroupOutput:
     """One group's pooled rows (``[job, position, layer, d]`` fp32 on the CPU, in the job order
-    of :meth:`Extractor.prepare`), its plans, and the responses decoded for it."""
+    of :meth:`Extractor.prepare`), its plans, and the responses decoded for it; ``weights``,
+    ``dep`` and ``job_of`` (the decoded jobs' pooling rows, those jobs, job → (plan, slot))
+    complete the plans on the host thread (:meth:`FusedExtractor.assemble`)."""
 
     personas: list[Persona]
     plans: list[PassPlan]
     rows: torch.Tensor
     responses: dict[Key, Response]
+    weights: list[torch.Tensor]
+    dep: list[int]
+    job_of: dict[int, tuple[int, int]]
 
 
 def hooked_pool(hf: Any, layers: list[int], seqs: list[list[int]], weights: list[torch.Tensor],
@@ -195,12 +200,14 @@ class FusedExtractor:
         job_of = {j: (k, slot) for k, plan in enumerate(plans) for slot, j in enumerate(plan.dep)}
         keys = self.keys(personas, questions)
         n_pos, n_layers = len(self.cfg.positions), len(self.cfg.layers)
-        rows = torch.empty((len(seqs), n_pos, n_layers, self.hf.config.hidden_size))
+        # on the device until the group is done: one copy to the host instead of one per batch
+        rows = torch.empty((len(seqs), n_pos, n_layers, self.hf.config.hidden_size),
+                           device=self.device)
         invariant = [j for plan in plans for j in plan.prefix + plan.raw]
         if invariant:
-            rows[torch.tensor(invariant)] = hooked_pool(
+            rows[torch.tensor(invariant, device=self.device)] = hooked_pool(
                 self.hf, self.cfg.layers, [seqs[j] for j in invariant],
-                [weights[j] for j in invariant], self.pad, 64)
+                [weights[j] for j in invariant], self.pad, 64).to(self.device)
         order = sorted(range(len(dep)), key=lambda i: (len(seqs[dep[i]]), i))
         width = max(len(seqs[j]) for j in dep)
         bs = self.fcfg.batch_size or generate_batch(
@@ -225,11 +232,10 @@ class FusedExtractor:
                 continue
             start += len(idx)
         if forced:
-            rows[torch.tensor(forced)] = hooked_pool(
+            rows[torch.tensor(forced, device=self.device)] = hooked_pool(
                 self.hf, self.cfg.layers, [seqs[j] for j in forced],
-                [weights[j] for j in forced], self.pad, 16)
-        self._fix_plan(plans, job_of, weights, dep)
-        return GroupOutput(personas, plans, rows, responses)
+                [weights[j] for j in forced], self.pad, 16).to(self.device)
+        return GroupOutput(personas, plans, rows.cpu(), responses, weights, dep, job_of)
 
     def _decode(self, idx: list[int], kidx: list[Key], seqs: list[list[int]],
                 weights: list[torch.Tensor], rows: torch.Tensor, have: dict[Key, Response],
@@ -267,9 +273,12 @@ class FusedExtractor:
                 out[sl, :, li] = pooled.float()
         skip = set(forced)
         keep = [b for b, j in enumerate(idx) if j not in skip]
-        rows[torch.tensor([idx[b] for b in keep])] = out[torch.tensor(keep)].cpu()
+        rows[torch.tensor([idx[b] for b in keep], device=self.device)] = \
+            out[torch.tensor(keep, device=self.device)]
 
     def assemble(self, out: GroupOutput, n_questions: int) -> list[PersonaResult]:
+        """The group's persona results (host work: runs on the host thread)."""
+        self._fix_plan(out.plans, out.job_of, out.weights, out.dep)
         return [self.ex._assemble(p, plan, out.rows, n_questions)
                 for p, plan in zip(out.personas, out.plans, strict=True)]
 
