@@ -100,6 +100,11 @@ def test_variant_is_named_in_the_report_and_bad_values_are_refused(tmp_path):
     assert "plain joint PCA only" in "\n".join(report_section(plain))
     res, _ = subspace(st, SubspaceConfig(k_max=5, n_null=0, align="procrustes"))
     text = "\n".join(report_section(res))
-    assert "Rotation-aligned shared subspace" in text and "| 4 | 2 | — | " in text
+    assert "Rotation-aligned shared subspace" in text and "| 4 | 2 (no null run) | — | " in text
+    assert "lower bound" in text and "in sample" not in text.split("|---|")[1]
+    # 39 relabellings, none reaching k: p = 1/40 = 0.025 < 0.05 (one layer: Holm changes nothing)
+    res, _ = subspace(st, SubspaceConfig(k_max=5, n_null=39, align="procrustes"))
+    text = "\n".join(report_section(res))
+    assert "| 4 | 2, beyond the null (Holm p = 0.025) | none ×39 (p = 0.025) | 12 |" in text
     with pytest.raises(TlpersonaError, match="align must be one of none, procrustes"):
         subspace(st, SubspaceConfig(align="cca"))

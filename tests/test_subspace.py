@@ -160,3 +160,62 @@ def test_high_dimensional_shared_geometry_saturates_and_says_so(tmp_path):
     assert layer["k_found"] == 12 and layer["k_found_saturated"]
     assert len(layer["per_pc"]) == 12
     assert layer["k_found_null_p"] == pytest.approx(1 / 3)
+
+
+def _report(st, tmp_path, **cfg):
+    from tlpersona.report.compare import write_subspace
+
+    res, comps = subspace(st, SubspaceConfig(**cfg))
+    return res, write_subspace(res, comps, st, tmp_path / f"out{len(list(tmp_path.iterdir()))}")
+
+
+def test_report_calls_k_found_beyond_the_null_only_where_holm_allows(tmp_path):
+    """The report states a k_found as shared only when its relabelled null, Holm-adjusted over
+    the layers, is below 0.05; with too few draws it says that no layer can get there; in-sample
+    counts (no null) stay out of the table."""
+    st = planted_store(tmp_path / "p", n=26, d=30, k=2)
+    res, text = _report(st, tmp_path, k_max=10, n_null=10)
+    (layer,) = res["layers"]
+    assert layer["k_found"] == 2 and layer["k_found_null_p"] == pytest.approx(1 / 11)
+    assert "not beyond the null (Holm p = 0.091)" in text
+    assert "p cannot fall below 0.091" in text and "lower bound" in text
+    header = next(line for line in text.splitlines() if line.startswith("| layer | k_found"))
+    assert "in sample" not in header
+    res, text = _report(st, tmp_path, k_max=10, n_null=99)
+    assert res["layers"][0]["k_found_null"] == [None] * 99
+    assert "| 4 | 2, beyond the null (Holm p = 0.010) | none ×99 (p = 0.010) |" in text
+    assert "cannot fall below" not in text
+
+
+def test_holm_over_layers_matches_the_step_down_rule():
+    from tlpersona.analyses.subspace import holm_over_layers
+
+    layers = [{"k_found_null_p": p} for p in (0.01, None, 0.04, 0.03)]
+    holm_over_layers(layers)
+    # three tests: 0.01*3, then max(0.03, 0.03*2), then max(0.06, 0.04*1)
+    got = [lay["k_found_null_p_holm"] for lay in layers]
+    assert got[1] is None and got[0] == pytest.approx(0.03)
+    assert got[3] == pytest.approx(0.06) and got[2] == pytest.approx(0.06)
+
+
+def test_gram_route_gives_the_svd_components_and_the_fast_pearson_scipys():
+    from scipy import stats
+    from sklearn.decomposition import PCA
+
+    from tlpersona.analyses import metrics as M
+    from tlpersona.analyses.subspace import top_components
+
+    rng = np.random.default_rng(3)
+    for n, d, k in [(40, 300, 12), (91, 576, 50), (30, 20, 10)]:
+        x = rng.normal(size=(n, d)) @ np.diag(np.linspace(3, 0.5, d)) + 2.0
+        got = top_components(x, k)
+        want = PCA(n_components=k, svd_solver="full").fit(x).components_
+        np.testing.assert_allclose(np.abs(np.sum(got * want, axis=1)), 1.0, atol=1e-8)
+        np.testing.assert_allclose(got @ got.T, np.eye(k), atol=1e-8)
+    # rank-deficient rows (fewer independent rows than k): the SVD decides, as before
+    low = rng.normal(size=(20, 3)) @ rng.normal(size=(3, 50))
+    np.testing.assert_allclose(top_components(low, 5),
+                               PCA(n_components=5, svd_solver="full").fit(low).components_)
+    a, b = rng.normal(size=50), rng.normal(size=50)
+    assert M.pearson(a, b) == pytest.approx(stats.pearsonr(a, b)[0], abs=1e-12)
+    assert np.isnan(M.pearson(np.ones(5), a[:5]))

@@ -56,6 +56,7 @@ _EXPORTS = {
     "PairCell": "tlpersona.api.results",
     "SubspaceResult": "tlpersona.api.results",
     "SubspaceLayer": "tlpersona.api.results",
+    "KFound": "tlpersona.api.results",
     "ProjectionResult": "tlpersona.api.results",
     "PatchResult": "tlpersona.api.results",
     "SteeringResult": "tlpersona.api.results",
@@ -93,6 +94,7 @@ __all__ = [
     "PairCell",
     "SubspaceResult",
     "SubspaceLayer",
+    "KFound",
     "ProjectionResult",
     "PatchResult",
     "SteeringResult",
@@ -121,6 +123,7 @@ if TYPE_CHECKING:
     from tlpersona.api.extraction import extract, generate, write_prompts
     from tlpersona.api.results import (
         CompareResult,
+        KFound,
         PairCell,
         PatchResult,
         ProjectionResult,

@@ -362,7 +362,8 @@ def _compare_options(fn: Any) -> Any:
         click.option("--gate-spread", is_flag=True,
                      help="PASS also needs spread Spearman > --pass-spread (default: descriptive)"),
         click.option("--null-draws", type=int, default=100, show_default=True,
-                     help="relabelled reruns behind the held-out Procrustes null"),
+                     help="relabelled reruns behind the held-out Procrustes null (and, in "
+                          "experiment, the shared subspace's k_found null)"),
     ]):
         fn = opt(fn)
     return fn
@@ -477,30 +478,37 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
 @click.option("--align", type=click.Choice(["none", "procrustes"]), default="none", show_default=True,
               help="procrustes: also rotate each recipe onto a common frame before the PCA, so "
                    "the same geometry in a rotated basis counts as shared")
+@click.option("--null-draws", type=int, default=100, show_default=True,
+              help="relabelled reruns behind the k_found null (p cannot fall below 1/(N+1))")
 @_friendly
 def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | None,
-             positions: str | None, k_max: int, unit_norm: bool, seed: int, align: str) -> None:
+             positions: str | None, k_max: int, unit_norm: bool, seed: int, align: str,
+             null_draws: int) -> None:
     """Joint PCA of all recipes: the persona subspace they share, and its dimension per layer."""
     from tlpersona.api.analysis import subspace as run
 
     path = _checked_out(out)
     result = run(_source(store, seed_dir), layers=_stored_layers(layers),
                  positions=_items(positions) if positions else None, k_max=k_max,
-                 unit_norm=unit_norm, seed=seed, align=align)
+                 unit_norm=unit_norm, seed=seed, align=align, null_draws=null_draws)
     report = result.save(path)
     for lay in result.layers:
         click.echo(_subspace_line(lay))
-        if lay.aligned_k_found_null is not None:
-            click.echo(f"  aligned (procrustes): k_found {lay.aligned_k_found}, null "
-                       f"{lay.aligned_k_found_null}")
+        if lay.aligned is not None:
+            click.echo(f"  aligned (procrustes): {_found(lay.aligned)}")
     click.echo(f"report: {report}")
 
 
+def _found(k: Any) -> str:
+    """A :class:`~tlpersona.api.results.KFound` on one line: the count and its null."""
+    from tlpersona.analyses.subspace import null_text
+
+    return (f"k_found {k} (held-out personas; relabelled-persona null: "
+            f"{null_text({'k_found_null': k.null, 'k_found_null_p': k.null_p})})")
+
+
 def _subspace_line(lay: Any) -> str:
-    null = ", ".join("none" if k is None else str(k) for k in lay.k_found_null)
-    found = f">= {lay.k_found}" if lay.k_found_saturated else lay.k_found
-    return (f"layer {lay.layer}: k_found {found} (held-out personas; in sample "
-            f"{lay.k_found_in_sample}; relabelled-persona null: {null or 'not run'})")
+    return f"layer {lay.layer}: {_found(lay.k_found)}"
 
 
 def _conversations(path: str | None) -> list[tuple[str, str]]:

@@ -53,6 +53,14 @@ class Summary:
         return cls(float(v.mean()), float(v.min()), float(np.percentile(v, 5)), float(v.max()))
 
 
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of two vectors (NaN when either is constant); numpy alone, for loops that
+    compute it thousands of times (scipy's ``pearsonr`` checks its input at every call)."""
+    if np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def matrix_agreement(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Pearson and Spearman between the upper triangles of two cosine matrices."""
     a, b = upper(cos_matrix(x)), upper(cos_matrix(y))

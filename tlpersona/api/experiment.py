@@ -91,7 +91,7 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
     report = cmp.save(out / "compare", title=f"Recipe comparison: {model}")
     seconds["compare"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sub = subspace(store)
+    sub = subspace(store, seed=seed, null_draws=null_draws)
     sections = [sub.save(report.parent)]
     seconds["subspace"] = time.perf_counter() - t0
     t0 = time.perf_counter()

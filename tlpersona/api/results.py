@@ -93,19 +93,44 @@ class CompareResult:
 
 
 @dataclass(frozen=True)
+class KFound:
+    """A held-out shared dimension beside its null: how many shared PCs every recipe pair orders
+    held-out personas alike on (r > 0.9), a lower bound on the dimension the recipes share."""
+
+    k: int | None
+    saturated: bool  # every countable PC passed: the subspace may be larger
+    null: list[int | None]  # the same count after relabelling one recipe's personas
+    null_p: float | None  # (1 + draws reaching k) / (draws + 1); None when k is None
+    null_p_holm: float | None  # null_p Holm-adjusted over the layers
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> KFound:
+        return cls(d["k_found"], bool(d["k_found_saturated"]), list(d["k_found_null"]),
+                   d["k_found_null_p"], d.get("k_found_null_p_holm"))
+
+    @property
+    def beyond_null(self) -> bool:
+        """Whether k is beyond its null after Holm over the layers (at 0.05)."""
+        from tlpersona.analyses.subspace import ALPHA
+
+        return self.null_p_holm is not None and self.null_p_holm < ALPHA
+
+    def __str__(self) -> str:
+        from tlpersona.analyses.subspace import found_text
+
+        return found_text({"k_found": self.k, "k_found_saturated": self.saturated,
+                           "k_found_null_p_holm": self.null_p_holm})
+
+
+@dataclass(frozen=True)
 class SubspaceLayer:
     """The shared persona subspace at one layer."""
 
     layer: int
-    k_found: int | None  # shared PCs whose held-out persona scores agree (r > 0.9) across recipes
-    k_found_saturated: bool  # every countable PC passed: the subspace may be larger
-    k_found_in_sample: int | None
-    k_found_null: list[int | None]  # the same count after relabelling one recipe's personas
-    k_found_null_p: float | None
+    k_found: KFound  # the recipes in their own residual basis (joint PCA)
     explained_variance_ratio: list[float]
     # align="procrustes": the same count after rotating the recipes onto a common frame
-    aligned_k_found: int | None = None
-    aligned_k_found_null: list[int | None] | None = None
+    aligned: KFound | None = None
 
 
 @dataclass(frozen=True)
@@ -122,11 +147,8 @@ class SubspaceResult:
     @classmethod
     def of(cls, data: dict[str, Any], components: dict[int, np.ndarray],
            source: ActivationSource) -> SubspaceResult:
-        layers = [SubspaceLayer(d["layer"], d["k_found"], d["k_found_saturated"],
-                                d["k_found_in_sample"], list(d["k_found_null"]),
-                                d["k_found_null_p"], list(d["explained_variance_ratio"]),
-                                d["aligned"]["k_found"] if "aligned" in d else None,
-                                list(d["aligned"]["k_found_null"]) if "aligned" in d else None)
+        layers = [SubspaceLayer(d["layer"], KFound.of(d), list(d["explained_variance_ratio"]),
+                                KFound.of(d["aligned"]) if "aligned" in d else None)
                   for d in data["layers"]]
         return cls(list(data["positions"]), bool(data["unit_norm"]), layers, components, source,
                    data)

@@ -218,7 +218,7 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Activa
     import torch
 
     from tlpersona.analyses.aligned import report_section as aligned_section
-    from tlpersona.analyses.subspace import prepare
+    from tlpersona.analyses.subspace import ALPHA, found_text, limits_text, null_text, prepare
     from tlpersona.files import atomic_save_tensors
 
     out = Path(out)
@@ -236,20 +236,10 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Activa
     plots.subspace_variance(mid, figs / f"subspace_variance_L{mid['layer']}.png")
     plots.subspace_agreement(mid, result["thresholds"], figs / f"subspace_agreement_L{mid['layer']}.png")
     plots.subspace_scatter(coords, mid["layer"], figs / f"subspace_pc12_L{mid['layer']}.png")
-    rows = ["| layer | k_found (held out) | null: k_found of relabelled personas | in sample "
-            "| largest K with min cos and r passing (held out / in sample) | variance of PC1 "
-            "| \\|cos(PC1, first token)\\| |", "|---|---|---|---|---|---|---|"]
+    rows = ["| layer | k_found (held out) | null: k_found of relabelled personas "
+            "| variance of PC1 | \\|cos(PC1, first token)\\| |", "|---|---|---|---|---|"]
     for lay in layers:
-        null = ", ".join("none" if k is None else str(k) for k in lay["k_found_null"]) or "—"
-        if lay["k_found_null_p"] is not None:
-            null += f" (p = {lay['k_found_null_p']:.3f})"
-        found = "none" if not lay["k_found"] else (
-            f"≥ {lay['k_found']} (every countable PC shared)" if lay["k_found_saturated"]
-            else str(lay["k_found"]))
-        rows.append(f"| {lay['layer']} | {found} | {null} | "
-                    f"{lay['k_found_in_sample'] or 'none'} | "
-                    f"{lay['k_largest_passing'] or 'none'} / "
-                    f"{lay['k_largest_passing_in_sample'] or 'none'} | "
+        rows.append(f"| {lay['layer']} | {found_text(lay)} | {null_text(lay)} | "
                     f"{lay['explained_variance_ratio'][0]:.3f} | {_f(lay['pc1_sink_cos'])} |")
     th = result["thresholds"]
     held = mid["held_out"]
@@ -264,11 +254,14 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Activa
         f"recipe varies along gives r near 0. Headline: held out — centring, scaling and PCA "
         f"fitted on {held['n_fit']} personas, scores taken on the other {held['n_scored']}; only "
         f"the first {held['n_fit'] - 1} PCs can be counted. Null: the same after relabelling one "
-        "recipe's personas at random (what unrelated recipes reach; p = share of relabellings "
-        "reaching k_found). The last columns are descriptive: the largest K at which every pair, projected "
-        f"onto the top-K PCs, keeps per-persona min cos > {th['min_cos']} and cosine-matrix r > "
-        f"{th['min_r']} (K = 1 is not scored: a 1-D projection makes every cosine ±1), and how "
-        "closely PC1 follows the first token's residual (the attention sink).", "",
+        f"recipe's personas at random ({result['null']['n']} draws: what unrelated recipes reach; "
+        "p = (1 + relabellings reaching k_found) / (draws + 1), Holm-adjusted over the layers for "
+        f"the \"beyond the null\" statement at {ALPHA:g}). {limits_text(result['null']['n'], layers)} "
+        "The last columns are descriptive: PC1's share of the variance and how closely PC1 "
+        "follows the first token's residual (the attention sink). subspace.json also holds "
+        "in-sample counts and the largest K at which every pair, projected onto the top-K PCs, "
+        f"keeps per-persona min cos > {th['min_cos']} and cosine-matrix r > {th['min_r']}; they "
+        "have no null, are fitted and scored on the same personas, and are not reported here.", "",
         *rows, "",
         *aligned_section(result),
         f"![variance](figures/subspace_variance_L{mid['layer']}.png)", "",
