@@ -5,6 +5,10 @@ per-question vectors), 1,000 Mantel permutations for every pair and layer. Targe
 on a 2-core CPU, peak memory under 8 GiB.
 
     python benchmarks/compare_full_scale.py [--store DIR] [--permutations 1000]
+    python benchmarks/compare_full_scale.py --subspace [--null-draws 100] [--align procrustes]
+
+``--subspace`` times the shared subspace (``tlpersona subspace``'s analysis) on the same store
+instead of the comparison.
 
 The synthetic store is written once (in a child process, so its memory does not count) and
 reused if DIR already holds it.
@@ -58,6 +62,9 @@ def main() -> None:
     ap.add_argument("--store", default=str(Path(tempfile.gettempdir()) / "tlpersona-bench-store"))
     ap.add_argument("--permutations", type=int, default=1000)
     ap.add_argument("--make-only", action="store_true")
+    ap.add_argument("--subspace", action="store_true", help="time the shared subspace instead")
+    ap.add_argument("--null-draws", type=int, default=100)
+    ap.add_argument("--align", default="none")
     args = ap.parse_args()
     path = Path(args.store)
     if args.make_only:
@@ -72,6 +79,16 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     st = open_store(path)
+    if args.subspace:
+        from tlpersona.analyses.subspace import SubspaceConfig, subspace
+
+        t0 = time.perf_counter()
+        sub, _ = subspace(st, SubspaceConfig(n_null=args.null_draws, align=args.align))
+        print(f"subspace, {len(sub['positions'])} recipes x {len(LAYERS)} layers, "
+              f"{args.null_draws} relabelled draws, align {args.align}: "
+              f"{time.perf_counter() - t0:.1f} s; k_found per layer "
+              f"{[lay['k_found'] for lay in sub['layers']]}")
+        return
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     res = compare(st, CompareConfig(n_perm=args.permutations), stages)
