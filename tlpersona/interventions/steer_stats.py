@@ -1,13 +1,13 @@
-"""Bootstrap over questions for steering effects, and rankings that only separate what the
-intervals separate.
+"""Bootstrap over questions for steering effects, and rankings that only separate what a
+sign-flip test over questions, Holm-adjusted over the pairs, separates.
 
 Examples are (target persona, question) pairs; questions are the resampled unit, so every
 persona's example on a drawn question comes along with it. All effects of one result share the
-same question draws, which makes differences between recipes paired. Random-direction controls
-are resampled over directions as well as questions, so their interval carries the spread between
-directions, not only the sampling noise of their mean. (``scipy.stats.bootstrap`` resamples
-observations independently per call and offers neither the shared draws nor the second level,
-hence the multinomial weights here.)
+same question draws, which makes differences (own - other personas' vectors) paired.
+Random-direction controls are resampled over directions as well as questions, so their interval
+carries the spread between directions, not only the sampling noise of their mean.
+(``scipy.stats.bootstrap`` resamples observations independently per call and offers neither
+the shared draws nor the second level, hence the multinomial weights here.)
 """
 
 from __future__ import annotations
@@ -90,18 +90,22 @@ def _per_question(x: np.ndarray, keep_first: bool) -> np.ndarray:
     return x.reshape(-1, x.shape[-1]).sum(0)
 
 
-def separated_ranks(draws: list[np.ndarray], level: float) -> list[int]:
-    """Rank of each entry: 1 + the number of entries whose paired difference with it has a
-    bootstrap interval entirely above zero. Equal ranks are ties the data cannot break."""
-    tail = (1 - level) / 2 * 100
-    ranks = []
-    for i in range(len(draws)):
-        beaten_by = 0
-        for j in range(len(draws)):
-            if i != j:
-                d = draws[j] - draws[i]
-                d = d[np.isfinite(d)]
-                if d.size and np.percentile(d, tail) > 0:
-                    beaten_by += 1
-        ranks.append(1 + beaten_by)
-    return ranks
+def separated_ranks(kl: list[np.ndarray], level: float, seed: int = 0) -> list[int]:
+    """Rank of each entry: 1 + the number of entries that beat it. ``kl``: per entry
+    ``[question]`` edited KL summed over targets (the unedited KL, the effects' shared
+    denominator, cancels). Entry j beats i where the per-question differences pass a two-sided
+    sign-flip test over questions, Holm-adjusted over every pair, at ``1 - level``; the
+    bootstrap intervals cannot serve here, being too narrow with few questions and uncorrected
+    for the pairs. With n questions no p falls below 2 / 2**n: equal ranks are ties the data
+    cannot break."""
+    from tlpersona.analyses.stats import holm, paired_permutation
+
+    pairs = [(i, j) for i in range(len(kl)) for j in range(i + 1, len(kl))]
+    beaten = [0] * len(kl)
+    if not pairs:
+        return [1] * len(kl)
+    d = np.array([kl[i] - kl[j] for i, j in pairs])  # > 0: j moved closer to the goal
+    for (i, j), dij, p in zip(pairs, d, holm(paired_permutation(d, seed=seed)), strict=True):
+        if p < 1 - level:
+            beaten[i if dij.sum() > 0 else j] += 1
+    return [1 + b for b in beaten]

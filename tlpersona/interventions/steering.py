@@ -37,7 +37,7 @@ questions only: the persona's own vector, ``n_random`` seeded random directions 
 ``add`` of the same norm), and the other target personas' vectors (specificity: X's vector
 moves the model toward X more than Y's vector does), and the fluency guard. Intervals:
 bootstrap over questions (:mod:`tlpersona.interventions.steer_stats`); recipes are ranked only where
-the paired interval of their difference excludes zero.
+a sign-flip test over the scoring questions, Holm-adjusted over the pairs, separates them.
 """
 
 from __future__ import annotations
@@ -579,7 +579,7 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
     boot = Bootstrap(len(score_q), cfg.n_boot, cfg.seed, cfg.level)
     dir_w = boot.direction_weights(cfg.n_random)
     scores: list[RecipeScore] = []
-    draws: dict[tuple[str, str], np.ndarray] = {}
+    kl_q: dict[tuple[str, str], np.ndarray] = {}  # edited KL per scoring question
     for (op, r), (s, sel_eff, interior, points) in chosen.items():
         def arr(direction_of: Any, s: Setting = s, r: str = r, fl: bool = False) -> np.ndarray:
             """``[target, question, 4]`` values for directions given per target."""
@@ -604,7 +604,7 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
         if len(points) > 2:
             rho = float(stats.spearmanr([p.strength for p in points],
                                         [p.lp_gain for p in points]).statistic)
-        draws[op, r] = own_draws
+        kl_q[op, r] = mine[..., 1].sum(0)
         scores.append(RecipeScore(
             operator=op, recipe=r, setting=s, selection_effect=sel_eff, interior=interior,
             fluency_ok=flu_ok, own=own_arm, random=rand_arm,
@@ -618,7 +618,7 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
     verdicts = {}
     for op in cfg.operators:
         of_op = [x for x in scores if x.operator == op]
-        ranks = separated_ranks([draws[op, x.recipe] for x in of_op], cfg.level)
+        ranks = separated_ranks([kl_q[op, x.recipe] for x in of_op], cfg.level, cfg.seed)
         for x, k in zip(of_op, ranks, strict=True):
             x.rank = k
         verdicts[op] = _verdict(op, of_op)
@@ -650,10 +650,11 @@ def _verdict(op: str, scores: list[RecipeScore]) -> str:
             "directions' upper bound" if beat else
             "no recipe's own vector beats the random directions' upper bound")
     if len({s.rank for s in scores}) == 1:
-        order = "the recipes are indistinguishable (every paired interval includes zero)"
+        order = ("no recipe is separated from another (sign-flip tests over the "
+                 f"{scores[0].own.effect.n} scoring questions, Holm-adjusted over pairs)")
     else:
         top = [s.recipe for s in ranked if s.rank == 1]
-        order = (f"{', '.join(top)} ranked first; ranks by separated intervals: "
+        order = (f"{', '.join(top)} ranked first; ranks by sign-flip tests over questions, Holm-adjusted: "
                  + ", ".join(f"{s.recipe} {s.rank}" for s in ranked))
     broken = [s.recipe for s in ranked if not s.fluency_ok]
     tail = f"; {', '.join(broken)} failed the fluency guard" if broken else ""
