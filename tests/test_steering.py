@@ -190,7 +190,7 @@ def _small(**kw):
 def test_selection_never_scores_on_selection_questions(loaded, store6, monkeypatch):
     """Every row planned for selection reads only selection questions and every scored row
     only scoring questions; changing the scoring questions leaves the selected settings as they
-    were, and the own vector beats the random directions for at least one recipe."""
+    were; "beyond random" is the own effect's rank among the random directions'."""
     seen: dict[str, set[str]] = {}
     real_run = S._Eval.run
 
@@ -212,11 +212,14 @@ def test_selection_never_scores_on_selection_questions(loaded, store6, monkeypat
     a, b = results
     assert [(s.operator, s.recipe, s.setting, s.selection_effect) for s in a.scores] == \
         [(s.operator, s.recipe, s.setting, s.selection_effect) for s in b.scores]
-    beat = [s for s in a.scores if s.beats_random]
-    assert beat, a.verdicts  # on this model at least one recipe's vector beats random
-    for s in beat:
-        assert s.recipe in a.verdicts[s.operator]
-        assert s.own.effect.lo > s.random.effect.hi
+    # beyond random: the own effect's rank among the random directions', recomputed here from
+    # the examples; 2 directions cannot give p < 1/3, and the verdict says so
+    for s in a.scores:
+        own = 1 - sum(e.kl for e in s.examples) / sum(e.kl0 for e in s.examples)
+        want = (1 + sum(r >= own for r in s.random_effects)) / (len(s.random_effects) + 1)
+        assert s.random_p == pytest.approx(want) and s.random_p >= 1 / 3
+        assert s.random_p_holm >= s.random_p and not s.beats_random
+    assert all("p cannot fall below 0.333" in v for v in a.verdicts.values())
     s0 = a.scores[0]
     assert s0.own.n_examples == 2 * 2 and s0.random.n_examples == 2 * 2 * 2
     assert 0 <= s0.own.wrong_way <= 1 and s0.specificity is not None
@@ -269,3 +272,16 @@ def test_first_token_is_not_a_steering_recipe():
         positions = ["last", "first", "sys_end", "prompt_mean_no_first"]
 
     assert default_recipes(Stored()) == ["last", "sys_end", "prompt_mean_no_first"]
+
+
+def test_random_rank_p_and_holm_decide_beyond_random():
+    """The rank p counts random directions at least as large as the own effect; Holm over the
+    family turns several borderline recipes into none."""
+    from tlpersona.analyses.stats import holm
+
+    rand = list(np.linspace(0.0, 0.5, 99))
+    assert S.random_rank_p(0.9, rand) == pytest.approx(1 / 100)
+    assert S.random_rank_p(0.5, rand) == pytest.approx(2 / 100)  # ties count against the own
+    assert S.random_rank_p(-1.0, rand) == 1.0
+    # 6 recipes at p = 0.01: Holm makes each 0.06 (not beyond at 0.05); one alone stays 0.01
+    assert np.all(holm([0.01] * 6) > 0.05) and holm([0.01])[0] == pytest.approx(0.01)

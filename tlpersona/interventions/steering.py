@@ -53,6 +53,7 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
+from tlpersona.analyses.stats import holm
 from tlpersona.cache.vectors import axis, centred
 from tlpersona.data import Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
@@ -159,7 +160,11 @@ class RecipeScore:
     other: Arm | None  # other target personas' vectors on the same targets
     specificity: Estimate | None  # own effect - other effect (paired)
     fluency: Estimate  # guard value of the own vector (nats/token, see module doc)
-    beats_random: bool  # own lower bound above the random directions' upper bound, fluent
+    # rank p of the own effect among the random directions' effects, (1 + #random >= own) /
+    # (n_random + 1), and Holm-adjusted over every recipe × operator of the run
+    random_p: float
+    random_p_holm: float = 1.0
+    beats_random: bool = False  # random_p_holm < 1 - level and the fluency guard passes
     rank: int = 0
     examples: list[Example] = field(default_factory=list)
     curve: list[CurvePoint] = field(default_factory=list)  # selection questions, own vector
@@ -605,23 +610,28 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
             rho = float(stats.spearmanr([p.strength for p in points],
                                         [p.lp_gain for p in points]).statistic)
         kl_q[op, r] = mine[..., 1].sum(0)
+        rand_eff = [_effect(rand[k]) for k in range(cfg.n_random)]
         scores.append(RecipeScore(
             operator=op, recipe=r, setting=s, selection_effect=sel_eff, interior=interior,
             fluency_ok=flu_ok, own=own_arm, random=rand_arm,
-            random_effects=[float(1 - rand[k, ..., 1].sum() / rand[k, ..., 0].sum())
-                            for k in range(cfg.n_random)],
+            random_effects=rand_eff,
             other=other_arm, specificity=spec, fluency=boot.estimate(flu_point, flu_draws),
-            beats_random=bool(own_arm.effect.lo > rand_arm.effect.hi and flu_ok),
+            # the own vector's effect and each direction's, as one formula on the same examples
+            random_p=random_rank_p(_effect(mine), rand_eff),
             examples=[Example(targets[j].name, q.id, *map(float, mine[j, qi]))
                       for j in range(nt) for qi, q in enumerate(score_q)],
             curve=points, monotone_rho=rho))
+    # one family: "this recipe's vector moves the model more than a random direction"
+    for x, p in zip(scores, holm([x.random_p for x in scores]), strict=True):
+        x.random_p_holm = float(p)
+        x.beats_random = bool(p < 1 - cfg.level and x.fluency_ok)
     verdicts = {}
     for op in cfg.operators:
         of_op = [x for x in scores if x.operator == op]
         ranks = separated_ranks([kl_q[op, x.recipe] for x in of_op], cfg.level, cfg.seed)
         for x, k in zip(of_op, ranks, strict=True):
             x.rank = k
-        verdicts[op] = _verdict(op, of_op)
+        verdicts[op] = _verdict(op, of_op, cfg.n_random, len(scores), 1 - cfg.level)
     result = SteeringResult(
         config=cfg, store_manifest_hash=store.manifest_hash, model=str(runner.model.info.spec),
         base=cfg.base, personas=choice, selection_questions=[q.id for q in sel_q],
@@ -643,12 +653,30 @@ def _arm(boot: Bootstrap, v: np.ndarray, dir_w: np.ndarray | None = None
                int(np.prod(v.shape[:-1]))), draws
 
 
-def _verdict(op: str, scores: list[RecipeScore]) -> str:
+def _effect(v: np.ndarray) -> float:
+    """1 - ΣKL(goal || edited) / ΣKL(goal || unedited) over ``v`` ``[..., 4]``'s examples."""
+    return float(1 - v[..., 1].sum() / v[..., 0].sum())
+
+
+def random_rank_p(own: float, random: list[float]) -> float:
+    """Rank p of ``own`` among the random directions' effects: (1 + #random ≥ own) / (N + 1),
+    what a direction exchangeable with the random ones would reach (never below 1/(N + 1))."""
+    return (1 + sum(r >= own for r in random)) / (len(random) + 1)
+
+
+def _verdict(op: str, scores: list[RecipeScore], n_random: int, family: int, alpha: float) -> str:
     ranked = sorted(scores, key=lambda s: (s.rank, -s.own.effect.mean))
     beat = [s for s in ranked if s.beats_random]
-    head = (f"{', '.join(f'{s.recipe} ({s.setting.label()})' for s in beat)} beat the random "
-            "directions' upper bound" if beat else
-            "no recipe's own vector beats the random directions' upper bound")
+    if beat:
+        head = (f"{', '.join(f'{s.recipe} ({s.setting.label()})' for s in beat)} beyond every "
+                f"random direction (rank p over {n_random} directions, Holm-adjusted over "
+                f"{family} recipe × operator tests, < {alpha:g})")
+    elif family / (n_random + 1) >= alpha:
+        head = (f"no recipe can be called beyond the random directions: with {n_random} of them "
+                f"p cannot fall below {1 / (n_random + 1):.3f}, too coarse for {family} tests "
+                f"after Holm (use more random directions)")
+    else:
+        head = "no recipe's own vector is beyond the random directions (Holm-adjusted rank p)"
     if len({s.rank for s in scores}) == 1:
         order = ("no recipe is separated from another (sign-flip tests over the "
                  f"{scores[0].own.effect.n} scoring questions, Holm-adjusted over pairs)")

@@ -102,8 +102,12 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
         "1 - ΣKL(goal || edited) / ΣKL(goal || unedited) over (persona, question) examples, KL "
         "averaged over the last prompt token and the response tokens. Intervals: "
         f"{cfg.level:.0%} bootstrap over questions ({cfg.n_boot} draws; the random-direction "
-        f"control over its {cfg.n_random} directions too). With "
-        f"{len(result.scoring_questions)} scoring questions the intervals are coarse. "
+        f"control over its {cfg.n_random} directions too); with "
+        f"{len(result.scoring_questions)} scoring questions they are rough and, if anything, too "
+        "narrow, so no claim below rests on them: ranks come from sign-flip tests over the "
+        "scoring questions (Holm over recipe pairs), and \"beyond random\" from the own "
+        f"effect's rank among the {cfg.n_random} random directions' effects, p = (1 + #directions "
+        "≥ own) / (directions + 1), Holm-adjusted over every recipe × operator (shown: Holm p). "
         "\"wrong way\": fraction of examples whose KL to the goal grew. Fluency: mean per-token "
         "log-prob change of the base response (for `add`, relative to the persona's own run; "
         f"a setting below -{cfg.fluency_margin:g} nats/token cannot beat the controls). Typical "
@@ -113,9 +117,9 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
     for op in cfg.operators:
         scores = result.scores_for(op)
         lines += [f"### {op}", "", HOW[op] + ".", "", f"**{result.verdicts[op]}**", "",
-                  "| rank | recipe | setting | interior | own effect | random dirs | other "
-                  "personas | specificity | log-prob gain (own / other) | wrong way | fluency "
-                  "| beats random |",
+                  "| rank | recipe | setting | interior | own effect | random dirs (mean) | "
+                  "other personas | specificity | log-prob gain (own / other) | wrong way | "
+                  "fluency | beyond random (Holm p) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in scores:
             interior = {None: "", True: "yes", False: "**edge**"}[s.interior]
@@ -125,7 +129,7 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
                 f"| {_e(s.random.effect)} | {_e(s.other.effect if s.other else None)} | "
                 f"{_e(s.specificity)} | {_e(s.own.lp_gain)} / "
                 f"{_e(s.other.lp_gain if s.other else None)} | {s.own.wrong_way:.0%} | {flu} | "
-                f"{'yes' if s.beats_random else 'no'} |")
+                f"{'yes' if s.beats_random else 'no'} ({s.random_p_holm:.3f}) |")
         edge = [s.recipe for s in scores if s.interior is False]
         if edge:
             lines += ["", f"Selected strength at the edge of the grid for {', '.join(edge)}: the "
