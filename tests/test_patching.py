@@ -153,6 +153,13 @@ def test_patch_command_writes_json_figures_and_report(small_store, tmp_path):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
     md = (out / "patch.md").read_text()
     assert "### Patching" in md and "Agreement with exact" in md
+    # no null yet: the report says so, picks no "largest" cell, and marks the cell that is 1
+    # by construction (the residual after the last block at the read position)
+    assert "Descriptive, no null yet" in md
+    assert "Largest KL effects" not in md and "largest |KL effect|" not in md
+    row = next(line for line in md.splitlines() if line.startswith("| last |"))
+    assert row.rstrip(" |").endswith("¹") and row.count("¹") == 1
+    assert data["n_layers"] == 30
 
 
 @pytest.mark.parametrize("args, message", [

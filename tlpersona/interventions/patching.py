@@ -1,4 +1,6 @@
-"""Cross-persona activation patching: which positions, layers and components carry the persona.
+"""Cross-persona activation patching: which positions, layers and components carry the difference
+between two personas' system prompts (descriptive: no null separates the persona from any change
+of wording yet; see the report's note).
 
 Clean run: persona X's system prompt + a question. Corrupt run: persona Y's (by default the
 ``assistant`` persona) + the same question. One component's activation at one named position
@@ -161,6 +163,7 @@ class PatchResult:
     positions: list[str]
     layers: list[int]
     n_heads: int
+    n_layers: int  # the model's blocks (the last one's read-position residual is the output)
     kl_clean_corrupt_mean: float | None
     cells: list[CellEffect]
     agreement: list[Agreement]
@@ -426,6 +429,7 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
         questions=[q.id for q in questions],
         positions=[r for r in rows if any(c.position == r for c in cells)],
         layers=list(cfg.layers), n_heads=int(runner.bridge.cfg.n_heads),
+        n_layers=int(runner.model.info.n_layers),
         kl_clean_corrupt_mean=float(np.nanmean(kl_base)) if kl_base else None,
         cells=cells, agreement=agreement, seconds=seconds)
 

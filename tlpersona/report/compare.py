@@ -292,7 +292,16 @@ def write_patch(result: Any, out: str | Path) -> str:
         f"layer copied from clean into corrupt; next-token distributions read at {read}. "
         f"Effect 0 = corrupt, 1 = clean (KL / logit difference, ratios of sums over examples). "
         f"Mean KL(clean || corrupt) = {_f(result.kl_clean_corrupt_mean)}. `sys_start+i` rows are "
-        "system-text tokens aligned by index from the start of the system text.", ""]
+        "system-text tokens aligned by index from the start of the system text.", "",
+        "**Descriptive, no null yet.** The effects say where the difference between the two "
+        "system prompts is carried, not that it is the persona: an independent check found a "
+        "rewording of the corrupt persona's own prompt (no persona change) giving effects of "
+        "the same size at the largest cells. Patching the residual stream at the read position "
+        "after the last block copies the clean output, so that cell is 1 by construction "
+        "(marked ¹). Each cell is a ratio of sums over its "
+        f"{len(result.pairs) * len(result.questions)} examples at most (fewer where a "
+        "system-text token is missing); no cell is picked out as the most important, as one "
+        "picked and scored on the same examples would overstate it.", ""]
     exact = result.select("exact", cfg.hook)
     if exact:
         by = {(c.position, c.layer, c.head): c for c in exact}
@@ -307,12 +316,10 @@ def write_patch(result: Any, out: str | Path) -> str:
                 got = [by.get((pos, la, None)) for la in layers]
                 lines.append(f"| {pos} | " + " | ".join(
                     "" if c is None else f"{_f(c.kl_effect, 2)} / {_f(c.ld_effect, 2)}"
+                    + ("¹" if _by_construction(c, result) else "")
                     for c in got) + " |")
             lines.append("")
-        top = sorted(exact, key=lambda c: -c.kl_effect)[:5]
-        lines += ["Largest KL effects: " + "; ".join(
-            f"{_cell_name(c)} {_f(c.kl_effect, 2)}" for c in top) + ".", "",
-            "![patching](figures/patching.png)", ""]
+        lines += ["![patching](figures/patching.png)", ""]
     comps = [c for c in cfg.attribution_hooks if result.select("attribution", c)]
     if comps:
         lines += [
@@ -338,16 +345,18 @@ def write_patch(result: Any, out: str | Path) -> str:
                 plots.head_heatmap(cells, layers, result.n_heads, "attribution, head", figs / fig)
             else:
                 plots.patching_heatmap(cells, rows, layers, f"attribution, {comp}", figs / fig)
-            top = sorted(cells, key=lambda c: -abs(c.kl_effect))[:3]
-            lines += [f"`{comp}`: largest |KL effect| " + "; ".join(
-                f"{_cell_name(c)} {_f(c.kl_effect, 2)}" for c in top) + f" ![{comp}](figures/{fig})", ""]
+            lines += [f"`{comp}`: ![{comp}](figures/{fig})", ""]
     section = "\n".join(lines)
     atomic_write_bytes(out / "patch.md", section.encode())
     return section
 
 
-def _cell_name(c: Any) -> str:
-    return _cell_name_t((c.position, c.layer, c.head))
+def _by_construction(c: Any, result: Any) -> bool:
+    """A residual-stream patch after the last block at the read position (``last``, when only
+    it is read): the patched run's output is the clean run's, effect 1 whatever the personas."""
+    cfg = result.config
+    return (c.component == "resid_post" and c.position == "last" and not cfg.response_tokens
+            and c.layer == result.n_layers - 1)
 
 
 def _cell_name_t(key: tuple) -> str:
