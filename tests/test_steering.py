@@ -285,3 +285,17 @@ def test_random_rank_p_and_holm_decide_beyond_random():
     assert S.random_rank_p(-1.0, rand) == 1.0
     # 6 recipes at p = 0.01: Holm makes each 0.06 (not beyond at 0.05); one alone stays 0.01
     assert np.all(holm([0.01] * 6) > 0.05) and holm([0.01])[0] == pytest.approx(0.01)
+
+
+def test_monotonicity_p_enumerates_every_ordering():
+    import itertools
+
+    from scipy import stats
+
+    strength, gain = [0.03, 0.06, 0.12, 0.25, 0.5, 1.0], [0.1, 0.3, 0.2, 0.5, 0.9, 1.1]
+    rho, p = S.monotonicity(strength, gain)
+    obs = stats.spearmanr(strength, gain).statistic
+    null = [stats.spearmanr(strength, perm).statistic for perm in itertools.permutations(gain)]
+    assert rho == pytest.approx(obs)
+    assert p == pytest.approx(np.mean([abs(x) >= abs(obs) - 1e-12 for x in null]))
+    assert S.monotonicity(strength, gain[::-1])[1] == pytest.approx(p)  # two-sided

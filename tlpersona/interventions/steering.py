@@ -169,6 +169,7 @@ class RecipeScore:
     examples: list[Example] = field(default_factory=list)
     curve: list[CurvePoint] = field(default_factory=list)  # selection questions, own vector
     monotone_rho: float | None = None  # Spearman(strength, lp gain) along the curve
+    monotone_p: float | None = None  # its two-sided permutation p (exact: every ordering)
 
 
 @dataclass
@@ -605,10 +606,9 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
             spec = boot.estimate(own_arm.effect.mean - other_arm.effect.mean, own_draws - other_draws)
         flu_point, flu_draws = boot.mean(mine[..., 3])
         flu_ok = flu_point >= -cfg.fluency_margin
-        rho = None
+        rho = rho_p = None
         if len(points) > 2:
-            rho = float(stats.spearmanr([p.strength for p in points],
-                                        [p.lp_gain for p in points]).statistic)
+            rho, rho_p = monotonicity([p.strength for p in points], [p.lp_gain for p in points])
         kl_q[op, r] = mine[..., 1].sum(0)
         rand_eff = [_effect(rand[k]) for k in range(cfg.n_random)]
         scores.append(RecipeScore(
@@ -620,7 +620,7 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
             random_p=random_rank_p(_effect(mine), rand_eff),
             examples=[Example(targets[j].name, q.id, *map(float, mine[j, qi]))
                       for j in range(nt) for qi, q in enumerate(score_q)],
-            curve=points, monotone_rho=rho))
+            curve=points, monotone_rho=rho, monotone_p=rho_p))
     # one family: "this recipe's vector moves the model more than a random direction"
     for x, p in zip(scores, holm([x.random_p for x in scores]), strict=True):
         x.random_p_holm = float(p)
@@ -656,6 +656,18 @@ def _arm(boot: Bootstrap, v: np.ndarray, dir_w: np.ndarray | None = None
 def _effect(v: np.ndarray) -> float:
     """1 - ΣKL(goal || edited) / ΣKL(goal || unedited) over ``v`` ``[..., 4]``'s examples."""
     return float(1 - v[..., 1].sum() / v[..., 0].sum())
+
+
+def monotonicity(strength: list[float], gain: list[float]) -> tuple[float, float]:
+    """Spearman ρ of ``gain`` against ``strength`` and its two-sided permutation p (every
+    pairing enumerated when there are at most 8 points: exact)."""
+    def rho(x: np.ndarray) -> float:
+        return float(stats.spearmanr(strength, x).statistic)
+
+    res = stats.permutation_test((np.asarray(gain, dtype=float),), rho,
+                                 permutation_type="pairings", n_resamples=9999,
+                                 alternative="two-sided", random_state=np.random.default_rng(0))
+    return rho(np.asarray(gain, dtype=float)), float(res.pvalue)
 
 
 def random_rank_p(own: float, random: list[float]) -> float:
@@ -709,10 +721,12 @@ def steered_greedy(runner: Runner, prompts: list[list[int]], edits: list[list[Ed
 
 
 def continuations(ev: _Eval, result: SteeringResult, question: Question) -> list[Continuation]:
-    """Greedy continuations with the best ``add`` recipe at its selected setting: unsteered
+    """Greedy continuations, as an illustration, with the ``add`` recipe of the largest
+    selection-question effect at its selected setting: unsteered
     base, steered, a random direction of equal norm, and the persona itself; each text's mean
     per-token log-prob under the unsteered base model (the fluency of what was generated)."""
-    best = result.scores_for("add")[0]
+    # picked on the selection questions (never on the scoring ones it is shown with)
+    best = max(result.scores_for("add"), key=lambda x: x.selection_effect)
     r, s = best.recipe, best.setting
     tok = ev.runner.model.tokenizer
     conv = ev.runner.conversation(ev.prompt(ev.base), question.text)

@@ -134,13 +134,18 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
         if edge:
             lines += ["", f"Selected strength at the edge of the grid for {', '.join(edge)}: the "
                           "optimum may lie outside it."]
-        rhos = [f"{s.recipe} {s.monotone_rho:.2f}" for s in scores if s.monotone_rho is not None]
+        rhos = [f"{s.recipe} {s.monotone_rho:.2f} (p = {s.monotone_p:.3f})" for s in scores
+                if s.monotone_rho is not None and s.monotone_p is not None]
         if rhos:
             lines += ["", "Monotonicity (Spearman ρ of the log-prob gain against strength at the "
-                          "selected layers, selection questions): " + ", ".join(rhos) + "."]
+                          "selected layers, selection questions; p: every ordering of the "
+                          "strengths, two-sided, per recipe): " + ", ".join(rhos) + "."]
         lines.append("")
     lines += ["![steering effects](figures/steering_effects.png)", "",
               "![steering curves](figures/steering_curves.png)", ""]
+    if result.continuations:
+        lines += ["Continuations (an illustration, not evidence: the `add` recipe with the "
+                  "largest effect on the selection questions, on a scoring question):", ""]
     for c in result.continuations:
         fl = {k: f"{v:.2f}" for k, v in c.base_logprob.items()}
         lines += [f"**{c.persona}** ({c.recipe}, {c.setting}) — {c.question}", "",
