@@ -155,11 +155,13 @@ def test_patch_command_writes_json_figures_and_report(small_store, tmp_path):
     assert "### Patching" in md and "Agreement with exact" in md
     # no null yet: the report says so, picks no "largest" cell, and marks the cell that is 1
     # by construction (the residual after the last block at the read position)
-    assert "Descriptive, no null yet" in md
+    assert "Descriptive; read beside the rewording control" in md
     assert "Largest KL effects" not in md and "largest |KL effect|" not in md
     row = next(line for line in md.splitlines() if line.startswith("| last |"))
     assert row.rstrip(" |").endswith("¹") and row.count("¹") == 1
     assert data["n_layers"] == 30
+    assert "Rewording control, exact `resid_post`" in md and data["control"]
+    assert "rewording control: clean = 'assistant' in its phrasing" in res.output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -205,3 +207,29 @@ def test_clean_personas_contrast_with_the_corrupt_persona(small_store):
     assert [p.name for p in chosen] == [p.name for p in ps[:3]] and "first 2" in note
     with pytest.raises(TlpersonaError, match="'nobody' is not among"):
         choose_clean(ps, "assistant", 2, ["nobody"], small_store)
+
+
+def test_rewording_control_is_the_grid_of_the_reworded_corrupt_persona(runner):
+    """The control is computed as the main grid is: its cells equal a main grid whose clean
+    persona is the corrupt persona in its next phrasing; it is absent, with the reason, where no
+    single corrupt persona has a second phrasing."""
+    from tlpersona.interventions.patching import reworded
+
+    ps, qs = builtin_personas(), builtin_questions()[:2]
+    assistant = next(p for p in ps if p.name == "assistant")
+    cfg = PatchConfig(layers=[3, 29], positions=["sys_end", "last"], method="exact",
+                      progress=False)
+    res = run_patching(runner, [ps[1], assistant], qs, cfg)
+    assert "phrasing 1 instead of 0 (2 examples)" in res.control_note
+    other = reworded(assistant, 0)
+    assert other.system_prompts[0] == assistant.system_prompts[1]
+    direct = run_patching(runner, [other, assistant], qs, PatchConfig(
+        layers=[3, 29], positions=["sys_end", "last"], method="exact", control=False,
+        progress=False))
+    assert direct.control == [] and "off" in direct.control_note
+    got = {(c.position, c.layer): (c.kl_effect, c.ld_effect, c.n) for c in res.control}
+    want = {(c.position, c.layer): (c.kl_effect, c.ld_effect, c.n) for c in direct.cells}
+    assert got == want and got[("last", 29)][0] == pytest.approx(1, abs=1e-6)
+    nxt = run_patching(runner, ps[:2], qs[:1], PatchConfig(
+        layers=[3], positions=["last"], method="exact", corrupt="next", progress=False))
+    assert nxt.control == [] and "no single corrupt persona" in nxt.control_note

@@ -608,11 +608,14 @@ def project(store: str, out: str, layer: int | None, positions: str | None, axis
               help="corrupt persona, or 'next' (each persona against the next one)")
 @click.option("--response-tokens", type=int, default=0, show_default=True,
               help="also read N teacher-forced tokens of the clean persona's greedy response")
+@click.option("--control/--no-control", default=True, show_default=True,
+              help="the exact grid again with the corrupt persona's own prompt reworded as the "
+                   "clean run (what a cell does without a persona change)")
 @_friendly
 def patch(store: str | None, out: str, model: str | None, device: str | None, dtype: str | None,
           attn: str, personas: str, questions: str, prompt_index: int | None, n_personas: int,
           clean_personas: str | None, n_questions: int, layers: str | None, positions: str,
-          hook: str, method: str, corrupt: str, response_tokens: int) -> None:
+          hook: str, method: str, corrupt: str, response_tokens: int, control: bool) -> None:
     """Activation patching: positions × layers, clean persona into corrupt (steering is
     `tlpersona steer`)."""
     from tlpersona.api.causal import patch as run
@@ -624,8 +627,8 @@ def patch(store: str | None, out: str, model: str | None, device: str | None, dt
                  n_questions=n_questions,
                  layers=None if layers == "default" else _layers(layers, None),
                  positions=_items(positions), hook=hook, method=method, corrupt=corrupt,
-                 response_tokens=response_tokens, prompt_index=prompt_index, device=device,
-                 dtype=dtype, attn=attn)
+                 response_tokens=response_tokens, prompt_index=prompt_index, control=control,
+                 device=device, dtype=dtype, attn=attn)
     report = result.save(path)
     _print_patch(result)
     click.echo(f"report: {report}")
@@ -635,11 +638,11 @@ def _print_patch(result: Any) -> None:
     click.echo(f"patching, clean personas: {', '.join(x for x, _ in result.pairs)} "
                f"({result.personas_note})")
     for method in ("exact", "attribution"):
-        top = sorted(result.select(method, result.config.hook), key=lambda c: -c.kl_effect)[:3]
-        if top:
-            click.echo(f"patching ({method}, {result.config.hook}), largest KL effects: " + "; ".join(
-                f"{c.position} L{c.layer}{'' if c.head is None else f' H{c.head}'} "
-                f"{c.kl_effect:.2f}" for c in top))
+        cells = result.select(method, result.config.hook)
+        if cells:
+            click.echo(f"patching ({method}, {result.config.hook}): {len(cells)} cells "
+                       "(descriptive: see the report)")
+    click.echo(f"rewording control: {result.control_note}")
 
 
 @main.command()

@@ -55,8 +55,9 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
           n_questions: int = 2, layers: LayerSpec | None = None,
           positions: Sequence[str] = DEFAULT_POSITIONS,
           hook: str = "resid_post", method: str = "both", corrupt: str = "assistant",
-          response_tokens: int = 0, prompt_index: int | None = None, device: str | None = None,
-          dtype: str | None = None, attn: str = "auto", progress: bool = True) -> PatchResult:
+          response_tokens: int = 0, prompt_index: int | None = None, control: bool = True,
+          device: str | None = None, dtype: str | None = None, attn: str = "auto",
+          progress: bool = True) -> PatchResult:
     """Activation patching over positions × layers: each clean persona's activation patched into
     the ``corrupt`` persona's run (or each persona into the next, ``corrupt="next"``), effects
     as the share of KL(clean ‖ corrupt) removed and of the logit difference restored, averaged
@@ -69,7 +70,9 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
     persona on its axis, else the first ``n_personas``. With ``store``, the model and phrasing
     default to the store's (a different model is an error). ``layers`` default to 8 spread
     over the model; ``positions`` use the position grammar, ``"system"`` being every
-    system-text token. ``.save(out)`` writes patch.json, figures and patch.md.
+    system-text token. ``control`` adds the exact grid once more with the corrupt persona's own
+    prompt in another phrasing as the clean run (no persona change): what a cell does when the
+    system prompts differ only in wording. ``.save(out)`` writes patch.json, figures and patch.md.
     """
     from tlpersona.interventions.patching import PatchConfig, check_config, choose_clean, run_patching
     from tlpersona.interventions.runner import HOOKS, Runner
@@ -96,7 +99,7 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
                 else _spread_layers(n_layers)),
         positions=list(positions), hook=hook, method=method, corrupt=corrupt,
         response_tokens=response_tokens, prompt_index=_store_phrasing(prov, prompt_index),
-        progress=progress)
+        progress=progress, control=control)
     check_config(cfg, n_layers)
     loaded = _model_for(model, prov, device, dtype, attn)
     return PatchResult.of(run_patching(Runner(loaded), chosen, qs, cfg, personas_note=note))

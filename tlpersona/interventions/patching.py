@@ -90,6 +90,8 @@ class PatchConfig:
     max_rows: int | None = None
     skip_noops: bool = True
     progress: bool = True
+    # the same exact grid with the corrupt persona's own prompt reworded as the clean run
+    control: bool = True
 
 
 @dataclass
@@ -166,6 +168,10 @@ class PatchResult:
     n_layers: int  # the model's blocks (the last one's read-position residual is the output)
     kl_clean_corrupt_mean: float | None
     cells: list[CellEffect]
+    # rewording control: exact cells with clean = the corrupt persona in another wording (no
+    # persona change); empty when none ran, ``control_note`` says which wording or why not
+    control: list[CellEffect]
+    control_note: str
     agreement: list[Agreement]
     seconds: dict[str, float]  # wall time per method
 
@@ -416,11 +422,14 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
             if method == methods[0]:
                 kl_base.append(next(iter(got.values()))[1] if got else float("nan"))
         seconds[method] = time.perf_counter() - t0
-    cells = [CellEffect(m, comp, row, layer, head, c.kl_effect, c.ld_effect, c.n,
-                        c.n_noop == c.n)
-             for (m, comp, row, layer, head), c in sums.items() if c.n > 0]
+    t0 = time.perf_counter()
+    control, control_note = _rewording_control(runner, plist, questions, rows, cfg)
+    if control:
+        seconds["control"] = time.perf_counter() - t0
+    cells = _effects(sums)
     order = {r: i for i, r in enumerate(rows)}
-    cells.sort(key=lambda c: (c.method, c.component, order[c.position], c.layer, c.head or 0))
+    for cs in (cells, control):
+        cs.sort(key=lambda c: (c.method, c.component, order[c.position], c.layer, c.head or 0))
     agreement = [agree(cells, cfg.hook, metric) for metric in ("kl", "ld")
                  if cfg.method == "both" and cfg.hook in cfg.attribution_hooks]
     return PatchResult(
@@ -431,7 +440,54 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
         layers=list(cfg.layers), n_heads=int(runner.bridge.cfg.n_heads),
         n_layers=int(runner.model.info.n_layers),
         kl_clean_corrupt_mean=float(np.nanmean(kl_base)) if kl_base else None,
-        cells=cells, agreement=agreement, seconds=seconds)
+        cells=cells, control=control, control_note=control_note, agreement=agreement,
+        seconds=seconds)
+
+
+def _effects(sums: dict[tuple[str, str, str, int, int | None], Cell]) -> list[CellEffect]:
+    return [CellEffect(m, comp, row, layer, head, c.kl_effect, c.ld_effect, c.n, c.n_noop == c.n)
+            for (m, comp, row, layer, head), c in sums.items() if c.n > 0]
+
+
+def reworded(persona: Persona, prompt_index: int) -> Persona | None:
+    """``persona`` whose phrasing at ``prompt_index`` is its next one (None with one phrasing):
+    the clean run of the rewording control, the same persona in other words."""
+    prompts = list(persona.system_prompts)
+    if len(prompts) < 2:
+        return None
+    j = (prompt_index + 1) % len(prompts)
+    prompts[prompt_index], prompts[j] = prompts[j], prompts[prompt_index]
+    return Persona(f"{persona.name} (reworded)", tuple(prompts))
+
+
+def _rewording_control(runner: Runner, plist: list[tuple[Persona, Persona]],
+                       questions: list[Question], rows: list[str], cfg: PatchConfig
+                       ) -> tuple[list[CellEffect], str]:
+    """The exact grid again with clean = the corrupt persona reworded, on the same questions and
+    rows, computed as the main grid is: a cell that carries persona information should do more
+    in the main grid than here, where the two system prompts differ only in wording."""
+    if not cfg.control:
+        return [], "not run (`control` off)"
+    if cfg.method == "attribution":
+        return [], "not run: it is an exact grid, and only attribution was asked for"
+    if cfg.corrupt == "next":
+        return [], "not run: with `corrupt` next there is no single corrupt persona to reword"
+    y = plist[0][1]
+    x = reworded(y, cfg.prompt_index)
+    if x is None:
+        return [], f"not run: {y.name!r} has one phrasing"
+    sys_x, sys_y = system_prompt(x, cfg.prompt_index), system_prompt(y, cfg.prompt_index)
+    responses = runner.greedy([runner.conversation(sys_x, q.text).ids for q in questions],
+                              cfg.response_tokens)
+    sums: dict[tuple[str, str, str, int, int | None], Cell] = {}
+    for q, resp in zip(questions, responses, strict=True):
+        got = patch_example(runner, runner.conversation(sys_x, q.text, resp),
+                            runner.conversation(sys_y, q.text, resp), rows, cfg)
+        for key, vals in got.items():
+            sums.setdefault(("exact", cfg.hook, *key), Cell()).add(*vals)
+    j = (cfg.prompt_index + 1) % len(y.system_prompts)
+    return _effects(sums), (f"clean = {y.name!r} in its phrasing {j} instead of "
+                            f"{cfg.prompt_index} ({len(questions)} examples)")
 
 
 REGIONS = ("system text", "after the system text")

@@ -293,15 +293,17 @@ def write_patch(result: Any, out: str | Path) -> str:
         f"Effect 0 = corrupt, 1 = clean (KL / logit difference, ratios of sums over examples). "
         f"Mean KL(clean || corrupt) = {_f(result.kl_clean_corrupt_mean)}. `sys_start+i` rows are "
         "system-text tokens aligned by index from the start of the system text.", "",
-        "**Descriptive, no null yet.** The effects say where the difference between the two "
-        "system prompts is carried, not that it is the persona: an independent check found a "
-        "rewording of the corrupt persona's own prompt (no persona change) giving effects of "
-        "the same size at the largest cells. Patching the residual stream at the read position "
-        "after the last block copies the clean output, so that cell is 1 by construction "
-        "(marked ¹). Each cell is a ratio of sums over its "
-        f"{len(result.pairs) * len(result.questions)} examples at most (fewer where a "
-        "system-text token is missing); no cell is picked out as the most important, as one "
-        "picked and scored on the same examples would overstate it.", ""]
+        "**Descriptive; read beside the rewording control.** The effects say where the "
+        "difference between the two system prompts is carried, not by themselves that it is the "
+        "persona: an independent check found a rewording of the corrupt persona's own prompt "
+        "(no persona change) giving effects of the same size at the largest cells. The control "
+        f"below repeats the exact grid that way ({result.control_note}); a cell that does no "
+        "more here than there shows no persona information. No test separates the two yet. "
+        "Patching the residual stream at the read position after the last block copies the "
+        "clean output, so that cell is 1 by construction (marked ¹). Each cell is a ratio of "
+        f"sums over its {len(result.pairs) * len(result.questions)} examples at most (fewer "
+        "where a system-text token is missing); no cell is picked out as the most important, "
+        "as one picked and scored on the same examples would overstate it.", ""]
     exact = result.select("exact", cfg.hook)
     if exact:
         by = {(c.position, c.layer, c.head): c for c in exact}
@@ -320,6 +322,19 @@ def write_patch(result: Any, out: str | Path) -> str:
                     for c in got) + " |")
             lines.append("")
         lines += ["![patching](figures/patching.png)", ""]
+        if result.control and cfg.hook != "head":
+            ctl = {(c.position, c.layer): c for c in result.control}
+            lines += [f"Rewording control, exact `{cfg.hook}` ({result.control_note}; KL / "
+                      "logit-difference effect):", "",
+                      "| position | " + " | ".join(f"L{x}" for x in layers) + " |",
+                      "|---|" + "---|" * len(layers)]
+            for pos in rows:
+                got = [ctl.get((pos, la)) for la in layers]
+                lines.append(f"| {pos} | " + " | ".join(
+                    "" if c is None else f"{_f(c.kl_effect, 2)} / {_f(c.ld_effect, 2)}"
+                    + ("¹" if _by_construction(c, result) else "")
+                    for c in got) + " |")
+            lines.append("")
     comps = [c for c in cfg.attribution_hooks if result.select("attribution", c)]
     if comps:
         lines += [
