@@ -680,13 +680,14 @@ def _verdict(op: str, scores: list[RecipeScore], n_random: int, family: int, alp
     ranked = sorted(scores, key=lambda s: (s.rank, -s.own.effect.mean))
     beat = [s for s in ranked if s.beats_random]
     if beat:
-        head = (f"{', '.join(f'{s.recipe} ({s.setting.label()})' for s in beat)} beyond every "
-                f"random direction (rank p over {n_random} directions, Holm-adjusted over "
+        head = (f"{', '.join(f'{s.recipe} ({s.setting.label()})' for s in beat)} beyond the "
+                f"random directions (rank p over {n_random} directions, Holm-adjusted over "
                 f"{family} recipe × operator tests, < {alpha:g})")
     elif family / (n_random + 1) >= alpha:
+        need = math.ceil(family / alpha)
         head = (f"no recipe can be called beyond the random directions: with {n_random} of them "
                 f"p cannot fall below {1 / (n_random + 1):.3f}, too coarse for {family} tests "
-                f"after Holm (use more random directions)")
+                f"after Holm (at least {need} random directions would be needed)")
     else:
         head = "no recipe's own vector is beyond the random directions (Holm-adjusted rank p)"
     if len({s.rank for s in scores}) == 1:

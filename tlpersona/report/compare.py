@@ -259,9 +259,10 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Activa
         f"the \"beyond the null\" statement at {ALPHA:g}). {limits_text(result['null']['n'], layers)} "
         "The last columns are descriptive: PC1's share of the variance and how closely PC1 "
         "follows the first token's residual (the attention sink). subspace.json also holds "
-        "in-sample counts and the largest K at which every pair, projected onto the top-K PCs, "
-        f"keeps per-persona min cos > {th['min_cos']} and cosine-matrix r > {th['min_r']}; they "
-        "have no null, are fitted and scored on the same personas, and are not reported here.", "",
+        "in-sample counts (fitted and scored on the same personas) and, held out and in sample, "
+        "the largest K at which every pair, projected onto the top-K PCs, keeps per-persona min "
+        f"cos > {th['min_cos']} and cosine-matrix r > {th['min_r']}; none of them has a null, so "
+        "they are not reported here.", "",
         *rows, "",
         *aligned_section(result),
         f"![variance](figures/subspace_variance_L{mid['layer']}.png)", "",
