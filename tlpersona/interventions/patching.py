@@ -1,6 +1,6 @@
 """Cross-persona activation patching: which positions, layers and components carry the difference
-between two personas' system prompts (descriptive: no null separates the persona from any change
-of wording yet; see the report's note).
+between two personas' system prompts (descriptive: a rewording control shows what each cell does
+when the prompts differ only in wording; no test separates the two yet).
 
 Clean run: persona X's system prompt + a question. Corrupt run: persona Y's (by default the
 ``assistant`` persona) + the same question. One component's activation at one named position
@@ -392,16 +392,7 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
     if not plist or not questions:
         raise TlpersonaError("patching needs at least one persona pair and one question")
 
-    def system(p: Persona) -> str:
-        return system_prompt(p, cfg.prompt_index)
-
-    jobs = [(x, y, q) for x, y in plist for q in questions]
-    responses = runner.greedy([runner.conversation(system(x), q.text).ids for x, _, q in jobs],
-                              cfg.response_tokens)
-    # (clean, corrupt), both followed by the clean persona's own response tokens
-    examples = [(runner.conversation(system(x), q.text, resp),
-                 runner.conversation(system(y), q.text, resp))
-                for (x, y, q), resp in zip(jobs, responses, strict=True)]
+    examples = _examples(runner, plist, questions, cfg)
     rows = expand_positions(cfg.positions, [clean for clean, _ in examples])
     sums: dict[tuple[str, str, str, int, int | None], Cell] = {}  # method, component, cell
     kl_base: list[float] = []
@@ -444,6 +435,21 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
         seconds=seconds)
 
 
+def _examples(runner: Runner, plist: list[tuple[Persona, Persona]], questions: list[Question],
+              cfg: PatchConfig) -> list[tuple[Conversation, Conversation]]:
+    """(clean, corrupt) conversations of every pair × question, both followed by the clean
+    persona's own greedy response tokens (``cfg.response_tokens`` of them)."""
+    def system(p: Persona) -> str:
+        return system_prompt(p, cfg.prompt_index)
+
+    jobs = [(x, y, q) for x, y in plist for q in questions]
+    responses = runner.greedy([runner.conversation(system(x), q.text).ids for x, _, q in jobs],
+                              cfg.response_tokens)
+    return [(runner.conversation(system(x), q.text, resp),
+             runner.conversation(system(y), q.text, resp))
+            for (x, y, q), resp in zip(jobs, responses, strict=True)]
+
+
 def _effects(sums: dict[tuple[str, str, str, int, int | None], Cell]) -> list[CellEffect]:
     return [CellEffect(m, comp, row, layer, head, c.kl_effect, c.ld_effect, c.n, c.n_noop == c.n)
             for (m, comp, row, layer, head), c in sums.items() if c.n > 0]
@@ -476,14 +482,9 @@ def _rewording_control(runner: Runner, plist: list[tuple[Persona, Persona]],
     x = reworded(y, cfg.prompt_index)
     if x is None:
         return [], f"not run: {y.name!r} has one phrasing"
-    sys_x, sys_y = system_prompt(x, cfg.prompt_index), system_prompt(y, cfg.prompt_index)
-    responses = runner.greedy([runner.conversation(sys_x, q.text).ids for q in questions],
-                              cfg.response_tokens)
     sums: dict[tuple[str, str, str, int, int | None], Cell] = {}
-    for q, resp in zip(questions, responses, strict=True):
-        got = patch_example(runner, runner.conversation(sys_x, q.text, resp),
-                            runner.conversation(sys_y, q.text, resp), rows, cfg)
-        for key, vals in got.items():
+    for clean, corrupt in _examples(runner, [(x, y)], questions, cfg):
+        for key, vals in patch_example(runner, clean, corrupt, rows, cfg).items():
             sums.setdefault(("exact", cfg.hook, *key), Cell()).add(*vals)
     j = (cfg.prompt_index + 1) % len(y.system_prompts)
     return _effects(sums), (f"clean = {y.name!r} in its phrasing {j} instead of "

@@ -307,35 +307,17 @@ def write_patch(result: Any, out: str | Path) -> str:
         "as one picked and scored on the same examples would overstate it.", ""]
     exact = result.select("exact", cfg.hook)
     if exact:
-        by = {(c.position, c.layer, c.head): c for c in exact}
         lines += [f"Exact patching of `{cfg.hook}` ({_f(result.seconds.get('exact'), 1)} s):", ""]
         if cfg.hook == "head":
             plots.head_heatmap(exact, layers, result.n_heads, "exact, head", figs / "patching.png")
         else:
             plots.patching_heatmap(exact, rows, layers, f"exact, {cfg.hook}", figs / "patching.png")
-            lines += ["| position | " + " | ".join(f"L{x}" for x in layers) + " |",
-                      "|---|" + "---|" * len(layers)]
-            for pos in rows:
-                got = [by.get((pos, la, None)) for la in layers]
-                lines.append(f"| {pos} | " + " | ".join(
-                    "" if c is None else f"{_f(c.kl_effect, 2)} / {_f(c.ld_effect, 2)}"
-                    + ("¹" if _by_construction(c, result) else "")
-                    for c in got) + " |")
-            lines.append("")
+            lines += [*_grid_table(exact, rows, layers, result), ""]
         lines += ["![patching](figures/patching.png)", ""]
         if result.control and cfg.hook != "head":
-            ctl = {(c.position, c.layer): c for c in result.control}
             lines += [f"Rewording control, exact `{cfg.hook}` ({result.control_note}; KL / "
                       "logit-difference effect):", "",
-                      "| position | " + " | ".join(f"L{x}" for x in layers) + " |",
-                      "|---|" + "---|" * len(layers)]
-            for pos in rows:
-                got = [ctl.get((pos, la)) for la in layers]
-                lines.append(f"| {pos} | " + " | ".join(
-                    "" if c is None else f"{_f(c.kl_effect, 2)} / {_f(c.ld_effect, 2)}"
-                    + ("¹" if _by_construction(c, result) else "")
-                    for c in got) + " |")
-            lines.append("")
+                      *_grid_table(result.control, rows, layers, result), ""]
     comps = [c for c in cfg.attribution_hooks if result.select("attribution", c)]
     if comps:
         lines += [
@@ -365,6 +347,20 @@ def write_patch(result: Any, out: str | Path) -> str:
     section = "\n".join(lines)
     atomic_write_bytes(out / "patch.md", section.encode())
     return section
+
+
+def _grid_table(cells: list[Any], rows: list[str], layers: list[int], result: Any) -> list[str]:
+    """Markdown table of positions × layers: each cell's KL / logit-difference effect (``¹``: 1
+    by construction), blank where the cell is not defined."""
+    by = {(c.position, c.layer): c for c in cells if c.head is None}
+    out = ["| position | " + " | ".join(f"L{x}" for x in layers) + " |",
+           "|---|" + "---|" * len(layers)]
+    for pos in rows:
+        got = [by.get((pos, la)) for la in layers]
+        out.append(f"| {pos} | " + " | ".join(
+            "" if c is None else f"{_f(c.kl_effect, 2)} / {_f(c.ld_effect, 2)}"
+            + ("¹" if _by_construction(c, result) else "") for c in got) + " |")
+    return out
 
 
 def _by_construction(c: Any, result: Any) -> bool:
