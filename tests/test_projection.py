@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import tlpersona as tlp
+from tlpersona.analyses.projection import nearest
 from tlpersona.cache import open_store
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
@@ -51,6 +52,11 @@ def test_new_persona_with_a_stored_prompt_lands_on_that_persona(store, tmp_path)
             assert v == pytest.approx(stored["coords"][k], rel=1e-4, abs=1e-3), (it["recipe"], k)
         assert it["nearest"][0]["persona"] == target.name
         assert it["nearest"][0]["cos"] > 0.9999
+        # the stored copy's own top cosine is the item: rank 1 or 2 of 6, never below p = 1/6
+        assert it["nearest_pool"] == 6 and it["nearest_rank"] in (1, 2)
+        assert it["nearest_p"] == it["nearest_rank"] / 6 and it["nearest_p_holm"] >= it["nearest_p"]
+    point = next(pt for pt in result.points if not pt.stored)
+    assert "not closer to its nearest than one more persona could be" in point.nearest_text()
     saved = json.loads((tmp_path / "o" / "projection.json").read_text())
     assert saved["axis"] == "pcs" and saved["layer"] == 29
 
@@ -65,3 +71,61 @@ def test_pc_coordinates_are_centred(store, tmp_path):
 def test_unknown_axis_persona(store, tmp_path):
     with pytest.raises(TlpersonaError, match="persona 'nobody' is not in the store"):
         tlp.project(store, axis="persona:nobody")
+
+
+def _pool_ranks(cent, x):
+    """Independent loop: each pool member against the others, centred on the others' mean."""
+    pool = list(cent) + [x]
+    tops = []
+    for j, v in enumerate(pool):
+        others = np.array([w for i, w in enumerate(pool) if i != j])
+        m = others.mean(0)
+        a = (others - m) / np.linalg.norm(others - m, axis=1, keepdims=True)
+        b = (v - m) / np.linalg.norm(v - m)
+        tops.append(max(a @ b))
+    return tops
+
+
+def test_nearest_rank_matches_an_independent_loop():
+    rng = np.random.default_rng(3)
+    cent, x = rng.normal(size=(9, 20)), rng.normal(size=20)
+    x = cent[4] + 0.5 * rng.normal(size=20)
+    names = [f"p{i}" for i in range(9)]
+    got = nearest(x, cent, names, top=3)
+    tops = _pool_ranks(cent, x)
+    assert got.pool == 10 and got.rank == sum(t >= tops[-1] for t in tops)
+    m = cent.mean(0)
+    cos = [(v - m) @ (x - m) / np.linalg.norm(v - m) / np.linalg.norm(x - m) for v in cent]
+    want = sorted(zip(names, cos, strict=True), key=lambda t: -t[1])[:3]
+    assert [n for n, _ in got.top] == [n for n, _ in want] == ["p4", *[n for n, _ in want[1:]]]
+    np.testing.assert_allclose([c for _, c in got.top], [c for _, c in want], rtol=1e-12)
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_nearest_p_is_calibrated_for_one_more_persona(clustered):
+    """Planted null: the item is drawn like the stored personas. The rank p must reject at most
+    as often as its level (the stored personas' leave-one-out cosines alone, n - 1 candidates
+    against the item's n, rejected 7 % at 26 isotropic personas where 3.7 % is the most allowed)."""
+    rng = np.random.default_rng(0)
+    n, d, draws = 26, 64, 500
+    hits = 0
+    for _ in range(draws):
+        if clustered:
+            centres = 2 * rng.normal(size=(4, d))
+            a = centres[rng.integers(0, 4, n + 1)] + rng.normal(size=(n + 1, d))
+        else:
+            a = rng.normal(size=(n + 1, d))
+        hits += nearest(a[n], a[:n], [str(i) for i in range(n)]).p <= 0.05
+    assert hits / draws <= 0.055  # exact level 1/27 = 0.037
+
+
+def test_a_near_copy_of_a_stored_persona_is_found():
+    rng = np.random.default_rng(1)
+    n, d = 60, 64
+    ranks = []
+    for _ in range(50):
+        cent = rng.normal(size=(n, d))
+        got = nearest(cent[7] + 0.3 * rng.normal(size=d), cent, [str(i) for i in range(n)])
+        assert got.top[0][0] == "7"
+        ranks.append(got.rank)
+    assert max(ranks) <= 2 and max(ranks) / (n + 1) < 0.05

@@ -573,9 +573,8 @@ def project(store: str, out: str, layer: int | None, positions: str | None, axis
     written = result.save(path)
     for pt in result.points:
         if not pt.stored:
-            near = ", ".join(f"{n} ({c:.2f})" for n, c in pt.nearest[:3])
             coords = ", ".join(f"{k_}={v:+.3f}" for k_, v in pt.coords.items())
-            click.echo(f"{pt.label} [{pt.recipe}]: {coords}; nearest: {near}")
+            click.echo(f"{pt.label} [{pt.recipe}]: {coords}; nearest: {pt.nearest_text()}")
     click.echo(f"written: {written}")
 
 

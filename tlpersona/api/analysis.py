@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -87,6 +88,7 @@ def project(store: Store | str | Path, *, layer: int | None = None,
     (system, user) messages, ``texts`` as raw text at its last token (raw_system_last).
     """
     from tlpersona.analyses.projection import axis_frame, nearest, pc_frame
+    from tlpersona.analyses.stats import holm
     from tlpersona.data import Persona, Question
     from tlpersona.extraction import ExtractConfig, Extractor
     from tlpersona.models import default_device, load_model
@@ -152,7 +154,12 @@ def project(store: Store | str | Path, *, layer: int | None = None,
                 near = nearest(x, cent[p.name], st.personas)
                 points.append(Projected(
                     label, p.name, dict(zip(f.names, map(float, f.coords(x[None])[0]), strict=True)),
-                    False, [(n["persona"], float(n["cos"])) for n in near]))
+                    False, near.top, near.rank, near.pool))
+    # every new item x recipe is one question of the same run: one family
+    new = [i for i, pt in enumerate(points) if not pt.stored]
+    adjusted = holm([(points[i].nearest_p or 0.0) for i in new])
+    for i, adj in zip(new, adjusted, strict=True):
+        points[i] = replace(points[i], nearest_p_holm=float(adj))
     axes = next(iter(frames.values())).names
     return ProjectionResult(str(st.root), layer, axis, names, list(axes), points)
 

@@ -170,13 +170,35 @@ class SubspaceResult:
 
 @dataclass(frozen=True)
 class Projected:
-    """One stored persona or new item in a projection frame."""
+    """One stored persona or new item in a projection frame.
+
+    New items only: ``nearest`` (stored persona, cosine), closest first; ``nearest_rank`` of
+    ``nearest_pool`` (n + 1): where the top cosine falls among the stored personas' own top
+    cosines in the pool with the item (see :class:`tlpersona.analyses.projection.Nearest`);
+    ``nearest_p`` = rank / pool under the null "one more persona", ``nearest_p_holm`` adjusted
+    over every new item × recipe of the run."""
 
     label: str
     recipe: str
     coords: dict[str, float]  # axis name -> coordinate
     stored: bool
-    nearest: list[tuple[str, float]]  # (stored persona, cosine), closest first; new items only
+    nearest: list[tuple[str, float]] = field(default_factory=list)
+    nearest_rank: int | None = None
+    nearest_pool: int | None = None
+    nearest_p_holm: float | None = None
+
+    @property
+    def nearest_p(self) -> float | None:
+        return None if self.nearest_rank is None else self.nearest_rank / self.nearest_pool  # type: ignore[operator]
+
+    def nearest_text(self, alpha: float = 0.05) -> str:
+        """The nearest stored personas and what the rank supports, in one line."""
+        near = ", ".join(f"{n} ({c:.2f})" for n, c in self.nearest[:3])
+        closer = ("closer to its nearest than one more persona would be"
+                  if self.nearest_p_holm is not None and self.nearest_p_holm < alpha
+                  else "not closer to its nearest than one more persona could be")
+        return (f"{near}; {closer} (rank {self.nearest_rank} of {self.nearest_pool} top cosines, "
+                f"p = {self.nearest_p:.3f}, Holm {self.nearest_p_holm:.3f})")
 
 
 @dataclass(frozen=True)
@@ -198,7 +220,9 @@ class ProjectionResult:
                 stored[pt.recipe].append({"persona": pt.label, "coords": dict(pt.coords)})
             else:
                 items.append({"label": pt.label, "recipe": pt.recipe, "coords": dict(pt.coords),
-                              "nearest": [{"persona": n, "cos": c} for n, c in pt.nearest]})
+                              "nearest": [{"persona": n, "cos": c} for n, c in pt.nearest],
+                              "nearest_rank": pt.nearest_rank, "nearest_pool": pt.nearest_pool,
+                              "nearest_p": pt.nearest_p, "nearest_p_holm": pt.nearest_p_holm})
         return {"store": self.store, "layer": self.layer, "axis": self.axis,
                 "positions": list(self.positions), "stored": stored, "items": items}
 
