@@ -177,20 +177,39 @@ def identical(a: Path, b: Path) -> bool:
 
 
 def min_cosine(a: Path, b: Path) -> dict[str, float]:
-    """Minimum cosine between two stores' vectors, per position (per question where stored)."""
+    """Minimum cosine between two stores' vectors, per position (per question where stored).
+    Where ``b`` holds fewer personas or questions (a reference run with ``--limit-*``), ``a`` is
+    cut to ``b``'s first ones; their names must agree."""
     from tlpersona.cache import open_store
 
     sa, sb = open_store(a), open_store(b)
+    np_, nq = len(sb.personas), len(sb.questions)
+    if sa.personas[:np_] != sb.personas or sa.questions[:nq] != sb.questions:
+        raise SystemExit(f"{b} is not the first personas x questions of {a}")
     out = {}
-    for pos in sa.positions:
-        if sa.has_per_question(pos):
-            x, y = sa.per_question(pos).float(), sb.per_question(pos).float()
-            valid = sa.valid(pos) & sb.valid(pos)
+    for pos in sb.positions:
+        if sb.has_per_question(pos):
+            x, y = sa.per_question(pos)[:np_, :nq].float(), sb.per_question(pos).float()
+            valid = sa.valid(pos)[:np_, :nq] & sb.valid(pos)
             x, y = x[valid], y[valid]
         else:
-            x, y = sa.centroids(pos), sb.centroids(pos)
+            x, y = sa.centroids(pos)[:np_], sb.centroids(pos)
         out[pos] = float(torch.nn.functional.cosine_similarity(x, y, dim=-1).min())
     return out
+
+
+def subset_responses(store: Path, dst: Path, personas: int) -> None:
+    """The header and the store's first ``personas`` personas' lines of its responses file
+    (extraction refuses responses for personas it is not asked for)."""
+    from tlpersona.cache import open_store
+
+    names = set(open_store(store).personas[:personas])
+    keep = []
+    for line in (store / "responses.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "persona" not in row or row["persona"] in names:  # the header, or a kept persona
+            keep.append(line)
+    dst.write_text("\n".join(keep) + "\n")
 
 
 def main() -> None:
@@ -218,6 +237,11 @@ def main() -> None:
                          "anything that grows with the study, e.g. the store's finalisation)")
     ap.add_argument("--speedup", action="append", default=[],
                     help="FIT_A,FIT_B: ratio of two fits' projected 275 x 240 times")
+    ap.add_argument("--reference", default=None,
+                    help="RUN:PERSONAS:QUESTIONS: extract RUN's responses for its first personas "
+                         "and questions in fp32 (two passes), and print every --against run's "
+                         "min cosine to it: how far each bf16 path is from fp32")
+    ap.add_argument("--against", action="append", default=[], help="NAME of a run for --reference")
     ap.add_argument("--code", action="append", default=[],
                     help="NAME:DIR: run NAME (and its --tiny) with the tlpersona package in DIR "
                          "(e.g. the previous commit's) instead of this checkout's")
@@ -293,6 +317,22 @@ def main() -> None:
               + ", ".join(f"{k} {v:.5f}" for k, v in cos.items())
               + f"; overall {min(cos.values()):.5f}; bit-identical: {identical(outs[a], outs[b])}",
               flush=True)
+    if args.reference:
+        src, n_p, n_q = args.reference.split(":")
+        ref = work / "store-reference"
+        shutil.rmtree(ref, ignore_errors=True)
+        resp = work / "reference-responses.jsonl"
+        subset_responses(outs[src], resp, int(n_p))
+        r = run_child(["--child-cli", *base, "--limit-personas", n_p, "--limit-questions", n_q,
+                       "--dtype", "fp32", "--responses", str(resp), "--out", str(ref)],
+                      work / "reference.log")
+        print(f"[reference] fp32 two-pass extraction of {src}'s responses, {n_p} personas x {n_q} "
+              f"questions: wall {r['wall']:.1f} s, peak {r['peak_gib']:.1f} GiB", flush=True)
+        for name in args.against:
+            cos = min_cosine(outs[name], ref)
+            print(f"min cosine {name} vs fp32 reference: "
+                  + ", ".join(f"{k} {v:.5f}" for k, v in cos.items())
+                  + f"; overall {min(cos.values()):.5f}", flush=True)
     fits = {}
     for spec in args.fit:
         label, pair = spec.split("=", 1)
