@@ -333,6 +333,45 @@ def test_the_model_cache_lock_waits_for_its_holder(tmp_path):
     assert waited > 0.5
 
 
+def test_an_analysis_into_a_locked_out_stops_at_once(store, tmp_path):
+    out = tmp_path / "cmp"
+    proc = _holder(out, 60)
+    try:
+        t0 = time.perf_counter()
+        _fails(f"--out {out} is in use by PID {proc.pid}", "steer", str(store), "--out", str(out))
+        assert time.perf_counter() - t0 < 60
+        assert sorted(p.name for p in out.iterdir()) == ["tlpersona.lock"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_saving_an_analysis_waits_for_a_run_holding_its_out(store, tmp_path):
+    import tlpersona as tlp
+
+    result = tlp.project(store)
+    out = tmp_path / "proj"
+    proc = _holder(out, 1.5)
+    t0 = time.perf_counter()
+    result.save(out)
+    waited = time.perf_counter() - t0
+    proc.wait()
+    assert waited > 0.5 and json.loads((out / "projection.json").read_text())["layer"] == 29
+
+
+def test_an_analysis_is_never_written_into_a_store(store, tmp_path):
+    s = _copy(store, tmp_path)
+    before = _snapshot(s)
+    _fails("is a store's directory", "compare", str(s), "--out", str(s))
+    _fails("is a store's directory", "project", str(s), "--out", str(s / "parts"))
+    assert _snapshot(s) == before
+    import tlpersona as tlp
+
+    with pytest.raises(TlpersonaError, match="is a store's directory"):
+        tlp.project(s).save(s)
+    assert _snapshot(s) == before
+
+
 # --- 8. verify checks the manifest's schema and paths -------------------------------------------
 
 @pytest.mark.parametrize("change, message", [

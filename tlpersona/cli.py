@@ -379,11 +379,20 @@ def _source(store: str | None, seed_dir: str | None) -> Any:
     return read_seed(seed_dir) if seed_dir else Path(str(store))
 
 
-def _checked_out(out: str) -> Path:
-    from tlpersona.safety import check_output_dir
+def _holding_out(fn: Any) -> Any:
+    """Run an analysis command holding its ``--out`` directory's lock: a second run into the
+    same directory stops at once naming the first (not after its own computation), and the
+    first's files are never mixed with another's. Checked before any computation."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tlpersona.locks import exclusive
+        from tlpersona.safety import check_analysis_dir
 
-    check_output_dir(Path(out))  # before any computation
-    return Path(out)
+        out = Path(kwargs["out"])
+        check_analysis_dir(out, "`out`")
+        with exclusive(out, "`out`"):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 @main.command()
@@ -395,6 +404,7 @@ def _checked_out(out: str) -> Path:
 @click.option("--positions", default=None, help="positions to compare (default: the seven recipes)")
 @_compare_options
 @_friendly
+@_holding_out
 def compare(store: str | None, seed_dir: str | None, out: str, layers: str | None,
             positions: str | None, permutations: int, seed: int, splits: int, null_draws: int,
             **thresholds: Any) -> None:
@@ -402,7 +412,7 @@ def compare(store: str | None, seed_dir: str | None, out: str, layers: str | Non
     from tlpersona.analyses.compare import Thresholds
     from tlpersona.api.analysis import compare as run
 
-    path = _checked_out(out)
+    path = Path(out)
     result = run(_source(store, seed_dir), layers=_stored_layers(layers),
                  positions=_items(positions) if positions else None, permutations=permutations,
                  seed=seed, splits=splits, null_draws=null_draws,
@@ -432,6 +442,7 @@ def _print_summary(result: Any) -> None:
 @_attn_option
 @_compare_options
 @_friendly
+@_holding_out
 def experiment(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
                prompt_index: str, limit_personas: int | None, limit_questions: int | None,
                layers: str, out: str, max_new_tokens: int | None, batch_size: str, attn: str,
@@ -481,13 +492,14 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
 @click.option("--null-draws", type=int, default=100, show_default=True,
               help="relabelled reruns behind the k_found null (p cannot fall below 1/(N+1))")
 @_friendly
+@_holding_out
 def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | None,
              positions: str | None, k_max: int, unit_norm: bool, seed: int, align: str,
              null_draws: int) -> None:
     """Joint PCA of all recipes: the persona subspace they share, and its dimension per layer."""
     from tlpersona.api.analysis import subspace as run
 
-    path = _checked_out(out)
+    path = Path(out)
     result = run(_source(store, seed_dir), layers=_stored_layers(layers),
                  positions=_items(positions) if positions else None, k_max=k_max,
                  unit_norm=unit_norm, seed=seed, align=align, null_draws=null_draws)
@@ -555,6 +567,7 @@ def _conversations(path: str | None) -> list[tuple[str, str]]:
 @click.option("--device", default=None)
 @click.option("--dtype", default=None)
 @_friendly
+@_holding_out
 def project(store: str, out: str, layer: int | None, positions: str | None, axis: str, k: int,
             unit_norm: bool, systems: tuple[str, ...], questions: tuple[str, ...],
             conversations: str | None, texts: tuple[str, ...], model: str | None,
@@ -564,7 +577,7 @@ def project(store: str, out: str, layer: int | None, positions: str | None, axis
 
     if systems and not questions:
         raise TlpersonaError("--system needs at least one --question")
-    path = _checked_out(out)
+    path = Path(out)
     result = run(store, layer=layer, positions=_items(positions) if positions else None,
                  axis=axis, k=k, unit_norm=unit_norm,
                  systems=[(s, list(questions)) for s in systems],
@@ -611,6 +624,7 @@ def project(store: str, out: str, layer: int | None, positions: str | None, axis
               help="the exact grid again with the corrupt persona's own prompt reworded as the "
                    "clean run (what a cell does without a persona change)")
 @_friendly
+@_holding_out
 def patch(store: str | None, out: str, model: str | None, device: str | None, dtype: str | None,
           attn: str, personas: str, questions: str, prompt_index: int | None, n_personas: int,
           clean_personas: str | None, n_questions: int, layers: str | None, positions: str,
@@ -619,7 +633,7 @@ def patch(store: str | None, out: str, model: str | None, device: str | None, dt
     `tlpersona steer`)."""
     from tlpersona.api.causal import patch as run
 
-    path = _checked_out(out)
+    path = Path(out)
     result = run(model, _personas(personas), _questions(questions), store=store,
                  n_personas=n_personas,
                  clean_personas=_items(clean_personas) if clean_personas else None,
@@ -680,6 +694,7 @@ def _print_patch(result: Any) -> None:
 @click.option("--continuations", type=int, default=2, show_default=True,
               help="personas shown with greedy steered continuations")
 @_friendly
+@_holding_out
 def steer(store: str, out: str, model: str | None, device: str | None, dtype: str | None,
           attn: str, persona_source: str, questions: str, n_questions: int, personas: str | None,
           n_personas: int, base: str, recipes: str | None, layers: str | None, operators: str,
@@ -692,7 +707,7 @@ def steer(store: str, out: str, model: str | None, device: str | None, dtype: st
     from tlpersona.api.causal import steer as run
     from tlpersona.cache.store import open_store
 
-    path = _checked_out(out)
+    path = Path(out)
     result = run(open_store(store, verify=True), model,
                  _personas(persona_source, param="persona_source"), _questions(questions),
                  n_questions=n_questions, personas=_items(personas) if personas else None,

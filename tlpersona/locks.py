@@ -21,6 +21,9 @@ from tlpersona.errors import TlpersonaError
 
 LOCK_NAME = "tlpersona.lock"
 
+#: directories whose lock this process holds: taking one again is a no-op, not a deadlock
+_HELD: set[Path] = set()
+
 
 def _write_pid(fd: int) -> None:
     os.ftruncate(fd, 0)
@@ -44,9 +47,14 @@ def exclusive(directory: str | Path, what: str, wait: bool = False) -> Iterator[
     """Hold the lock of ``directory`` (created if needed) for the ``with`` block.
 
     ``wait=False``: a lock held elsewhere is a one-line error naming the holder's PID.
-    ``wait=True``: wait for it (a line on stderr says whom for).
+    ``wait=True``: wait for it (a line on stderr says whom for). Re-entrant within a process.
     """
     directory = Path(directory)
+    key = directory.resolve()
+    if key in _HELD:
+        # this process holds it already (a command that locks its output directory, then saves)
+        yield
+        return
     created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -66,6 +74,7 @@ def exclusive(directory: str | Path, what: str, wait: bool = False) -> Iterator[
             lock.acquire()
     except OSError as exc:
         raise TlpersonaError(f"cannot lock {path}: {exc.strerror or exc}") from None
+    _HELD.add(key)
     try:
         yield
     except BaseException:
@@ -77,4 +86,5 @@ def exclusive(directory: str | Path, what: str, wait: bool = False) -> Iterator[
             directory.rmdir()
         raise
     finally:
+        _HELD.discard(key)
         lock.release()

@@ -93,6 +93,21 @@ def check_output_dir(path: Path, option: str = "`out`") -> None:
         raise TlpersonaError(f"{option} {path}: {base} is not writable")
 
 
+def in_store(directory: Path) -> bool:
+    """Whether ``directory`` is a store's directory (or its parts folder), whose files belong to
+    the store."""
+    # a store being written has its parts folder before its manifest
+    return ((directory / "manifest.json").exists() or (directory / "parts").is_dir()
+            or directory.name == "parts")
+
+
+def check_analysis_dir(path: Path, option: str = "`out`") -> None:
+    """``path`` may receive an analysis's files: a writable directory that is not a store's."""
+    check_output_dir(path, option)
+    if in_store(path):
+        raise TlpersonaError(f"{option} {path} is a store's directory; write the analysis elsewhere")
+
+
 def check_output_file(path: Path, option: str = "`out`") -> None:
     """``path`` is (or can become) a regular file this process may write."""
     if path.exists() and not path.is_file():
@@ -107,7 +122,7 @@ def check_new_file(path: Path, overwrite: bool, option: str = "`out`") -> None:
     exist (or ``overwrite`` is given), and does not lie in a store's directory, whose files
     belong to the store."""
     check_output_file(path, option)
-    if (path.parent / "manifest.json").exists() or path.parent.name == "parts":
+    if in_store(path.parent):
         raise TlpersonaError(f"{option} {path} lies inside a store's directory; write it elsewhere")
     if path.exists() and not overwrite:
         raise TlpersonaError(f"{option} {path} exists; not replacing it without `overwrite`")

@@ -17,7 +17,7 @@ from tlpersona.cache.store import Store
 from tlpersona.data import Persona, Question, builtin_personas, builtin_questions
 from tlpersona.files import atomic_write_bytes
 from tlpersona.models import LayerSpec, default_device, load_model
-from tlpersona.safety import check_count, check_output_dir
+from tlpersona.safety import check_analysis_dir, check_count
 
 #: Stored besides the seven recipes: the sink position and the sink-free prompt mean feed the
 #: report's attention-sink check.
@@ -65,7 +65,7 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
     recipe's vector at the middle stored layer for the 3 personas farthest from it.
     """
     out = Path(out)
-    check_output_dir(out, "`out`")
+    check_analysis_dir(out, "`out`")
     check_count(limit_questions, "`limit_questions`", 0)
     for name, value in (("permutations", permutations), ("splits", splits),
                         ("null_draws", null_draws)):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,18 @@ import numpy as np
 from tlpersona.files import atomic_write_bytes
 from tlpersona.interventions.patching import PatchResult as _PatchResult
 from tlpersona.interventions.steering import SteeringResult as _SteeringResult
-from tlpersona.safety import check_output_dir
+from tlpersona.locks import exclusive
+from tlpersona.safety import check_analysis_dir
 from tlpersona.sources import ActivationSource
+
+
+@contextmanager
+def _writing(out: str | Path) -> Iterator[None]:
+    """Hold ``out``'s lock while an analysis writes its files, so that two runs saving into one
+    directory leave one run's set, not a mix (a run already holding it, e.g. the CLI's, goes on)."""
+    check_analysis_dir(Path(out), "`out`")
+    with exclusive(out, "`out`", wait=True):
+        yield
 
 
 @dataclass(frozen=True)
@@ -88,8 +100,8 @@ class CompareResult:
         """results.json, figures/ and report.md into ``out``; returns report.md's path."""
         from tlpersona.report.compare import write_report
 
-        check_output_dir(Path(out), "`out`")
-        return write_report(self._data, self.source, out, title)
+        with _writing(out):
+            return write_report(self._data, self.source, out, title)
 
 
 @dataclass(frozen=True)
@@ -161,10 +173,10 @@ class SubspaceResult:
         subspace.md's path."""
         from tlpersona.report.compare import write_subspace
 
-        check_output_dir(Path(out), "`out`")
-        section = write_subspace(self._data, self.components, self.source, out)
-        path = Path(out) / "subspace.md"
-        atomic_write_bytes(path, section.encode())
+        with _writing(out):
+            section = write_subspace(self._data, self.components, self.source, out)
+            path = Path(out) / "subspace.md"
+            atomic_write_bytes(path, section.encode())
         return path
 
 
@@ -235,23 +247,22 @@ class ProjectionResult:
         from tlpersona.report import plots
 
         out = Path(out)
-        check_output_dir(out, "`out`")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "projection.json", json.dumps(self.to_dict(), indent=1).encode())
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["kind", "label", "recipe", "layer", *self.axes])
-        for pt in sorted(self.points, key=lambda p: not p.stored):
-            w.writerow(["stored" if pt.stored else "new", pt.label, pt.recipe, self.layer,
-                        *(pt.coords[n] for n in self.axes)])
-        atomic_write_bytes(out / "projection.csv", buf.getvalue().encode())
-        first = self.axes[0]
-        personas = [pt.label for pt in self.points if pt.stored and pt.recipe == self.positions[0]]
-        bars = {p: np.array([pt.coords[first] for pt in self.points if pt.stored and pt.recipe == p])
-                for p in self.positions}
-        marks = {p: [(pt.label, pt.coords[first]) for pt in self.points
-                     if not pt.stored and pt.recipe == p] for p in self.positions}
-        plots.ranked_bars(bars, personas, marks, first, self.layer, out / "projection.png")
+        with _writing(out):
+            atomic_write_bytes(out / "projection.json", json.dumps(self.to_dict(), indent=1).encode())
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(["kind", "label", "recipe", "layer", *self.axes])
+            for pt in sorted(self.points, key=lambda p: not p.stored):
+                w.writerow(["stored" if pt.stored else "new", pt.label, pt.recipe, self.layer,
+                            *(pt.coords[n] for n in self.axes)])
+            atomic_write_bytes(out / "projection.csv", buf.getvalue().encode())
+            first = self.axes[0]
+            personas = [pt.label for pt in self.points if pt.stored and pt.recipe == self.positions[0]]
+            bars = {p: np.array([pt.coords[first] for pt in self.points if pt.stored and pt.recipe == p])
+                    for p in self.positions}
+            marks = {p: [(pt.label, pt.coords[first]) for pt in self.points
+                         if not pt.stored and pt.recipe == p] for p in self.positions}
+            plots.ranked_bars(bars, personas, marks, first, self.layer, out / "projection.png")
         return out / "projection.json"
 
 
@@ -269,8 +280,8 @@ class PatchResult(_PatchResult):
         """patch.json, figures/ and patch.md into ``out``; returns patch.md's path."""
         from tlpersona.report.compare import write_patch
 
-        check_output_dir(Path(out), "`out`")
-        write_patch(self, out)
+        with _writing(out):
+            write_patch(self, out)
         return Path(out) / "patch.md"
 
 
@@ -287,6 +298,6 @@ class SteeringResult(_SteeringResult):
         """steering.json, figures/ and steering.md into ``out``; returns steering.md's path."""
         from tlpersona.report.steering import write_steering
 
-        check_output_dir(Path(out), "`out`")
-        write_steering(self, out)
+        with _writing(out):
+            write_steering(self, out)
         return Path(out) / "steering.md"
