@@ -299,3 +299,16 @@ def test_monotonicity_p_enumerates_every_ordering():
     assert rho == pytest.approx(obs)
     assert p == pytest.approx(np.mean([abs(x) >= abs(obs) - 1e-12 for x in null]))
     assert S.monotonicity(strength, gain[::-1])[1] == pytest.approx(p)  # two-sided
+
+
+def test_an_ablate_verdict_beyond_random_names_its_weak_control():
+    from types import SimpleNamespace
+
+    from tlpersona.interventions.steering import _verdict
+
+    score = SimpleNamespace(recipe="last", rank=1, beats_random=True, fluency_ok=True,
+                            setting=SimpleNamespace(label=lambda: "L3"),
+                            own=SimpleNamespace(effect=SimpleNamespace(mean=0.4, n=6)))
+    ablate = _verdict("ablate", [score], 500, 3, 0.05)
+    assert "last (L3) beyond the random directions" in ablate and "stricter control" in ablate
+    assert "stricter control" not in _verdict("add", [score], 500, 3, 0.05)

@@ -683,6 +683,12 @@ def _verdict(op: str, scores: list[RecipeScore], n_random: int, family: int, alp
         head = (f"{', '.join(f'{s.recipe} ({s.setting.label()})' for s in beat)} beyond the "
                 f"random directions (rank p over {n_random} directions, Holm-adjusted over "
                 f"{family} recipe × operator tests, < {alpha:g})")
+        if op == "ablate":
+            # an isotropic direction carries almost none of the residual's variance
+            head += (" — removing a random direction removes almost nothing, so this says the "
+                     "vector carries more of the run than a typical direction, not that it is "
+                     "the persona; the other personas' vectors (specificity) are the stricter "
+                     "control")
     elif family / (n_random + 1) >= alpha:
         need = math.ceil(family / alpha)
         head = (f"no recipe can be called beyond the random directions: with {n_random} of them "
