@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 from tlpersona.analyses import metrics as M
-from tlpersona.analyses.compare import CompareConfig, Thresholds, compare
+from tlpersona.analyses.compare import _ALIAS, LOAD_BEARING, CompareConfig, Thresholds, compare
 from tlpersona.analyses.controls import noise_floor
 from tlpersona.cache import StoreWriter, open_store
 from tlpersona.cache.seed_layout import export_seed, read_seed
@@ -364,3 +364,18 @@ def test_foreign_method_b_is_the_seed_response_span(tmp_path):
     assert src.positions == ["last", "response_mean_seed"]
     res = compare(src, CompareConfig(n_perm=9, n_splits=2, n_null=2))
     assert {c["tag"] for c in res["cells"]} == {"load-bearing"}
+
+
+def test_robustness_counts_recipe_pairs_not_position_pairs(tmp_path):
+    """Both response spans are recipe B: last~response_mean and last~response_mean_seed are one
+    load-bearing pair. Four recipes without C1 cover 3 of the 5 pairs, never robustness."""
+    rng = np.random.default_rng(5)
+    v = rng.normal(size=(8, 1, 12)) + 2.0
+    names = ["last", "response_mean", "response_mean_seed", "prompt_mean"]
+    res = compare(invariant_store(tmp_path / "s", {p: v for p in names}),
+                  CompareConfig(positions=names, n_perm=19, n_null=3))
+    assert all(c["verdict"] == "PASS" for c in res["cells"])
+    covered = {frozenset(_ALIAS[p] for p in c["pair"]) for c in res["cells"]} & LOAD_BEARING
+    assert len(covered) == 3
+    assert not res["overall"]["recipe_robust"]
+    assert f"Only {len(covered)} of 5 load-bearing pairs" in res["overall"]["sentence"]

@@ -370,7 +370,8 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
     always = [tuple(c["pair"]) for c in cells
               if all(d["verdict"] == "PASS" for d in cells if d["pair"] == c["pair"])]
     lb = [c for c in cells if c["tag"] == "load-bearing"]
-    n_lb = len({frozenset(c["pair"]) for c in lb})
+    # counted as recipe pairs: both response spans are recipe B, so A~B compared twice is one pair
+    n_lb = len({frozenset(_ALIAS.get(p, p) for p in c["pair"]) for c in lb})
     all_pass = bool(lb) and all(c["verdict"] == "PASS" for c in lb)
     robust = all_pass and n_lb == len(LOAD_BEARING)
     kills = sorted({f"{c['pair'][0]}~{c['pair'][1]}" for c in lb if c["verdict"] == "KILL"})
