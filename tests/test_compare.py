@@ -340,7 +340,8 @@ def test_cells_carry_nulls_ceilings_and_holm(result):
     c5 = next(c for c in result["cells"] if c["pair"] == ["last", "prompt_mean"] and c["layer"] == 5)
     assert c5["ceiling"]["matrix_mc_pearson"] == pytest.approx(want)
     inv = next(c for c in result["cells"] if c["pair"] == ["last", "sys_end"] and c["layer"] == 5)
-    assert inv["ceiling"]["procrustes_cos_mean"] == pytest.approx(np.sqrt(fl["last"]["procrustes_cos_mean"]))
+    half = fl["last"]["procrustes_cos_mean"]  # Spearman-Brown to full size, times 1 for sys_end
+    assert inv["ceiling"]["procrustes_cos_mean"] == pytest.approx(np.sqrt(2 * half / (1 + half)))
 
 
 def test_four_personas_compare_and_say_procrustes_needs_more(tmp_path):
@@ -379,3 +380,78 @@ def test_robustness_counts_recipe_pairs_not_position_pairs(tmp_path):
     assert len(covered) == 3
     assert not res["overall"]["recipe_robust"]
     assert f"Only {len(covered)} of 5 load-bearing pairs" in res["overall"]["sentence"]
+
+
+def per_question_store(path, recipes):
+    """A store of per-question positions (``{position: [persona, question, d]}``, one layer)."""
+    n, n_q, d = next(iter(recipes.values())).shape
+    prov = {"personas": [f"p{i}" for i in range(n)], "questions": [str(q) for q in range(n_q)],
+            "layers": LAYERS[:1], "positions": list(recipes), "prompt_index": 0}
+    w = StoreWriter(path, prov, {"d_model": d})
+    for i in range(n):
+        t = {}
+        for p, v in recipes.items():
+            x = torch.from_numpy(v[i][:, None]).float()  # [question, layer, d]
+            t[f"{p}/centroid"] = x.mean(0)
+            t[f"{p}/per_question"] = x
+            t[f"{p}/valid"] = torch.ones(n_q, dtype=torch.uint8)
+        w.write_part(i, t)
+    w.finalize()
+    return open_store(path)
+
+
+@pytest.fixture(scope="module")
+def same_but_noisy(tmp_path_factory):
+    """last and prompt_mean: the same planted persona vectors, each with its own per-question
+    noise (what a ceiling should predict); raw_system_last and response_mean: unrelated to each
+    other and almost noiseless."""
+    rng = np.random.default_rng(21)
+    n, n_q, d = 24, 16, 30
+    basis = np.linalg.qr(rng.normal(size=(d, 6)))[0]
+
+    def geometry():
+        return 2.0 * rng.normal(size=(n, 6)) @ basis.T + 3.0
+
+    s = geometry()
+    rec = {p: s[:, None] + 3.0 * rng.normal(size=(n, n_q, d)) for p in ("last", "prompt_mean")}
+    for p in ("raw_system_last", "response_mean"):
+        rec[p] = geometry()[:, None] + 0.01 * rng.normal(size=(n, n_q, d))
+    st = per_question_store(tmp_path_factory.mktemp("noisy") / "s", rec)
+    return compare(st, CompareConfig(n_perm=19, n_splits=4, n_null=3))
+
+
+def test_ceilings_predict_what_identical_noisy_recipes_reach(same_but_noisy):
+    """The statistics are computed on full-size centroids, so the ceilings must be too: for two
+    recipes with the same persona vectors, each ceiling is close to the observed value, where
+    the half-size split-half values sit far below it."""
+    res = same_but_noisy
+    (cell,) = [c for c in res["cells"] if c["pair"] == ["last", "prompt_mean"]]
+    fl = [res["noise_floor"][p][str(LAYERS[0])] for p in cell["pair"]]
+    half = {k: np.sqrt(fl[0][k] * fl[1][k]) for k in ("per_persona_cos_mean", "procrustes_cos_mean")}
+    sb = {k: 2 * v / (1 + v) for k, v in half.items()}  # geometric mean of SB ~ SB of geometric mean
+    obs = {"per_persona_cos_mean": cell["per_persona_cos"]["mean"],
+           "procrustes_cos_mean": cell["procrustes_cos"]["mean"]}
+    for key, tol in [("per_persona_cos_mean", 0.01), ("procrustes_cos_mean", 0.1)]:
+        assert abs(cell["ceiling"][key] - obs[key]) < tol
+        assert abs(half[key] - obs[key]) > tol  # the half-size value is no ceiling here
+        assert cell["ceiling"][key] == pytest.approx(sb[key], abs=0.02)
+    assert cell["procrustes_cos"]["ceiling"] == cell["ceiling"]["procrustes_cos_mean"]
+    assert abs(cell["ceiling"]["per_persona_cos_min"] - cell["per_persona_cos"]["min"]) < 0.05
+    assert abs(cell["ceiling"]["matrix_mc_pearson"] - cell["matrix_mc"]["pearson"]) < 0.2
+
+
+def test_failing_at_the_noise_ceiling_is_not_called_a_difference(same_but_noisy, tmp_path):
+    """Identical persona vectors sampled so noisily that their own ceiling is below the KILL
+    bound are KILLed, but marked as within noise and said to be so; clean unrelated recipes
+    are KILLed without the mark."""
+    res = same_but_noisy
+    th = Thresholds()
+    cell = {tuple(c["pair"]): c for c in res["cells"]}
+    same, unrelated = cell[("last", "prompt_mean")], cell[("response_mean", "raw_system_last")]
+    assert same["verdict"] == unrelated["verdict"] == "KILL"
+    assert same["ceiling"]["matrix_mc_pearson"] < th.kill_mc_r
+    assert same["within_noise"] and not unrelated["within_noise"]
+    assert all(not c["within_noise"] for c in res["cells"] if c["verdict"] == "PASS")
+    lb_noisy = sum(c["within_noise"] for c in res["cells"] if c["tag"] == "load-bearing")
+    said = f"{lb_noisy} of them fail only where the recipes' own split-half ceiling"
+    assert lb_noisy > 0 and said in res["overall"]["sentence"]

@@ -48,8 +48,10 @@ def floor_stats(halves: np.ndarray, iu: tuple[np.ndarray, np.ndarray], seed: int
     Procrustes cosine (the comparison's procedure, on the first splits; None with too few
     personas).
 
-    Each half averages half of the questions, so these are floors for half-size centroids;
-    ``matrix_mc_pearson_full`` is the Spearman–Brown value for full-size ones.
+    Each half averages half of the questions, so these are floors for half-size centroids; the
+    ``*_full`` values are Spearman–Brown values for full-size ones, the size the recipe pairs are
+    scored at (for a cosine of signal plus independent noise, halving the noise variance maps
+    c to 2c/(1 + c) exactly as it does a reliability).
     """
     cos_mean, cos_min, rs, procs = [], [], [], []
     for k in range(halves.shape[1] // 2):
@@ -77,7 +79,10 @@ def floor_stats(halves: np.ndarray, iu: tuple[np.ndarray, np.ndarray], seed: int
         "matrix_mc_pearson_mean": r_mean,
         "matrix_mc_pearson_min": float(np.min(rs)),
         "matrix_mc_pearson_full": spearman_brown(r_mean),
+        "per_persona_cos_mean_full": spearman_brown(float(np.mean(cos_mean))),
+        "per_persona_cos_min_full": spearman_brown(float(np.mean(cos_min))),
         "procrustes_cos_mean": proc,
+        "procrustes_cos_mean_full": None if proc is None else spearman_brown(proc),
     }
 
 

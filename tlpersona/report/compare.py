@@ -22,7 +22,7 @@ def verdict_table(result: dict[str, Any]) -> str:
     tags = {}
     for c in result["cells"]:
         key = (c["pair"][0], c["pair"][1])
-        seen.setdefault(key, {})[c["layer"]] = c["verdict"]
+        seen.setdefault(key, {})[c["layer"]] = c["verdict"] + (" (noise)" if c.get("within_noise") else "")
         tags[key] = c["tag"]
     for key, by_layer in seen.items():
         rows.append(f"| {key[0]} ~ {key[1]} | {tags[key]} | "
@@ -35,8 +35,9 @@ def _p(v: Any) -> str:
 
 
 def _detail_table(result: dict[str, Any], layer: int) -> str:
-    rows = ["| pair | cos mean (null; ceiling) | cos min | cos p5 | mc cos mean (null) | raw r (null p95) "
-            "| mc r (null p95) | mc r ceiling | mc Spearman | Mantel p (Holm) | spread ρ | verdict |",
+    rows = ["| pair | cos mean (null; ceiling) | cos min (ceiling) | cos p5 | mc cos mean (null) "
+            "| raw r (null p95) | mc r (null p95) | mc r ceiling | mc Spearman | Mantel p (Holm) "
+            "| spread ρ | verdict |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
         if c["layer"] != layer:
@@ -45,11 +46,12 @@ def _detail_table(result: dict[str, Any], layer: int) -> str:
         rows.append(
             f"| {c['pair'][0]} ~ {c['pair'][1]} | {_f(s['mean'])} ({_f(s['null_mean'])}; "
             f"{_f(c['ceiling']['per_persona_cos_mean'])}) "
-            f"| {_f(s['min'])} | {_f(s['p5'])} | {_f(mc['mean'])} ({_f(mc['null_mean'])}) "
+            f"| {_f(s['min'])} ({_f(c['ceiling'].get('per_persona_cos_min'))}) | {_f(s['p5'])} "
+            f"| {_f(mc['mean'])} ({_f(mc['null_mean'])}) "
             f"| {_f(raw['pearson'])} ({_f(raw['null_p95'])}) | {_f(mr['pearson'])} ({_f(mr['null_p95'])}) "
             f"| {_f(c['ceiling']['matrix_mc_pearson'])} | {_f(mr['spearman'])} "
             f"| {_p(mr['mantel_p'])} ({_p(mr.get('mantel_p_holm'))}) | {_f(c['spread']['spearman'])} "
-            f"| **{c['verdict']}** |")
+            f"| **{c['verdict']}**{' (noise)' if c.get('within_noise') else ''} |")
     return "\n".join(rows)
 
 
@@ -158,7 +160,9 @@ def write_report(result: dict[str, Any], source: ActivationSource, out: str | Pa
         + (f" and spread Spearman > {th['pass_spread']} where defined" if th.get("gate_spread")
            else " (the spread correlation is descriptive and does not gate the verdict)")
         + f"; KILL if min cos < {th['kill_min_cos']} or mean-centred r < {th['kill_mc_r']}; GREY "
-        "otherwise. Groups of agreeing recipes are sets whose every pair passes.", "",
+        "otherwise. '(noise)' marks a cell that fails only bounds its ceiling fails too: identical "
+        "recipes sampled as noisily would not pass either. Groups of agreeing recipes are sets "
+        "whose every pair passes.", "",
         "Every statistic is shown with what unrelated personas would give (null) and, where it has "
         "one, what identical data would give (ceiling). Nulls: for mean cosines, the mean over "
         "every mismatched persona pairing (exact); for matrix r, the permutation distribution of "
@@ -179,8 +183,9 @@ def write_report(result: dict[str, Any], source: ActivationSource, out: str | Pa
                   "directions on one half of the personas, rotated onto the other recipe there, "
                   "scored on the other half (both ways round, averaged over "
                   f"{result.get('procrustes_splits', 0)} halvings). Ceiling: the same procedure between two "
-                  "question halves of each recipe (geometric mean of the two; 1 for "
-                  "question-invariant recipes).", "", _procrustes_table(result, layer), ""]
+                  "question halves of each recipe, Spearman–Brown corrected to full-size centroids "
+                  "(geometric mean of the two; 1 for question-invariant recipes).", "",
+                  _procrustes_table(result, layer), ""]
     lines += [
         f"![cosines](figures/cosines_L{mid}.png)", "", f"![matrix r](figures/matrix_r_L{mid}.png)", "",
         f"![cosine matrices](figures/cos_matrices_L{mid}.png)", "",
@@ -188,8 +193,11 @@ def write_report(result: dict[str, Any], source: ActivationSource, out: str | Pa
         f"Centroids from two random halves of the questions ({result['n_splits']} seeded splits), "
         "compared with the same statistics as the recipe pairs. Each half averages half of the "
         "questions, so these are floors for half-size centroids; the last column is the "
-        "Spearman–Brown value for full-size centroids, used as the ceiling of mean-centred "
-        "matrix r. Min is the minimum over every split.", "", _floor_table(result), "",
+        "Spearman–Brown value for full-size centroids. Every ceiling in the tables above is such "
+        "a full-size value (2c/(1+c) of the half-size c; for the cosines this is exact when a "
+        "recipe is signal plus independent per-question noise), because the statistics are "
+        "computed on full-size centroids. Min is the minimum over every split.", "",
+        _floor_table(result), "",
         "## Attention-sink check", "", *_sink_section(result),
         "## B*_no_last algebra check", "",
         "B* (prompt_mean) includes A's token (last) in its mean, so part of cos(A, B*) is "
