@@ -453,5 +453,5 @@ def test_failing_at_the_noise_ceiling_is_not_called_a_difference(same_but_noisy,
     assert same["within_noise"] and not unrelated["within_noise"]
     assert all(not c["within_noise"] for c in res["cells"] if c["verdict"] == "PASS")
     lb_noisy = sum(c["within_noise"] for c in res["cells"] if c["tag"] == "load-bearing")
-    said = f"{lb_noisy} of them fail only where the recipes' own split-half ceiling"
+    said = f"{lb_noisy} of them {'fails' if lb_noisy == 1 else 'fail'} only where the recipes' own split-half"
     assert lb_noisy > 0 and said in res["overall"]["sentence"]

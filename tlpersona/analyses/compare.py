@@ -412,7 +412,8 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
                     + (f" (KILL: {', '.join(kills)})" if kills else "") + ".")
         noisy = [c for c in lb if c.get("within_noise")]
         if noisy:
-            sentence += (f" {len(noisy)} of them fail only where the recipes' own split-half "
+            verb = "fails" if len(noisy) == 1 else "fail"
+            sentence += (f" {len(noisy)} of them {verb} only where the recipes' own split-half "
                          "ceiling fails too (marked 'noise'): identical recipes sampled this "
                          "noisily would not pass either, so there the verdict does not show a "
                          "difference between recipes (read each statistic against its ceiling).")
