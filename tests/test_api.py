@@ -68,6 +68,13 @@ def test_analyses_through_the_api_equal_the_cli(runs):
     _same(cmp.to_dict(), tmp / "cmp" / "results.json")
     cell = cmp.cell(29, "last", "sys_end")
     assert cell.verdict in ("PASS", "GREY", "KILL") and -1 <= cell.cos_mean <= 1
+    raw = next(c for c in cmp.to_dict()["cells"] if c["layer"] == 29
+               and set(c["pair"]) == {"last", "sys_end"})
+    assert cell.mc_r_p == raw["matrix_mc"]["mantel_p"] >= 1 / 20
+    # 19 permutations cannot put a geometry beyond its null at 0.05: nothing passes
+    assert all(c.verdict != "PASS" for c in cmp.cells)
+    assert cell.within_noise == raw["within_noise"]
+    assert cell.cos_min_ceiling == raw["ceiling"]["per_persona_cos_min"]
 
     sub = tlp.subspace(store, k_max=4)
     _cli("subspace", str(store.root), "--k-max", "4", "--out", str(tmp / "sub"))

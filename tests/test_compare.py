@@ -151,7 +151,7 @@ def test_overall_partition(synth, result):
     assert not result["overall"]["recipe_robust"]
     assert "1 of 5 load-bearing pairs" in result["overall"]["sentence"]
     assert "{last, prompt_mean, prompt_mean_no_last} | {sys_end}" in result["overall"]["sentence"]
-    gated = compare(synth, CompareConfig(n_perm=19, n_splits=4, n_null=3,
+    gated = compare(synth, CompareConfig(n_perm=99, n_splits=4, n_null=3,
                                          thresholds=Thresholds(gate_spread=True)))
     cell = next(c for c in gated["cells"] if c["pair"] == ["last", "prompt_mean"])
     assert cell["verdict"] == "GREY"
@@ -374,7 +374,7 @@ def test_robustness_counts_recipe_pairs_not_position_pairs(tmp_path):
     v = rng.normal(size=(8, 1, 12)) + 2.0
     names = ["last", "response_mean", "response_mean_seed", "prompt_mean"]
     res = compare(invariant_store(tmp_path / "s", {p: v for p in names}),
-                  CompareConfig(positions=names, n_perm=19, n_null=3))
+                  CompareConfig(positions=names, n_perm=99, n_null=3))
     assert all(c["verdict"] == "PASS" for c in res["cells"])
     covered = {frozenset(_ALIAS[p] for p in c["pair"]) for c in res["cells"]} & LOAD_BEARING
     assert len(covered) == 3

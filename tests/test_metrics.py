@@ -225,3 +225,27 @@ def test_holm_against_its_definition():
 ])
 def test_verdict_boundaries(min_cos, mc_r, rho, gate, want):
     assert verdict(min_cos, mc_r, rho, Thresholds(gate_spread=gate)) == want
+
+
+@pytest.mark.parametrize("mantel_p, want", [(0.049, "PASS"), (0.05, "GREY"), (0.5, "GREY")])
+def test_pass_needs_the_geometry_beyond_its_mantel_null(mantel_p, want):
+    assert verdict(0.99, 0.99, None, Thresholds(), mantel_p, 0.05) == want
+    assert verdict(0.5, 0.99, None, Thresholds(), mantel_p, 0.05) == "KILL"
+
+
+def test_unrelated_recipes_with_few_personas_rarely_pass():
+    """Planted null: two recipes with a large shared offset (so min cos is high) and one
+    persona direction each, independent. With 5 personas the bounds alone pass ~9 % of such
+    cells; with the Mantel gate PASS stays at its level."""
+    rng = np.random.default_rng(0)
+    n, d, draws = 5, 30, 400
+    bounds = gated = 0
+    for _ in range(draws):
+        off = 10 * rng.normal(size=d)
+        x, y = (rng.normal(size=(n, 1)) * rng.normal(size=(1, d)) + off for _ in range(2))
+        min_cos = float(M.rowwise_cos(x, y).min())
+        mx, my = M.cos_matrix(M.mean_centre(x)), M.cos_matrix(M.mean_centre(y))
+        r, p = mantel(mx, my, n_perm=199, seed=int(rng.integers(1 << 30)))
+        bounds += verdict(min_cos, r, None, Thresholds()) == "PASS"
+        gated += verdict(min_cos, r, None, Thresholds(), p, 0.05) == "PASS"
+    assert bounds / draws > 0.05 and gated / draws <= 0.05

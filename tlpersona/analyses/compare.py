@@ -36,7 +36,8 @@ SANITY = {frozenset(p) for p in [("a", "c2"), ("a", "c3"), ("c2", "c3")]}
 
 @dataclass
 class Thresholds:
-    """PASS needs all of the pass_* bounds exceeded; KILL needs either kill_* bound undercut.
+    """PASS needs all of the pass_* bounds exceeded and the mean-centred matrix r beyond its
+    Mantel null (p < the comparison's ``alpha``); KILL needs either kill_* bound undercut.
 
     The spread correlation is descriptive unless ``gate_spread`` is set; then PASS also needs
     spread Spearman > ``pass_spread`` where it is defined.
@@ -71,11 +72,17 @@ SINK_WARN = 0.5
 EXTRA_DEFAULT = ("prompt_mean_no_first", "response_mean_seed")
 
 
-def verdict(min_cos: float, mc_r: float, spread_rho: float | None, th: Thresholds) -> str:
+def verdict(min_cos: float, mc_r: float, spread_rho: float | None, th: Thresholds,
+            mantel_p: float | None = None, alpha: float = 0.05) -> str:
+    """PASS / GREY / KILL (see :class:`Thresholds`). ``mantel_p``: the mean-centred matrix r's
+    Mantel p (None: not gated). With few personas unrelated recipes clear the bounds by chance
+    (sharing one persona direction: 17 % of cells at 4 personas, 4 % at 6), so agreement is
+    only called where the geometry is also more alike than shuffled personas'."""
     if min_cos < th.kill_min_cos or mc_r < th.kill_mc_r:
         return "KILL"
     spread_ok = not th.gate_spread or spread_rho is None or spread_rho > th.pass_spread
-    if min_cos > th.pass_min_cos and mc_r > th.pass_mc_r and spread_ok:
+    beyond_null = mantel_p is None or mantel_p < alpha
+    if min_cos > th.pass_min_cos and mc_r > th.pass_mc_r and spread_ok and beyond_null:
         return "PASS"
     return "GREY"
 
@@ -242,7 +249,8 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
                 "mantel_p": mantel[(x, y, 1)].p,
                 "spread": spread_cell,
                 "ceiling": ceiling,
-                "verdict": verdict(s.min, mantel[(x, y, 1)].r, rho, th),
+                "verdict": verdict(s.min, mantel[(x, y, 1)].r, rho, th, mantel[(x, y, 1)].p,
+                                   cfg.alpha),
                 "within_noise": within_noise(s.min, mantel[(x, y, 1)].r, rho, ceiling, th),
                 "per_persona_cos_all": [round(float(v), 6) for v in cos],
             }

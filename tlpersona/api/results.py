@@ -40,11 +40,15 @@ class PairCell:
     x: str
     y: str
     verdict: str  # PASS, GREY or KILL
+    within_noise: bool  # not PASS, but only where identical recipes this noisy fail too
     cos_mean: float
     cos_min: float
     cos_null_mean: float
+    cos_ceiling: float | None
+    cos_min_ceiling: float | None
     mc_r: float  # mean-centred persona-geometry correlation
     mc_r_null_p95: float
+    mc_r_p: float  # its Mantel p (PASS needs it below the comparison's alpha)
     mc_r_p_holm: float
     mc_r_ceiling: float | None
     procrustes_cos: float | None  # held-out Procrustes cosine (None: too few personas)
@@ -75,9 +79,13 @@ class CompareResult:
             proc, mc = c["procrustes_cos"], c["matrix_mc"]
             cells.append(PairCell(
                 layer=c["layer"], x=c["pair"][0], y=c["pair"][1], verdict=c["verdict"],
+                within_noise=bool(c.get("within_noise", False)),
                 cos_mean=c["per_persona_cos"]["mean"], cos_min=c["per_persona_cos"]["min"],
-                cos_null_mean=c["per_persona_cos"]["null_mean"], mc_r=mc["pearson"],
-                mc_r_null_p95=mc["null_p95"], mc_r_p_holm=mc.get("mantel_p_holm", mc["mantel_p"]),
+                cos_null_mean=c["per_persona_cos"]["null_mean"],
+                cos_ceiling=c["ceiling"].get("per_persona_cos_mean"),
+                cos_min_ceiling=c["ceiling"].get("per_persona_cos_min"), mc_r=mc["pearson"],
+                mc_r_null_p95=mc["null_p95"], mc_r_p=mc["mantel_p"],
+                mc_r_p_holm=mc.get("mantel_p_holm", mc["mantel_p"]),
                 mc_r_ceiling=c["ceiling"]["matrix_mc_pearson"], procrustes_cos=proc.get("mean"),
                 procrustes_null_p95=proc.get("null_p95"), procrustes_p_holm=proc.get("p_holm"),
                 procrustes_ceiling=proc.get("ceiling"),

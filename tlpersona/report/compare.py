@@ -156,7 +156,7 @@ def write_report(result: dict[str, Any], source: ActivationSource, out: str | Pa
         f"(smallest attainable p = {result['min_attainable_p']:.4f}), seed {result['seed']}; "
         f"input manifest {result['input']['manifest_hash'][:12]}.", "",
         f"Verdicts: PASS if per-persona min cos > {th['pass_min_cos']} and mean-centred matrix "
-        f"r > {th['pass_mc_r']}"
+        f"r > {th['pass_mc_r']} beyond its Mantel null (p < {result.get('alpha', 0.05):g})"
         + (f" and spread Spearman > {th['pass_spread']} where defined" if th.get("gate_spread")
            else " (the spread correlation is descriptive and does not gate the verdict)")
         + f"; KILL if min cos < {th['kill_min_cos']} or mean-centred r < {th['kill_mc_r']}; GREY "

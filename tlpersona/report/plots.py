@@ -80,7 +80,7 @@ def matrix_bars(result: dict[str, Any], layer: int, path: Path) -> Path:
     ceilings = [np.nan if c["ceiling"]["matrix_mc_pearson"] is None else c["ceiling"]["matrix_mc_pearson"]
                 for c in cells]
     ax.scatter(x + 0.2, ceilings, color="k", marker="_", s=200, zorder=3,
-               label="ceiling: split-half r, Spearman-Brown (noisier recipe)")
+               label="ceiling: split-half r, Spearman-Brown (geometric mean of the two recipes)")
     ax.scatter(x + 0.2, [c["matrix_mc"]["null_p95"] for c in cells], color="#d9534f", marker="_",
                s=200, zorder=3, label="null: 95th percentile, shuffled personas")
     ax.axhline(result["thresholds"]["pass_mc_r"], color="#5cb85c", lw=0.8, ls="--")
