@@ -1,5 +1,6 @@
 """The comparison on synthetic stores (checked against numpy) and on a real one (report)."""
 
+import itertools
 import json
 
 import numpy as np
@@ -455,3 +456,21 @@ def test_failing_at_the_noise_ceiling_is_not_called_a_difference(same_but_noisy,
     lb_noisy = sum(c["within_noise"] for c in res["cells"] if c["tag"] == "load-bearing")
     said = f"{lb_noisy} of them {'fails' if lb_noisy == 1 else 'fail'} only where the recipes' own split-half"
     assert lb_noisy > 0 and said in res["overall"]["sentence"]
+
+
+def test_min_cosine_null_matches_every_relabelling(tmp_path):
+    """Unrelated recipes on a large shared offset: the minimum per-persona cosine is high for
+    any pairing, and its null says so. Checked against all 5! relabellings."""
+    rng = np.random.default_rng(8)
+    n, d = 5, 16
+    off = 6 * rng.normal(size=d)
+    x, y = (rng.normal(size=(n, 1, d)) + off for _ in range(2))
+    res = compare(invariant_store(tmp_path / "s", {"sys_end": x, "raw_system_last": y}),
+                  CompareConfig(n_perm=1999, n_null=3))
+    (cell,) = res["cells"]
+    c = M.unit(x[:, 0]) @ M.unit(y[:, 0]).T
+    mins = np.array([min(c[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n))])
+    got = cell["per_persona_cos"]
+    assert got["null_min_mean"] == pytest.approx(mins.mean(), abs=0.005)
+    assert got["null_min_p95"] == pytest.approx(np.percentile(mins, 95), abs=0.01)
+    assert got["min"] > 0.9 and got["min"] < got["null_min_p95"] + 0.05  # no better than chance

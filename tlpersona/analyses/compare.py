@@ -239,7 +239,10 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
             ceiling = _ceiling(floors, x, y, layer)
             cell = {
                 "layer": layer, "pair": [x, y], "tag": pair_tag(x, y),
-                "per_persona_cos": {**asdict(s), "null_mean": _shuffled_cos_mean(cent[x], cent[y])},
+                "per_persona_cos": {**asdict(s), "null_mean": _shuffled_cos_mean(cent[x], cent[y]),
+                                    **dict(zip(("null_min_mean", "null_min_p95"),
+                                               _shuffled_cos_min(cent[x], cent[y], permuter.perms),
+                                               strict=True))},
                 "per_persona_cos_mc": {**asdict(M.Summary.of(mc_cos)),
                                        "null_mean": _shuffled_cos_mean(mc[x], mc[y])},
                 "procrustes_cos": {**proc[(x, y)].to_dict(),
@@ -313,6 +316,15 @@ def _shuffled_cos_mean(x: np.ndarray, y: np.ndarray) -> float:
     """Expected mean per-persona cosine when one recipe's persona labels are shuffled uniformly
     at random: the mean of every (i, j) cosine (exact, no sampling)."""
     return float(np.mean(M.unit(x) @ M.unit(y).T))
+
+
+def _shuffled_cos_min(x: np.ndarray, y: np.ndarray, perms: np.ndarray) -> tuple[float, float]:
+    """The minimum per-persona cosine with one recipe's persona labels shuffled by each of
+    ``perms`` ``[N, n]`` (the Mantel test's permutations): (mean, 95th percentile). A shared
+    offset keeps raw cosines near 1 for any pairing; this says how high the minimum is then."""
+    c = M.unit(x) @ M.unit(y).T
+    mins = c[np.arange(len(x))[None, :], perms].min(1)
+    return float(mins.mean()), float(np.percentile(mins, 95))
 
 
 def _matrix_cell(res: MantelResult, tri: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:

@@ -56,6 +56,7 @@ class MantelPermuter:
         self.n_perm = n_perm
         self.iu = np.triu_indices(n, k=1)
         perms = np.stack([rng.permutation(n) for _ in range(n_perm)])  # [N, n]
+        self.perms = perms
         # Entry (i, j) of the permuted matrix is m[p[i], p[j]]: flat indices into m.
         self.flat = (perms[:, self.iu[0]] * n + perms[:, self.iu[1]]).astype(np.intp)
 

@@ -44,6 +44,7 @@ class PairCell:
     cos_mean: float
     cos_min: float
     cos_null_mean: float
+    cos_min_null_p95: float  # the minimum's 95th percentile over shuffled persona labels
     cos_ceiling: float | None
     cos_min_ceiling: float | None
     mc_r: float  # mean-centred persona-geometry correlation
@@ -82,6 +83,7 @@ class CompareResult:
                 within_noise=bool(c.get("within_noise", False)),
                 cos_mean=c["per_persona_cos"]["mean"], cos_min=c["per_persona_cos"]["min"],
                 cos_null_mean=c["per_persona_cos"]["null_mean"],
+                cos_min_null_p95=c["per_persona_cos"]["null_min_p95"],
                 cos_ceiling=c["ceiling"].get("per_persona_cos_mean"),
                 cos_min_ceiling=c["ceiling"].get("per_persona_cos_min"), mc_r=mc["pearson"],
                 mc_r_null_p95=mc["null_p95"], mc_r_p=mc["mantel_p"],
