@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import tlpersona as tlp
 from tlpersona.cli import main
+from tlpersona.data import Inputs, persona_hash, question_hash
 from tlpersona.files import json_bytes
 
 pytestmark = pytest.mark.model
@@ -98,6 +99,12 @@ def test_patch_and_steer_through_the_api_equal_the_cli(runs, loaded):
     want = json.loads(json_bytes(pat.to_dict()))
     got.pop("seconds"), want.pop("seconds")  # wall times
     assert got == want
+    # the result names what it ran on: the store that chose the clean personas, the model, and
+    # the personas' prompts and questions by hash
+    by_name = {p.name: p for p in personas}
+    used = list({n: by_name[n] for pair in pat.pairs for n in pair}.values())
+    assert pat.inputs == Inputs(loaded.info.identity, persona_hash(used),
+                                question_hash(list(questions)[:1]), store.manifest_hash)
 
     options = dict(n_questions=2, n_personas=1, recipes=["last"], layers=[29],
                    operators=["add"], alphas=[0.125], n_random=2, response_tokens=2,
@@ -112,6 +119,8 @@ def test_patch_and_steer_through_the_api_equal_the_cli(runs, loaded):
     want = json.loads(json_bytes(steering.to_dict()))
     got.pop("seconds"), want.pop("seconds")
     assert got == want
+    assert steering.inputs.model_identity == loaded.info.identity
+    assert steering.inputs.store_manifest_hash == store.manifest_hash
     steering.save(tmp / "steer_api")
     assert (tmp / "steer_api" / "steering.md").read_text().startswith("## Steering")
 

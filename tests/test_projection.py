@@ -59,6 +59,14 @@ def test_new_persona_with_a_stored_prompt_lands_on_that_persona(store, tmp_path)
     assert "not closer to its nearest than one more persona could be" in point.nearest_text()
     saved = json.loads((tmp_path / "o" / "projection.json").read_text())
     assert saved["axis"] == "pcs" and saved["layer"] == 29
+    # what was projected is in the file, beside the store it was projected into
+    assert {it["text"] for it in saved["items"]} == {target.system_prompts[0]}
+    assert all(it["questions"] == [q.text for q in QUESTIONS] for it in saved["items"])
+    st = open_store(store)
+    assert saved["inputs"] == {"model_identity": st.provenance["model_identity"],
+                               "persona_hash": st.provenance["persona_hash"],
+                               "question_hash": st.provenance["question_hash"],
+                               "store_manifest_hash": st.manifest_hash}
 
 
 def test_pc_coordinates_are_centred(store, tmp_path):

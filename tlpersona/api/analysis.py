@@ -89,7 +89,7 @@ def project(store: Store | str | Path, *, layer: int | None = None,
     """
     from tlpersona.analyses.projection import axis_frame, nearest, pc_frame
     from tlpersona.analyses.stats import holm
-    from tlpersona.data import Persona, Question
+    from tlpersona.data import Inputs, Persona, Question
     from tlpersona.extraction import ExtractConfig, Extractor
     from tlpersona.models import default_device, load_model
 
@@ -154,14 +154,18 @@ def project(store: Store | str | Path, *, layer: int | None = None,
                 near = nearest(x, cent[p.name], st.personas)
                 points.append(Projected(
                     label, p.name, dict(zip(f.names, map(float, f.coords(x[None])[0]), strict=True)),
-                    False, near.top, near.rank, near.pool))
+                    False, near.top, near.rank, near.pool, text=system,
+                    questions=list(questions)))
     # every new item x recipe is one question of the same run: one family
     new = [i for i, pt in enumerate(points) if not pt.stored]
     adjusted = holm([(points[i].nearest_p or 0.0) for i in new])
     for i, adj in zip(new, adjusted, strict=True):
         points[i] = replace(points[i], nearest_p_holm=float(adj))
     axes = next(iter(frames.values())).names
-    return ProjectionResult(str(st.root), layer, axis, names, list(axes), points)
+    prov = st.provenance
+    inputs = Inputs(str(prov.get("model_identity")), str(prov.get("persona_hash")),
+                    str(prov.get("question_hash")), st.manifest_hash)
+    return ProjectionResult(str(st.root), layer, axis, names, list(axes), points, inputs)
 
 
 def persona_vector(store: Store | str | Path, persona: str, position: str, layer: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,10 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
         progress=progress, control=control)
     check_config(cfg, n_layers)
     loaded = _model_for(model, prov, device, dtype, attn)
-    return PatchResult.of(run_patching(Runner(loaded), chosen, qs, cfg, personas_note=note))
+    res = run_patching(Runner(loaded), chosen, qs, cfg, personas_note=note)
+    if st is not None and res.inputs is not None:  # the store chose the clean personas
+        res.inputs = replace(res.inputs, store_manifest_hash=st.manifest_hash)
+    return PatchResult.of(res)
 
 
 def eval_questions(store: Store, questions: list[Question], n: int) -> tuple[list[Question], str]:

@@ -7,12 +7,13 @@ import copy
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tlpersona.data import Inputs
 from tlpersona.files import atomic_write_bytes
 from tlpersona.interventions.patching import PatchResult as _PatchResult
 from tlpersona.interventions.steering import SteeringResult as _SteeringResult
@@ -208,6 +209,8 @@ class Projected:
     nearest_rank: int | None = None
     nearest_pool: int | None = None
     nearest_p_holm: float | None = None
+    text: str = ""  # a new item's system prompt, conversation system message or raw text
+    questions: list[str] = field(default_factory=list)  # what a new item was asked (averaged)
 
     @property
     def nearest_p(self) -> float | None:
@@ -233,6 +236,7 @@ class ProjectionResult:
     positions: list[str]
     axes: list[str]  # coordinate names (PC1 …, or the persona axis)
     points: list[Projected]
+    inputs: Inputs  # the store's model, personas and questions, and its manifest
 
     def to_dict(self) -> dict[str, Any]:
         stored: dict[str, list[dict[str, Any]]] = {p: [] for p in self.positions}
@@ -241,12 +245,14 @@ class ProjectionResult:
             if pt.stored:
                 stored[pt.recipe].append({"persona": pt.label, "coords": dict(pt.coords)})
             else:
-                items.append({"label": pt.label, "recipe": pt.recipe, "coords": dict(pt.coords),
+                items.append({"label": pt.label, "recipe": pt.recipe, "text": pt.text,
+                              "questions": list(pt.questions), "coords": dict(pt.coords),
                               "nearest": [{"persona": n, "cos": c} for n, c in pt.nearest],
                               "nearest_rank": pt.nearest_rank, "nearest_pool": pt.nearest_pool,
                               "nearest_p": pt.nearest_p, "nearest_p_holm": pt.nearest_p_holm})
-        return {"store": self.store, "layer": self.layer, "axis": self.axis,
-                "positions": list(self.positions), "stored": stored, "items": items}
+        return {"store": self.store, "inputs": asdict(self.inputs), "layer": self.layer,
+                "axis": self.axis, "positions": list(self.positions), "stored": stored,
+                "items": items}
 
     def save(self, out: str | Path) -> Path:
         """projection.json, projection.csv and projection.png into ``out``; returns the JSON's

@@ -157,3 +157,27 @@ def content_hash(obj: object) -> str:
 def persona_hash(personas: list[Persona]) -> str:
     """What a store records of its personas: names and every system-prompt phrasing, in order."""
     return content_hash([[p.name, list(p.system_prompts)] for p in personas])
+
+
+def question_hash(questions: list[Question]) -> str:
+    """What a store records of its questions: ids and texts, in order."""
+    return content_hash([[q.id, q.text] for q in questions])
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What shaped a result besides its settings, so that a result file names exactly what it
+    was computed from: the model's identity (file hash, revision or config hash), hashes of the
+    persona prompts (:func:`persona_hash`) and questions (:func:`question_hash`) it ran on, and
+    the manifest hash of the store it read (None: none)."""
+
+    model_identity: str
+    persona_hash: str
+    question_hash: str
+    store_manifest_hash: str | None = None
+
+    @classmethod
+    def of(cls, model_identity: str, personas: list[Persona], questions: list[Question],
+           store_manifest_hash: str | None = None) -> Inputs:
+        return cls(model_identity, persona_hash(personas), question_hash(questions),
+                   store_manifest_hash)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from tlpersona.cache.store import StoreWriter
 from tlpersona.conversation import template_hash
-from tlpersona.data import Persona, Question, content_hash, indexed_prompts, persona_hash
+from tlpersona.data import Persona, Question, content_hash, indexed_prompts, persona_hash, question_hash
 from tlpersona.data.responses import Key, Response
 from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
@@ -47,7 +47,7 @@ def provenance_of(spec: str, identity: str, tokenizer: Any, dtype: torch.dtype, 
         "personas": [p.name for p in personas],
         "persona_hash": persona_hash(personas),
         "questions": [q.id for q in questions],
-        "question_hash": content_hash([[q.id, q.text] for q in questions]),
+        "question_hash": question_hash(questions),
         "prompt_index": cfg.prompt_index,
         "include_eot": cfg.include_eot if cfg.needs_response else None,
         "responses_hash": responses_hash,

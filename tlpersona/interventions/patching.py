@@ -52,7 +52,7 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from tlpersona.data import Persona, Question, system_prompt
+from tlpersona.data import Inputs, Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
 from tlpersona.interventions.runner import HOOKS, Conversation, Runner, hook_name, kl
 from tlpersona.models import check_layers
@@ -174,6 +174,7 @@ class PatchResult:
     control_note: str
     agreement: list[Agreement]
     seconds: dict[str, float]  # wall time per method
+    inputs: Inputs | None = None  # the model, persona prompts, questions (and store) it ran on
 
     def select(self, method: str, component: str) -> list[CellEffect]:
         return [c for c in self.cells if c.method == method and c.component == component]
@@ -432,7 +433,9 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
         n_layers=int(runner.model.info.n_layers),
         kl_clean_corrupt_mean=float(np.nanmean(kl_base)) if kl_base else None,
         cells=cells, control=control, control_note=control_note, agreement=agreement,
-        seconds=seconds)
+        seconds=seconds, inputs=Inputs.of(runner.model.info.identity,
+                                          list({p.name: p for pair in plist for p in pair}.values()),
+                                          questions))
 
 
 def _examples(runner: Runner, plist: list[tuple[Persona, Persona]], questions: list[Question],

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from tlpersona.analyses.stats import holm
 from tlpersona.cache.vectors import axis, centred
-from tlpersona.data import Persona, Question, system_prompt
+from tlpersona.data import Inputs, Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
 from tlpersona.interventions.runner import Runner
 from tlpersona.interventions.steer_batch import Edit, Row, row_edits, run_rows
@@ -209,6 +209,7 @@ class SteeringResult:
     verdicts: dict[str, str]  # operator -> sentence
     seconds: float = 0.0
     continuations: list[Continuation] = field(default_factory=list)
+    inputs: Inputs | None = None  # the model, persona prompts, questions and store it ran on
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -636,7 +637,9 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
         config=cfg, store_manifest_hash=store.manifest_hash, model=str(runner.model.info.spec),
         base=cfg.base, personas=choice, selection_questions=[q.id for q in sel_q],
         scoring_questions=[q.id for q in score_q], questions_note=questions_note, layers=layers,
-        recipes=recipes, typical_norm=ev.norm, scores=scores, verdicts=verdicts)
+        recipes=recipes, typical_norm=ev.norm, scores=scores, verdicts=verdicts,
+        inputs=Inputs.of(runner.model.info.identity, [by_name[cfg.base], *targets],
+                         sel_q + score_q, store.manifest_hash))
     if cfg.continuations and "add" in cfg.operators:
         result.continuations = continuations(ev, result, score_q[0])
     result.seconds = time.perf_counter() - t0
