@@ -36,6 +36,7 @@ def planted_store(path, n=400, d=30, k=3, m=2, seed=0):
 def test_components_match_numpy_svd(tmp_path):
     st = write_synthetic(tmp_path / "s")
     res, comps = subspace(st, SubspaceConfig(layers=[5], k_max=5))
+    assert res["input"]["manifest_hash"] == st.manifest_hash and res["seed"] == 0
     li = st.layer_index(5)
     stacked = []
     for p in res["positions"]:

@@ -262,6 +262,8 @@ def subspace(source: ActivationSource, cfg: SubspaceConfig | None = None
                                "align": cfg.align,
                                "thresholds": {"min_cos": cfg.min_cos, "min_r": cfg.min_r},
                                "null": {"n": cfg.n_null, "relabelled": positions[-1]},
+                               "seed": cfg.seed,
+                               "input": {"manifest_hash": source.manifest_hash},
                                "layers": []}
     comps: dict[int, np.ndarray] = {}
     for layer in layers:

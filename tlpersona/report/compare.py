@@ -258,7 +258,9 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Activa
     lines = [
         "## Shared persona subspace", "",
         f"One PCA on every recipe's mean-centred centroids ({', '.join(result['positions'])}; "
-        f"{scale}). k_found counts the shared PCs on which every pair of recipes orders the "
+        f"{scale}; {result['n_personas']} personas, split seed {result.get('seed', 0)}, input "
+        f"manifest {result.get('input', {}).get('manifest_hash', '?')[:12]}). k_found counts "
+        "the shared PCs on which every pair of recipes orders the "
         f"personas alike (Pearson r of their scores > {th['min_r']}); a direction that only one "
         f"recipe varies along gives r near 0. Headline: held out — centring, scaling and PCA "
         f"fitted on {held['n_fit']} personas, scores taken on the other {held['n_scored']}; only "
