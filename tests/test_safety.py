@@ -333,6 +333,31 @@ def test_the_model_cache_lock_waits_for_its_holder(tmp_path):
     assert waited > 0.5
 
 
+def test_a_lock_is_re_entrant_in_its_thread_and_excludes_other_threads(tmp_path):
+    import threading
+
+    from tlpersona.locks import exclusive
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with exclusive(tmp_path / "d", "x"), exclusive(tmp_path / "d", "x", wait=True):
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(TlpersonaError, match="is in use by"), exclusive(tmp_path / "d", "x"):
+            pass
+    finally:
+        release.set()
+        t.join()
+    with exclusive(tmp_path / "d", "x"):
+        pass
+
+
 def test_an_analysis_into_a_locked_out_stops_at_once(store, tmp_path):
     out = tmp_path / "cmp"
     proc = _holder(out, 60)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +22,9 @@ from tlpersona.errors import TlpersonaError
 
 LOCK_NAME = "tlpersona.lock"
 
-#: directories whose lock this process holds: taking one again is a no-op, not a deadlock
-_HELD: set[Path] = set()
+#: (thread, directory) locks this process holds: the same thread taking one again is a no-op,
+#: not a deadlock; another thread waits for it like another process would
+_HELD: set[tuple[int, Path]] = set()
 
 
 def _write_pid(fd: int) -> None:
@@ -47,10 +49,10 @@ def exclusive(directory: str | Path, what: str, wait: bool = False) -> Iterator[
     """Hold the lock of ``directory`` (created if needed) for the ``with`` block.
 
     ``wait=False``: a lock held elsewhere is a one-line error naming the holder's PID.
-    ``wait=True``: wait for it (a line on stderr says whom for). Re-entrant within a process.
+    ``wait=True``: wait for it (a line on stderr says whom for). Re-entrant within a thread.
     """
     directory = Path(directory)
-    key = directory.resolve()
+    key = (threading.get_ident(), directory.resolve())
     if key in _HELD:
         # this process holds it already (a command that locks its output directory, then saves)
         yield
