@@ -56,7 +56,7 @@ def test_new_persona_with_a_stored_prompt_lands_on_that_persona(store, tmp_path)
         assert it["nearest_pool"] == 6 and it["nearest_rank"] in (1, 2)
         assert it["nearest_p"] == it["nearest_rank"] / 6 and it["nearest_p_holm"] >= it["nearest_p"]
     point = next(pt for pt in result.points if not pt.stored)
-    assert "not closer to its nearest than one more persona could be" in point.nearest_text()
+    assert "not shown to be closer to its nearest than one more persona" in point.nearest_text()
     saved = json.loads((tmp_path / "o" / "projection.json").read_text())
     assert saved["axis"] == "pcs" and saved["layer"] == 29
     # what was projected is in the file, beside the store it was projected into

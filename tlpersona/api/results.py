@@ -221,7 +221,7 @@ class Projected:
         near = ", ".join(f"{n} ({c:.2f})" for n, c in self.nearest[:3])
         closer = ("closer to its nearest than one more persona would be"
                   if self.nearest_p_holm is not None and self.nearest_p_holm < alpha
-                  else "not closer to its nearest than one more persona could be")
+                  else "not shown to be closer to its nearest than one more persona")
         return (f"{near}; {closer} (rank {self.nearest_rank} of {self.nearest_pool} top cosines, "
                 f"p = {self.nearest_p:.3f}, Holm {self.nearest_p_holm:.3f})")
 
