@@ -474,3 +474,7 @@ def test_min_cosine_null_matches_every_relabelling(tmp_path):
     assert got["null_min_mean"] == pytest.approx(mins.mean(), abs=0.005)
     assert got["null_min_p95"] == pytest.approx(np.percentile(mins, 95), abs=0.01)
     assert got["min"] > 0.9 and got["min"] < got["null_min_p95"] + 0.05  # no better than chance
+    p5s = np.array([np.percentile([c[i, p[i]] for i in range(n)], 5)
+                    for p in itertools.permutations(range(n))])
+    assert got["null_p5_mean"] == pytest.approx(p5s.mean(), abs=0.005)
+    assert got["null_p5_p95"] == pytest.approx(np.percentile(p5s, 95), abs=0.01)

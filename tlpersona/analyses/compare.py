@@ -240,9 +240,7 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
             cell = {
                 "layer": layer, "pair": [x, y], "tag": pair_tag(x, y),
                 "per_persona_cos": {**asdict(s), "null_mean": _shuffled_cos_mean(cent[x], cent[y]),
-                                    **dict(zip(("null_min_mean", "null_min_p95"),
-                                               _shuffled_cos_min(cent[x], cent[y], permuter.perms),
-                                               strict=True))},
+                                    **_shuffled_cos_low(cent[x], cent[y], permuter.perms)},
                 "per_persona_cos_mc": {**asdict(M.Summary.of(mc_cos)),
                                        "null_mean": _shuffled_cos_mean(mc[x], mc[y])},
                 "procrustes_cos": {**proc[(x, y)].to_dict(),
@@ -318,13 +316,16 @@ def _shuffled_cos_mean(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(M.unit(x) @ M.unit(y).T))
 
 
-def _shuffled_cos_min(x: np.ndarray, y: np.ndarray, perms: np.ndarray) -> tuple[float, float]:
-    """The minimum per-persona cosine with one recipe's persona labels shuffled by each of
-    ``perms`` ``[N, n]`` (the Mantel test's permutations): (mean, 95th percentile). A shared
-    offset keeps raw cosines near 1 for any pairing; this says how high the minimum is then."""
+def _shuffled_cos_low(x: np.ndarray, y: np.ndarray, perms: np.ndarray) -> dict[str, float]:
+    """The minimum and 5th percentile of the per-persona cosines with one recipe's persona labels
+    shuffled by each of ``perms`` ``[N, n]`` (the Mantel test's permutations): their means and
+    95th percentiles. A shared offset keeps raw cosines near 1 for any pairing; this says how
+    high the low end is then."""
     c = M.unit(x) @ M.unit(y).T
-    mins = c[np.arange(len(x))[None, :], perms].min(1)
-    return float(mins.mean()), float(np.percentile(mins, 95))
+    shuffled = c[np.arange(len(x))[None, :], perms]  # [N, n]
+    mins, p5s = shuffled.min(1), np.percentile(shuffled, 5, axis=1)
+    return {"null_min_mean": float(mins.mean()), "null_min_p95": float(np.percentile(mins, 95)),
+            "null_p5_mean": float(p5s.mean()), "null_p5_p95": float(np.percentile(p5s, 95))}
 
 
 def _matrix_cell(res: MantelResult, tri: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:

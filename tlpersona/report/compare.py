@@ -35,9 +35,9 @@ def _p(v: Any) -> str:
 
 
 def _detail_table(result: dict[str, Any], layer: int) -> str:
-    rows = ["| pair | cos mean (null; ceiling) | cos min (null p95; ceiling) | cos p5 | mc cos mean (null) "
-            "| raw r (null p95) | mc r (null p95) | mc r ceiling | mc Spearman | Mantel p (Holm) "
-            "| spread ρ | verdict |",
+    rows = ["| pair | cos mean (null; ceiling) | cos min (null p95; ceiling) | cos p5 (null p95) "
+            "| mc cos mean (null) | raw r (null p95) | mc r (null p95) | mc r ceiling | mc Spearman "
+            "| Mantel p (Holm) | spread ρ | verdict |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
         if c["layer"] != layer:
@@ -47,7 +47,7 @@ def _detail_table(result: dict[str, Any], layer: int) -> str:
             f"| {c['pair'][0]} ~ {c['pair'][1]} | {_f(s['mean'])} ({_f(s['null_mean'])}; "
             f"{_f(c['ceiling']['per_persona_cos_mean'])}) "
             f"| {_f(s['min'])} ({_f(s.get('null_min_p95'))}; {_f(c['ceiling'].get('per_persona_cos_min'))}) "
-            f"| {_f(s['p5'])} "
+            f"| {_f(s['p5'])} ({_f(s.get('null_p5_p95'))}) "
             f"| {_f(mc['mean'])} ({_f(mc['null_mean'])}) "
             f"| {_f(raw['pearson'])} ({_f(raw['null_p95'])}) | {_f(mr['pearson'])} ({_f(mr['null_p95'])}) "
             f"| {_f(c['ceiling']['matrix_mc_pearson'])} | {_f(mr['spearman'])} "
