@@ -186,6 +186,9 @@ def min_cosine(a: Path, b: Path) -> dict[str, float]:
     np_, nq = len(sb.personas), len(sb.questions)
     if sa.personas[:np_] != sb.personas or sa.questions[:nq] != sb.questions:
         raise SystemExit(f"{b} is not the first personas x questions of {a}")
+    missing = sorted(set(sb.positions) ^ set(sa.positions))
+    if missing:
+        raise SystemExit(f"{a} and {b} hold different positions ({', '.join(missing)})")
     out = {}
     for pos in sb.positions:
         if sb.has_per_question(pos):
@@ -246,6 +249,10 @@ def main() -> None:
                     help="NAME:DIR: run NAME (and its --tiny) with the tlpersona package in DIR "
                          "(e.g. the previous commit's) instead of this checkout's")
     args = ap.parse_args()
+    if args.against and not args.reference:
+        ap.error("--against needs --reference")
+    if args.reference and len(args.reference.split(":")) != 3:
+        ap.error("--reference is RUN:PERSONAS:QUESTIONS")
     nproc = {k: int(v) for k, v in (x.split(":") for x in args.nproc)}
     code = dict(x.split(":", 1) for x in args.code)
 

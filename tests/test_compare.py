@@ -418,7 +418,7 @@ def same_but_noisy(tmp_path_factory):
     for p in ("raw_system_last", "response_mean"):
         rec[p] = geometry()[:, None] + 0.01 * rng.normal(size=(n, n_q, d))
     st = per_question_store(tmp_path_factory.mktemp("noisy") / "s", rec)
-    return compare(st, CompareConfig(n_perm=19, n_splits=4, n_null=3))
+    return compare(st, CompareConfig(n_perm=99, n_splits=4, n_null=3))
 
 
 def test_ceilings_predict_what_identical_noisy_recipes_reach(same_but_noisy):

@@ -249,3 +249,18 @@ def test_unrelated_recipes_with_few_personas_rarely_pass():
         bounds += verdict(min_cos, r, None, Thresholds()) == "PASS"
         gated += verdict(min_cos, r, None, Thresholds(), p, 0.05) == "PASS"
     assert bounds / draws > 0.05 and gated / draws <= 0.05
+
+
+@pytest.mark.parametrize("obs, ceil, mantel_p, want", [
+    ((0.94, 0.95), (0.94, 0.95), 0.001, True),    # misses PASS where identical recipes do too
+    ((0.94, 0.95), (0.94, 0.95), 0.6, False),     # the Mantel condition has no ceiling
+    ((0.90, 0.60), (0.99, 0.60), 0.001, False),   # min cos 0.90 against a ceiling of 0.99
+    ((0.97, 0.60), (0.99, 0.60), 0.001, True),    # KILL on r, and identical recipes' r is KILL too
+    ((0.97, 0.50), (0.99, 0.80), 0.001, False),   # KILL at 0.5 where identical recipes reach 0.8
+    ((0.97, 0.95), (0.99, 0.99), 0.001, False),   # PASS
+])
+def test_within_noise_needs_every_missed_bound_missed_by_its_ceiling(obs, ceil, mantel_p, want):
+    from tlpersona.analyses.compare import within_noise
+
+    ceiling = {"per_persona_cos_min": ceil[0], "matrix_mc_pearson": ceil[1]}
+    assert within_noise(*obs, None, ceiling, Thresholds(), mantel_p, 0.05) is want

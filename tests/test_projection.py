@@ -56,7 +56,8 @@ def test_new_persona_with_a_stored_prompt_lands_on_that_persona(store, tmp_path)
         assert it["nearest_pool"] == 6 and it["nearest_rank"] in (1, 2)
         assert it["nearest_p"] == it["nearest_rank"] / 6 and it["nearest_p_holm"] >= it["nearest_p"]
     point = next(pt for pt in result.points if not pt.stored)
-    assert "not shown to be closer to its nearest than one more persona" in point.nearest_text()
+    assert ("cannot be shown closer than one more persona with 5 personas and 3 tests "
+            "(Holm p >= 0.500)") in point.nearest_text()
     saved = json.loads((tmp_path / "o" / "projection.json").read_text())
     assert saved["axis"] == "pcs" and saved["layer"] == 29
     # what was projected is in the file, beside the store it was projected into
@@ -92,6 +93,11 @@ def _pool_ranks(cent, x):
         b = (v - m) / np.linalg.norm(v - m)
         tops.append(max(a @ b))
     return tops
+
+
+def test_nearest_needs_two_stored_personas():
+    with pytest.raises(TlpersonaError, match="at least 2 stored personas"):
+        nearest(np.ones(3), np.ones((1, 3)), ["only"])
 
 
 def test_nearest_rank_matches_an_independent_loop():

@@ -389,6 +389,7 @@ def test_an_analysis_is_never_written_into_a_store(store, tmp_path):
     before = _snapshot(s)
     _fails("is a store's directory", "compare", str(s), "--out", str(s))
     _fails("is a store's directory", "project", str(s), "--out", str(s / "parts"))
+    _fails("is a store's directory", "project", str(s), "--out", str(s / "figures"))
     assert _snapshot(s) == before
     import tlpersona as tlp
 

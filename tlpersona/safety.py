@@ -94,11 +94,11 @@ def check_output_dir(path: Path, option: str = "`out`") -> None:
 
 
 def in_store(directory: Path) -> bool:
-    """Whether ``directory`` is a store's directory (or its parts folder), whose files belong to
-    the store."""
+    """Whether ``directory`` is a store's directory or a folder directly inside one (its parts
+    folder, or one a user made there), whose files belong to the store."""
     # a store being written has its parts folder before its manifest
     return ((directory / "manifest.json").exists() or (directory / "parts").is_dir()
-            or directory.name == "parts")
+            or directory.name == "parts" or (directory.parent / "manifest.json").exists())
 
 
 def check_analysis_dir(path: Path, option: str = "`out`") -> None:

@@ -7,6 +7,7 @@ layout's :class:`tlpersona.cache.seed_layout.SeedSource`).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -88,21 +89,29 @@ def verdict(min_cos: float, mc_r: float, spread_rho: float | None, th: Threshold
 
 
 def within_noise(min_cos: float, mc_r: float, spread_rho: float | None, ceiling: dict[str, Any],
-                 th: Thresholds) -> bool:
+                 th: Thresholds, mantel_p: float | None = None, alpha: float = 0.05) -> bool:
     """Whether a cell that does not pass fails only where identical recipes measured as noisily
-    would fail too: every bound its verdict undercuts, the split-half ceiling of that statistic
-    (``ceiling``, from :func:`_ceiling`) undercuts as well. Such a cell does not show that the
-    recipes differ. False for PASS, and where a failed bound has no ceiling (the spread)."""
-    v = verdict(min_cos, mc_r, spread_rho, th)
-    if v == "PASS":
+    would fail too: every bound it misses (the PASS bounds, and the KILL bounds for a KILL), the
+    split-half ceiling of that statistic (``ceiling``, from :func:`_ceiling`) misses as well, so
+    identical recipes would get the same verdict. Such a cell does not show that the recipes
+    differ. False for PASS, where a missed bound has no ceiling (the spread), and where the
+    Mantel condition fails (identical recipes' Mantel p is not measured)."""
+    if verdict(min_cos, mc_r, spread_rho, th, mantel_p, alpha) == "PASS":
         return False
-    kill = v == "KILL"
-    checks = [(min_cos, ceiling["per_persona_cos_min"], th.kill_min_cos if kill else th.pass_min_cos),
-              (mc_r, ceiling["matrix_mc_pearson"], th.kill_mc_r if kill else th.pass_mc_r)]
-    if not kill and th.gate_spread and spread_rho is not None:
-        checks.append((spread_rho, None, th.pass_spread))
-    failed = [(c, b) for x, c, b in checks if (x < b if kill else x <= b)]
-    return bool(failed) and all(c is not None and (c < b if kill else c <= b) for c, b in failed)
+    if mantel_p is not None and mantel_p >= alpha:
+        return False
+
+    def misses(v: float, bound: float, kill: bool) -> bool:
+        return v < bound if kill else v <= bound
+
+    c_cos, c_r = ceiling["per_persona_cos_min"], ceiling["matrix_mc_pearson"]
+    bounds: list[tuple[float, float | None, float, bool]] = [
+        (min_cos, c_cos, th.pass_min_cos, False), (mc_r, c_r, th.pass_mc_r, False),
+        (min_cos, c_cos, th.kill_min_cos, True), (mc_r, c_r, th.kill_mc_r, True)]
+    if th.gate_spread and spread_rho is not None:
+        bounds.append((spread_rho, None, th.pass_spread, False))
+    missed = [(c, b, k) for x, c, b, k in bounds if misses(x, b, k)]
+    return bool(missed) and all(c is not None and misses(c, b, k) for c, b, k in missed)
 
 
 def default_positions(available: list[str]) -> list[str]:
@@ -252,7 +261,8 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
                 "ceiling": ceiling,
                 "verdict": verdict(s.min, mantel[(x, y, 1)].r, rho, th, mantel[(x, y, 1)].p,
                                    cfg.alpha),
-                "within_noise": within_noise(s.min, mantel[(x, y, 1)].r, rho, ceiling, th),
+                "within_noise": within_noise(s.min, mantel[(x, y, 1)].r, rho, ceiling, th,
+                                             mantel[(x, y, 1)].p, cfg.alpha),
                 "per_persona_cos_all": [round(float(v), 6) for v in cos],
             }
             cells.append(cell)
@@ -439,6 +449,14 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
                          "noisily would not pass either, so there the verdict does not show a "
                          "difference between recipes (read each statistic against its ceiling).")
     sentence += f" Recipes that agree at every layer (every pair passes): {groups}."
+    # PASS needs an uncorrected Mantel p < alpha; p >= 1/(N + 1), and with n personas only n!
+    # relabellings exist
+    floor = max(1.0 / (result["n_permutations"] + 1), 1.0 / math.factorial(result["n_personas"]))
+    if floor >= alpha:
+        sentence += (f" No cell can pass here: PASS needs the mean-centred geometry beyond its "
+                     f"Mantel null (p < {alpha:g}), and with {result['n_permutations']} "
+                     f"permutations of {result['n_personas']} personas p cannot fall below "
+                     f"{floor:.3f}.")
     evidence = " " + _beyond_null(cells, "matrix_mc", "mantel_p", result["n_permutations"], alpha,
                                   "have mean-centred persona geometries more alike than shuffled "
                                   "personas give (Mantel)")

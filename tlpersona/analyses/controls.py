@@ -51,7 +51,7 @@ def floor_stats(halves: np.ndarray, iu: tuple[np.ndarray, np.ndarray], seed: int
     Each half averages half of the questions, so these are floors for half-size centroids; the
     ``*_full`` values are Spearman–Brown values for full-size ones, the size the recipe pairs are
     scored at (for a cosine of signal plus independent noise, halving the noise variance maps
-    c to 2c/(1 + c) exactly as it does a reliability).
+    c to 2c/(1 + c) in expectation, in high dimensions, as it does a reliability).
     """
     cos_mean, cos_min, rs, procs = [], [], [], []
     for k in range(halves.shape[1] // 2):

@@ -61,9 +61,11 @@ class Nearest:
     item's top cosine falls among the n + 1 top cosines of the pool "stored personas + the item",
     each member against the other n, centred on their mean (1 = closest; ties count against the
     item). Under the null that the item is one more persona, exchangeable with the stored ones,
-    ``p = rank / (n + 1)`` exactly. A near-copy of stored persona P makes P's top cosine high too
-    (P's nearest is the item), so the best it can reach is rank 2, p = 2 / (n + 1), about half the
-    time: with 26 personas that is 0.074.
+    ``p = rank / (n + 1)`` exactly — provided the item is made as a stored centroid is (the
+    store's questions averaged, one phrasing); an item averaged over other or fewer questions
+    differs from every stored persona by that alone in recipes that read the question. A
+    near-copy of stored persona P makes P's top cosine high too (P's nearest is the item), so it
+    reaches rank 1 or 2: with 26 personas p = 0.037 or 0.074.
     """
 
     top: list[tuple[str, float]]
@@ -78,6 +80,8 @@ class Nearest:
 def nearest(x: np.ndarray, cent: np.ndarray, personas: list[str], top: int = 5) -> Nearest:
     """Stored personas closest to ``x`` ``[d]`` by cosine (``cent`` ``[n, d]``), with the
     exchangeability rank of its top cosine (:class:`Nearest`)."""
+    if len(cent) < 2:
+        raise TlpersonaError(f"nearest personas need at least 2 stored personas, not {len(cent)}")
     pool = np.vstack([cent, x[None]])
     n1 = len(pool)
     # member j against the others, centred on the others' mean: (sum - x_j) / n

@@ -158,13 +158,13 @@ def project(store: Store | str | Path, *, layer: int | None = None,
                     questions=list(questions)))
     # every new item x recipe is one question of the same run: one family
     new = [i for i, pt in enumerate(points) if not pt.stored]
-    adjusted = holm([(points[i].nearest_p or 0.0) for i in new])
+    adjusted = holm([(points[i].nearest_p or 1.0) for i in new])
     for i, adj in zip(new, adjusted, strict=True):
-        points[i] = replace(points[i], nearest_p_holm=float(adj))
+        points[i] = replace(points[i], nearest_p_holm=float(adj), nearest_family=len(new))
     axes = next(iter(frames.values())).names
     prov = st.provenance
-    inputs = Inputs(str(prov.get("model_identity")), str(prov.get("persona_hash")),
-                    str(prov.get("question_hash")), st.manifest_hash)
+    inputs = Inputs(prov.get("model_identity"), prov.get("persona_hash"),
+                    prov.get("question_hash"), st.manifest_hash)
     return ProjectionResult(str(st.root), layer, axis, names, list(axes), points, inputs)
 
 

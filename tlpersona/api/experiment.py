@@ -16,6 +16,7 @@ from tlpersona.api.results import CompareResult, PatchResult, SteeringResult, Su
 from tlpersona.cache.store import Store
 from tlpersona.data import Persona, Question, builtin_personas, builtin_questions
 from tlpersona.files import atomic_write_bytes
+from tlpersona.locks import exclusive
 from tlpersona.models import LayerSpec, default_device, load_model
 from tlpersona.safety import check_analysis_dir, check_count
 
@@ -78,39 +79,42 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
     qs = all_questions[:limit_questions] if limit_questions else all_questions
     if max_new_tokens is None and cpu:
         max_new_tokens = 24
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    store = extract(model, ps, qs, positions=POSITIONS, layers=layers, out=out / "store",
-                    prompt_index=prompt_index, batch_size=batch_size,
-                    max_new_tokens=max_new_tokens, device=device, dtype=dtype, attn=attn,
+    # the whole run holds `out` and its report directory: another run cannot replace a
+    # section between this run's save and the final report
+    with exclusive(out, "`out`"), exclusive(out / "compare", "`out`"):
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        store = extract(model, ps, qs, positions=POSITIONS, layers=layers, out=out / "store",
+                        prompt_index=prompt_index, batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, device=device, dtype=dtype, attn=attn,
+                        progress=progress)
+        seconds["extract"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cmp = compare(store, permutations=permutations, seed=seed, splits=splits,
+                      null_draws=null_draws, thresholds=thresholds)
+        report = cmp.save(out / "compare", title=f"Recipe comparison: {model}")
+        seconds["compare"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sub = subspace(store, seed=seed, null_draws=null_draws)
+        sections = [sub.save(report.parent)]
+        seconds["subspace"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        base = "assistant" if "assistant" in store.personas else store.personas[0]
+        loaded = load_model(model, device or default_device(), dtype, attn)  # patch and steer share it
+        pat = patch(loaded, ps, qs, store=store, n_personas=3, n_questions=2, corrupt=base,
                     progress=progress)
-    seconds["extract"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cmp = compare(store, permutations=permutations, seed=seed, splits=splits,
-                  null_draws=null_draws, thresholds=thresholds)
-    report = cmp.save(out / "compare", title=f"Recipe comparison: {model}")
-    seconds["compare"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    sub = subspace(store, seed=seed, null_draws=null_draws)
-    sections = [sub.save(report.parent)]
-    seconds["subspace"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    base = "assistant" if "assistant" in store.personas else store.personas[0]
-    loaded = load_model(model, device or default_device(), dtype, attn)  # patch and steer share it
-    pat = patch(loaded, ps, qs, store=store, n_personas=3, n_questions=2, corrupt=base,
-                progress=progress)
-    sections.append(pat.save(report.parent))
-    seconds["patching"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    stored = store.layers
-    mid = stored[(len(stored) - 1) // 2]
-    # the store's questions are the first ones: steering scores on later ones where there are any
-    steering = steer(store, loaded, ps, all_questions, n_questions=5, n_personas=3, base=base,
-                     layers=[mid], operators=["add"], alphas=STEER_ALPHAS, response_tokens=6,
-                     seed=seed, n_boot=1000, continuations=1, continuation_tokens=16,
-                     progress=progress)
-    sections.append(steering.save(report.parent))
-    seconds["steering"] = time.perf_counter() - t0
-    atomic_write_bytes(report, report.read_bytes()
-                       + b"".join(b"\n" + s.read_bytes() for s in sections))
+        sections.append(pat.save(report.parent))
+        seconds["patching"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stored = store.layers
+        mid = stored[(len(stored) - 1) // 2]
+        # the store's questions are the first ones: steering scores on later ones where there are any
+        steering = steer(store, loaded, ps, all_questions, n_questions=5, n_personas=3, base=base,
+                         layers=[mid], operators=["add"], alphas=STEER_ALPHAS, response_tokens=6,
+                         seed=seed, n_boot=1000, continuations=1, continuation_tokens=16,
+                         progress=progress)
+        sections.append(steering.save(report.parent))
+        seconds["steering"] = time.perf_counter() - t0
+        atomic_write_bytes(report, report.read_bytes()
+                           + b"".join(b"\n" + s.read_bytes() for s in sections))
     return ExperimentResult(store, cmp, sub, pat, steering, report, seconds)

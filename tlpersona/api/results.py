@@ -25,7 +25,8 @@ from tlpersona.sources import ActivationSource
 @contextmanager
 def _writing(out: str | Path) -> Iterator[None]:
     """Hold ``out``'s lock while an analysis writes its files, so that two runs saving into one
-    directory leave one run's set, not a mix (a run already holding it, e.g. the CLI's, goes on)."""
+    directory at the same time do not interleave them (a run already holding it, e.g. the
+    CLI's, goes on)."""
     check_analysis_dir(Path(out), "`out`")
     with exclusive(out, "`out`", wait=True):
         yield
@@ -50,7 +51,7 @@ class PairCell:
     cos_min_ceiling: float | None
     mc_r: float  # mean-centred persona-geometry correlation
     mc_r_null_p95: float
-    mc_r_p: float  # its Mantel p (PASS needs it below the comparison's alpha)
+    mc_r_p: float  # its uncorrected Mantel p (PASS needs it below the comparison's alpha)
     mc_r_p_holm: float
     mc_r_ceiling: float | None
     procrustes_cos: float | None  # held-out Procrustes cosine (None: too few personas)
@@ -209,6 +210,7 @@ class Projected:
     nearest_rank: int | None = None
     nearest_pool: int | None = None
     nearest_p_holm: float | None = None
+    nearest_family: int | None = None  # new items x recipes the Holm adjustment ran over
     text: str = ""  # a new item's system prompt, conversation system message or raw text
     questions: list[str] = field(default_factory=list)  # what a new item was asked (averaged)
 
@@ -217,13 +219,20 @@ class Projected:
         return None if self.nearest_rank is None else self.nearest_rank / self.nearest_pool  # type: ignore[operator]
 
     def nearest_text(self, alpha: float = 0.05) -> str:
-        """The nearest stored personas and what the rank supports, in one line."""
+        """The nearest stored personas and what the rank supports, in one line (new items)."""
+        if self.nearest_rank is None or self.nearest_pool is None or self.nearest_p_holm is None:
+            return "a stored persona: no nearest-persona test"
         near = ", ".join(f"{n} ({c:.2f})" for n, c in self.nearest[:3])
-        closer = ("closer to its nearest than one more persona would be"
-                  if self.nearest_p_holm is not None and self.nearest_p_holm < alpha
-                  else "not shown to be closer to its nearest than one more persona")
+        floor = (self.nearest_family or 1) / self.nearest_pool  # Holm's smallest reachable p
+        if self.nearest_p_holm < alpha:
+            closer = "closer to its nearest than one more persona would be"
+        elif floor >= alpha:
+            closer = (f"cannot be shown closer than one more persona with {self.nearest_pool - 1} "
+                      f"personas and {self.nearest_family} tests (Holm p >= {floor:.3f})")
+        else:
+            closer = "not shown to be closer to its nearest than one more persona"
         return (f"{near}; {closer} (rank {self.nearest_rank} of {self.nearest_pool} top cosines, "
-                f"p = {self.nearest_p:.3f}, Holm {self.nearest_p_holm:.3f})")
+                f"p = {self.nearest_rank / self.nearest_pool:.3f}, Holm {self.nearest_p_holm:.3f})")
 
 
 @dataclass(frozen=True)
@@ -249,7 +258,8 @@ class ProjectionResult:
                               "questions": list(pt.questions), "coords": dict(pt.coords),
                               "nearest": [{"persona": n, "cos": c} for n, c in pt.nearest],
                               "nearest_rank": pt.nearest_rank, "nearest_pool": pt.nearest_pool,
-                              "nearest_p": pt.nearest_p, "nearest_p_holm": pt.nearest_p_holm})
+                              "nearest_p": pt.nearest_p, "nearest_p_holm": pt.nearest_p_holm,
+                              "nearest_tests": pt.nearest_family})
         return {"store": self.store, "inputs": asdict(self.inputs), "layer": self.layer,
                 "axis": self.axis, "positions": list(self.positions), "stored": stored,
                 "items": items}

@@ -171,9 +171,9 @@ class Inputs:
     persona prompts (:func:`persona_hash`) and questions (:func:`question_hash`) it ran on, and
     the manifest hash of the store it read (None: none)."""
 
-    model_identity: str
-    persona_hash: str
-    question_hash: str
+    model_identity: str | None  # None: the store does not record it
+    persona_hash: str | None
+    question_hash: str | None
     store_manifest_hash: str | None = None
 
     @classmethod

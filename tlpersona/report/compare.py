@@ -157,7 +157,7 @@ def write_report(result: dict[str, Any], source: ActivationSource, out: str | Pa
         f"(smallest attainable p = {result['min_attainable_p']:.4f}), seed {result['seed']}; "
         f"input manifest {result['input']['manifest_hash'][:12]}.", "",
         f"Verdicts: PASS if per-persona min cos > {th['pass_min_cos']} and mean-centred matrix "
-        f"r > {th['pass_mc_r']} beyond its Mantel null (p < {result.get('alpha', 0.05):g})"
+        f"r > {th['pass_mc_r']} beyond its Mantel null (uncorrected p < {result.get('alpha', 0.05):g})"
         + (f" and spread Spearman > {th['pass_spread']} where defined" if th.get("gate_spread")
            else " (the spread correlation is descriptive and does not gate the verdict)")
         + f"; KILL if min cos < {th['kill_min_cos']} or mean-centred r < {th['kill_mc_r']}; GREY "
@@ -195,8 +195,8 @@ def write_report(result: dict[str, Any], source: ActivationSource, out: str | Pa
         "compared with the same statistics as the recipe pairs. Each half averages half of the "
         "questions, so these are floors for half-size centroids; the last column is the "
         "Spearman–Brown value for full-size centroids. Every ceiling in the tables above is such "
-        "a full-size value (2c/(1+c) of the half-size c; for the cosines this is exact when a "
-        "recipe is signal plus independent per-question noise), because the statistics are "
+        "a full-size value (2c/(1+c) of the half-size c; for the cosines this is what signal "
+        "plus independent per-question noise gives in expectation), because the statistics are "
         "computed on full-size centroids. Min is the minimum over every split.", "",
         _floor_table(result), "",
         "## Attention-sink check", "", *_sink_section(result),
