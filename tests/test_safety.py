@@ -358,6 +358,40 @@ def test_a_lock_is_re_entrant_in_its_thread_and_excludes_other_threads(tmp_path)
         pass
 
 
+def test_a_waiter_takes_the_lock_when_its_fresh_holder_fails_and_cleans_up(tmp_path):
+    """A failed first holder removes the lock file and directory it made; a run waiting on it
+    then holds the lock (re-made), and a third is refused: never two holders."""
+    import threading
+
+    from tlpersona.locks import exclusive
+
+    d = tmp_path / "d"
+    holding, release = threading.Event(), threading.Event()
+
+    def first():
+        with pytest.raises(RuntimeError), exclusive(d, "x"):
+            time.sleep(1.0)
+            raise RuntimeError("failed")
+
+    def waiter():
+        time.sleep(0.3)
+        with exclusive(d, "x", wait=True):
+            holding.set()
+            release.wait(30)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=waiter)]
+    for t in threads:
+        t.start()
+    try:
+        assert holding.wait(30) and (d / "tlpersona.lock").exists()
+        with pytest.raises(TlpersonaError, match="is in use by"), exclusive(d, "x"):
+            pass
+    finally:
+        release.set()
+        for t in threads:
+            t.join()
+
+
 def test_an_analysis_into_a_locked_out_stops_at_once(store, tmp_path):
     out = tmp_path / "cmp"
     proc = _holder(out, 60)

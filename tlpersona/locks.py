@@ -73,7 +73,17 @@ def exclusive(directory: str | Path, what: str, wait: bool = False) -> Iterator[
                 raise TlpersonaError(f"{what} {directory} is in use by {_holder(path)} "
                                      f"(lock {path}); wait for it to finish") from None
             print(f"tlpersona: waiting for {_holder(path)}, which holds {path} ...", file=sys.stderr)
-            lock.acquire()
+            for _ in range(100):
+                try:
+                    lock.acquire()
+                    break
+                except FileNotFoundError:
+                    # the holder failed and removed the lock file and directory it had made
+                    # (filelock itself retries a lock file unlinked under it)
+                    directory.mkdir(parents=True, exist_ok=True)
+                    created = fresh = True
+            else:
+                raise TlpersonaError(f"cannot lock {path}: it keeps disappearing")
     except OSError as exc:
         raise TlpersonaError(f"cannot lock {path}: {exc.strerror or exc}") from None
     _HELD.add(key)
