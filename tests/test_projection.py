@@ -57,7 +57,7 @@ def test_new_persona_with_a_stored_prompt_lands_on_that_persona(store, tmp_path)
         assert it["nearest_p"] == it["nearest_rank"] / 6 and it["nearest_p_holm"] >= it["nearest_p"]
     point = next(pt for pt in result.points if not pt.stored)
     assert ("cannot be shown closer than one more persona with 5 personas and 3 tests "
-            "(Holm p >= 0.500)") in point.nearest_text()
+            "(Holm p >= 0.500)") in point.nearest.text()
     saved = json.loads((tmp_path / "o" / "projection.json").read_text())
     assert saved["axis"] == "pcs" and saved["layer"] == 29
     # what was projected is in the file, beside the store it was projected into

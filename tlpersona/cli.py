@@ -585,9 +585,9 @@ def project(store: str, out: str, layer: int | None, positions: str | None, axis
                  device=device, dtype=dtype)
     written = result.save(path)
     for pt in result.points:
-        if not pt.stored:
+        if pt.nearest is not None:  # a new item
             coords = ", ".join(f"{k_}={v:+.3f}" for k_, v in pt.coords.items())
-            click.echo(f"{pt.label} [{pt.recipe}]: {coords}; nearest: {pt.nearest_text()}")
+            click.echo(f"{pt.label} [{pt.recipe}]: {coords}; nearest: {pt.nearest.text()}")
     click.echo(f"written: {written}")
 
 

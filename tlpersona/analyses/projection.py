@@ -71,10 +71,27 @@ class Nearest:
     top: list[tuple[str, float]]
     rank: int
     pool: int  # n + 1
+    p_holm: float | None = None  # ``p`` Holm-adjusted over the run's new items × recipes
+    tests: int = 1  # the size of that family
 
     @property
     def p(self) -> float:
         return self.rank / self.pool
+
+    def text(self, alpha: float = 0.05) -> str:
+        """The nearest stored personas and what the rank supports, in one line."""
+        near = ", ".join(f"{n} ({c:.2f})" for n, c in self.top[:3])
+        held = self.p if self.p_holm is None else self.p_holm
+        floor = self.tests / self.pool  # Holm's smallest reachable p
+        if held < alpha:
+            closer = "closer to its nearest than one more persona would be"
+        elif floor >= alpha:
+            closer = (f"cannot be shown closer than one more persona with {self.pool - 1} "
+                      f"personas and {self.tests} tests (Holm p >= {floor:.3f})")
+        else:
+            closer = "not shown to be closer to its nearest than one more persona"
+        return (f"{near}; {closer} (rank {self.rank} of {self.pool} top cosines, "
+                f"p = {self.p:.3f}, Holm {held:.3f})")
 
 
 def nearest(x: np.ndarray, cent: np.ndarray, personas: list[str], top: int = 5) -> Nearest:

@@ -125,7 +125,7 @@ def project(store: Store | str | Path, *, layer: int | None = None,
         frames = {p: axis_frame(c, st.personas, axis.split(":", 1)[1]) for p, c in cent.items()}
     else:
         raise TlpersonaError(f"unknown `axis` {axis!r} (pcs or persona:NAME)")
-    points = [Projected(name, p, dict(zip(f.names, map(float, c), strict=True)), True, [])
+    points = [Projected(name, p, dict(zip(f.names, map(float, c), strict=True)), True)
               for p, f in frames.items() for name, c in zip(st.personas, f.coords(cent[p]),
                                                              strict=True)]
     items = ([(f"system:{i}", s, list(qs)) for i, (s, qs) in enumerate(systems)]
@@ -154,13 +154,12 @@ def project(store: Store | str | Path, *, layer: int | None = None,
                 near = nearest(x, cent[p.name], st.personas)
                 points.append(Projected(
                     label, p.name, dict(zip(f.names, map(float, f.coords(x[None])[0]), strict=True)),
-                    False, near.top, near.rank, near.pool, text=system,
-                    questions=list(questions)))
+                    False, near, text=system, questions=list(questions)))
     # every new item x recipe is one question of the same run: one family
-    new = [i for i, pt in enumerate(points) if not pt.stored]
-    adjusted = holm([(points[i].nearest_p or 1.0) for i in new])
-    for i, adj in zip(new, adjusted, strict=True):
-        points[i] = replace(points[i], nearest_p_holm=float(adj), nearest_family=len(new))
+    tested = [(i, pt.nearest) for i, pt in enumerate(points) if pt.nearest is not None]
+    adjusted = holm([near.p for _, near in tested])
+    for (i, near), adj in zip(tested, adjusted, strict=True):
+        points[i] = replace(points[i], nearest=replace(near, p_holm=float(adj), tests=len(tested)))
     axes = next(iter(frames.values())).names
     prov = st.provenance
     inputs = Inputs(prov.get("model_identity"), prov.get("persona_hash"),

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from tlpersona.analyses.projection import Nearest
 from tlpersona.data import Inputs
 from tlpersona.files import atomic_write_bytes
 from tlpersona.interventions.patching import PatchResult as _PatchResult
@@ -194,45 +195,17 @@ class SubspaceResult:
 
 @dataclass(frozen=True)
 class Projected:
-    """One stored persona or new item in a projection frame.
-
-    New items only: ``nearest`` (stored persona, cosine), closest first; ``nearest_rank`` of
-    ``nearest_pool`` (n + 1): where the top cosine falls among the stored personas' own top
-    cosines in the pool with the item (see :class:`tlpersona.analyses.projection.Nearest`);
-    ``nearest_p`` = rank / pool under the null "one more persona", ``nearest_p_holm`` adjusted
-    over every new item × recipe of the run."""
+    """One stored persona or new item in a projection frame. New items only: ``nearest``, the
+    stored personas closest to it and the rank test of its top cosine, Holm-adjusted over every
+    new item × recipe of the run (:class:`tlpersona.analyses.projection.Nearest`)."""
 
     label: str
     recipe: str
     coords: dict[str, float]  # axis name -> coordinate
     stored: bool
-    nearest: list[tuple[str, float]] = field(default_factory=list)
-    nearest_rank: int | None = None
-    nearest_pool: int | None = None
-    nearest_p_holm: float | None = None
-    nearest_family: int | None = None  # new items x recipes the Holm adjustment ran over
+    nearest: Nearest | None = None
     text: str = ""  # a new item's system prompt, conversation system message or raw text
     questions: list[str] = field(default_factory=list)  # what a new item was asked (averaged)
-
-    @property
-    def nearest_p(self) -> float | None:
-        return None if self.nearest_rank is None else self.nearest_rank / self.nearest_pool  # type: ignore[operator]
-
-    def nearest_text(self, alpha: float = 0.05) -> str:
-        """The nearest stored personas and what the rank supports, in one line (new items)."""
-        if self.nearest_rank is None or self.nearest_pool is None or self.nearest_p_holm is None:
-            return "a stored persona: no nearest-persona test"
-        near = ", ".join(f"{n} ({c:.2f})" for n, c in self.nearest[:3])
-        floor = (self.nearest_family or 1) / self.nearest_pool  # Holm's smallest reachable p
-        if self.nearest_p_holm < alpha:
-            closer = "closer to its nearest than one more persona would be"
-        elif floor >= alpha:
-            closer = (f"cannot be shown closer than one more persona with {self.nearest_pool - 1} "
-                      f"personas and {self.nearest_family} tests (Holm p >= {floor:.3f})")
-        else:
-            closer = "not shown to be closer to its nearest than one more persona"
-        return (f"{near}; {closer} (rank {self.nearest_rank} of {self.nearest_pool} top cosines, "
-                f"p = {self.nearest_rank / self.nearest_pool:.3f}, Holm {self.nearest_p_holm:.3f})")
 
 
 @dataclass(frozen=True)
@@ -254,12 +227,14 @@ class ProjectionResult:
             if pt.stored:
                 stored[pt.recipe].append({"persona": pt.label, "coords": dict(pt.coords)})
             else:
+                near = pt.nearest
+                assert near is not None
                 items.append({"label": pt.label, "recipe": pt.recipe, "text": pt.text,
                               "questions": list(pt.questions), "coords": dict(pt.coords),
-                              "nearest": [{"persona": n, "cos": c} for n, c in pt.nearest],
-                              "nearest_rank": pt.nearest_rank, "nearest_pool": pt.nearest_pool,
-                              "nearest_p": pt.nearest_p, "nearest_p_holm": pt.nearest_p_holm,
-                              "nearest_tests": pt.nearest_family})
+                              "nearest": [{"persona": n, "cos": c} for n, c in near.top],
+                              "nearest_rank": near.rank, "nearest_pool": near.pool,
+                              "nearest_p": near.p, "nearest_p_holm": near.p_holm,
+                              "nearest_tests": near.tests})
         return {"store": self.store, "inputs": asdict(self.inputs), "layer": self.layer,
                 "axis": self.axis, "positions": list(self.positions), "stored": stored,
                 "items": items}
