@@ -381,8 +381,8 @@ def _source(store: str | None, seed_dir: str | None) -> Any:
 
 def _holding_out(fn: Any) -> Any:
     """Run an analysis command holding its ``--out`` directory's lock: a second run into the
-    same directory stops at once naming the first (not after its own computation), and the
-    first's files are never mixed with another's. Checked before any computation."""
+    same directory stops at once naming the first (not after its own computation), so two
+    runs never write there at the same time. Checked before any computation."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from tlpersona.locks import exclusive

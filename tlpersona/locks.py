@@ -54,7 +54,7 @@ def exclusive(directory: str | Path, what: str, wait: bool = False) -> Iterator[
     directory = Path(directory)
     key = (threading.get_ident(), directory.resolve())
     if key in _HELD:
-        # this process holds it already (a command that locks its output directory, then saves)
+        # this thread holds it already (a command that locks its output directory, then saves)
         yield
         return
     created = not directory.exists()

@@ -246,6 +246,7 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
                                "gates_verdict": th.gate_spread}
             s = M.Summary.of(cos)
             ceiling = _ceiling(floors, x, y, layer)
+            geo = mantel[(x, y, 1)]  # the mean-centred matrices' test
             cell = {
                 "layer": layer, "pair": [x, y], "tag": pair_tag(x, y),
                 "per_persona_cos": {**asdict(s), "null_mean": _shuffled_cos_mean(cent[x], cent[y]),
@@ -255,14 +256,12 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
                 "procrustes_cos": {**proc[(x, y)].to_dict(),
                                    "ceiling": ceiling["procrustes_cos_mean"]},
                 "matrix_raw": _matrix_cell(mantel[(x, y, 0)], raw_t),
-                "matrix_mc": _matrix_cell(mantel[(x, y, 1)], mc_t),
-                "mantel_p": mantel[(x, y, 1)].p,
+                "matrix_mc": _matrix_cell(geo, mc_t),
+                "mantel_p": geo.p,
                 "spread": spread_cell,
                 "ceiling": ceiling,
-                "verdict": verdict(s.min, mantel[(x, y, 1)].r, rho, th, mantel[(x, y, 1)].p,
-                                   cfg.alpha),
-                "within_noise": within_noise(s.min, mantel[(x, y, 1)].r, rho, ceiling, th,
-                                             mantel[(x, y, 1)].p, cfg.alpha),
+                "verdict": verdict(s.min, geo.r, rho, th, geo.p, cfg.alpha),
+                "within_noise": within_noise(s.min, geo.r, rho, ceiling, th, geo.p, cfg.alpha),
                 "per_persona_cos_all": [round(float(v), 6) for v in cos],
             }
             cells.append(cell)

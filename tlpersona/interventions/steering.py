@@ -563,7 +563,7 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
         scored = []
         for s in settings:
             v = np.array([ev.values(s, r, own[i], i, q, plan) for i in range(nt) for q in sel_q])
-            scored.append((s, float(1 - v[:, 1].sum() / v[:, 0].sum()), float(v[:, 2].mean())))
+            scored.append((s, _effect(v), float(v[:, 2].mean())))
         s, eff, _ = max(scored, key=lambda x: x[1])
         grid = [x[0].strength for x in scored if x[0].layers == s.layers]
         interior = None if op == "ablate" else min(grid) < s.strength < max(grid)
