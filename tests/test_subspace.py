@@ -164,7 +164,7 @@ def test_high_dimensional_shared_geometry_saturates_and_says_so(tmp_path):
 
 
 def _report(st, tmp_path, **cfg):
-    from tlpersona.report.compare import write_subspace
+    from tlpersona.report.subspace import write_subspace
 
     res, comps = subspace(st, SubspaceConfig(**cfg))
     return res, write_subspace(res, comps, st, tmp_path / f"out{len(list(tmp_path.iterdir()))}")

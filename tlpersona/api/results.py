@@ -184,7 +184,7 @@ class SubspaceResult:
     def save(self, out: str | Path) -> Path:
         """subspace.json, pcs.safetensors, figures/ and subspace.md into ``out``; returns
         subspace.md's path."""
-        from tlpersona.report.compare import write_subspace
+        from tlpersona.report.subspace import write_subspace
 
         with _writing(out):
             section = write_subspace(self._data, self.components, self.source, out)
@@ -279,7 +279,7 @@ class PatchResult(_PatchResult):
 
     def save(self, out: str | Path) -> Path:
         """patch.json, figures/ and patch.md into ``out``; returns patch.md's path."""
-        from tlpersona.report.compare import write_patch
+        from tlpersona.report.patch import write_patch
 
         with _writing(out):
             write_patch(self, out)

@@ -1,0 +1,74 @@
+"""Markdown section, files and figures of a shared-subspace result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tlpersona.files import atomic_write_bytes, json_bytes
+from tlpersona.report import plots
+from tlpersona.report.compare import _f
+from tlpersona.sources import ActivationSource
+
+
+def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: ActivationSource,
+                   out: str | Path) -> str:
+    """Write subspace.json, pcs.safetensors and figures into ``out``; return a markdown section."""
+    import numpy as np
+    import torch
+
+    from tlpersona.analyses.aligned import report_section as aligned_section
+    from tlpersona.analyses.subspace import ALPHA, found_text, limits_text, null_text, prepare
+    from tlpersona.files import atomic_save_tensors
+
+    out = Path(out)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "subspace.json", json_bytes(result))
+    atomic_save_tensors(out / "pcs.safetensors",
+                        {f"layer_{k}": torch.from_numpy(np.ascontiguousarray(v)).float()
+                         for k, v in comps.items()})
+    layers = result["layers"]
+    mid = layers[len(layers) // 2]
+    li = source.layer_index(mid["layer"])
+    coords = {p: prepare(source.centroids(p)[:, li].double().numpy(), result["unit_norm"])
+              @ comps[mid["layer"]][:2].T for p in result["positions"]}
+    plots.subspace_variance(mid, figs / f"subspace_variance_L{mid['layer']}.png")
+    plots.subspace_agreement(mid, result["thresholds"], figs / f"subspace_agreement_L{mid['layer']}.png")
+    plots.subspace_scatter(coords, mid["layer"], figs / f"subspace_pc12_L{mid['layer']}.png")
+    rows = ["| layer | k_found (held out) | null: k_found of relabelled personas "
+            "| variance of PC1 | \\|cos(PC1, first token)\\| |", "|---|---|---|---|---|"]
+    for lay in layers:
+        rows.append(f"| {lay['layer']} | {found_text(lay)} | {null_text(lay)} | "
+                    f"{lay['explained_variance_ratio'][0]:.3f} | {_f(lay['pc1_sink_cos'])} |")
+    th = result["thresholds"]
+    held = mid["held_out"]
+    scale = ("each recipe scaled to unit total variance first, so the PCA ranks directions by "
+             "how many recipes share them" if result["unit_norm"] else
+             "recipes at their own scale, so the recipe with the largest norm dominates the PCs")
+    lines = [
+        "## Shared persona subspace", "",
+        f"One PCA on every recipe's mean-centred centroids ({', '.join(result['positions'])}; "
+        f"{scale}; {result['n_personas']} personas, split seed {result.get('seed', 0)}, input "
+        f"manifest {result.get('input', {}).get('manifest_hash', '?')[:12]}). k_found counts "
+        "the shared PCs on which every pair of recipes orders the "
+        f"personas alike (Pearson r of their scores > {th['min_r']}); a direction that only one "
+        f"recipe varies along gives r near 0. Headline: held out — centring, scaling and PCA "
+        f"fitted on {held['n_fit']} personas, scores taken on the other {held['n_scored']}; only "
+        f"the first {held['n_fit'] - 1} PCs can be counted. Null: the same after relabelling one "
+        f"recipe's personas at random ({result['null']['n']} draws: what unrelated recipes reach; "
+        "p = (1 + relabellings reaching k_found) / (draws + 1), Holm-adjusted over the layers for "
+        f"the \"beyond the null\" statement at {ALPHA:g}). {limits_text(result['null']['n'], layers)} "
+        "The last columns are descriptive: PC1's share of the variance and how closely PC1 "
+        "follows the first token's residual (the attention sink). subspace.json also holds "
+        "in-sample counts (fitted and scored on the same personas) and, held out and in sample, "
+        "the largest K at which every pair, projected onto the top-K PCs, keeps per-persona min "
+        f"cos > {th['min_cos']} and cosine-matrix r > {th['min_r']}; none of them has a null, so "
+        "they are not reported here.", "",
+        *rows, "",
+        *aligned_section(result),
+        f"![variance](figures/subspace_variance_L{mid['layer']}.png)", "",
+        f"![agreement](figures/subspace_agreement_L{mid['layer']}.png)", "",
+        f"![PC1-PC2](figures/subspace_pc12_L{mid['layer']}.png)", "",
+    ]
+    return "\n".join(lines)
