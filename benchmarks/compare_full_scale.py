@@ -1,10 +1,10 @@
 """Full comparison at the users' scale on a synthetic store; prints the time per stage.
 
 275 personas × 240 questions × 4 layers × d_model 3584, all seven recipes (four of them with
-per-question vectors), 1,000 Mantel permutations for every pair and layer. Target: ≤ 2 minutes
-on a 2-core CPU, peak memory under 8 GiB.
+per-question vectors), Mantel permutations sized to the family (``auto``, 3,400 for 84 cells).
+Target: ≤ 2 minutes on a 2-core CPU, peak memory under 8 GiB.
 
-    python benchmarks/compare_full_scale.py [--store DIR] [--permutations 1000]
+    python benchmarks/compare_full_scale.py [--store DIR] [--permutations auto|N]
     python benchmarks/compare_full_scale.py --subspace [--null-draws 100] [--align procrustes]
 
 ``--subspace`` times the shared subspace (``tlpersona subspace``'s analysis) on the same store
@@ -60,7 +60,8 @@ def make_store(path: Path, seed: int = 0) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", default=str(Path(tempfile.gettempdir()) / "tlpersona-bench-store"))
-    ap.add_argument("--permutations", type=int, default=1000)
+    ap.add_argument("--permutations", type=lambda v: None if v == "auto" else int(v), default=None,
+                    help="auto (default: sized to the family) or a count")
     ap.add_argument("--make-only", action="store_true")
     ap.add_argument("--subspace", action="store_true", help="time the shared subspace instead")
     ap.add_argument("--null-draws", type=int, default=100)
@@ -95,12 +96,13 @@ def main() -> None:
     total = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(f"{P} personas x {Q} questions x {len(LAYERS)} layers x d {D}, {len(res['positions'])} "
-          f"recipes, {len(res['cells'])} cells, {args.permutations} permutations, "
+          f"recipes, {len(res['cells'])} cells, {res['n_permutations']} permutations, "
           f"{torch.get_num_threads()} threads")
     for stage, sec in stages.items():
         print(f"  {stage:22s} {sec:7.1f} s")
     print(f"  {'total':22s} {total:7.1f} s   (target <= 120 s)")
     print(f"peak memory {peak:.2f} GiB (target < 8 GiB)")
+    print(res["overall"]["answer"])
 
 
 if __name__ == "__main__":

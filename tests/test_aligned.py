@@ -62,16 +62,20 @@ def test_rotated_shared_geometry_is_found_by_the_aligned_variant_only(tmp_path, 
         assert res["align"] == "procrustes"
         assert abs(layer["aligned"]["k_found"] - k) <= 1
         assert (layer["k_found"] or 0) < layer["aligned"]["k_found"]  # plain joint PCA does worse
-        assert layer["aligned"]["k_found_null"] == [None, None]
+        assert layer["aligned"]["k_found_null"] == [None] * 20  # raised to 20 for one layer
         assert layer["aligned"]["n_fit"] == 13 and layer["aligned"]["rank"] == 12
 
 
 @pytest.mark.parametrize("n", [8, 26])
 def test_unrelated_recipes_give_no_aligned_subspace(tmp_path, n):
-    for seed in range(3):
+    """Each PC is tested at 0.05 against 20 draws (one layer), so an unrelated layer reaches
+    k_found ≥ 1 with probability 1/21: at most one of six here, and only its PC1."""
+    found = []
+    for seed in range(6):
         st = recipes_store(tmp_path / f"u{seed}", rotated_planted(n, 3, seed, related=False))
         res, _ = subspace(st, SubspaceConfig(k_max=20, n_null=2, align="procrustes", seed=seed))
-        assert res["layers"][0]["aligned"]["k_found"] is None
+        found.append(res["layers"][0]["aligned"]["k_found"])
+    assert sum(k is not None for k in found) <= 1 and all(k in (None, 1) for k in found), found
 
 
 def test_aligned_held_out_scores_are_centred_on_zero_for_unrelated_recipes():

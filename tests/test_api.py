@@ -74,7 +74,8 @@ def test_analyses_through_the_api_equal_the_cli(runs):
     assert cell.mc_r_p == raw["matrix_mc"]["mantel_p"] >= 1 / 20
     # 19 permutations cannot put a geometry beyond its null at 0.05: nothing passes, and it says so
     assert all(c.verdict != "PASS" for c in cmp.cells)
-    assert "No cell can pass here" in cmp.sentence and "cannot fall below 0.050" in cmp.sentence
+    notes = " ".join(cmp.notes)
+    assert "No cell can pass here" in notes and "cannot fall below 0.050" in notes
     assert cell.within_noise == raw["within_noise"]
     assert cell.cos_min_ceiling == raw["ceiling"]["per_persona_cos_min"]
 

@@ -55,7 +55,15 @@ def test_experiment_end_to_end(default_source, tmp_path):
         "--permutations", "19", "--splits", "2", "--layers", "7,29", "--out", str(out),
     ])
     assert res.exit_code == 0, res.output[-2000:]
-    report = (out / "compare" / "report.md").read_text()
+    first = (out / "compare" / "report.md").read_text()
+    report = (out / "compare" / "details.md").read_text()
+    # the first screen: a headline and the four answers, each naming its section; no table
+    headline = first.splitlines()[2].strip("*")
+    assert 0 < len(headline) <= 300 and "| pair |" not in first
+    for i, q in enumerate(["Do the recipes recover", "Is there a shared persona subspace",
+                           "Which recipe's vector steers", "Where does patching carry"]):
+        assert f"{'abcd'[i]}. **{q}" in first
+    assert "(figures/verdicts.png)" in first and (out / "compare" / "cells.csv").exists()
     assert "| last ~ response_mean | load-bearing |" in report
     assert "## Shared persona subspace" in report
     assert "shared subspace, layer 29: k_found" in res.output

@@ -66,15 +66,17 @@ def test_every_recipe_matches_hf_hidden_states(loaded, hf_ref, responses):
                         batch_size=2, progress=False)
     res = Extractor(loaded, cfg).persona(PERSONA, QUESTIONS, responses)
     system = PERSONA.system_prompts[0]
-    worst = 0.0
     for qi, q in enumerate(QUESTIONS):
         ref = _reference(hf_ref, loaded.tokenizer, system, q.text, responses[("pirate", 0, q.id)].ids)
         for name, want in ref.items():
             got = res.per_question[name][qi] if name in res.per_question else res.centroid[name]
             assert got.shape == (len(LAYERS), loaded.info.d_model)
+            # float32 rounding relative to the tensor's largest entry (residuals run to ~10^2-10^3,
+            # where padded batches and the reference's unpadded forward differ by a few ulps):
+            # 2e-6 of it, never looser than 1e-4 below it
             diff = (got - want).abs().max().item()
-            worst = max(worst, diff)
-            assert diff <= 1e-4, (name, q.id, diff)
+            tol = max(1e-4, 2e-6 * want.abs().max().item())
+            assert diff <= tol, (name, q.id, diff, tol)
     # centroids are the mean over questions
     torch.testing.assert_close(res.centroid["last"], res.per_question["last"].mean(0))
     # question-invariant positions store no per-question rows

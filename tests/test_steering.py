@@ -219,7 +219,12 @@ def test_selection_never_scores_on_selection_questions(loaded, store6, monkeypat
         want = (1 + sum(r >= own for r in s.random_effects)) / (len(s.random_effects) + 1)
         assert s.random_p == pytest.approx(want) and s.random_p >= 1 / 3
         assert s.random_p_holm >= s.random_p and not s.beats_random
+        # too few directions for the t-prediction: the rank p decides, and says it did
+        assert s.random_test == "rank" and s.random_t_p is None and s.random_test_p == s.random_p
     assert all("p cannot fall below 0.333" in v for v in a.verdicts.values())
+    text = a.answer()
+    assert text.startswith("add: no recipe's vector is called beyond 2 random directions")
+    assert len(text) <= S.ANSWER_CHARS and "needs ≥ 120 random directions" in text
     s0 = a.scores[0]
     assert s0.own.n_examples == 2 * 2 and s0.random.n_examples == 2 * 2 * 2
     assert 0 <= s0.own.wrong_way <= 1 and s0.specificity is not None
@@ -307,6 +312,7 @@ def test_an_ablate_verdict_beyond_random_names_its_weak_control():
     from tlpersona.interventions.steering import _verdict
 
     score = SimpleNamespace(recipe="last", rank=1, beats_random=True, fluency_ok=True,
+                            random_test="rank", random_skew=None,
                             setting=SimpleNamespace(label=lambda: "L3"),
                             own=SimpleNamespace(effect=SimpleNamespace(mean=0.4, n=6)))
     ablate = _verdict("ablate", [score], 500, 3, 0.05)

@@ -347,10 +347,30 @@ def export(store: str, seed_layout: str | None, wandb_project: str | None, vecto
         click.echo(f"W&B artifact: {log_wandb(st, wandb_project)}")
 
 
+class _AutoCount(click.ParamType):
+    """A count or ``auto`` (None: the library sizes it)."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "auto":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither 'auto' nor a whole number", param, ctx)
+
+
+_AUTO_COUNT = _AutoCount()
+
+
 def _compare_options(fn: Any) -> Any:
     for opt in reversed([
-        click.option("--permutations", type=int, default=1000, show_default=True,
-                     help="Mantel and paired permutation count"),
+        click.option("--permutations", type=_AUTO_COUNT, default="auto", show_default=True,
+                     help="Mantel permutations; auto: 2 × cells / alpha (at least 1000), enough "
+                          "for Holm over every cell to reach alpha"),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--splits", type=int, default=10, show_default=True,
                      help="random question halves for the noise floor"),
@@ -406,7 +426,8 @@ def _holding_out(fn: Any) -> Any:
 @_friendly
 @_holding_out
 def compare(store: str | None, seed_dir: str | None, out: str, layers: str | None,
-            positions: str | None, permutations: int, seed: int, splits: int, null_draws: int,
+            positions: str | None, permutations: int | None, seed: int, splits: int,
+            null_draws: int,
             **thresholds: Any) -> None:
     """Compare recipes in a store: metrics, permutation tests, noise floor, verdicts, report."""
     from tlpersona.analyses.compare import Thresholds
@@ -426,7 +447,9 @@ def _print_summary(result: Any) -> None:
     from tlpersona.report.compare import verdict_table
 
     click.echo(verdict_table(result.to_dict()))
-    click.echo(result.sentence)
+    click.echo(result.answer)
+    for note in result.notes:
+        click.echo(f"- {note}")
 
 
 @main.command()
@@ -446,7 +469,7 @@ def _print_summary(result: Any) -> None:
 def experiment(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
                prompt_index: str, limit_personas: int | None, limit_questions: int | None,
                layers: str, out: str, max_new_tokens: int | None, batch_size: str, attn: str,
-               permutations: int, seed: int, splits: int, null_draws: int,
+               permutations: int | None, seed: int, splits: int, null_draws: int,
                **thresholds: Any) -> None:
     """Everything on one command: extract all seven recipes, compare them, find their shared
     subspace, patch and steer with them (a short run), and write one report.
@@ -653,9 +676,9 @@ def _print_patch(result: Any) -> None:
     for method in ("exact", "attribution"):
         cells = result.select(method, result.config.hook)
         if cells:
-            click.echo(f"patching ({method}, {result.config.hook}): {len(cells)} cells "
-                       "(descriptive: see the report)")
+            click.echo(f"patching ({method}, {result.config.hook}): {len(cells)} cells")
     click.echo(f"rewording control: {result.control_note}")
+    click.echo(f"persona beyond the rewording control: {result.answer()}")
 
 
 @main.command()
@@ -685,6 +708,10 @@ def _print_patch(result: Any) -> None:
               help="capping thresholds, percentiles of stored projections (default 10,25,50,75,90)")
 @click.option("--n-random", type=int, default=10, show_default=True,
               help="seeded random directions (control)")
+@click.option("--random-test", type=click.Choice(["t", "rank"]), default="t", show_default=True,
+              help="beyond-random test: t (one-sided t-prediction over the random directions' "
+                   "effects, used where they are not right-skewed, else rank) or rank (exact; "
+                   "needs --n-random of at least tests / 0.05)")
 @click.option("--response-tokens", type=int, default=16, show_default=True)
 @click.option("--prompt-index", type=int, default=None, help="phrasing (default: the store's)")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -698,7 +725,8 @@ def _print_patch(result: Any) -> None:
 def steer(store: str, out: str, model: str | None, device: str | None, dtype: str | None,
           attn: str, persona_source: str, questions: str, n_questions: int, personas: str | None,
           n_personas: int, base: str, recipes: str | None, layers: str | None, operators: str,
-          alphas: str | None, cap_percentiles: str | None, n_random: int, response_tokens: int,
+          alphas: str | None, cap_percentiles: str | None, n_random: int, random_test: str,
+          response_tokens: int,
           prompt_index: int | None, seed: int, n_boot: int, fluency_margin: float,
           continuations: int) -> None:
     """Steering, ablation and capping with each recipe's persona vectors: settings selected on
@@ -717,7 +745,8 @@ def steer(store: str, out: str, model: str | None, device: str | None, dtype: st
                  alphas=_numbers(alphas, "alphas") if alphas else None,
                  cap_percentiles=(_numbers(cap_percentiles, "cap_percentiles")
                                   if cap_percentiles else None),
-                 n_random=n_random, response_tokens=response_tokens, prompt_index=prompt_index,
+                 n_random=n_random, random_test=random_test, response_tokens=response_tokens,
+                 prompt_index=prompt_index,
                  seed=seed, n_boot=n_boot, fluency_margin=fluency_margin,
                  continuations=continuations, device=device, dtype=dtype, attn=attn)
     report = result.save(path)

@@ -13,8 +13,9 @@ Per layer, with the personas split as for the plain held-out ``k_found``
    mean of the rotated recipes (so no recipe's own dimensions serve as everyone's target);
 3. one PCA of the stacked, aligned fit rows gives the shared PCs, in that common frame;
 4. the test rows go through the same centring, principal directions and rotations (fitted on the
-   fit half only), and ``k_found`` counts the PCs on which every recipe pair orders the test
-   personas alike (Pearson r > ``min_r``), exactly as the plain variant does.
+   fit half only), and ``k_found`` counts the leading PCs on which every recipe pair orders the
+   test personas alike beyond the relabelled draws (the per-PC test of
+   :func:`tlpersona.analyses.subspace.count_against_null`), exactly as the plain variant does.
 
 The null relabels the last recipe's personas and reruns all of it (the alignment included), so
 it shows what K a rotation fitted to an unrelated recipe reaches. The in-sample value fits and
@@ -31,7 +32,15 @@ from scipy.linalg import orthogonal_procrustes
 from sklearn.decomposition import PCA
 
 from tlpersona.analyses.metrics import MAX_RANK
-from tlpersona.analyses.subspace import Centring, found_text, k_found, null_text, per_pc_agreement
+from tlpersona.analyses.subspace import (
+    ALPHA,
+    Centring,
+    count_against_null,
+    found_text,
+    k_found,
+    null_text,
+    per_pc_agreement,
+)
 
 #: Rounds of generalised Procrustes; the mean frame settles within a few on planted data.
 GPA_ITERATIONS = 20
@@ -58,6 +67,8 @@ class AlignedLayer:
     k_found_in_sample: int | None
     k_found_null: list[int | None]
     k_found_null_p: float | None
+    per_pc_p: list[float]
+    per_pc_threshold: list[float | None]
     per_pc: list[dict[str, Any]]
     n_fit: int
     n_scored: int
@@ -110,26 +121,29 @@ def aligned_per_pc(raw: dict[str, np.ndarray], positions: list[str], pairs: list
 
 def aligned_layer(raw: dict[str, np.ndarray], positions: list[str], pairs: list[tuple[str, str]],
                   fit: np.ndarray, test: np.ndarray, relabels: list[np.ndarray], unit_norm: bool,
-                  min_r: float) -> AlignedLayer:
+                  min_r: float, level: float = ALPHA) -> AlignedLayer:
     """Held-out aligned ``k_found`` with its relabelled null and the in-sample value.
-    ``relabels`` are persona permutations applied to the last recipe for the null."""
+    ``relabels`` are persona permutations applied to the last recipe for the null; each PC is
+    tested against the draws' same PC at ``level``
+    (:func:`tlpersona.analyses.subspace.count_against_null`)."""
     held = aligned_per_pc(raw, positions, pairs, fit, test, unit_norm)
-    found = k_found(held, min_r)
     null = []
     for relabel in relabels:
         shuffled = {**raw, positions[-1]: raw[positions[-1]][relabel]}
-        null.append(k_found(aligned_per_pc(shuffled, positions, pairs, fit, test, unit_norm), min_r))
+        null.append(aligned_per_pc(shuffled, positions, pairs, fit, test, unit_norm))
+    count = count_against_null(held, null, level, min_r)
     every = np.arange(len(next(iter(raw.values()))))
     in_sample = aligned_per_pc(raw, positions, pairs, every, every, unit_norm)
-    beaten = sum((k or 0) >= found for k in null) if found else None
     return AlignedLayer(
         reference=positions[0],
         rank=len(held),
-        k_found=found,
-        k_found_saturated=bool(found) and found == len(held),
+        k_found=count.k,
+        k_found_saturated=bool(count.k) and count.k == len(held),
         k_found_in_sample=k_found(in_sample, min_r),
-        k_found_null=null,
-        k_found_null_p=None if beaten is None or not null else (1 + beaten) / (len(null) + 1),
+        k_found_null=count.null,
+        k_found_null_p=count.null_p,
+        per_pc_p=count.per_pc_p,
+        per_pc_threshold=count.per_pc_threshold,
         per_pc=held,
         n_fit=len(fit),
         n_scored=len(test),

@@ -17,10 +17,12 @@ from scipy import stats
 from tlpersona.analyses import metrics as M
 from tlpersona.analyses.controls import bstar_check, per_question_pass
 from tlpersona.analyses.stats import (
+    EXACT_SIGN_FLIP_MAX,
     MantelPermuter,
     MantelResult,
+    draws_for_family,
     holm,
-    paired_permutation,
+    sign_flip_p,
     sign_flip_z,
     z_score,
 )
@@ -56,11 +58,12 @@ class Thresholds:
 class CompareConfig:
     positions: list[str] | None = None  # default: the recipes present in the source
     layers: list[int] | None = None  # default: every stored layer
-    n_perm: int = 1000
+    n_perm: int | None = None  # Mantel permutations; None: sized to the family (draws_for_family)
     seed: int = 0
     n_splits: int = 10
     thresholds: Thresholds = field(default_factory=Thresholds)
-    n_null: int = 100  # relabelled draws behind the held-out Procrustes null
+    n_null: int = 100  # relabelled draws behind the held-out Procrustes null (descriptive unless
+    # enough for Holm over the cells: see procrustes_corrected)
     alpha: float = 0.05  # family-wise level for the report's "above the null" statements
 
 
@@ -112,6 +115,27 @@ def within_noise(min_cos: float, mc_r: float, spread_rho: float | None, ceiling:
         bounds.append((spread_rho, None, th.pass_spread, False))
     missed = [(c, b, k) for x, c, b, k in bounds if misses(x, b, k)]
     return bool(missed) and all(c is not None and misses(c, b, k) for c, b, k in missed)
+
+
+def failed_bounds(min_cos: float, mc_r: float, spread_rho: float | None, th: Thresholds,
+                  mantel_p: float | None = None, alpha: float = 0.05) -> list[str]:
+    """The conditions a cell misses, KILL bounds first (``min cos < 0.85``), then the PASS ones
+    it misses: what a verdict rests on, so a KILL from raw cosines (common offsets) reads apart
+    from one from the persona geometry."""
+    out = [f"min cos < {th.kill_min_cos:g}"] if min_cos < th.kill_min_cos else []
+    if mc_r < th.kill_mc_r:
+        out.append(f"mc r < {th.kill_mc_r:g}")
+    if out:
+        return out
+    if min_cos <= th.pass_min_cos:
+        out.append(f"min cos ≤ {th.pass_min_cos:g}")
+    if mc_r <= th.pass_mc_r:
+        out.append(f"mc r ≤ {th.pass_mc_r:g}")
+    if th.gate_spread and spread_rho is not None and spread_rho <= th.pass_spread:
+        out.append(f"spread ρ ≤ {th.pass_spread:g}")
+    if mantel_p is not None and mantel_p >= alpha:
+        out.append(f"Mantel p ≥ {alpha:g}")
+    return out
 
 
 def default_positions(available: list[str]) -> list[str]:
@@ -178,8 +202,11 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
         clock[stage] = clock.get(stage, 0.0) + now - t0
         return now
 
-    permuter = MantelPermuter(n, cfg.n_perm, cfg.seed)
     pairs = list(itertools.combinations(positions, 2))
+    n_cells = len(pairs) * len(layers)
+    # the Mantel family is every cell: enough permutations that Holm over it can reach alpha
+    n_perm = cfg.n_perm if cfg.n_perm is not None else draws_for_family(n_cells, cfg.alpha)
+    permuter = MantelPermuter(n, n_perm, cfg.seed)
     cells: list[dict[str, Any]] = []
     paired: list[dict[str, Any]] = []
     # Per-question work first, one recipe at a time, streamed over personas: its vectors (GBs
@@ -261,6 +288,7 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
                 "spread": spread_cell,
                 "ceiling": ceiling,
                 "verdict": verdict(s.min, geo.r, rho, th, geo.p, cfg.alpha),
+                "failed": failed_bounds(s.min, geo.r, rho, th, geo.p, cfg.alpha),
                 "within_noise": within_noise(s.min, geo.r, rho, ceiling, th, geo.p, cfg.alpha),
                 "per_persona_cos_all": [round(float(v), 6) for v in cos],
             }
@@ -270,7 +298,7 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
         tests = [(a, b) for a, b in itertools.combinations(pairs, 2) if set(a) & set(b)]
         if tests:
             d = np.stack([pp_cos[a] - pp_cos[b] for a, b in tests])
-            pvals = paired_permutation(d, cfg.n_perm, cfg.seed + layer)
+            pvals = sign_flip_p(d)
             zs = sign_flip_z(d)
             for (a, b), dv, pv, z in zip(tests, d, pvals, zs, strict=True):
                 paired.append({"layer": layer, "pair_1": list(a), "pair_2": list(b),
@@ -278,8 +306,14 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
         tick("paired tests", t0)
 
     # One family per kind of test, across every cell of the run.
-    for key in ("matrix_raw", "matrix_mc", "procrustes_cos"):
-        _holm_into([c[key] for c in cells], "mantel_p" if key != "procrustes_cos" else "p")
+    for key in ("matrix_raw", "matrix_mc"):
+        _holm_into([c[key] for c in cells], "mantel_p")
+    # The Procrustes null costs a full refit per draw (minutes per 100 at full scale), so by
+    # default it is descriptive: Holm is applied only when its draws can reach alpha over the
+    # cells; the corrected claim "geometry beyond chance" is the Mantel test's.
+    procrustes_corrected = n_cells / (cfg.n_null + 1) < cfg.alpha
+    if procrustes_corrected:
+        _holm_into([c["procrustes_cos"] for c in cells], "p")
     _holm_into(paired, "p")
 
     t0 = time.perf_counter()
@@ -292,8 +326,13 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
         "personas": list(source.personas),
         "layers": layers,
         "positions": positions,
-        "n_permutations": cfg.n_perm,
-        "min_attainable_p": 1.0 / (cfg.n_perm + 1),
+        "n_permutations": n_perm,
+        "permutations_auto": cfg.n_perm is None,
+        "min_attainable_p": 1.0 / (n_perm + 1),
+        "min_attainable_p_holm": min(1.0, mantel_floor(n, n_perm) * n_cells),
+        "procrustes_corrected": procrustes_corrected,
+        "paired_test": ("exact sign-flip enumeration" if n <= EXACT_SIGN_FLIP_MAX else
+                        "Bentkus–Dzindzalieta bound on the sign-flip tail"),
         "seed": cfg.seed,
         "n_splits": cfg.n_splits,
         "n_null": cfg.n_null,
@@ -409,9 +448,18 @@ def missing_rows(source: ActivationSource, positions: list[str]) -> dict[str, di
     return out
 
 
+def mantel_floor(n_personas: int, n_perm: int) -> float:
+    """The smallest Mantel p a cell can get: 1 / (N + 1), and with n personas only n!
+    relabellings exist. Compared as integers: n! overflows a float from 171 personas on."""
+    if math.factorial(min(n_personas, 20)) >= n_perm + 1:
+        return 1.0 / (n_perm + 1)
+    return max(1.0 / (n_perm + 1), 1.0 / math.factorial(n_personas))
+
+
 def overall(result: dict[str, Any]) -> dict[str, Any]:
     """Recipe-robust or not, which recipes agree (groups whose every pair passes) per layer and
-    at every layer, and what the nulls support."""
+    at every layer, what the nulls support, and the one-sentence answer of the report's first
+    screen."""
     positions = result["positions"]
     cells = result["cells"]
     alpha = result.get("alpha", 0.05)
@@ -429,6 +477,7 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
     kills = sorted({f"{c['pair'][0]}~{c['pair'][1]}" for c in lb if c["verdict"] == "KILL"})
     groups_all = cliques(positions, always)
     groups = " | ".join("{" + ", ".join(g) + "}" for g in groups_all)
+    notes: list[str] = []
     if not lb:
         sentence = "No load-bearing pair was compared, so recipe robustness is not assessed."
     elif robust:
@@ -443,47 +492,92 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
         noisy = [c for c in lb if c.get("within_noise")]
         if noisy:
             verb = "fails" if len(noisy) == 1 else "fail"
-            sentence += (f" {len(noisy)} of them {verb} only where the recipes' own split-half "
-                         "ceiling fails too (marked 'noise'): identical recipes sampled this "
-                         "noisily would not pass either, so there the verdict does not show a "
-                         "difference between recipes (read each statistic against its ceiling).")
+            notes.append(f"{len(noisy)} load-bearing cell(s) {verb} only where the recipes' own "
+                         "split-half ceiling fails too (marked 'noise'): identical recipes "
+                         "sampled this noisily would not pass either.")
+        offsets = [c for c in lb if c["verdict"] == "KILL" and c.get("failed") == [
+            f"min cos < {result['thresholds']['kill_min_cos']:g}"]]
+        if offsets:
+            notes.append(f"{len(offsets)} load-bearing KILL(s) rest on the raw per-persona "
+                         "minimum cosine alone, which common offsets drive; read the "
+                         "mean-centred r against its ceiling there (details).")
     sentence += f" Recipes that agree at every layer (every pair passes): {groups}."
-    # PASS needs an uncorrected Mantel p < alpha; p >= 1/(N + 1), and with n personas only n!
-    # relabellings exist
-    floor = max(1.0 / (result["n_permutations"] + 1), 1.0 / math.factorial(result["n_personas"]))
+    floor = mantel_floor(result["n_personas"], result["n_permutations"])
     if floor >= alpha:
-        sentence += (f" No cell can pass here: PASS needs the mean-centred geometry beyond its "
-                     f"Mantel null (p < {alpha:g}), and with {result['n_permutations']} "
-                     f"permutations of {result['n_personas']} personas p cannot fall below "
-                     f"{floor:.3f}.")
-    evidence = " " + _beyond_null(cells, "matrix_mc", "mantel_p", result["n_permutations"], alpha,
-                                  "have mean-centred persona geometries more alike than shuffled "
-                                  "personas give (Mantel)")
+        notes.append(f"No cell can pass here: PASS needs the mean-centred geometry beyond its "
+                     f"Mantel null (p < {alpha:g}), and with {result['n_personas']} personas p "
+                     f"cannot fall below {floor:.3f}.")
+    mantel = _beyond_null(cells, "matrix_mc", "mantel_p", floor, alpha)
+    sentence += (f" {mantel[0]} of {mantel[1]} cells have mean-centred persona geometries more "
+                 f"alike than shuffled personas give (Mantel, {result['n_permutations']} "
+                 f"permutations, Holm over all cells at {alpha:g}).")
+    if mantel[2]:
+        notes.append(mantel[2])
     n_null = result.get("n_null", 0)
-    if any(c["procrustes_cos"].get("p") is not None for c in cells):
-        evidence += " " + _beyond_null(cells, "procrustes_cos", "p", n_null, alpha,
-                                       "align personas under a held-out rotation better than "
-                                       "relabelled personas do (Procrustes; above-chance "
-                                       "alignment, not equality: see the cosine itself)")
+    proc = [c["procrustes_cos"] for c in cells if c["procrustes_cos"].get("p") is not None]
+    if proc and result.get("procrustes_corrected"):
+        k = sum(pc.get("p_holm", 1.0) < alpha for pc in proc)
+        notes.append(f"{k} of {len(proc)} cells align personas under a held-out rotation better "
+                     "than relabelled personas do (Procrustes, Holm over all cells).")
+    elif proc:
+        notes.append(f"The held-out Procrustes cosine is an effect size beside its ceiling and its "
+                     f"{n_null}-draw null (z, p95), not a corrected test: Holm over {len(proc)} "
+                     f"cells would need at least {math.ceil(len(proc) / alpha)} draws "
+                     "(`null_draws`).")
     if result["n_personas"] < 8:
-        evidence += (f" With {result['n_personas']} personas the nulls are wide; read agreement "
+        notes.append(f"With {result['n_personas']} personas the nulls are wide; read agreement "
                      "statistics as descriptive.")
-    return {"recipe_robust": robust, "sentence": sentence + evidence, "partition": groups_all,
-            "partition_per_layer": per_layer}
+    return {"recipe_robust": robust, "sentence": sentence, "partition": groups_all,
+            "partition_per_layer": per_layer, "answer": answer(result, mantel[:2], robust),
+            "notes": notes}
 
 
-def _beyond_null(cells: list[dict[str, Any]], key: str, p_key: str, n_draws: int, alpha: float,
-                 claim: str) -> str:
-    """One sentence on how many cells beat their permutation null, Holm-adjusted over all
-    cells; where the draw count cannot reach ``alpha`` after Holm, the count at the smallest
-    attainable p and how many of those chance alone would give."""
+def _load_bearing_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in result["cells"] if c["tag"] == "load-bearing"]
+
+
+def answer(result: dict[str, Any], mantel: tuple[int, int], robust: bool) -> str:
+    """One sentence: do the recipes agree — the load-bearing cells' PASS / GREY / KILL per
+    layer, the closest and farthest load-bearing pair by mean-centred geometry (r over the
+    layers, beside its ceiling), and how many cells' geometry is beyond chance."""
+    lb = _load_bearing_rows(result)
+    if not lb:
+        return ("Do the recipes agree? Not assessed: no load-bearing pair was compared "
+                f"({mantel[0]}/{mantel[1]} cells beyond chance, Mantel).")
+    counts = []
+    for layer in result["layers"]:
+        got = [c["verdict"] for c in lb if c["layer"] == layer]
+        counts.append(f"L{layer} {got.count('PASS')}/{got.count('GREY')}/{got.count('KILL')}")
+    by_pair: dict[str, list[dict[str, Any]]] = {}
+    for c in lb:
+        by_pair.setdefault("~".join(c["pair"]), []).append(c)
+
+    def mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+        vals = [r[key] for r in rows if r is not None and r.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    mc = {k: mean_of([c["matrix_mc"] for c in v], "pearson") for k, v in by_pair.items()}
+    ceil = {k: mean_of([c["ceiling"] for c in v], "matrix_mc_pearson") for k, v in by_pair.items()}
+    ranked = sorted(mc, key=lambda k: -(mc[k] or 0.0))
+    lead = "yes, recipe-robust" if robust else "not recipe-robust"
+    tail = "" if len(ranked) < 2 else (
+        f"; closest {ranked[0]} (mc r {mc[ranked[0]]:.2f}"
+        + (f", ceiling {ceil[ranked[0]]:.2f}" if ceil[ranked[0]] is not None else "")
+        + f"), farthest {ranked[-1]} ({mc[ranked[-1]]:.2f})")
+    return (f"Do the recipes agree? {lead}: load-bearing PASS/GREY/KILL {', '.join(counts)}"
+            f"{tail}; geometry beyond chance in {mantel[0]}/{mantel[1]} cells (Mantel, Holm).")
+
+
+def _beyond_null(cells: list[dict[str, Any]], key: str, p_key: str, floor: float,
+                 alpha: float) -> tuple[int, int, str]:
+    """How many cells beat their permutation null after Holm over all cells, of how many, and
+    (where the draws cannot reach ``alpha`` after Holm) a sentence saying so."""
     ps = [c[key][p_key] for c in cells if c[key].get(p_key) is not None]
     m = len(ps)
-    floor = 1.0 / (n_draws + 1)
+    k = sum(c[key].get(f"{p_key}_holm", 1.0) < alpha for c in cells)
     if m * floor < alpha:
-        k = sum(c[key].get(f"{p_key}_holm", 1.0) < alpha for c in cells)
-        return f"{k} of {m} cells {claim} (Holm-adjusted over all cells, p < {alpha:g})."
-    k = sum(p <= floor + 1e-12 for p in ps)
-    return (f"{k} of {m} cells {claim} beyond every one of {n_draws} null draws (p = {floor:.4f} "
-            f"each, about {m * floor:.1f} such cells expected by chance; {n_draws} draws cannot "
-            f"reach p < {alpha:g} after Holm over {m} cells, so no cell is called significant).")
+        return k, m, ""
+    at = sum(p <= floor + 1e-12 for p in ps)
+    return k, m, (f"{at} of {m} cells sit beyond every null draw (p = {floor:.4f}), but Holm "
+                  f"over {m} cells cannot reach p < {alpha:g} from there: raise the draws to "
+                  f"at least {math.ceil(m / alpha)}.")

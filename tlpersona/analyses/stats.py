@@ -7,6 +7,7 @@ so the smallest attainable p is 1 / (N + 1).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +58,10 @@ class MantelPermuter:
         self.iu = np.triu_indices(n, k=1)
         perms = np.stack([rng.permutation(n) for _ in range(n_perm)])  # [N, n]
         self.perms = perms
-        # Entry (i, j) of the permuted matrix is m[p[i], p[j]]: flat indices into m.
-        self.flat = (perms[:, self.iu[0]] * n + perms[:, self.iu[1]]).astype(np.intp)
+        # Entry (i, j) of the permuted matrix is m[p[i], p[j]]: flat indices into m. int32 halves
+        # the index's memory (n² < 2³¹ for any persona count a store holds).
+        p32 = perms.astype(np.int32)
+        self.flat = p32[:, self.iu[0]] * np.int32(n) + p32[:, self.iu[1]]
 
     def triangle(self, m: np.ndarray, rank: bool = False) -> np.ndarray:
         v = m[self.iu].astype(np.float64)
@@ -119,6 +122,58 @@ def paired_permutation(d: np.ndarray, n_perm: int = 1000, seed: int = 0) -> np.n
                                  n_resamples=n_perm, alternative="greater", axis=1,
                                  random_state=np.random.default_rng(seed))
     return np.atleast_1d(res.pvalue)
+
+
+#: Bentkus & Dzindzalieta (2015, Bernoulli 21(2)): for a Rademacher sum S = Σ a_i ε_i with
+#: Σ a_i² ≤ 1, P(S ≥ x) ≤ c · P(Z ≥ x) for a standard normal Z, with c = 1 / (4 P(Z ≥ √2)).
+BENTKUS_C = float(1.0 / (4.0 * stats.norm.sf(np.sqrt(2.0))))
+#: Largest n whose sign-flip distribution is counted exactly (two halves of at most 2^17 sums each).
+EXACT_SIGN_FLIP_MAX = 34
+
+
+def sign_flip_p(d: np.ndarray) -> np.ndarray:
+    """Two-sided sign-flip p that each row's mean of ``d`` (``[tests, n]``) is zero, with no
+    random draws: exact for n ≤ :data:`EXACT_SIGN_FLIP_MAX` (every one of the 2^n sign patterns
+    counted, by meeting in the middle: the sums of each half's 2^(n/2) patterns, sorted), else
+    the Bentkus–Dzindzalieta bound ``min(1, 2 c Φ(−|z|))`` with ``z = Σd / √Σd²``, valid for
+    any n and any d. The exact p is what :func:`paired_permutation` gives when it enumerates
+    (the identity pattern included, so p ≥ 2 / 2^n). Returns ``[tests]`` p-values."""
+    d = np.asarray(d, dtype=np.float64)
+    if d.ndim != 2 or d.shape[1] == 0:
+        return np.ones(d.shape[0] if d.ndim == 2 else 0)
+    n = d.shape[1]
+    if n > EXACT_SIGN_FLIP_MAX:
+        z = np.abs(sign_flip_z(d))
+        return np.minimum(1.0, 2.0 * BENTKUS_C * stats.norm.sf(z))
+    half = n // 2
+    left, right = _sign_patterns(half), _sign_patterns(n - half)  # [2^h, h], [2^(n-h), n-h]
+    out = np.empty(d.shape[0])
+    for i, row in enumerate(d):
+        t = abs(row.sum())
+        # ties with the observed |sum| count as "as extreme" (float sums of the same terms)
+        tol = 1e-9 * max(float(np.abs(row).sum()), 1e-300)
+        lo = left @ row[:half]
+        hi = np.sort(right @ row[half:])
+        ge = hi.size - np.searchsorted(hi, t - tol - lo, side="left")  # l + r ≥ t
+        le = np.searchsorted(hi, -t + tol - lo, side="right")  # l + r ≤ −t
+        both = np.sum(ge + le) if t > tol else 2 ** n  # t ≈ 0: every pattern is as extreme
+        out[i] = min(1.0, float(both) / 2 ** n)
+    return out
+
+
+def _sign_patterns(k: int) -> np.ndarray:
+    """Every ±1 pattern of length ``k``: ``[2^k, k]``."""
+    bits = (np.arange(2 ** k)[:, None] >> np.arange(k)[None, :]) & 1
+    return (1 - 2 * bits).astype(np.float64)
+
+
+def draws_for_family(m: int, alpha: float) -> int:
+    """Draws a resampling test needs so that the smallest Holm-adjusted p over ``m`` tests,
+    ``m / (N + 1)`` when every test sits at the floor 1 / (N + 1), is at most ``alpha / 2``:
+    N = ⌈2m / α⌉, rounded up to a multiple of 100 and never below 1000. The factor 2 leaves
+    room for tests whose observed value a few draws reach."""
+    need = math.ceil(2 * m / alpha)
+    return max(1000, -(-need // 100) * 100)
 
 
 def holm(p: list[float] | np.ndarray) -> np.ndarray:

@@ -29,14 +29,15 @@ def _recipes(positions: Sequence[str] | None) -> list[str] | None:
 
 
 def compare(source: ActivationSource | str | Path, *, layers: Sequence[int] | None = None,
-            positions: Sequence[str] | None = None, permutations: int = 1000, seed: int = 0,
+            positions: Sequence[str] | None = None, permutations: int | None = None, seed: int = 0,
             splits: int = 10, null_draws: int = 100,
             thresholds: Thresholds | None = None) -> CompareResult:
     """Compare the recipes of ``source`` (a store, a seed-layout directory, or a path to one).
 
     For every stored layer (or ``layers``) × pair of ``positions`` (default: the seven recipes
     present): per-persona cosines, mean-centred persona-geometry correlation with a Mantel null
-    (``permutations``), held-out Procrustes cosine with a relabelled null (``null_draws``),
+    (``permutations``; None: 2 × cells / alpha, at least 1000, so that Holm over every cell can
+    reach alpha), held-out Procrustes cosine with a relabelled null (``null_draws``),
     split-half ceilings (``splits`` question halvings), spread, Holm-adjusted p-values, PASS /
     GREY / KILL verdicts under ``thresholds`` and the groups of recipes that agree.
     ``.save(out)`` writes results.json, figures and report.md.

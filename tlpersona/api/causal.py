@@ -129,7 +129,8 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
           base: str = "assistant", recipes: Sequence[str] | None = None,
           layers: Sequence[int] | None = None, operators: Sequence[str] = ("add", "ablate", "cap"),
           alphas: Sequence[float] | None = None, cap_percentiles: Sequence[float] | None = None,
-          n_random: int = 10, response_tokens: int = 16, prompt_index: int | None = None,
+          n_random: int = 10, random_test: str = "t", response_tokens: int = 16,
+          prompt_index: int | None = None,
           seed: int = 0, n_boot: int = 2000, fluency_margin: float = 0.5, continuations: int = 2,
           continuation_tokens: int = 24, device: str | None = None, dtype: str | None = None,
           attn: str = "auto", progress: bool = True) -> SteeringResult:
@@ -140,7 +141,11 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
     units of the layer's typical residual norm) are selected on one half of up to
     ``n_questions`` questions the store was not built from and scored on the other half,
     against ``n_random`` random directions and the other personas' vectors, with bootstrap
-    intervals. ``personas`` names the steered personas; default: the ``n_personas`` farthest
+    intervals. "Beyond random" (Holm over recipes × operators): ``random_test="t"``, a
+    one-sided t-prediction test over the random directions' effects, used where they are not
+    right-skewed (else the rank p), which can be significant with the default 10 directions;
+    ``"rank"``, the exact rank p, which needs at least tests / 0.05 directions.
+    ``personas`` names the steered personas; default: the ``n_personas`` farthest
     from ``base`` on its axis. ``.save(out)`` writes steering.json, figures and steering.md.
     """
     from tlpersona.interventions.steering import (
@@ -171,7 +176,7 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
         cap_percentiles=(list(cap_percentiles) if cap_percentiles is not None
                          else list(DEFAULT_PERCENTILES)),
         personas=list(personas) if personas else None, n_personas=n_personas, base=base,
-        n_random=n_random, response_tokens=response_tokens,
+        n_random=n_random, random_test=random_test, response_tokens=response_tokens,
         prompt_index=_store_phrasing(prov, prompt_index), seed=seed, n_boot=n_boot,
         fluency_margin=fluency_margin, continuations=continuations,
         continuation_tokens=continuation_tokens, progress=progress)

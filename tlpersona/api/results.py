@@ -37,29 +37,67 @@ def _writing(out: str | Path) -> Iterator[None]:
 class PairCell:
     """One layer × recipe pair of :func:`tlpersona.compare`, each statistic beside its null
     (what unrelated personas give) and ceiling (what the same recipe gives across question
-    halves; None where unknown)."""
+    halves; None where unknown). One row of cells.csv, in this order."""
 
     layer: int
     x: str
     y: str
+    tag: str  # load-bearing, sanity or other
     verdict: str  # PASS, GREY or KILL
     within_noise: bool  # not PASS, but only where identical recipes this noisy fail too
+    failed: str  # the bounds the verdict missed ("; "-joined, KILL bounds first)
     cos_mean: float
-    cos_min: float
     cos_null_mean: float
-    cos_min_null_p95: float  # the minimum's 95th percentile over shuffled persona labels
     cos_ceiling: float | None
+    cos_min: float
+    cos_min_null_p95: float  # the minimum's 95th percentile over shuffled persona labels
     cos_min_ceiling: float | None
+    cos_p5: float
+    cos_p5_null_p95: float
+    mc_cos_mean: float  # per-persona cosine of the mean-centred centroids
+    mc_cos_null_mean: float
+    raw_r: float  # raw cosine-matrix correlation
+    raw_r_null_p95: float
+    raw_r_p: float
+    raw_r_p_holm: float
     mc_r: float  # mean-centred persona-geometry correlation
+    mc_r_null_mean: float
     mc_r_null_p95: float
+    mc_r_z: float | None
     mc_r_p: float  # its uncorrected Mantel p (PASS needs it below the comparison's alpha)
-    mc_r_p_holm: float
+    mc_r_p_holm: float  # Holm over every cell of the run
     mc_r_ceiling: float | None
+    mc_spearman: float
     procrustes_cos: float | None  # held-out Procrustes cosine (None: too few personas)
+    procrustes_null_mean: float | None
     procrustes_null_p95: float | None
-    procrustes_p_holm: float | None
+    procrustes_z: float | None
+    procrustes_p: float | None  # uncorrected (descriptive unless the run's draws reach Holm)
+    procrustes_p_holm: float | None  # None where the draws cannot reach alpha after Holm
     procrustes_ceiling: float | None
     spread_spearman: float | None
+
+    @classmethod
+    def of(cls, c: dict[str, Any]) -> PairCell:
+        s, mcc, raw, mc = (c["per_persona_cos"], c["per_persona_cos_mc"], c["matrix_raw"],
+                           c["matrix_mc"])
+        proc, ceil = c["procrustes_cos"], c["ceiling"]
+        return cls(
+            layer=c["layer"], x=c["pair"][0], y=c["pair"][1], tag=c["tag"], verdict=c["verdict"],
+            within_noise=bool(c["within_noise"]), failed="; ".join(c["failed"]),
+            cos_mean=s["mean"], cos_null_mean=s["null_mean"],
+            cos_ceiling=ceil["per_persona_cos_mean"], cos_min=s["min"],
+            cos_min_null_p95=s["null_min_p95"], cos_min_ceiling=ceil["per_persona_cos_min"],
+            cos_p5=s["p5"], cos_p5_null_p95=s["null_p5_p95"], mc_cos_mean=mcc["mean"],
+            mc_cos_null_mean=mcc["null_mean"], raw_r=raw["pearson"], raw_r_null_p95=raw["null_p95"],
+            raw_r_p=raw["mantel_p"], raw_r_p_holm=raw["mantel_p_holm"], mc_r=mc["pearson"],
+            mc_r_null_mean=mc["null_mean"], mc_r_null_p95=mc["null_p95"], mc_r_z=mc["z"],
+            mc_r_p=mc["mantel_p"], mc_r_p_holm=mc["mantel_p_holm"],
+            mc_r_ceiling=ceil["matrix_mc_pearson"], mc_spearman=mc["spearman"],
+            procrustes_cos=proc.get("mean"), procrustes_null_mean=proc.get("null_mean"),
+            procrustes_null_p95=proc.get("null_p95"), procrustes_z=proc.get("z"),
+            procrustes_p=proc.get("p"), procrustes_p_holm=proc.get("p_holm"),
+            procrustes_ceiling=proc.get("ceiling"), spread_spearman=c["spread"]["spearman"])
 
 
 @dataclass(frozen=True)
@@ -73,32 +111,21 @@ class CompareResult:
     recipe_robust: bool
     sentence: str
     partition: list[list[str]]  # recipes agreeing at every layer (every pair passes)
+    answer: str  # the report's first line: do the recipes agree (one sentence, with numbers)
+    notes: list[str]  # what limits or qualifies the answer (floors, noise, offsets)
+    n_permutations: int  # Mantel permutations used (sized to the family unless given)
+    min_attainable_p_holm: float  # the smallest Holm-adjusted Mantel p this run could reach
     source: ActivationSource = field(repr=False)
     _data: dict[str, Any] = field(repr=False)
 
     @classmethod
     def of(cls, data: dict[str, Any], source: ActivationSource) -> CompareResult:
-        cells = []
-        for c in data["cells"]:
-            proc, mc = c["procrustes_cos"], c["matrix_mc"]
-            cells.append(PairCell(
-                layer=c["layer"], x=c["pair"][0], y=c["pair"][1], verdict=c["verdict"],
-                within_noise=bool(c.get("within_noise", False)),
-                cos_mean=c["per_persona_cos"]["mean"], cos_min=c["per_persona_cos"]["min"],
-                cos_null_mean=c["per_persona_cos"]["null_mean"],
-                cos_min_null_p95=c["per_persona_cos"]["null_min_p95"],
-                cos_ceiling=c["ceiling"].get("per_persona_cos_mean"),
-                cos_min_ceiling=c["ceiling"].get("per_persona_cos_min"), mc_r=mc["pearson"],
-                mc_r_null_p95=mc["null_p95"], mc_r_p=mc["mantel_p"],
-                mc_r_p_holm=mc.get("mantel_p_holm", mc["mantel_p"]),
-                mc_r_ceiling=c["ceiling"]["matrix_mc_pearson"], procrustes_cos=proc.get("mean"),
-                procrustes_null_p95=proc.get("null_p95"), procrustes_p_holm=proc.get("p_holm"),
-                procrustes_ceiling=proc.get("ceiling"),
-                spread_spearman=c["spread"].get("spearman")))
         ov = data["overall"]
-        return cls(list(data["layers"]), list(data["positions"]), list(data["personas"]), cells,
-                   bool(ov["recipe_robust"]), ov["sentence"], [list(g) for g in ov["partition"]],
-                   source, data)
+        return cls(list(data["layers"]), list(data["positions"]), list(data["personas"]),
+                   [PairCell.of(c) for c in data["cells"]], bool(ov["recipe_robust"]),
+                   ov["sentence"], [list(g) for g in ov["partition"]], ov["answer"],
+                   list(ov["notes"]), int(data["n_permutations"]),
+                   float(data["min_attainable_p_holm"]), source, data)
 
     def cell(self, layer: int, x: str, y: str) -> PairCell:
         for c in self.cells:
@@ -112,15 +139,19 @@ class CompareResult:
     def save(self, out: str | Path, title: str = "Recipe comparison") -> Path:
         """results.json, figures/ and report.md into ``out``; returns report.md's path."""
         from tlpersona.report.compare import write_report
+        from tlpersona.report.tables import write_csv
 
         with _writing(out):
+            write_csv(self.cells, Path(out) / "cells.csv")
             return write_report(self._data, self.source, out, title)
 
 
 @dataclass(frozen=True)
 class KFound:
-    """A held-out shared dimension beside its null: how many shared PCs every recipe pair orders
-    held-out personas alike on (r > 0.9), a lower bound on the dimension the recipes share."""
+    """A held-out shared dimension beside its null: how many leading shared PCs every recipe
+    pair orders held-out personas alike on, beyond what relabelled personas reach on the same PC
+    (the per-PC test of :mod:`tlpersona.analyses.subspace`), a lower bound on the dimension the
+    recipes share."""
 
     k: int | None
     saturated: bool  # every countable PC passed: the subspace may be larger
@@ -165,6 +196,7 @@ class SubspaceResult:
     positions: list[str]
     unit_norm: bool
     layers: list[SubspaceLayer]
+    answer: str  # the report's line on the shared subspace (one sentence, with numbers)
     components: dict[int, np.ndarray] = field(repr=False)  # layer -> [k, d_model] shared PCs
     source: ActivationSource = field(repr=False)
     _data: dict[str, Any] = field(repr=False)
@@ -175,8 +207,10 @@ class SubspaceResult:
         layers = [SubspaceLayer(d["layer"], KFound.of(d), list(d["explained_variance_ratio"]),
                                 KFound.of(d["aligned"]) if "aligned" in d else None)
                   for d in data["layers"]]
-        return cls(list(data["positions"]), bool(data["unit_norm"]), layers, components, source,
-                   data)
+        from tlpersona.analyses.subspace import answer
+
+        return cls(list(data["positions"]), bool(data["unit_norm"]), layers, answer(data),
+                   components, source, data)
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self._data)

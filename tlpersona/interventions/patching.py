@@ -1,6 +1,7 @@
 """Cross-persona activation patching: which positions, layers and components carry the difference
-between two personas' system prompts (descriptive: a rewording control shows what each cell does
-when the prompts differ only in wording; no test separates the two yet).
+between two personas' system prompts, and which of them carry more than a rewording of the
+corrupt persona's own prompt does (a paired sign-flip test over questions, Holm-adjusted; see
+:func:`beyond_rewording`).
 
 Clean run: persona X's system prompt + a question. Corrupt run: persona Y's (by default the
 ``assistant`` persona) + the same question. One component's activation at one named position
@@ -25,6 +26,14 @@ examples where the cell is defined (stable when one example has a tiny denominat
 * logit difference: with ``t_c``/``t_y`` the clean/corrupt top tokens at each read position and
   ``LD = logit[t_c] - logit[t_y]``, ``sum(LD_patched - LD_corrupt) / sum(LD_clean - LD_corrupt)``.
 
+Rewording control and its test: the exact grid again with the corrupt persona's own prompt in
+each of its other phrasings as the clean run (no persona change). Per cell and question, the
+persona effect (KL effect over that question's pairs) minus the control effect (over that
+question's rewordings) is one paired difference; under the null that the cell does no more for a
+persona swap than for a rewording, each question's difference is symmetric about 0, and a
+one-sided sign-flip over questions tests "persona effect > control effect" (see
+:func:`beyond_rewording` for the families).
+
 Two methods, reported side by side:
 
 * ``exact``: one patched corrupt forward per cell. The cells of an example run as rows of
@@ -43,7 +52,9 @@ loop is our own; the hooks are TransformerLens's (``run_with_cache``, ``run_with
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,6 +63,7 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
+from tlpersona.analyses.stats import draws_for_family, holm
 from tlpersona.data import Inputs, Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
 from tlpersona.interventions.runner import HOOKS, Conversation, Runner, hook_name, kl
@@ -67,6 +79,10 @@ CPU_ROWS, GPU_TOKENS = 32, 16384
 READOUT_TOKENS = 256
 
 Key = tuple[str, int, int | None]  # (position row, layer, head or None)
+# Sign-flip tests enumerate every pattern up to this many questions (2^16 patterns), else draw.
+EXACT_SIGN_FLIP_QUESTIONS = 16
+# The longest answer() sentence.
+ANSWER_CHARS = 220
 
 
 @dataclass
@@ -92,6 +108,8 @@ class PatchConfig:
     progress: bool = True
     # the same exact grid with the corrupt persona's own prompt reworded as the clean run
     control: bool = True
+    # familywise level of the persona-beyond-rewording test (one family: cells and regions)
+    alpha: float = 0.05
 
 
 @dataclass
@@ -136,6 +154,53 @@ class CellEffect:
     ld_effect: float
     n: int
     noop: bool
+    # exact cells: the KL effect at each question (ratio of sums over that question's pairs,
+    # NaN where the cell is undefined), the paired unit of the rewording-control test
+    kl_by_question: list[float] | None = None
+
+
+@dataclass
+class CellTest:
+    """One cell (or region) of the persona-beyond-rewording test: means over questions of the
+    persona effect, the control effect and their difference (KL effects), the one-sided
+    sign-flip p that the difference is > 0, and p Holm-adjusted over its family."""
+
+    position: str  # a position row, or a region name for a region test
+    layer: int | None  # None for a region
+    head: int | None
+    persona: float
+    control: float
+    difference: float
+    n: int  # questions (paired units)
+    p: float
+    p_holm: float
+    carries: bool  # p_holm <= alpha: more than a rewording
+
+
+@dataclass
+class RewordingTest:
+    """The persona-beyond-rewording test of the exact grid (see :func:`beyond_rewording`).
+    ``n_cells``: the family of cells (cells that are 1 by construction, whose difference is 0
+    whatever the prompts, and cells that are no-ops in either grid, which compare a patch with no
+    patch, are left out). ``min_p``: the smallest
+    p the test can give with ``n`` questions; ``min_holm_cells`` (= ``min_holm_regions``: cells
+    and regions are one family): the smallest Holm-adjusted p it can reach;
+    ``questions_for_cells`` (= ``questions_for_regions``): questions needed for that to be at
+    most ``alpha``."""
+
+    metric: str
+    pairing: str
+    alpha: float
+    n: int
+    exact: bool
+    n_cells: int
+    min_p: float
+    min_holm_cells: float
+    min_holm_regions: float
+    questions_for_cells: int
+    questions_for_regions: int
+    cells: list[CellTest]
+    regions: list[CellTest]
 
 
 @dataclass
@@ -175,9 +240,16 @@ class PatchResult:
     agreement: list[Agreement]
     seconds: dict[str, float]  # wall time per method
     inputs: Inputs | None = None  # the model, persona prompts, questions (and store) it ran on
+    # persona effect against the rewording control, per cell and region; None without a control
+    rewording_test: RewordingTest | None = None
 
     def select(self, method: str, component: str) -> list[CellEffect]:
         return [c for c in self.cells if c.method == method and c.component == component]
+
+    def answer(self) -> str:
+        """One sentence: where patching carries the persona beyond the rewording control (or
+        what would have to change for the test to say)."""
+        return answer(self.rewording_test, self.control_note)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -396,13 +468,14 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
     examples = _examples(runner, plist, questions, cfg)
     rows = expand_positions(cfg.positions, [clean for clean, _ in examples])
     sums: dict[tuple[str, str, str, int, int | None], Cell] = {}  # method, component, cell
+    by_q: dict[tuple[str, str, str, int, int | None], list[Cell]] = {}  # exact, per question
     kl_base: list[float] = []
     seconds: dict[str, float] = {}
     methods = ["exact", "attribution"] if cfg.method == "both" else [cfg.method]
     for method in methods:
         t0 = time.perf_counter()
-        for clean, corrupt in tqdm(examples, desc=f"patching ({method})", unit="example",
-                                   disable=not cfg.progress):
+        for i, (clean, corrupt) in enumerate(tqdm(examples, desc=f"patching ({method})",
+                                                  unit="example", disable=not cfg.progress)):
             if method == "exact":
                 got = {(cfg.hook, *key): v for key, v in
                        patch_example(runner, clean, corrupt, rows, cfg).items()}
@@ -411,37 +484,53 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
                                         cfg.attribution_hooks, cfg.skip_noops)
             for key, vals in got.items():
                 sums.setdefault((method, *key), Cell()).add(*vals)
+                if method == "exact":
+                    _per_question(by_q, (method, *key), len(questions))[i % len(questions)].add(*vals)
             if method == methods[0]:
                 kl_base.append(next(iter(got.values()))[1] if got else float("nan"))
         seconds[method] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    control, control_note = _rewording_control(runner, plist, questions, rows, cfg)
+    control, control_note, n_reworded = _rewording_control(runner, plist, questions, rows, cfg)
     if control:
         seconds["control"] = time.perf_counter() - t0
-    cells = _effects(sums)
+    cells = _effects(sums, by_q)
     order = {r: i for i, r in enumerate(rows)}
     for cs in (cells, control):
         cs.sort(key=lambda c: (c.method, c.component, order[c.position], c.layer, c.head or 0))
     agreement = [agree(cells, cfg.hook, metric) for metric in ("kl", "ld")
                  if cfg.method == "both" and cfg.hook in cfg.attribution_hooks]
+    n_layers = int(runner.model.info.n_layers)
+    test = (beyond_rewording([c for c in cells if c.method == "exact" and c.component == cfg.hook],
+                             control, cfg.alpha,
+                             lambda c: by_construction(c, n_layers, cfg.response_tokens),
+                             len(plist), n_reworded)
+            if control else None)
     return PatchResult(
         config=cfg, model=runner.model.info.spec,
         pairs=[(x.name, y.name) for x, y in plist], personas_note=personas_note,
         questions=[q.id for q in questions],
         positions=[r for r in rows if any(c.position == r for c in cells)],
         layers=list(cfg.layers), n_heads=int(runner.bridge.cfg.n_heads),
-        n_layers=int(runner.model.info.n_layers),
+        n_layers=n_layers,
         kl_clean_corrupt_mean=float(np.nanmean(kl_base)) if kl_base else None,
         cells=cells, control=control, control_note=control_note, agreement=agreement,
         seconds=seconds, inputs=Inputs.of(runner.model.info.identity,
                                           list({p.name: p for pair in plist for p in pair}.values()),
-                                          questions))
+                                          questions),
+        rewording_test=test)
+
+
+def _per_question(by_q: dict[Any, list[Cell]], key: Any, n_questions: int) -> list[Cell]:
+    if key not in by_q:
+        by_q[key] = [Cell() for _ in range(n_questions)]
+    return by_q[key]
 
 
 def _examples(runner: Runner, plist: list[tuple[Persona, Persona]], questions: list[Question],
               cfg: PatchConfig) -> list[tuple[Conversation, Conversation]]:
     """(clean, corrupt) conversations of every pair × question, both followed by the clean
-    persona's own greedy response tokens (``cfg.response_tokens`` of them)."""
+    persona's own greedy response tokens (``cfg.response_tokens`` of them). Pair-major: example
+    ``i`` asks question ``i % len(questions)``."""
     def system(p: Persona) -> str:
         return system_prompt(p, cfg.prompt_index)
 
@@ -453,45 +542,58 @@ def _examples(runner: Runner, plist: list[tuple[Persona, Persona]], questions: l
             for (x, y, q), resp in zip(jobs, responses, strict=True)]
 
 
-def _effects(sums: dict[tuple[str, str, str, int, int | None], Cell]) -> list[CellEffect]:
-    return [CellEffect(m, comp, row, layer, head, c.kl_effect, c.ld_effect, c.n, c.n_noop == c.n)
+def _effects(sums: dict[tuple[str, str, str, int, int | None], Cell],
+             by_q: dict[tuple[str, str, str, int, int | None], list[Cell]]) -> list[CellEffect]:
+    def per_question(key: tuple[str, str, str, int, int | None]) -> list[float] | None:
+        return [q.kl_effect for q in by_q[key]] if key in by_q else None
+
+    return [CellEffect(m, comp, row, layer, head, c.kl_effect, c.ld_effect, c.n, c.n_noop == c.n,
+                       per_question((m, comp, row, layer, head)))
             for (m, comp, row, layer, head), c in sums.items() if c.n > 0]
 
 
-def reworded(persona: Persona, prompt_index: int) -> Persona | None:
-    """``persona`` whose phrasing at ``prompt_index`` is its next one (None with one phrasing):
-    the clean run of the rewording control, the same persona in other words."""
+def reworded(persona: Persona, prompt_index: int, to: int | None = None) -> Persona | None:
+    """``persona`` whose phrasing at ``prompt_index`` is its phrasing ``to`` (default: the next
+    one; None with one phrasing): a clean run of the rewording control, the same persona in
+    other words."""
     prompts = list(persona.system_prompts)
     if len(prompts) < 2:
         return None
-    j = (prompt_index + 1) % len(prompts)
+    j = (prompt_index + 1) % len(prompts) if to is None else to
     prompts[prompt_index], prompts[j] = prompts[j], prompts[prompt_index]
     return Persona(f"{persona.name} (reworded)", tuple(prompts))
 
 
 def _rewording_control(runner: Runner, plist: list[tuple[Persona, Persona]],
                        questions: list[Question], rows: list[str], cfg: PatchConfig
-                       ) -> tuple[list[CellEffect], str]:
-    """The exact grid again with clean = the corrupt persona reworded, on the same questions and
-    rows, computed as the main grid is: a cell that carries persona information should do more
-    in the main grid than here, where the two system prompts differ only in wording."""
+                       ) -> tuple[list[CellEffect], str, int]:
+    """The exact grid again with clean = the corrupt persona in each of its other phrasings, on
+    the same questions and rows, computed as the main grid is: a cell that carries persona
+    information should do more in the main grid than here, where the two system prompts differ
+    only in wording. Returns the cells, a note, and the number of rewordings."""
     if not cfg.control:
-        return [], "not run (`control` off)"
+        return [], "not run (`control` off)", 0
     if cfg.method == "attribution":
-        return [], "not run: it is an exact grid, and only attribution was asked for"
+        return [], "not run: it is an exact grid, and only attribution was asked for", 0
     if cfg.corrupt == "next":
-        return [], "not run: with `corrupt` next there is no single corrupt persona to reword"
+        return [], "not run: with `corrupt` next there is no single corrupt persona to reword", 0
     y = plist[0][1]
-    x = reworded(y, cfg.prompt_index)
-    if x is None:
-        return [], f"not run: {y.name!r} has one phrasing"
+    n = len(y.system_prompts)
+    if n < 2:
+        return [], f"not run: {y.name!r} has one phrasing", 0
+    others = [(cfg.prompt_index + k) % n for k in range(1, n)]
+    cpairs = [(x, y) for j in others if (x := reworded(y, cfg.prompt_index, j)) is not None]
     sums: dict[tuple[str, str, str, int, int | None], Cell] = {}
-    for clean, corrupt in _examples(runner, [(x, y)], questions, cfg):
+    by_q: dict[tuple[str, str, str, int, int | None], list[Cell]] = {}
+    for i, (clean, corrupt) in enumerate(_examples(runner, cpairs, questions, cfg)):
         for key, vals in patch_example(runner, clean, corrupt, rows, cfg).items():
-            sums.setdefault(("exact", cfg.hook, *key), Cell()).add(*vals)
-    j = (cfg.prompt_index + 1) % len(y.system_prompts)
-    return _effects(sums), (f"clean = {y.name!r} in its phrasing {j} instead of "
-                            f"{cfg.prompt_index} ({len(questions)} examples)")
+            full = ("exact", cfg.hook, *key)
+            sums.setdefault(full, Cell()).add(*vals)
+            _per_question(by_q, full, len(questions))[i % len(questions)].add(*vals)
+    words = "phrasing" if len(others) == 1 else "phrasings"
+    return _effects(sums, by_q), (
+        f"clean = {y.name!r} in its {words} {', '.join(map(str, others))} instead of "
+        f"{cfg.prompt_index} ({len(others) * len(questions)} examples)"), len(others)
 
 
 REGIONS = ("system text", "after the system text")
@@ -526,3 +628,145 @@ def agree(cells: list[CellEffect], component: str, metric: str) -> Agreement:
                      {name: (rho(group), len(group)) for name, group in regions.items()}, by_layer,
                      [(e.position, e.layer, e.head, getattr(e, attr), getattr(a, attr))
                       for e, a in gaps])
+
+
+def by_construction(c: CellEffect, n_layers: int, response_tokens: int) -> bool:
+    """A residual-stream patch after the last block at the read position (``last``, when only
+    it is read): the patched run's output is the clean run's, effect 1 whatever the personas."""
+    return (c.component == "resid_post" and c.position == "last" and not response_tokens
+            and c.layer == n_layers - 1)
+
+
+def sign_flip_greater(d: np.ndarray, n_draws: int = 9999, seed: int = 0) -> tuple[np.ndarray, bool]:
+    """One-sided sign-flip p that each row's mean of ``d`` (``[tests, n]``) is greater than 0,
+    and whether it is exact: every one of the 2^n sign patterns when n ≤
+    :data:`EXACT_SIGN_FLIP_QUESTIONS` (p ≥ 2^-n, the observed pattern counted), else ``n_draws``
+    seeded random patterns (p ≥ 1 / (n_draws + 1)). Returns ``([tests], exact)``."""
+    d = np.asarray(d, dtype=np.float64)
+    exact = d.shape[1] <= EXACT_SIGN_FLIP_QUESTIONS
+    if d.shape[1] == 1:  # two patterns, which scipy does not take: +d is the larger when d > 0
+        return np.where(d[:, 0] > 0, 0.5, 1.0), True
+
+    def mean(x: np.ndarray, axis: int) -> np.ndarray:
+        return np.mean(x, axis=axis)
+
+    res = stats.permutation_test((d,), mean, permutation_type="samples", vectorized=True,
+                                 n_resamples=np.inf if exact else n_draws, alternative="greater",
+                                 axis=1, random_state=np.random.default_rng(seed))
+    return np.atleast_1d(res.pvalue).astype(np.float64), exact
+
+
+def questions_needed(family: int, alpha: float) -> int:
+    """Questions an exact sign-flip needs before ``family`` Holm-adjusted tests can reach
+    ``alpha``: the smallest n with ``family · 2^-n ≤ alpha``."""
+    return max(1, math.ceil(math.log2(max(family, 1) / alpha)))
+
+
+def beyond_rewording(cells: list[CellEffect], control: list[CellEffect], alpha: float,
+                     trivial: Callable[[CellEffect], bool], n_pairs: int, n_reworded: int
+                     ) -> RewordingTest | None:
+    """Which exact cells, and which regions, carry more of a persona swap than of a rewording.
+
+    Paired unit: the question. For cell ``c`` and question ``q``, ``d[c, q]`` = the KL effect
+    over the persona pairs at ``q`` minus the KL effect over the corrupt persona's rewordings at
+    ``q`` (the same corrupt run, so the same question is the natural pair; the pairs share it,
+    so they are not separate units). Under the null that the cell does no more for a persona
+    swap than for a rewording, each question's difference is symmetric about 0; the one-sided
+    sign-flip of the mean over questions tests "persona effect > control effect". The KL effect
+    is used because the logit difference is undefined where a rewording leaves the top token
+    unchanged. One family, Holm-adjusted at ``alpha``: the cells defined in both grids (cells
+    that are 1 by construction, ``trivial``, and cells that are no-ops in either grid left out)
+    and the regions (:data:`REGIONS`), whose per-question difference is the mean of ``d`` over
+    the region's cells (a region's claim and its cells' rest on the same differences, so they
+    are corrected together). None when no cell can be paired."""
+    ctl = {(c.position, c.layer, c.head): c for c in control}
+    tested: list[tuple[CellEffect, np.ndarray, np.ndarray]] = []
+    for c in cells:
+        k = ctl.get((c.position, c.layer, c.head))
+        if k is None or c.kl_by_question is None or k.kl_by_question is None:
+            continue
+        # a no-op in either grid compares a patch with no patch (identical prefixes: the
+        # persona prompts share "You are a" with the corrupt prompt, a rewording need not)
+        if c.noop or k.noop or trivial(c):
+            continue
+        x, y = np.asarray(c.kl_by_question), np.asarray(k.kl_by_question)
+        if np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.any(x != y):
+            tested.append((c, x, y))
+    if not tested:
+        return None
+    x = np.stack([t[1] for t in tested])  # [cells, questions]
+    y = np.stack([t[2] for t in tested])
+    d = x - y
+    n = d.shape[1]
+    names = [r for r in REGIONS if any(region(t[0].position) == r for t in tested)]
+    members = [np.array([region(t[0].position) == r for t in tested]) for r in names]
+    n_draws = draws_for_family(len(tested) + len(names), alpha)
+    p, exact = sign_flip_greater(d, n_draws)
+    rd = np.stack([d[m].mean(0) for m in members])  # [regions, questions]
+    rp, _ = sign_flip_greater(rd, n_draws)
+    # one family: a region's difference is the mean of its cells', so claims about a region
+    # and its cells are made together and corrected together
+    joint = holm(np.concatenate([p, rp]))
+    ph, rph = joint[: len(p)], joint[len(p):]
+    m = len(tested) + len(names)
+    min_p = 2.0 ** -n if exact else 1.0 / (n_draws + 1)
+    out = [CellTest(c.position, c.layer, c.head, float(xi.mean()), float(yi.mean()),
+                    float(di.mean()), n, float(pi), float(hi), bool(hi <= alpha))
+           for (c, xi, yi), di, pi, hi in zip(tested, d, p, ph, strict=True)]
+    regions = [CellTest(r, None, None, float(x[m].mean(0).mean()), float(y[m].mean(0).mean()),
+                        float(rd[i].mean()), n, float(rp[i]), float(rph[i]), bool(rph[i] <= alpha))
+               for i, (r, m) in enumerate(zip(names, members, strict=True))]
+    how = "exact, every one of the 2^n sign patterns" if exact else f"{n_draws} random sign patterns"
+    pairing = (f"paired by question: at each of {n} questions, the KL effect over its {n_pairs} "
+               f"persona pair(s) minus that over its {n_reworded} rewording(s) of the corrupt "
+               f"persona; one-sided sign-flip over the questions ({how})")
+    return RewordingTest("kl", pairing, alpha, n, exact, len(tested), min_p,
+                         min(1.0, m * min_p), min(1.0, m * min_p),
+                         questions_needed(m, alpha), questions_needed(m, alpha),
+                         out, regions)
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}"
+
+
+def cell_name(c: CellTest) -> str:
+    return c.position if c.layer is None else (
+        f"{c.position} L{c.layer}" + ("" if c.head is None else f" H{c.head}"))
+
+
+def answer(test: RewordingTest | None, control_note: str) -> str:
+    """One sentence (at most :data:`ANSWER_CHARS` characters) with numbers: the regions and
+    cells that carry the persona beyond the rewording control, or what would let the test say."""
+    if test is None:
+        return _fit([f"Patching cannot separate the persona from a rewording here: the rewording "
+                     f"control was {control_note}."[:ANSWER_CHARS - 1] + "."])
+    regions = [r for r in test.regions if r.carries]
+    cells = sorted((c for c in test.cells if c.carries), key=lambda c: c.p)
+    head = (f"Beyond the rewording control (share of KL restored, these pairs, Holm "
+            f"{test.alpha:g}, {test.n} questions): ")
+    if regions or cells:
+        reg = "; ".join(f"{r.position} {r.difference:+.2f} (p {_p(r.p_holm)})" for r in regions)
+        parts = [head + (reg or "no region")]
+        tail = f"; {len(cells)} of {test.n_cells} cells"
+        named = [f"{cell_name(c)} {c.difference:+.2f} (p {_p(c.p_holm)})" for c in cells]
+        options = [tail + (", " + ", ".join(named[:k]) if k else "") + "."
+                   for k in range(len(named), -1, -1)]
+        return _fit([parts[0] + o for o in options] + [parts[0] + "."])
+    best = min(test.regions, key=lambda r: r.p_holm)
+    reach = f"smallest reachable Holm p {_p(test.min_holm_cells)}"
+    needs = (f"; reaching {test.alpha:g} needs ≥ {test.questions_for_cells} questions"
+             if test.min_holm_cells > test.alpha else "")
+    lead = f"No region or cell carries the persona beyond the rewording control at Holm {test.alpha:g}"
+    best_s = f" (best: {best.position} {best.difference:+.2f}, p {_p(best.p_holm)}"
+    return _fit([f"{lead}{best_s}; {test.n} questions, {reach}){needs}.",
+                 f"{lead}{best_s}; {test.n} questions){needs}.",
+                 f"{lead}{best_s}){needs}.", f"{lead}{needs}."])
+
+
+def _fit(options: list[str]) -> str:
+    """The first option short enough, else the last one cut."""
+    for o in options:
+        if len(o) <= ANSWER_CHARS:
+            return o
+    return options[-1][:ANSWER_CHARS - 1] + "…"

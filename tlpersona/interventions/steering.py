@@ -38,6 +38,10 @@ questions only: the persona's own vector, ``n_random`` seeded random directions 
 moves the model toward X more than Y's vector does), and the fluency guard. Intervals:
 bootstrap over questions (:mod:`tlpersona.interventions.steer_stats`); recipes are ranked only where
 a sign-flip test over the scoring questions, Holm-adjusted over the pairs, separates them.
+"Beyond random" (Holm over every recipe × operator): by default the one-sided t-prediction p of
+the own effect against the random directions' effects, trusted only where those are not
+right-skewed (:func:`~tlpersona.interventions.steer_stats.beyond_random`), else — and with
+``random_test="rank"`` always — the exact rank p, which needs at least tests / α directions.
 """
 
 from __future__ import annotations
@@ -59,7 +63,15 @@ from tlpersona.data import Inputs, Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
 from tlpersona.interventions.runner import Runner
 from tlpersona.interventions.steer_batch import Edit, Row, row_edits, run_rows
-from tlpersona.interventions.steer_stats import Bootstrap, Estimate, separated_ranks
+from tlpersona.interventions.steer_stats import (
+    RANDOM_TESTS,
+    Bootstrap,
+    Estimate,
+    beyond_random,
+    rank_p,
+    separated_ranks,
+    t_prediction_needed,
+)
 from tlpersona.models import LoadedModel
 from tlpersona.operators import OPERATORS, unit
 from tlpersona.sources import ActivationSource
@@ -85,6 +97,7 @@ class SteerConfig:
     n_personas: int = 4
     base: str = "assistant"
     n_random: int = 10
+    random_test: str = "t"  # "t": shape-checked t-prediction over the directions; "rank": exact
     response_tokens: int = 16
     prompt_index: int = 0
     seed: int = 0
@@ -161,10 +174,15 @@ class RecipeScore:
     specificity: Estimate | None  # own effect - other effect (paired)
     fluency: Estimate  # guard value of the own vector (nats/token, see module doc)
     # rank p of the own effect among the random directions' effects, (1 + #random >= own) /
-    # (n_random + 1), and Holm-adjusted over every recipe × operator of the run
+    # (n_random + 1): exact, descriptive with few directions (never below 1/(n_random + 1))
     random_p: float
+    # Holm over every recipe × operator of the run, of `random_test_p` (the p the claim uses)
     random_p_holm: float = 1.0
     beats_random: bool = False  # random_p_holm < 1 - level and the fluency guard passes
+    random_test: str = "rank"  # the test behind random_test_p: "t" (t-prediction) or "rank"
+    random_test_p: float = 1.0  # its p, before Holm
+    random_t_p: float | None = None  # one-sided t-prediction p (steer_stats.t_prediction_p)
+    random_skew: float | None = None  # sample skewness of the random effects (its shape check)
     rank: int = 0
     examples: list[Example] = field(default_factory=list)
     curve: list[CurvePoint] = field(default_factory=list)  # selection questions, own vector
@@ -224,6 +242,79 @@ class SteeringResult:
     def scores_for(self, operator: str) -> list[RecipeScore]:
         return sorted((s for s in self.scores if s.operator == operator),
                       key=lambda s: (s.rank, -s.own.effect.mean))
+
+    def answer(self) -> str:
+        """One sentence (at most :data:`ANSWER_CHARS` characters), with numbers: which recipe's
+        vector steers toward the persona beyond the random directions and beyond the other
+        personas' vectors, in the order the ranking test separates; or, when none is called,
+        what would have to change for the test to call one. Reads ``add`` when it ran (the
+        operator that steers toward the persona), else the first operator."""
+        op = "add" if "add" in self.config.operators else self.config.operators[0]
+        return _answer(self, op)
+
+
+ANSWER_CHARS = 220
+
+
+def _fit(parts: list[str], limit: int = ANSWER_CHARS) -> str:
+    """The first part and as many of the optional later ones as fit, ending in a full stop."""
+    out = parts[0]
+    for x in parts[1:]:
+        if len(out) + len(x) + 1 <= limit:
+            out += x
+    return out + "."
+
+
+def _answer(result: SteeringResult, op: str) -> str:
+    cfg = result.config
+    alpha = 1 - cfg.level
+    family = len(result.scores)
+    scores = result.scores_for(op)
+    k = cfg.n_random
+    verb = "steers to the persona" if op == "add" else "moves the persona to the base"
+    beat = [s for s in scores if s.beats_random]
+    if beat:
+        s = beat[0]
+        test = "parametric (t)" if s.random_test == "t" else "exact rank"
+        parts = [f"{op}: {s.recipe} ({s.setting.label()}) {verb} beyond {k} random directions "
+                 f"(own {s.own.effect.mean:.2f} vs mean {np.mean(s.random_effects):.2f}, "
+                 f"{test} Holm p {s.random_p_holm:.2g})"]
+        if s.specificity is not None:
+            sp = s.specificity
+            parts.append(f" and other personas' vectors by +{sp.mean:.2f} [{sp.lo:.2f}, "
+                         f"{sp.hi:.2f}]" if sp.lo > 0 else
+                         f" but not clearly beyond other personas' vectors ({sp.mean:+.2f} "
+                         f"[{sp.lo:.2f}, {sp.hi:.2f}])")
+        others = [x.recipe for x in beat[1:]]
+        if others:
+            above = all(x.rank > s.rank for x in beat[1:])
+            named = ", ".join(others)
+            if len("".join(parts)) + len(f"; also {named}, not separated.") > ANSWER_CHARS:
+                named = f"{len(others)} more recipe{'s' if len(others) > 1 else ''}"
+            parts.append(f", ranked above {named}" if above else f"; also {named}, not separated")
+        return _fit(parts)
+    if not scores:
+        return f"{op}: nothing was scored."
+    best = min(scores, key=lambda x: (x.random_p_holm, -x.own.effect.mean))
+    rand = np.asarray(best.random_effects)
+    parts = [f"{op}: no recipe's vector is called beyond {k} random directions; closest "
+             f"{best.recipe} (own {best.own.effect.mean:.2f} vs mean {rand.mean():.2f}, "
+             f"Holm p {best.random_p_holm:.2g})"]
+    need_k = math.ceil(family / alpha)
+    if best.random_p_holm < alpha and not best.fluency_ok:
+        parts.append(f"; it fails the fluency guard ({best.fluency.mean:.2f} nats/token): "
+                     "a gentler setting would have to pass it")
+    elif best.random_test == "rank" and k >= need_k:
+        parts.append(f"; it would need to beat more of the {k} random directions")
+    elif best.random_test == "t" and k >= 3:
+        need = t_prediction_needed(best.random_effects, alpha / family)
+        parts.append(f"; it would need own ≥ {need:.2f}, or ≥ {need_k} random directions with "
+                     "the exact rank test")
+    else:
+        why = ("" if cfg.random_test == "rank" else " (the t-prediction needs 3 directions)"
+               if k < 3 else " (random effects right-skewed)")
+        parts.append(f"; the exact rank test{why} needs ≥ {need_k} random directions")
+    return _fit(parts)
 
 
 def _jsonable(x: Any) -> Any:
@@ -297,6 +388,8 @@ def check_config(cfg: SteerConfig, store: ActivationSource) -> None:
         raise TlpersonaError("`cap_percentiles` must lie in [0, 100]")
     if cfg.n_random < 1:
         raise TlpersonaError("`n_random` must be at least 1")
+    if cfg.random_test not in RANDOM_TESTS:
+        raise TlpersonaError(f"unknown `random_test` {cfg.random_test!r} ({', '.join(RANDOM_TESTS)})")
     if cfg.response_tokens < 1:
         raise TlpersonaError("`response_tokens` must be at least 1")
     if not 0 < cfg.level < 1 or cfg.n_boot < 100:
@@ -612,18 +705,20 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
             rho, rho_p = monotonicity([p.strength for p in points], [p.lp_gain for p in points])
         kl_q[op, r] = mine[..., 1].sum(0)
         rand_eff = [_effect(rand[k]) for k in range(cfg.n_random)]
+        # the own vector's effect and each direction's, as one formula on the same examples
+        test = beyond_random(_effect(mine), rand_eff, cfg.random_test)
         scores.append(RecipeScore(
             operator=op, recipe=r, setting=s, selection_effect=sel_eff, interior=interior,
             fluency_ok=flu_ok, own=own_arm, random=rand_arm,
             random_effects=rand_eff,
             other=other_arm, specificity=spec, fluency=boot.estimate(flu_point, flu_draws),
-            # the own vector's effect and each direction's, as one formula on the same examples
-            random_p=random_rank_p(_effect(mine), rand_eff),
+            random_p=test.rank_p, random_test=test.test, random_test_p=test.p,
+            random_t_p=_finite(test.t_p), random_skew=_finite(test.skew),
             examples=[Example(targets[j].name, q.id, *map(float, mine[j, qi]))
                       for j in range(nt) for qi, q in enumerate(score_q)],
             curve=points, monotone_rho=rho, monotone_p=rho_p))
     # one family: "this recipe's vector moves the model more than a random direction"
-    for x, p in zip(scores, holm([x.random_p for x in scores]), strict=True):
+    for x, p in zip(scores, holm([x.random_test_p for x in scores]), strict=True):
         x.random_p_holm = float(p)
         x.beats_random = bool(p < 1 - cfg.level and x.fluency_ok)
     verdicts = {}
@@ -632,7 +727,8 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
         ranks = separated_ranks([kl_q[op, x.recipe] for x in of_op], cfg.level, cfg.seed)
         for x, k in zip(of_op, ranks, strict=True):
             x.rank = k
-        verdicts[op] = _verdict(op, of_op, cfg.n_random, len(scores), 1 - cfg.level)
+        verdicts[op] = _verdict(op, of_op, cfg.n_random, len(scores), 1 - cfg.level,
+                                cfg.random_test)
     result = SteeringResult(
         config=cfg, store_manifest_hash=store.manifest_hash, model=str(runner.model.info.spec),
         base=cfg.base, personas=choice, selection_questions=[q.id for q in sel_q],
@@ -676,39 +772,103 @@ def monotonicity(strength: list[float], gain: list[float]) -> tuple[float, float
 def random_rank_p(own: float, random: list[float]) -> float:
     """Rank p of ``own`` among the random directions' effects: (1 + #random ≥ own) / (N + 1),
     what a direction exchangeable with the random ones would reach (never below 1/(N + 1))."""
-    return (1 + sum(r >= own for r in random)) / (len(random) + 1)
+    return rank_p(own, random)
 
 
-def _verdict(op: str, scores: list[RecipeScore], n_random: int, family: int, alpha: float) -> str:
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def rank_floor(n_questions: int, n_pairs: int) -> float:
+    """The smallest Holm-adjusted p :func:`separated_ranks` can give a pair: 2 / 2**n (both
+    all-same-sign patterns) when every pattern is enumerated, else what 1,000 sampled patterns
+    give on average (they hit those two 2000 / 2**n times), times the pairs."""
+    n = n_questions
+    one = 2 / 2**n if 2**n <= 1000 else (1 + 2000 / 2**n) / 1001
+    return min(1.0, n_pairs * one)
+
+
+def questions_to_separate(n_pairs: int, alpha: float) -> int:
+    """Fewest scoring questions with which :func:`separated_ranks` can separate a pair."""
+    return next(n for n in range(1, 64) if rank_floor(n, n_pairs) < alpha)
+
+
+def monotone_floor(n_strengths: int) -> float:
+    """The smallest exact two-sided p :func:`monotonicity` can give: 2 / n! (the two perfectly
+    ordered pairings; exact up to 8 strengths, where every pairing is enumerated)."""
+    return 2 / math.factorial(n_strengths) if n_strengths <= 8 else 0.0
+
+
+def _test_words(test: str, n_random: int) -> str:
+    if test == "t":
+        return (f"one-sided t-prediction p over {n_random} random directions: parametric, it "
+                "assumes their effects are normal (valid, conservative, when they are left-"
+                "skewed; the skewness check only screens out pools that look right-skewed, and "
+                "on heavy-tailed or right-skewed pools its rate at Holm thresholds can exceed "
+                "nominal)")
+    return f"rank p over {n_random} random directions, exact"
+
+
+def _verdict(op: str, scores: list[RecipeScore], n_random: int, family: int, alpha: float,
+             random_test: str = "rank") -> str:
     ranked = sorted(scores, key=lambda s: (s.rank, -s.own.effect.mean))
     beat = [s for s in ranked if s.beats_random]
+    # where the t-prediction was asked for but the pool's shape (or size) ruled it out
+    skewed = [s for s in ranked if random_test == "t" and s.random_test == "rank"
+              and s.random_skew is not None and s.random_skew > 0]
+    all_rank = all(s.random_test == "rank" for s in scores)
+    rank_floor_blocks = family / (n_random + 1) >= alpha
+    need = math.ceil(family / alpha)
     if beat:
+        tests = sorted({s.random_test for s in beat}, reverse=True)
         head = (f"{', '.join(f'{s.recipe} ({s.setting.label()})' for s in beat)} beyond the "
-                f"random directions (rank p over {n_random} directions, Holm-adjusted over "
-                f"{family} recipe × operator tests, < {alpha:g})")
+                f"random directions ({'; '.join(_test_words(t, n_random) for t in tests)}; "
+                f"Holm-adjusted over {family} recipe × operator tests, < {alpha:g})")
         if op == "ablate":
             # an isotropic direction carries almost none of the residual's variance
             head += (" — removing a random direction removes almost nothing, so this says the "
                      "vector carries more of the run than a typical direction, not that it is "
                      "the persona; the other personas' vectors (specificity) are the stricter "
                      "control")
-    elif family / (n_random + 1) >= alpha:
-        need = math.ceil(family / alpha)
-        head = (f"no recipe can be called beyond the random directions: with {n_random} of them "
-                f"p cannot fall below {1 / (n_random + 1):.3f}, too coarse for {family} tests "
-                f"after Holm (at least {need} random directions would be needed)")
+    elif all_rank and rank_floor_blocks:
+        why = (" (the t-prediction needs at least 3 directions whose effects are not "
+               "right-skewed)" if random_test == "t" else "")
+        head = (f"no recipe can be called beyond the random directions{why}: with {n_random} of "
+                f"them the rank p cannot fall below {1 / (n_random + 1):.3f}, too coarse for "
+                f"{family} tests after Holm (at least {need} random directions would be needed)")
+        skewed = []  # said already
+    elif random_test == "t":
+        best = min(scores, key=lambda s: (s.random_p_holm, -s.own.effect.mean))
+        head = (f"no recipe's own vector is beyond the random directions "
+                f"({_test_words('t', n_random)}; Holm over {family} tests): closest "
+                f"{best.recipe}, Holm p {best.random_p_holm:.3f}")
     else:
         head = "no recipe's own vector is beyond the random directions (Holm-adjusted rank p)"
-    if len({s.rank for s in scores}) == 1:
-        order = ("no recipe is separated from another (sign-flip tests over the "
-                 f"{scores[0].own.effect.n} scoring questions, Holm-adjusted over pairs)")
+    if skewed:
+        head += (f"; the random effects of {', '.join(s.recipe for s in skewed)} are right-skewed "
+                 f"(skewness up to {max(s.random_skew or 0.0 for s in skewed):+.2f}), where the "
+                 "t-prediction is not trusted, so their exact rank p decides"
+                 + (f", which cannot fall below {1 / (n_random + 1):.3f} (at least {need} random "
+                    "directions would be needed)" if rank_floor_blocks else ""))
+    n_q = scores[0].own.effect.n
+    n_pairs = len(scores) * (len(scores) - 1) // 2
+    if len(scores) == 1:
+        order = ""
+    elif len({s.rank for s in scores}) == 1 and rank_floor(n_q, n_pairs) >= alpha:
+        order = (f"; the recipes cannot be separated from one another: sign-flip tests over "
+                 f"{n_q} scoring questions, Holm-adjusted over {n_pairs} pairs, cannot fall below "
+                 f"{rank_floor(n_q, n_pairs):.2f} (at least {questions_to_separate(n_pairs, alpha)} "
+                 "scoring questions would be needed)")
+    elif len({s.rank for s in scores}) == 1:
+        order = ("; no recipe is separated from another (sign-flip tests over the "
+                 f"{n_q} scoring questions, Holm-adjusted over pairs)")
     else:
         top = [s.recipe for s in ranked if s.rank == 1]
-        order = (f"{', '.join(top)} ranked first; ranks by sign-flip tests over questions, Holm-adjusted: "
-                 + ", ".join(f"{s.recipe} {s.rank}" for s in ranked))
+        order = (f"; {', '.join(top)} ranked first; ranks by sign-flip tests over questions, "
+                 "Holm-adjusted: " + ", ".join(f"{s.recipe} {s.rank}" for s in ranked))
     broken = [s.recipe for s in ranked if not s.fluency_ok]
     tail = f"; {', '.join(broken)} failed the fluency guard" if broken else ""
-    return f"{op}: {head}; {order}{tail}."
+    return f"{op}: {head}{order}{tail}."
 
 
 # ---------------------------------------------------------------------------------------------

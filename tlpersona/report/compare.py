@@ -57,7 +57,7 @@ def _detail_table(result: dict[str, Any], layer: int) -> str:
 
 
 def _procrustes_table(result: dict[str, Any], layer: int) -> str:
-    rows = ["| pair | held-out Procrustes cos | null mean / p95 | ceiling | z | p (Holm) |",
+    rows = ["| pair | held-out Procrustes cos | null mean / p95 | ceiling | z | p (Holm where reachable) |",
             "|---|---|---|---|---|---|"]
     for c in result["cells"]:
         if c["layer"] != layer:
@@ -66,9 +66,10 @@ def _procrustes_table(result: dict[str, Any], layer: int) -> str:
         if pc.get("mean") is None:
             rows.append(f"| {c['pair'][0]} ~ {c['pair'][1]} | {pc['reason']} | | | | |")
             continue
+        holm_p = f" ({_p(pc['p_holm'])})" if "p_holm" in pc else ""
         rows.append(f"| {c['pair'][0]} ~ {c['pair'][1]} | {_f(pc['mean'])} "
                     f"| {_f(pc['null_mean'])} / {_f(pc['null_p95'])} | {_f(pc['ceiling'])} "
-                    f"| {_f(pc['z'], 1)} | {_p(pc['p'])} ({_p(pc.get('p_holm'))}) |")
+                    f"| {_f(pc['z'], 1)} | {_p(pc['p'])}{holm_p} |")
     return "\n".join(rows)
 
 
@@ -134,9 +135,46 @@ def _bstar_section(result: dict[str, Any]) -> str:
     return "\n".join(rows) + (f"\n\n{note}." if note else "")
 
 
+def first_screen(result: dict[str, Any], title: str) -> list[str]:
+    """The answer first: one sentence with its numbers, what limits it, the run in one line,
+    the figures; every table is in details.md, every cell's numbers in cells.csv."""
+    ov = result["overall"]
+    layers = result["layers"]
+    mid = layers[len(layers) // 2]
+    sink = result.get("sink", {})
+    warned = [f"{p} (L{la})" for la, row in sink.get("layers", {}).items()
+              for p in result["positions"] if row.get(p, {}).get("warning")]
+    notes = list(ov.get("notes", []))
+    if warned:
+        notes.append(f"Attention sink: most of the persona variance of {', '.join(warned)} lies "
+                     "along the first token's direction (prompt length, not persona; details).")
+    return [
+        f"# {title}", "",
+        f"**{ov['answer']}**", "",
+        *[f"- {n}" for n in notes], *([""] if notes else []),
+        run_line(result), "",
+        "![verdicts](figures/verdicts.png)", "",
+        f"![matrix r](figures/matrix_r_L{mid}.png)", "",
+        "Every table: [details.md](details.md); every cell's numbers: [cells.csv](cells.csv) "
+        "(one row per layer × pair); everything: results.json.", "",
+    ]
+
+
+def run_line(result: dict[str, Any]) -> str:
+    """Who was compared and how hard the tests could look, in one line."""
+    auto = " (sized to the family)" if result.get("permutations_auto") else ""
+    return (f"{result['n_personas']} personas, {result['n_questions']} questions, "
+            f"{len(result['positions'])} recipes, layers {', '.join(map(str, result['layers']))}: "
+            f"{len(result['cells'])} cells; {result['n_permutations']} Mantel permutations{auto}, "
+            f"smallest reachable Holm p {_p(result['min_attainable_p_holm'])}; paired tests: "
+            f"{result['paired_test']}; seed {result['seed']}; input manifest "
+            f"{result['input']['manifest_hash'][:12]}.")
+
+
 def write_report(result: dict[str, Any], source: ActivationSource, out: str | Path,
                  title: str = "Recipe comparison") -> Path:
-    """Write results.json, figures/*.png and report.md into ``out``; returns report.md's path."""
+    """Write results.json, figures/*.png, report.md (the answer) and details.md (every table)
+    into ``out``; returns report.md's path."""
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
@@ -147,32 +185,46 @@ def write_report(result: dict[str, Any], source: ActivationSource, out: str | Pa
     plots.cosine_violins(result, mid, figs / f"cosines_L{mid}.png")
     plots.matrix_bars(result, mid, figs / f"matrix_r_L{mid}.png")
     plots.cosine_matrices(source, result["positions"], mid, figs / f"cos_matrices_L{mid}.png")
+    atomic_write_bytes(out / "details.md", "\n".join(details(result, title)).encode())
+    path = out / "report.md"
+    atomic_write_bytes(path, "\n".join(first_screen(result, title)).encode())
+    return path
+
+
+def details(result: dict[str, Any], title: str) -> list[str]:
+    """details.md: definitions, the verdict table, every layer's statistics, the ceilings,
+    the sink and B* checks and the paired tests."""
+    layers = result["layers"]
+    mid = layers[len(layers) // 2]
     th = result["thresholds"]
-    sig = sorted((t for t in result["paired_tests"] if t["p"] < 0.05), key=lambda t: t["p"])[:10]
+    alpha = result.get("alpha", 0.05)
+    sig = sorted((t for t in result["paired_tests"] if t["p_holm"] < alpha),
+                 key=lambda t: t["p"])[:10]
+    proc_note = ("Holm-adjusted over all cells" if result.get("procrustes_corrected") else
+                 "uncorrected and descriptive (the draws cannot reach alpha after Holm over the "
+                 "cells; raise `null_draws` for a corrected claim)")
     lines = [
-        f"# {title}", "",
+        f"# {title}: details", "",
         f"**{result['overall']['sentence']}**", "",
-        f"{result['n_personas']} personas, {result['n_questions']} questions, layers "
-        f"{', '.join(map(str, layers))}; {result['n_permutations']} Mantel permutations "
-        f"(smallest attainable p = {result['min_attainable_p']:.4f}), seed {result['seed']}; "
-        f"input manifest {result['input']['manifest_hash'][:12]}.", "",
+        *[f"- {n}" for n in result["overall"].get("notes", [])], "",
+        run_line(result), "",
         f"Verdicts: PASS if per-persona min cos > {th['pass_min_cos']} and mean-centred matrix "
-        f"r > {th['pass_mc_r']} beyond its Mantel null (uncorrected p < {result.get('alpha', 0.05):g})"
+        f"r > {th['pass_mc_r']} beyond its Mantel null (uncorrected p < {alpha:g}: at most "
+        f"{alpha:g} of unrelated cells pass the gate)"
         + (f" and spread Spearman > {th['pass_spread']} where defined" if th.get("gate_spread")
            else " (the spread correlation is descriptive and does not gate the verdict)")
         + f"; KILL if min cos < {th['kill_min_cos']} or mean-centred r < {th['kill_mc_r']}; GREY "
         "otherwise. '(noise)' marks a cell that fails only bounds its ceiling fails too: identical "
         "recipes sampled as noisily would not pass either. Groups of agreeing recipes are sets "
-        "whose every pair passes.", "",
+        "whose every pair passes. cells.csv names the bounds each cell missed (`failed`).", "",
         "Every statistic is shown with what unrelated personas would give (null) and, where it has "
         "one, what identical data would give (ceiling). Nulls: for mean cosines, the mean over "
-        "every mismatched persona pairing (exact); for matrix r, the permutation distribution of "
-        "persona labels (Mantel); for the held-out Procrustes cosine, the same procedure rerun "
-        f"after relabelling one recipe's personas ({result.get('n_null', 0)} draws). p-values are "
-        "Holm-adjusted over all cells of a kind; a permutation p cannot go below 1/(N+1), so "
-        "after Holm over m cells it cannot go below m/(N+1): where that is above 0.05 the "
-        "summary says so instead of calling cells significant. z (distance above the null mean "
-        "in null standard deviations) is descriptive.", "",
+        "every persona pairing under a uniform relabelling (exact); for matrix r, the permutation "
+        "distribution of persona labels (Mantel, Holm-adjusted over all cells; the permutation "
+        "count is sized so that Holm can reach alpha); for the held-out Procrustes cosine, the "
+        f"same procedure rerun after relabelling one recipe's personas ({result.get('n_null', 0)} "
+        f"draws; its p is {proc_note}). z (distance above the null mean in null standard "
+        "deviations) is descriptive.", "",
         "## Verdicts", "", verdict_table(result), "", "![verdicts](figures/verdicts.png)", "",
     ]
     for pos, by_persona in result.get("missing_rows", {}).items():
@@ -203,11 +255,12 @@ def write_report(result: dict[str, Any], source: ActivationSource, out: str | Pa
         "## B*_no_last algebra check", "",
         "B* (prompt_mean) includes A's token (last) in its mean, so part of cos(A, B*) is "
         "arithmetic; B*_no_last removes it.", "", _bstar_section(result), "",
-        "## Paired permutation tests", "",
+        "## Paired tests", "",
         f"{len(result['paired_tests'])} tests of whether one pair is more aligned than another "
-        f"pair sharing a recipe (sign flips across personas; every pattern enumerated where "
-        f"2^n ≤ {result['n_permutations']}). Smallest p-values, with Holm over all "
-        f"{len(result['paired_tests'])} tests:", "",
+        f"pair sharing a recipe (sign flips of the per-persona cosine differences; "
+        f"{result['paired_test']}; no random draws), Holm over all of them: "
+        f"{sum(t['p_holm'] < alpha for t in result['paired_tests'])} below {alpha:g}. "
+        "The strongest:", "",
         "| layer | pair 1 | pair 2 | mean cos difference | p | z | Holm p |",
         "|---|---|---|---|---|---|---|",
         *[f"| {t['layer']} | {' ~ '.join(t['pair_1'])} | {' ~ '.join(t['pair_2'])} | "
@@ -215,6 +268,4 @@ def write_report(result: dict[str, Any], source: ActivationSource, out: str | Pa
           for t in sig],
         "",
     ]
-    path = out / "report.md"
-    atomic_write_bytes(path, "\n".join(lines).encode())
-    return path
+    return lines

@@ -32,17 +32,16 @@ def write_patch(result: Any, out: str | Path) -> str:
         f"Effect 0 = corrupt, 1 = clean (KL / logit difference, ratios of sums over examples). "
         f"Mean KL(clean || corrupt) = {_f(result.kl_clean_corrupt_mean)}. `sys_start+i` rows are "
         "system-text tokens aligned by index from the start of the system text.", "",
-        "**Descriptive; read beside the rewording control.** The effects say where the "
-        "difference between the two system prompts is carried, not by themselves that it is the "
-        "persona: an independent check found a rewording of the corrupt persona's own prompt "
-        "(no persona change) giving effects of the same size at the largest cells. The control "
-        f"below repeats the exact grid that way ({result.control_note}); a cell that does no "
-        "more here than there shows no persona information. No test separates the two yet. "
-        "Patching the residual stream at the read position after the last block copies the "
-        "clean output, so that cell is 1 by construction (marked ¹). Each cell is a ratio of "
-        f"sums over its {len(result.pairs) * len(result.questions)} examples at most (fewer "
-        "where a system-text token is missing); no cell is picked out as the most important, "
-        "as one picked and scored on the same examples would overstate it.", ""]
+        "**Read beside the rewording control.** The effects say where the difference between the "
+        "two system prompts is carried, not by themselves that it is the persona: a rewording of "
+        "the corrupt persona's own prompt (no persona change) can give effects of the same size "
+        f"at the largest cells. The control repeats the exact grid that way ({result.control_note}), "
+        "and the test below says which cells and regions do more for a persona swap than for a "
+        "rewording. Patching the residual stream at the read position after the last block copies "
+        "the clean output, so that cell is 1 by construction (marked ¹). Each grid cell is a ratio "
+        f"of sums over its {len(result.pairs) * len(result.questions)} examples at most (fewer "
+        "where a system-text token is missing); no cell is picked out by its size alone, as one "
+        "picked and scored on the same examples would overstate it.", ""]
     exact = result.select("exact", cfg.hook)
     if exact:
         lines += [f"Exact patching of `{cfg.hook}` ({_f(result.seconds.get('exact'), 1)} s):", ""]
@@ -56,6 +55,7 @@ def write_patch(result: Any, out: str | Path) -> str:
             lines += [f"Rewording control, exact `{cfg.hook}` ({result.control_note}; KL / "
                       "logit-difference effect):", "",
                       *_grid_table(result.control, rows, layers, result), ""]
+    lines += _test_section(result, rows, layers)
     comps = [c for c in cfg.attribution_hooks if result.select("attribution", c)]
     if comps:
         lines += [
@@ -87,6 +87,68 @@ def write_patch(result: Any, out: str | Path) -> str:
     return section
 
 
+def _test_section(result: Any, rows: list[str], layers: list[int]) -> list[str]:
+    """The persona-beyond-rewording test: pairing, families, the regions, the cells called and a
+    grid of Holm-adjusted p."""
+    t = result.rewording_test
+    lines = ["### Persona beyond the rewording control", ""]
+    if t is None:
+        return lines + [f"No test: the rewording control was {result.control_note}. "
+                        f"{result.answer()}", ""]
+    lines += [
+        f"**{result.answer()}**", "",
+        f"Test: {t.pairing}. Null: the cell does no more for a persona swap than for a rewording "
+        "(each question's difference symmetric about 0); claim: persona effect > control effect "
+        f"(KL effect; the logit difference is undefined where a rewording keeps the top token). "
+        f"One family, Holm-adjusted at {t.alpha:g}: the {t.n_cells} cells "
+        "defined in both grids (cells that are 1 by construction, and no-ops in either grid, "
+        "which compare a patch with no patch, left out) "
+        f"and the {len(t.regions)} regions (system-text tokens / positions after the system "
+        "text), whose per-question difference is the mean over the region's cells (a region and "
+        f"its cells are claimed together, so corrected together). With {t.n} questions the "
+        f"smallest p is {_f(t.min_p, 4)}, so the smallest reachable Holm p is "
+        f"{_f(t.min_holm_cells, 4)} ({t.questions_for_cells} questions reach "
+        f"{t.alpha:g}). Effects here are means over questions of per-question ratios of sums, "
+        "so they differ slightly from the grid's. What it shows: for these persona pairs and "
+        "rewordings, patching the cell restores a larger share of the persona swap's KL than of "
+        "a rewording's; the claim does not extend to other personas or wordings.", "",
+        "| region | cells | persona | control | difference | p | Holm p | beyond rewording |",
+        "|---|---|---|---|---|---|---|---|"]
+    for r in t.regions:
+        k = sum(1 for c in t.cells if _region(c.position) == r.position)
+        lines.append(f"| {r.position} | {k} | {_f(r.persona, 3)} | {_f(r.control, 3)} | "
+                     f"{r.difference:+.3f} | {_f(r.p, 4)} | {_f(r.p_holm, 4)} | "
+                     f"{'yes' if r.carries else 'no'} |")
+    called = [c for c in t.cells if c.carries]
+    lines += ["", f"Cells beyond the rewording control (Holm p ≤ {t.alpha:g}): " + (
+        "; ".join(f"{_cell(c)} {c.persona:.2f} vs {c.control:.2f} (Holm p {_f(c.p_holm, 3)})"
+                  for c in called) if called else "none") + ".", ""]
+    if result.config.hook != "head":
+        by = {(c.position, c.layer): c for c in t.cells}
+        lines += [f"Difference (persona − control KL effect) / Holm p per cell, exact "
+                  f"`{result.config.hook}` (blank: not tested):", "",
+                  "| position | " + " | ".join(f"L{x}" for x in layers) + " |",
+                  "|---|" + "---|" * len(layers)]
+        for pos in rows:
+            got = [by.get((pos, la)) for la in layers]
+            lines.append(f"| {pos} | " + " | ".join(
+                "" if c is None else f"{c.difference:+.2f} / {_f(c.p_holm, 2)}" for c in got) + " |")
+        lines.append("")
+    return lines
+
+
+def _region(position: str) -> str:
+    from tlpersona.interventions.patching import region
+
+    return region(position)
+
+
+def _cell(c: Any) -> str:
+    from tlpersona.interventions.patching import cell_name
+
+    return cell_name(c)
+
+
 def _grid_table(cells: list[Any], rows: list[str], layers: list[int], result: Any) -> list[str]:
     """Markdown table of positions × layers: each cell's KL / logit-difference effect (``¹``: 1
     by construction), blank where the cell is not defined."""
@@ -102,11 +164,11 @@ def _grid_table(cells: list[Any], rows: list[str], layers: list[int], result: An
 
 
 def _by_construction(c: Any, result: Any) -> bool:
-    """A residual-stream patch after the last block at the read position (``last``, when only
-    it is read): the patched run's output is the clean run's, effect 1 whatever the personas."""
-    cfg = result.config
-    return (c.component == "resid_post" and c.position == "last" and not cfg.response_tokens
-            and c.layer == result.n_layers - 1)
+    """A residual-stream patch after the last block at the read position: 1 whatever the personas
+    (see :func:`tlpersona.interventions.patching.by_construction`)."""
+    from tlpersona.interventions.patching import by_construction
+
+    return by_construction(c, result.n_layers, result.config.response_tokens)
 
 
 def _cell_name_t(key: tuple) -> str:

@@ -31,7 +31,9 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
 def save_figure(fig: Figure, path: Path) -> Path:
     """Lay out and write ``path`` (PNG) through a temporary name."""
     fig.tight_layout()
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    # "tight" grows the canvas to every label and title, so none is cut at the edge
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png",
+                                                    bbox_inches="tight", pad_inches=0.1))
     return path
 
 
@@ -41,7 +43,8 @@ def verdict_heatmap(result: dict[str, Any], path: Path) -> Path:
     grid = np.full((len(pairs), len(layers)), np.nan)
     for c in result["cells"]:
         grid[pairs.index(_pair_name(c["pair"])), layers.index(c["layer"])] = _VERDICT_CODE[c["verdict"]]
-    fig, ax = subplots(figsize=(1.2 + 0.9 * len(layers), 0.8 + 0.35 * len(pairs)))
+    # the pair labels take the left of the figure: the width leaves the title room beside them
+    fig, ax = subplots(figsize=(3.4 + 0.9 * len(layers), 1.0 + 0.35 * len(pairs)))
     cmap = matplotlib.colors.ListedColormap(["#d9534f", "#bbbbbb", "#5cb85c"])
     ax.imshow(grid, cmap=cmap, vmin=0, vmax=2, aspect="auto")
     names = {v: k for k, v in _VERDICT_CODE.items()}
@@ -51,7 +54,7 @@ def verdict_heatmap(result: dict[str, Any], path: Path) -> Path:
                 ax.text(j, i, names[int(grid[i, j])], ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(layers)), [f"L{x}" for x in layers])
     ax.set_yticks(range(len(pairs)), pairs, fontsize=7)
-    ax.set_title("Verdict per recipe pair and layer")
+    fig.suptitle("Verdict per recipe pair and layer", fontsize=10)
     return save_figure(fig, path)
 
 
@@ -122,7 +125,8 @@ def subspace_variance(layer: dict[str, Any], path: Path) -> Path:
 
 def subspace_agreement(layer: dict[str, Any], th: dict[str, float], path: Path) -> Path:
     """Per shared PC, each pair's correlation of persona scores (held out: solid; in sample:
-    dotted), with the threshold that counts a PC as shared."""
+    dotted), with what the weakest pair had to exceed for the PC to count as shared (the
+    per-PC test's bar; the fixed ``min_r`` where no null ran)."""
     fig, ax = subplots(figsize=(6, 4))
     held, ins = layer["per_pc"], layer["per_pc_in_sample"]
     for i, pair in enumerate(held[0]["pairs"] if held else []):
@@ -130,7 +134,14 @@ def subspace_agreement(layer: dict[str, Any], th: dict[str, float], path: Path) 
                 color=f"C{i % 10}", label=pair, lw=1, marker=".")
         ax.plot([row["pc"] for row in ins], [row["pairs"][pair] for row in ins],
                 color=f"C{i % 10}", ls=":", lw=0.7)
-    ax.axhline(th["min_r"], color="k", lw=0.8, ls="--")
+    bar = layer.get("per_pc_threshold")
+    if bar and held and any(b is not None for b in bar):
+        # the per-PC test's bar: what the relabelled draws reach on that PC (held out)
+        pcs = [row["pc"] for row in held][: len(bar)]
+        ax.step(pcs, [np.nan if b is None else b for b in bar[: len(pcs)]], where="mid",
+                color="k", lw=0.8, ls="--", label="needed (relabelled null)")
+    else:
+        ax.axhline(th["min_r"], color="k", lw=0.8, ls="--")
     ax.set_xlabel("shared PC (dotted: in sample)")
     ax.set_ylabel("r of the two recipes' persona scores")
     ax.set_title(f"Which shared PCs every recipe shares, layer {layer['layer']}: "

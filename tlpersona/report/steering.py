@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
-from tlpersona.files import atomic_write_bytes
+from tlpersona.files import atomic_write_bytes, atomic_write_with
 from tlpersona.interventions.steer_stats import Estimate
-from tlpersona.interventions.steering import SteeringResult
-from tlpersona.report.plots import save_figure, subplots
+from tlpersona.interventions.steering import RecipeScore, SteeringResult, monotone_floor
+from tlpersona.report.plots import subplots
 
 HOW = {
     "add": "`alpha · s_l · v/|v|` added to the base run after its system block (alpha in units "
@@ -22,6 +23,9 @@ HOW = {
 }
 
 
+_TEST = {"t": "t-prediction", "rank": "rank"}
+
+
 def _e(x: Estimate | None, nd: int = 3) -> str:
     if x is None:
         return "n/a"
@@ -31,17 +35,30 @@ def _e(x: Estimate | None, nd: int = 3) -> str:
 
 
 def effects_figure(result: SteeringResult, path: Path) -> Path:
-    """One panel per operator: the own vector's effect with its interval, the random
-    directions' and the other personas' vectors' (scoring questions)."""
+    """One panel per operator: the own vector's effect with its interval, each random
+    direction's effect as a dot with the 95 % prediction band of one more direction (the
+    t-prediction's), and the other personas' vectors' effect with its interval (scoring
+    questions). The dots, not an interval of their mean, are what the own vector is tested
+    against."""
+    from scipy import stats
+
     ops = list(result.config.operators)
-    fig, axes = subplots(1, len(ops), figsize=(1.2 + 1.1 * len(result.recipes) * len(ops), 3.4),
-                             squeeze=False)
+    fig, axes = subplots(1, len(ops), figsize=(2.0 + 1.3 * len(result.recipes) * len(ops), 3.8),
+                         squeeze=False)
     for ax, op in zip(axes[0], ops, strict=True):
         scores = result.scores_for(op)
         x = np.arange(len(scores))
-        arms = [("own vector", lambda s: s.own.effect, "C0", -0.2),
-                ("random directions", lambda s: s.random.effect, "0.5", 0.0),
-                ("other personas' vectors", lambda s: s.other.effect if s.other else None, "C3", 0.2)]
+        for i, s in enumerate(scores):
+            r = np.asarray(s.random_effects, dtype=float)
+            jitter = np.linspace(-0.07, 0.07, r.size) if r.size > 1 else np.zeros(1)
+            ax.plot(i + jitter, r, "o", ms=2.5, color="0.55", alpha=0.8,
+                    label="random directions (each)" if i == 0 else None)
+            if r.size >= 3 and r.std(ddof=1) > 0:
+                half = stats.t.isf(0.025, r.size - 1) * r.std(ddof=1) * np.sqrt(1 + 1 / r.size)
+                ax.vlines(i, r.mean() - half, r.mean() + half, color="0.55", lw=4, alpha=0.25,
+                          label="95% prediction band, one direction" if i == 0 else None)
+        arms = [("own vector", lambda s: s.own.effect, "C0", -0.22),
+                ("other personas' vectors", lambda s: s.other.effect if s.other else None, "C3", 0.22)]
         for name, get, color, dx in arms:
             pts = [(i, get(s)) for i, s in enumerate(scores) if get(s) is not None]
             if not pts:
@@ -52,11 +69,25 @@ def effects_figure(result: SteeringResult, path: Path) -> Path:
             hi = np.array([e.hi for _, e in pts])
             ax.errorbar(xs, m, yerr=[m - lo, hi - m], fmt="o", ms=4, color=color, capsize=2,
                         label=name)
+        for i, s in enumerate(scores):
+            if s.beats_random:
+                ax.annotate("*", (i - 0.22, s.own.effect.hi), ha="center", va="bottom", fontsize=9)
         ax.axhline(0, color="k", lw=0.6)
-        ax.set_xticks(x, [f"{s.recipe}\n{s.setting.label()}" for s in scores], fontsize=6)
-        ax.set_title(f"{op}: effect (1 - KL/KL0), scoring questions", fontsize=8)
-    axes[0][0].legend(fontsize=6)
-    return save_figure(fig, path)
+        ax.set_xticks(x, [f"{s.recipe}\n{s.setting.label()}" for s in scores], fontsize=6,
+                      rotation=30, ha="right")
+        ax.set_xlim(-0.6, len(scores) - 0.4)
+        ax.set_title(f"{op}: effect (1 - KL/KL0), scoring questions\n(*: beyond random after Holm)",
+                     fontsize=8)
+        ax.legend(fontsize=5, loc="best")
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Like :func:`save_figure`, but the saved area grows to hold every label and title."""
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png",
+                                                    bbox_inches="tight"))
+    return path
 
 
 def curves_figure(result: SteeringResult, path: Path) -> Path:
@@ -79,7 +110,29 @@ def curves_figure(result: SteeringResult, path: Path) -> Path:
         ax.set_ylabel("effect")
         ax.set_title(f"{op}, selection questions (star: selected)", fontsize=8)
         ax.legend(fontsize=5)
-    return save_figure(fig, path)
+    return _save(fig, path)
+
+
+def _beyond_words(test: str, n: int) -> str:
+    if test == "t":
+        return (f"a one-sided t-prediction test of the own effect against the {n} random "
+                "directions' effects, p = 1 − T_{k−1}((own − mean) / (sd · √(1 + 1/k))): "
+                "parametric: exact when their effects are normal, conservative when they are "
+                "left-skewed (a random push helps less than it can hurt), anti-conservative when "
+                "right-skewed or heavy-tailed; it is used only where their sample skewness is "
+                "≤ 0 (a screen, not a guarantee: heavy-tailed pools pass it), and elsewhere the "
+                "exact rank p = (1 + #directions ≥ own) / (directions + 1) decides,")
+    return (f"the own effect's rank among the {n} random directions' effects, p = (1 + "
+            "#directions ≥ own) / (directions + 1), exact,")
+
+
+def _random_cell(s: RecipeScore) -> str:
+    r = np.asarray(s.random_effects, dtype=float)
+    if not r.size:
+        return "n/a"
+    sd = f" ± {r.std(ddof=1):.3f}" if r.size > 1 else ""
+    skew = f"; skew {s.random_skew:+.2f}" if s.random_skew is not None else ""
+    return f"{r.mean():.3f}{sd} ({r.min():.3f} to {r.max():.3f}{skew})"
 
 
 def write_steering(result: SteeringResult, out: str | Path) -> str:
@@ -94,6 +147,7 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
     ch = result.personas
     lines = [
         "## Steering: which recipe's vector is causally the persona", "",
+        f"**{result.answer()}**", "",
         f"Base persona {result.base!r}; target personas {', '.join(ch.names)} — {ch.reason}. "
         f"Settings selected on questions {', '.join(result.selection_questions)}; every number "
         f"below is scored on the other questions {', '.join(result.scoring_questions)} only. "
@@ -105,9 +159,10 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
         f"control over its {cfg.n_random} directions too); with "
         f"{len(result.scoring_questions)} scoring questions they are rough and, if anything, too "
         "narrow, so no claim below rests on them: ranks come from sign-flip tests over the "
-        "scoring questions (Holm over recipe pairs), and \"beyond random\" from the own "
-        f"effect's rank among the {cfg.n_random} random directions' effects, p = (1 + #directions "
-        "≥ own) / (directions + 1), Holm-adjusted over every recipe × operator (shown: Holm p). "
+        "scoring questions (Holm over recipe pairs), and \"beyond random\" from "
+        + _beyond_words(cfg.random_test, cfg.n_random) + " Holm-adjusted over every recipe × "
+        "operator (shown: Holm p; the exact rank p over the directions is in steering.json as "
+        "`random_p`). "
         "\"wrong way\": fraction of examples whose KL to the goal grew. Fluency: mean per-token "
         "log-prob change of the base response (for `add`, relative to the persona's own run; "
         f"a setting below -{cfg.fluency_margin:g} nats/token cannot beat the controls). Typical "
@@ -117,7 +172,7 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
     for op in cfg.operators:
         scores = result.scores_for(op)
         lines += [f"### {op}", "", HOW[op] + ".", "", f"**{result.verdicts[op]}**", "",
-                  "| rank | recipe | setting | interior | own effect | random dirs (mean) | "
+                  "| rank | recipe | setting | interior | own effect | random dirs (mean ± sd; range) | "
                   "other personas | specificity | log-prob gain (own / other) | wrong way | "
                   "fluency | beyond random (Holm p) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -126,10 +181,10 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
             flu = _e(s.fluency, 2) + ("" if s.fluency_ok else " **fails**")
             lines.append(
                 f"| {s.rank} | {s.recipe} | {s.setting.label()} | {interior} | {_e(s.own.effect)} "
-                f"| {_e(s.random.effect)} | {_e(s.other.effect if s.other else None)} | "
+                f"| {_random_cell(s)} | {_e(s.other.effect if s.other else None)} | "
                 f"{_e(s.specificity)} | {_e(s.own.lp_gain)} / "
                 f"{_e(s.other.lp_gain if s.other else None)} | {s.own.wrong_way:.0%} | {flu} | "
-                f"{'yes' if s.beats_random else 'no'} ({s.random_p_holm:.3f}) |")
+                f"{'yes' if s.beats_random else 'no'} ({s.random_p_holm:.3g}, {_TEST[s.random_test]}) |")
         edge = [s.recipe for s in scores if s.interior is False]
         if edge:
             lines += ["", f"Selected strength at the edge of the grid for {', '.join(edge)}: the "
@@ -137,9 +192,14 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
         rhos = [f"{s.recipe} {s.monotone_rho:.2f} (p = {s.monotone_p:.3f})" for s in scores
                 if s.monotone_rho is not None and s.monotone_p is not None]
         if rhos:
+            n_str = max(len(s.curve) for s in scores)
+            floor = monotone_floor(n_str)
+            cannot = (f" With {n_str} strengths the exact p cannot fall below {floor:.3f}, so "
+                      f"this line cannot show monotonicity at {1 - cfg.level:g} (5 strengths: "
+                      f"{monotone_floor(5):.3f})." if floor >= 1 - cfg.level else "")
             lines += ["", "Monotonicity (Spearman ρ of the log-prob gain against strength at the "
                           "selected layers, selection questions; p: every ordering of the "
-                          "strengths, two-sided, per recipe): " + ", ".join(rhos) + "."]
+                          "strengths, two-sided, per recipe): " + ", ".join(rhos) + "." + cannot]
         lines.append("")
     lines += ["![steering effects](figures/steering_effects.png)", "",
               "![steering curves](figures/steering_curves.png)", ""]

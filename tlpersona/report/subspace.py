@@ -11,6 +11,11 @@ from tlpersona.report.compare import _f
 from tlpersona.sources import ActivationSource
 
 
+def _level(result: dict[str, Any]) -> str:
+    level = result["null"].get("pc_level")
+    return f"{level:.4g}" if level is not None else "—"
+
+
 def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: ActivationSource,
                    out: str | Path) -> str:
     """Write subspace.json, pcs.safetensors and figures into ``out``; return a markdown section."""
@@ -42,7 +47,7 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Activa
         rows.append(f"| {lay['layer']} | {found_text(lay)} | {null_text(lay)} | "
                     f"{lay['explained_variance_ratio'][0]:.3f} | {_f(lay['pc1_sink_cos'])} |")
     th = result["thresholds"]
-    held = mid["held_out"]
+    held = mid["held_out"]  # the same split at every layer
     scale = ("each recipe scaled to unit total variance first, so the PCA ranks directions by "
              "how many recipes share them" if result["unit_norm"] else
              "recipes at their own scale, so the recipe with the largest norm dominates the PCs")
@@ -51,17 +56,27 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Activa
         f"One PCA on every recipe's mean-centred centroids ({', '.join(result['positions'])}; "
         f"{scale}; {result['n_personas']} personas, split seed {result.get('seed', 0)}, input "
         f"manifest {result.get('input', {}).get('manifest_hash', '?')[:12]}). k_found counts "
-        "the shared PCs on which every pair of recipes orders the "
-        f"personas alike (Pearson r of their scores > {th['min_r']}); a direction that only one "
-        f"recipe varies along gives r near 0. Headline: held out — centring, scaling and PCA "
-        f"fitted on {held['n_fit']} personas, scores taken on the other {held['n_scored']}; only "
-        f"the first {held['n_fit'] - 1} PCs can be counted. Null: the same after relabelling one "
-        f"recipe's personas at random ({result['null']['n']} draws: what unrelated recipes reach; "
-        "p = (1 + relabellings reaching k_found) / (draws + 1), Holm-adjusted over the layers for "
-        f"the \"beyond the null\" statement at {ALPHA:g}). {limits_text(result['null']['n'], layers)} "
+        "the shared PCs on which every pair of recipes orders the personas alike. Held out: "
+        f"centring, scaling and PCA fitted on {held['n_fit']} personas, scores taken on the other "
+        f"{held['n_scored']}; only the first {held['n_fit'] - 1} PCs can be counted. Null: the same "
+        f"after relabelling one recipe's personas at random ({result['null']['n']} draws: what "
+        "unrelated recipes reach). A PC counts when its agreement (the smallest Pearson r over "
+        "the recipe pairs of their held-out scores; a direction only one recipe varies along "
+        "gives r near 0) beats the draws' agreement on the same PC at "
+        f"p < {_level(result)} ({ALPHA:g} split over the {len(layers)} layer(s), so recipes "
+        f"unrelated to each other give k_found ≥ 1 at any layer with probability ≤ {ALPHA:g}); "
+        "counting stops at the first PC that fails. The test calls a layer (k_found ≥ 1); the "
+        "count beyond 1 is descriptive (a shared PC1's estimation error reaches the next PCs), "
+        "and with three or more recipes of which only some share, the relabelled-one-recipe "
+        "null calls a layer more often than its level. The null column gives each draw's own "
+        "k_found, counted the "
+        "same way; p = (1 + draws reaching k_found) / (draws + 1), Holm-adjusted over every "
+        "layer (a layer that found nothing with p = 1) for the \"beyond the null\" statement at "
+        f"{ALPHA:g}. {limits_text(result['null']['n'], layers)} "
         "The last columns are descriptive: PC1's share of the variance and how closely PC1 "
         "follows the first token's residual (the attention sink). subspace.json also holds "
-        "in-sample counts (fitted and scored on the same personas) and, held out and in sample, "
+        f"in-sample counts (fitted and scored on the same personas, r > {th['min_r']} per PC) "
+        "and, held out and in sample, "
         "the largest K at which every pair, projected onto the top-K PCs, keeps per-persona min "
         f"cos > {th['min_cos']} and cosine-matrix r > {th['min_r']}; none of them has a null, so "
         "they are not reported here.", "",

@@ -1,0 +1,43 @@
+"""The experiment's report: its first screen answers the four questions the run exists for,
+one sentence each with its numbers; every table follows in details.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlpersona.files import atomic_write_bytes
+
+#: A headline longer than this no longer reads at a glance.
+HEADLINE_CHARS = 300
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One question of the first screen, its one-sentence answer and its section's file."""
+
+    question: str
+    text: str
+    section: str  # markdown file beside the report with the section's tables
+
+
+def write_experiment_report(out: Path, title: str, headline: str, answers: Sequence[Answer],
+                            run: str, figures: Sequence[tuple[str, str]],
+                            details: Sequence[str]) -> Path:
+    """report.md (headline, answers, the run in one line, figures) and details.md (every
+    section in full) into ``out``; ``figures``: (caption, path relative to ``out``) that
+    exist. Returns report.md's path."""
+    if len(headline) > HEADLINE_CHARS:
+        raise ValueError(f"headline of {len(headline)} characters (at most {HEADLINE_CHARS})")
+    lines = [f"# {title}", "", f"**{headline}**", ""]
+    for i, a in enumerate(answers):
+        lines += [f"{'abcd'[i] if i < 4 else i + 1}. **{a.question}** {a.text} "
+                  f"([{a.section}]({a.section}))", ""]
+    lines += [run, "", *[f"![{cap}]({rel})\n" for cap, rel in figures if (out / rel).exists()],
+              "Every table: [details.md](details.md); every compared cell's numbers: "
+              "[cells.csv](cells.csv) (one row per layer × recipe pair).", ""]
+    atomic_write_bytes(out / "details.md", "\n\n".join(s.rstrip() for s in details).encode() + b"\n")
+    path = out / "report.md"
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    return path
