@@ -451,9 +451,8 @@ def missing_rows(source: ActivationSource, positions: list[str]) -> dict[str, di
 def mantel_floor(n_personas: int, n_perm: int) -> float:
     """The smallest Mantel p a cell can get: 1 / (N + 1), and with n personas only n!
     relabellings exist. Compared as integers: n! overflows a float from 171 personas on."""
-    if math.factorial(min(n_personas, 20)) >= n_perm + 1:
-        return 1.0 / (n_perm + 1)
-    return max(1.0 / (n_perm + 1), 1.0 / math.factorial(n_personas))
+    relabellings = math.factorial(n_personas)
+    return 1.0 / (n_perm + 1) if relabellings >= n_perm + 1 else 1.0 / relabellings
 
 
 def overall(result: dict[str, Any]) -> dict[str, Any]:
@@ -469,7 +468,7 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
         per_layer[str(layer)] = cliques(positions, edges)
     always = [tuple(c["pair"]) for c in cells
               if all(d["verdict"] == "PASS" for d in cells if d["pair"] == c["pair"])]
-    lb = [c for c in cells if c["tag"] == "load-bearing"]
+    lb = _load_bearing_rows(result)
     # counted as recipe pairs: both response spans are recipe B, so A~B compared twice is one pair
     n_lb = len({frozenset(_ALIAS.get(p, p) for p in c["pair"]) for c in lb})
     all_pass = bool(lb) and all(c["verdict"] == "PASS" for c in lb)

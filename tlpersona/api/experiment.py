@@ -106,8 +106,8 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
         t0 = time.perf_counter()
         base = "assistant" if "assistant" in store.personas else store.personas[0]
         loaded = load_model(model, device or default_device(), dtype, attn)  # patch and steer share it
-        # 10 questions: both of the rewording test's families can reach Holm 0.05 (2 regions ×
-        # 2^-10, ~14 cells × 2^-10); two early-to-middle layers, where system text is read
+        # 10 questions: the rewording test's one family (~14 cells and 2 regions) can reach
+        # Holm 0.05 (16 × 2^-10); two early-to-middle layers, where system text is read
         n_blocks = loaded.info.n_layers
         pat = patch(loaded, ps, qs, store=store, n_personas=3, n_questions=10, corrupt=base,
                     layers=sorted({round(0.14 * n_blocks), round(0.4 * n_blocks)}),
@@ -130,9 +130,9 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
 
 
 def headline(cmp: CompareResult, sub: SubspaceResult, pat: PatchResult,
-             steering: SteeringResult) -> str:
-    """The four answers in one line (at most HEADLINE_CHARS characters)."""
-    alpha = cmp.to_dict()["alpha"]
+             steering: SteeringResult, alpha: float) -> str:
+    """The four answers in one line (at most HEADLINE_CHARS characters); ``alpha``: the
+    comparison's family-wise level."""
     beyond = sum(c.mc_r_p_holm < alpha for c in cmp.cells)
     agree = "recipe-robust" if cmp.recipe_robust else "not recipe-robust"
     # the test calls a layer (k ≥ 1 beyond the null); the count k is descriptive beyond that
@@ -179,6 +179,6 @@ def _write_report(out: Path, title: str, cmp: CompareResult, sub: SubspaceResult
                ("steering effects", "figures/steering_effects.png"),
                ("patching", "figures/patching.png")]
     return write_experiment_report(
-        out, title, headline(cmp, sub, pat, steering), answers,
+        out, title, headline(cmp, sub, pat, steering, data["alpha"]), answers,
         run_line(data) + f" Wall time: {timing}.", figures,
         ["\n".join(details(data, title)), *sections])

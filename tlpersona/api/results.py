@@ -150,8 +150,8 @@ class CompareResult:
 class KFound:
     """A held-out shared dimension beside its null: how many leading shared PCs every recipe
     pair orders held-out personas alike on, beyond what relabelled personas reach on the same PC
-    (the per-PC test of :mod:`tlpersona.analyses.subspace`), a lower bound on the dimension the
-    recipes share."""
+    (the per-PC test of :mod:`tlpersona.analyses.subspace`). The test calls the layer
+    (k ≥ 1); the count beyond 1 is descriptive."""
 
     k: int | None
     saturated: bool  # every countable PC passed: the subspace may be larger

@@ -88,6 +88,13 @@ def _floor_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def sink_warnings(result: dict[str, Any]) -> list[str]:
+    """``position (Llayer)`` for every recipe and layer whose persona variance lies mostly
+    along the attention sink."""
+    return [f"{p} (L{layer})" for layer, row in result.get("sink", {}).get("layers", {}).items()
+            for p in result["positions"] if row[p]["warning"]]
+
+
 def _sink_section(result: dict[str, Any]) -> list[str]:
     sink = result.get("sink", {})
     if not sink.get("available"):
@@ -95,7 +102,7 @@ def _sink_section(result: dict[str, Any]) -> list[str]:
     positions = result["positions"]
     rows = ["| layer | first-token norm | " + " | ".join(positions) + " |",
             "|---|---|" + "---|" * len(positions)]
-    warned = []
+    warned = sink_warnings(result)
     for layer, row in sink["layers"].items():
         cells = []
         for p in positions:
@@ -103,10 +110,7 @@ def _sink_section(result: dict[str, Any]) -> list[str]:
             txt = _f(e["share"], 2)
             if e.get("r_with_inverse_length") is not None:
                 txt += f" (r {e['r_with_inverse_length']:+.2f})"
-            if e["warning"]:
-                txt = f"**{txt}**"
-                warned.append(f"{p} (L{layer})")
-            cells.append(txt)
+            cells.append(f"**{txt}**" if e["warning"] else txt)
         rows.append(f"| {layer} | {row['sink_norm']:.0f} | " + " | ".join(cells) + " |")
     lines = ["Share of each recipe's between-persona variance along the first token's residual "
              "direction (the attention sink; in brackets, where prompt lengths are stored, the "
@@ -141,9 +145,7 @@ def first_screen(result: dict[str, Any], title: str) -> list[str]:
     ov = result["overall"]
     layers = result["layers"]
     mid = layers[len(layers) // 2]
-    sink = result.get("sink", {})
-    warned = [f"{p} (L{la})" for la, row in sink.get("layers", {}).items()
-              for p in result["positions"] if row.get(p, {}).get("warning")]
+    warned = sink_warnings(result)
     notes = list(ov.get("notes", []))
     if warned:
         notes.append(f"Attention sink: most of the persona variance of {', '.join(warned)} lies "
