@@ -24,12 +24,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--layers", default="7,14,21,27", help="captured layers ('' for none)")
     ap.add_argument("--profile-steps", type=int, default=32, help="0: no kernel profile")
+    ap.add_argument("--no-fused", action="store_true", help="HF's modules instead of the fused kernels")
     args = ap.parse_args()
+    fused = not args.no_fused
     model = qwen7b(0)
     layers = [int(x) for x in args.layers.split(",") if x]
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, 40000, (args.batch, args.prompt_len), generator=g).tolist()
-    dec = StaticGreedy(model, args.new_tokens, [2], 2, layers=layers)
+    dec = StaticGreedy(model, args.new_tokens, [2], 2, layers=layers, fused=fused)
     dec.capture(prompts)  # graph capture
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -37,11 +39,12 @@ def main() -> None:
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     print(f"{torch.cuda.get_device_name()}: batch {args.batch}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, captured layers {layers}: {wall:.2f} s per batch = "
+          f"{args.new_tokens} new tokens, captured layers {layers}, fused kernels {fused}: "
+          f"{wall:.2f} s per batch = "
           f"{args.batch * args.new_tokens / wall:.0f} generated tok/s; "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     # the prefill alone: one new token, no capture (so no step runs)
-    pre = StaticGreedy(model, 1, [2], 2)
+    pre = StaticGreedy(model, 1, [2], 2, fused=fused)
     pre(prompts)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -58,7 +61,7 @@ def main() -> None:
     short, long = 8, 8 + args.profile_steps
     totals = []
     for n in (short, long):
-        eager = StaticGreedy(model, n, [2], 2, use_graphs=False, layers=layers)
+        eager = StaticGreedy(model, n, [2], 2, use_graphs=False, layers=layers, fused=fused)
         eager.capture(prompts)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             eager.capture(prompts)

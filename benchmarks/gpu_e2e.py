@@ -201,16 +201,17 @@ def min_cosine(a: Path, b: Path) -> dict[str, float]:
     return out
 
 
-def subset_responses(store: Path, dst: Path, personas: int) -> None:
-    """The header and the store's first ``personas`` personas' lines of its responses file
-    (extraction refuses responses for personas it is not asked for)."""
+def subset_responses(store: Path, dst: Path, personas: int, questions: int) -> None:
+    """The header and the lines of the store's first ``personas`` personas and ``questions``
+    questions of its responses file (extraction refuses responses it is not asked for)."""
     from tlpersona.cache import open_store
 
-    names = set(open_store(store).personas[:personas])
+    st = open_store(store)
+    names, qids = set(st.personas[:personas]), set(st.questions[:questions])
     keep = []
     for line in (store / "responses.jsonl").read_text().splitlines():
         row = json.loads(line)
-        if "persona" not in row or row["persona"] in names:  # the header, or a kept persona
+        if "persona" not in row or (row["persona"] in names and row["question_id"] in qids):
             keep.append(line)
     dst.write_text("\n".join(keep) + "\n")
 
@@ -329,10 +330,10 @@ def main() -> None:
         ref = work / "store-reference"
         shutil.rmtree(ref, ignore_errors=True)
         resp = work / "reference-responses.jsonl"
-        subset_responses(outs[src], resp, int(n_p))
+        subset_responses(outs[src], resp, int(n_p), int(n_q))
         r = run_child(["--child-cli", *base, "--limit-personas", n_p, "--limit-questions", n_q,
                        "--dtype", "fp32", "--responses", str(resp), "--out", str(ref)],
-                      work / "reference.log")
+                      work / "reference.log", code=code.get(src))
         print(f"[reference] fp32 two-pass extraction of {src}'s responses, {n_p} personas x {n_q} "
               f"questions: wall {r['wall']:.1f} s, peak {r['peak_gib']:.1f} GiB", flush=True)
         for name in args.against:

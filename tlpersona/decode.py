@@ -26,6 +26,11 @@ Steering: each row may carry its own residual edits (an added vector, a clamp of
 a direction) at a set of blocks, held in device buffers that are rewritten before every batch, so
 one captured step serves a whole sweep of vectors (see :meth:`StaticGreedy.capture`).
 
+Fused kernels: for Qwen2/Llama models in bf16 or fp16 on CUDA the RMSNorms, MLP activations and
+rotary embedding run as single Triton kernels while the decoder runs (:mod:`tlpersona.kernels`;
+``fused=False`` keeps HF's modules). They round where HF's modules round, have no autotuning, and
+fp32 never uses them: fp32 gives HF ``generate``'s ids exactly, bf16 gives the same ids run to run.
+
 Left padding: pad tokens are never attended to and positions count real tokens, as in HF
 ``generate``. Graphs and caches are kept per (batch, cache length) and reused across batches;
 cache lengths are rounded up so that batches of similar prompts share one.
@@ -33,12 +38,14 @@ cache lengths are rounded up so that batches of similar prompts share one.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from tlpersona.batching import pad_batch
+from tlpersona.kernels import fused_step_kernels
 from tlpersona.operators import RowEdits, edit
 
 #: cache lengths are rounded up to a multiple of this, so similar batches share a graph
@@ -129,8 +136,10 @@ class StaticGreedy:
 
     def __init__(self, model: Any, max_new_tokens: int, eos: list[int], pad_id: int,
                  use_graphs: bool | None = None, check_every: int = 16,
-                 layers: list[int] | None = None, cache_len: int | None = None):
+                 layers: list[int] | None = None, cache_len: int | None = None,
+                 fused: bool = True):
         self.model = model
+        self.fused = fused
         self.layers = list(layers or [])
         # a fixed cache length (all batches of a run share one graph), else per batch
         self.cache_len = cache_len
@@ -328,8 +337,10 @@ class StaticGreedy:
                    for k, layer in enumerate(sorted(steer or {}))]
         handles += [blocks[layer].register_forward_hook(self._hook(li))
                     for li, layer in enumerate(self.layers)]
+        kernels = fused_step_kernels(self.model) if self.fused else contextlib.nullcontext()
         try:
-            return self._run(prompts, steer)
+            with kernels:
+                return self._run(prompts, steer)
         finally:
             for h in handles:
                 h.remove()
