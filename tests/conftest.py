@@ -33,6 +33,18 @@ def _model_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setattr(tlpersona.models, "_fetch_default_gguf", refuse)
 
 
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test: with several, torch's CPU kernels split their work by the
+    tensors' shapes, so a batch and its rows one by one can differ in the last bits (1e-4
+    relative after 30 layers of the embedded model). Batch invariance and plain-HF equality are
+    exact claims, checked where the kernels do not reorder sums."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def default_source() -> str:
     from tlpersona.models import resolve

@@ -109,13 +109,13 @@ def test_patch_and_steer_through_the_api_equal_the_cli(runs, loaded):
                                 question_hash(list(questions)[:1]), store.manifest_hash)
 
     options = dict(n_questions=2, n_personas=1, recipes=["last"], layers=[29],
-                   operators=["add"], alphas=[0.125], n_random=2, response_tokens=2,
+                   operators=["add"], alphas=[0.125], n_random=3, response_tokens=2,
                    n_boot=100, continuations=0)
     steering = tlp.steer(store, loaded, tlp.builtin_personas(), tlp.builtin_questions(),
                          **options)
     _cli("steer", str(store.root), "--device", "cpu", "--dtype", "fp32", "--n-questions", "2",
          "--n-personas", "1", "--recipes", "last", "--layers", "29", "--operators", "add",
-         "--alphas", "0.125", "--n-random", "2", "--response-tokens", "2", "--bootstrap", "100",
+         "--alphas", "0.125", "--n-random", "3", "--response-tokens", "2", "--bootstrap", "100",
          "--continuations", "0", "--out", str(tmp / "steer"))
     got = _json(tmp / "steer" / "steering.json")
     want = json.loads(json_bytes(steering.to_dict()))

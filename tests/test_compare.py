@@ -465,18 +465,19 @@ def test_ceilings_predict_what_identical_noisy_recipes_reach(same_but_noisy):
 def test_failing_at_the_noise_ceiling_is_not_called_a_difference(same_but_noisy, tmp_path):
     """Identical persona vectors sampled so noisily that their own ceiling is below the KILL
     bound are KILLed, but marked as within noise and said to be so; clean unrelated recipes
-    are KILLed without the mark."""
+    are KILLed as beyond noise; every cell that does not pass carries a mark."""
     res = same_but_noisy
     th = Thresholds()
     cell = {tuple(c["pair"]): c for c in res["cells"]}
     same, unrelated = cell[("last", "prompt_mean")], cell[("response_mean", "raw_system_last")]
     assert same["verdict"] == unrelated["verdict"] == "KILL"
     assert same["ceiling"]["matrix_mc_pearson"] < th.kill_mc_r
-    assert same["within_noise"] and not unrelated["within_noise"]
-    assert all(not c["within_noise"] for c in res["cells"] if c["verdict"] == "PASS")
-    lb_noisy = sum(c["within_noise"] for c in res["cells"] if c["tag"] == "load-bearing")
-    said = (f"{lb_noisy} load-bearing cell(s) {'fails' if lb_noisy == 1 else 'fail'} only where "
-            "the recipes' own split-half")
+    assert same["noise_mark"] == "noise" and unrelated["noise_mark"] == "beyond noise"
+    assert same["within_noise"] and not unrelated["within_noise"]  # the descriptive rule
+    assert all(c["noise_mark"] is None for c in res["cells"] if c["verdict"] == "PASS")
+    assert all(c["noise_mark"] for c in res["cells"] if c["verdict"] != "PASS")
+    lb_noisy = sum(c["noise_mark"] == "noise" for c in res["cells"] if c["tag"] == "load-bearing")
+    said = f"{lb_noisy} load-bearing cell(s) fail within sampling error of what identical recipes"
     assert lb_noisy > 0 and said in " ".join(res["overall"]["notes"])
 
 

@@ -83,6 +83,7 @@ def test_every_recipe_matches_hf_hidden_states(loaded, hf_ref, responses):
     assert "sys_end" not in res.per_question and "raw_system_last" not in res.per_question
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_prompt_index_all_averages_phrasings(loaded, hf_ref, responses):
     pos = parse_positions("sys_end,last")
     both = Extractor(loaded, ExtractConfig(pos, LAYERS, prompt_index="all", progress=False))
@@ -185,6 +186,7 @@ def test_unembedding_is_skipped(loaded):
         handle.remove()
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_out_of_memory_halves_the_batch_and_loses_nothing(loaded, monkeypatch):
     cfg = ExtractConfig(parse_positions("last,prompt_mean"), LAYERS, batch_size=3, progress=False)
     want = Extractor(loaded, cfg).persona(PERSONA, QUESTIONS)

@@ -124,3 +124,24 @@ def test_killed_fused_run_resumes_to_the_same_store(loaded, hf_ref, tmp_path, mo
     assert a.provenance == b.provenance
     for pos in a.positions:
         assert torch.equal(a.centroids(pos), b.centroids(pos))
+
+
+def test_fused_refuses_saved_responses_of_another_prompt(loaded, hf_ref, tmp_path):
+    """A saved response that records another prompt (a question reworded since) is refused
+    before the store is created, as generation refuses it: never read teacher-forced under the
+    new prompt."""
+    from tlpersona.errors import TlpersonaError
+
+    personas, questions = builtin_personas()[:1], builtin_questions()[:2]
+    cfg = ExtractConfig(parse_positions("response_mean"), LAYERS, progress=False)
+    out = tmp_path / "s"
+    out.mkdir()
+    head = response_header(loaded.info.identity, template_hash(loaded.tokenizer), "float32", 4)
+    line = {"persona": personas[0].name, "prompt_index": 0, "question_id": questions[1].id,
+            "response_ids": [400, 500], "finished": False, "prompt_sha": "0" * 20}
+    (out / "responses.jsonl").write_text(json.dumps(head) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(TlpersonaError, match=f"question '{questions[1].id}' continues a "
+                                             "different prompt"):
+        fused_extract_to_store(hf_ref, loaded.tokenizer, loaded.info, cfg, FusedConfig(4, 2),
+                               personas, questions, out, out / "responses.jsonl")
+    assert sorted(p.name for p in out.iterdir()) == ["responses.jsonl"]

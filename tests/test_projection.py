@@ -143,3 +143,22 @@ def test_a_near_copy_of_a_stored_persona_is_found():
         assert got.top[0][0] == "7"
         ranks.append(got.rank)
     assert max(ranks) <= 2 and max(ranks) / (n + 1) < 0.05
+
+
+def test_a_system_item_without_questions_is_built_from_the_store_questions(store):
+    """No questions given: the item asks the store's own (texts from the built-in set, checked
+    against the store's hash), so it is built as a stored centroid is and its p is exact; the
+    combined rank over the recipes is reported per item. Questions of one's own are not
+    exact for recipes that read the question."""
+    target = PERSONAS[2]
+    own = tlp.project(store, layer=29, systems=[(target.system_prompts[0], [])])
+    given = tlp.project(store, layer=29, systems=[(target.system_prompts[0], ["Who are you?"])])
+    items = own.to_dict()["items"]
+    assert all(it["questions"] == [q.text for q in QUESTIONS] for it in items)
+    assert all(it["nearest_exact"] for it in items)
+    (joint,) = own.to_dict()["combined"]
+    assert joint["exact"] and joint["pool"] == 6 and joint["tests"] == 1
+    assert sorted(joint["recipes"]) == sorted(it["recipe"] for it in items)
+    reads = {it["recipe"]: it["nearest_exact"] for it in given.to_dict()["items"]}
+    assert reads["last"] is False and reads["sys_end"] is True  # sys_end precedes the question
+    assert not given.combined[0].exact and "p not exact" in given.combined[0].text()

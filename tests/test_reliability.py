@@ -83,7 +83,7 @@ def test_sigkill_at_random_points_then_resume(reference, tmp_path, seed):
 
 
 def test_disk_full_leaves_a_valid_resumable_store(loaded, tmp_path, monkeypatch):
-    import tlpersona.files as store_mod
+    import safetensors.torch as store_mod  # tlpersona.files imports save_file at each call
 
     personas, questions = builtin_personas()[:4], builtin_questions()[:2]
     cfg = ExtractConfig(parse_positions("last,sys_end"), [3, 29], batch_size=4, progress=False)

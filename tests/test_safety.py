@@ -316,7 +316,15 @@ def test_a_locked_out_stops_a_second_run_naming_the_holder(store, tmp_path):
                "--positions", "last", "--layers", "3")
         assert {k: v for k, v in _snapshot(s).items() if k != "tlpersona.lock"} == \
             {k: v for k, v in before.items() if k != "tlpersona.lock"}
-        _fails(f"in use by PID {proc.pid}", "generate", *SMALL, "--out", str(s / "r.jsonl"))
+    finally:
+        proc.kill()
+        proc.wait()
+    gen = tmp_path / "gen"  # generate's lock is its --out's directory (never a store's: refused)
+    gen.mkdir()
+    proc = _holder(gen, 60)
+    try:
+        _fails(f"in use by PID {proc.pid}", "generate", *SMALL, "--out", str(gen / "r.jsonl"))
+        assert not (gen / "r.jsonl").exists()
     finally:
         proc.kill()
         proc.wait()

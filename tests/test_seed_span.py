@@ -32,6 +32,7 @@ def test_turn_close_is_im_end_then_newline(tokenizer):
                                               *tok("\n", add_special_tokens=False)["input_ids"]]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_seed_span_matches_hf_over_the_templated_conversation(loaded, hf_ref, mixed):
     """The seed's rule, computed independently: render the conversation with the response as an
     assistant message, tokenise it whole, and average every token after the generation prompt."""

@@ -182,7 +182,7 @@ def test_contrasting_personas_are_the_farthest_on_the_base_axis(store6):
 
 def _small(**kw):
     base = dict(recipes=["last", "sys_end"], layers=[15], operators=["add", "ablate", "cap"],
-                alphas=[0.25, 1.0], cap_percentiles=[50.0], n_personas=2, n_random=2,
+                alphas=[0.25, 1.0], cap_percentiles=[50.0], n_personas=2, n_random=3,
                 response_tokens=3, n_boot=200, continuations=0, progress=False)
     return S.SteerConfig(**{**base, **kw})
 
@@ -212,21 +212,23 @@ def test_selection_never_scores_on_selection_questions(loaded, store6, monkeypat
     a, b = results
     assert [(s.operator, s.recipe, s.setting, s.selection_effect) for s in a.scores] == \
         [(s.operator, s.recipe, s.setting, s.selection_effect) for s in b.scores]
-    # beyond random: the own effect's rank among the random directions', recomputed here from
-    # the examples; 2 directions cannot give p < 1/3, and the verdict says so
+    # beyond random, recomputed here from the examples: the own effect's rank among the random
+    # directions', and the t-prediction p (scipy's one-sided two-sample t with one own value)
+    from scipy import stats
+
     for s in a.scores:
         own = 1 - sum(e.kl for e in s.examples) / sum(e.kl0 for e in s.examples)
         want = (1 + sum(r >= own for r in s.random_effects)) / (len(s.random_effects) + 1)
-        assert s.random_p == pytest.approx(want) and s.random_p >= 1 / 3
-        assert s.random_p_holm >= s.random_p and not s.beats_random
-        # too few directions for the t-prediction: the rank p decides, and says it did
-        assert s.random_test == "rank" and s.random_t_p is None and s.random_test_p == s.random_p
-    assert all("p cannot fall below 0.333" in v for v in a.verdicts.values())
+        assert s.random_p == pytest.approx(want) and s.random_p >= 1 / 4
+        t_p = stats.ttest_ind([own], s.random_effects, alternative="greater").pvalue
+        assert s.random_t_p == pytest.approx(t_p)
+        assert s.random_test_p == (s.random_t_p if s.random_test == "t" else s.random_p)
+        assert s.random_p_holm >= s.random_test_p
     text = a.answer()
-    assert text.startswith("add: no recipe's vector is called beyond 2 random directions")
-    assert len(text) <= S.ANSWER_CHARS and "needs ≥ 120 random directions" in text
+    assert text.startswith("add: ") and "3 random directions" in text
+    assert len(text) <= S.ANSWER_CHARS
     s0 = a.scores[0]
-    assert s0.own.n_examples == 2 * 2 and s0.random.n_examples == 2 * 2 * 2
+    assert s0.own.n_examples == 2 * 2 and s0.random.n_examples == 2 * 2 * 3
     assert 0 <= s0.own.wrong_way <= 1 and s0.specificity is not None
     assert all(s.other is None for s in a.scores if s.operator == "cap")
 
@@ -235,12 +237,12 @@ def test_steer_command_writes_report_and_refuses_bad_input(store6, tmp_path):
     out = tmp_path / "st"
     args = ["steer", str(store6.root), "--out", str(out), "--recipes", "last", "--layers", "15",
             "--operators", "add", "--alphas", "0.5,1", "--n-personas", "2", "--n-questions", "2",
-            "--n-random", "1", "--response-tokens", "2", "--bootstrap", "100",
+            "--n-random", "3", "--response-tokens", "2", "--bootstrap", "100",
             "--continuations", "1"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output[-2000:]
     data = json.loads((out / "steering.json").read_text())
-    assert data["scores"][0]["recipe"] == "last" and data["config"]["n_random"] == 1
+    assert data["scores"][0]["recipe"] == "last" and data["config"]["n_random"] == 3
     assert len(data["selection_questions"]) == 1 and len(data["scoring_questions"]) == 1
     assert data["continuations"][0]["steered"]
     md = (out / "steering.md").read_text()

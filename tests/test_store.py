@@ -108,3 +108,47 @@ def test_plain_reader_matches_safetensors(full_store):
     assert st.n_tokens("last") is None
     n_tok = st.n_tokens("prompt_mean")
     assert n_tok.shape == (3, 3) and bool((n_tok > 20).all())  # prompt lengths in tokens
+
+
+def test_parts_of_a_killed_run_are_not_reused_by_other_settings(loaded, tmp_path):
+    """Killed after its first part, manifest removed, rerun with another prompt index: the part
+    made with prompt 0 is refused (nothing written), never reported as already extracted."""
+    from dataclasses import replace
+
+    out = tmp_path / "s"
+
+    def stop(group):
+        raise Stop
+
+    with pytest.raises(Stop):
+        extract_to_store(loaded, _cfg(), PERSONAS, QUESTIONS, out, on_group=stop)
+    (out / "manifest.json").unlink()
+    parts = sorted(p.name for p in (out / "parts").iterdir())
+    other = replace(_cfg(), prompt_index=1)
+    with pytest.raises(TlpersonaError, match=f"parts/{parts[0]} was made by a run with a "
+                                             "different prompt_index"):
+        extract_to_store(loaded, other, PERSONAS, QUESTIONS, out)
+    assert not (out / "manifest.json").exists()
+    assert sorted(p.name for p in (out / "parts").iterdir()) == parts
+    stats = {}
+    extract_to_store(loaded, other, PERSONAS, QUESTIONS, out, force_new=True, stats=stats)
+    assert stats == {"computed": len(PERSONAS), "reused": 0}
+    assert open_store(out).provenance["prompt_index"] == 1
+
+
+def test_store_object_refuses_reads_after_its_directory_is_extracted_anew(loaded, full_store,
+                                                                          tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    out = tmp_path / "s"
+    shutil.copytree(full_store, out)
+    st = open_store(out)
+    before = st.centroids("last").clone()
+    extract_to_store(loaded, replace(_cfg(), prompt_index=1), PERSONAS, QUESTIONS, out,
+                     force_new=True)
+    assert not torch.equal(open_store(out).centroids("last"), before)
+    with pytest.raises(TlpersonaError, match="changed after it was opened"):
+        st.centroids("last")
+    with pytest.raises(TlpersonaError, match="changed after it was opened"):
+        st.persona_vector(PERSONAS[0].name, "prompt_mean", 15)

@@ -21,8 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tlpersona.errors import TlpersonaError
-
-__version__ = "0.1.0"
+from tlpersona.version import __version__
 
 #: public name -> module that defines it; imported on first use, so that ``tlpersona`` and its
 #: CLI start without loading torch until a command needs it.
@@ -50,6 +49,7 @@ _EXPORTS = {
     "Thresholds": "tlpersona.analyses.compare",
     "patch": "tlpersona.api.causal",
     "steer": "tlpersona.api.causal",
+    "export_intervention": "tlpersona.api.causal",
     "experiment": "tlpersona.api.experiment",
     "ExperimentResult": "tlpersona.api.experiment",
     "CompareResult": "tlpersona.api.results",
@@ -88,6 +88,7 @@ __all__ = [
     "Thresholds",
     "patch",
     "steer",
+    "export_intervention",
     "experiment",
     "ExperimentResult",
     "CompareResult",

@@ -135,6 +135,11 @@ _batch_option = click.option(
          "the model and the sequence lengths (16 and 8 on the CPU)")
 
 
+_overwrite_option = click.option(
+    "--overwrite", is_flag=True,
+    help="replace earlier tlpersona results in --out (never files it did not write there)")
+
+
 def _model_options(fn: Any) -> Any:
     for opt in reversed([
         click.option("--model", default="default", show_default=True,
@@ -289,11 +294,13 @@ def positions(model: str, system: str, question: str, positions: str) -> None:
 @_friendly
 def verify(store: str) -> None:
     """Re-check every file of a store against its manifest (presence, sha256, shapes)."""
-    from tlpersona.cache import verify_store
+    from tlpersona.cache.store import check_store
 
-    problems = verify_store(store)
-    if problems:
-        raise TlpersonaError(f"{store} fails verification: {'; '.join(problems)}")
+    check = check_store(store)
+    if check.problems:
+        raise TlpersonaError(f"{store} fails verification: {'; '.join(check.problems)}")
+    for note in check.notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"{store}: every file matches the manifest")
 
 
@@ -326,8 +333,10 @@ def export(store: str, seed_layout: str | None, wandb_project: str | None, vecto
         raise TlpersonaError("--persona, --position, --layers and --out go with --vectors")
     if vectors is not None and not (persona and position and out):
         raise TlpersonaError("--vectors needs --persona, --position and --out")
-    if seed_layout and Path(seed_layout).exists() and not Path(seed_layout).is_dir():
-        raise TlpersonaError(f"--seed-layout {seed_layout} is a file, not a directory")
+    if seed_layout:  # before the store is read or a vector written
+        from tlpersona.cache.seed_layout import check_seed_root
+
+        check_seed_root(seed_layout)
     wanted = _stored_layers(layers)
     if vectors is not None:  # every request checked before the store is read or anything written
         vector_request(str(persona), str(position), vectors, str(out), wanted, overwrite)
@@ -402,14 +411,17 @@ def _source(store: str | None, seed_dir: str | None) -> Any:
 def _holding_out(fn: Any) -> Any:
     """Run an analysis command holding its ``--out`` directory's lock: a second run into the
     same directory stops at once naming the first (not after its own computation), so two
-    runs never write there at the same time. Checked before any computation."""
+    runs never write there at the same time. Checked before any computation: an ``--out``
+    holding files tlpersona did not write is refused, earlier results need ``--overwrite``."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from tlpersona.locks import exclusive
-        from tlpersona.safety import check_analysis_dir
+        from tlpersona.safety import check_results_dir
 
         out = Path(kwargs["out"])
-        check_analysis_dir(out, "`out`")
+        # the experiment's results set is its compare folder (its store sits beside it)
+        check_results_dir(out / "compare" if fn.__name__ == "experiment" else out,
+                          kwargs["overwrite"])
         with exclusive(out, "`out`"):
             return fn(*args, **kwargs)
     return wrapper
@@ -423,11 +435,12 @@ def _holding_out(fn: Any) -> Any:
 @click.option("--layers", default=None, help=_stored_layers_help)
 @click.option("--positions", default=None, help="positions to compare (default: the seven recipes)")
 @_compare_options
+@_overwrite_option
 @_friendly
 @_holding_out
 def compare(store: str | None, seed_dir: str | None, out: str, layers: str | None,
             positions: str | None, permutations: int | None, seed: int, splits: int,
-            null_draws: int,
+            null_draws: int, overwrite: bool,
             **thresholds: Any) -> None:
     """Compare recipes in a store: metrics, permutation tests, noise floor, verdicts, report."""
     from tlpersona.analyses.compare import Thresholds
@@ -438,7 +451,7 @@ def compare(store: str | None, seed_dir: str | None, out: str, layers: str | Non
                  positions=_items(positions) if positions else None, permutations=permutations,
                  seed=seed, splits=splits, null_draws=null_draws,
                  thresholds=Thresholds(**thresholds))
-    report = result.save(path)
+    report = result.save(path, overwrite=overwrite)
     _print_summary(result)
     click.echo(f"report: {report}")
 
@@ -464,13 +477,14 @@ def _print_summary(result: Any) -> None:
 @_batch_option
 @_attn_option
 @_compare_options
+@_overwrite_option
 @_friendly
 @_holding_out
 def experiment(model: str, device: str | None, dtype: str | None, personas: str, questions: str,
                prompt_index: str, limit_personas: int | None, limit_questions: int | None,
                layers: str, out: str, max_new_tokens: int | None, batch_size: str, attn: str,
                permutations: int | None, seed: int, splits: int, null_draws: int,
-               **thresholds: Any) -> None:
+               overwrite: bool, **thresholds: Any) -> None:
     """Everything on one command: extract all seven recipes, compare them, find their shared
     subspace, patch and steer with them (a short run), and write one report.
 
@@ -487,7 +501,7 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
               prompt_index=_prompt_index(prompt_index), layers=_layers(layers),
               max_new_tokens=max_new_tokens, batch_size=_batch_size(batch_size), device=device,
               dtype=dtype, attn=attn, permutations=permutations, seed=seed, splits=splits,
-              null_draws=null_draws, thresholds=Thresholds(**thresholds))
+              null_draws=null_draws, thresholds=Thresholds(**thresholds), overwrite=overwrite)
     _print_summary(res.compare)
     for lay in res.subspace.layers:
         click.echo(f"shared subspace, {_subspace_line(lay)}")
@@ -514,11 +528,12 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
                    "the same geometry in a rotated basis counts as shared")
 @click.option("--null-draws", type=int, default=100, show_default=True,
               help="relabelled reruns behind the k_found null (p cannot fall below 1/(N+1))")
+@_overwrite_option
 @_friendly
 @_holding_out
 def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | None,
              positions: str | None, k_max: int, unit_norm: bool, seed: int, align: str,
-             null_draws: int) -> None:
+             null_draws: int, overwrite: bool) -> None:
     """Joint PCA of all recipes: the persona subspace they share, and its dimension per layer."""
     from tlpersona.api.analysis import subspace as run
 
@@ -526,7 +541,7 @@ def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | No
     result = run(_source(store, seed_dir), layers=_stored_layers(layers),
                  positions=_items(positions) if positions else None, k_max=k_max,
                  unit_norm=unit_norm, seed=seed, align=align, null_draws=null_draws)
-    report = result.save(path)
+    report = result.save(path, overwrite=overwrite)
     for lay in result.layers:
         click.echo(_subspace_line(lay))
         if lay.aligned is not None:
@@ -581,7 +596,11 @@ def _conversations(path: str | None) -> list[tuple[str, str]]:
               help="PCs fitted on recipes scaled to unit total variance (as `subspace` does)")
 @click.option("--system", "systems", multiple=True, help="system prompt of a new persona")
 @click.option("--question", "questions", multiple=True,
-              help="question(s) for the new persona(s) (repeat; averaged)")
+              help="question(s) for the new persona(s) (repeat; averaged; default: the store's "
+                   "own questions, which makes the nearest-persona p exact)")
+@click.option("--store-questions", default="builtin", show_default=True,
+              help="the question set the store was made with ('builtin' or a questions JSONL), "
+                   "for --system items without --question")
 @click.option("--conversations", type=click.Path(), default=None,
               help="JSONL: each line a list of chat messages with a system and a user message")
 @click.option("--text", "texts", multiple=True,
@@ -589,28 +608,30 @@ def _conversations(path: str | None) -> list[tuple[str, str]]:
 @click.option("--model", default=None, help="default: the store's model")
 @click.option("--device", default=None)
 @click.option("--dtype", default=None)
+@_overwrite_option
 @_friendly
 @_holding_out
 def project(store: str, out: str, layer: int | None, positions: str | None, axis: str, k: int,
             unit_norm: bool, systems: tuple[str, ...], questions: tuple[str, ...],
             conversations: str | None, texts: tuple[str, ...], model: str | None,
-            device: str | None, dtype: str | None) -> None:
+            device: str | None, dtype: str | None, store_questions: str,
+            overwrite: bool) -> None:
     """Project stored personas, and new material, onto shared PCs or a persona axis."""
     from tlpersona.api.analysis import project as run
 
-    if systems and not questions:
-        raise TlpersonaError("--system needs at least one --question")
     path = Path(out)
     result = run(store, layer=layer, positions=_items(positions) if positions else None,
                  axis=axis, k=k, unit_norm=unit_norm,
                  systems=[(s, list(questions)) for s in systems],
                  conversations=_conversations(conversations), texts=list(texts), model=model,
-                 device=device, dtype=dtype)
-    written = result.save(path)
+                 device=device, dtype=dtype, questions=_questions(store_questions))
+    written = result.save(path, overwrite=overwrite)
     for pt in result.points:
         if pt.nearest is not None:  # a new item
             coords = ", ".join(f"{k_}={v:+.3f}" for k_, v in pt.coords.items())
             click.echo(f"{pt.label} [{pt.recipe}]: {coords}; nearest: {pt.nearest.text()}")
+    for c in result.combined:
+        click.echo(f"combined: {c.text()}")
     click.echo(f"written: {written}")
 
 
@@ -646,12 +667,14 @@ def project(store: str, out: str, layer: int | None, positions: str | None, axis
 @click.option("--control/--no-control", default=True, show_default=True,
               help="the exact grid again with the corrupt persona's own prompt reworded as the "
                    "clean run (what a cell does without a persona change)")
+@_overwrite_option
 @_friendly
 @_holding_out
 def patch(store: str | None, out: str, model: str | None, device: str | None, dtype: str | None,
           attn: str, personas: str, questions: str, prompt_index: int | None, n_personas: int,
           clean_personas: str | None, n_questions: int, layers: str | None, positions: str,
-          hook: str, method: str, corrupt: str, response_tokens: int, control: bool) -> None:
+          hook: str, method: str, corrupt: str, response_tokens: int, control: bool,
+          overwrite: bool) -> None:
     """Activation patching: positions × layers, clean persona into corrupt (steering is
     `tlpersona steer`)."""
     from tlpersona.api.causal import patch as run
@@ -665,7 +688,7 @@ def patch(store: str | None, out: str, model: str | None, device: str | None, dt
                  positions=_items(positions), hook=hook, method=method, corrupt=corrupt,
                  response_tokens=response_tokens, prompt_index=prompt_index, control=control,
                  device=device, dtype=dtype, attn=attn)
-    report = result.save(path)
+    report = result.save(path, overwrite=overwrite)
     _print_patch(result)
     click.echo(f"report: {report}")
 
@@ -720,6 +743,7 @@ def _print_patch(result: Any) -> None:
               help="nats/token a setting may lose on the base response (see report)")
 @click.option("--continuations", type=int, default=2, show_default=True,
               help="personas shown with greedy steered continuations")
+@_overwrite_option
 @_friendly
 @_holding_out
 def steer(store: str, out: str, model: str | None, device: str | None, dtype: str | None,
@@ -728,7 +752,7 @@ def steer(store: str, out: str, model: str | None, device: str | None, dtype: st
           alphas: str | None, cap_percentiles: str | None, n_random: int, random_test: str,
           response_tokens: int,
           prompt_index: int | None, seed: int, n_boot: int, fluency_margin: float,
-          continuations: int) -> None:
+          continuations: int, overwrite: bool) -> None:
     """Steering, ablation and capping with each recipe's persona vectors: settings selected on
     some questions, effects scored on others against random directions and other personas'
     vectors, with bootstrap intervals."""
@@ -749,9 +773,35 @@ def steer(store: str, out: str, model: str | None, device: str | None, dtype: st
                  prompt_index=prompt_index,
                  seed=seed, n_boot=n_boot, fluency_margin=fluency_margin,
                  continuations=continuations, device=device, dtype=dtype, attn=attn)
-    report = result.save(path)
+    report = result.save(path, overwrite=overwrite)
     _print_steer(result)
     click.echo(f"report: {report}")
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.argument("steering_dir", type=click.Path())
+@click.option("--out", default="tlpersona-out/intervention", show_default=True, type=click.Path())
+@click.option("--persona-source", default="builtin", show_default=True,
+              help="the persona set the store was made with ('builtin' or an assistant-axis dir)")
+@click.option("--personas", default=None, help="NAME,NAME: steered personas (default: all)")
+@click.option("--recipe", default=None, help="default: the best-ranked add recipe")
+@click.option("--formats", default="safetensors,pt,gguf", show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace an earlier export in --out")
+@_friendly
+def intervention(store: str, steering_dir: str, out: str, persona_source: str,
+                 personas: str | None, recipe: str | None, formats: str, overwrite: bool) -> None:
+    """Write the add intervention `tlpersona steer` evaluated, per persona: the vector as added
+    (alpha · s_l · v/|v|), its layer and start token, for HF, steering-vectors and llama.cpp."""
+    from tlpersona.api.causal import export_intervention
+
+    items = export_intervention(steering_dir, store, out,
+                                persona_source=_personas(persona_source, param="persona_source"),
+                                personas=_items(personas) if personas else None, recipe=recipe,
+                                formats=_items(formats), overwrite=overwrite)
+    for it in items:
+        click.echo(f"{it.persona}: {it.setting.recipe} L{it.setting.layer} alpha "
+                   f"{it.setting.alpha:g} (scale {it.scale:.3g}), from token {it.start} -> {out}")
 
 
 def _print_steer(result: Any) -> None:

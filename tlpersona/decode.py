@@ -28,8 +28,8 @@ one captured step serves a whole sweep of vectors (see :meth:`StaticGreedy.captu
 
 Fused kernels: for Qwen2/Llama models in bf16 or fp16 on CUDA the RMSNorms, MLP activations and
 rotary embedding run as single Triton kernels while the decoder runs (:mod:`tlpersona.kernels`;
-``fused=False`` keeps HF's modules). They round where HF's modules round, have no autotuning, and
-fp32 never uses them: fp32 gives HF ``generate``'s ids exactly, bf16 gives the same ids run to run.
+``fused=False`` keeps HF's modules). They have no autotuning and fp32 never uses them: fp32 gives
+HF ``generate``'s ids exactly; bf16 gives the same ids run to run, not HF's.
 
 Left padding: pad tokens are never attended to and positions count real tokens, as in HF
 ``generate``. Graphs and caches are kept per (batch, cache length) and reused across batches;

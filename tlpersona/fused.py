@@ -22,7 +22,6 @@ the saved tokens, so a stored vector always belongs to the response on disk.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,15 @@ from tlpersona.cache.schema import MANIFEST
 from tlpersona.cache.store import StoreWriter
 from tlpersona.conversation import Spans, template_hash
 from tlpersona.data import Persona, Question, indexed_prompts
-from tlpersona.data.responses import Key, Response, drop_torn_tail, merge_rank_files, read_responses
+from tlpersona.data.responses import (
+    Key,
+    Response,
+    append_lines,
+    drop_torn_tail,
+    merge_rank_files,
+    read_responses,
+    response_line,
+)
 from tlpersona.decode import StaticGreedy
 from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
@@ -51,7 +58,7 @@ from tlpersona.extraction import (
     responses_digest,
     schedule_groups,
 )
-from tlpersona.generation import eos_ids
+from tlpersona.generation import check_prompts, eos_ids, prompt_jobs
 from tlpersona.models import LoadedModel, ModelInfo, input_device
 from tlpersona.response_provenance import header as response_header
 from tlpersona.response_provenance import prompt_sha
@@ -301,16 +308,10 @@ def _append(path: Path, tokenizer: Any, responses: dict[Key, Response], saved: s
     new = [(k, r) for k, r in responses.items() if k not in saved]
     if not new:
         return
-    with path.open("a", encoding="utf-8") as f:
-        if header is not None and f.tell() == 0:
-            f.write(json.dumps(header) + "\n")
-        for key, resp in new:
-            text = tokenizer.decode(resp.ids, skip_special_tokens=True)
-            f.write(json.dumps({"persona": key[0], "prompt_index": key[1], "question_id": key[2],
-                                "response_ids": resp.ids, "finished": resp.finished,
-                                "text": text, "prompt_sha": resp.prompt_sha}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    head = ([json.dumps(header) + "\n"] if header is not None
+            and (not path.exists() or path.stat().st_size == 0) else [])
+    append_lines(path, head + [response_line(k, r, tokenizer.decode(r.ids, skip_special_tokens=True))
+                               for k, r in new])
     saved.update(k for k, _ in new)
 
 
@@ -346,20 +347,20 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
     fx.ex._plan(personas[0], questions[:1], None, [], [])  # template/position errors first
     prov = provenance(fx.loaded, cfg, personas, questions, MARK)
     meta = {"n_layers_total": info.n_layers, "d_model": info.d_model, "model_source": info.source}
+    main = Path(responses_path)
+    # read-only from here; the host thread tracks what it adds. A saved response is reused (or
+    # read teacher-forced) only where it continues this run's prompt, as generation requires.
+    have = read_responses(main, resume=True)
+    check_prompts(have, {key: prompt_sha(ids) for key, ids in
+                         prompt_jobs(tokenizer, personas, questions, cfg.prompt_index)}, main)
     rk = ranks()
-    if rk.main:
-        writer = StoreWriter(out, prov, meta)
-    rk.barrier()
-    if not rk.main:
-        writer = StoreWriter(out, prov, meta)
+    writer = rk.main_first(lambda: StoreWriter(out, prov, meta))
     if writer.complete:
         stats.update(computed=0, reused=len(personas))
         return Path(out)
-    main = Path(responses_path)
     path = main if rk.world == 1 else main.with_name(f"{main.stem}.rank{rk.rank}{main.suffix}")
     path.parent.mkdir(parents=True, exist_ok=True)
     drop_torn_tail(path)
-    have = read_responses(main)  # read-only from here; the host thread tracks what it adds
     saved = set(have)
     # Groups of ~2k passes, fixed by the data alone (so a resumed run, and any number of
     # torchrun ranks, batch exactly as one uninterrupted process): big enough for full decode
@@ -387,7 +388,7 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
     rk.barrier()
     if rk.main:
         merge_rank_files(main)
-        used = read_responses(main)
+        used = read_responses(main, resume=True)
         # from here on the store is indistinguishable from a two-pass one over these responses
         writer.manifest["provenance"]["responses_hash"] = responses_digest(
             used, personas, questions, cfg.prompt_index)

@@ -4,7 +4,6 @@ format of :mod:`tlpersona.data.responses`). Generation uses a plain (un-bridged)
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +18,12 @@ from tlpersona.data import Persona, Question, indexed_prompts
 from tlpersona.data.responses import (
     Key,
     Response,
+    append_lines,
     drop_torn_tail,
     merge_rank_files,
     rank_files,
     read_responses,
+    response_line,
 )
 from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
@@ -99,13 +100,13 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
     if header is not None:
         for p in [Path(out_path), *rank_files(Path(out_path))]:
             check_ours(p, header, "responses file")
-    have = read_responses(out_path)
+    have = read_responses(out_path, resume=True)
     jobs = prompt_jobs(tokenizer, personas, questions, prompt_index)
     # Batches are fixed over every job (similar lengths together), not just the missing ones, so
     # a resumed run decodes each prompt in the same batch as an uninterrupted run would, and gets
     # the same tokens. A batch with any response missing is decoded again; only the missing
     # responses are written.
-    check_prompts(have, jobs, out_path)
+    check_prompts(have, {key: prompt_sha(ids) for key, ids in jobs}, out_path)
     order = sorted(range(len(jobs)), key=lambda i: (len(jobs[i][1]), i))
     if batch_size is None:  # from free memory; fixed by the data and the card
         batch_size = generate_batch(next(model.parameters()).device, model.config, model.dtype,
@@ -124,18 +125,20 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
     if rk.main:
         merge_rank_files(main)  # also after a torchrun that was killed and is resumed by one process
     rk.barrier()
-    return read_responses(main) if rk.world > 1 else have
+    return read_responses(main, resume=True) if rk.world > 1 else have
 
 
-def check_prompts(have: dict[Key, Response], jobs: list[tuple[Key, list[int]]],
+def check_prompts(have: dict[Key, Response], prompt_shas: dict[Key, str],
                   where: str | Path) -> None:
-    """Every saved response that records its prompt continues this run's prompt for its key."""
-    for key, ids in jobs:
+    """Every saved response that records its prompt continues this run's prompt for its key
+    (``prompt_shas``: :func:`tlpersona.response_provenance.prompt_sha` of each prompt)."""
+    for key, sha in prompt_shas.items():
         r = have.get(key)
-        if r is not None and r.prompt_sha is not None and r.prompt_sha != prompt_sha(ids):
+        if r is not None and r.prompt_sha is not None and r.prompt_sha != sha:
             raise TlpersonaError(
                 f"{where}: the response for persona {key[0]!r}, question {key[2]!r} continues a "
-                "different prompt (system prompt, question or chat template changed)")
+                "different prompt (system prompt, question or chat template changed); write "
+                "to another output, or remove the file")
 
 
 def _decoder(model: Any, name: str, max_new_tokens: int, eos: list[int], pad: int,
@@ -157,29 +160,28 @@ def _generate(model: Any, tokenizer: Any, todo: list[list[tuple[Key, list[int]]]
     eos = eos_ids(model, tokenizer)
     pad = pad_id(tokenizer, eos)
     decode = _decoder(model, decoder, max_new_tokens, eos, pad, graphs)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TlpersonaError(f"cannot write {path}: {exc.strerror or exc}") from None
     drop_torn_tail(path)
     missing = sum(key not in have for b in todo for key, _ in b)
     bar = tqdm(total=missing, desc="generate", unit="resp", disable=not progress, file=sys.stderr)
-    with path.open("a", encoding="utf-8") as f:
-        if header is not None and f.tell() == 0:
-            f.write(json.dumps(header) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    if header is not None and (not path.exists() or path.stat().st_size == 0):
+        append_lines(path, [json.dumps(header) + "\n"])
+    with bar:  # closed on an error too, so that its line ends before the error's
         for chunk in todo:
             responses = decode([c[1] for c in chunk])
+            lines = []
             for (key, prompt), resp in zip(chunk, responses, strict=True):
                 if key in have:
                     continue
-                text = tokenizer.decode(resp.ids, skip_special_tokens=True)
-                f.write(json.dumps({"persona": key[0], "prompt_index": key[1],
-                                    "question_id": key[2], "response_ids": resp.ids,
-                                    "finished": resp.finished, "text": text,
-                                    "prompt_sha": prompt_sha(prompt)}) + "\n")
-                have[key] = resp
-                bar.update(1)
-            f.flush()
-            os.fsync(f.fileno())
-    bar.close()
-
-
+                resp.prompt_sha = prompt_sha(prompt)
+                lines.append(response_line(key, resp, tokenizer.decode(resp.ids,
+                                                                       skip_special_tokens=True)))
+            # on disk (fsynced) before it counts as had: a failed write leaves it missing, to
+            # be generated again on resume
+            append_lines(path, lines)
+            for (key, _), resp in zip(chunk, responses, strict=True):
+                have.setdefault(key, resp)
+            bar.update(len(lines))

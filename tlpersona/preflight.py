@@ -136,6 +136,9 @@ def check_responses(checked: dict[Key, PromptCheck], positions: list[Position],
                 raise TlpersonaError(f"{name}: has no response, and a position needs token "
                                      f"{c.need - 1} of a {c.prompt_len}-token prompt")
             continue
+        if r.finished and not r.ids:
+            raise TlpersonaError(f"{name}: a finished response without its end-of-turn token "
+                                 "(no response ids)")
         bad = [t for t in r.ids if not 0 <= t < vocab_size]
         if bad:
             raise TlpersonaError(f"{name}: token id {bad[0]} is outside the model's vocabulary "
@@ -158,6 +161,83 @@ def check_responses(checked: dict[Key, PromptCheck], positions: list[Position],
                 if not 0 <= idx < total:
                     raise TlpersonaError(f"{name}: position {p.name} resolves to token {idx}, "
                                          f"outside the sequence of {total} tokens")
+    if response_run:
+        _check_coverage(checked, positions, responses, include_eot, where)
+
+
+def _has_row(p: Position, r: Response | None, include_eot: bool) -> bool:
+    """Whether response position ``p`` has a row for response ``r`` (as the extractor decides:
+    the seed span exists for an empty response too, the others need content)."""
+    return r is not None and (p.anchor == "response_mean_seed" or r.content_len(include_eot) > 0)
+
+
+def _check_coverage(checked: dict[Key, PromptCheck], positions: list[Position],
+                    responses: dict[Key, Response], include_eot: bool, where: str) -> None:
+    """Every persona has a row for every response position in at least one question: a
+    persona without any would stop the run at its group, after earlier groups were written."""
+    by_persona: dict[str, list[Key]] = {}
+    for k in checked:
+        by_persona.setdefault(k[0], []).append(k)
+    for p in (p for p in positions if p.needs_response):
+        for persona, keys in by_persona.items():
+            if not any(_has_row(p, responses.get(k), include_eot) for k in keys):
+                raise TlpersonaError(f"{where}: persona {persona!r} has no response with "
+                                     f"content for any question, so {p.name} has no row")
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How many of a run's prompts have no response line, and how many an empty one: their
+    rows of the response positions are marked invalid (``Store.valid``)."""
+
+    total: int
+    missing: list[Key]
+    empty: list[Key]
+
+    def note(self, where: str) -> str | None:
+        """One line saying so, None when every prompt has a response with content."""
+        if not self.missing and not self.empty:
+            return None
+        parts = []
+        if self.missing:
+            k = self.missing[0]
+            parts.append(f"{len(self.missing)} of {self.total} prompts have no response line "
+                         f"(first: persona {k[0]!r}, question {k[2]!r})")
+        if self.empty:
+            parts.append(f"{len(self.empty)} an empty response")
+        return f"{where}: {' and '.join(parts)}; their response rows are marked invalid"
+
+
+def coverage(checked: dict[Key, PromptCheck], responses: dict[Key, Response]) -> Coverage:
+    missing = [k for k in checked if k not in responses]
+    empty = [k for k in checked if k in responses and responses[k].content_len(False) <= 0]
+    return Coverage(len(checked), missing, empty)
+
+
+def check_response_keys(where: dict[Key, str], personas: list[Persona],
+                        questions: list[Question], prompt_index: int | str) -> list[Key]:
+    """The response lines (``where``: each key's ``path:line``) this run does not ask for,
+    before any model is loaded. Refused, naming the line and field: a persona this run lacks,
+    and a question id that differs from one of this run's only in case or surrounding space
+    (read as missing, it would leave that prompt without its response). Returned, to be left
+    out: lines of other questions or phrasings, as in a file made for the whole study read by
+    a run of part of it (``limit_questions``, one ``prompt_index``)."""
+    names = {p.name for p in personas}
+    qids = {q.id for q in questions}
+    folded = {q.id.strip().casefold(): q.id for q in questions}
+    prompts = {p.name: {k for k, _ in indexed_prompts(p, prompt_index)} for p in personas}
+    outside = []
+    for key, at in where.items():
+        persona, pidx, qid = key
+        if persona not in names:
+            raise TlpersonaError(f"{at}: field persona: responses for unknown persona "
+                                 f"{persona!r}, not a persona of this run")
+        if qid not in qids and qid.strip().casefold() in folded:
+            raise TlpersonaError(f"{at}: field question_id {qid!r} is not a question of this "
+                                 f"run; did you mean {folded[qid.strip().casefold()]!r}?")
+        if qid not in qids or pidx not in prompts[persona]:
+            outside.append(key)
+    return outside
 
 
 def _check_closed(name: str, c: PromptCheck, r: Response, positions: list[Position],

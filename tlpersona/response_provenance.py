@@ -10,6 +10,12 @@ and every response line carries ``prompt_sha``: a hash of the prompt token ids i
 response whose prompt is not this run's, is refused naming what differs. A file without a header
 (made elsewhere) is accepted with ``--responses`` only; ``OUT/responses.jsonl`` and ``generate
 --out`` refuse to touch a file that is not theirs.
+
+A file given to extraction (``--responses``) with a header must name this run's model, chat
+template and dtype; its ``max_new_tokens`` must equal the run's where the run sets one, and
+bound every response in it (a longer response means the header does not describe the file).
+Removing the header line turns such a file into one made elsewhere, read without these checks
+(each line's ``prompt_sha`` is still checked).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from tlpersona.errors import TlpersonaError
 
 HEADER_KEY = "tlpersona_responses"
 VERSION = 1
+_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def header(model_identity: str, template_hash: str, dtype: str, max_new_tokens: int) -> dict[str, Any]:
@@ -77,12 +84,48 @@ def check_ours(path: Path, expected: dict[str, Any] | None, option: str) -> None
             + "; use another output or remove the file")
 
 
-def check_compatible(path: Path, model_identity: str, template_hash: str) -> None:
-    """A responses file given with ``--responses`` that names its model must name this one."""
-    found = read_header(path)
+def check_header(row: dict[str, Any], where: str) -> None:
+    """A header line is well formed: this format version and typed fields (checked when read,
+    so that comparisons later never meet a header that cannot describe a file)."""
+    if row.get(HEADER_KEY) != VERSION:
+        raise TlpersonaError(f"{where}: header of format version {row.get(HEADER_KEY)!r}; this "
+                             f"tlpersona reads version {VERSION}")
+    for name in ("model_identity", "template_hash"):
+        if not isinstance(row.get(name), str):
+            raise TlpersonaError(f"{where}: header field {name} must be a string")
+    if row.get("dtype") not in _DTYPES:
+        raise TlpersonaError(f"{where}: header field dtype is {row.get('dtype')!r}, not one of "
+                             f"{', '.join(_DTYPES)}")
+    n = row.get("max_new_tokens")
+    if type(n) is not int or n < 1:
+        raise TlpersonaError(f"{where}: header field max_new_tokens must be an integer ≥ 1, "
+                             f"not {n!r}")
+    if row.get("decoding") != "greedy":
+        raise TlpersonaError(f"{where}: header field decoding is {row.get('decoding')!r}; "
+                             "tlpersona reads greedy responses only")
+
+
+def check_compatible(path: Path, found: dict[str, Any] | None, expected: dict[str, Any],
+                     max_new_tokens_given: bool, lengths: dict[str, int]) -> None:
+    """A responses file given with ``--responses`` fits this run (module doc): ``found`` is its
+    header (None: made elsewhere, nothing to check), ``expected`` this run's header, and
+    ``lengths`` each response's token count by where it was read (``path:line``)."""
     if found is None:
         return
-    for key, want in (("model_identity", model_identity), ("template_hash", template_hash)):
-        if found.get(key) != want:
+    # the dtype they were generated in is not compared: extraction in another dtype (an fp32
+    # reference of bf16 responses) reads the same token ids
+    keys = ["model_identity", "template_hash"]
+    if max_new_tokens_given:
+        keys.append("max_new_tokens")
+    for key in keys:
+        if found.get(key) != expected[key]:
+            hint = {"max_new_tokens": "; leave `max_new_tokens` out to read them as they are"
+                    }.get(key, "").format(found.get(key))
             raise TlpersonaError(f"{path} holds responses made with a different {key} "
-                                 f"({found.get(key)!r}, this model {want!r})")
+                                 f"({found.get(key)!r}, this run {expected[key]!r}){hint}")
+    n = found["max_new_tokens"]
+    long = next(((w, k) for w, k in lengths.items() if k > n), None)
+    if long is not None:
+        raise TlpersonaError(f"{long[0]}: field response_ids holds {long[1]} tokens, more than "
+                             f"the header's max_new_tokens of {n}; the header does not describe "
+                             "this file")

@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import unicodedata
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tlpersona.errors import TlpersonaError
+from tlpersona.files import atomic_write_bytes
+from tlpersona.locks import LOCK_NAME
 
 #: Longest persona name in UTF-8 bytes: the temporary ``.<name>__per_q.pt.XXXXXXXX`` must fit a
 #: 255-byte file name.
@@ -55,8 +59,11 @@ def _name_problem(name: str) -> str | None:
         return "starts with a dot"
     if len(name.encode()) > MAX_NAME_BYTES:
         return f"is longer than {MAX_NAME_BYTES} bytes"
-    if name in RESERVED_NAMES or name.endswith("__per_q"):
-        return "is reserved for the seed layout's own files"
+    # compared as the duplicate check compares: on a case-insensitive file system
+    # `All_Centroids.pt` is `all_centroids.pt`
+    key = unicodedata.normalize("NFC", name).casefold()
+    if key in RESERVED_NAMES or key.endswith("__per_q"):
+        return "is reserved for the seed layout's own files (ignoring case)"
     return None
 
 
@@ -94,11 +101,27 @@ def check_output_dir(path: Path, option: str = "`out`") -> None:
 
 
 def in_store(directory: Path) -> bool:
-    """Whether ``directory`` is a store's directory or a folder directly inside one (its parts
-    folder, or one a user made there), whose files belong to the store."""
+    """Whether ``directory`` is a store's directory or lies anywhere inside one (its parts
+    folder, or folders a user made there), whose files belong to the store."""
     # a store being written has its parts folder before its manifest
-    return ((directory / "manifest.json").exists() or (directory / "parts").is_dir()
-            or directory.name == "parts" or (directory.parent / "manifest.json").exists())
+    if ((directory / "manifest.json").exists() or (directory / "parts").is_dir()
+            or directory.name == "parts" or (directory.parent / "manifest.json").exists()):
+        return True
+    # further up only a store's own marks count: a `manifest.json` of another format or a
+    # `parts` folder of a user's project far above `out` says nothing
+    return any(_is_store_manifest(d / "manifest.json")
+               or ((d / "parts").is_dir() and (d / LOCK_NAME).is_file())
+               for d in directory.resolve().parents)
+
+
+def _is_store_manifest(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("tlpersona-store/")
 
 
 def check_analysis_dir(path: Path, option: str = "`out`") -> None:
@@ -106,6 +129,99 @@ def check_analysis_dir(path: Path, option: str = "`out`") -> None:
     check_output_dir(path, option)
     if in_store(path):
         raise TlpersonaError(f"{option} {path} is a store's directory; write the analysis elsewhere")
+
+
+#: The file that marks a directory as one results set that tlpersona wrote, listing its files.
+RESULTS_MARK = ".tlpersona-results.json"
+
+
+@dataclass(frozen=True)
+class ResultsMark:
+    """What :data:`RESULTS_MARK` holds: which analysis wrote the set, and every path in it
+    (files and folders, relative, ``/``-separated)."""
+
+    analysis: str
+    files: list[str]
+
+
+#: Files that file browsers and notebooks drop into any folder they show: not a user's data
+OS_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints"})
+
+
+def _litter(name: str) -> bool:
+    """A name no user wrote: a file browser's or notebook's, or a results set being written."""
+    return name in OS_LITTER or name.startswith("._") or ".tlpersona-partial-" in name
+
+
+def _entries(root: Path) -> set[str]:
+    """Every path under ``root`` (links not followed), but the lock, the mark and litter."""
+    out: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [n for n in dirnames if not _litter(n)]
+        rel = Path(dirpath).relative_to(root)
+        out.update((rel / n).as_posix() for n in (*dirnames, *filenames) if not _litter(n))
+    return out - {LOCK_NAME, RESULTS_MARK}
+
+
+def mark_results(directory: Path, analysis: str) -> None:
+    """Write the mark of a finished results set into ``directory`` (its last file)."""
+    mark = {"tlpersona_results": 1, "analysis": analysis, "files": sorted(_entries(directory))}
+    atomic_write_bytes(directory / RESULTS_MARK, json.dumps(mark, indent=1).encode())
+
+
+def read_results_mark(directory: Path) -> ResultsMark | None:
+    """The mark of the results set in ``directory``; None where there is none or it is not
+    tlpersona's."""
+    path = directory / RESULTS_MARK
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("tlpersona_results") != 1:
+        return None
+    files, analysis = data.get("files"), data.get("analysis")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return ResultsMark(str(analysis), files)
+
+
+def check_results_dir(path: Path, overwrite: bool, option: str = "`out`") -> None:
+    """``path`` may receive a results set: an analysis directory (:func:`check_analysis_dir`)
+    that is new or empty, or holds only an earlier results set that tlpersona wrote there,
+    replaced only with ``overwrite``. Files tlpersona did not write are never replaced, with
+    or without ``overwrite``."""
+    check_analysis_dir(path, option)
+    if not path.is_dir():
+        return
+    present = _entries(path)
+    mark = read_results_mark(path)
+    if mark is None:
+        if present:
+            raise TlpersonaError(f"{option} {path} holds files that tlpersona did not write there "
+                                 f"(e.g. {min(present)}); write the results into a new or empty "
+                                 "directory")
+        return
+    foreign = present - set(mark.files)
+    if foreign:
+        raise TlpersonaError(f"{option} {path} holds {min(foreign)}, which is not part of the "
+                             f"results tlpersona wrote there; move it, or write elsewhere")
+    if not overwrite:
+        raise TlpersonaError(f"{option} {path} holds earlier {mark.analysis} results; give "
+                             "`overwrite` to replace them")
+
+
+def check_regular_file(path: Path) -> Path:
+    """``path`` if it is a regular file (links followed): a FIFO or device would block or
+    never end when opened."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise TlpersonaError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise TlpersonaError(f"{path}: not a regular file")
+    return path
 
 
 def check_output_file(path: Path, option: str = "`out`") -> None:

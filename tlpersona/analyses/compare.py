@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import stats
 
 from tlpersona.analyses import metrics as M
-from tlpersona.analyses.controls import bstar_check, per_question_pass
+from tlpersona.analyses.controls import CHUNK, bstar_check, floor_stats, half_centroids, split_masks
 from tlpersona.analyses.stats import (
     EXACT_SIGN_FLIP_MAX,
     MantelPermuter,
@@ -29,6 +30,7 @@ from tlpersona.analyses.stats import (
 from tlpersona.errors import TlpersonaError
 from tlpersona.positions import RECIPES, canonical
 from tlpersona.sources import ActivationSource
+from tlpersona.version import __version__
 
 #: position -> recipe letter; the seed's response span is its recipe B too
 _ALIAS = {**{v: k for k, v in RECIPES.items()}, "response_mean_seed": "b"}
@@ -93,12 +95,12 @@ def verdict(min_cos: float, mc_r: float, spread_rho: float | None, th: Threshold
 
 def within_noise(min_cos: float, mc_r: float, spread_rho: float | None, ceiling: dict[str, Any],
                  th: Thresholds, mantel_p: float | None = None, alpha: float = 0.05) -> bool:
-    """Whether a cell that does not pass fails only where identical recipes measured as noisily
-    would fail too: every bound it misses (the PASS bounds, and the KILL bounds for a KILL), the
-    split-half ceiling of that statistic (``ceiling``, from :func:`_ceiling`) misses as well, so
-    identical recipes would get the same verdict. Such a cell does not show that the recipes
-    differ. False for PASS, where a missed bound has no ceiling (the spread), and where the
-    Mantel condition fails (identical recipes' Mantel p is not measured)."""
+    """Whether every bound a cell that does not pass misses (the PASS bounds, and the KILL
+    bounds for a KILL) is missed by its split-half ceiling (``ceiling``, from :func:`_ceiling`)
+    too: identical recipes' expected value would get the same verdict. Descriptive: it compares
+    point values, so it is not the "(noise)" mark, which tests the observed value against its
+    ceiling with its sampling error (:func:`noise_check`). False for PASS, where a missed bound
+    has no ceiling (the spread), and where the Mantel condition fails."""
     if verdict(min_cos, mc_r, spread_rho, th, mantel_p, alpha) == "PASS":
         return False
     if mantel_p is not None and mantel_p >= alpha:
@@ -115,6 +117,124 @@ def within_noise(min_cos: float, mc_r: float, spread_rho: float | None, ceiling:
         bounds.append((spread_rho, None, th.pass_spread, False))
     missed = [(c, b, k) for x, c, b, k in bounds if misses(x, b, k)]
     return bool(missed) and all(c is not None and misses(c, b, k) for c, b, k in missed)
+
+
+@dataclass(frozen=True)
+class Halves:
+    """One recipe at one layer, per half of every question split (the split-half ceiling's
+    halves; every recipe of a run gets the same splits): the raw half centroids at unit length
+    ``[persona, 2K, d]`` and the standardised upper triangles of their mean-centred cosine
+    matrices ``[2K, pairs]`` (a dot product of two is their Pearson r). A question-invariant
+    recipe has one "half", its centroid, which broadcasts against any other recipe's."""
+
+    unit: np.ndarray
+    mc_tri: np.ndarray
+
+    @classmethod
+    def of(cls, halves: np.ndarray, iu: tuple[np.ndarray, np.ndarray]) -> Halves:
+        """From half centroids ``[persona, H, d]``."""
+        tri = np.stack([M.cos_matrix(M.mean_centre(halves[:, h]))[iu]
+                        for h in range(halves.shape[1])])
+        tri -= tri.mean(1, keepdims=True)
+        tri /= np.maximum(np.linalg.norm(tri, axis=1, keepdims=True), 1e-300)
+        # float16: these only feed a spread; at full scale they are 20 halves of 275 × 3584
+        unit = halves / np.maximum(np.linalg.norm(halves, axis=2, keepdims=True), 1e-300)
+        return cls(unit.astype(np.float16), tri.astype(np.float32))
+
+
+def half_sd(hx: Halves, hy: Halves) -> dict[str, float]:
+    """Sampling standard deviation, over questions, of a pair's per-persona min cos and
+    mean-centred r: the delete-half jackknife (Shao & Wu 1989). Each statistic is recomputed on
+    every half of the questions, both recipes on the same half; with half of n questions
+    deleted, the spread of those values around their mean estimates the variance of the
+    full-size statistic (factor (n − d) / d = 1). In the statistics' own units: on planted
+    identical recipes (5–26 personas, 12 questions) it matched or exceeded the spread of
+    observed minus ceiling, where in Fisher z units (derivative taken at the lower half-size
+    value) it fell short by 10–30 %. Zero where both recipes are question-invariant."""
+    per_persona = np.einsum("phd,phd->ph", hx.unit.astype(np.float32), hy.unit.astype(np.float32))
+    mins = per_persona.min(0).astype(np.float64)
+    rs = np.einsum("hm,hm->h", hx.mc_tri, hy.mc_tri).astype(np.float64)
+    return {"min_cos": float(mins.std()), "mc_r": float(rs.std())}
+
+
+@dataclass(frozen=True)
+class NoiseTest:
+    """One missed bound's statistic against what identical recipes reach (its ceiling)."""
+
+    statistic: str  # "min cos" or "mc r"
+    observed: float
+    ceiling: float | None
+    sd: float | None  # its sampling SD over questions (half_sd); None: unknown
+    z: float | None  # (observed − ceiling) / sd
+    level: float  # one-sided level of "below its ceiling" (alpha over the statistics tested)
+    below: bool  # observed below its ceiling beyond sampling error
+
+
+@dataclass(frozen=True)
+class NoiseCheck:
+    """Whether a cell that does not pass shows the recipes differ.
+
+    ``mark``: ``"beyond noise"`` where a statistic whose bound the cell misses is below its
+    ceiling by more than its sampling error (z < −Φ⁻¹(1 − level)); ``"noise"`` where each is
+    within sampling error of it, so identical recipes sampled as noisily could give the cell;
+    ``"inconclusive"`` where a missed bound has no ceiling or no sampling error to test
+    against (the Mantel gate, the spread, a recipe without per-question vectors). The test does
+    not lean on the Mantel p: identical recipes measured noisily on few personas fail the
+    Mantel test, and their KILL is then "noise", not a difference."""
+
+    mark: str
+    reason: str
+    tests: list[NoiseTest]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mark": self.mark, "reason": self.reason, "tests": [asdict(t) for t in self.tests]}
+
+
+def noise_check(min_cos: float, mc_r: float, spread_rho: float | None, ceiling: dict[str, Any],
+                sd: dict[str, float] | None, th: Thresholds, mantel_p: float | None = None,
+                alpha: float = 0.05) -> NoiseCheck | None:
+    """The "(noise)" mark of a cell (:class:`NoiseCheck`); None for PASS. The statistics tested
+    are those whose bound the verdict rests on (:func:`failed_bounds`: the KILL bounds of a
+    KILL, the PASS bounds of a GREY), each one-sided against its full-size ceiling at
+    ``alpha`` / (statistics tested), so that identical recipes get "beyond noise" at most
+    ``alpha`` of the time. The ceilings run low under heavy noise (Spearman–Brown on a
+    half-size minimum, and on a noisy r), which only makes "beyond noise" rarer."""
+    v = verdict(min_cos, mc_r, spread_rho, th, mantel_p, alpha)
+    if v == "PASS":
+        return None
+    kill = v == "KILL"
+    missed = [(name, obs, key) for name, obs, key, bound in [
+        ("min cos", min_cos, "per_persona_cos_min", th.kill_min_cos if kill else th.pass_min_cos),
+        ("mc r", mc_r, "matrix_mc_pearson", th.kill_mc_r if kill else th.pass_mc_r)]
+        if (obs < bound if kill else obs <= bound)]
+    spread_missed = (not kill and th.gate_spread and spread_rho is not None
+                     and spread_rho <= th.pass_spread)
+    if not missed:  # GREY on the Mantel gate or the spread alone: neither has a ceiling
+        return NoiseCheck("inconclusive", "only bounds without a ceiling are missed (the Mantel "
+                          "gate or the spread)", [])
+    level = alpha / len(missed)
+    crit = float(stats.norm.isf(level))
+    tests = [_noise_test(name, obs, ceiling.get(key),
+                         None if sd is None else sd["min_cos" if name == "min cos" else "mc_r"],
+                         level, crit) for name, obs, key in missed]
+    if any(t.below for t in tests):
+        return NoiseCheck("beyond noise", "below its ceiling by more than its sampling error",
+                          tests)
+    if spread_missed or any(t.z is None for t in tests):
+        return NoiseCheck("inconclusive", "a missed bound has no ceiling or sampling error",
+                          tests)
+    return NoiseCheck("noise", "within sampling error of what identical recipes reach", tests)
+
+
+def _noise_test(name: str, obs: float, ceil: float | None, sd: float | None, level: float,
+                crit: float) -> NoiseTest:
+    if ceil is None or sd is None:
+        return NoiseTest(name, obs, ceil, sd, None, level, False)
+    gap = obs - ceil
+    if sd == 0:  # no sampling noise: any shortfall is a difference
+        return NoiseTest(name, obs, ceil, sd, -math.inf if gap < -1e-9 else 0.0, level, gap < -1e-9)
+    z = gap / sd
+    return NoiseTest(name, obs, ceil, sd, z, level, z < -crit)
 
 
 def failed_bounds(min_cos: float, mc_r: float, spread_rho: float | None, th: Thresholds,
@@ -213,6 +333,7 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
     # at full scale) are read once for all layers.
     spread_by_layer: dict[str, dict[int, np.ndarray]] = {}
     floors: dict[str, Any] = {}
+    halves: dict[tuple[str, int], Halves] = {}  # (recipe, layer); absent: noise unknown
     for p in positions:
         t0 = time.perf_counter()
         if source.question_invariant(p) or not source.has_per_question(p):
@@ -221,13 +342,17 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
                       {"exact": None, "reason": "no per-question vectors in the input"})
             floors[p] = {str(layer): reason for layer in layers}
             continue
-        spread_by_layer[p], floors[p] = per_question_pass(source, p, layers, cfg.n_splits,
-                                                          cfg.seed, permuter.iu)
+        qp = question_pass(source, p, layers, cfg.n_splits, cfg.seed, permuter.iu)
+        spread_by_layer[p], floors[p] = qp.spreads, qp.floors
+        halves.update({(p, layer): h for layer, h in qp.halves.items()})
         tick("spread and noise floor", t0)
     for layer in layers:
         t0 = time.perf_counter()
         li = source.layer_index(layer)
         cent = {p: source.centroids(p)[:, li].double().numpy() for p in positions}
+        for p in positions:
+            if source.question_invariant(p):  # no noise: every half is the centroid
+                halves[(p, layer)] = Halves.of(cent[p][:, None], permuter.iu)
         mc = {p: M.mean_centre(c) for p, c in cent.items()}
         mats = {p: (M.cos_matrix(cent[p]), M.cos_matrix(mc[p])) for p in positions}
         t0 = tick("centroid metrics", t0)
@@ -274,6 +399,10 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
             s = M.Summary.of(cos)
             ceiling = _ceiling(floors, x, y, layer)
             geo = mantel[(x, y, 1)]  # the mean-centred matrices' test
+            hx, hy = halves.get((x, layer)), halves.get((y, layer))
+            noise = noise_check(s.min, geo.r, rho, ceiling,
+                                None if hx is None or hy is None else half_sd(hx, hy), th,
+                                geo.p, cfg.alpha)
             cell = {
                 "layer": layer, "pair": [x, y], "tag": pair_tag(x, y),
                 "per_persona_cos": {**asdict(s), "null_mean": _shuffled_cos_mean(cent[x], cent[y]),
@@ -290,6 +419,8 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
                 "verdict": verdict(s.min, geo.r, rho, th, geo.p, cfg.alpha),
                 "failed": failed_bounds(s.min, geo.r, rho, th, geo.p, cfg.alpha),
                 "within_noise": within_noise(s.min, geo.r, rho, ceiling, th, geo.p, cfg.alpha),
+                "noise_mark": None if noise is None else noise.mark,
+                "noise_test": None if noise is None else noise.to_dict(),
                 "per_persona_cos_all": [round(float(v), 6) for v in cos],
             }
             cells.append(cell)
@@ -347,7 +478,48 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
         "missing_rows": missing_rows(source, positions),
     }
     result["overall"] = overall(result)
+    result["code_version"] = __version__
     return result
+
+
+@dataclass
+class QuestionPass:
+    """What one pass over a recipe's per-question vectors gives, per layer."""
+
+    spreads: dict[int, np.ndarray]  # spread per question
+    floors: dict[str, Any]  # str(layer) -> split-half noise floor (controls.floor_stats)
+    halves: dict[int, Halves]  # the floor's halves, for the sampling error of pair statistics
+
+
+def question_pass(source: ActivationSource, pos: str, layers: list[int], n_splits: int,
+                  seed: int, iu: tuple[np.ndarray, np.ndarray]) -> QuestionPass:
+    """Spread per question, the noise floor and its halves for every layer, in one pass over a
+    recipe's per-question vectors, ``CHUNK`` personas at a time (full scale is ~2 GB per
+    recipe). The question splits depend on ``seed`` only, so every recipe gets the same."""
+    valid = source.valid(pos)
+    n_p, n_q = valid.shape
+    lis = [source.layer_index(layer) for layer in layers]
+    masks = split_masks(n_q, n_splits, seed) if n_q >= 2 else None
+    sums = [torch.zeros((n_q, 1), dtype=torch.float64) for _ in layers]
+    parts: list[list[torch.Tensor]] = [[] for _ in layers]
+    for start in range(0, n_p, CHUNK):
+        block = source.per_question_rows(pos, start, min(start + CHUNK, n_p))  # [c, q, L, d]
+        ok = valid[start:start + block.shape[0]]
+        for j, li in enumerate(lis):
+            v = block[:, :, li].float()
+            sums[j] = sums[j] + M.spread_sums(v, ok)
+            if masks is not None:
+                parts[j].append(half_centroids(v, ok, masks))
+    out = QuestionPass({}, {}, {})
+    for j, layer in enumerate(layers):
+        out.spreads[layer] = M.spread_finish(sums[j], valid.sum(0))
+        if masks is None:
+            out.floors[str(layer)] = {"exact": None, "reason": "fewer than 2 questions"}
+            continue
+        h = torch.cat(parts[j]).double().numpy()
+        out.floors[str(layer)] = floor_stats(h, iu, seed + layer)
+        out.halves[layer] = Halves.of(h, iu)
+    return out
 
 
 def _holm_into(rows: list[dict[str, Any]], p_key: str) -> None:
@@ -473,7 +645,7 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
     n_lb = len({frozenset(_ALIAS.get(p, p) for p in c["pair"]) for c in lb})
     all_pass = bool(lb) and all(c["verdict"] == "PASS" for c in lb)
     robust = all_pass and n_lb == len(LOAD_BEARING)
-    kills = sorted({f"{c['pair'][0]}~{c['pair'][1]}" for c in lb if c["verdict"] == "KILL"})
+    kills = kill_text(lb)
     groups_all = cliques(positions, always)
     groups = " | ".join("{" + ", ".join(g) + "}" for g in groups_all)
     notes: list[str] = []
@@ -487,13 +659,8 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
     else:
         sentence = (f"Not recipe-robust: {sum(c['verdict'] != 'PASS' for c in lb)} of {len(lb)} "
                     "load-bearing cells fail to pass"
-                    + (f" (KILL: {', '.join(kills)})" if kills else "") + ".")
-        noisy = [c for c in lb if c.get("within_noise")]
-        if noisy:
-            verb = "fails" if len(noisy) == 1 else "fail"
-            notes.append(f"{len(noisy)} load-bearing cell(s) {verb} only where the recipes' own "
-                         "split-half ceiling fails too (marked 'noise'): identical recipes "
-                         "sampled this noisily would not pass either.")
+                    + (f" (KILL: {kills})" if kills else "") + ".")
+        notes += noise_notes(lb, alpha)
         offsets = [c for c in lb if c["verdict"] == "KILL" and c.get("failed") == [
             f"min cos < {result['thresholds']['kill_min_cos']:g}"]]
         if offsets:
@@ -501,6 +668,9 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
                          "minimum cosine alone, which common offsets drive; read the "
                          "mean-centred r against its ceiling there (details).")
     sentence += f" Recipes that agree at every layer (every pair passes): {groups}."
+    notes.append(f"A PASS needs the mean-centred geometry beyond its Mantel null (p < {alpha:g}), "
+                 f"which unrelated recipes clear in at most {alpha:g} of cells (per cell, "
+                 "uncorrected over cells; the Mantel test is exact).")
     floor = mantel_floor(result["n_personas"], result["n_permutations"])
     if floor >= alpha:
         notes.append(f"No cell can pass here: PASS needs the mean-centred geometry beyond its "
@@ -529,6 +699,40 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
     return {"recipe_robust": robust, "sentence": sentence, "partition": groups_all,
             "partition_per_layer": per_layer, "answer": answer(result, mantel[:2], robust),
             "notes": notes}
+
+
+def kill_text(rows: list[dict[str, Any]]) -> str:
+    """The KILLed pairs of ``rows`` with the bound each failed and where:
+    ``last~response_mean (min cos < 0.85 at L7, L15)``."""
+    by_pair: dict[str, dict[str, list[int]]] = {}
+    for c in rows:
+        if c["verdict"] == "KILL":
+            for bound in c["failed"]:
+                by_pair.setdefault("~".join(c["pair"]), {}).setdefault(bound, []).append(c["layer"])
+    return ", ".join(f"{pair} (" + "; ".join(f"{b} at {', '.join(f'L{x}' for x in ls)}"
+                                             for b, ls in bounds.items()) + ")"
+                     for pair, bounds in sorted(by_pair.items()))
+
+
+def noise_notes(rows: list[dict[str, Any]], alpha: float) -> list[str]:
+    """What the "(noise)" marks of the load-bearing cells ``rows`` say, one line per mark."""
+    said = {
+        "beyond noise": "fall below what identical recipes reach (their split-half ceiling) by "
+                        f"more than sampling error (one-sided at {alpha:g} per cell, split over "
+                        "the statistics tested; marked 'beyond noise'): the recipes differ there",
+        "noise": "fail within sampling error of what identical recipes reach (marked 'noise'): "
+                 "identical recipes sampled this noisily could give them, so they do not show "
+                 "that the recipes differ",
+        "inconclusive": "cannot be judged either way (marked 'inconclusive': they miss only "
+                        "bounds without a ceiling, such as the Mantel gate, or a recipe has no "
+                        "per-question vectors): they show neither agreement nor a difference",
+    }
+    out = []
+    for mark, text in said.items():
+        k = sum(c.get("noise_mark") == mark for c in rows)
+        if k:
+            out.append(f"{k} load-bearing cell(s) {text}.")
+    return out
 
 
 def _load_bearing_rows(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -100,36 +100,6 @@ def noise_floor(per_q: np.ndarray, valid: np.ndarray, n_splits: int, seed: int,
     return floor_stats(halves.double().numpy(), iu, seed)
 
 
-def per_question_pass(source: ActivationSource, pos: str, layers: list[int], n_splits: int, seed: int,
-                      iu: tuple[np.ndarray, np.ndarray]) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
-    """Spread per question and the noise floor for every layer, in one pass over a recipe's
-    per-question vectors, ``CHUNK`` personas at a time (full scale is ~2 GB per recipe).
-
-    Returns ``({layer: spread [question]}, {str(layer): noise-floor stats})``.
-    """
-    valid = source.valid(pos)
-    n_p, n_q = valid.shape
-    lis = [source.layer_index(layer) for layer in layers]
-    masks = split_masks(n_q, n_splits, seed) if n_q >= 2 else None
-    sums = [torch.zeros((n_q, 1), dtype=torch.float64) for _ in layers]
-    halves: list[list[torch.Tensor]] = [[] for _ in layers]
-    for start in range(0, n_p, CHUNK):
-        block = source.per_question_rows(pos, start, min(start + CHUNK, n_p))  # [c, q, L, d]
-        ok = valid[start:start + block.shape[0]]
-        for j, li in enumerate(lis):
-            v = block[:, :, li].float()
-            sums[j] = sums[j] + M.spread_sums(v, ok)
-            if masks is not None:
-                halves[j].append(half_centroids(v, ok, masks))
-    spreads, floors = {}, {}
-    for j, layer in enumerate(layers):
-        spreads[layer] = M.spread_finish(sums[j], valid.sum(0))
-        floors[str(layer)] = (floor_stats(torch.cat(halves[j]).double().numpy(), iu, seed + layer)
-                              if masks is not None else
-                              {"exact": None, "reason": "fewer than 2 questions"})
-    return spreads, floors
-
-
 def bstar_check(source: ActivationSource, layers: list[int]) -> dict[str, Any]:
     """How much of cos(A, B*) is arithmetic: B* averages A's token in.
 

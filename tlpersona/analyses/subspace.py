@@ -66,6 +66,7 @@ from tlpersona.analyses import metrics as M
 from tlpersona.errors import TlpersonaError
 from tlpersona.positions import canonical
 from tlpersona.sources import ActivationSource
+from tlpersona.version import __version__
 
 
 @dataclass
@@ -506,6 +507,7 @@ def subspace(source: ActivationSource, cfg: SubspaceConfig | None = None
     holm_over_layers(results["layers"])
     if cfg.align == "procrustes":
         holm_over_layers([lay["aligned"] for lay in results["layers"]])
+    results["code_version"] = __version__
     return results, comps
 
 

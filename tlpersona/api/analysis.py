@@ -16,6 +16,7 @@ from tlpersona.api.results import CompareResult, Projected, ProjectionResult, Su
 from tlpersona.cache.export import VectorExport, check_export
 from tlpersona.cache.store import Store
 from tlpersona.cache.vectors import PersonaVector, Reference
+from tlpersona.data import Question
 from tlpersona.errors import TlpersonaError
 from tlpersona.models import LoadedModel
 from tlpersona.positions import canonical, parse_positions
@@ -74,23 +75,54 @@ def subspace(source: ActivationSource | str | Path, *, layers: Sequence[int] | N
     return SubspaceResult.of(data, comps, src)
 
 
+def store_questions(st: Store, given: Sequence[Question] | None, param: str) -> list[Question]:
+    """The store's questions, in its order, with their texts from ``given`` (default: the
+    built-in set), which must be the set the store was made with (the store keeps only their
+    ids and hash): an item built from other texts would not be built as the centroids were."""
+    from tlpersona.data import builtin_questions, question_hash
+
+    by_id = {q.id: q for q in (builtin_questions() if given is None else given)}
+    missing = [i for i in st.questions if i not in by_id]
+    if missing:
+        raise TlpersonaError(f"`{param}` lacks the store's question {missing[0]!r}: give the "
+                             "question set the store was made with")
+    stored = [by_id[i] for i in st.questions]
+    if question_hash(stored) != st.provenance.get("question_hash"):
+        raise TlpersonaError(f"`{param}` does not match the questions the store was made with "
+                             "(their texts differ): give the question set it was made with")
+    return stored
+
+
+def item_exact(asked_store_questions: bool, question_invariant: bool, prompt_index: object) -> bool:
+    """Whether a new item is built as the store's centroids are, so that its nearest-persona p
+    is exact: one phrasing per persona in the store (not averaged over phrasings), and the
+    store's questions averaged, unless the recipe does not read the question."""
+    return prompt_index != "all" and (asked_store_questions or question_invariant)
+
+
 def project(store: Store | str | Path, *, layer: int | None = None,
             positions: Sequence[str] | None = None, axis: str = "persona:assistant", k: int = 2,
             unit_norm: bool = True, systems: Sequence[tuple[str, Sequence[str]]] = (),
             conversations: Sequence[tuple[str, str]] = (), texts: Sequence[str] = (),
             model: str | LoadedModel | None = None, device: str | None = None,
-            dtype: str | None = None) -> ProjectionResult:
+            dtype: str | None = None, questions: Sequence[Question] | None = None
+            ) -> ProjectionResult:
     """Project stored personas, and new material, onto shared PCs (``axis="pcs"``, the top
     ``k``) or a persona axis (``axis="persona:NAME"``: NAME minus the mean of the others), per
     recipe at ``layer`` (default: the middle stored layer).
 
     New material is read through the store's model (``model`` overrides it; it must be the same
-    model): ``systems`` as (system prompt, questions averaged over), ``conversations`` as
-    (system, user) messages, ``texts`` as raw text at its last token (raw_system_last).
+    model): ``systems`` as (system prompt, questions averaged over; empty: the store's own
+    questions, so the item is built as a stored centroid is and its nearest-persona p is
+    exact), ``conversations`` as (system, user) messages, ``texts`` as raw text at its last
+    token (raw_system_last). ``questions``: the question set the store was made with (the store
+    keeps only ids and a hash; default: the built-in set), needed where a system item uses the
+    store's questions. Each item gets a rank test per recipe (Holm over items × recipes) and
+    one combined over its recipes (Holm over items; :class:`Combined`).
     """
-    from tlpersona.analyses.projection import axis_frame, nearest, pc_frame
+    from tlpersona.analyses.projection import axis_frame, combined, nearest, pc_frame
     from tlpersona.analyses.stats import holm
-    from tlpersona.data import Inputs, Persona, Question
+    from tlpersona.data import Inputs, Persona
     from tlpersona.extraction import ExtractConfig, Extractor
     from tlpersona.models import default_device, load_model
 
@@ -106,8 +138,8 @@ def project(store: Store | str | Path, *, layer: int | None = None,
         raise TlpersonaError("`texts` are read with the raw_system_last recipe, which "
                              + ("`positions` does not include" if positions else
                                 "this store does not have"))
-    if any(not qs for _, qs in systems):
-        raise TlpersonaError("`systems`: every system prompt needs at least one question")
+    # checked before any forward pass; only needed where an item asks the store's questions
+    own = store_questions(st, questions, "questions") if any(not qs for _, qs in systems) else []
     if (systems or conversations) and not prompt_positions:
         raise TlpersonaError("`systems`/`conversations` need a recipe read from the prompt; "
                              "these positions all need a response")
@@ -129,9 +161,13 @@ def project(store: Store | str | Path, *, layer: int | None = None,
     points = [Projected(name, p, dict(zip(f.names, map(float, c), strict=True)), True)
               for p, f in frames.items() for name, c in zip(st.personas, f.coords(cent[p]),
                                                              strict=True)]
-    items = ([(f"system:{i}", s, list(qs)) for i, (s, qs) in enumerate(systems)]
-             + [(f"conversation:{i + 1}", s, [u]) for i, (s, u) in enumerate(conversations)]
-             + [(f"text:{i}", t, []) for i, t in enumerate(texts)])
+    # (label, system, questions asked, whether they are the store's own)
+    items = ([(f"system:{i}", s, [Question(str(j), q) for j, q in enumerate(qs)] or own, not qs)
+              for i, (s, qs) in enumerate(systems)]
+             + [(f"conversation:{i + 1}", s, [Question("0", u)], False)
+                for i, (s, u) in enumerate(conversations)]
+             + [(f"text:{i}", t, [], False) for i, t in enumerate(texts)])
+    joint = []
     if items:
         if isinstance(model, LoadedModel):
             bridge = model
@@ -141,31 +177,37 @@ def project(store: Store | str | Path, *, layer: int | None = None,
         if bridge.info.identity != st.provenance.get("model_identity"):
             raise TlpersonaError(f"`model` {bridge.info.spec} is not the model this store was "
                                  "made with")
-        for label, system, questions in items:
-            pos_list = ([p for p in prompt_positions if p.kind == "raw"] if not questions
+        phrasing = st.provenance.get("prompt_index", 0)
+        for label, system, qs, asked_own in items:
+            pos_list = ([p for p in prompt_positions if p.kind == "raw"] if not qs
                         else prompt_positions)
             if not pos_list:
                 continue
             ex = Extractor(bridge, ExtractConfig(positions=pos_list, layers=[layer], progress=False))
-            qs = [Question(str(i), q) for i, q in enumerate(questions or ["."])]
-            res = ex.persona(Persona(label, (system,)), qs)
+            res = ex.persona(Persona(label, (system,)), qs or [Question("0", ".")])
+            xs, exact = {}, []
             for p in pos_list:
-                x = res.centroid[p.name][0].double().numpy()
+                x = xs[p.name] = res.centroid[p.name][0].double().numpy()
                 f = frames[p.name]
-                near = nearest(x, cent[p.name], st.personas)
+                exact.append(item_exact(asked_own, p.question_invariant, phrasing))
+                near = nearest(x, cent[p.name], st.personas, exact=exact[-1])
                 points.append(Projected(
                     label, p.name, dict(zip(f.names, map(float, f.coords(x[None])[0]), strict=True)),
-                    False, near, text=system, questions=list(questions)))
+                    False, near, text=system, questions=[q.text for q in qs]))
+            joint.append(combined(label, xs, cent, exact=all(exact)))
     # every new item x recipe is one question of the same run: one family
     tested = [(i, pt.nearest) for i, pt in enumerate(points) if pt.nearest is not None]
     adjusted = holm([near.p for _, near in tested])
     for (i, near), adj in zip(tested, adjusted, strict=True):
         points[i] = replace(points[i], nearest=replace(near, p_holm=float(adj), tests=len(tested)))
+    # the combined test: one per item, so one family of items
+    joint = [replace(c, p_holm=float(a), tests=len(joint))
+             for c, a in zip(joint, holm([c.p for c in joint]), strict=True)]
     axes = next(iter(frames.values())).names
     prov = st.provenance
     inputs = Inputs(prov.get("model_identity"), prov.get("persona_hash"),
                     prov.get("question_hash"), st.manifest_hash)
-    return ProjectionResult(str(st.root), layer, axis, names, list(axes), points, inputs)
+    return ProjectionResult(str(st.root), layer, axis, names, list(axes), points, inputs, joint)
 
 
 def persona_vector(store: Store | str | Path, persona: str, position: str, layer: int,

@@ -1,4 +1,5 @@
-"""Experiments that run the model: activation patching and steering."""
+"""Experiments that run the model: activation patching and steering, and the export of the
+intervention steering evaluated."""
 
 from __future__ import annotations
 
@@ -9,8 +10,16 @@ from typing import Any
 
 from tlpersona.api.results import PatchResult, SteeringResult
 from tlpersona.cache.store import Store
-from tlpersona.data import Persona, Question, builtin_personas, builtin_questions, persona_hash
+from tlpersona.data import (
+    Persona,
+    Question,
+    builtin_personas,
+    builtin_questions,
+    persona_hash,
+    system_prompt,
+)
 from tlpersona.errors import TlpersonaError
+from tlpersona.interventions.export import Intervention
 from tlpersona.interventions.patching import DEFAULT_POSITIONS
 from tlpersona.models import (
     LayerSpec,
@@ -46,6 +55,22 @@ def _store_phrasing(prov: dict[str, Any], given: int | None) -> int:
     return stored if isinstance(stored, int) else 0
 
 
+def store_personas(st: Store, given: Sequence[Persona] | None, param: str) -> list[Persona]:
+    """The store's personas, in its order, with their prompts from ``given`` (default: the
+    built-in set), which must be the set the store was made with: a result labelled with the
+    store but computed on other prompts would name one input and rest on another."""
+    by_name = {p.name: p for p in (builtin_personas() if given is None else given)}
+    missing = [n for n in st.personas if n not in by_name]
+    if missing:
+        raise TlpersonaError(f"`{param}` lacks the store's persona {missing[0]!r}: give the "
+                             "persona set the store was made with")
+    stored = [by_name[n] for n in st.personas]
+    if persona_hash(stored) != st.provenance.get("persona_hash"):
+        raise TlpersonaError(f"`{param}` does not match the personas the store was made with "
+                             "(their system prompts differ): give the persona set it was made with")
+    return stored
+
+
 def _spread_layers(n_layers: int, k: int = 8) -> list[int]:
     return sorted({round(i * (n_layers - 1) / (k - 1)) for i in range(k)})
 
@@ -75,7 +100,13 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
     prompt in another phrasing as the clean run (no persona change): what a cell does when the
     system prompts differ only in wording. ``.save(out)`` writes patch.json, figures and patch.md.
     """
-    from tlpersona.interventions.patching import PatchConfig, check_config, choose_clean, run_patching
+    from tlpersona.interventions.patching import (
+        PatchConfig,
+        check_config,
+        check_inputs,
+        choose_clean,
+        run_patching,
+    )
     from tlpersona.interventions.runner import HOOKS, Runner
 
     if hook not in HOOKS:
@@ -84,7 +115,8 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
         raise TlpersonaError("`n_questions` must be at least 1")
     st = None if store is None else as_store(store)
     prov = st.provenance if st is not None else {}
-    ps = builtin_personas() if personas is None else list(personas)
+    ps = (store_personas(st, personas, "personas") if st is not None
+          else builtin_personas() if personas is None else list(personas))
     qs = (builtin_questions() if questions is None else list(questions))[:n_questions]
     keep = None if corrupt == "next" else corrupt
     chosen, note = choose_clean(ps, keep, n_personas,
@@ -102,6 +134,7 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
         response_tokens=response_tokens, prompt_index=_store_phrasing(prov, prompt_index),
         progress=progress, control=control)
     check_config(cfg, n_layers)
+    check_inputs(chosen, qs, cfg)
     loaded = _model_for(model, prov, device, dtype, attn)
     res = run_patching(Runner(loaded), chosen, qs, cfg, personas_note=note)
     if st is not None and res.inputs is not None:  # the store chose the clean personas
@@ -109,17 +142,29 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
     return PatchResult.of(res)
 
 
-def eval_questions(store: Store, questions: list[Question], n: int) -> tuple[list[Question], str]:
-    """Up to ``n`` questions the store's vectors were not built from; all of them (and a note
-    saying so) when fewer than two such remain."""
-    if n < 2:
-        raise TlpersonaError("`n_questions` must be at least 2 (selection and scoring halves)")
+def eval_questions(store: Store, questions: list[Question], n: int, needed: int
+                   ) -> tuple[list[Question], str]:
+    """Up to ``n`` questions the store's vectors were not built from; the first ``n`` of all
+    of them (and a note saying so) when fewer than ``needed`` such remain. Fewer than
+    ``needed`` in all cannot give every test of the run: refused before any forward pass."""
+    if n < needed:
+        raise TlpersonaError(f"`n_questions` must be at least {needed} ({_question_roles(needed)})")
     fresh = [q for q in questions if q.id not in set(store.questions)]
-    if len(fresh) >= 2:
+    if len(fresh) >= needed:
         return fresh[:n], (f"Questions are ones the persona vectors were not built from "
                            f"(not among the store's {len(store.questions)}).")
-    return questions[:n], ("Fewer than two questions are left outside the store's, so the "
-                           "persona vectors were built from these same questions.")
+    if len(questions) < needed:
+        raise TlpersonaError(f"`questions` holds {len(questions)} question(s); steering needs at "
+                             f"least {needed} ({_question_roles(needed)})")
+    return questions[:n], (f"Fewer than {needed} questions are left outside the store's, so "
+                           "the persona vectors were built from these same questions.")
+
+
+def _question_roles(needed: int) -> str:
+    score = needed - 1
+    return (f"one to select the setting on, {score} to score it on"
+            + (": recipes are ranked by a sign-flip test over the scoring questions"
+               if score > 1 else ""))
 
 
 def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
@@ -153,19 +198,14 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
         DEFAULT_PERCENTILES,
         SteerConfig,
         check_config,
+        min_questions,
     )
     from tlpersona.interventions.steering import steer as _steer
     from tlpersona.safety import check_finite_numbers
 
     st = as_store(store)
     prov = st.provenance
-    ps = builtin_personas() if persona_source is None else list(persona_source)
-    by_name = {p.name: p for p in ps}
-    stored = [by_name[n] for n in st.personas if n in by_name]
-    if len(stored) != len(st.personas) or persona_hash(stored) != prov.get("persona_hash"):
-        raise TlpersonaError("`persona_source` does not match the personas the store was made with")
-    qs, note = eval_questions(st, builtin_questions() if questions is None else list(questions),
-                              n_questions)
+    ps = store_personas(st, persona_source, "persona_source")
     for name, values in (("alphas", alphas), ("cap_percentiles", cap_percentiles)):
         if values is not None:
             check_finite_numbers(values, f"`{name}`")
@@ -181,5 +221,47 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
         fluency_margin=fluency_margin, continuations=continuations,
         continuation_tokens=continuation_tokens, progress=progress)
     check_config(cfg, st)  # before the model is loaded
+    for p in ps:
+        system_prompt(p, cfg.prompt_index)
+    qs, note = eval_questions(st, builtin_questions() if questions is None else list(questions),
+                              n_questions, min_questions(cfg, st))
     loaded = _model_for(model, prov, device, dtype, attn)
     return SteeringResult.of(_steer(st, loaded, ps, qs, cfg, questions_note=note))
+
+
+def export_intervention(steering: str | Path, store: Store | str | Path, out: str | Path, *,
+                        persona_source: Sequence[Persona] | None = None,
+                        personas: Sequence[str] | None = None, recipe: str | None = None,
+                        formats: Sequence[str] = ("safetensors", "pt", "gguf"),
+                        model: str | LoadedModel | None = None,
+                        overwrite: bool = False) -> list[Intervention]:
+    """Write the ``add`` intervention a steering result evaluated, per persona, where other tools
+    apply it (see :mod:`tlpersona.interventions.export`): the vector as added (``alpha · s_l`` times
+    the unit persona vector), its layer, the first edited token and the base persona's system
+    prompt it was added to, and llama.cpp's scale and layer range. ``steering``: ``tlpersona
+    steer``'s output directory (or its steering.json); ``store``: the store it ran on;
+    ``persona_source``: the persona set the store was made with (for the base persona's
+    prompt); ``personas``: steered personas (default: all of them); ``recipe``: default the
+    best-ranked one; ``model``: only its tokenizer is read, for the start token (default: the
+    store's model). ``out`` is a new directory (an earlier export there only with
+    ``overwrite``), written whole or not at all."""
+    from tlpersona.api.results import results_set
+    from tlpersona.conversation import ChatRenderer
+    from tlpersona.interventions import export as iv
+    from tlpersona.interventions.steering import after_system
+    from tlpersona.models import load_tokenizer
+
+    record = iv.read_steering(steering)
+    setting, names = iv.choose(record, recipe, list(personas) if personas else None)
+    iv.check_formats(list(formats), setting.layer)
+    st = as_store(store)
+    by_name = {p.name: p for p in store_personas(st, persona_source, "persona_source")}
+    base_prompt = system_prompt(by_name[record.base], record.prompt_index)
+    tokenizer = (model.tokenizer if isinstance(model, LoadedModel)
+                 else load_tokenizer(resolve(model or st.provenance.get("model", "default"))[0]))
+    spans = ChatRenderer(tokenizer).prompt(base_prompt, "What do you think?")
+    anchor = "sys_end+1" if "sys_end" in spans.anchors else "sys_last+1"
+    items = iv.build(st, record, setting, names, (after_system(spans), anchor), base_prompt)
+    with results_set(out, "intervention", overwrite) as stage:
+        iv.write(items, stage, list(formats))
+    return items

@@ -12,13 +12,13 @@ from tlpersona.analyses.compare import Thresholds
 from tlpersona.api.analysis import compare, subspace
 from tlpersona.api.causal import patch, steer
 from tlpersona.api.extraction import PromptIndex, extract
-from tlpersona.api.results import CompareResult, PatchResult, SteeringResult, SubspaceResult
+from tlpersona.api.results import CompareResult, PatchResult, SteeringResult, SubspaceResult, results_set
 from tlpersona.cache.store import Store
 from tlpersona.data import Persona, Question, builtin_personas, builtin_questions
 from tlpersona.locks import exclusive
 from tlpersona.models import LayerSpec, default_device, load_model
 from tlpersona.report.experiment import HEADLINE_CHARS, Answer, write_experiment_report
-from tlpersona.safety import check_analysis_dir, check_count
+from tlpersona.safety import check_analysis_dir, check_count, check_results_dir
 
 #: Stored besides the seven recipes: the sink position and the sink-free prompt mean feed the
 #: report's attention-sink check.
@@ -57,7 +57,7 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
                device: str | None = None, dtype: str | None = None, attn: str = "auto",
                permutations: int | None = None, seed: int = 0, splits: int = 10,
                null_draws: int = 100, thresholds: Thresholds | None = None,
-               progress: bool = True) -> ExperimentResult:
+               progress: bool = True, overwrite: bool = False) -> ExperimentResult:
     """Extract all seven recipes (plus the sink diagnostics' positions) into ``out/store``,
     compare them, find their shared subspace, run a short patching and steering section, and
     write ``out/compare/report.md``.
@@ -69,9 +69,14 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
     recipe's vector at the middle stored layer for the 3 personas farthest from it.
     ``out/compare/report.md`` answers the four questions on its first screen;
     ``details.md`` and ``cells.csv`` beside it hold every table and cell.
+
+    ``out/compare`` is written as one set when every section is done (a failure or a kill
+    leaves an earlier run's set whole); an earlier run's set is replaced only with
+    ``overwrite``. ``out/store`` resumes or is refused as :func:`tlpersona.extract` decides.
     """
     out = Path(out)
     check_analysis_dir(out, "`out`")
+    check_results_dir(out / "compare", overwrite)  # before hours of extraction
     check_count(limit_questions, "`limit_questions`", 0)
     for name, value in (("permutations", permutations), ("splits", splits),
                         ("null_draws", null_draws)):
@@ -84,8 +89,8 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
     qs = all_questions[:limit_questions] if limit_questions else all_questions
     if max_new_tokens is None and cpu:
         max_new_tokens = 24
-    # the whole run holds `out` and its report directory: another run cannot replace a
-    # section between this run's save and the final report
+    # the whole run holds `out` and its report directory: another run cannot write there
+    # between this run's check and its results set
     with exclusive(out, "`out`"), exclusive(out / "compare", "`out`"):
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -97,11 +102,9 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
         t0 = time.perf_counter()
         cmp = compare(store, permutations=permutations, seed=seed, splits=splits,
                       null_draws=null_draws, thresholds=thresholds)
-        report = cmp.save(out / "compare", title=f"Recipe comparison: {model}")
         seconds["compare"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         sub = subspace(store, seed=seed, null_draws=null_draws)
-        sections = [sub.save(report.parent)]
         seconds["subspace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         base = "assistant" if "assistant" in store.personas else store.personas[0]
@@ -112,7 +115,6 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
         pat = patch(loaded, ps, qs, store=store, n_personas=3, n_questions=10, corrupt=base,
                     layers=sorted({round(0.14 * n_blocks), round(0.4 * n_blocks)}),
                     positions=PATCH_POSITIONS, progress=progress)
-        sections.append(pat.save(report.parent))
         seconds["patching"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stored = store.layers
@@ -122,10 +124,13 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
                          layers=[mid], operators=["add"], alphas=STEER_ALPHAS, response_tokens=6,
                          seed=seed, n_boot=1000, continuations=1, continuation_tokens=16,
                          progress=progress)
-        sections.append(steering.save(report.parent))
         seconds["steering"] = time.perf_counter() - t0
-        report = _write_report(report.parent, f"Persona experiment: {model}", cmp, sub, pat,
-                               steering, [s.read_text() for s in sections], seconds)
+        with results_set(out / "compare", "experiment", overwrite) as stage:
+            cmp.save(stage, title=f"Recipe comparison: {model}")
+            sections = [sub.save(stage), pat.save(stage), steering.save(stage)]
+            written = _write_report(stage, f"Persona experiment: {model}", cmp, sub, pat,
+                                    steering, [s.read_text() for s in sections], seconds)
+        report = out / "compare" / written.relative_to(stage)
     return ExperimentResult(store, cmp, sub, pat, steering, report, seconds)
 
 

@@ -5,20 +5,21 @@ from __future__ import annotations
 import gc
 import sys
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from tlpersona.cache.store import Store, clear_store, open_store, store_dir_state
+from tlpersona.cache.store import Store, check_parts, clear_store, open_store, store_dir_state
 from tlpersona.conversation import template_hash
 from tlpersona.data import Persona, Question, builtin_personas, builtin_questions, indexed_prompts
-from tlpersona.data.responses import Key, Response, read_responses
+from tlpersona.data.responses import Key, Response, ResponsesFile, read_responses, read_responses_file
 from tlpersona.distributed import Ranks, ranks
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction import ExtractConfig, extract_to_store, provenance_of
+from tlpersona.generation import check_prompts as check_saved
 from tlpersona.generation import generate_responses
 from tlpersona.locks import exclusive
 from tlpersona.models import (
@@ -34,10 +35,23 @@ from tlpersona.models import (
     resolve_layers,
 )
 from tlpersona.positions import Position, parse_positions
-from tlpersona.preflight import PromptCheck, check_context, check_prompts, check_responses
+from tlpersona.preflight import (
+    PromptCheck,
+    check_context,
+    check_prompts,
+    check_response_keys,
+    check_responses,
+    coverage,
+)
 from tlpersona.response_provenance import check_compatible, check_ours
 from tlpersona.response_provenance import header as response_header
-from tlpersona.safety import check_count, check_new_file, check_output_dir, check_output_file
+from tlpersona.safety import (
+    check_count,
+    check_new_file,
+    check_output_dir,
+    check_output_file,
+    in_store,
+)
 
 #: Recipes ``extract`` reads when none are named.
 DEFAULT_POSITIONS = ("last", "sys_end", "sys_end+1")
@@ -144,7 +158,11 @@ def extract(model: str | LoadedModel = "default", personas: Sequence[Persona] | 
     position grammar (``"last"``, ``"sys_end+1"``, recipe aliases, ``"all6"``); ``layers`` are
     block indices (negative from the end), ``"default"`` or ``"all"``. Responses are generated
     when a position needs them (fused with extraction on a GPU), unless ``responses`` names a
-    JSONL file made elsewhere. ``batch_size=None`` sizes batches from free GPU memory.
+    JSONL file made elsewhere (:mod:`tlpersona.data.responses` says what a line may hold). That
+    file must exist even when no position reads it, and every line must answer a prompt of this
+    run; a prompt without a line (or with an empty response) gets invalid rows in
+    ``Store.valid``, and one line on stderr says how many, while a persona left without any
+    row is refused. ``batch_size=None`` sizes batches from free GPU memory.
 
     Everything is checked before the first write or forward pass (options, data, every prompt
     against every position and layer, the state of ``out``); ``force_new`` then removes only
@@ -164,40 +182,38 @@ def extract(model: str | LoadedModel = "default", personas: Sequence[Persona] | 
         raise TlpersonaError(f"`out` {out} is a symbolic link; `force_new` does not clear through links")
     needs = any(p.needs_response for p in pos)
     resp_path = Path(responses) if responses else out / "responses.jsonl"
-    if needs and responses and not resp_path.exists():
-        raise TlpersonaError(f"{resp_path}: responses file not found")
-    given = read_responses(resp_path) if needs and responses else None
-    if given is not None:
-        unknown = sorted({k[0] for k in given} - {p.name for p in ps})
-        if unknown:
-            raise TlpersonaError(f"{resp_path}: responses for unknown persona {unknown[0]!r}")
+    given = _read_given(resp_path, needs, ps, qs, prompt_index) if responses else None
     plan = _plan(spec, device, dtype_name, device_map, pos, ps, qs, prompt_index, max_new_tokens,
                  needs and given is None)
     cfg = ExtractConfig(positions=pos, layers=resolve_layers(layers, plan.n_layers),
                         prompt_index=prompt_index, batch_size=batch_size,
                         include_eot=include_eot, progress=progress)
     expected = provenance_of(spec, plan.identity, plan.tokenizer, plan.dtype, cfg, ps, qs, None)
-    keep = {resp_path} if given is not None else set()
+    resp: dict[Key, Response] | None = None
+    if given is not None:
+        check_compatible(resp_path, given.header, plan.header, max_new_tokens is not None,
+                         {given.where[k]: len(r.ids) for k, r in given.responses.items()})
+        resp = given.responses
+        check_responses(plan.checked, pos, resp, plan.vocab, include_eot, str(resp_path),
+                        plan.context)
+        note = coverage(plan.checked, resp).note(str(resp_path))
+        if note and ranks().main:
+            print(f"tlpersona: {note}", file=sys.stderr)
+    keep = {resp_path} if responses else set()  # the user's file is never cleared or refused
     header = plan.header if needs and given is None else None
     _check_out(out, expected, force_new, keep, header)
     rk = ranks()
-    with exclusive(out, "`out`") if rk.main else nullcontext():
-        if rk.main:
-            _check_out(out, expected, force_new, keep, header)
-            if force_new:
-                clear_store(out, keep)  # before generation: a new store gets new responses too
-        rk.barrier()  # other ranks start writing only once rank 0 has checked and cleared
-        resp: dict[Key, Response] | None = None
-        if given is not None:
-            check_compatible(resp_path, plan.identity, expected["template_hash"])
-            resp = given
-        elif needs and _fused(decoder, plan.device, device_map, out, resp_path, ps, qs,
-                              prompt_index, cfg):
+    with ExitStack() as held:
+        # Rank 0 locks, checks and clears; its refusal reaches every rank, and the others
+        # start writing only once it has finished.
+        rk.agree(lambda: _claim(held, out, expected, force_new, keep, header, plan, resp_path)
+                 if rk.main else None)
+        if needs and given is None and _fused(decoder, plan.device, device_map, out, resp_path,
+                                              ps, qs, prompt_index, cfg):
             return _run_fused(spec, plan, cfg, batch_size, ps, qs, out, resp_path, rk)
-        elif needs:
+        if needs and given is None:
             resp = _generate(plan, dtype_name, ps, qs, prompt_index, resp_path,
                              batch_size and max(batch_size, 16), progress, decoder, device_map)
-        if resp is not None:
             check_responses(plan.checked, pos, resp, plan.vocab, include_eot, str(resp_path),
                             plan.context)
         bridge = (model if isinstance(model, LoadedModel)
@@ -210,6 +226,45 @@ def extract(model: str | LoadedModel = "default", personas: Sequence[Persona] | 
     return open_store(path)
 
 
+def _read_given(path: Path, needs: bool, personas: list[Persona], questions: list[Question],
+                prompt_index: PromptIndex) -> ResponsesFile | None:
+    """A responses file the user names: it must exist even when no position reads it (a typo
+    is never ignored); when read, every line must answer a prompt of this run. Both before
+    any model is loaded."""
+    if not path.is_file():
+        what = ("is a directory, expected a responses JSONL file" if path.is_dir()
+                else "not a regular file" if path.exists() else "responses file not found")
+        raise TlpersonaError(f"`responses` {path}: {what}")
+    if not needs:
+        print(f"tlpersona: no position reads responses; `responses` {path} is not read",
+              file=sys.stderr)
+        return None
+    given = read_responses_file(path)
+    outside = check_response_keys(given.where, personas, questions, prompt_index)
+    if outside:
+        persona, pidx, qid = outside[0]
+        print(f"tlpersona: {path}: {len(outside)} of {len(given.where)} lines answer prompts this "
+              f"run does not ask for and are left out (first: {given.where[outside[0]]}, persona "
+              f"{persona!r}, phrasing {pidx}, question {qid!r})", file=sys.stderr)
+        for key in outside:
+            del given.responses[key], given.where[key]
+    return given
+
+
+def _claim(held: ExitStack, out: Path, expected: dict[str, Any], force_new: bool, keep: set[Path],
+           header: dict[str, Any] | None, plan: _Plan, resp_path: Path) -> None:
+    """Under the lock of ``out`` (held until ``held`` closes): check ``out`` again, clear it
+    for ``force_new``, and check that the responses a run of ours saved there (which it will
+    reuse) continue this run's prompts, before any model is loaded."""
+    held.enter_context(exclusive(out, "`out`"))
+    _check_out(out, expected, force_new, keep, header)
+    if force_new:
+        clear_store(out, keep)  # before generation: a new store gets new responses too
+    if header is not None:
+        check_saved(read_responses(resp_path, resume=True),
+                    {k: c.sha for k, c in plan.checked.items()}, resp_path)
+
+
 def _check_out(out: Path, expected: dict[str, Any], force_new: bool, keep: set[Path],
                header: dict[str, Any] | None) -> None:
     """Refuse, before anything is touched, an ``out`` this run may not write: a directory that
@@ -219,6 +274,8 @@ def _check_out(out: Path, expected: dict[str, Any], force_new: bool, keep: set[P
     if header is not None and not force_new:
         check_ours(resp, header, "`out`")
     manifest = store_dir_state(out, keep)
+    if not force_new:  # parts a killed run of other settings left, before hours of generation
+        check_parts(out, expected, frozenset({"responses_hash"}))
     if manifest is not None and not force_new:
         old = manifest.get("provenance") or {}
         diff = [k for k in expected if k != "responses_hash" and old.get(k) != expected[k]]
@@ -248,7 +305,7 @@ def _fused(decoder: str, device: str, device_map: str | None, out: Path, resp_pa
         return False
     if fused_marked(out):
         return True
-    have = read_responses(resp_path)
+    have = read_responses(resp_path, resume=True)
     return any((p.name, k, q.id) not in have for p in personas
                for k, _ in indexed_prompts(p, prompt_index) for q in questions)
 
@@ -272,7 +329,7 @@ def _run_fused(spec: str, plan: _Plan, cfg: ExtractConfig, batch_size: int | Non
     return open_store(path)
 
 
-def generate(model: str = "default", personas: Sequence[Persona] | None = None,
+def generate(model: str | LoadedModel = "default", personas: Sequence[Persona] | None = None,
              questions: Sequence[Question] | None = None, *,
              out: str | Path = "tlpersona-out/responses.jsonl", prompt_index: PromptIndex = 0,
              max_new_tokens: int | None = None, batch_size: int | None = None,
@@ -280,26 +337,41 @@ def generate(model: str = "default", personas: Sequence[Persona] | None = None,
              device_map: str | None = None, progress: bool = True) -> dict[Key, Response]:
     """Greedy responses for every persona × question into the JSONL file ``out`` (resumable).
 
-    ``out`` must be missing, empty or a tlpersona responses file made with the same model,
-    template and generation settings; its directory is locked for the run. The file is also
-    the interchange format: responses another engine wrote in it are read by
-    ``extract(responses=...)``. Returns the responses by (persona, phrasing, question id).
+    ``model`` is a spec or a model from :func:`tlpersona.load_model` (its spec, device and dtype
+    apply; generation runs on a plain HF copy of it). ``out`` must be missing, empty or a
+    tlpersona responses file made with the same model, template and generation settings, and
+    not inside a store (a store's responses are written by ``extract``); its directory is
+    locked for the run. The file is also the interchange format: responses another engine
+    wrote in it are read by ``extract(responses=...)``. Returns the responses by (persona,
+    phrasing, question id).
     """
+    spec, device, dtype = _model_spec(model, device, dtype)
     check_count(batch_size, "`batch_size`", 1)
     check_count(max_new_tokens, "`max_new_tokens`", 1)
     ps, qs = _data(personas, questions)
     path = Path(out)
     check_output_file(path)
+    _not_in_store(path)
     check_ours(path, None, "`out`")
-    plan = _plan(model, device, dtype, device_map, [], ps, qs, prompt_index, max_new_tokens, True)
+    plan = _plan(spec, device, dtype, device_map, [], ps, qs, prompt_index, max_new_tokens, True)
     check_ours(path, plan.header, "`out`")
     rk = ranks()
-    with exclusive(path.parent, "the directory of `out`") if rk.main else nullcontext():
+    with ExitStack() as held:
+        rk.agree(lambda: held.enter_context(exclusive(path.parent, "the directory of `out`"))
+                 if rk.main else None)
         return _generate(plan, dtype, ps, qs, prompt_index, path, batch_size, progress, decoder,
                          device_map)
 
 
-def write_prompts(model: str = "default", personas: Sequence[Persona] | None = None,
+def _not_in_store(path: Path) -> None:
+    """A store's responses file belongs to the store: appending to it would change the
+    responses its vectors were read from (and ``verify`` could not tell)."""
+    if in_store(path.parent):
+        raise TlpersonaError(f"`out` {path} lies inside a store's directory, whose responses "
+                             "`extract` writes; generate into another file")
+
+
+def write_prompts(model: str | LoadedModel = "default", personas: Sequence[Persona] | None = None,
                   questions: Sequence[Question] | None = None, *,
                   out: str | Path = "tlpersona-out/prompts.jsonl",
                   prompt_index: PromptIndex = 0, overwrite: bool = False) -> int:
@@ -308,9 +380,11 @@ def write_prompts(model: str = "default", personas: Sequence[Persona] | None = N
     ``prompt_index``, ``question_id``, the templated ``prompt_ids`` (generation prompt
     included), ``prompt_text`` and ``prompt_sha``. The engine writes back, per line, the same
     keys with ``response_ids`` (the generated ids, end-of-turn token included when emitted),
-    ``finished`` and optionally ``prompt_sha``; ``extract(responses=...)`` reads that file.
-    Written under a temporary name, then renamed; an existing ``out`` is replaced only with
-    ``overwrite``. Returns the number of prompts."""
+    ``finished`` and optionally ``prompt_sha``; ``extract(responses=...)`` reads that file
+    (:mod:`tlpersona.data.responses` says what it accepts). ``model`` is a spec or a model from
+    :func:`tlpersona.load_model` (its tokenizer is used). Written under a temporary name, then
+    renamed; an existing ``out`` is replaced only with ``overwrite``. Returns the number of
+    prompts."""
     import json
 
     from tlpersona.files import atomic_write_bytes
@@ -319,7 +393,8 @@ def write_prompts(model: str = "default", personas: Sequence[Persona] | None = N
     ps, qs = _data(personas, questions)
     path = Path(out)
     check_new_file(path, overwrite)
-    source, _ = resolve(model)
-    lines = prompt_lines(load_tokenizer(source), ps, qs, prompt_index)
+    tokenizer = (model.tokenizer if isinstance(model, LoadedModel)
+                 else load_tokenizer(resolve(model)[0]))
+    lines = prompt_lines(tokenizer, ps, qs, prompt_index)
     atomic_write_bytes(path, "".join(json.dumps(line) + "\n" for line in lines).encode())
     return len(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -13,24 +14,53 @@ from typing import Any
 
 import numpy as np
 
-from tlpersona.analyses.projection import Nearest
+from tlpersona.analyses.projection import Combined, Nearest
 from tlpersona.data import Inputs
-from tlpersona.files import atomic_write_bytes
+from tlpersona.files import atomic_write_bytes, replaced_dir
 from tlpersona.interventions.patching import PatchResult as _PatchResult
 from tlpersona.interventions.steering import SteeringResult as _SteeringResult
-from tlpersona.locks import exclusive
-from tlpersona.safety import check_analysis_dir
-from tlpersona.sources import ActivationSource
+from tlpersona.locks import LOCK_NAME, exclusive
+from tlpersona.positions import canonical
+from tlpersona.safety import RESULTS_MARK, check_results_dir, mark_results
+from tlpersona.sources import ActivationSource, stored_layer
+from tlpersona.version import __version__
+
+#: (thread, directory) of the results sets this process is writing: a result saved into one
+#: (the experiment's sections) joins that set instead of replacing it.
+_OPEN_SETS: set[tuple[int, Path]] = set()
 
 
 @contextmanager
-def _writing(out: str | Path) -> Iterator[None]:
-    """Hold ``out``'s lock while an analysis writes its files, so that two runs saving into one
-    directory at the same time do not interleave them (a run already holding it, e.g. the
-    CLI's, goes on)."""
-    check_analysis_dir(Path(out), "`out`")
+def results_set(out: str | Path, analysis: str, overwrite: bool) -> Iterator[Path]:
+    """The directory to write one results set into, holding ``out``'s lock: ``out``'s new
+    content, which takes ``out``'s place whole when the block ends (a failure or a kill leaves
+    the earlier set as it was), marked as ``analysis``'s results. ``out`` must be new, empty or
+    hold an earlier set (replaced only with ``overwrite``): see
+    :func:`tlpersona.safety.check_results_dir`. Inside a set this thread is writing, that
+    set's directory itself."""
+    out = Path(out)
+    if (threading.get_ident(), out.resolve()) in _OPEN_SETS:
+        yield out
+        return
+    check_results_dir(out, overwrite)
     with exclusive(out, "`out`", wait=True):
-        yield
+        check_results_dir(out, overwrite)  # again: the run it waited for may have written there
+        with replaced_dir(out, carry=[LOCK_NAME], last=RESULTS_MARK) as stage:
+            key = (threading.get_ident(), stage.resolve())
+            _OPEN_SETS.add(key)
+            try:
+                yield stage
+            finally:
+                _OPEN_SETS.discard(key)
+            mark_results(stage, analysis)
+
+
+def _clip(text: str, n: int = 160) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
 
 
 @dataclass(frozen=True)
@@ -44,7 +74,8 @@ class PairCell:
     y: str
     tag: str  # load-bearing, sanity or other
     verdict: str  # PASS, GREY or KILL
-    within_noise: bool  # not PASS, but only where identical recipes this noisy fail too
+    within_noise: bool  # descriptive: every missed bound is missed by its ceiling too
+    noise: str  # not PASS: "beyond noise", "noise" or "inconclusive"; "" for PASS
     failed: str  # the bounds the verdict missed ("; "-joined, KILL bounds first)
     cos_mean: float
     cos_null_mean: float
@@ -84,7 +115,8 @@ class PairCell:
         proc, ceil = c["procrustes_cos"], c["ceiling"]
         return cls(
             layer=c["layer"], x=c["pair"][0], y=c["pair"][1], tag=c["tag"], verdict=c["verdict"],
-            within_noise=bool(c["within_noise"]), failed="; ".join(c["failed"]),
+            within_noise=bool(c["within_noise"]), noise=c.get("noise_mark") or "",
+            failed="; ".join(c["failed"]),
             cos_mean=s["mean"], cos_null_mean=s["null_mean"],
             cos_ceiling=ceil["per_persona_cos_mean"], cos_min=s["min"],
             cos_min_null_p95=s["null_min_p95"], cos_min_ceiling=ceil["per_persona_cos_min"],
@@ -98,6 +130,12 @@ class PairCell:
             procrustes_null_p95=proc.get("null_p95"), procrustes_z=proc.get("z"),
             procrustes_p=proc.get("p"), procrustes_p_holm=proc.get("p_holm"),
             procrustes_ceiling=proc.get("ceiling"), spread_spearman=c["spread"]["spearman"])
+
+    def __repr__(self) -> str:
+        # a notebook shows this line, not 37 fields
+        return (f"PairCell(L{self.layer} {self.x} ~ {self.y}: {self.verdict}, cos_mean "
+                f"{_num(self.cos_mean)}, mc_r {_num(self.mc_r)} (Holm p {_num(self.mc_r_p_holm)})"
+                + (f"; failed: {self.failed}" if self.failed else "") + ")")
 
 
 @dataclass(frozen=True)
@@ -128,22 +166,37 @@ class CompareResult:
                    float(data["min_attainable_p_holm"]), source, data)
 
     def cell(self, layer: int, x: str, y: str) -> PairCell:
+        """The cell of recipes ``x`` and ``y`` (names or aliases: ``c2`` is ``sys_end``) at
+        ``layer`` (negative: counted from the end of the model)."""
+        la = stored_layer(self.source, layer) if layer < 0 else layer
+        pair = {canonical(x), canonical(y)}
         for c in self.cells:
-            if c.layer == layer and {c.x, c.y} == {x, y}:
+            if c.layer == la and {c.x, c.y} == pair:
                 return c
         raise KeyError((layer, x, y))
+
+    def __repr__(self) -> str:
+        counts = {v: sum(c.verdict == v for c in self.cells) for v in ("PASS", "GREY", "KILL")}
+        return (f"CompareResult({len(self.positions)} recipes × layers {self.layers}, "
+                f"{len(self.personas)} personas, {len(self.cells)} cells: "
+                + ", ".join(f"{n} {v}" for v, n in counts.items())
+                + f"; recipe_robust={self.recipe_robust})\n  {_clip(self.answer)}")
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self._data)
 
-    def save(self, out: str | Path, title: str = "Recipe comparison") -> Path:
-        """results.json, figures/ and report.md into ``out``; returns report.md's path."""
+    def save(self, out: str | Path, title: str = "Recipe comparison",
+             overwrite: bool = False) -> Path:
+        """results.json, cells.csv, figures/, report.md and details.md into ``out`` (one set,
+        swapped in whole; earlier results there only with ``overwrite``); returns report.md's
+        path."""
         from tlpersona.report.compare import write_report
         from tlpersona.report.tables import write_csv
 
-        with _writing(out):
-            write_csv(self.cells, Path(out) / "cells.csv")
-            return write_report(self._data, self.source, out, title)
+        with results_set(out, "compare", overwrite) as stage:
+            write_csv(self.cells, stage / "cells.csv")
+            report = write_report(self._data, self.source, stage, title)
+        return Path(out) / report.relative_to(stage)
 
 
 @dataclass(frozen=True)
@@ -188,6 +241,9 @@ class SubspaceLayer:
     # align="procrustes": the same count after rotating the recipes onto a common frame
     aligned: KFound | None = None
 
+    def __repr__(self) -> str:
+        return f"SubspaceLayer(L{self.layer}: {self.k_found})"
+
 
 @dataclass(frozen=True)
 class SubspaceResult:
@@ -212,19 +268,24 @@ class SubspaceResult:
         return cls(list(data["positions"]), bool(data["unit_norm"]), layers, answer(data),
                    components, source, data)
 
+    def __repr__(self) -> str:
+        per_layer = "; ".join(f"L{la.layer} k_found {la.k_found.k}" for la in self.layers)
+        return (f"SubspaceResult({len(self.positions)} recipes; {_clip(per_layer, 100)})\n  "
+                f"{_clip(self.answer)}")
+
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self._data)
 
-    def save(self, out: str | Path) -> Path:
-        """subspace.json, pcs.safetensors, figures/ and subspace.md into ``out``; returns
-        subspace.md's path."""
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """subspace.json, pcs.safetensors, figures/ and subspace.md into ``out`` (one set,
+        swapped in whole; earlier results there only with ``overwrite``); returns subspace.md's
+        path."""
         from tlpersona.report.subspace import write_subspace
 
-        with _writing(out):
-            section = write_subspace(self._data, self.components, self.source, out)
-            path = Path(out) / "subspace.md"
-            atomic_write_bytes(path, section.encode())
-        return path
+        with results_set(out, "subspace", overwrite) as stage:
+            section = write_subspace(self._data, self.components, self.source, stage)
+            atomic_write_bytes(stage / "subspace.md", section.encode())
+        return Path(out) / "subspace.md"
 
 
 @dataclass(frozen=True)
@@ -253,6 +314,8 @@ class ProjectionResult:
     axes: list[str]  # coordinate names (PC1 …, or the persona axis)
     points: list[Projected]
     inputs: Inputs  # the store's model, personas and questions, and its manifest
+    # per new item, its rank test over every recipe at once, Holm over the items
+    combined: list[Combined] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         stored: dict[str, list[dict[str, Any]]] = {p: [] for p in self.positions}
@@ -268,37 +331,40 @@ class ProjectionResult:
                               "nearest": [{"persona": n, "cos": c} for n, c in near.top],
                               "nearest_rank": near.rank, "nearest_pool": near.pool,
                               "nearest_p": near.p, "nearest_p_holm": near.p_holm,
-                              "nearest_tests": near.tests})
+                              "nearest_tests": near.tests, "nearest_exact": near.exact})
         return {"store": self.store, "inputs": asdict(self.inputs), "layer": self.layer,
                 "axis": self.axis, "positions": list(self.positions), "stored": stored,
-                "items": items}
+                "items": items,
+                "combined": [{"label": c.label, "recipes": list(c.recipes), "rank": c.rank,
+                              "pool": c.pool, "p": c.p, "p_holm": c.p_holm, "tests": c.tests,
+                              "exact": c.exact} for c in self.combined],
+                "code_version": __version__}
 
-    def save(self, out: str | Path) -> Path:
-        """projection.json, projection.csv and projection.png into ``out``; returns the JSON's
-        path."""
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """projection.json, projection.csv and projection.png into ``out`` (one set, swapped in
+        whole; earlier results there only with ``overwrite``); returns the JSON's path."""
         import csv
         import io
 
         from tlpersona.report import plots
 
-        out = Path(out)
-        with _writing(out):
-            atomic_write_bytes(out / "projection.json", json.dumps(self.to_dict(), indent=1).encode())
+        with results_set(out, "projection", overwrite) as stage:
+            atomic_write_bytes(stage / "projection.json", json.dumps(self.to_dict(), indent=1).encode())
             buf = io.StringIO()
             w = csv.writer(buf)
             w.writerow(["kind", "label", "recipe", "layer", *self.axes])
             for pt in sorted(self.points, key=lambda p: not p.stored):
                 w.writerow(["stored" if pt.stored else "new", pt.label, pt.recipe, self.layer,
                             *(pt.coords[n] for n in self.axes)])
-            atomic_write_bytes(out / "projection.csv", buf.getvalue().encode())
+            atomic_write_bytes(stage / "projection.csv", buf.getvalue().encode())
             first = self.axes[0]
             personas = [pt.label for pt in self.points if pt.stored and pt.recipe == self.positions[0]]
             bars = {p: np.array([pt.coords[first] for pt in self.points if pt.stored and pt.recipe == p])
                     for p in self.positions}
             marks = {p: [(pt.label, pt.coords[first]) for pt in self.points
                          if not pt.stored and pt.recipe == p] for p in self.positions}
-            plots.ranked_bars(bars, personas, marks, first, self.layer, out / "projection.png")
-        return out / "projection.json"
+            plots.ranked_bars(bars, personas, marks, first, self.layer, stage / "projection.png")
+        return Path(out) / "projection.json"
 
 
 @dataclass
@@ -311,12 +377,18 @@ class PatchResult(_PatchResult):
     def of(cls, result: _PatchResult) -> PatchResult:
         return cls(**{f.name: getattr(result, f.name) for f in fields(result)})
 
-    def save(self, out: str | Path) -> Path:
-        """patch.json, figures/ and patch.md into ``out``; returns patch.md's path."""
+    def __repr__(self) -> str:
+        return (f"PatchResult({len(self.pairs)} pairs × {len(self.questions)} questions, "
+                f"layers {self.layers}, positions {', '.join(self.positions)}, "
+                f"{len(self.cells)} cells)\n  {_clip(self.answer())}")
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """patch.json, figures/ and patch.md into ``out`` (one set, swapped in whole; earlier
+        results there only with ``overwrite``); returns patch.md's path."""
         from tlpersona.report.patch import write_patch
 
-        with _writing(out):
-            write_patch(self, out)
+        with results_set(out, "patch", overwrite) as stage:
+            write_patch(self, stage)
         return Path(out) / "patch.md"
 
 
@@ -329,10 +401,16 @@ class SteeringResult(_SteeringResult):
     def of(cls, result: _SteeringResult) -> SteeringResult:
         return cls(**{f.name: getattr(result, f.name) for f in fields(result)})
 
-    def save(self, out: str | Path) -> Path:
-        """steering.json, figures/ and steering.md into ``out``; returns steering.md's path."""
+    def __repr__(self) -> str:
+        return (f"SteeringResult(recipes {', '.join(self.recipes)}, layers {self.layers}, "
+                f"operators {', '.join(self.config.operators)}, base {self.base!r})\n  "
+                f"{_clip(self.answer())}")
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """steering.json, figures/ and steering.md into ``out`` (one set, swapped in whole;
+        earlier results there only with ``overwrite``); returns steering.md's path."""
         from tlpersona.report.steering import write_steering
 
-        with _writing(out):
-            write_steering(self, out)
+        with results_set(out, "steering", overwrite) as stage:
+            write_steering(self, stage)
         return Path(out) / "steering.md"

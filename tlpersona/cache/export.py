@@ -69,12 +69,17 @@ def check_export(req: VectorExport) -> None:
         raise TlpersonaError(f"unknown `format` {req.format!r} ({', '.join(FORMATS)})")
     if req.out.is_dir():
         raise TlpersonaError(f"`out` {req.out} is a directory; give a file name")
-    if req.format == "gguf" and req.layers is not None and 0 in req.layers:
-        raise TlpersonaError("`layers`: llama.cpp cannot add a control vector after block 0 "
-                             "(it has no direction.0); leave layer 0 out")
+    if req.format == "gguf":
+        _check_gguf_layers(req.layers)
     if req.format == "npy" and (req.layers is None or len(req.layers) != 1):
         raise TlpersonaError("`format` npy holds one layer: give exactly one `layers` value "
                              "(npz holds several)")
+
+
+def _check_gguf_layers(layers: list[int] | None) -> None:
+    if layers is not None and 0 in layers:
+        raise TlpersonaError("`layers`: llama.cpp cannot add a control vector after block 0 "
+                             "(it has no direction.0); leave layer 0 out")
 
 
 def export_vectors(store: Store, req: VectorExport, layers: list[int] | None
@@ -82,8 +87,11 @@ def export_vectors(store: Store, req: VectorExport, layers: list[int] | None
     """Write ``req.out`` (temporary file, then rename) and return what was written; ``layers``
     are ``req.layers`` as stored block numbers (None: every stored layer)."""
     check_export(req)
-    if req.format == "gguf" and layers is None:
-        layers = [la for la in store.layers if la != 0]
+    if req.format == "gguf":
+        # resolved: a negative layer (-30 of 30 blocks) can be block 0 too
+        _check_gguf_layers(layers)
+        if layers is None:
+            layers = [la for la in store.layers if la != 0]
     vecs = persona_layers(store, req.persona, req.position, layers)
     meta = {"persona": req.persona, "position": req.position,
             "definition": "centroid(persona) - mean centroid of all stored personas, "

@@ -9,6 +9,11 @@
                                          n_tokens [persona, question] fp32 (pooled positions)
     DIR/parts/<start>-<stop>.safetensors one group of personas while a run is unfinished:
                                          "<persona index>/<position>/<kind>" per tensor
+
+Each file also says in its own safetensors metadata what it is, so that a file swapped with
+another (manifest entries and all) or left over from another run is found out: a position file
+its identity (:data:`FILE_IDENTITY_KEY`), a part file the provenance of the run that wrote it
+(:data:`PART_PROVENANCE`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ PART_KINDS = ("centroid", "per_question", "valid", "n_tokens")
 FILE_SHAPES = {"centroids": ("p", "l"), "per_question": ("p", "q", "l"), "valid": ("p", "q"),
                "n_tokens": ("p", "q")}
 PART_FILE = re.compile(r"^\d{5}-\d{5}\.safetensors$")
+#: A position file's metadata key: a JSON object (sorted keys) of what the file is. One key, so
+#: that the file's bytes and sha256 are reproducible (safetensors writes several metadata keys in
+#: no fixed order). Files written by earlier versions carry ``{"position": <position>}`` instead.
+FILE_IDENTITY_KEY = "identity"
+#: The identity's fields and what each names: the file's position, the store's layers (JSON),
+#: the sha256 of its persona list (JSON) and of its provenance apart from ``responses_hash``.
+FILE_IDENTITY = {"position": "position", "layers": "layers", "personas_sha256": "persona list",
+                 "store_sha256": "provenance"}
+#: A part file's metadata key for the provenance (JSON) of the run that wrote it.
+PART_PROVENANCE = "provenance"
 
 
 def position_file(position: str) -> str:

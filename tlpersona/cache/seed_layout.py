@@ -12,7 +12,11 @@ value is checked (tensors of consistent shapes, finite, the layer count of ``met
 An export writes ``"tlpersona_seed_layout": 1``, the position and its store's manifest hash
 (``source``) into each ``metadata.json``; the reader refuses method folders from different
 sources, and an export replaces only folders that an export wrote (never a layout made by other
-code).
+code). An export writes a folder's ``metadata.json`` first, marked ``"complete": false``, and
+marks it complete after the folder's last file: the reader refuses a folder whose export was
+killed, and the next export replaces it. Nothing is written into a store's directory.
+
+Every file is checked to be a regular file before it is opened (a FIFO would block forever).
 
 ``method_b`` in a layout other code wrote holds the seed's response mean, which averages the
 template's closing tokens after the response too: it is read as ``response_mean_seed``, not as
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -32,7 +37,14 @@ from tlpersona.cache.store import Store
 from tlpersona.errors import TlpersonaError
 from tlpersona.files import atomic_save_pt, atomic_write_bytes
 from tlpersona.positions import RECIPES, canonical, parse_position
-from tlpersona.safety import check_persona_names, inside, read_text, strict_json
+from tlpersona.safety import (
+    check_persona_names,
+    check_regular_file,
+    in_store,
+    inside,
+    read_text,
+    strict_json,
+)
 
 _BY_POSITION = {v: k for k, v in RECIPES.items()}
 MARK = "tlpersona_seed_layout"
@@ -85,6 +97,7 @@ def _tensor(value: object, where: str, shape: tuple[int, ...] | None, ndim: int)
 
 
 def _load_pt(path: Path) -> object:
+    check_regular_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for unsafe or corrupt files
@@ -96,7 +109,9 @@ class SeedSource:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        methods = sorted(p for p in self.root.glob("method_*") if (p / "all_centroids.pt").exists())
+        # a folder whose export was killed before its centroids is refused below, not skipped
+        methods = sorted(p for p in self.root.glob("method_*") if (p / "all_centroids.pt").exists()
+                         or (p / "metadata.json").is_file() and _metadata(p).get(MARK))
         if not methods:
             raise TlpersonaError(f"{self.root}: no method_<x>/all_centroids.pt found")
         self._cent: dict[str, torch.Tensor] = {}
@@ -119,6 +134,9 @@ class SeedSource:
             if alias not in RECIPES:
                 raise TlpersonaError(f"{mdir}: unknown method {alias!r} (known: {', '.join(RECIPES)})")
             meta = metas[mdir]
+            if meta.get(MARK) and meta.get("complete") is False:
+                raise TlpersonaError(f"{mdir}: the export that wrote it did not finish; "
+                                     "rerun the export")
             pos = _position(alias, meta)
             data = _load_pt(mdir / "all_centroids.pt")
             if not isinstance(data, dict) or not data:
@@ -202,8 +220,20 @@ def read_seed(root: str | Path) -> SeedSource:
     return SeedSource(root)
 
 
+#: A temporary file of :mod:`tlpersona.files` that a killed export leaves (``.<name>.XXXXXXXX``).
+_LEFTOVER = re.compile(r"\.(.+\.pt|metadata\.json)\.[a-z0-9_]{8}")
+
+
+def _leftovers(mdir: Path) -> list[Path]:
+    return [p for p in mdir.iterdir() if _LEFTOVER.fullmatch(p.name) and p.is_file()]
+
+
 def _owned_by_export(mdir: Path) -> list[Path]:
-    """The files an earlier export wrote in ``mdir``; refuses a folder that no export wrote."""
+    """The files an earlier export wrote in ``mdir`` (a killed one's temporary files too);
+    refuses a folder that no export wrote."""
+    leftovers = _leftovers(mdir)
+    if not (mdir / "metadata.json").exists() and set(mdir.iterdir()) <= set(leftovers):
+        return leftovers  # an export killed before its first file
     meta = _metadata(mdir)
     if not meta.get(MARK):
         raise TlpersonaError(f"{mdir} holds a seed layout that tlpersona did not write; export "
@@ -214,7 +244,28 @@ def _owned_by_export(mdir: Path) -> list[Path]:
     names = check_persona_names(roles, str(mdir / "metadata.json"))
     files = ["all_centroids.pt", "metadata.json", *(f"{r}.pt" for r in names),
              *(f"{r}__per_q.pt" for r in names)]
-    return [inside(mdir, mdir / f) for f in files if (mdir / f).is_file()]
+    return [inside(mdir, mdir / f) for f in files if (mdir / f).is_file()] + leftovers
+
+
+def _method_dirs(root: Path) -> list[Path]:
+    dirs = sorted(root.glob("method_*")) if root.is_dir() else []
+    for mdir in dirs:
+        if mdir.is_symlink() or not mdir.is_dir():
+            raise TlpersonaError(f"{mdir} is not a directory; export into another directory")
+    return dirs
+
+
+def check_seed_root(root: str | Path) -> None:
+    """Problems with ``root`` as an export's seed layout, found before a store is read or
+    anything written: a file, a store's directory (or inside one), method folders that no
+    export wrote."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise TlpersonaError(f"`seed_layout` {root} is a file, not a directory")
+    if in_store(root):
+        raise TlpersonaError(f"`seed_layout` {root} is a store's directory; export elsewhere")
+    for mdir in _method_dirs(root):
+        _owned_by_export(mdir)
 
 
 def export_seed(store: Store, root: str | Path) -> list[Path]:
@@ -225,20 +276,21 @@ def export_seed(store: Store, root: str | Path) -> list[Path]:
     the personas and the store's manifest hash.
 
     Method folders already in ``root`` must have been written by an export (else nothing is
-    touched); those from another store are replaced whole, so the layout never mixes sources.
+    touched); those from another store, or of an export that did not finish, are replaced
+    whole, so the layout never mixes sources.
     """
     root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise TlpersonaError(f"`seed_layout` {root} is a file, not a directory")
+    check_seed_root(root)
     names = check_persona_names(store.personas, f"{store.root} (persona names)")
     stale: list[Path] = []
-    for mdir in sorted(root.glob("method_*")) if root.exists() else []:
-        if mdir.is_symlink() or not mdir.is_dir():
-            raise TlpersonaError(f"{mdir} is not a directory; export into another directory")
+    for mdir in _method_dirs(root):
         owned = _owned_by_export(mdir)
-        if _metadata(mdir).get("source_manifest_hash") != store.manifest_hash:
+        meta = _metadata(mdir)
+        if meta.get("source_manifest_hash") != store.manifest_hash or meta.get("complete") is False:
             stale.extend(owned)
-    for f in stale:  # another store's export: its files go, foreign files stay
+        else:
+            stale.extend(_leftovers(mdir))
+    for f in stale:  # another store's or a killed export: its files go, foreign files stay
         f.unlink()
     out = []
     for pos in store.positions:
@@ -246,6 +298,10 @@ def export_seed(store: Store, root: str | Path) -> list[Path]:
         if alias is None or (pos == "response_mean" and SEED_B in store.positions):
             continue  # method_b holds the seed's span where the store has it
         mdir = inside(root, root / f"method_{alias}")
+        meta = {MARK: 1, "layers": store.layers, "position": pos, "personas": names,
+                "source": str(store.root), "source_manifest_hash": store.manifest_hash}
+        # first: a kill from here on leaves a folder that says whose it is and that it is partial
+        atomic_write_bytes(mdir / "metadata.json", json.dumps({**meta, "complete": False}).encode())
         cent = store.centroids(pos)
         atomic_save_pt(inside(mdir, mdir / "all_centroids.pt"),
                        {name: cent[i].clone() for i, name in enumerate(names)})
@@ -254,9 +310,7 @@ def export_seed(store: Store, root: str | Path) -> list[Path]:
             atomic_save_pt(inside(mdir, mdir / f"{name}.pt"), cent[i].clone())
             if per_q is not None:
                 atomic_save_pt(inside(mdir, mdir / f"{name}__per_q.pt"), per_q[i].float().clone())
-        meta = {MARK: 1, "layers": store.layers, "position": pos, "personas": names,
-                "source": str(store.root), "source_manifest_hash": store.manifest_hash}
-        atomic_write_bytes(mdir / "metadata.json", json.dumps(meta).encode())
+        atomic_write_bytes(mdir / "metadata.json", json.dumps({**meta, "complete": True}).encode())
         out.append(mdir)
     for mdir in sorted(root.glob("method_*")):
         if mdir not in out and mdir.is_dir() and not any(mdir.iterdir()):

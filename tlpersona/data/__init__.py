@@ -60,7 +60,19 @@ def builtin_questions() -> list[Question]:
 
 
 def load_assistant_axis_personas(directory: str | Path, param: str = "personas") -> list[Persona]:
-    """Read ``role_list.json`` and ``instructions/<role>.json`` (``instruction[i].pos``)."""
+    """Read an assistant-axis persona directory.
+
+    ``role_list.json`` is one JSON object whose keys are the role (persona) names, in the order
+    the personas take in a store; each value, by convention a one-line description, is not
+    read. Duplicate keys are refused, and so are names that cannot be file names (empty, with a
+    path separator, control characters or surrounding white space, starting with a dot, longer
+    than 200 UTF-8 bytes, ``all_centroids``, ``metadata`` or ending in ``__per_q`` in any case)
+    or that equal another ignoring case. Every listed role needs ``instructions/<role>.json``: an object whose
+    ``instruction`` list holds ``{"pos": "<system prompt>"}`` items, each a non-empty string;
+    the i-th is the phrasing ``prompt_index`` i selects. Other keys there (``questions``,
+    ``eval_prompt``, an item's ``neg``) are ignored, and so are files of roles not listed
+    (``default.json``).
+    """
     root = Path(directory)
     if root.exists() and not root.is_dir():
         raise TlpersonaError(f"`{param}` {root}: not a directory (expected role_list.json and "

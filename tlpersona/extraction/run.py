@@ -134,11 +134,8 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
             "model_source": model.info.source}
     rk = ranks()
     # Rank 0 creates (or checks) the store first; the others then open it and check it too.
-    if rk.main:
-        writer = StoreWriter(out, prov, info, force_new=force_new, keep=keep)
-    rk.barrier()
-    if not rk.main:
-        writer = StoreWriter(out, prov, info, keep=keep)
+    writer = rk.main_first(lambda: StoreWriter(out, prov, info, force_new=force_new and rk.main,
+                                               keep=keep))
     if writer.complete:
         stats.update(computed=0, reused=len(personas))
         return Path(out)

@@ -454,6 +454,20 @@ def check_config(cfg: PatchConfig, n_layers: int) -> None:
             expand_positions([name], [])
 
 
+def check_inputs(personas: list[Persona], questions: list[Question], cfg: PatchConfig
+                 ) -> list[tuple[Persona, Persona]]:
+    """The persona pairs, with every persona and question checked before any forward pass:
+    at least one pair and one question, and the phrasing ``prompt_index`` in every persona."""
+    plist = pairs(personas, cfg.corrupt)
+    if not plist:
+        raise TlpersonaError("patching needs at least one clean persona besides the corrupt one")
+    if not questions:
+        raise TlpersonaError("patching needs at least one question")
+    for p in personas:
+        system_prompt(p, cfg.prompt_index)
+    return plist
+
+
 def run_patching(runner: Runner, personas: list[Persona], questions: list[Question],
                  cfg: PatchConfig, personas_note: str = "") -> PatchResult:
     """Grid of positions × layers (× heads) averaged over persona pairs and questions, by exact
@@ -461,9 +475,7 @@ def run_patching(runner: Runner, personas: list[Persona], questions: list[Questi
     from tlpersona.interventions.attribution import attribute_example
 
     check_config(cfg, runner.model.info.n_layers)
-    plist = pairs(personas, cfg.corrupt)
-    if not plist or not questions:
-        raise TlpersonaError("patching needs at least one persona pair and one question")
+    plist = check_inputs(personas, questions, cfg)
 
     examples = _examples(runner, plist, questions, cfg)
     rows = expand_positions(cfg.positions, [clean for clean, _ in examples])

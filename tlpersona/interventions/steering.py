@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from tlpersona.analyses.stats import holm
 from tlpersona.cache.vectors import axis, centred
+from tlpersona.conversation import Spans
 from tlpersona.data import Inputs, Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
 from tlpersona.interventions.runner import Runner
@@ -75,6 +76,7 @@ from tlpersona.interventions.steer_stats import (
 from tlpersona.models import LoadedModel
 from tlpersona.operators import OPERATORS, unit
 from tlpersona.sources import ActivationSource
+from tlpersona.version import __version__
 
 DEFAULT_ALPHAS = (0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0)
 DEFAULT_PERCENTILES = (10.0, 25.0, 50.0, 75.0, 90.0)
@@ -108,6 +110,12 @@ class SteerConfig:
     continuations: int = 2
     continuation_tokens: int = 24
     progress: bool = True
+
+    @property
+    def significance(self) -> float:
+        """``1 - level`` rounded, so that a p equal to it (a rank p of 1/20 at 0.95) is not
+        counted as below it through the float error of the subtraction."""
+        return round(1 - self.level, 12)
 
 
 @dataclass
@@ -178,7 +186,7 @@ class RecipeScore:
     random_p: float
     # Holm over every recipe × operator of the run, of `random_test_p` (the p the claim uses)
     random_p_holm: float = 1.0
-    beats_random: bool = False  # random_p_holm < 1 - level and the fluency guard passes
+    beats_random: bool = False  # random_p_holm < alpha and the fluency guard passes
     random_test: str = "rank"  # the test behind random_test_p: "t" (t-prediction) or "rank"
     random_test_p: float = 1.0  # its p, before Holm
     random_t_p: float | None = None  # one-sided t-prediction p (steer_stats.t_prediction_p)
@@ -230,7 +238,7 @@ class SteeringResult:
     inputs: Inputs | None = None  # the model, persona prompts, questions and store it ran on
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "code_version": __version__}
 
     def write_json(self, path: str | Path) -> Path:
         from tlpersona.files import atomic_write_bytes
@@ -267,7 +275,7 @@ def _fit(parts: list[str], limit: int = ANSWER_CHARS) -> str:
 
 def _answer(result: SteeringResult, op: str) -> str:
     cfg = result.config
-    alpha = 1 - cfg.level
+    alpha = cfg.significance
     family = len(result.scores)
     scores = result.scores_for(op)
     k = cfg.n_random
@@ -386,18 +394,30 @@ def check_config(cfg: SteerConfig, store: ActivationSource) -> None:
     if "cap" in cfg.operators and (not cfg.cap_percentiles
                                    or not all(0 <= p <= 100 for p in cfg.cap_percentiles)):
         raise TlpersonaError("`cap_percentiles` must lie in [0, 100]")
-    if cfg.n_random < 1:
-        raise TlpersonaError("`n_random` must be at least 1")
     if cfg.random_test not in RANDOM_TESTS:
         raise TlpersonaError(f"unknown `random_test` {cfg.random_test!r} ({', '.join(RANDOM_TESTS)})")
     if cfg.response_tokens < 1:
         raise TlpersonaError("`response_tokens` must be at least 1")
     if not 0 < cfg.level < 1 or cfg.n_boot < 100:
         raise TlpersonaError("the bootstrap needs a level in (0, 1) and at least 100 draws")
+    if not math.isfinite(cfg.fluency_margin) or cfg.fluency_margin < 0:
+        raise TlpersonaError("`fluency_margin` must be a number of nats/token, at least 0")
+    if cfg.continuations < 0 or (cfg.continuations and cfg.continuation_tokens < 1):
+        raise TlpersonaError("`continuations` must be at least 0, with at least one "
+                             "`continuation_tokens`")
+    if cfg.max_rows < 1:
+        raise TlpersonaError("`max_rows` must be at least 1")
     for r in cfg.recipes or []:
         if r not in store.positions:
             raise TlpersonaError(f"recipe {r} is not in the store (stored: "
                                  f"{', '.join(store.positions)})")
+        if r == "first":
+            raise TlpersonaError("recipe first cannot steer: token 0 is the same in every "
+                                 "prompt, so its persona vectors are zero")
+    recipes = cfg.recipes or default_recipes(store)
+    if not recipes:
+        raise TlpersonaError("the store holds no recipe to steer with (only `first`)")
+    check_random(cfg, len(recipes) * len(cfg.operators))
     for layer in cfg.layers or []:
         store.layer_index(layer)
     if cfg.base not in store.personas:
@@ -409,6 +429,34 @@ def check_config(cfg: SteerConfig, store: ActivationSource) -> None:
         raise TlpersonaError(f"`personas`: {cfg.base!r} is the base persona; name others")
     if cfg.personas is None and cfg.n_personas < 1:
         raise TlpersonaError("`n_personas` must be at least 1")
+    if not [p for p in store.personas if p != cfg.base]:
+        raise TlpersonaError(f"the store holds no persona besides the base {cfg.base!r} to steer to")
+
+
+def check_random(cfg: SteerConfig, family: int) -> None:
+    """Refuse a count of random directions with which "beyond random" cannot be called for any
+    recipe: the t-prediction needs 3 of them (with fewer, the rank p would decide, which
+    cannot fall below 1/3); the exact rank p, Holm-adjusted over ``family`` tests, cannot fall
+    below ``family / (n_random + 1)``."""
+    if cfg.n_random < 1:
+        raise TlpersonaError("`n_random` must be at least 1")
+    alpha = cfg.significance
+    need = math.ceil(family / alpha)
+    if cfg.random_test == "rank" and family / (cfg.n_random + 1) >= alpha:
+        raise TlpersonaError(f"`n_random` {cfg.n_random} is too few for `random_test` rank: over "
+                             f"{family} recipe × operator tests its Holm-adjusted p cannot fall "
+                             f"below {alpha:g} with fewer than {need} random directions")
+    if cfg.random_test == "t" and cfg.n_random < 3:
+        raise TlpersonaError(f"`n_random` {cfg.n_random} is too few for a beyond-random test: the "
+                             "t-prediction needs at least 3 random directions (the exact rank "
+                             f"test, {need} for {family} recipe × operator tests)")
+
+
+def min_questions(cfg: SteerConfig, store: ActivationSource) -> int:
+    """Fewest evaluation questions that give every test of the run: one to select the setting
+    on, and two to score it on where recipes are ranked against each other (a sign-flip test
+    over the scoring questions; one scoring question otherwise)."""
+    return 3 if len(cfg.recipes or default_recipes(store)) > 1 else 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,7 +508,7 @@ class _Eval:
                 self.seq["B", p.name, q.id] = r.conversation(self.prompt(p), q.text, rx)
                 self.seq["B0", p.name, q.id] = r.conversation(self.prompt(p), q.text, r0)
         a0 = self.seq["A0", self.questions[0].id]
-        self.steer_start = _after_system(a0)
+        self.steer_start = after_system(a0.spans)
         self.prefix = a0.ids[:self.steer_start]
 
     def unedited(self) -> None:
@@ -505,7 +553,7 @@ class _Eval:
             for la in self.layers:
                 c = cent[:, st.layer_index(la)]
                 self.cent[r, la] = c
-                self.own[r, la] = unit(centred(c)[tidx]).float()
+                self.own[r, la] = persona_directions(c, tidx)
                 self.axis[r, la] = unit(axis(c, b)).float()
         self.rand = {la: random_directions(d, cfg.n_random, cfg.seed, la) for la in self.layers}
 
@@ -525,7 +573,7 @@ class _Eval:
             else:
                 u = self.own[recipe, la][i] if kind == "persona" else self.rand[la][i]
             if s.operator == "add":
-                out.append(Edit(la, self.steer_start, delta=s.strength * self.norm[la] * u))
+                out.append(Edit(la, self.steer_start, delta=added_vector(s.strength, self.norm[la], u)))
             else:
                 start = self.seq[seq_key].spans.anchors["sys_start"]
                 lo = 0.0 if s.operator == "ablate" else self.tau(recipe, la, u, s.strength)
@@ -586,9 +634,22 @@ def _goal(main: tuple) -> tuple:
     return ("B" if kind == "A" else "A", p, q)
 
 
-def _after_system(conv: Any) -> int:
-    a = conv.spans.anchors
+def after_system(spans: Spans) -> int:
+    """The first token ``add`` edits: the one after the system block (``sys_end+1``; where the
+    template has no system role, after the system text, ``sys_last+1``)."""
+    a = spans.anchors
     return a["sys_end"] + 1 if "sys_end" in a else a["sys_last"] + 1
+
+
+def persona_directions(centroids: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``[len(rows), d]`` float32 unit vectors of the personas at ``rows`` of one recipe's
+    ``[persona, d]`` centroids, each relative to the mean of every stored persona."""
+    return unit(centred(centroids)[rows]).float()
+
+
+def added_vector(alpha: float, typical_norm: float, u: torch.Tensor) -> torch.Tensor:
+    """What ``add`` adds at strength ``alpha``: ``alpha · s_l · u``."""
+    return alpha * typical_norm * u
 
 
 def _kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -624,6 +685,9 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
 
     t0 = time.perf_counter()
     check_config(cfg, store)
+    need = min_questions(cfg, store)
+    if len(questions) < need:
+        raise TlpersonaError(f"steering these recipes needs at least {need} questions")
     runner = Runner(model, cfg.max_rows)
     by_name = {p.name: p for p in personas}
     recipes = cfg.recipes or default_recipes(store)
@@ -720,14 +784,14 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
     # one family: "this recipe's vector moves the model more than a random direction"
     for x, p in zip(scores, holm([x.random_test_p for x in scores]), strict=True):
         x.random_p_holm = float(p)
-        x.beats_random = bool(p < 1 - cfg.level and x.fluency_ok)
+        x.beats_random = bool(p < cfg.significance and x.fluency_ok)
     verdicts = {}
     for op in cfg.operators:
         of_op = [x for x in scores if x.operator == op]
         ranks = separated_ranks([kl_q[op, x.recipe] for x in of_op], cfg.level, cfg.seed)
         for x, k in zip(of_op, ranks, strict=True):
             x.rank = k
-        verdicts[op] = _verdict(op, of_op, cfg.n_random, len(scores), 1 - cfg.level,
+        verdicts[op] = _verdict(op, of_op, cfg.n_random, len(scores), cfg.significance,
                                 cfg.random_test)
     result = SteeringResult(
         config=cfg, store_manifest_hash=store.manifest_hash, model=str(runner.model.info.spec),

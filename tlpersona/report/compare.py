@@ -14,6 +14,13 @@ def _f(v: Any, nd: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{nd}f}"
 
 
+def marked(cell: dict[str, Any]) -> str:
+    """A cell's verdict with its noise mark: ``KILL (noise)``, ``GREY (inconclusive)``,
+    ``KILL (beyond noise)``; a PASS has none."""
+    mark = cell.get("noise_mark")
+    return cell["verdict"] + (f" ({mark})" if mark else "")
+
+
 def verdict_table(result: dict[str, Any]) -> str:
     layers = result["layers"]
     rows = ["| pair | tag | " + " | ".join(f"L{x}" for x in layers) + " |",
@@ -22,7 +29,7 @@ def verdict_table(result: dict[str, Any]) -> str:
     tags = {}
     for c in result["cells"]:
         key = (c["pair"][0], c["pair"][1])
-        seen.setdefault(key, {})[c["layer"]] = c["verdict"] + (" (noise)" if c.get("within_noise") else "")
+        seen.setdefault(key, {})[c["layer"]] = marked(c)
         tags[key] = c["tag"]
     for key, by_layer in seen.items():
         rows.append(f"| {key[0]} ~ {key[1]} | {tags[key]} | "
@@ -52,7 +59,7 @@ def _detail_table(result: dict[str, Any], layer: int) -> str:
             f"| {_f(raw['pearson'])} ({_f(raw['null_p95'])}) | {_f(mr['pearson'])} ({_f(mr['null_p95'])}) "
             f"| {_f(c['ceiling']['matrix_mc_pearson'])} | {_f(mr['spearman'])} "
             f"| {_p(mr['mantel_p'])} ({_p(mr.get('mantel_p_holm'))}) | {_f(c['spread']['spearman'])} "
-            f"| **{c['verdict']}**{' (noise)' if c.get('within_noise') else ''} |")
+            f"| **{c['verdict']}**{marked(c)[len(c['verdict']):]} |")
     return "\n".join(rows)
 
 
@@ -211,14 +218,26 @@ def details(result: dict[str, Any], title: str) -> list[str]:
         *[f"- {n}" for n in result["overall"].get("notes", [])], "",
         run_line(result), "",
         f"Verdicts: PASS if per-persona min cos > {th['pass_min_cos']} and mean-centred matrix "
-        f"r > {th['pass_mc_r']} beyond its Mantel null (uncorrected p < {alpha:g}: at most "
-        f"{alpha:g} of unrelated cells pass the gate)"
+        f"r > {th['pass_mc_r']} beyond its Mantel null (uncorrected p < {alpha:g}; the Mantel "
+        f"test is exact, so unrelated recipes pass a given cell at most {alpha:g} of the time, "
+        "whatever their geometry; over many cells some unrelated pairs can pass)"
         + (f" and spread Spearman > {th['pass_spread']} where defined" if th.get("gate_spread")
            else " (the spread correlation is descriptive and does not gate the verdict)")
         + f"; KILL if min cos < {th['kill_min_cos']} or mean-centred r < {th['kill_mc_r']}; GREY "
-        "otherwise. '(noise)' marks a cell that fails only bounds its ceiling fails too: identical "
-        "recipes sampled as noisily would not pass either. Groups of agreeing recipes are sets "
-        "whose every pair passes. cells.csv names the bounds each cell missed (`failed`).", "",
+        "otherwise. Every cell that does not pass carries a mark. For each statistic whose bound "
+        "the verdict rests on (the KILL bounds of a KILL, the PASS bounds of a GREY), the "
+        "observed value is tested against its ceiling (what identical recipes reach) with its "
+        "sampling error: the delete-half jackknife over questions (the spread of the statistic "
+        "recomputed on each question half, both recipes on the same half), "
+        f"one-sided at {alpha:g} split over the statistics tested. '(beyond noise)': some "
+        "statistic is below its ceiling by more than that, so the recipes differ (identical "
+        f"recipes get this mark in at most about {alpha:g} of cells; the ceilings run low under "
+        "heavy noise, which makes it rarer still). '(noise)': each is within sampling error of "
+        "its ceiling, so identical recipes sampled as noisily could give the cell. "
+        "'(inconclusive)': a missed condition has no ceiling (the Mantel gate, the spread) or a "
+        "recipe has no per-question vectors: the cell shows neither agreement nor a difference. "
+        "Groups of agreeing recipes are sets whose every pair passes. cells.csv names the bounds "
+        "each cell missed (`failed`).", "",
         "Every statistic is shown with what unrelated personas would give (null) and, where it has "
         "one, what identical data would give (ceiling). Nulls: for mean cosines, the mean over "
         "every persona pairing under a uniform relabelling (exact); for matrix r, the permutation "

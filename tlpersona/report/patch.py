@@ -8,6 +8,7 @@ from typing import Any
 from tlpersona.files import atomic_write_bytes, json_bytes
 from tlpersona.report import plots
 from tlpersona.report.compare import _f
+from tlpersona.version import __version__
 
 
 def write_patch(result: Any, out: str | Path) -> str:
@@ -16,7 +17,8 @@ def write_patch(result: Any, out: str | Path) -> str:
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "patch.json", json_bytes({"patching": result.to_dict()}))
+    atomic_write_bytes(out / "patch.json",
+                       json_bytes({"patching": result.to_dict(), "code_version": __version__}))
     cfg = result.config
     layers, rows = result.layers, result.positions
     lines = ["## Activation patching", ""]

@@ -4,7 +4,7 @@ pyplot, so importing this module leaves a notebook's matplotlib backend alone.""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib.colors
 import numpy as np
@@ -22,19 +22,40 @@ def _pair_name(pair: list[str]) -> str:
 
 
 def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
-             **kw: Any) -> tuple[Figure, Any]:
-    """A figure and its axes, as ``pyplot.subplots`` gives, without touching pyplot's state."""
-    fig = Figure(figsize=figsize)
+             layout: Literal["constrained"] | None = None, **kw: Any) -> tuple[Figure, Any]:
+    """A figure and its axes, as ``pyplot.subplots`` gives, without touching pyplot's state;
+    ``layout="constrained"`` lays out legends placed outside the axes too."""
+    fig = Figure(figsize=figsize, layout=layout)
     return fig, fig.subplots(nrows, ncols, **kw)
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
     """Lay out and write ``path`` (PNG) through a temporary name."""
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     # "tight" grows the canvas to every label and title, so none is cut at the edge
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png",
                                                     bbox_inches="tight", pad_inches=0.1))
     return path
+
+
+def _legend_above(fig: Figure, ax: Any) -> None:
+    """The axes' legend above them, outside the plotted area (it covers no bar or point)."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncol=min(2, len(labels)),
+               fontsize=7, frameon=False)
+
+
+def distinct_colours(n: int) -> list[Any]:
+    """``n`` colours that stay apart: the tab10/tab20 palettes up to 20, else evenly spaced
+    along a perceptual rainbow (a 10-colour cycle repeats colours from the eleventh line)."""
+    import matplotlib
+
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    if n <= 20:
+        return [matplotlib.colormaps["tab20"](i) for i in range(n)]
+    return [matplotlib.colormaps["turbo"](x) for x in np.linspace(0.03, 0.97, n)]
 
 
 def verdict_heatmap(result: dict[str, Any], path: Path) -> Path:
@@ -60,7 +81,7 @@ def verdict_heatmap(result: dict[str, Any], path: Path) -> Path:
 
 def cosine_violins(result: dict[str, Any], layer: int, path: Path) -> Path:
     cells = [c for c in result["cells"] if c["layer"] == layer]
-    fig, ax = subplots(figsize=(max(6, 0.45 * len(cells)), 4))
+    fig, ax = subplots(figsize=(max(6, 0.45 * len(cells)), 4), layout="constrained")
     data = [np.asarray(c["per_persona_cos_all"]) for c in cells]
     ax.violinplot(data, showmedians=True)
     th = result["thresholds"]
@@ -70,13 +91,13 @@ def cosine_violins(result: dict[str, Any], layer: int, path: Path) -> Path:
                   rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("per-persona cosine")
     ax.set_title(f"Per-persona cosine between recipes, layer {layer}")
-    ax.legend(fontsize=7)
+    _legend_above(fig, ax)
     return save_figure(fig, path)
 
 
 def matrix_bars(result: dict[str, Any], layer: int, path: Path) -> Path:
     cells = [c for c in result["cells"] if c["layer"] == layer]
-    fig, ax = subplots(figsize=(max(6, 0.45 * len(cells)), 4))
+    fig, ax = subplots(figsize=(max(6, 0.45 * len(cells)), 4), layout="constrained")
     x = np.arange(len(cells))
     ax.bar(x - 0.2, [c["matrix_raw"]["pearson"] for c in cells], 0.4, label="raw r")
     ax.bar(x + 0.2, [c["matrix_mc"]["pearson"] for c in cells], 0.4, label="mean-centred r")
@@ -90,26 +111,42 @@ def matrix_bars(result: dict[str, Any], layer: int, path: Path) -> Path:
     ax.set_xticks(x, [_pair_name(c["pair"]) for c in cells], rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("Pearson r of cosine matrices")
     ax.set_title(f"Inter-persona matrix agreement, layer {layer}")
-    ax.legend(fontsize=7, loc="lower left")
+    _legend_above(fig, ax)
     return save_figure(fig, path)
 
 
 def cosine_matrices(source: ActivationSource, positions: list[str], layer: int, path: Path) -> Path:
+    """One panel per recipe (four to a row), personas in store order, named on the left of
+    each row; one colour bar for all."""
     li = source.layer_index(layer)
-    fig, axes = subplots(1, len(positions), figsize=(2.6 * len(positions), 2.8))
-    axes = np.atleast_1d(axes)
-    for ax, pos in zip(axes, positions, strict=True):
+    ncols = min(4, len(positions))
+    nrows = -(-len(positions) // ncols)
+    fig, axes = subplots(nrows, ncols, figsize=(1.2 + 2.6 * ncols, 0.6 + 2.7 * nrows),
+                         squeeze=False, layout="constrained")
+    names = list(source.personas)
+    small = max(3.0, min(7.0, 160 / max(len(names), 1)))  # ~one text line per matrix row
+    im = None
+    for k, ax in enumerate(axes.flat):
+        if k >= len(positions):
+            ax.set_visible(False)
+            continue
+        pos = positions[k]
         m = M.cos_matrix(M.mean_centre(source.centroids(pos)[:, li].double().numpy()))
-        ax.imshow(m, cmap="RdBu_r", vmin=-1, vmax=1)
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-1, vmax=1)
         ax.set_title(pos, fontsize=8)
         ax.set_xticks([])
-        ax.set_yticks([])
+        if k % ncols == 0:
+            ax.set_yticks(range(len(names)), names, fontsize=small)
+        else:
+            ax.set_yticks([])
+    if im is not None:
+        fig.colorbar(im, ax=list(axes.flat), shrink=0.6, label="cosine (mean-centred)")
     fig.suptitle(f"Mean-centred inter-persona cosine matrices, layer {layer}", fontsize=9)
     return save_figure(fig, path)
 
 
 def subspace_variance(layer: dict[str, Any], path: Path) -> Path:
-    fig, ax = subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(8, 4), layout="constrained")
     for i, (pos, v) in enumerate(layer["variance"].items()):
         color = f"C{i}"
         k = np.arange(1, len(v["shared_cumulative"]) + 1)
@@ -119,7 +156,7 @@ def subspace_variance(layer: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("K")
     ax.set_ylabel("between-persona variance explained")
     ax.set_title(f"Variance captured by K shared vs own PCs, layer {layer['layer']}")
-    ax.legend(fontsize=6, ncol=2)
+    fig.legend(loc="outside right center", fontsize=6, frameon=False)
     return save_figure(fig, path)
 
 
@@ -127,13 +164,15 @@ def subspace_agreement(layer: dict[str, Any], th: dict[str, float], path: Path) 
     """Per shared PC, each pair's correlation of persona scores (held out: solid; in sample:
     dotted), with what the weakest pair had to exceed for the PC to count as shared (the
     per-PC test's bar; the fixed ``min_r`` where no null ran)."""
-    fig, ax = subplots(figsize=(6, 4))
     held, ins = layer["per_pc"], layer["per_pc_in_sample"]
-    for i, pair in enumerate(held[0]["pairs"] if held else []):
+    pairs = list(held[0]["pairs"]) if held else []
+    fig, ax = subplots(figsize=(6 + 2.2 * (1 + len(pairs) // 25), 4), layout="constrained")
+    colours = distinct_colours(len(pairs))
+    for pair, colour in zip(pairs, colours, strict=True):
         ax.plot([row["pc"] for row in held], [row["pairs"][pair] for row in held],
-                color=f"C{i % 10}", label=pair, lw=1, marker=".")
+                color=colour, label=pair, lw=1, marker=".")
         ax.plot([row["pc"] for row in ins], [row["pairs"][pair] for row in ins],
-                color=f"C{i % 10}", ls=":", lw=0.7)
+                color=colour, ls=":", lw=0.7)
     bar = layer.get("per_pc_threshold")
     if bar and held and any(b is not None for b in bar):
         # the per-PC test's bar: what the relabelled draws reach on that PC (held out)
@@ -144,15 +183,19 @@ def subspace_agreement(layer: dict[str, Any], th: dict[str, float], path: Path) 
         ax.axhline(th["min_r"], color="k", lw=0.8, ls="--")
     ax.set_xlabel("shared PC (dotted: in sample)")
     ax.set_ylabel("r of the two recipes' persona scores")
+    k = layer["k_found"]
     ax.set_title(f"Which shared PCs every recipe shares, layer {layer['layer']}: "
-                 f"k_found = {layer['k_found']}", fontsize=9)
-    ax.legend(fontsize=5, ncol=2)
+                 f"k_found = {k if k else '0 (no PC shared)'}", fontsize=9)
+    fig.legend(loc="outside right center", fontsize=5, frameon=False,
+               ncol=1 + len(pairs) // 25)
     return save_figure(fig, path)
 
 
-def subspace_scatter(coords: dict[str, np.ndarray], layer: int, path: Path) -> Path:
-    """``coords[recipe]``: ``[persona, 2]`` on PC1–PC2; lines join one persona across recipes."""
-    fig, ax = subplots(figsize=(5.5, 5))
+def subspace_scatter(coords: dict[str, np.ndarray], layer: int, path: Path,
+                     personas: list[str] | None = None) -> Path:
+    """``coords[recipe]``: ``[persona, 2]`` on PC1–PC2; lines join one persona across recipes,
+    whose name (``personas``, in the rows' order) stands at its mean position."""
+    fig, ax = subplots(figsize=(7, 5), layout="constrained")
     recipes = list(coords)
     stacked = np.stack([coords[r] for r in recipes])  # [recipe, persona, 2]
     for p in range(stacked.shape[1]):
@@ -161,10 +204,13 @@ def subspace_scatter(coords: dict[str, np.ndarray], layer: int, path: Path) -> P
     for i, r in enumerate(recipes):
         ax.scatter(stacked[i, :, 0], stacked[i, :, 1], s=14, marker=markers[i % len(markers)],
                    label=r, zorder=2)
+    for name, (x, y) in zip(personas or [], stacked.mean(0), strict=False):
+        ax.annotate(name, (x, y), fontsize=5, color="0.25", xytext=(2, 2),
+                    textcoords="offset points")
     ax.set_xlabel("shared PC1")
     ax.set_ylabel("shared PC2")
     ax.set_title(f"Personas on the shared PCs, layer {layer}")
-    ax.legend(fontsize=7)
+    fig.legend(loc="outside right center", fontsize=7, frameon=False)
     return save_figure(fig, path)
 
 
@@ -186,14 +232,20 @@ def ranked_bars(values: dict[str, np.ndarray], personas: list[str],
     return save_figure(fig, path)
 
 
+#: What the colour of a patching cell says.
+EFFECT_LABEL = "effect (0 = corrupt run, 1 = clean run)"
+
+
 def patching_heatmap(cells: list[Any], rows: list[str], layers: list[int], title: str,
                      path: Path) -> Path:
-    """Two panels (KL and logit-difference effect): positions × layers, 0 = corrupt, 1 = clean.
-    ``cells``: :class:`~tlpersona.interventions.patching.CellEffect` of one method and component."""
-    fig, axes = subplots(1, 2, figsize=(2.5 + 1.2 * len(layers), 1.2 + 0.3 * len(rows)),
-                             squeeze=False)
-    for ax, key, name in zip(axes[0], ("kl_effect", "ld_effect"),
-                             ("KL effect", "logit-difference effect"), strict=True):
+    """Two panels (KL and logit-difference effect): positions × layers, 0 = corrupt, 1 = clean,
+    one colour bar for both. ``cells``: :class:`~tlpersona.interventions.patching.CellEffect` of
+    one method and component."""
+    fig, axes = subplots(1, 2, figsize=(3.0 + 1.6 * len(layers), 1.4 + 0.3 * len(rows)),
+                         squeeze=False, layout="constrained")
+    im = None
+    for k, (ax, key, name) in enumerate(zip(axes[0], ("kl_effect", "ld_effect"),
+                                            ("KL effect", "logit-difference effect"), strict=True)):
         grid = np.full((len(rows), len(layers)), np.nan)
         for c in cells:
             grid[rows.index(c.position), layers.index(c.layer)] = getattr(c, key)
@@ -203,29 +255,42 @@ def patching_heatmap(cells: list[Any], rows: list[str], layers: list[int], title
                 if not np.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6)
         ax.set_xticks(range(len(layers)), [f"L{x}" for x in layers], fontsize=7)
-        ax.set_yticks(range(len(rows)), rows, fontsize=7)
-        ax.set_title(f"{name} ({title})", fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        # the rows are the same in both panels: named once, on the left
+        ax.set_yticks(range(len(rows)), rows if k == 0 else [], fontsize=7)
+        ax.set_title(f"{name}\n({title})", fontsize=9)
+    assert im is not None
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label=EFFECT_LABEL)
     return save_figure(fig, path)
 
 
 def head_heatmap(cells: list[Any], layers: list[int], n_heads: int, title: str, path: Path,
                  panels: int = 6) -> Path:
     """KL effect of each head (layers × heads), one panel per position: the ``panels``
-    positions whose largest absolute effect is largest."""
+    positions whose largest absolute effect is largest; one colour bar for all."""
     by_pos: dict[str, np.ndarray] = {}
     for c in cells:
         grid = by_pos.setdefault(c.position, np.full((len(layers), n_heads), np.nan))
         grid[layers.index(c.layer), c.head] = c.kl_effect
     top = sorted(by_pos, key=lambda p: -np.nanmax(np.abs(by_pos[p]), initial=0.0))[:panels]
-    fig, axes = subplots(1, max(1, len(top)), squeeze=False,
-                             figsize=(1.5 + (1.0 + 0.18 * n_heads) * max(1, len(top)),
-                                      1.5 + 0.25 * len(layers)))
-    for ax, pos in zip(axes[0], top, strict=False):
-        im = ax.imshow(by_pos[pos], cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    ncols = min(3, max(1, len(top)))
+    nrows = -(-max(1, len(top)) // ncols)
+    fig, axes = subplots(nrows, ncols, squeeze=False, layout="constrained",
+                         figsize=(1.8 + (1.0 + 0.18 * n_heads) * ncols,
+                                  0.8 + (0.9 + 0.25 * len(layers)) * nrows))
+    step = max(1, n_heads // 8)  # whole head numbers, at most about eight of them
+    im = None
+    for k, ax in enumerate(axes.flat):
+        if k >= len(top):
+            ax.set_visible(False)
+            continue
+        im = ax.imshow(by_pos[top[k]], cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        ax.set_xticks(range(0, n_heads, step))
+        ax.tick_params(labelsize=6)
         ax.set_xlabel("head", fontsize=7)
-        ax.set_yticks(range(len(layers)), [f"L{x}" for x in layers], fontsize=6)
-        ax.set_title(pos, fontsize=8)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.set_yticks(range(len(layers)), [f"L{x}" for x in layers] if k % ncols == 0 else [],
+                      fontsize=6)
+        ax.set_title(top[k], fontsize=8)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes.flat), shrink=0.8, label="KL " + EFFECT_LABEL)
     fig.suptitle(f"KL effect per head ({title})", fontsize=9)
     return save_figure(fig, path)

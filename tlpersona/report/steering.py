@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.artist import Artist
 from matplotlib.figure import Figure
 
 from tlpersona.files import atomic_write_bytes, atomic_write_with
 from tlpersona.interventions.steer_stats import Estimate
-from tlpersona.interventions.steering import RecipeScore, SteeringResult, monotone_floor
+from tlpersona.interventions.steering import GOAL, RecipeScore, SteeringResult, monotone_floor
 from tlpersona.report.plots import subplots
 
 HOW = {
@@ -35,17 +36,18 @@ def _e(x: Estimate | None, nd: int = 3) -> str:
 
 
 def effects_figure(result: SteeringResult, path: Path) -> Path:
-    """One panel per operator: the own vector's effect with its interval, each random
+    """One row per operator: the own vector's effect with its interval, each random
     direction's effect as a dot with the 95 % prediction band of one more direction (the
     t-prediction's), and the other personas' vectors' effect with its interval (scoring
     questions). The dots, not an interval of their mean, are what the own vector is tested
-    against."""
+    against. One legend for every row, above them, where it covers no point."""
     from scipy import stats
 
     ops = list(result.config.operators)
-    fig, axes = subplots(1, len(ops), figsize=(2.0 + 1.3 * len(result.recipes) * len(ops), 3.8),
-                         squeeze=False)
-    for ax, op in zip(axes[0], ops, strict=True):
+    n = max(len(result.scores_for(op)) for op in ops)
+    fig, axes = subplots(len(ops), 1, figsize=(2.5 + 0.8 * n, 0.9 + 2.6 * len(ops)),
+                         squeeze=False, layout="constrained")
+    for ax, op in zip(axes[:, 0], ops, strict=True):
         scores = result.scores_for(op)
         x = np.arange(len(scores))
         for i, s in enumerate(scores):
@@ -69,47 +71,61 @@ def effects_figure(result: SteeringResult, path: Path) -> Path:
             hi = np.array([e.hi for _, e in pts])
             ax.errorbar(xs, m, yerr=[m - lo, hi - m], fmt="o", ms=4, color=color, capsize=2,
                         label=name)
-        for i, s in enumerate(scores):
-            if s.beats_random:
-                ax.annotate("*", (i - 0.22, s.own.effect.hi), ha="center", va="bottom", fontsize=9)
+        beyond = [(i - 0.22, s.own.effect.hi) for i, s in enumerate(scores) if s.beats_random]
+        if beyond:
+            # a marker, not a text: the axes' limits grow to hold it
+            bx, by = zip(*beyond, strict=True)
+            ax.plot(bx, by, marker="*", ls="none", ms=8, color="k", zorder=4,
+                    label="own vector beyond random after Holm")
+        ax.margins(y=0.12)
         ax.axhline(0, color="k", lw=0.6)
-        ax.set_xticks(x, [f"{s.recipe}\n{s.setting.label()}" for s in scores], fontsize=6,
-                      rotation=30, ha="right")
-        ax.set_xlim(-0.6, len(scores) - 0.4)
-        ax.set_title(f"{op}: effect (1 - KL/KL0), scoring questions\n(*: beyond random after Holm)",
-                     fontsize=8)
-        ax.legend(fontsize=5, loc="best")
+        ax.set_xticks(x, [f"{s.recipe}\n{s.setting.label()}" for s in scores], fontsize=7,
+                      rotation=30, ha="right", rotation_mode="anchor")
+        ax.set_xlim(-0.6, max(len(scores), 1) - 0.4)
+        ax.set_ylabel("effect (1 - KL/KL0)", fontsize=8)
+        ax.set_title(f"{op}: {GOAL[op]}, scoring questions", fontsize=9)
+    handles: dict[str, Artist] = {}
+    for ax in axes[:, 0]:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside upper center",
+               ncol=min(3, len(handles)), fontsize=7, frameon=False)
     return _save(fig, path)
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """Like :func:`save_figure`, but the saved area grows to hold every label and title."""
-    fig.tight_layout()
+    """Write ``path``; the figure is laid out by its constrained layout (the legends outside
+    the axes included) and the saved area grows to hold every label and title."""
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png",
-                                                    bbox_inches="tight"))
+                                                    bbox_inches="tight", pad_inches=0.1))
     return path
 
 
 def curves_figure(result: SteeringResult, path: Path) -> Path:
-    """Effect against strength at the selected layers (own vector, selection questions)."""
+    """Effect against strength at the selected layers (own vector, selection questions); one
+    colour per recipe in every panel, named in one legend beside the panels."""
     ops = [op for op in result.config.operators if op != "ablate"]
-    fig, axes = subplots(1, max(1, len(ops)), figsize=(4 * max(1, len(ops)), 3.2),
-                             squeeze=False)
+    fig, axes = subplots(1, max(1, len(ops)), figsize=(1.5 + 3.6 * max(1, len(ops)), 3.4),
+                         squeeze=False, layout="constrained")
+    colour = {r: f"C{i % 10}" for i, r in enumerate(result.recipes)}
     for ax, op in zip(axes[0], ops, strict=False):
-        for i, s in enumerate(result.scores_for(op)):
+        for s in result.scores_for(op):
             xs = [p.strength for p in s.curve]
-            ax.plot(xs, [p.effect for p in s.curve], marker="o", ms=3, color=f"C{i % 10}",
-                    label=f"{s.recipe} ({s.setting.label()})")
+            ax.plot(xs, [p.effect for p in s.curve], marker="o", ms=3, color=colour[s.recipe],
+                    label=s.recipe)
             ax.plot([s.setting.strength], [next(p.effect for p in s.curve
                                                 if p.strength == s.setting.strength)],
-                    marker="*", ms=10, color=f"C{i % 10}")
+                    marker="*", ms=10, color=colour[s.recipe])
         if op == "add":
             ax.set_xscale("log", base=2)
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xlabel("alpha (× typical residual norm)" if op == "add" else "cap percentile")
         ax.set_ylabel("effect")
-        ax.set_title(f"{op}, selection questions (star: selected)", fontsize=8)
-        ax.legend(fontsize=5)
+        ax.set_title(f"{op} at the selected layer, selection questions\n"
+                     "(star: selected strength)", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right center", fontsize=7, frameon=False)
     return _save(fig, path)
 
 

@@ -40,7 +40,8 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Activa
               @ comps[mid["layer"]][:2].T for p in result["positions"]}
     plots.subspace_variance(mid, figs / f"subspace_variance_L{mid['layer']}.png")
     plots.subspace_agreement(mid, result["thresholds"], figs / f"subspace_agreement_L{mid['layer']}.png")
-    plots.subspace_scatter(coords, mid["layer"], figs / f"subspace_pc12_L{mid['layer']}.png")
+    plots.subspace_scatter(coords, mid["layer"], figs / f"subspace_pc12_L{mid['layer']}.png",
+                           list(source.personas))
     rows = ["| layer | k_found (held out) | null: k_found of relabelled personas "
             "| variance of PC1 | \\|cos(PC1, first token)\\| |", "|---|---|---|---|---|"]
     for lay in layers:

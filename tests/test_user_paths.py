@@ -1,0 +1,540 @@
+"""What a new user runs into with the causal commands: a store made from their own persona
+folder (patch and steer read its prompts from that folder and refuse any other), settings that
+cannot give a test (refused before the model loads), and exports of the intervention that
+steering evaluated (applied as another tool would apply them, they reproduce our steered run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import tlpersona as tlp
+from tlpersona.cli import main
+from tlpersona.data import Question, load_assistant_axis_personas, persona_hash
+from tlpersona.errors import TlpersonaError
+
+#: A user's own persona folder: one name the built-in set lacks, and an `assistant` whose
+#: prompts are not the built-in ones.
+USER_ROLES = {
+    "assistant": ["You are a plain, careful assistant.", "You are a careful helper."],
+    "pirate": ["You are a pirate who sails the seven seas.", "You are a salty sea pirate."],
+    "lighthouse_keeper": ["You are a lonely lighthouse keeper on a northern rock.",
+                          "You keep a lighthouse far from anyone."],
+    "chef": ["You are a chef in a busy Paris kitchen.", "You are a pastry chef."],
+}
+
+
+def write_roles(root: Path, roles: dict[str, list[str]]) -> Path:
+    (root / "instructions").mkdir(parents=True)
+    (root / "role_list.json").write_text(json.dumps({r: r for r in roles}))
+    for role, prompts in roles.items():
+        (root / "instructions" / f"{role}.json").write_text(
+            json.dumps({"instruction": [{"pos": p} for p in prompts]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def user_store(loaded, tmp_path_factory):
+    """A store extracted from the user's folder (two recipes, two layers, three questions)."""
+    tmp = tmp_path_factory.mktemp("user")
+    folder = write_roles(tmp / "roles", USER_ROLES)
+    personas = load_assistant_axis_personas(folder)
+    store = tlp.extract(loaded, personas, tlp.builtin_questions()[:3], positions=["last", "sys_end"],
+                        layers=[7, 15], out=tmp / "store", progress=False)
+    return SimpleNamespace(folder=folder, personas=personas, store=store, tmp=tmp)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any attempt to load the model fails: a refusal must come before it."""
+    import tlpersona.api.causal as causal
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(causal, "load_model", refuse)
+
+
+def _error_line(args: list[str]) -> str:
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    lines = [x for x in res.output.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, res.output
+    return lines[0]
+
+
+# -------------------------------------------------------------------------------------------
+# personas: read from the folder the store was made with, never silently from another
+
+
+def test_patch_refuses_personas_that_are_not_the_stores(user_store, tmp_path, no_model):
+    root = str(user_store.store.root)
+    base = ["patch", "--store", root, "--out", str(tmp_path / "p"), "--n-questions", "1",
+            "--layers", "7", "--positions", "last"]
+    # the built-in default lacks the folder's `lighthouse_keeper`
+    line = _error_line(base)
+    assert "--personas lacks the store's persona 'lighthouse_keeper'" in line
+    # the same names with other prompts: the hash the store keeps differs
+    other = dict(USER_ROLES, assistant=["You are an assistant."])
+    folder = write_roles(tmp_path / "other", other)
+    line = _error_line([*base, "--personas", str(folder)])
+    assert "--personas does not match the personas the store was made with" in line
+    assert not (tmp_path / "p").exists()
+    # steer refuses both in the same words, naming its own flag
+    line = _error_line(["steer", root, "--out", str(tmp_path / "s")])
+    assert "--persona-source lacks the store's persona 'lighthouse_keeper'" in line
+
+
+def test_patch_with_the_stores_folder_patches_its_prompts(user_store, loaded):
+    """The result names the prompts it ran on, and they are the folder's; the clean personas
+    are ranked on the store (which holds `assistant`)."""
+    res = tlp.patch(loaded, user_store.personas, store=user_store.store, n_personas=2,
+                    n_questions=1, layers=[7], positions=["last"], method="exact",
+                    control=False, progress=False)
+    by_name = {p.name: p for p in user_store.personas}
+    used = list({n: by_name[n] for pair in res.pairs for n in pair}.values())
+    assert res.inputs.persona_hash == persona_hash(used)
+    assert res.inputs.store_manifest_hash == user_store.store.manifest_hash
+    assert "farthest from 'assistant'" in res.personas_note
+    assert all(y == "assistant" for _, y in res.pairs)
+
+
+# -------------------------------------------------------------------------------------------
+# settings that cannot give a test: one line, before the model loads
+
+
+@pytest.mark.parametrize("args, message", [
+    # two recipes are ranked by a sign-flip over scoring questions: 1 selection + 2 scoring
+    (["--n-questions", "2"], "--n-questions must be at least 3 (one to select the setting on, "
+                             "2 to score it on: recipes are ranked"),
+    (["--n-random", "2"], "--n-random 2 is too few for a beyond-random test: the t-prediction "
+                          "needs at least 3"),
+    (["--n-random", "10", "--random-test", "rank"],
+     "--n-random 10 is too few for --random-test rank: over 6 recipe × operator tests"),
+    (["--recipes", "last", "--operators", "add", "--n-random", "19", "--random-test", "rank"],
+     "fewer than 20 random directions"),
+    (["--prompt-index", "2"], "has 2 prompts; --prompt-index 2 is out of range"),
+    (["--continuations", "-1"], "--continuations must be at least 0"),
+    (["--fluency-margin", "nan"], "--fluency-margin must be a number"),
+])
+def test_steer_refuses_settings_without_a_test(user_store, tmp_path, no_model, args, message):
+    out = tmp_path / "s"
+    line = _error_line(["steer", str(user_store.store.root), "--persona-source",
+                        str(user_store.folder), "--out", str(out), *args])
+    assert message in line
+    assert not out.exists()
+
+
+def test_steer_question_count_counts_what_is_there(user_store):
+    """Fresh questions are used only when there are enough of them for every test; too few
+    questions in all is refused, naming `questions`."""
+    from tlpersona.api.causal import eval_questions
+
+    store = user_store.store
+    mine = [Question(q, f"text {q}") for q in store.questions]
+    two_fresh = [*mine, Question("new1", "a"), Question("new2", "b")]
+    qs, note = eval_questions(store, two_fresh, 8, 3)
+    # two fresh ones would leave one scoring question: every question is used, and said so
+    assert [q.id for q in qs] == [q.id for q in two_fresh] and "built from these same" in note
+    qs, note = eval_questions(store, two_fresh, 8, 2)
+    assert [q.id for q in qs] == ["new1", "new2"] and "not built from" in note
+    with pytest.raises(TlpersonaError, match="`questions` holds 2 question"):
+        eval_questions(store, two_fresh[:2], 8, 3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-index", "3"], "has 2 prompts; --prompt-index 3 is out of range"),
+    (["--clean-personas", "assistant"], "needs at least one clean persona besides the corrupt"),
+])
+def test_patch_refuses_settings_without_a_test(user_store, tmp_path, no_model, args, message):
+    out = tmp_path / "p"
+    line = _error_line(["patch", "--store", str(user_store.store.root), "--personas",
+                        str(user_store.folder), "--out", str(out), "--layers", "7",
+                        "--positions", "last", *args])
+    assert message in line
+    assert not out.exists()
+
+
+def test_patch_and_steer_api_refuse_empty_inputs_before_loading(user_store, no_model):
+    with pytest.raises(TlpersonaError, match="patching needs at least one question"):
+        tlp.patch("default", user_store.personas, [], store=user_store.store, layers=[7])
+    with pytest.raises(TlpersonaError, match="`questions` holds 0 question"):
+        tlp.steer(user_store.store, "default", user_store.personas, [])
+
+
+def test_steer_config_refuses_the_first_token_and_a_store_of_the_base_alone():
+    from tlpersona.interventions.steering import SteerConfig, check_config
+
+    store = SimpleNamespace(positions=["first", "last"], personas=["assistant", "pirate"],
+                            layers=[7], layer_index=lambda layer: 0)
+    with pytest.raises(TlpersonaError, match="recipe first cannot steer"):
+        check_config(SteerConfig(recipes=["first"]), store)
+    check_config(SteerConfig(), store)  # `first` is left out by default
+    alone = SimpleNamespace(**{**vars(store), "personas": ["assistant"]})
+    with pytest.raises(TlpersonaError, match="no persona besides the base 'assistant'"):
+        check_config(SteerConfig(), alone)
+    only_first = SimpleNamespace(**{**vars(store), "positions": ["first"]})
+    with pytest.raises(TlpersonaError, match="no recipe to steer with"):
+        check_config(SteerConfig(), only_first)
+
+
+# -------------------------------------------------------------------------------------------
+# the evaluated intervention, exported and applied by other tools
+
+
+@pytest.fixture(scope="module")
+def steered(user_store, loaded):
+    """A small steering run on the user's store, saved as `tlpersona steer` saves it, with
+    greedy steered continuations of both target personas."""
+    res = tlp.steer(user_store.store, loaded, user_store.personas, tlp.builtin_questions(),
+                    n_questions=3, layers=[7], operators=["add"], alphas=[1.0, 2.0],
+                    n_personas=2, n_random=3, response_tokens=2, n_boot=100, continuations=2,
+                    continuation_tokens=8, progress=False)
+    out = user_store.tmp / "steer"
+    res.save(out)
+    return SimpleNamespace(result=res, dir=out, data=json.loads((out / "steering.json").read_text()))
+
+
+def _eos(hf, tok) -> set[int]:
+    ids = hf.generation_config.eos_token_id
+    return {*(ids if isinstance(ids, list) else [ids]), tok.eos_token_id} - {None}
+
+
+def _prompt_ids(tok, system: str, question: str) -> list[int]:
+    text = tok.apply_chat_template([{"role": "system", "content": system},
+                                    {"role": "user", "content": question}],
+                                   tokenize=False, add_generation_prompt=True)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _adding_hook(vector, start):
+    """Plain forward hook on an HF decoder layer: ``vector`` added from token ``start`` on."""
+    def hook(module, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h[:, start:] += vector.to(h.dtype)
+        return out
+    return hook
+
+
+def _greedy(hf, ids: list[int], n: int, eos: set[int]) -> list[int]:
+    """Greedy without a cache: every step one full forward, as a hook sees the whole sequence."""
+    import torch
+
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(hf(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt in eos:
+                break
+            out.append(nxt)
+    return out
+
+
+def test_exported_intervention_reproduces_the_steered_run(user_store, steered, loaded, hf_ref,
+                                                          tmp_path):
+    """The files hold alpha · s_l · v/|v| (v recomputed here with numpy from the centroids);
+    added by a plain HF hook at their layer from their start token, on the base persona's
+    prompt from their metadata, they give steering.json's steered continuations token for token
+    and our steered log-probs; the GGUF holds the same vector as llama.cpp's direction.l."""
+    import gguf
+    import torch
+    from safetensors import safe_open
+
+    from tlpersona.api.causal import export_intervention
+    from tlpersona.interventions.runner import Runner
+    from tlpersona.interventions.steer_batch import Edit, Row, run_rows
+
+    data = steered.data
+    cont = {c["persona"]: c for c in data["continuations"]}
+    recipe = data["continuations"][0]["recipe"]
+    out = tmp_path / "iv"
+    items = export_intervention(steered.dir, user_store.store, out,
+                                persona_source=user_store.personas, recipe=recipe, model=loaded)
+    assert [it.persona for it in items] == data["personas"]["names"] == list(cont)
+    index = json.loads((out / "intervention.json").read_text())["interventions"]
+    score = next(s for s in data["scores"] if s["recipe"] == recipe)
+    layer, alpha = score["setting"]["layers"][0], score["setting"]["strength"]
+    norm = data["typical_norm"][str(layer)]
+    store = user_store.store
+    c = store.centroids(recipe)[:, store.layer_index(layer)].double().numpy()
+    tok, eos = loaded.tokenizer, _eos(hf_ref, loaded.tokenizer)
+    runner = Runner(loaded)
+    for entry in index:
+        persona = entry["persona"]
+        v = c[store.personas.index(persona)] - c.mean(0)
+        want = alpha * norm * v / np.linalg.norm(v)
+        assert (entry["layer"], entry["alpha"], entry["typical_norm"]) == (layer, alpha, norm)
+        with safe_open(str(out / entry["files"]["safetensors"]), "pt") as f:
+            meta = f.metadata()
+            vec = f.get_tensor(str(layer))
+        np.testing.assert_allclose(vec.double().numpy(), want, rtol=1e-5, atol=1e-6)
+        pt = torch.load(out / entry["files"]["pt"])
+        assert list(pt) == [layer] and torch.equal(pt[layer], vec)
+        reader = gguf.GGUFReader(str(out / entry["files"]["gguf"]))
+        tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+        assert list(tensors) == [f"direction.{layer}"]
+        np.testing.assert_array_equal(tensors[f"direction.{layer}"], vec.numpy())
+        assert json.loads(meta["llamacpp_layer_range"]) == [layer, layer]
+        assert meta["llamacpp_scale"] == "1.0" and meta["operator"] == "add"
+
+        # the run steering scored: the base persona's prompt, the vector from `start` on
+        ids = _prompt_ids(tok, meta["base_system_prompt"], cont[persona]["question"])
+        start = int(meta["start"])
+        assert ids[start - 1] == tok.convert_tokens_to_ids("<|im_end|>")  # end of the system turn
+        handle = hf_ref.model.layers[layer].register_forward_hook(_adding_hook(vec, start))
+        try:
+            steered_ids = _greedy(hf_ref, ids, 8, eos)
+            with torch.no_grad():
+                ref = torch.log_softmax(hf_ref(torch.tensor([ids + steered_ids])).logits[0].double(), -1)
+        finally:
+            handle.remove()
+        assert tok.decode(steered_ids) == cont[persona]["steered"]
+        assert tok.decode(_greedy(hf_ref, ids, 8, eos)) == cont[persona]["base"]
+        assert cont[persona]["steered"] != cont[persona]["base"]  # the edit does something
+        full = ids + steered_ids
+        read = list(range(len(ids) - 1, len(full)))
+        ours = dict(run_rows(runner, [Row(full, read, [Edit(layer, start, delta=vec)])], 1))[0]
+        assert (ours - ref[read]).abs().max() < 2e-4
+
+
+def test_steering_vectors_applies_the_export_as_we_steered(user_store, steered, loaded, hf_ref,
+                                                           tmp_path):
+    sv = pytest.importorskip("steering_vectors")
+    from safetensors.torch import load_file
+
+    from tlpersona.api.causal import export_intervention
+
+    data = steered.data
+    first = data["continuations"][0]
+    out = tmp_path / "iv"
+    export_intervention(steered.dir, user_store.store, out, persona_source=user_store.personas,
+                        personas=[first["persona"]], recipe=first["recipe"], formats=["safetensors"],
+                        model=loaded)
+    entry = json.loads((out / "intervention.json").read_text())["interventions"][0]
+    vector = sv.SteeringVector({int(k): v for k, v in
+                                load_file(out / entry["files"]["safetensors"]).items()})
+    ids = _prompt_ids(loaded.tokenizer, entry["base_system_prompt"], first["question"])
+    with vector.apply(hf_ref, min_token_index=entry["start"]):
+        got = _greedy(hf_ref, ids, 8, _eos(hf_ref, loaded.tokenizer))
+    assert loaded.tokenizer.decode(got) == first["steered"]
+
+
+def test_intervention_export_refuses_what_was_not_evaluated(user_store, steered, loaded, tmp_path):
+    from tlpersona.api.causal import export_intervention
+    from tlpersona.interventions.export import check_formats
+
+    def refused(match: str, store=None, **kw) -> None:
+        with pytest.raises(TlpersonaError, match=match):
+            export_intervention(steered.dir, store or user_store.store, tmp_path / "x",
+                                persona_source=user_store.personas, model=loaded, **kw)
+        assert not (tmp_path / "x").exists()
+
+    other = next(p for p in user_store.store.personas
+                 if p not in steered.data["personas"]["names"])
+    refused(f"'{other}' was not steered", personas=[other])
+    refused("`recipe` prompt_mean has no `add` result", recipe="prompt_mean")
+    refused("unknown `formats` 'onnx'", formats=["onnx"])
+    with pytest.raises(TlpersonaError, match="layer is 0"):
+        check_formats(["gguf"], 0)
+    # another store (the same folder, fewer questions): not what the run read
+    again = tlp.extract(loaded, user_store.personas, tlp.builtin_questions()[:2],
+                        positions=["last", "sys_end"], layers=[7], out=tmp_path / "store2",
+                        progress=False)
+    refused("`store` is not the store", store=again)
+    # a result file without `add`
+    bad = json.loads((steered.dir / "steering.json").read_text())
+    for s in bad["scores"]:
+        s["operator"] = "cap"
+    (tmp_path / "cap.json").write_text(json.dumps(bad))
+    with pytest.raises(TlpersonaError, match="no `add` result"):
+        export_intervention(tmp_path / "cap.json", user_store.store, tmp_path / "x",
+                            persona_source=user_store.personas, model=loaded)
+
+
+# -------------------------------------------------------------------------------------------
+# figures: every legend outside the plotted area, no tick labels over each other, every mark
+# inside its axes, a scale where colour carries a number
+
+
+def _captured(monkeypatch, module, name: str) -> list:
+    """Figures passed to ``module.name`` (the save function), still saved."""
+    figs: list = []
+    real = getattr(module, name)
+
+    def keep(fig, path):
+        figs.append(fig)
+        return real(fig, path)
+
+    monkeypatch.setattr(module, name, keep)
+    return figs
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def _labels_overlap(a, b, renderer, dpi: float) -> bool:
+    """Neighbouring tick labels: upright ones by their boxes; labels rotated by the same angle
+    are parallel bands whose distance across them (their offset along the axis times the sine
+    of the angle) must hold a band's thickness (its lines at the font size)."""
+    angle = np.radians(a.get_rotation())
+    if not np.sin(angle):
+        return _overlap(a.get_window_extent(renderer), b.get_window_extent(renderer))
+    thick = max(a.get_text().count("\n") + 1, 1) * a.get_fontsize() * 1.2 * dpi / 72
+    dx = abs(b.get_window_extent(renderer).x1 - a.get_window_extent(renderer).x1)
+    return dx * abs(np.sin(angle)) < thick
+
+
+def layout_problems(fig) -> list[str]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    plotted = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
+    legends = [*fig.legends, *(ax.get_legend() for ax in plotted if ax.get_legend())]
+    out = []
+    for leg in legends:
+        box = leg.get_window_extent(renderer)
+        out += [f"legend over the axes {ax.get_title()!r}" for ax in plotted
+                if _overlap(box, ax.get_window_extent(renderer))]
+    titles = [(ax.title.get_text(), ax.title.get_window_extent(renderer)) for ax in plotted
+              if ax.title.get_text()]
+    out += [f"titles {a!r} and {b!r} overlap" for i, (a, ba) in enumerate(titles)
+            for b, bb in titles[i + 1:] if _overlap(ba, bb)]
+    for ax in plotted:
+        labels = [t for t in ax.get_xticklabels() if t.get_text()]
+        for a, b in zip(labels, labels[1:], strict=False):
+            if _labels_overlap(a, b, renderer, fig.dpi):
+                out.append(f"tick labels {a.get_text()!r} and {b.get_text()!r} overlap")
+        lo, hi = ax.get_ylim()
+        for line in ax.get_lines():
+            y = np.asarray(line.get_ydata(), dtype=float)
+            if line.get_marker() == "*" and np.any((y < lo) | (y > hi)):
+                out.append(f"a star mark outside {ax.get_title()!r}")
+    return out
+
+
+def _steering_like():
+    import test_steer_null as T
+
+    from tlpersona.interventions import steering as S
+
+    recipes = ["last", "sys_end", "prompt_mean", "prompt_mean_no_first", "response_mean",
+               "response_mean_seed", "raw_system_last", "sys_end+1"]
+    scores = []
+    for op in ("add", "ablate", "cap"):
+        for k, r in enumerate(recipes):
+            s = T._score(r, 0.6 - 0.08 * k, list(T.DEFAULT_POOL), (0.2, 0.1, 0.3))
+            s.operator = op
+            s.setting = S.Setting(op, (15,) if op == "add" else (7, 15),
+                                  50.0 if op == "cap" else 0.125)
+            if op == "cap":
+                s.curve = [S.CurvePoint(p, 0.1 + 0.001 * p, 0.1) for p in (10, 25, 50, 75, 90)]
+            scores.append(s)
+    res = T._result(scores[:8])
+    res.scores, res.recipes = scores, recipes
+    res.config.operators = ["add", "ablate", "cap"]
+    return res
+
+
+def test_steering_figures_keep_labels_and_legends_clear(monkeypatch, tmp_path):
+    import tlpersona.report.steering as R
+
+    figs = _captured(monkeypatch, R, "_save")
+    res = _steering_like()
+    R.effects_figure(res, tmp_path / "e.png")
+    R.curves_figure(res, tmp_path / "c.png")
+    effects, curves = figs
+    assert layout_problems(effects) == [] and layout_problems(curves) == []
+    assert effects.get_size_inches()[0] < 12  # one row per operator, not 24 panels' width
+    # one colour per recipe, the same in every panel
+    by_panel = [{ln.get_label(): ln.get_color() for ln in ax.get_lines()
+                 if not ln.get_label().startswith("_")} for ax in curves.axes]
+    assert by_panel[0] == by_panel[1] and len(set(by_panel[0].values())) == 8
+
+
+def _compare_like(n_pairs: int = 28) -> dict:
+    rng = np.random.default_rng(0)
+    cells = [{"pair": [f"recipe_{i}", f"other_recipe_{i}"], "layer": 15, "verdict": "KILL",
+              "per_persona_cos_all": list(rng.uniform(0.5, 1, 26)),
+              "matrix_raw": {"pearson": float(rng.uniform(0, 1))},
+              "matrix_mc": {"pearson": float(rng.uniform(0, 1)), "null_p95": 0.1},
+              "ceiling": {"matrix_mc_pearson": 0.95}} for i in range(n_pairs)]
+    return {"cells": cells, "layers": [15],
+            "thresholds": {"pass_min_cos": 0.95, "kill_min_cos": 0.85, "pass_mc_r": 0.9}}
+
+
+def _subspace_like(n_pairs: int = 28) -> dict:
+    rng = np.random.default_rng(1)
+    pairs = [f"r{i}~s{i}" for i in range(n_pairs)]
+
+    def rows():
+        return [{"pc": k, "pairs": {p: float(rng.uniform(-0.5, 1)) for p in pairs}}
+                for k in range(1, 13)]
+
+    return {"layer": 15, "k_found": None, "per_pc": rows(), "per_pc_in_sample": rows(),
+            "per_pc_threshold": [0.3] * 12,
+            "variance": {f"recipe_{i}": {"shared_cumulative": list(np.linspace(0.1, 0.9, 50)),
+                                         "own_cumulative": list(np.linspace(0.3, 1, 25))}
+                         for i in range(8)}}
+
+
+def test_compare_and_subspace_figures_keep_labels_and_legends_clear(monkeypatch, tmp_path):
+    import torch
+
+    from tlpersona.report import plots
+
+    figs = _captured(monkeypatch, plots, "save_figure")
+    cmp, sub = _compare_like(), _subspace_like()
+    plots.cosine_violins(cmp, 15, tmp_path / "v.png")
+    plots.matrix_bars(cmp, 15, tmp_path / "m.png")
+    plots.subspace_variance(sub, tmp_path / "sv.png")
+    plots.subspace_agreement(sub, {"min_r": 0.5}, tmp_path / "sa.png")
+    coords = {f"recipe_{i}": np.random.default_rng(i).normal(size=(26, 2)) for i in range(8)}
+    names = [f"persona_{i}" for i in range(26)]
+    plots.subspace_scatter(coords, 15, tmp_path / "sc.png", names)
+    source = SimpleNamespace(personas=names, layer_index=lambda layer: 0,
+                             centroids=lambda pos: torch.randn(26, 1, 16))
+    plots.cosine_matrices(source, [f"recipe_{i}" for i in range(8)], 15, tmp_path / "cm.png")
+    for fig in figs:
+        assert layout_problems(fig) == [], fig.axes[0].get_title()
+    violins, bars, variance, agreement, scatter, matrices = figs
+    # 28 pairs: 28 colours (a 10-colour cycle gave the eleventh pair the first one's)
+    colours = {ln.get_color() if isinstance(ln.get_color(), str) else tuple(ln.get_color())
+               for ln in agreement.axes[0].get_lines() if not ln.get_label().startswith("_")}
+    assert len(colours) == 28 + 1  # and the black "needed" step
+    assert "k_found = 0 (no PC shared)" in agreement.axes[0].get_title()
+    assert {t.get_text() for t in scatter.axes[0].texts} == set(names)
+    # a colour scale, and the persona order named
+    assert any(ax.get_label() == "<colorbar>" and "cosine" in ax.get_ylabel()
+               for ax in matrices.axes)
+    assert [t.get_text() for t in matrices.axes[0].get_yticklabels()] == names
+
+
+def test_patching_figures_keep_titles_apart_with_one_labelled_scale(monkeypatch, tmp_path):
+    from tlpersona.report import plots
+
+    figs = _captured(monkeypatch, plots, "save_figure")
+    rows = ["sys_start", *(f"sys_start+{i}" for i in range(1, 8)), "sys_end", "last"]
+    layers = [4, 12]
+    rng = np.random.default_rng(2)
+    cells = [SimpleNamespace(position=r, layer=la, head=h, kl_effect=float(rng.uniform(-1, 1)),
+                             ld_effect=float(rng.uniform(-1, 1)))
+             for r in rows for la in layers for h in range(9)]
+    plots.patching_heatmap([c for c in cells if c.head == 0], rows, layers,
+                           "attribution, attn_out", tmp_path / "p.png")
+    plots.head_heatmap(cells, layers, 9, "attribution, head", tmp_path / "h.png")
+    grid, heads = figs
+    for fig in figs:
+        assert layout_problems(fig) == []
+        bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        assert len(bars) == 1 and "0 = corrupt run, 1 = clean run" in bars[0].get_ylabel()
+    # heads are whole numbers
+    ticks = [t for ax in heads.axes if ax.get_label() != "<colorbar>" and ax.get_visible()
+             for t in ax.get_xticks()]
+    assert ticks and all(float(t).is_integer() for t in ticks)
