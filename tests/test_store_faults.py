@@ -5,6 +5,7 @@ a run with other settings, and float16 overflow at write time."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -249,6 +250,31 @@ def test_unchanged_store_object_reads_as_before(store):
     st = open_store(store)
     a = st.per_question("last")
     assert torch.equal(st.per_question("last"), a) and torch.equal(Store(store).per_question("last"), a)
+
+
+def test_a_renumbered_inode_alone_is_not_a_change_but_new_content_is(store, monkeypatch):
+    """FUSE mounts renumber a file's inode when their cache drops it: same mtime, size and
+    content read on; a manifest with other content under the same mtime and size is refused."""
+    import tlpersona.cache.store as store_mod
+
+    st = open_store(store)
+    a = st.per_question("last")
+    real = store_mod._fingerprint
+
+    def renumbered(path):
+        fp = real(path)
+        return None if fp is None else (fp[0], fp[1] + 1, fp[2], fp[3])
+
+    monkeypatch.setattr(store_mod, "_fingerprint", renumbered)
+    assert torch.equal(st.per_question("last"), a)
+    manifest = store / "manifest.json"
+    text, stat = manifest.read_text(), manifest.stat()
+    other = text.replace('"prompt_index": 0', '"prompt_index": 7')
+    assert other != text and len(other) == len(text)
+    manifest.write_text(other)
+    os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(TlpersonaError, match="changed after it was opened"):
+        st.per_question("last")
 
 
 # parts left by a run with other settings ---------------------------------------------------

@@ -56,11 +56,16 @@ def test_planted_shared_subspace_is_recovered(tmp_path):
     (layer,) = res["layers"]
     assert layer["k_found"] == layer["k_found_held_out"] == 3
     assert layer["k_found_in_sample"] == 3
-    # 3 draws asked for, 20 run: with fewer no PC could reach p < 0.05 at one layer
-    assert res["null"] == {"n": 20, "requested": 3, "relabelled": "sys_end+1", "pc_level": 0.05}
-    assert layer["k_found_null"] == [None] * 20
-    # the count stops at PC 4, whatever a later PC reaches
-    assert layer["per_pc_p"][:3] == pytest.approx([1 / 21] * 3) and layer["per_pc_p"][3] > 0.05
+    # the relabelled draws are descriptive now: as many as asked for
+    assert res["null"] == {"n": 3, "requested": 3, "relabelled": "sys_end+1", "pc_level": 0.05}
+    assert res["n_permutations"] == 2000 and res["permutations_requested"] is None
+    # each draw breaks two of the three pairs: its PC1 passes at most at the level's rate
+    assert len(layer["k_found_null"]) == 3 and set(layer["k_found_null"]) <= {None, 1}
+    # no permutation reaches a shared PC's r over 200 personas; the count stops at PC 4,
+    # whatever a later PC reaches
+    assert layer["per_pc_p_iut"][:3] == pytest.approx([1 / 2001] * 3)
+    assert layer["per_pc_p_iut"][3] > 0.05
+    assert layer["k_found_p"] == pytest.approx(1 / 2001) == layer["k_found_p_holm"]
     # the three shared PCs order the held-out personas alike in every recipe; the next do not
     for row in layer["per_pc"][:3]:
         assert all(r > 0.99 for r in row["pairs"].values())
@@ -110,14 +115,14 @@ def noisy_planted(n, k, seed, related=True, d=64, own=3):
 @pytest.mark.parametrize("n, k", [(26, 5), (26, 2), (100, 5)])
 def test_planted_k_is_recovered_and_unrelated_recipes_give_none(tmp_path, n, k):
     """The issue's acceptance rule: a planted k-dim invariant subspace gives k (±1) held out,
-    at the built-in persona count too; unrelated recipes give None; the relabelled null stays
-    at None."""
+    at the built-in persona count too; unrelated recipes give None."""
     for seed in range(3):
         res, _ = subspace(recipes_store(tmp_path / f"r{seed}", noisy_planted(n, k, seed)),
                           SubspaceConfig(k_max=20, n_null=2))
         layer = res["layers"][0]
         assert abs(layer["k_found"] - k) <= 1
-        assert layer["k_found_null"] == [None] * 20
+        # a draw breaks the pairs with the relabelled recipe: rarely past PC1's test
+        assert len(layer["k_found_null"]) == 2 and set(layer["k_found_null"]) <= {None, 1}
         res, _ = subspace(recipes_store(tmp_path / f"u{seed}", noisy_planted(n, k, seed, False)),
                           SubspaceConfig(k_max=20, n_null=0))
         assert res["layers"][0]["k_found"] is None
@@ -164,7 +169,8 @@ def test_high_dimensional_shared_geometry_saturates_and_says_so(tmp_path):
     layer = res["layers"][0]
     assert layer["k_found"] == 12 and layer["k_found_saturated"]
     assert len(layer["per_pc"]) == 12
-    assert layer["k_found_null_p"] == pytest.approx(1 / 21)
+    assert layer["k_found_p"] == pytest.approx(1 / 2001)
+    assert layer["k_found_null_p"] == pytest.approx(1 / 3)  # 2 draws, neither reaching 12
 
 
 def _report(st, tmp_path, **cfg):
@@ -174,55 +180,53 @@ def _report(st, tmp_path, **cfg):
     return res, write_subspace(res, comps, st, tmp_path / f"out{len(list(tmp_path.iterdir()))}")
 
 
-def test_report_calls_k_found_beyond_the_null_only_where_holm_allows(tmp_path):
-    """The report states a k_found as shared only when its relabelled null, Holm-adjusted over
-    the layers, is below 0.05; too few draws are raised to what the per-PC test needs; in-sample
-    counts (no null) stay out of the table."""
+def test_report_calls_k_found_beyond_chance_only_where_holm_allows(tmp_path):
+    """The report states a k_found as shared only when PC1's intersection-union p, Holm-adjusted
+    over the layers, is below 0.05; the relabelled draws are a descriptive column; a requested
+    permutation count is raised to what a PC needs to pass; in-sample counts (no test) stay out
+    of the table."""
     st = planted_store(tmp_path / "p", n=26, d=30, k=2)
     res, text = _report(st, tmp_path, k_max=10, n_null=10)
     (layer,) = res["layers"]
-    assert res["null"]["n"] == 20
-    assert layer["k_found"] == 2 and layer["k_found_null_p"] == pytest.approx(1 / 21)
-    assert "| 4 | 2, beyond the null (Holm p = 0.048) | none ×20 (p = 0.048) |" in text
+    assert layer["k_found"] == 2 and layer["k_found_null_p"] == pytest.approx(1 / 11)
+    assert "| 4 | 2, beyond chance (Holm p = 0.0005) | none ×10 (p = 0.091) |" in text
     assert "lower bound" in text and "p < 0.05 (0.05 split over the 1 layer(s)" in text
-    assert "cannot fall below" not in text
+    assert "2000 label permutations (smallest p 0.0005" in text
     header = next(line for line in text.splitlines() if line.startswith("| layer | k_found"))
-    assert "in sample" not in header
-    res, text = _report(st, tmp_path, k_max=10, n_null=99)
-    null = res["layers"][0]["k_found_null"]
-    # at 0.05 against 99 draws the top 4 of the 100 members pass PC1: at most 3 draws reach 1
-    assert len(null) == 99 and sum(k is not None for k in null) <= 3 and 2 not in null
-    assert "| 4 | 2, beyond the null (Holm p = 0.010) |" in text
+    assert "in sample" not in header and "descriptive" in header
+    res, text = _report(st, tmp_path, k_max=10, n_null=0, n_perm=5)
+    # 5 permutations cannot put p below 0.05: raised to 20, where a PC can pass (1/21)
+    assert res["n_permutations"] == 20 and res["permutations_requested"] == 5
+    assert "| 4 | 2, beyond chance (Holm p = 0.048) | — |" in text
 
 
-def test_limits_text_says_when_the_draws_cannot_reach_the_level():
-    from tlpersona.analyses.subspace import limits_text
+def test_bad_permutation_count_is_refused(tmp_path):
+    from tlpersona.errors import TlpersonaError
 
-    layers = [{"k_found_null": [None] * 10, "k_found_null_p": None}] * 4
-    assert "p cannot fall below 0.091" in limits_text(10, layers)
-    assert "cannot fall below" not in limits_text(80, layers)
+    st = planted_store(tmp_path / "p", n=26, d=30, k=2)
+    with pytest.raises(TlpersonaError, match="`n_perm` must be at least 1, got 0"):
+        subspace(st, SubspaceConfig(n_perm=0))
 
 
-def test_holm_keeps_every_layer_with_a_null_in_the_family():
-    """A layer that found nothing enters Holm with p = 1 (it was tested); a layer without draws
-    is not in the family. Leaving the empty layers out, as before, tested 0.01 at 0.05 / 2."""
+def test_holm_keeps_every_layer_in_the_family():
+    """A layer that found nothing enters Holm with p = 1 (it was tested), for the call and for
+    the descriptive relabelled p; a layer without draws has no descriptive p. Leaving the
+    empty layers out tested 0.01 at 0.05 / 2."""
     from tlpersona.analyses.stats import holm
     from tlpersona.analyses.subspace import holm_over_layers
 
     draws = [None] * 99
-    layers = [{"k_found_null_p": 0.01, "k_found_null": draws},
-              {"k_found_null_p": None, "k_found_null": draws},
-              {"k_found_null_p": 0.03, "k_found_null": draws},
-              {"k_found_null_p": None, "k_found_null": []}]
+    layers = [{"k_found_p": 0.01, "k_found_null_p": 0.01, "k_found_null": draws},
+              {"k_found_p": None, "k_found_null_p": None, "k_found_null": draws},
+              {"k_found_p": 0.03, "k_found_null_p": 0.03, "k_found_null": draws},
+              {"k_found_p": 0.002, "k_found_null_p": None, "k_found_null": []}]
     holm_over_layers(layers)
+    # four tests: 0.002 * 4, 0.01 * 3, 0.03 * 2, then 1
+    assert [lay["k_found_p_holm"] for lay in layers] == pytest.approx([0.03, 1.0, 0.06, 0.008])
+    assert [lay["k_found_p_holm"] for lay in layers] == pytest.approx(
+        list(holm([0.01, 1.0, 0.03, 0.002])))
     got = [lay["k_found_null_p_holm"] for lay in layers]
-    # three tests: 0.01 * 3, then max(0.03, 0.03 * 2), then max(0.06, 1 * 1)
-    assert got == pytest.approx([0.03, 1.0, 0.06, None]) and got[3] is None
-    assert got[:3] == pytest.approx(list(holm([0.01, 1.0, 0.03])))
-    two = [{"k_found_null_p": 0.02, "k_found_null": draws}, {"k_found_null_p": None,
-                                                            "k_found_null": draws}]
-    holm_over_layers(two)
-    assert two[0]["k_found_null_p_holm"] == pytest.approx(0.04)  # 0.02 alone, as before
+    assert got[:3] == pytest.approx([0.03, 1.0, 0.06]) and got[3] is None
 
 
 def test_gram_route_gives_the_svd_components_and_the_fast_pearson_scipys():
@@ -265,75 +269,41 @@ def harder_planted(n, rng, related=True, k=5, d=64):
     return out
 
 
-def _layer_count(raw, n, seed, n_layers, draws, k_max=50):
-    """k_found at one layer exactly as subspace() counts it in a run of ``n_layers`` layers."""
+def _layer_count(raw, n, seed, n_layers, k_max=50):
+    """k_found at one layer exactly as subspace() counts it in a run of ``n_layers`` layers,
+    and the fixed r > 0.9 rule's count."""
     import itertools
 
-    from tlpersona.analyses.subspace import count_against_null, held_out, k_found, pc_level
+    from tlpersona.analyses.subspace import (
+        count_shared,
+        held_out,
+        k_found,
+        label_permutations,
+        pc_level,
+        perm_count,
+    )
 
     pairs = list(itertools.combinations(POS, 2))
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
     fit, test = perm[: n // 2], perm[n // 2:]
-    held, _ = held_out(raw, POS, pairs, fit, test, k_max, True, curve=False)
-    null = [held_out({**raw, POS[-1]: raw[POS[-1]][rng.permutation(n)]}, POS, pairs, fit, test,
-                     k_max, True, curve=False)[0] for _ in range(draws)]
-    return count_against_null(held, null, pc_level(n_layers), 0.90), k_found(held, 0.90)
+    held, _, scores = held_out(raw, POS, pairs, fit, test, k_max, True, curve=False)
+    perms = label_permutations(len(test), perm_count(n_layers, None), rng)
+    return count_shared(scores, pairs, perms, pc_level(n_layers)), k_found(held, 0.90)
 
 
 def test_planted_five_dimensions_at_40_personas_are_counted_as_five_give_or_take_one():
-    """At the shipped defaults' level (4 layers: each PC tested at 0.0125 against 80 draws or
-    more) the per-PC test counts 4–6 of 5 planted shared dimensions at 40 personas (20 fit),
-    where the fixed r > 0.9 rule counts fewer."""
+    """At the shipped defaults' level (4 layers: each PC tested at 0.0125 against 2,000 label
+    permutations) the per-PC test counts 4–6 of 5 planted shared dimensions at 40 personas
+    (20 fit), where the fixed r > 0.9 rule counts fewer."""
     got, fixed = [], []
     for seed in range(3):
-        count, old = _layer_count(harder_planted(40, np.random.default_rng(seed)), 40, seed, 4, 80)
+        count, old = _layer_count(harder_planted(40, np.random.default_rng(seed)), 40, seed, 4)
         got.append(count.k)
         fixed.append(old or 0)
-        assert count.null_p == pytest.approx(1 / 81)  # no draw gets anywhere near
+        assert count.p == pytest.approx(1 / 2001)  # PC1: no permutation in any pair gets near
     assert all(abs(k - 5) <= 1 for k in got), got
     assert sum(got) > sum(fixed), (got, fixed)
-
-
-@pytest.mark.parametrize("n", [5, 8, 26])
-def test_unrelated_recipes_reach_k_found_at_the_nominal_rate_or_below(n):
-    """Calibration of the per-PC test: unrelated recipes give k_found ≥ 1 at one layer with
-    probability ≤ 1 / 21 (20 draws at 0.05, one layer), here checked over 200 runs (≤ 5 % plus
-    2.5 MC standard errors); the data's PC1 p is uniform on {1/21, …, 1} under the null."""
-    rng = np.random.default_rng(100 + n)
-    hits, p1 = 0, []
-    for seed in range(200):
-        raw = harder_planted(n, rng, related=False, d=16)
-        count, _ = _layer_count(raw, n, seed, 1, 20, k_max=2)  # k ≥ 1 is PC1's test alone
-        hits += bool(count.k)
-        p1.append(count.per_pc_p[0])
-    assert hits / 200 <= 0.05 + 2.5 * np.sqrt(0.05 * 0.95 / 200), hits
-    assert abs(np.mean(p1) - 11 / 21) < 0.07  # mean of the uniform on {1/21 … 21/21}
-
-
-def test_per_pc_counts_match_a_direct_loop():
-    """rank_p, leading_passes and pass_threshold against a plain loop over members and PCs."""
-    from tlpersona.analyses.subspace import leading_passes, pass_threshold, rank_p
-
-    rng = np.random.default_rng(5)
-    stats = np.round(rng.normal(size=(41, 6)), 1)  # ties on purpose
-    stats[3:, 0] -= 2.0
-    p = rank_p(stats)
-    want = np.array([[np.sum(stats[:, j] >= stats[i, j]) / 41 for j in range(6)]
-                     for i in range(41)])
-    np.testing.assert_allclose(p, want)
-    for level in (0.05, 0.0125, 0.5):
-        ks = leading_passes(p, level)
-        for i in range(41):
-            k = 0
-            while k < 6 and want[i, k] < level:
-                k += 1
-            assert ks[i] == k
-        bar = pass_threshold(stats[1:], level)
-        for j in range(6):  # the data's PC passes iff it exceeds the bar
-            for v in (bar[j] - 1e-6, bar[j] + 1e-6):
-                p_v = (1 + np.sum(stats[1:, j] >= v)) / 41
-                assert (p_v < level) == (v > bar[j]) or not np.isfinite(bar[j])
 
 
 def test_answer_says_what_was_found_or_what_it_would_take(tmp_path):
@@ -343,7 +313,7 @@ def test_answer_says_what_was_found_or_what_it_would_take(tmp_path):
     res, _ = subspace(st, SubspaceConfig(k_max=10))
     text = answer(res)
     assert len(text) <= 220 and text.count(".") <= 3
-    assert text.startswith("Shared subspace beyond the null at 1/1 layers: L4 2 (Holm p ≤ 0.0099")
+    assert text.startswith("Shared subspace beyond chance at 1/1 layers: L4 2 (Holm p ≤ 0.0005")
     assert "26 personas, 13 fit" in text
     rng = np.random.default_rng(1)
     res, _ = subspace(recipes_store(tmp_path / "u", harder_planted(26, rng, related=False)),
@@ -351,11 +321,11 @@ def test_answer_says_what_was_found_or_what_it_would_take(tmp_path):
     layer = res["layers"][0]
     text = answer(res)
     assert layer["k_found"] is None and len(text) <= 220
-    assert text.startswith("No shared subspace beyond the null at 1 layer(s): PC1's agreement "
+    assert text.startswith("No shared subspace beyond chance at 1 layer(s): PC1's agreement "
                            f"reached r {min(layer['per_pc'][0]['pairs'].values()):.2f}")
     assert f"{layer['per_pc_threshold'][0]:.2f} needed" in text
     assert "at most 12 PC(s) can be counted, each on 13 held-out personas" in text
     many = {**res, "layers": [{**layer, "layer": i, "k_found": 12, "k_found_saturated": True,
-                               "k_found_null_p_holm": 0.04} for i in range(40)]}
+                               "k_found_p_holm": 0.04} for i in range(40)]}
     text = answer(many)
     assert len(text) <= 220 and "40/40 layers, k = 12–12 (some ≥: saturated)" in text

@@ -527,7 +527,8 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
               help="procrustes: also rotate each recipe onto a common frame before the PCA, so "
                    "the same geometry in a rotated basis counts as shared")
 @click.option("--null-draws", type=int, default=100, show_default=True,
-              help="relabelled reruns behind the k_found null (p cannot fall below 1/(N+1))")
+              help="relabelled reruns behind the descriptive k_found column (the test needs none; "
+                   "0 runs none)")
 @_overwrite_option
 @_friendly
 @_holding_out
@@ -553,7 +554,7 @@ def _found(k: Any) -> str:
     """A :class:`~tlpersona.api.results.KFound` on one line: the count and its null."""
     from tlpersona.analyses.subspace import null_text
 
-    return (f"k_found {k} (held-out personas; relabelled-persona null: "
+    return (f"k_found {k} (held-out personas; relabelled personas (descriptive): "
             f"{null_text({'k_found_null': k.null, 'k_found_null_p': k.null_p})})")
 
 

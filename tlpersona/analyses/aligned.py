@@ -14,12 +14,15 @@ Per layer, with the personas split as for the plain held-out ``k_found``
 3. one PCA of the stacked, aligned fit rows gives the shared PCs, in that common frame;
 4. the test rows go through the same centring, principal directions and rotations (fitted on the
    fit half only), and ``k_found`` counts the leading PCs on which every recipe pair orders the
-   test personas alike beyond the relabelled draws (the per-PC test of
-   :func:`tlpersona.analyses.subspace.count_against_null`), exactly as the plain variant does.
+   test personas alike beyond chance, by the plain variant's test
+   (:func:`tlpersona.analyses.subspace.count_shared`, the same label permutations): everything
+   a pair's scores depend on was fitted without the test personas, so permuting one recipe's
+   test labels is exact under that pair's null, the rotations included.
 
-The null relabels the last recipe's personas and reruns all of it (the alignment included), so
-it shows what K a rotation fitted to an unrelated recipe reaches. The in-sample value fits and
-scores on every persona: the rotations then fit the scored personas too, so it is optimistic.
+The relabelled draws (descriptive) relabel the last recipe's personas and rerun all of it (the
+alignment included), so they show what K a rotation fitted to an unrelated recipe reaches. The
+in-sample value fits and scores on every persona: the rotations then fit the scored personas
+too, so it is optimistic.
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ from tlpersona.analyses.metrics import MAX_RANK
 from tlpersona.analyses.subspace import (
     ALPHA,
     Centring,
-    count_against_null,
+    agreement_from_scores,
+    count_shared,
     found_text,
     k_found,
+    null_p,
     null_text,
-    per_pc_agreement,
 )
 
 #: Rounds of generalised Procrustes; the mean frame settles within a few on planted data.
@@ -56,8 +60,10 @@ class AlignedLayer:
     ``per_pc``: per shared PC, per recipe pair, Pearson r across the scored personas of the two
     recipes' aligned scores (as the plain ``per_pc``). ``reference``: the recipe whose frame the
     alignment starts from; ``rank``: the number of shared PCs counted (the dimension of the common
-    frame, at most n_fit − 1). ``k_found_null_p`` = (1 + #relabellings reaching ``k_found``) /
-    (N + 1), None when nothing is found or no null was run.
+    frame, at most n_fit − 1). ``k_found_p``: the layer's call, PC1's intersection–union p
+    (None when nothing is found; Holm over the layers is added to the dict by the caller).
+    ``k_found_null_p`` = (1 + #relabellings reaching ``k_found``) / (N + 1), descriptive, None
+    when nothing is found or no draw was run.
     """
 
     reference: str
@@ -65,9 +71,11 @@ class AlignedLayer:
     k_found: int | None
     k_found_saturated: bool
     k_found_in_sample: int | None
+    k_found_p: float | None
     k_found_null: list[int | None]
     k_found_null_p: float | None
-    per_pc_p: list[float]
+    per_pc_p_iut: list[float]
+    per_pc_pair_p: list[dict[str, float]]
     per_pc_threshold: list[float | None]
     per_pc: list[dict[str, Any]]
     n_fit: int
@@ -107,31 +115,41 @@ def aligned_rows(raw: dict[str, np.ndarray], positions: list[str], fit: np.ndarr
             {p: coords[p][1][:, :r] @ rots[p] for p in positions})
 
 
-def aligned_per_pc(raw: dict[str, np.ndarray], positions: list[str], pairs: list[tuple[str, str]],
-                   fit: np.ndarray, test: np.ndarray, unit_norm: bool) -> list[dict[str, Any]]:
-    """Shared PCs of the aligned fit rows, scored per PC on the aligned test rows."""
+def aligned_scores(raw: dict[str, np.ndarray], positions: list[str], fit: np.ndarray,
+                   test: np.ndarray, unit_norm: bool) -> dict[str, np.ndarray]:
+    """Each recipe's aligned test rows scored on the shared PCs of the aligned fit rows
+    ``[n_test, PC]`` (no PC when the common frame is empty)."""
     fit_rows, test_rows = aligned_rows(raw, positions, fit, test, unit_norm)
     stacked = np.concatenate([fit_rows[p] for p in positions])
     k = min(stacked.shape[1], stacked.shape[0] - 1)
     if k < 1:
-        return []
+        return {p: np.zeros((len(test), 0)) for p in positions}
     pca = PCA(n_components=k, svd_solver="full").fit(stacked)
-    return per_pc_agreement(test_rows, pca.components_, pairs)
+    return {p: x @ pca.components_.T for p, x in test_rows.items()}
+
+
+def aligned_per_pc(raw: dict[str, np.ndarray], positions: list[str], pairs: list[tuple[str, str]],
+                   fit: np.ndarray, test: np.ndarray, unit_norm: bool) -> list[dict[str, Any]]:
+    """Shared PCs of the aligned fit rows, scored per PC on the aligned test rows."""
+    return agreement_from_scores(aligned_scores(raw, positions, fit, test, unit_norm), pairs)
 
 
 def aligned_layer(raw: dict[str, np.ndarray], positions: list[str], pairs: list[tuple[str, str]],
-                  fit: np.ndarray, test: np.ndarray, relabels: list[np.ndarray], unit_norm: bool,
-                  min_r: float, level: float = ALPHA) -> AlignedLayer:
-    """Held-out aligned ``k_found`` with its relabelled null and the in-sample value.
-    ``relabels`` are persona permutations applied to the last recipe for the null; each PC is
-    tested against the draws' same PC at ``level``
-    (:func:`tlpersona.analyses.subspace.count_against_null`)."""
-    held = aligned_per_pc(raw, positions, pairs, fit, test, unit_norm)
+                  fit: np.ndarray, test: np.ndarray, relabels: list[np.ndarray],
+                  perms: np.ndarray, unit_norm: bool, min_r: float,
+                  level: float = ALPHA) -> AlignedLayer:
+    """Held-out aligned ``k_found`` by the per-PC test (``perms``: orderings of the test
+    personas, as for the plain variant), its relabelled draws (``relabels``: persona
+    permutations applied to the last recipe, each counted by the same test) and the in-sample
+    value."""
+    scores = aligned_scores(raw, positions, fit, test, unit_norm)
+    held = agreement_from_scores(scores, pairs)
+    count = count_shared(scores, pairs, perms, level)
     null = []
     for relabel in relabels:
         shuffled = {**raw, positions[-1]: raw[positions[-1]][relabel]}
-        null.append(aligned_per_pc(shuffled, positions, pairs, fit, test, unit_norm))
-    count = count_against_null(held, null, level, min_r)
+        draw = aligned_scores(shuffled, positions, fit, test, unit_norm)
+        null.append(count_shared(draw, pairs, perms, level, full=False).k)
     every = np.arange(len(next(iter(raw.values()))))
     in_sample = aligned_per_pc(raw, positions, pairs, every, every, unit_norm)
     return AlignedLayer(
@@ -140,9 +158,11 @@ def aligned_layer(raw: dict[str, np.ndarray], positions: list[str], pairs: list[
         k_found=count.k,
         k_found_saturated=bool(count.k) and count.k == len(held),
         k_found_in_sample=k_found(in_sample, min_r),
-        k_found_null=count.null,
-        k_found_null_p=count.null_p,
-        per_pc_p=count.per_pc_p,
+        k_found_p=count.p,
+        k_found_null=null,
+        k_found_null_p=null_p(count.k, null),
+        per_pc_p_iut=count.per_pc_p,
+        per_pc_pair_p=count.per_pc_pair_p,
         per_pc_threshold=count.per_pc_threshold,
         per_pc=held,
         n_fit=len(fit),
@@ -158,7 +178,8 @@ def report_section(result: dict[str, Any]) -> list[str]:
                 "`--align procrustes` adds a rotation-aligned subspace).", ""]
     layers = result["layers"]
     first = layers[0]["aligned"]
-    rows = ["| layer | aligned k_found (held out) | null: relabelled personas | aligned rank |",
+    rows = ["| layer | aligned k_found (held out) | relabelled personas' k_found (descriptive) "
+            "| aligned rank |",
             "|---|---|---|---|"]
     for lay in layers:
         a = lay["aligned"]
@@ -170,13 +191,15 @@ def report_section(result: dict[str, Any]) -> list[str]:
         "persona geometry that every recipe has in its own rotated basis counts as shared. Each "
         "recipe is centred and scaled with its fit half, expressed in the fit half's principal "
         f"directions, rotated by maps fitted on the {first['n_fit']} fit personas only, and "
-        f"k_found counted on the other {first['n_scored']} exactly as above; the null relabels "
-        "one recipe's personas and reruns the alignment too (p Holm-adjusted over the layers as "
-        "above). The aligned k_found is a lower bound, more so than the plain one: the rotations "
+        f"k_found counted on the other {first['n_scored']} by the same test as above (the same "
+        "label permutations; the rotations, fitted without the scored personas, stay fixed, so "
+        "each pair's p is exact; Holm over the layers as above). The relabelled draws rerun the "
+        "alignment too (descriptive). The aligned k_found is a lower bound, more so than the "
+        "plain one: the rotations "
         "also map each recipe's own dimensions onto the others', and where those are as large as "
         "the shared ones the pooled PCA mixes them into the shared PCs (planted: 2 shared "
         "dimensions beside 3 own ones of equal size per recipe, 100 personas: 1 found). The "
         "in-sample count (rotations fitted on the scored personas too) is in subspace.json "
-        "only: it has no null.", "",
+        "only: it has no test.", "",
         *rows, "",
     ]

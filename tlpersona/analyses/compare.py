@@ -334,6 +334,7 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
     spread_by_layer: dict[str, dict[int, np.ndarray]] = {}
     floors: dict[str, Any] = {}
     halves: dict[tuple[str, int], Halves] = {}  # (recipe, layer); absent: noise unknown
+    cka_halves: dict[tuple[str, int], M.SplitHalfCka] = {}  # (recipe, layer), as halves
     for p in positions:
         t0 = time.perf_counter()
         if source.question_invariant(p) or not source.has_per_question(p):
@@ -345,6 +346,7 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
         qp = question_pass(source, p, layers, cfg.n_splits, cfg.seed, permuter.iu)
         spread_by_layer[p], floors[p] = qp.spreads, qp.floors
         halves.update({(p, layer): h for layer, h in qp.halves.items()})
+        cka_halves.update({(p, layer): h for layer, h in qp.cka.items()})
         tick("spread and noise floor", t0)
     for layer in layers:
         t0 = time.perf_counter()
@@ -374,6 +376,17 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
             held.add(p, cent[p])
         proc = held.score_pairs(pairs)
         t0 = tick("held-out Procrustes and its null", t0)
+        grams = {p: M.centred_gram(cent[p]) for p in positions}
+        cka: dict[tuple[str, str], M.CkaScore] = {}
+        for y in positions:  # one gathered null per y for all its partners, the Mantel draws
+            xs = [x for x, yy in pairs if yy == y]
+            if xs:
+                scores = M.cka_scores([grams[x] for x in xs], grams[y], permuter.perms,
+                                      permuter.flat)
+                cka.update({(x, y): s for x, s in zip(xs, scores, strict=True)})
+        reliability = {p: _cka_reliability(cka_halves.get((p, layer)), grams[p],
+                                           source.question_invariant(p)) for p in positions}
+        t0 = tick("CKA and its null", t0)
         spreads = {p: spread_by_layer[p].get(layer) if p in spread_by_layer else None
                    for p in positions}
         pp_cos: dict[tuple[str, str], np.ndarray] = {}
@@ -422,6 +435,7 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
                 "noise_mark": None if noise is None else noise.mark,
                 "noise_test": None if noise is None else noise.to_dict(),
                 "per_persona_cos_all": [round(float(v), 6) for v in cos],
+                "cka": _cka_cell(cka[(x, y)], reliability[x], reliability[y], n_perm),
             }
             cells.append(cell)
         t0 = tick("pair metrics", t0)
@@ -446,6 +460,8 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
     if procrustes_corrected:
         _holm_into([c["procrustes_cos"] for c in cells], "p")
     _holm_into(paired, "p")
+    for stat in ("linear", "debiased"):
+        _holm_into([c["cka"][stat] for c in cells], "p")
 
     t0 = time.perf_counter()
     bstar = bstar_check(source, layers)
@@ -489,6 +505,7 @@ class QuestionPass:
     spreads: dict[int, np.ndarray]  # spread per question
     floors: dict[str, Any]  # str(layer) -> split-half noise floor (controls.floor_stats)
     halves: dict[int, Halves]  # the floor's halves, for the sampling error of pair statistics
+    cka: dict[int, M.SplitHalfCka]  # split-half CKA, for the CKA ceilings
 
 
 def question_pass(source: ActivationSource, pos: str, layers: list[int], n_splits: int,
@@ -510,7 +527,7 @@ def question_pass(source: ActivationSource, pos: str, layers: list[int], n_split
             sums[j] = sums[j] + M.spread_sums(v, ok)
             if masks is not None:
                 parts[j].append(half_centroids(v, ok, masks))
-    out = QuestionPass({}, {}, {})
+    out = QuestionPass({}, {}, {}, {})
     for j, layer in enumerate(layers):
         out.spreads[layer] = M.spread_finish(sums[j], valid.sum(0))
         if masks is None:
@@ -519,6 +536,7 @@ def question_pass(source: ActivationSource, pos: str, layers: list[int], n_split
         h = torch.cat(parts[j]).double().numpy()
         out.floors[str(layer)] = floor_stats(h, iu, seed + layer)
         out.halves[layer] = Halves.of(h, iu)
+        out.cka[layer] = M.split_half_cka(h)
     return out
 
 
@@ -574,6 +592,50 @@ def _ceiling(floors: dict[str, Any], x: str, y: str, layer: int) -> dict[str, An
             "per_persona_cos_min": joint("per_persona_cos_min_full"),
             "matrix_mc_pearson": joint("matrix_mc_pearson_full"),
             "procrustes_cos_mean": joint("procrustes_cos_mean_full")}
+
+
+@dataclass(frozen=True)
+class CkaReliability:
+    """How far one recipe's sampling noise lets its CKA with an identical recipe reach: the
+    half-size split-half linear CKA, and the full-size debiased one (1 for question-invariant
+    recipes; None where unknown)."""
+
+    linear_half: float | None
+    debiased_full: float | None
+
+
+def _cka_reliability(half: M.SplitHalfCka | None, gram: np.ndarray,
+                     invariant: bool) -> CkaReliability:
+    """The debiased value is full size: the unbiased HSIC between independent question
+    halves estimates the noise-free ‖C‖², and the full centroids' own unbiased HSIC is
+    ‖C + C_noise‖², so their ratio is the attenuation factor identical recipes' debiased CKA
+    gets at full size. The biased (linear) HSIC has noise terms in the cross product too, so
+    no such correction exists for linear CKA, and neither is Spearman–Brown valid; its value
+    stays at half size, below what identical recipes reach at full size."""
+    if invariant:
+        return CkaReliability(1.0, 1.0)
+    if half is None:
+        return CkaReliability(None, None)
+    own = M.hsic_unbiased(gram, gram)
+    return CkaReliability(half.linear, half.hsic_cross / own if own > 0 else None)
+
+
+def _cka_cell(score: M.CkaScore, rx: CkaReliability, ry: CkaReliability,
+              n_perm: int) -> dict[str, Any]:
+    """A cell's CKA entry, for comparability with other tools: not part of the verdict."""
+
+    def joint(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else float(np.sqrt(max(a, 0.0) * max(b, 0.0)))
+
+    return {
+        "for_comparability": True,
+        "centred": "mean over personas",
+        "n_perm": n_perm,
+        "linear": {**asdict(score.linear), "ceiling": joint(rx.linear_half, ry.linear_half),
+                   "ceiling_size": "half"},
+        "debiased": {**asdict(score.debiased),
+                     "ceiling": joint(rx.debiased_full, ry.debiased_full), "ceiling_size": "full"},
+    }
 
 
 def sink_diagnostic(source: ActivationSource, positions: list[str], layers: list[int]) -> dict[str, Any]:

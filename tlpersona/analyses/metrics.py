@@ -280,3 +280,146 @@ def spread(per_q: torch.Tensor | np.ndarray, valid: torch.Tensor | np.ndarray) -
     """
     ok = torch.as_tensor(valid).bool()
     return spread_finish(spread_sums(torch.as_tensor(per_q), ok), ok.sum(0))
+
+
+# --- CKA, for comparability with other tools (not part of any verdict) ---------------------
+
+#: Permutations a CKA null gathers at a time: [256, n(n-1)/2] float64 is ~77 MB at 275 personas.
+CKA_PERM_CHUNK = 256
+
+
+def centred_gram(x: np.ndarray) -> np.ndarray:
+    """``[n, n]`` linear Gram matrix of the rows of ``x`` (``[n, d]``) after mean-centring over
+    personas, H X Xᵀ H: linear CKA is defined on centred features, and without centring a
+    shared offset makes any two recipes look alike."""
+    xc = mean_centre(np.asarray(x, dtype=np.float64))
+    return xc @ xc.T
+
+
+def hsic_unbiased(k: np.ndarray, g: np.ndarray) -> float:
+    """Unbiased HSIC of two ``[n, n]`` Gram matrices (Song et al. 2012, eq. 5; n >= 4). Unlike
+    the biased estimate it gives 0 in expectation for independent data, and it is unchanged by
+    shifting either recipe's vectors (so it does not matter whether the Grams are centred)."""
+    n = k.shape[0]
+    kt, gt = _zero_diag(k), _zero_diag(g)
+    return float(_hsic_u_terms(float(np.sum(kt * gt)), kt.sum(), gt.sum(),
+                               float(kt.sum(0) @ gt.sum(0)), n))
+
+
+def _zero_diag(k: np.ndarray) -> np.ndarray:
+    out = np.array(k, dtype=np.float64)
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+def _hsic_u_terms(trace: float | np.ndarray, sum_k: float, sum_l: float,
+                  rows: float | np.ndarray, n: int) -> float | np.ndarray:
+    """Song et al.'s unbiased HSIC from tr(K̃L̃), 1ᵀK̃1, 1ᵀL̃1 and 1ᵀK̃L̃1 (K̃: zero diagonal)."""
+    return (trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * rows) / (n * (n - 3))
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA of two recipes' centroids ``[n, d]`` (mean-centred over personas):
+    ⟨K, L⟩_F / (‖K‖_F ‖L‖_F) of their centred Gram matrices. NaN where either is constant."""
+    k, g = centred_gram(x), centred_gram(y)
+    den = float(np.linalg.norm(k) * np.linalg.norm(g))
+    return float(np.sum(k * g) / den) if den > 0 else float("nan")
+
+
+def debiased_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Debiased linear CKA (unbiased HSIC in numerator and denominator; Nguyen et al. 2021):
+    near 0 for unrelated recipes where the biased form is not. NaN where either is constant."""
+    k, g = centred_gram(x), centred_gram(y)
+    den = hsic_unbiased(k, k) * hsic_unbiased(g, g)
+    return hsic_unbiased(k, g) / float(np.sqrt(den)) if den > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class CkaStat:
+    """One CKA value beside its permutation null (one recipe's persona labels shuffled).
+    ``p`` is one-sided: (1 + #null >= observed) / (N + 1); None where the value is undefined."""
+
+    value: float | None
+    null_mean: float | None
+    null_sd: float | None
+    null_p95: float | None
+    p: float | None
+
+    @classmethod
+    def of(cls, value: float, null: np.ndarray) -> CkaStat:
+        if not np.isfinite(value):
+            return cls(None, None, None, None, None)
+        return cls(value, float(null.mean()), float(null.std()), float(np.percentile(null, 95)),
+                   float((1 + np.sum(null >= value - 1e-9)) / (null.size + 1)))
+
+
+@dataclass(frozen=True)
+class CkaScore:
+    linear: CkaStat
+    debiased: CkaStat
+
+
+def cka_scores(kxs: list[np.ndarray], ky: np.ndarray, perms: np.ndarray,
+               flat: np.ndarray | None = None) -> list[CkaScore]:
+    """Linear and debiased CKA of each centred Gram matrix in ``kxs`` against ``ky`` (all
+    ``[n, n]``, from :func:`centred_gram`), each with the null of ``ky``'s persona labels
+    permuted by every row of ``perms`` ``[N, n]``. ``flat``: the permuted upper triangle's
+    flat indices ``[N, n(n-1)/2]`` (``MantelPermuter.flat``), computed here when not given.
+
+    Both statistics are linear in the permuted Gram matrix's upper triangle, its diagonal and
+    its row sums, so every partner's null is one matrix product per chunk of permutations, at
+    the size of the persona count (never d_model)."""
+    n = ky.shape[0]
+    iu = np.triu_indices(n, k=1)
+    ky_t = _zero_diag(ky)
+    ly_diag, ly_rows = np.diag(ky), ky_t.sum(0)
+    kx_t = [_zero_diag(k) for k in kxs]
+    up = np.stack([k[iu] for k in kxs], axis=1)  # [m, k]
+    diag = np.stack([np.diag(k) for k in kxs], axis=1)  # [n, k]
+    rows = np.stack([k.sum(0) for k in kx_t], axis=1)  # [n, k]
+    sums = np.array([k.sum() for k in kx_t])
+    full = ky.ravel()
+    cross, diag_dot, row_dot = [], [], []
+    for start in range(0, len(perms), CKA_PERM_CHUNK):
+        p = perms[start:start + CKA_PERM_CHUNK]
+        idx = p[:, iu[0]] * n + p[:, iu[1]] if flat is None else flat[start:start + len(p)]
+        cross.append(full[idx] @ up)  # Σ_{i<j} K_ij L_{p_i p_j}
+        diag_dot.append(ly_diag[p] @ diag)
+        row_dot.append(ly_rows[p] @ rows)
+    c, dd, rd = (np.concatenate(v) for v in (cross, diag_dot, row_dot))  # each [N, k]
+    norm_y = float(np.linalg.norm(ky))
+    self_y = hsic_unbiased(ky, ky)
+    out = []
+    for j, kx in enumerate(kxs):
+        den_lin = float(np.linalg.norm(kx)) * norm_y
+        lin_null = (dd[:, j] + 2 * c[:, j]) / den_lin if den_lin > 0 else np.full(len(c), np.nan)
+        den_deb = float(np.sqrt(max(hsic_unbiased(kx, kx) * self_y, 0.0)))
+        deb_null = (_hsic_u_terms(2 * c[:, j], sums[j], ky_t.sum(), rd[:, j], n) / den_deb
+                    if den_deb > 0 else np.full(len(c), np.nan))
+        lin = float(np.sum(kx * ky)) / den_lin if den_lin > 0 else float("nan")
+        deb = hsic_unbiased(kx, ky) / den_deb if den_deb > 0 else float("nan")
+        out.append(CkaScore(CkaStat.of(lin, lin_null), CkaStat.of(deb, np.asarray(deb_null))))
+    return out
+
+
+@dataclass(frozen=True)
+class SplitHalfCka:
+    """One recipe's CKA between two question halves of its centroids, averaged over the
+    splits: ``linear`` and ``debiased`` at half size, and ``hsic_cross`` (the mean unbiased
+    HSIC between the halves), which estimates the noise-free ‖C‖² of the recipe's persona
+    geometry whatever the half size, since the halves' noise is independent."""
+
+    linear: float
+    debiased: float
+    hsic_cross: float
+
+
+def split_half_cka(halves: np.ndarray) -> SplitHalfCka:
+    """:class:`SplitHalfCka` from half centroids ``[persona, 2K, d]`` (halves 2k, 2k+1 pair)."""
+    lin, deb, cross = [], [], []
+    for k in range(halves.shape[1] // 2):
+        a, b = halves[:, 2 * k], halves[:, 2 * k + 1]
+        lin.append(linear_cka(a, b))
+        deb.append(debiased_cka(a, b))
+        cross.append(hsic_unbiased(centred_gram(a), centred_gram(b)))
+    return SplitHalfCka(float(np.mean(lin)), float(np.mean(deb)), float(np.mean(cross)))

@@ -5,56 +5,52 @@ default, scaled to unit total variance (so the PCA ranks directions by how many 
 them, not by which recipe has the largest norm); the recipes are stacked into
 ``[recipe × persona, d]`` and one PCA gives the shared PCs.
 
-``k_found`` counts the shared PCs that every pair of recipes orders the personas alike on. It is
-held out: the centring, the scaling and the PCA are fitted on half of the personas, the scores
-taken on the other half, and only the first n_fit − 1 PCs are counted. A PC's agreement is the
-smallest Pearson r over the recipe pairs between the two recipes' scores on it; a direction only
-one recipe varies along scores r near 0 whatever its variance. The null relabels one recipe's
-personas at random and reruns the held-out procedure, PCA included; each PC's agreement is tested
-against the relabelled draws' agreement on the same PC, p = (1 + #draws ≥ it) / (draws + 1),
-and k_found is the number of leading PCs with p below the level, counting stopping at the first that fails.
-The PCs come in a fixed order (fitted without the scored personas), so testing them in that
-order needs no split of the level within a layer; the level, :data:`ALPHA` / layers, is split
-over the layers (Bonferroni), so recipes unrelated to each other give k_found ≥ 1 at any layer
-of a run with probability ≤ ALPHA. Two limits of that guarantee. (1) The null relabels one
-recipe, so it is exact when that recipe is unrelated to the rest; with three or more recipes of
-which only some share a geometry, the smallest r over the pairs is tested against draws that
-break more pairs than the data do, and a layer is called more often than the level (6.5 % per
-layer against 1.25 % in a planted case: two of three recipes sharing 3 dimensions, 26
-personas). (2) Each PC is tested against the draws' same PC under the all-unrelated null; once
-PC1 is truly shared, its estimation error leaks into the next PCs' held-out scores, so what the
-test guarantees is "k_found ≥ 1"; the count beyond 1 is descriptive. The draws are raised
-to :func:`draws_needed` when fewer are asked for
-(a PC cannot pass otherwise). A fixed r > 0.90 per PC, the rule before, lost real dimensions on
-few scored personas: with 20 the sampling spread of r alone fails it on a planted 5-dimensional
-subspace in half the splits, and the fifth PC fitted on 20 personas mixes in the recipes' own
-dimensions (r ≈ 0.6, far above what unrelated recipes reach). At 40 personas (4 layers, 100
-draws) the fixed rule found 2–5 of 5 (mean 3.5), the per-PC test 5 ± 1 at 93 % of layers (mean
-5.0); unrelated recipes reached k_found ≥ 1 at 1.5 % of layers. The fixed rule remains for
-what has no null: ``k_found_in_sample`` (every persona fitted and scored) and a run without
-draws.
+``k_found`` counts the leading shared PCs on which every pair of recipes orders the personas
+alike beyond chance. It is held out: the centring, the scaling and the PCA are fitted on half of
+the personas, the scores taken on the other half, and only the first n_fit − 1 PCs are counted.
+Per PC and recipe pair (X, Y), the statistic is the Pearson r between X's and Y's held-out
+scores on that PC, and its p is a permutation p: Y's held-out persona labels are permuted with
+everything fitted (centring, scale, PCs) held fixed, p = (1 + #permutations with r ≥ the data's)
+/ (permutations + 1). The PCs never saw the held-out personas, so when X and Y are unrelated
+their held-out scores are independent and the labels exchangeable: each pair's p is exact. The
+claim "every pair shares this PC" is an intersection–union test: the PC's p is the largest pair
+p, valid at the level with no correction over pairs (it is rejected only if every pair's own
+null is). The PCs come in a fixed order, so k_found counts them in that order at one level,
+:func:`pc_level` = :data:`ALPHA` / layers, stopping at the first that fails; a layer's call
+(k_found ≥ 1) has p ``k_found_p`` (PC1's p; 1 where nothing was found), Holm-adjusted over every
+requested layer into ``k_found_p_holm``. So unrelated recipes, or recipes only some of which
+share a geometry, give a called layer anywhere in the run with probability ≤ ALPHA. The count
+beyond 1 is descriptive: once PC1 is shared, its estimation error reaches the next PCs'
+held-out scores. The permutations (:func:`perm_count`: 20 × layers / ALPHA, at least 2,000,
+seeded) are the same at every layer and for every pair. A direction only one recipe varies
+along scores r near 0 whatever its variance. The fixed r > ``min_r`` rule remains for what has no
+test: ``k_found_in_sample`` (every persona fitted and scored).
 
-Each relabelled draw's own k_found is counted the same way (against the data and the other
-draws), ``k_found_null`` lists them, and ``k_found_null_p`` = (1 + #draws reaching k_found) /
-(N + 1); it is Holm-adjusted over every layer of the run, a layer that found nothing entering
-with p = 1, into ``k_found_null_p_holm`` (the report's "beyond the null" at :data:`ALPHA`).
-When all countable PCs pass, ``k_found_saturated`` says the subspace may be larger than the
-personas can show.
+The relabelled draws (``n_null``) are descriptive: each reruns the held-out procedure, PCA
+included, after relabelling the last recipe's personas, and its k_found is counted by the same
+test; ``k_found_null`` lists them and ``k_found_null_p`` = (1 + #draws reaching k_found) /
+(draws + 1) (Holm over layers: ``k_found_null_p_holm``). They show what a recipe made unrelated
+reaches; they no longer decide anything. Testing the data's smallest r over the pairs against
+such draws, as before, is not valid with three or more recipes of which only some share a
+geometry: the draws break every pair, the data only some (measured in
+``tests/test_subspace_iut.py``). When all countable PCs pass, ``k_found_saturated`` says the
+subspace may be larger than the personas can show.
 
 Descriptive curves: for K = 2 … k_max every recipe is projected onto the top-K shared PCs and
 the pairs are scored there (per-persona cosine, cosine-matrix Pearson r; ``k_largest_passing``
 is the largest K with min cos > 0.85 and r > 0.90). K = 1 is not scored: a 1-D projection makes
 every per-persona cosine ±1.
 
-``align="procrustes"`` adds, per layer, the same held-out ``k_found`` (with its relabelled null
-and in-sample value) for recipes rotated onto the first one before the PCA
-(:mod:`tlpersona.analyses.aligned`): it finds a persona geometry that every recipe has in its own
-rotated basis, which the plain joint PCA misses.
+``align="procrustes"`` adds, per layer, the same held-out ``k_found`` (same test, same
+permutations, its relabelled draws and in-sample value) for recipes rotated onto the first one
+before the PCA (:mod:`tlpersona.analyses.aligned`): it finds a persona geometry that every recipe
+has in its own rotated basis, which the plain joint PCA misses.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,9 +74,11 @@ class SubspaceConfig:
     min_cos: float = 0.85
     min_r: float = 0.90
     seed: int = 0
-    # relabelled reruns behind the per-PC test and the k_found null (p cannot go below
-    # 1/(N+1)); raised to draws_needed(layers) when below it, 0 runs none (only the PCs wanted)
+    # relabelled reruns behind the descriptive k_found null (0 runs none); the test does not
+    # need them
     n_null: int = 100
+    # label permutations behind each pair's per-PC p; None: perm_count's default
+    n_perm: int | None = None
     align: str = "none"  # "procrustes": also the rotation-aligned subspace (analyses.aligned)
 
 
@@ -136,83 +134,77 @@ def k_largest_passing(curve: list[dict[str, Any]], min_cos: float, min_r: float)
     return max(passing) if passing else None
 
 
+def agreement_from_scores(scores: dict[str, np.ndarray], pairs: list[tuple[str, str]]
+                          ) -> list[dict[str, Any]]:
+    """For each shared PC alone: per pair, the Pearson r across personas of the two recipes'
+    scores on it (``scores[p]``: ``[persona, PC]``; NaN where it is undefined)."""
+    units = {p: unit_columns(s) for p, s in scores.items()}
+    width = min((s.shape[1] for s in scores.values()), default=0)
+    return [{"pc": j + 1, "pairs": {f"{x}~{y}": float(units[x][:, j] @ units[y][:, j])
+                                    for x, y in pairs}} for j in range(width)]
+
+
 def per_pc_agreement(mats: dict[str, np.ndarray], components: np.ndarray,
                      pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """For each shared PC alone: per pair, the Pearson r across personas of the two recipes'
     scores on it. A PC both recipes share orders the personas alike (r near 1); a direction
     only one recipe varies along gives r near 0 whatever its variance."""
-    scores = {p: m @ components.T for p, m in mats.items()}  # [persona, K]
-    out = []
-    for j in range(components.shape[0]):
-        row: dict[str, Any] = {"pc": j + 1, "pairs": {}}
-        for x, y in pairs:
-            a, b = scores[x][:, j], scores[y][:, j]
-            ok = np.std(a) > 0 and np.std(b) > 0 and len(a) > 2
-            row["pairs"][f"{x}~{y}"] = float(np.corrcoef(a, b)[0, 1]) if ok else float("nan")
-        out.append(row)
-    return out
+    return agreement_from_scores({p: m @ components.T for p, m in mats.items()}, pairs)
 
 
-#: family-wise level of k_found over the layers of a run (and of the report's "beyond the null")
+def unit_columns(x: np.ndarray) -> np.ndarray:
+    """``x`` ``[persona, PC]`` with each column centred and scaled to unit norm, so that the dot
+    product of two such columns is their Pearson r; NaN columns where r is undefined (constant,
+    or fewer than 3 personas)."""
+    c = x - x.mean(axis=0)
+    norm = np.linalg.norm(c, axis=0)
+    ok = (norm > 0) & (x.shape[0] > 2)
+    return np.where(ok, c / np.where(ok, norm, 1.0), np.nan)
+
+
+#: family-wise level of k_found over the layers of a run (and of the report's "beyond chance")
 ALPHA = 0.05
+
+#: measured power, quoted by the report (benchmarks/subspace_power.py)
+POWER_NOTE = "5 ± 1 found at 88 % of layers at 26 personas, 97 % at 40"
+
+#: the fewest label permutations the default draws (see :func:`perm_count`)
+MIN_PERMUTATIONS = 2000
+
+#: a permuted r counts as reaching the data's when within this (float ties of equal orderings)
+TIE = 1e-12
 
 
 def pc_level(n_layers: int) -> float:
     """The level each layer's per-PC tests run at: :data:`ALPHA` split over the layers
-    (Bonferroni), so that unrelated recipes give k_found ≥ 1 at any layer of the run with
-    probability ≤ ALPHA. Within a layer no further split is needed: the PCs are tested in their
+    (Bonferroni), so that a layer is called at any layer of the run with probability ≤ ALPHA
+    when no pair shares. Within a layer no further split is needed: the PCs are tested in their
     fixed order and counting stops at the first that fails."""
     return ALPHA / max(n_layers, 1)
 
 
 def draws_needed(n_layers: int) -> int:
-    """The fewest relabelled draws at which a PC can pass at :func:`pc_level`: the smallest
-    per-PC p, 1 / (draws + 1), must be below ALPHA / layers (80 at 4 layers, 20 at one)."""
+    """The fewest permutations at which a PC can pass at :func:`pc_level`: the smallest p,
+    1 / (permutations + 1), must be below ALPHA / layers (80 at 4 layers, 20 at one)."""
     return int(np.floor(max(n_layers, 1) / ALPHA + 1e-9))
 
 
-def pc_statistic(per_pc: list[dict[str, Any]]) -> np.ndarray:
-    """Per PC, the smallest held-out r over the recipe pairs ``[PC]`` (every pair must agree;
-    an undefined r counts as the lowest possible)."""
-    out = np.array([min(row["pairs"].values()) if row["pairs"] else np.nan for row in per_pc],
-                   dtype=np.float64)
-    return np.where(np.isnan(out), -np.inf, out)
+def perm_count(n_layers: int, requested: int | None) -> int:
+    """Label permutations behind each pair's per-PC p. By default 20 × :func:`draws_needed`,
+    at least :data:`MIN_PERMUTATIONS`: at the floor a PC passes only if no permutation reaches
+    it in any pair, which costs power; a ``requested`` count is raised to draws_needed."""
+    need = draws_needed(n_layers)
+    return max(MIN_PERMUTATIONS, 20 * need) if requested is None else max(requested, need)
 
 
-def rank_p(stats: np.ndarray) -> np.ndarray:
-    """``stats`` ``[member, PC]`` (row 0 observed, rows 1… relabelled draws, exchangeable when
-    nothing is shared): each member's per-PC p = #{members ≥ it} / members, ties and itself
-    counted against it, so the observed row's p is (1 + #draws ≥ it) / (draws + 1)."""
-    srt = np.sort(stats, axis=0)
-    n = stats.shape[0]
-    return np.stack([n - np.searchsorted(srt[:, j], stats[:, j], side="left")
-                     for j in range(stats.shape[1])], axis=1) / n if stats.size else stats
-
-
-def leading_passes(p: np.ndarray, level: float) -> np.ndarray:
-    """Per member (row of ``p`` ``[member, PC]``), how many leading PCs have p < ``level``:
-    the count stops at the first PC that fails. Strictly below, so that a layer's k_found ≥ 1
-    always has its null p, Holm-adjusted over the layers, below ALPHA too."""
-    ok = p * (1 + 1e-12) < level
-    return np.where(ok.all(axis=1), ok.shape[1], np.argmin(ok, axis=1)) if ok.size else \
-        np.zeros(p.shape[0], dtype=int)
-
-
-@dataclass
-class PCCount:
-    """``k_found`` of a layer by the per-PC test, for the data and for every relabelled draw."""
-
-    k: int | None
-    null: list[int | None]
-    per_pc_p: list[float]  # the data's per-PC p against the draws
-    # per PC, the agreement (smallest r over pairs) a PC must exceed to pass; None: undefined
-    per_pc_threshold: list[float | None]
-    null_p: float | None  # (1 + #draws reaching k) / (draws + 1); None when k is None
+def label_permutations(n_scored: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` random orderings of the held-out personas ``[count, n_scored]``."""
+    return rng.permuted(np.tile(np.arange(n_scored), (count, 1)), axis=1)
 
 
 def pass_threshold(draws: np.ndarray, level: float) -> np.ndarray:
-    """Per PC, the agreement a data PC must exceed to have p < ``level`` against ``draws``
-    ``[draw, PC]``: the c-th largest draw, c = ⌈level · (draws + 1)⌉ − 1 (+inf when c = 0: it
+    """Per column, the value a statistic must exceed to have p < ``level`` against ``draws``
+    ``[draw, column]``: the c-th largest draw, c = ⌈level · (draws + 1)⌉ − 1 (+inf when c = 0: it
     cannot pass; −inf when every draw may tie or beat it)."""
     n = draws.shape[0]
     c = int(np.ceil(level * (n + 1) * (1 - 1e-12))) - 1
@@ -223,54 +215,107 @@ def pass_threshold(draws: np.ndarray, level: float) -> np.ndarray:
     return -np.sort(-draws, axis=0)[c - 1]
 
 
-def count_against_null(held: list[dict[str, Any]], null: list[list[dict[str, Any]]],
-                       level: float, min_r: float) -> PCCount:
-    """k_found: the leading shared PCs whose held-out agreement (the smallest r over the pairs)
-    beats the relabelled draws' agreement on the same PC at ``level``; each draw's own k is
-    counted the same way against the data and the other draws. Without draws, the fixed
-    r > ``min_r`` rule counts (descriptive: there is nothing to test against)."""
-    if not null:
-        return PCCount(k_found(held, min_r), [], [], [], None)
-    width = min([len(held), *(len(x) for x in null)])
-    stats = np.stack([pc_statistic(x[:width]) for x in [held, *null]])  # [1 + draws, PC]
-    p = rank_p(stats)
-    ks = [int(c) or None for c in leading_passes(p, level)]
-    found = ks[0]
-    beaten = sum((k or 0) >= found for k in ks[1:]) if found else None
-    bar = pass_threshold(stats[1:], level)
-    return PCCount(found, ks[1:], [float(v) for v in p[0]] if p.size else [],
-                   [float(v) if np.isfinite(v) else None for v in bar],
-                   None if beaten is None else (1 + beaten) / len(ks))
+def pair_test(x: np.ndarray, y: np.ndarray, perms: np.ndarray, level: float
+              ) -> tuple[float, float]:
+    """One pair on one PC: ``x``, ``y`` the two recipes' unit score columns ``[persona]``.
+    Returns the permutation p of their r (``y``'s personas relabelled by each row of
+    ``perms``) and the r it must exceed for p < ``level`` (+inf: it cannot)."""
+    if np.isnan(x).any() or np.isnan(y).any():
+        return 1.0, np.inf
+    null = y[perms] @ x  # [permutation]
+    p = (1 + np.count_nonzero(null >= x @ y - TIE)) / (len(null) + 1)
+    return float(p), float(pass_threshold(null[:, None], level)[0])
+
+
+@dataclass
+class PCCount:
+    """``k_found`` of a layer by the per-PC intersection–union test."""
+
+    k: int | None
+    per_pc_p: list[float]  # per PC, its p: the largest pair p
+    per_pc_pair_p: list[dict[str, float]]  # per PC, each pair's permutation p
+    # per PC, the largest r a pair must exceed (a PC whose smallest pair r exceeds it passes;
+    # each pair is held to its own bar); None: no pair can pass
+    per_pc_threshold: list[float | None]
+
+    @property
+    def p(self) -> float | None:
+        """The layer's call (k ≥ 1): PC1's p; None when nothing was found."""
+        return self.per_pc_p[0] if self.k else None
+
+
+def count_shared(scores: dict[str, np.ndarray], pairs: list[tuple[str, str]],
+                 perms: np.ndarray, level: float, full: bool = True) -> PCCount:
+    """k_found: the leading PCs on which every pair's held-out r beats its label permutations at
+    p < ``level`` (strictly: a layer's k_found ≥ 1 then has its Holm p below ALPHA too).
+    ``scores[p]``: ``[held-out persona, PC]``. Without ``full``, stops at the first PC that
+    fails (the relabelled draws need only their count)."""
+    units = {p: unit_columns(s) for p, s in scores.items()}
+    width = min((s.shape[1] for s in scores.values()), default=0)
+    k, ps, pair_ps, bars = 0, [], [], []
+    for j in range(width):
+        tests = {f"{x}~{y}": pair_test(units[x][:, j], units[y][:, j], perms, level)
+                 for x, y in pairs}
+        p = max(t[0] for t in tests.values())
+        bar = max(t[1] for t in tests.values())
+        ps.append(p)
+        pair_ps.append({name: t[0] for name, t in tests.items()})
+        bars.append(bar if np.isfinite(bar) else None)
+        passed = p * (1 + 1e-12) < level
+        if passed and k == j:  # the count stops at the first PC that fails
+            k += 1
+        if not (passed or full):
+            break
+    return PCCount(k or None, ps, pair_ps, bars)
+
+
+def pc_statistic(per_pc: list[dict[str, Any]]) -> np.ndarray:
+    """Per PC, the smallest held-out r over the recipe pairs ``[PC]`` (an undefined r counts as
+    the lowest possible): the agreement the report quotes against ``per_pc_threshold``."""
+    out = np.array([min(row["pairs"].values()) if row["pairs"] else np.nan for row in per_pc],
+                   dtype=np.float64)
+    return np.where(np.isnan(out), -np.inf, out)
+
+
+def null_p(found: int | None, null: list[int | None]) -> float | None:
+    """(1 + #relabelled draws reaching ``found``) / (draws + 1); None when nothing was found or
+    no draw was run (descriptive: what a recipe made unrelated reaches)."""
+    if not found or not null:
+        return None
+    return (1 + sum((k or 0) >= found for k in null)) / (len(null) + 1)
 
 
 def holm_over_layers(layers: list[dict[str, Any]]) -> None:
-    """Add ``k_found_null_p_holm`` to each layer's dict: its null p Holm-adjusted over every
-    layer with a null (one family: "the recipes share a subspace at this layer"). A layer that
-    found nothing stays in the family with p = 1: leaving it out would test the others at a
-    level the run never paid for. Layers without draws are not tested (None)."""
+    """Add ``k_found_p_holm`` (the call) and ``k_found_null_p_holm`` (descriptive) to each
+    layer's dict: its p Holm-adjusted over every layer of the run (one family: "the recipes
+    share a subspace at this layer"). A layer that found nothing stays in the family with
+    p = 1: leaving it out would test the others at a level the run never paid for. For the
+    relabelled draws, layers without them are not in the family (None)."""
     from tlpersona.analyses.stats import holm
 
-    ps = [np.nan if not lay["k_found_null"] else
-          1.0 if lay["k_found_null_p"] is None else lay["k_found_null_p"] for lay in layers]
-    for lay, adj in zip(layers, holm(ps), strict=True):
-        lay["k_found_null_p_holm"] = None if np.isnan(adj) else float(adj)
+    ps = [1.0 if lay["k_found_p"] is None else lay["k_found_p"] for lay in layers]
+    nulls = [np.nan if not lay["k_found_null"] else
+             1.0 if lay["k_found_null_p"] is None else lay["k_found_null_p"] for lay in layers]
+    for lay, adj, adj_null in zip(layers, holm(ps), holm(nulls), strict=True):
+        lay["k_found_p_holm"] = float(adj)
+        lay["k_found_null_p_holm"] = None if np.isnan(adj_null) else float(adj_null)
 
 
 def found_text(layer: dict[str, Any]) -> str:
     """A layer's k_found as the report states it: the count (``≥`` when every countable PC is
-    shared), and whether it is beyond its relabelled null after Holm over layers."""
+    shared), and whether the layer is called after Holm over every layer."""
     k = layer["k_found"]
     if not k:
         return "none"
     text = f"≥ {k} (every countable PC shared)" if layer["k_found_saturated"] else str(k)
-    p = layer.get("k_found_null_p_holm")
+    p = layer.get("k_found_p_holm")
     if p is None:
-        return f"{text} (no null run)"
-    return f"{text}, {'beyond' if p < ALPHA else 'not beyond'} the null (Holm p = {p:.3f})"
+        return f"{text} (not tested)"
+    return f"{text}, {'beyond' if p < ALPHA else 'not beyond'} chance (Holm p = {p:.2g})"
 
 
 def null_text(layer: dict[str, Any]) -> str:
-    """The relabelled draws' k_found values, compressed (``none ×93, 1 ×7``), and the raw p."""
+    """The relabelled draws' k_found values, compressed (``none ×93, 1 ×7``), and their p."""
     counts: dict[str, int] = {}
     for k in layer["k_found_null"]:
         key = "none" if k is None else str(k)
@@ -285,19 +330,29 @@ def _null_order(item: tuple[str, int]) -> tuple[int, int]:
     return (0, 0) if item[0] == "none" else (1, int(item[0]))
 
 
-def limits_text(n_null: int, layers: list[dict[str, Any]]) -> str:
-    """What the k_found column can and cannot say with these draws and personas."""
-    m = sum(bool(lay["k_found_null"]) for lay in layers)
-    floor = 1.0 / (n_null + 1) if n_null else 1.0
-    lines = ["k_found is a lower bound on the shared dimension: each PC is scored on the "
-             "held-out personas alone, and a shared PC that the fit half estimates mixed with "
-             "the recipes' own dimensions can fail (planted 5 shared dimensions: 5 ± 1 found at "
-             "93 % of layers at 40 personas, 80 % at 26)."]
-    if m and m * floor >= ALPHA:
-        lines.append(f"With {n_null} relabellings p cannot fall below {floor:.3f}, so after Holm "
-                     f"over {m} layer(s) no k_found can be called beyond the null at "
-                     f"{ALPHA:g}; run more draws (`null_draws`).")
-    return " ".join(lines)
+def limits_text(n_perm: int, n_layers: int, n_scored: int) -> str:
+    """What the k_found column can and cannot say with these permutations and personas."""
+    level = pc_level(n_layers)
+    text = (f"Each pair's p comes from {n_perm} label permutations (smallest p "
+            f"{1 / (n_perm + 1):.2g}, below the per-PC level {level:.3g}).")
+    # a permutation that orders the scored personas as the data do ties with it: about
+    # 1 / n_scored! of the draws, whatever their number
+    if math.factorial(n_scored) * level <= 1:
+        text += (f" With {n_scored} held-out personas no PC can pass: a pair's p cannot fall "
+                 f"below about 1/{n_scored}! = {1 / math.factorial(n_scored):.2g}; at "
+                 f"{n_layers} layer(s) at least {2 * _scored_needed(level) - 1} personas are needed.")
+    return text + (" k_found is a lower bound on the shared dimension: each PC is scored on the "
+                   "held-out personas alone, and a shared PC that the fit half estimates mixed "
+                   "with the recipes' own dimensions can fail (planted 5 shared dimensions: "
+                   f"{POWER_NOTE}).")
+
+
+def _scored_needed(level: float) -> int:
+    """The fewest held-out personas whose orderings can put a p below ``level``."""
+    n = 1
+    while math.factorial(n) * level <= 1:
+        n += 1
+    return n
 
 
 def _layer_k(lay: dict[str, Any]) -> str:
@@ -306,26 +361,18 @@ def _layer_k(lay: dict[str, Any]) -> str:
 
 def answer(data: dict[str, Any]) -> str:
     """One sentence (≤ 220 characters) on a subspace result (what :func:`subspace` returns,
-    subspace.json): is there a shared subspace, of what dimension per layer, beyond its null;
+    subspace.json): is there a shared subspace, of what dimension per layer, beyond chance;
     or, when none is, what a PC would have needed to pass and what the personas allow."""
     layers = data["layers"]
     n_layers = len(layers)
     n = data["n_personas"]
     held = layers[0]["held_out"] if layers else {"n_fit": n // 2, "n_scored": n - n // 2}
     who = f"{n} personas, {held['n_fit']} fit"
-    if not data["null"]["n"]:
-        ks = [lay for lay in layers if lay["k_found"]]
-        text = (f"No relabelled null was run, so no shared subspace can be called ({who}); "
-                f"r > {data['thresholds']['min_r']} per PC alone gives "
-                + (", ".join(_layer_k(lay) for lay in ks) if ks else "none") + ".")
-        return _fit(text, f"No relabelled null was run, so no shared subspace can be called "
-                          f"({who}).")
-    beyond = [lay for lay in layers
-              if lay["k_found"] and (lay.get("k_found_null_p_holm") or 1.0) < ALPHA]
+    beyond = [lay for lay in layers if lay["k_found"] and lay["k_found_p_holm"] < ALPHA]
     if beyond:
-        worst = max(lay["k_found_null_p_holm"] for lay in beyond)
-        head = f"Shared subspace beyond the null at {len(beyond)}/{n_layers} layers"
-        # the test calls the layer (PC1 shared beyond the null); k itself is descriptive
+        worst = max(lay["k_found_p_holm"] for lay in beyond)
+        head = f"Shared subspace beyond chance at {len(beyond)}/{n_layers} layers"
+        # the test calls the layer (PC1 shared by every pair); k itself is descriptive
         tail = f" (Holm p ≤ {worst:.2g}; {who}; the count is descriptive beyond 1)."
         full = f"{head}: {', '.join(_layer_k(lay) for lay in beyond)}{tail}"
         ks = [lay["k_found"] for lay in beyond]
@@ -347,10 +394,10 @@ def answer(data: dict[str, Any]) -> str:
                     "more personas would be needed to see one.",
                     f"No shared subspace at {n_layers} layer(s) ({who}): more personas needed.")
     layer, got, bar = best
-    return _fit(f"No shared subspace beyond the null at {n_layers} layer(s): PC1's agreement "
+    return _fit(f"No shared subspace beyond chance at {n_layers} layer(s): PC1's agreement "
                 f"reached r {got:.2f} at best (L{layer}) against {bar:.2f} needed; with {who}, "
                 f"{cap} personas.",
-                f"No shared subspace beyond the null at {n_layers} layer(s): PC1 reached r "
+                f"No shared subspace beyond chance at {n_layers} layer(s): PC1 reached r "
                 f"{got:.2f} at best (L{layer}), {bar:.2f} needed ({who}).")
 
 
@@ -387,10 +434,11 @@ def top_components(x: np.ndarray, k: int) -> np.ndarray:
 
 def held_out(raw: dict[str, np.ndarray], positions: list[str], pairs: list[tuple[str, str]],
              fit: np.ndarray, test: np.ndarray, k_max: int, unit_norm: bool, curve: bool = True
-             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, np.ndarray]]:
     """Shared PCs fitted on the ``fit`` personas only (their mean, scale and PCA), agreement
-    scored on the ``test`` personas only. Returns the per-PC agreement and the K curve (empty
-    without ``curve``: the null reruns need only the per-PC agreement)."""
+    scored on the ``test`` personas only. Returns the per-PC agreement, the K curve (empty
+    without ``curve``: the relabelled draws need only the scores) and each recipe's held-out
+    scores on the countable PCs ``[n_test, PC]`` (what the per-PC test permutes)."""
     centring = {p: Centring.fit(x[fit], unit_norm) for p, x in raw.items()}
     stacked = np.concatenate([centring[p].apply(raw[p][fit]) for p in positions])
     k = min(k_max, stacked.shape[0] - 1, stacked.shape[1])
@@ -398,8 +446,9 @@ def held_out(raw: dict[str, np.ndarray], positions: list[str], pairs: list[tuple
     test_rows = {p: centring[p].apply(raw[p][test]) for p in positions}
     # a recipe's fit half spans n_fit - 1 directions: PCs past that are not its own estimate
     countable = components[: len(fit) - 1]
-    return (per_pc_agreement(test_rows, countable, pairs),
-            agreement_curve(test_rows, components, pairs) if curve else [])
+    scores = {p: x @ countable.T for p, x in test_rows.items()}
+    return (agreement_from_scores(scores, pairs),
+            agreement_curve(test_rows, components, pairs) if curve else [], scores)
 
 
 def subspace(source: ActivationSource, cfg: SubspaceConfig | None = None
@@ -430,18 +479,24 @@ def subspace(source: ActivationSource, cfg: SubspaceConfig | None = None
         raise TlpersonaError(f"the subspace needs at least 4 personas, got {n}")
     layers = cfg.layers or list(source.layers)
     pairs = list(itertools.combinations(positions, 2))
+    if cfg.n_perm is not None and cfg.n_perm < 1:
+        raise TlpersonaError(f"`n_perm` must be at least 1, got {cfg.n_perm}")
     rng = np.random.default_rng(cfg.seed)
     perm = rng.permutation(n)
     fit_half, test_half = perm[: n // 2], perm[n // 2:]
-    # enough draws that a PC can pass at ALPHA split over the layers (none: only the PCs wanted)
-    n_draws = max(cfg.n_null, draws_needed(len(layers))) if cfg.n_null > 0 else 0
     level = pc_level(len(layers))
-    relabels = [rng.permutation(n) for _ in range(n_draws)]
+    relabels = [rng.permutation(n) for _ in range(cfg.n_null)]
+    n_perm = perm_count(len(layers), cfg.n_perm)
+    # one set for every layer and pair: each pair's p is exact on its own, which the
+    # intersection-union test and Holm over layers need (no independence across them)
+    perms = label_permutations(len(test_half), n_perm, rng)
     results: dict[str, Any] = {"positions": positions, "n_personas": n, "unit_norm": cfg.unit_norm,
                                "align": cfg.align,
                                "thresholds": {"min_cos": cfg.min_cos, "min_r": cfg.min_r},
-                               "null": {"n": n_draws, "requested": cfg.n_null,
+                               "null": {"n": cfg.n_null, "requested": cfg.n_null,
                                         "relabelled": positions[-1], "pc_level": level},
+                               "n_permutations": n_perm,
+                               "permutations_requested": cfg.n_perm,
                                "seed": cfg.seed,
                                "input": {"manifest_hash": source.manifest_hash},
                                "layers": []}
@@ -456,14 +511,17 @@ def subspace(source: ActivationSource, cfg: SubspaceConfig | None = None
         comps[layer] = pca.components_
         curve = agreement_curve(mats, pca.components_, pairs)
         in_pc = per_pc_agreement(mats, pca.components_[: n - 1], pairs)
-        held_pc, held = held_out(raw, positions, pairs, fit_half, test_half, k_max, cfg.unit_norm)
-        # Null: the last recipe's personas relabelled, everything else as for the headline.
-        null_pcs = []
+        held_pc, held, scores = held_out(raw, positions, pairs, fit_half, test_half, k_max,
+                                         cfg.unit_norm)
+        count = count_shared(scores, pairs, perms, level)
+        # Descriptive null: the last recipe's personas relabelled, everything refitted and
+        # counted by the same test.
+        null = []
         for relabel in relabels:
             shuffled = {**raw, positions[-1]: raw[positions[-1]][relabel]}
-            null_pcs.append(held_out(shuffled, positions, pairs, fit_half, test_half, k_max,
-                                     cfg.unit_norm, curve=False)[0])
-        count = count_against_null(held_pc, null_pcs, level, cfg.min_r)
+            draw = held_out(shuffled, positions, pairs, fit_half, test_half, k_max,
+                            cfg.unit_norm, curve=False)[2]
+            null.append(count_shared(draw, pairs, perms, level, full=False).k)
         variance = {}
         for p in positions:
             x = mats[p]
@@ -485,9 +543,11 @@ def subspace(source: ActivationSource, cfg: SubspaceConfig | None = None
             # every countable PC shared: the subspace may be larger than the fit half can show
             "k_found_saturated": bool(k_held) and k_held == len(held_pc),
             "k_found_in_sample": k_found(in_pc, cfg.min_r),
-            "k_found_null": count.null,
-            "k_found_null_p": count.null_p,
-            "per_pc_p": count.per_pc_p,
+            "k_found_p": count.p,
+            "k_found_null": null,
+            "k_found_null_p": null_p(k_held, null),
+            "per_pc_p_iut": count.per_pc_p,
+            "per_pc_pair_p": count.per_pc_pair_p,
             "per_pc_threshold": count.per_pc_threshold,
             "k_largest_passing": k_largest_passing(held, cfg.min_cos, cfg.min_r),
             "k_largest_passing_in_sample": k_largest_passing(curve, cfg.min_cos, cfg.min_r),
@@ -502,8 +562,8 @@ def subspace(source: ActivationSource, cfg: SubspaceConfig | None = None
         })
         if cfg.align == "procrustes":
             results["layers"][-1]["aligned"] = aligned_layer(
-                raw, positions, pairs, fit_half, test_half, relabels, cfg.unit_norm, cfg.min_r,
-                level).to_dict()
+                raw, positions, pairs, fit_half, test_half, relabels, perms, cfg.unit_norm,
+                cfg.min_r, level).to_dict()
     holm_over_layers(results["layers"])
     if cfg.align == "procrustes":
         holm_over_layers([lay["aligned"] for lay in results["layers"]])

@@ -58,15 +58,16 @@ def subspace(source: ActivationSource | str | Path, *, layers: Sequence[int] | N
              seed: int = 0, align: str = "none", null_draws: int = 100) -> SubspaceResult:
     """The persona subspace the recipes share: joint PCA of the stacked recipes (each scaled to
     unit total variance unless ``unit_norm=False``), and per layer ``k_found``, the number of
-    shared PCs whose persona scores agree across recipes on held-out personas, beside the same
-    count after relabelling one recipe's personas (null). ``align="procrustes"`` also rotates
-    each recipe onto a common frame (fitted on the fit personas) before the PCA, so the same
-    geometry in a rotated basis counts as shared. ``null_draws`` relabellings make each null
-    (p cannot fall below 1/(null_draws + 1)); a layer's :class:`KFound` says whether its count
-    is beyond the null after Holm over the layers. ``.save(out)`` writes subspace.json,
+    shared PCs whose persona scores agree across recipes on held-out personas, tested per PC
+    against label permutations of the held-out personas (an intersection–union test over recipe
+    pairs), beside a descriptive count after relabelling one recipe's personas (``null_draws``,
+    0 for none). ``align="procrustes"`` also rotates each recipe onto a common frame (fitted on
+    the fit personas) before the PCA, so the same geometry in a rotated basis counts as shared.
+    A layer's :class:`KFound` says whether it is called beyond chance after Holm over the
+    layers. ``.save(out)`` writes subspace.json,
     pcs.safetensors, figures and subspace.md."""
     check_count(k_max, "`k_max`", 2)  # the figures and the matrix r need two PCs
-    check_count(null_draws, "`null_draws`", 1)
+    check_count(null_draws, "`null_draws`", 0)
     src = open_source(source)
     cfg = SubspaceConfig(positions=_recipes(positions), layers=stored_layers(src, layers),
                          k_max=k_max, unit_norm=unit_norm, seed=seed, align=align,

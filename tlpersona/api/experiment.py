@@ -142,8 +142,8 @@ def headline(cmp: CompareResult, sub: SubspaceResult, pat: PatchResult,
     agree = "recipe-robust" if cmp.recipe_robust else "not recipe-robust"
     # the test calls a layer (k ≥ 1 beyond the null); the count k is descriptive beyond that
     found = [f"L{la.layer} (k_found {la.k_found.k})" for la in sub.layers if la.k_found.beyond_null]
-    shared = ("shared subspace beyond its null at " + ", ".join(found[:3])
-              + (" …" if len(found) > 3 else "") if found else "no shared subspace beyond its null")
+    shared = ("shared subspace beyond chance at " + ", ".join(found[:3])
+              + (" …" if len(found) > 3 else "") if found else "no shared subspace beyond chance")
     ops = {s.operator for s in steering.scores}
     op = "add" if "add" in ops else sorted(ops)[0] if ops else ""
     steers = [s.recipe for s in steering.scores_for(op) if s.beats_random] if op else []

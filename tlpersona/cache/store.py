@@ -642,9 +642,27 @@ class Store:
         if name in self._files:
             files.append((position_file(name), self._files[name]))
         for file, was in files:
-            if _fingerprint(self.root / file) != was:
+            now = _fingerprint(self.root / file)
+            if now != was and not self._renumbered(file, was, now):
                 raise TlpersonaError(f"{self.root} changed after it was opened ({file} was "
                                      "replaced or modified); open the store again")
+
+    def _renumbered(self, file: str, was: _Fingerprint | None, now: _Fingerprint | None) -> bool:
+        """Whether only the inode number moved (FUSE mounts such as Drive or gcsfuse renumber
+        files when their cache drops them): same mtime and size, and the manifest's content
+        unchanged (for the manifest) or the file's identity unchanged (for a position file)."""
+        if was is None or now is None or was[2:] != now[2:]:
+            return False
+        path = self.root / file
+        if file == MANIFEST:
+            try:
+                return json.loads(path.read_bytes()).get("provenance") == self.provenance
+            except (OSError, ValueError):
+                return False
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        name = file.removesuffix(".safetensors")
+        return _identity_mismatch(meta, file_identity(self.provenance, name)) is None
 
     def _keys(self, name: str) -> set[str]:
         if name not in self._key_cache:

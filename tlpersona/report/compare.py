@@ -44,8 +44,9 @@ def _p(v: Any) -> str:
 def _detail_table(result: dict[str, Any], layer: int) -> str:
     rows = ["| pair | cos mean (null; ceiling) | cos min (null p95; ceiling) | cos p5 (null p95) "
             "| mc cos mean (null) | raw r (null p95) | mc r (null p95) | mc r ceiling | mc Spearman "
-            "| Mantel p (Holm) | spread ρ | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| Mantel p (Holm) | spread ρ | CKA lin / debiased (null p95; ceiling), for comparability "
+            "| verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
         if c["layer"] != layer:
             continue
@@ -59,8 +60,18 @@ def _detail_table(result: dict[str, Any], layer: int) -> str:
             f"| {_f(raw['pearson'])} ({_f(raw['null_p95'])}) | {_f(mr['pearson'])} ({_f(mr['null_p95'])}) "
             f"| {_f(c['ceiling']['matrix_mc_pearson'])} | {_f(mr['spearman'])} "
             f"| {_p(mr['mantel_p'])} ({_p(mr.get('mantel_p_holm'))}) | {_f(c['spread']['spearman'])} "
+            f"| {_cka_text(c.get('cka'))} "
             f"| **{c['verdict']}**{marked(c)[len(c['verdict']):]} |")
     return "\n".join(rows)
+
+
+def _cka_text(cka: dict[str, Any] | None) -> str:
+    """``0.912 (0.310; 0.880) / 0.850 (0.020; 0.830)``: linear then debiased CKA, each with its
+    null's 95th percentile and its ceiling; results from before CKA was added have none."""
+    if cka is None:
+        return "n/a"
+    return " / ".join(f"{_f(s['value'])} ({_f(s['null_p95'])}; {_f(s['ceiling'])})"
+                      for s in (cka["linear"], cka["debiased"]))
 
 
 def _procrustes_table(result: dict[str, Any], layer: int) -> str:
@@ -259,7 +270,15 @@ def details(result: dict[str, Any], title: str) -> list[str]:
                   f"{result.get('procrustes_splits', 0)} halvings). Ceiling: the same procedure between two "
                   "question halves of each recipe, Spearman–Brown corrected to full-size centroids "
                   "(geometric mean of the two; 1 for question-invariant recipes).", "",
-                  _procrustes_table(result, layer), ""]
+                  _procrustes_table(result, layer), "",
+                  "CKA (for comparability with other tools; not part of the verdict): linear "
+                  "CKA and debiased CKA (unbiased HSIC) of the two recipes' centroids, "
+                  "mean-centred over personas. Null: the Mantel test's persona permutations; "
+                  "its p is in results.json. Ceiling: the geometric mean of each recipe's "
+                  "split-half agreement, for linear CKA at half size (no valid full-size "
+                  "correction exists; identical recipes reach more at full size), for debiased "
+                  "CKA at full size (unbiased HSIC between question halves over each recipe's own "
+                  "unbiased HSIC); 1 for question-invariant recipes.", ""]
     lines += [
         f"![cosines](figures/cosines_L{mid}.png)", "", f"![matrix r](figures/matrix_r_L{mid}.png)", "",
         f"![cosine matrices](figures/cos_matrices_L{mid}.png)", "",

@@ -175,10 +175,10 @@ def subspace_agreement(layer: dict[str, Any], th: dict[str, float], path: Path) 
                 color=colour, ls=":", lw=0.7)
     bar = layer.get("per_pc_threshold")
     if bar and held and any(b is not None for b in bar):
-        # the per-PC test's bar: what the relabelled draws reach on that PC (held out)
+        # the per-PC test's bar: the largest r a pair must exceed against its label permutations
         pcs = [row["pc"] for row in held][: len(bar)]
         ax.step(pcs, [np.nan if b is None else b for b in bar[: len(pcs)]], where="mid",
-                color="k", lw=0.8, ls="--", label="needed (relabelled null)")
+                color="k", lw=0.8, ls="--", label="needed (label permutations)")
     else:
         ax.axhline(th["min_r"], color="k", lw=0.8, ls="--")
     ax.set_xlabel("shared PC (dotted: in sample)")

@@ -42,7 +42,7 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Activa
     plots.subspace_agreement(mid, result["thresholds"], figs / f"subspace_agreement_L{mid['layer']}.png")
     plots.subspace_scatter(coords, mid["layer"], figs / f"subspace_pc12_L{mid['layer']}.png",
                            list(source.personas))
-    rows = ["| layer | k_found (held out) | null: k_found of relabelled personas "
+    rows = ["| layer | k_found (held out) | relabelled personas' k_found (descriptive) "
             "| variance of PC1 | \\|cos(PC1, first token)\\| |", "|---|---|---|---|---|"]
     for lay in layers:
         rows.append(f"| {lay['layer']} | {found_text(lay)} | {null_text(lay)} | "
@@ -59,27 +59,28 @@ def write_subspace(result: dict[str, Any], comps: dict[int, Any], source: Activa
         f"manifest {result.get('input', {}).get('manifest_hash', '?')[:12]}). k_found counts "
         "the shared PCs on which every pair of recipes orders the personas alike. Held out: "
         f"centring, scaling and PCA fitted on {held['n_fit']} personas, scores taken on the other "
-        f"{held['n_scored']}; only the first {held['n_fit'] - 1} PCs can be counted. Null: the same "
-        f"after relabelling one recipe's personas at random ({result['null']['n']} draws: what "
-        "unrelated recipes reach). A PC counts when its agreement (the smallest Pearson r over "
-        "the recipe pairs of their held-out scores; a direction only one recipe varies along "
-        "gives r near 0) beats the draws' agreement on the same PC at "
-        f"p < {_level(result)} ({ALPHA:g} split over the {len(layers)} layer(s), so recipes "
-        f"unrelated to each other give k_found ≥ 1 at any layer with probability ≤ {ALPHA:g}); "
-        "counting stops at the first PC that fails. The test calls a layer (k_found ≥ 1); the "
-        "count beyond 1 is descriptive (a shared PC1's estimation error reaches the next PCs), "
-        "and with three or more recipes of which only some share, the relabelled-one-recipe "
-        "null calls a layer more often than its level. The null column gives each draw's own "
-        "k_found, counted the "
-        "same way; p = (1 + draws reaching k_found) / (draws + 1), Holm-adjusted over every "
-        "layer (a layer that found nothing with p = 1) for the \"beyond the null\" statement at "
-        f"{ALPHA:g}. {limits_text(result['null']['n'], layers)} "
+        f"{held['n_scored']}; only the first {held['n_fit'] - 1} PCs can be counted. A PC counts "
+        "when every pair of recipes orders the held-out personas alike on it beyond chance: per "
+        "pair, the Pearson r of their held-out scores against the same r after permuting one "
+        "recipe's held-out persona labels (the PCs, fitted without those personas, fixed), and "
+        "the PC's p is the largest over the pairs (an intersection–union test: no correction "
+        f"over pairs is needed), at p < {_level(result)} ({ALPHA:g} split over the "
+        f"{len(layers)} layer(s)); counting stops at the first PC that fails. A layer is called "
+        "beyond chance when PC1's p, Holm-adjusted over every layer (a layer that found "
+        f"nothing with p = 1), is below {ALPHA:g}: recipes of which some pair shares nothing "
+        f"are called at any layer with probability ≤ {ALPHA:g}. The count beyond 1 is "
+        "descriptive (a shared PC1's estimation error reaches the next PCs). "
+        f"{limits_text(result['n_permutations'], len(layers), held['n_scored'])} "
+        "The relabelled-personas column is descriptive: each draw relabels one recipe's "
+        "personas at random, refits everything "
+        f"and counts k_found by the same test ({result['null']['n']} draws; p = (1 + draws "
+        "reaching k_found) / (draws + 1)). "
         "The last columns are descriptive: PC1's share of the variance and how closely PC1 "
         "follows the first token's residual (the attention sink). subspace.json also holds "
         f"in-sample counts (fitted and scored on the same personas, r > {th['min_r']} per PC) "
         "and, held out and in sample, "
         "the largest K at which every pair, projected onto the top-K PCs, keeps per-persona min "
-        f"cos > {th['min_cos']} and cosine-matrix r > {th['min_r']}; none of them has a null, so "
+        f"cos > {th['min_cos']} and cosine-matrix r > {th['min_r']}; none of them has a test, so "
         "they are not reported here.", "",
         *rows, "",
         *aligned_section(result),
