@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from test_safety import _fails, _run
 
 import tlpersona as tlp
-from tlpersona.cli import main
 from tlpersona.data import Question, builtin_personas, builtin_questions
 from tlpersona.data.responses import (
     Response,
@@ -35,19 +34,6 @@ from tlpersona.response_provenance import header as response_header
 SMALL = ["--limit-personas", "2", "--limit-questions", "2"]
 PERSONAS = [p.name for p in builtin_personas()[:2]]
 QIDS = [q.id for q in builtin_questions()[:2]]
-
-
-def _run(*args: str) -> tuple[int, list[str], str]:
-    res = CliRunner().invoke(main, list(args))
-    errors = [x for x in res.output.splitlines() if x.startswith("error:")]
-    return res.exit_code, errors, res.output
-
-
-def _fails(message: str, *args: str) -> None:
-    code, errors, output = _run(*args)
-    assert code == 2, output[-1500:]
-    assert len(errors) == 1 and message in errors[0], errors or output[-1500:]
-    assert "Traceback" not in output
 
 
 def _row(persona: str = PERSONAS[0], qid: str = QIDS[0], ids: list | None = None,

@@ -19,29 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from test_safety import _fails, _run
 
 import tlpersona as tlp
 from tlpersona.api.results import results_set
 from tlpersona.cache.seed_layout import check_seed_root, export_seed, read_seed
-from tlpersona.cli import main
 from tlpersona.errors import TlpersonaError
 from tlpersona.safety import RESULTS_MARK, check_persona_names
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(*args: str) -> tuple[int, list[str], str]:
-    res = CliRunner().invoke(main, list(args))
-    errors = [x for x in res.output.splitlines() if x.startswith("error:")]
-    return res.exit_code, errors, res.output
-
-
-def _fails(message: str, *args: str) -> None:
-    code, errors, output = _run(*args)
-    assert code == 2, output[-1500:]
-    assert len(errors) == 1 and message in errors[0], errors or output[-1500:]
-    assert "Traceback" not in output
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -22,6 +23,8 @@ from tlpersona.models import LoadedModel
 from tlpersona.positions import canonical, parse_positions
 from tlpersona.safety import check_count, check_new_file
 from tlpersona.sources import ActivationSource, as_store, open_source, stored_layer, stored_layers
+
+T = TypeVar("T")
 
 
 def _recipes(positions: Sequence[str] | None) -> list[str] | None:
@@ -76,22 +79,34 @@ def subspace(source: ActivationSource | str | Path, *, layers: Sequence[int] | N
     return SubspaceResult.of(data, comps, src)
 
 
+def stored_items(ids: Sequence[str], given: Sequence[T], key: Callable[[T], str],
+                 digest: Callable[[list[T]], str], want: object, param: str, kind: str,
+                 differs: str) -> list[T]:
+    """The items a store names by ``ids`` (its personas or questions), in its order, taken
+    from ``given``, which must be the set the store was made with (``digest`` of them equal to
+    the store's hash ``want``): the store keeps names and a hash, not the texts, and a result
+    labelled with the store but computed on other texts would name one input and rest on
+    another."""
+    by_key = {key(x): x for x in given}
+    missing = [i for i in ids if i not in by_key]
+    if missing:
+        raise TlpersonaError(f"`{param}` lacks the store's {kind} {missing[0]!r}: give the "
+                             f"{kind} set the store was made with")
+    stored = [by_key[i] for i in ids]
+    if digest(stored) != want:
+        raise TlpersonaError(f"`{param}` does not match the {kind}s the store was made with "
+                             f"({differs}): give the {kind} set it was made with")
+    return stored
+
+
 def store_questions(st: Store, given: Sequence[Question] | None, param: str) -> list[Question]:
-    """The store's questions, in its order, with their texts from ``given`` (default: the
-    built-in set), which must be the set the store was made with (the store keeps only their
-    ids and hash): an item built from other texts would not be built as the centroids were."""
+    """The store's questions, with their texts from ``given`` (default: the built-in set):
+    an item built from other texts would not be built as the centroids were."""
     from tlpersona.data import builtin_questions, question_hash
 
-    by_id = {q.id: q for q in (builtin_questions() if given is None else given)}
-    missing = [i for i in st.questions if i not in by_id]
-    if missing:
-        raise TlpersonaError(f"`{param}` lacks the store's question {missing[0]!r}: give the "
-                             "question set the store was made with")
-    stored = [by_id[i] for i in st.questions]
-    if question_hash(stored) != st.provenance.get("question_hash"):
-        raise TlpersonaError(f"`{param}` does not match the questions the store was made with "
-                             "(their texts differ): give the question set it was made with")
-    return stored
+    return stored_items(st.questions, builtin_questions() if given is None else given,
+                        lambda q: q.id, question_hash, st.provenance.get("question_hash"),
+                        param, "question", "their texts differ")
 
 
 def item_exact(asked_store_questions: bool, question_invariant: bool, prompt_index: object) -> bool:

@@ -56,19 +56,13 @@ def _store_phrasing(prov: dict[str, Any], given: int | None) -> int:
 
 
 def store_personas(st: Store, given: Sequence[Persona] | None, param: str) -> list[Persona]:
-    """The store's personas, in its order, with their prompts from ``given`` (default: the
-    built-in set), which must be the set the store was made with: a result labelled with the
-    store but computed on other prompts would name one input and rest on another."""
-    by_name = {p.name: p for p in (builtin_personas() if given is None else given)}
-    missing = [n for n in st.personas if n not in by_name]
-    if missing:
-        raise TlpersonaError(f"`{param}` lacks the store's persona {missing[0]!r}: give the "
-                             "persona set the store was made with")
-    stored = [by_name[n] for n in st.personas]
-    if persona_hash(stored) != st.provenance.get("persona_hash"):
-        raise TlpersonaError(f"`{param}` does not match the personas the store was made with "
-                             "(their system prompts differ): give the persona set it was made with")
-    return stored
+    """The store's personas, with their prompts from ``given`` (default: the built-in set;
+    see :func:`tlpersona.api.analysis.stored_items`)."""
+    from tlpersona.api.analysis import stored_items
+
+    return stored_items(st.personas, builtin_personas() if given is None else given,
+                        lambda p: p.name, persona_hash, st.provenance.get("persona_hash"),
+                        param, "persona", "their system prompts differ")
 
 
 def _spread_layers(n_layers: int, k: int = 8) -> list[int]:
