@@ -16,7 +16,7 @@ projection is ``fixed + (wall - fixed) × 275 / PERSONAS``.
 
     python benchmarks/gpu_e2e.py --tokenizer DIR --data ASSISTANT_AXIS_DIR --work /tmp/e2e \
         --run 'defaults:1:' --run 'b512:8:--batch-size 512' --plain-hf 2 \
-        [--compare fused,twopass] [--nproc NAME:2]
+        [--compare fused,twopass] [--nproc NAME:2] [--kill NAME:SECONDS]
 """
 
 from __future__ import annotations
@@ -160,6 +160,21 @@ def run_child(args: list[str], log: Path, nproc: int = 1, code: str | None = Non
     return json.loads(lines[-1])
 
 
+def kill_child(args: list[str], seconds: float, log: Path, code: str | None = None) -> int | None:
+    """Start one child process and SIGKILL it after ``seconds`` (a run cut off mid-way)."""
+    env = dict(os.environ)
+    if code:
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(code), env.get("PYTHONPATH", "")])
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.DEVNULL,
+                                stderr=f, env=env)
+        try:
+            return proc.wait(timeout=seconds)  # finished before the kill: nothing to resume
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
 def generated_tokens(store: Path, n_personas: int) -> int:
     from tlpersona.data.responses import read_responses
 
@@ -246,6 +261,9 @@ def main() -> None:
                          "and questions in fp32 (two passes), and print every --against run's "
                          "min cosine to it: how far each bf16 path is from fp32")
     ap.add_argument("--against", action="append", default=[], help="NAME of a run for --reference")
+    ap.add_argument("--kill", action="append", default=[],
+                    help="NAME:SECONDS: SIGKILL run NAME that many seconds in, then run the same "
+                         "command again (a resumed run; its wall time is the second command's)")
     ap.add_argument("--code", action="append", default=[],
                     help="NAME:DIR: run NAME (and its --tiny) with the tlpersona package in DIR "
                          "(e.g. the previous commit's) instead of this checkout's")
@@ -256,6 +274,7 @@ def main() -> None:
         ap.error("--reference is RUN:PERSONAS:QUESTIONS")
     nproc = {k: int(v) for k, v in (x.split(":") for x in args.nproc)}
     code = dict(x.split(":", 1) for x in args.code)
+    kill = {k: float(v) for k, v in (x.split(":") for x in args.kill)}
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -284,9 +303,11 @@ def main() -> None:
                           nproc.get(name, 1), code.get(name))
             fixed = r["wall"]
             shutil.rmtree(tiny, ignore_errors=True)
-        r = run_child(["--child-cli", *base, "--limit-personas", n, "--out", str(out),
-                       *shlex.split(flags)], work / f"{name}.log", nproc.get(name, 1),
-                      code.get(name))
+        argv = ["--child-cli", *base, "--limit-personas", n, "--out", str(out), *shlex.split(flags)]
+        if name in kill:
+            killed = kill_child(argv, kill[name], work / f"{name}-killed.log", code.get(name))
+            print(f"[{name}] killed {kill[name]:.0f} s in (exit {killed}); resuming", flush=True)
+        r = run_child(argv, work / f"{name}.log", nproc.get(name, 1), code.get(name))
         outs[name] = out
         n_gen = generated_tokens(out, int(n)) if "--responses" not in flags else 0
         line = (f"[{name}] {nproc.get(name, 1)} process(es)"

@@ -42,10 +42,17 @@ _EXPORTS = {
     "generate": "tlpersona.api.extraction",
     "write_prompts": "tlpersona.api.extraction",
     "compare": "tlpersona.api.analysis",
+    "compare_models": "tlpersona.api.cross_model",
+    "CrossModelResult": "tlpersona.api.cross_model",
     "subspace": "tlpersona.api.analysis",
     "project": "tlpersona.api.analysis",
     "persona_vector": "tlpersona.api.analysis",
     "export_vectors": "tlpersona.api.analysis",
+    "trajectory": "tlpersona.api.trajectory",
+    "TrajectoryResult": "tlpersona.api.trajectory",
+    "Conversation": "tlpersona.extraction.tokens",
+    "builtin_conversations": "tlpersona.api.trajectory",
+    "load_conversations": "tlpersona.api.trajectory",
     "Thresholds": "tlpersona.analyses.compare",
     "patch": "tlpersona.api.causal",
     "steer": "tlpersona.api.causal",
@@ -81,10 +88,17 @@ __all__ = [
     "generate",
     "write_prompts",
     "compare",
+    "compare_models",
+    "CrossModelResult",
     "subspace",
     "project",
     "persona_vector",
     "export_vectors",
+    "trajectory",
+    "TrajectoryResult",
+    "Conversation",
+    "builtin_conversations",
+    "load_conversations",
     "Thresholds",
     "patch",
     "steer",
@@ -120,6 +134,7 @@ if TYPE_CHECKING:
     from tlpersona.analyses.compare import Thresholds
     from tlpersona.api.analysis import compare, export_vectors, persona_vector, project, subspace
     from tlpersona.api.causal import patch, steer
+    from tlpersona.api.cross_model import CrossModelResult, compare_models
     from tlpersona.api.experiment import ExperimentResult, experiment
     from tlpersona.api.extraction import extract, generate, write_prompts
     from tlpersona.api.results import (
@@ -132,6 +147,12 @@ if TYPE_CHECKING:
         SubspaceLayer,
         SubspaceResult,
     )
+    from tlpersona.api.trajectory import (
+        TrajectoryResult,
+        builtin_conversations,
+        load_conversations,
+        trajectory,
+    )
     from tlpersona.cache.store import Store, open_store
     from tlpersona.cache.vectors import PersonaVector
     from tlpersona.data import (
@@ -142,5 +163,6 @@ if TYPE_CHECKING:
         load_personas,
         load_questions,
     )
+    from tlpersona.extraction.tokens import Conversation
     from tlpersona.models import LoadedModel, load_model
     from tlpersona.sources import ActivationSource

@@ -434,19 +434,35 @@ def _holding_out(fn: Any) -> Any:
 @click.option("--out", default="tlpersona-out/compare", show_default=True, type=click.Path())
 @click.option("--layers", default=None, help=_stored_layers_help)
 @click.option("--positions", default=None, help="positions to compare (default: the seven recipes)")
+@click.option("--against", type=click.Path(), default=None,
+              help="STORE_B: a store of the same personas and questions from another model; "
+                   "compares each recipe's persona geometry across the two models")
+@click.option("--layers-a", default=None,
+              help="with --against: STORE's layers, paired in order with --layers-b (default: "
+                   "the block numbers both stores hold, when the models have the same depth)")
+@click.option("--layers-b", default=None, help="with --against: STORE_B's layers (see --layers-a)")
 @_compare_options
 @_overwrite_option
 @_friendly
 @_holding_out
 def compare(store: str | None, seed_dir: str | None, out: str, layers: str | None,
-            positions: str | None, permutations: int | None, seed: int, splits: int,
+            positions: str | None, against: str | None, layers_a: str | None,
+            layers_b: str | None, permutations: int | None, seed: int, splits: int,
             null_draws: int, overwrite: bool,
             **thresholds: Any) -> None:
-    """Compare recipes in a store: metrics, permutation tests, noise floor, verdicts, report."""
+    """Compare recipes in a store: metrics, permutation tests, noise floor, verdicts, report.
+    With --against STORE_B: each recipe's persona geometry in two models."""
     from tlpersona.analyses.compare import Thresholds
     from tlpersona.api.analysis import compare as run
 
     path = Path(out)
+    if against is not None:
+        _compare_models(store, seed_dir, against, path, layers, positions, layers_a, layers_b,
+                        permutations, seed, splits, null_draws, overwrite, list(thresholds))
+        return
+    if layers_a is not None or layers_b is not None:
+        raise TlpersonaError("`layers_a` and `layers_b` pair the layers of two stores: give "
+                             "them with `against`")
     result = run(_source(store, seed_dir), layers=_stored_layers(layers),
                  positions=_items(positions) if positions else None, permutations=permutations,
                  seed=seed, splits=splits, null_draws=null_draws,
@@ -454,6 +470,54 @@ def compare(store: str | None, seed_dir: str | None, out: str, layers: str | Non
     report = result.save(path, overwrite=overwrite)
     _print_summary(result)
     click.echo(f"report: {report}")
+
+
+def _compare_models(store: str | None, seed_dir: str | None, against: str, out: Path,
+                    layers: str | None, positions: str | None, layers_a: str | None,
+                    layers_b: str | None, permutations: int | None, seed: int, splits: int,
+                    null_draws: int, overwrite: bool, threshold_names: list[str]) -> None:
+    """``compare STORE --against STORE_B``: the options that mean something across two models
+    are passed on; the others are refused, one line naming the first."""
+    from click.core import ParameterSource
+
+    from tlpersona.api.cross_model import compare_models
+
+    ctx = click.get_current_context()
+    if seed_dir is not None:
+        raise TlpersonaError("`seed_dir` does not apply with `against`: give both stores "
+                             "(a seed layout records no persona or question hashes to check)")
+    if store is None:
+        raise TlpersonaError("give STORE (the first model's store) with `against`")
+    if layers is not None:
+        raise TlpersonaError("`layers` does not apply with `against`: pair the two stores' "
+                             "layers with `layers_a` and `layers_b`")
+    given = [n for n in threshold_names if ctx.get_parameter_source(n) != ParameterSource.DEFAULT]
+    if given:
+        raise TlpersonaError(f"`{given[0]}` does not apply with `against`: PASS/GREY/KILL bounds "
+                             "rest on per-persona cosines, which are not defined across models "
+                             "(the calls are agree / differ / cannot tell)")
+    result = compare_models(Path(store), Path(against), positions=_items(positions) if positions
+                            else None, layers_a=_stored_layers_pair(layers_a, "layers_a"),
+                            layers_b=_stored_layers_pair(layers_b, "layers_b"),
+                            permutations=permutations, seed=seed, splits=splits,
+                            null_draws=null_draws)
+    report = result.save(out, overwrite=overwrite)
+    click.echo(result.answer)
+    for r in result.recipe_answers:
+        click.echo(f"- {r.sentence}")
+    for note in result.notes[1:]:  # the first says why per-persona cosine is left out
+        click.echo(f"- {_flags(note)}")
+    click.echo(f"report: {report}")
+
+
+def _stored_layers_pair(value: str | None, name: str) -> list[int] | None:
+    """``--layers-a`` / ``--layers-b``: comma-separated block indices (negative from the end)."""
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in _items(value)]
+    except ValueError:
+        raise TlpersonaError(f"bad `{name}` {value!r}: block indices (e.g. 7,14,-1)") from None
 
 
 def _print_summary(result: Any) -> None:
@@ -633,6 +697,63 @@ def project(store: str, out: str, layer: int | None, positions: str | None, axis
             click.echo(f"{pt.label} [{pt.recipe}]: {coords}; nearest: {pt.nearest.text()}")
     for c in result.combined:
         click.echo(f"combined: {c.text()}")
+    click.echo(f"written: {written}")
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--conversations", default="builtin", show_default=True,
+              help="JSONL: each line a list of chat messages (system, user, assistant; any number "
+                   "of turns) or {\"messages\": [...], \"persona\": NAME, \"label\": TEXT}; "
+                   "'builtin': two built-in multi-turn conversations")
+@click.option("--out", default="tlpersona-out/trajectory", show_default=True, type=click.Path())
+@click.option("--axis", default="persona:assistant", show_default=True,
+              help="'persona:NAME' (NAME minus the mean of the other personas) or 'pc:K' "
+                   "(shared PC K)")
+@click.option("--subspace", type=click.Path(), default=None,
+              help="with --axis pc:K: a subspace output directory of this store whose PCs to use "
+                   "(default: fitted on the stored recipes as the subspace command fits them)")
+@click.option("--position", default=None,
+              help="the recipe whose frame, axis and bands are used (default: response_mean "
+                   "where stored)")
+@click.option("--layer", type=int, default=None, help="a stored layer (default: the middle one)")
+@click.option("--band", default="5,95", show_default=True,
+              help="LOW,HIGH percentiles of the bands (by order statistics)")
+@click.option("--personas", default="builtin", show_default=True,
+              help="the persona set the store was made with ('builtin' or an assistant-axis "
+                   "directory): a system message that is one of their prompts names its persona")
+@click.option("--model", default=None, help="default: the store's model")
+@click.option("--device", default=None)
+@click.option("--dtype", default=None)
+@_batch_option
+@_overwrite_option
+@_friendly
+def trajectory(store: str, conversations: str, out: str, axis: str, subspace: str | None,
+               position: str | None, layer: int | None, band: str, personas: str,
+               model: str | None, device: str | None, dtype: str | None, batch_size: str,
+               overwrite: bool) -> None:
+    """Drift along a persona axis or shared PC: every assistant turn and every token of
+    multi-turn conversations, against the band the stored personas occupy."""
+    from tlpersona.api.trajectory import load_conversations
+    from tlpersona.api.trajectory import trajectory as run
+    from tlpersona.safety import check_results_dir
+
+    path = Path(out)
+    check_results_dir(path, overwrite)  # before the model loads
+    result = run(store, model,
+                 None if conversations == "builtin" else load_conversations(conversations),
+                 axis=axis, position=position, layer=layer, subspace=subspace,
+                 personas=None if personas == "builtin" else _personas(personas),
+                 band=_numbers(band, "band"), batch_size=_batch_size(batch_size), device=device,
+                 dtype=dtype)
+    written = result.save(path, overwrite=overwrite)
+    for c in result.conversations:
+        turns = " -> ".join(f"{t.value:+.3g}" for t in c.turns)
+        click.echo(f"{c.label} ({c.persona or 'no stored persona'}): {turns}")
+    for line in result.flags:
+        click.echo(f"flag: {line}")
+    for note in result.notes:
+        click.echo(f"note: {_flags(note)}")
     click.echo(f"written: {written}")
 
 
