@@ -84,25 +84,25 @@ def main() -> None:
         from tlpersona.analyses.subspace import SubspaceConfig, subspace
 
         t0 = time.perf_counter()
-        sub, _ = subspace(st, SubspaceConfig(n_null=args.null_draws, align=args.align))
-        print(f"subspace, {len(sub['positions'])} recipes x {len(LAYERS)} layers, "
+        sub = subspace(st, SubspaceConfig(null_draws=args.null_draws, align=args.align))
+        print(f"subspace, {len(sub.positions)} recipes x {len(LAYERS)} layers, "
               f"{args.null_draws} relabelled draws, align {args.align}: "
               f"{time.perf_counter() - t0:.1f} s; k_found per layer "
-              f"{[lay['k_found'] for lay in sub['layers']]}")
+              f"{[lay.k_found.k for lay in sub.layers]}")
         return
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
-    res = compare(st, CompareConfig(n_perm=args.permutations), stages)
+    res = compare(st, CompareConfig(permutations=args.permutations), stages)
     total = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print(f"{P} personas x {Q} questions x {len(LAYERS)} layers x d {D}, {len(res['positions'])} "
-          f"recipes, {len(res['cells'])} cells, {res['n_permutations']} permutations, "
+    print(f"{P} personas x {Q} questions x {len(LAYERS)} layers x d {D}, {len(res.positions)} "
+          f"recipes, {len(res.cells)} cells, {res.n_permutations} permutations, "
           f"{torch.get_num_threads()} threads")
     for stage, sec in stages.items():
         print(f"  {stage:22s} {sec:7.1f} s")
     print(f"  {'total':22s} {total:7.1f} s   (target <= 120 s)")
     print(f"peak memory {peak:.2f} GiB (target < 8 GiB)")
-    print(res["overall"]["answer"])
+    print(res.answer)
 
 
 if __name__ == "__main__":

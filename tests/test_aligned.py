@@ -57,7 +57,7 @@ def test_exact_rotated_copies_align_onto_each_other_on_held_out_personas():
 def test_rotated_shared_geometry_is_found_by_the_aligned_variant_only(tmp_path, k):
     for seed in range(3):
         st = recipes_store(tmp_path / f"r{seed}", rotated_planted(26, k, seed))
-        res, _ = subspace(st, SubspaceConfig(k_max=20, n_null=2, align="procrustes", seed=seed))
+        res = subspace(st, SubspaceConfig(k_max=20, n_null=2, align="procrustes", seed=seed))
         layer = res["layers"][0]
         assert res["align"] == "procrustes"
         assert abs(layer["aligned"]["k_found"] - k) <= 1
@@ -75,7 +75,7 @@ def test_unrelated_recipes_give_no_aligned_subspace(tmp_path, n):
     found = []
     for seed in range(6):
         st = recipes_store(tmp_path / f"u{seed}", rotated_planted(n, 3, seed, related=False))
-        res, _ = subspace(st, SubspaceConfig(k_max=20, n_null=2, align="procrustes", seed=seed))
+        res = subspace(st, SubspaceConfig(k_max=20, n_null=2, align="procrustes", seed=seed))
         found.append(res["layers"][0]["aligned"]["k_found"])
     assert sum(k is not None for k in found) <= 1 and all(k in (None, 1) for k in found), found
 
@@ -101,17 +101,17 @@ def test_aligned_held_out_scores_are_centred_on_zero_for_unrelated_recipes():
 
 def test_variant_is_named_in_the_report_and_bad_values_are_refused(tmp_path):
     st = recipes_store(tmp_path / "s", rotated_planted(26, 2, 0))
-    plain, _ = subspace(st, SubspaceConfig(k_max=5, n_null=0))
+    plain = subspace(st, SubspaceConfig(k_max=5, n_null=0))
     assert plain["align"] == "none" and "aligned" not in plain["layers"][0]
     assert "plain joint PCA only" in "\n".join(report_section(plain))
-    res, _ = subspace(st, SubspaceConfig(k_max=5, n_null=0, align="procrustes"))
+    res = subspace(st, SubspaceConfig(k_max=5, n_null=0, align="procrustes"))
     text = "\n".join(report_section(res))
     # no relabelled draw: the test still runs (it permutes labels, it needs no refit)
     assert "Rotation-aligned shared subspace" in text
     assert "| 4 | 2, beyond chance (Holm p = 0.0005) | — | 12 |" in text
     assert "lower bound" in text and "in sample" not in text.split("|---|")[1]
     # 39 relabellings, none reaching k: descriptive p = 1/40; the call is the test's
-    res, _ = subspace(st, SubspaceConfig(k_max=5, n_null=39, align="procrustes"))
+    res = subspace(st, SubspaceConfig(k_max=5, n_null=39, align="procrustes"))
     text = "\n".join(report_section(res))
     null = res["layers"][0]["aligned"]["k_found_null"]
     assert len(null) == 39 and all((k or 0) < 2 for k in null)  # none reaches k: p = 1/40

@@ -158,8 +158,8 @@ def test_unrelated_recipes_are_called_shared_at_some_layer_at_most_at_the_level(
     rng = np.random.default_rng(40 + n)
     runs, n_layers, called = 60, 4, 0
     for seed in range(runs):
-        data, _ = subspace(_unrelated_layers(rng, n, n_layers),
-                           SubspaceConfig(n_null=80, k_max=3, seed=seed))
+        data = subspace(_unrelated_layers(rng, n, n_layers),
+                        SubspaceConfig(n_null=80, k_max=3, seed=seed))
         layers = data["layers"]
         assert len(layers) == n_layers
         ps = [1.0 if lay["k_found_null_p"] is None else lay["k_found_null_p"] for lay in layers]

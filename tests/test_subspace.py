@@ -35,7 +35,8 @@ def planted_store(path, n=400, d=30, k=3, m=2, seed=0):
 
 def test_components_match_numpy_svd(tmp_path):
     st = write_synthetic(tmp_path / "s")
-    res, comps = subspace(st, SubspaceConfig(layers=[5], k_max=5))
+    res = subspace(st, SubspaceConfig(layers=[5], k_max=5))
+    comps = res.components
     assert res["input"]["manifest_hash"] == st.manifest_hash and res["seed"] == 0
     li = st.layer_index(5)
     stacked = []
@@ -52,7 +53,7 @@ def test_components_match_numpy_svd(tmp_path):
 
 def test_planted_shared_subspace_is_recovered(tmp_path):
     st = planted_store(tmp_path / "p")
-    res, comps = subspace(st, SubspaceConfig(k_max=10, n_null=3))
+    res = subspace(st, SubspaceConfig(k_max=10, n_null=3))
     (layer,) = res["layers"]
     assert layer["k_found"] == layer["k_found_held_out"] == 3
     assert layer["k_found_in_sample"] == 3
@@ -117,14 +118,14 @@ def test_planted_k_is_recovered_and_unrelated_recipes_give_none(tmp_path, n, k):
     """The issue's acceptance rule: a planted k-dim invariant subspace gives k (±1) held out,
     at the built-in persona count too; unrelated recipes give None."""
     for seed in range(3):
-        res, _ = subspace(recipes_store(tmp_path / f"r{seed}", noisy_planted(n, k, seed)),
-                          SubspaceConfig(k_max=20, n_null=2))
+        res = subspace(recipes_store(tmp_path / f"r{seed}", noisy_planted(n, k, seed)),
+                       SubspaceConfig(k_max=20, n_null=2))
         layer = res["layers"][0]
         assert abs(layer["k_found"] - k) <= 1
         # a draw breaks the pairs with the relabelled recipe: rarely past PC1's test
         assert len(layer["k_found_null"]) == 2 and set(layer["k_found_null"]) <= {None, 1}
-        res, _ = subspace(recipes_store(tmp_path / f"u{seed}", noisy_planted(n, k, seed, False)),
-                          SubspaceConfig(k_max=20, n_null=0))
+        res = subspace(recipes_store(tmp_path / f"u{seed}", noisy_planted(n, k, seed, False)),
+                       SubspaceConfig(k_max=20, n_null=0))
         assert res["layers"][0]["k_found"] is None
 
 
@@ -132,8 +133,8 @@ def test_min_cos_rule_from_k_one_was_unreachable(tmp_path):
     """With a planted 2-dim invariant subspace the per-persona min cosine fails at K = 2 in
     sample (one of 100 personas sits near the origin of the plane, where its own dimensions
     decide its direction): a min-cosine rule finds nothing, the per-PC rule finds 2."""
-    res, _ = subspace(recipes_store(tmp_path / "s", noisy_planted(100, 2, 1)),
-                      SubspaceConfig(k_max=10, n_null=0))
+    res = subspace(recipes_store(tmp_path / "s", noisy_planted(100, 2, 1)),
+                   SubspaceConfig(k_max=10, n_null=0))
     layer = res["layers"][0]
     assert layer["curve"][0]["k"] == 2
     assert min(v["cos_min"] for v in layer["curve"][0]["pairs"].values()) < 0.85
@@ -143,10 +144,10 @@ def test_min_cos_rule_from_k_one_was_unreachable(tmp_path):
 
 def test_four_personas_and_k_max_one_do_not_crash(tmp_path):
     rec = noisy_planted(4, 2, 0)
-    res, _ = subspace(recipes_store(tmp_path / "s", rec), SubspaceConfig(k_max=1, n_null=1))
+    res = subspace(recipes_store(tmp_path / "s", rec), SubspaceConfig(k_max=1, n_null=1))
     layer = res["layers"][0]
     assert layer["curve"] == [] and layer["k_found"] is None  # 2 held-out personas: no r
-    res, _ = subspace(recipes_store(tmp_path / "t", noisy_planted(4, 2, 1)), SubspaceConfig())
+    res = subspace(recipes_store(tmp_path / "t", noisy_planted(4, 2, 1)), SubspaceConfig())
     assert res["layers"][0]["k_found"] is None
 
 
@@ -165,7 +166,7 @@ def test_high_dimensional_shared_geometry_saturates_and_says_so(tmp_path):
     rng = np.random.default_rng(3)
     z = rng.normal(size=(26, 200))
     rec = {p: z + 0.05 * rng.normal(size=(26, 200)) for p in ["last", "sys_end", "sys_end+1"]}
-    res, _ = subspace(recipes_store(tmp_path / "s", rec), SubspaceConfig(k_max=50, n_null=2))
+    res = subspace(recipes_store(tmp_path / "s", rec), SubspaceConfig(k_max=50, n_null=2))
     layer = res["layers"][0]
     assert layer["k_found"] == 12 and layer["k_found_saturated"]
     assert len(layer["per_pc"]) == 12
@@ -176,8 +177,8 @@ def test_high_dimensional_shared_geometry_saturates_and_says_so(tmp_path):
 def _report(st, tmp_path, **cfg):
     from tlpersona.report.subspace import write_subspace
 
-    res, comps = subspace(st, SubspaceConfig(**cfg))
-    return res, write_subspace(res, comps, st, tmp_path / f"out{len(list(tmp_path.iterdir()))}")
+    res = subspace(st, SubspaceConfig(**cfg))
+    return res, write_subspace(res, tmp_path / f"out{len(list(tmp_path.iterdir()))}")
 
 
 def test_report_calls_k_found_beyond_chance_only_where_holm_allows(tmp_path):
@@ -310,14 +311,14 @@ def test_answer_says_what_was_found_or_what_it_would_take(tmp_path):
     from tlpersona.analyses.subspace import answer
 
     st = planted_store(tmp_path / "p", n=26, d=30, k=2)
-    res, _ = subspace(st, SubspaceConfig(k_max=10))
+    res = subspace(st, SubspaceConfig(k_max=10))
     text = answer(res)
     assert len(text) <= 220 and text.count(".") <= 3
     assert text.startswith("Shared subspace beyond chance at 1/1 layers: L4 2 (Holm p ≤ 0.0005")
     assert "26 personas, 13 fit" in text
     rng = np.random.default_rng(1)
-    res, _ = subspace(recipes_store(tmp_path / "u", harder_planted(26, rng, related=False)),
-                      SubspaceConfig(k_max=10))
+    res = subspace(recipes_store(tmp_path / "u", harder_planted(26, rng, related=False)),
+                   SubspaceConfig(k_max=10))
     layer = res["layers"][0]
     text = answer(res)
     assert layer["k_found"] is None and len(text) <= 220

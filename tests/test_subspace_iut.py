@@ -156,8 +156,8 @@ def test_the_shipped_family_over_four_layers_is_calibrated_under_partial_sharing
     rng = np.random.default_rng(3)
     runs, called = 150, 0
     for seed in range(runs):
-        data, _ = subspace(_layers(rng, 26, 4, PARTIAL), SubspaceConfig(n_null=0, k_max=3,
-                                                                      seed=seed))
+        data = subspace(_layers(rng, 26, 4, PARTIAL), SubspaceConfig(n_null=0, k_max=3,
+                                                                   seed=seed))
         layers = data["layers"]
         assert data["n_permutations"] == 2000 and data["null"]["pc_level"] == ALPHA / 4
         ps = [1.0 if lay["k_found_p"] is None else lay["k_found_p"] for lay in layers]

@@ -458,30 +458,30 @@ def test_steering_figures_keep_labels_and_legends_clear(monkeypatch, tmp_path):
     assert by_panel[0] == by_panel[1] and len(set(by_panel[0].values())) == 8
 
 
-def _compare_like(n_pairs: int = 28) -> dict:
+def _compare_like(n_pairs: int = 28) -> SimpleNamespace:
     rng = np.random.default_rng(0)
-    cells = [{"pair": [f"recipe_{i}", f"other_recipe_{i}"], "layer": 15, "verdict": "KILL",
-              "per_persona_cos_all": list(rng.uniform(0.5, 1, 26)),
-              "matrix_raw": {"pearson": float(rng.uniform(0, 1))},
-              "matrix_mc": {"pearson": float(rng.uniform(0, 1)), "null_p95": 0.1},
-              "ceiling": {"matrix_mc_pearson": 0.95}} for i in range(n_pairs)]
-    return {"cells": cells, "layers": [15],
-            "thresholds": {"pass_min_cos": 0.95, "kill_min_cos": 0.85, "pass_mc_r": 0.9}}
+    cells = [SimpleNamespace(pair=(f"recipe_{i}", f"other_recipe_{i}"), layer=15, verdict="KILL",
+                             per_persona_cos_all=list(rng.uniform(0.5, 1, 26)),
+                             matrix_raw=SimpleNamespace(pearson=float(rng.uniform(0, 1))),
+                             matrix_mc=SimpleNamespace(pearson=float(rng.uniform(0, 1)), null_p95=0.1),
+                             ceiling=SimpleNamespace(matrix_mc_pearson=0.95)) for i in range(n_pairs)]
+    return SimpleNamespace(cells=cells, layers=[15], thresholds=SimpleNamespace(
+        pass_min_cos=0.95, kill_min_cos=0.85, pass_mc_r=0.9))
 
 
-def _subspace_like(n_pairs: int = 28) -> dict:
+def _subspace_like(n_pairs: int = 28) -> SimpleNamespace:
     rng = np.random.default_rng(1)
     pairs = [f"r{i}~s{i}" for i in range(n_pairs)]
 
     def rows():
-        return [{"pc": k, "pairs": {p: float(rng.uniform(-0.5, 1)) for p in pairs}}
+        return [SimpleNamespace(pc=k, pairs={p: float(rng.uniform(-0.5, 1)) for p in pairs})
                 for k in range(1, 13)]
 
-    return {"layer": 15, "k_found": None, "per_pc": rows(), "per_pc_in_sample": rows(),
-            "per_pc_threshold": [0.3] * 12,
-            "variance": {f"recipe_{i}": {"shared_cumulative": list(np.linspace(0.1, 0.9, 50)),
-                                         "own_cumulative": list(np.linspace(0.3, 1, 25))}
-                         for i in range(8)}}
+    return SimpleNamespace(
+        layer=15, k=None, per_pc=rows(), per_pc_in_sample=rows(), per_pc_threshold=[0.3] * 12,
+        variance={f"recipe_{i}": SimpleNamespace(shared_cumulative=list(np.linspace(0.1, 0.9, 50)),
+                                                 own_cumulative=list(np.linspace(0.3, 1, 25)))
+                  for i in range(8)})
 
 
 def test_compare_and_subspace_figures_keep_labels_and_legends_clear(monkeypatch, tmp_path):
@@ -494,13 +494,15 @@ def test_compare_and_subspace_figures_keep_labels_and_legends_clear(monkeypatch,
     plots.cosine_violins(cmp, 15, tmp_path / "v.png")
     plots.matrix_bars(cmp, 15, tmp_path / "m.png")
     plots.subspace_variance(sub, tmp_path / "sv.png")
-    plots.subspace_agreement(sub, {"min_r": 0.5}, tmp_path / "sa.png")
+    plots.subspace_agreement(sub, SimpleNamespace(min_r=0.5), tmp_path / "sa.png")
     coords = {f"recipe_{i}": np.random.default_rng(i).normal(size=(26, 2)) for i in range(8)}
     names = [f"persona_{i}" for i in range(26)]
     plots.subspace_scatter(coords, 15, tmp_path / "sc.png", names)
-    source = SimpleNamespace(personas=names, layer_index=lambda layer: 0,
-                             centroids=lambda pos: torch.randn(26, 1, 16))
-    plots.cosine_matrices(source, [f"recipe_{i}" for i in range(8)], 15, tmp_path / "cm.png")
+    from tlpersona.analyses import metrics as M
+
+    matrices = {f"recipe_{i}": M.cos_matrix(M.mean_centre(torch.randn(26, 16).double().numpy()))
+                for i in range(8)}
+    plots.cosine_matrices(matrices, names, 15, tmp_path / "cm.png")
     for fig in figs:
         assert layout_problems(fig) == [], fig.axes[0].get_title()
     violins, bars, variance, agreement, scatter, matrices = figs

@@ -80,7 +80,8 @@ def test_subspace_runs_to_the_end_at_275_personas(tmp_path):
         w.write_part(i, {f"{p}/centroid": torch.from_numpy(x[i : i + 1]).float()
                          for p, x in recipes.items()})
     w.finalize()
-    res, comps = subspace(open_store(tmp_path / "s"), SubspaceConfig(k_max=4, n_null=20))
+    res = subspace(open_store(tmp_path / "s"), SubspaceConfig(k_max=4, n_null=20))
+    comps = res.components
     (layer,) = res["layers"]
     assert res["n_personas"] == n
     # the first PCs of a shared geometry with small recipe noise agree across recipes

@@ -27,7 +27,7 @@ too, so it is optimistic.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
 from typing import Any
 
 import numpy as np
@@ -44,45 +44,15 @@ from tlpersona.analyses.subspace import (
     k_found,
     null_p,
     null_text,
+    pc_rows,
 )
+from tlpersona.analyses.subspace_result import AlignedLayer, SubspaceResult
 
 #: Rounds of generalised Procrustes; the mean frame settles within a few on planted data.
 GPA_ITERATIONS = 20
 
 #: Alignment variants of the shared subspace (``none``: the plain joint PCA).
 ALIGNMENTS = ("none", "procrustes")
-
-
-@dataclass
-class AlignedLayer:
-    """The aligned shared subspace at one layer.
-
-    ``per_pc``: per shared PC, per recipe pair, Pearson r across the scored personas of the two
-    recipes' aligned scores (as the plain ``per_pc``). ``reference``: the recipe whose frame the
-    alignment starts from; ``rank``: the number of shared PCs counted (the dimension of the common
-    frame, at most n_fit − 1). ``k_found_p``: the layer's call, PC1's intersection–union p
-    (None when nothing is found; Holm over the layers is added to the dict by the caller).
-    ``k_found_null_p`` = (1 + #relabellings reaching ``k_found``) / (N + 1), descriptive, None
-    when nothing is found or no draw was run.
-    """
-
-    reference: str
-    rank: int
-    k_found: int | None
-    k_found_saturated: bool
-    k_found_in_sample: int | None
-    k_found_p: float | None
-    k_found_null: list[int | None]
-    k_found_null_p: float | None
-    per_pc_p_iut: list[float]
-    per_pc_pair_p: list[dict[str, float]]
-    per_pc_threshold: list[float | None]
-    per_pc: list[dict[str, Any]]
-    n_fit: int
-    n_scored: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _principal(x_fit: np.ndarray, x_other: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +111,8 @@ def aligned_layer(raw: dict[str, np.ndarray], positions: list[str], pairs: list[
     """Held-out aligned ``k_found`` by the per-PC test (``perms``: orderings of the test
     personas, as for the plain variant), its relabelled draws (``relabels``: persona
     permutations applied to the last recipe, each counted by the same test) and the in-sample
-    value."""
+    value. Its Holm p-values need every layer: the caller sets them (they are NaN / None
+    here)."""
     scores = aligned_scores(raw, positions, fit, test, unit_norm)
     held = agreement_from_scores(scores, pairs)
     count = count_shared(scores, pairs, perms, level)
@@ -155,7 +126,7 @@ def aligned_layer(raw: dict[str, np.ndarray], positions: list[str], pairs: list[
     return AlignedLayer(
         reference=positions[0],
         rank=len(held),
-        k_found=count.k,
+        k=count.k,
         k_found_saturated=bool(count.k) and count.k == len(held),
         k_found_in_sample=k_found(in_sample, min_r),
         k_found_p=count.p,
@@ -164,34 +135,36 @@ def aligned_layer(raw: dict[str, np.ndarray], positions: list[str], pairs: list[
         per_pc_p_iut=count.per_pc_p,
         per_pc_pair_p=count.per_pc_pair_p,
         per_pc_threshold=count.per_pc_threshold,
-        per_pc=held,
+        per_pc=pc_rows(held),
         n_fit=len(fit),
         n_scored=len(test),
+        k_found_p_holm=math.nan,
+        k_found_null_p_holm=None,
     )
 
 
-def report_section(result: dict[str, Any]) -> list[str]:
+def report_section(result: SubspaceResult) -> list[str]:
     """Markdown lines saying which variant of the shared subspace was computed, and the aligned
     values when they were."""
-    if result.get("align", "none") == "none":
+    aligned = [(lay.layer, lay.aligned_layer) for lay in result.layers
+               if lay.aligned_layer is not None]
+    if result.align == "none" or not aligned:
         return ["Variant: plain joint PCA only (recipes in their own residual basis; "
                 "`--align procrustes` adds a rotation-aligned subspace).", ""]
-    layers = result["layers"]
-    first = layers[0]["aligned"]
+    first = aligned[0][1]
     rows = ["| layer | aligned k_found (held out) | relabelled personas' k_found (descriptive) "
             "| aligned rank |",
             "|---|---|---|---|"]
-    for lay in layers:
-        a = lay["aligned"]
-        rows.append(f"| {lay['layer']} | {found_text(a)} | {null_text(a)} | {a['rank']} |")
+    for layer, a in aligned:
+        rows.append(f"| {layer} | {found_text(a.k_found)} | {null_text(a.k_found)} | {a.rank} |")
     return [
         "### Rotation-aligned shared subspace (`--align procrustes`)", "",
         f"Variant: plain joint PCA above, and here the same recipes each rotated onto a common frame "
-        f"first (generalised orthogonal Procrustes, starting from {first['reference']}), so a "
+        f"first (generalised orthogonal Procrustes, starting from {first.reference}), so a "
         "persona geometry that every recipe has in its own rotated basis counts as shared. Each "
         "recipe is centred and scaled with its fit half, expressed in the fit half's principal "
-        f"directions, rotated by maps fitted on the {first['n_fit']} fit personas only, and "
-        f"k_found counted on the other {first['n_scored']} by the same test as above (the same "
+        f"directions, rotated by maps fitted on the {first.n_fit} fit personas only, and "
+        f"k_found counted on the other {first.n_scored} by the same test as above (the same "
         "label permutations; the rotations, fitted without the scored personas, stay fixed, so "
         "each pair's p is exact; Holm over the layers as above). The relabelled draws rerun the "
         "alignment too (descriptive). The aligned k_found is a lower bound, more so than the "

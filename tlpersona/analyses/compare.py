@@ -8,15 +8,46 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import InitVar, dataclass, field, replace
 
 import numpy as np
 import torch
 from scipy import stats
 
 from tlpersona.analyses import metrics as M
-from tlpersona.analyses.controls import CHUNK, bstar_check, floor_stats, half_centroids, split_masks
+from tlpersona.analyses.compare_result import (
+    Ceiling,
+    CentredCosStats,
+    CkaCell,
+    CkaEntry,
+    CompareResult,
+    CosStats,
+    MatrixStats,
+    NoiseCheck,
+    NoiseTest,
+    Overall,
+    PairCell,
+    PairedTest,
+    RecipeSink,
+    RecipeSinkLength,
+    SinkCheck,
+    SinkLayer,
+    Spread,
+    SpreadSkipped,
+    StoreInput,
+    Thresholds,
+)
+from tlpersona.analyses.controls import (
+    CHUNK,
+    FloorReason,
+    FloorStats,
+    bstar_check,
+    floor_stats,
+    half_centroids,
+    split_masks,
+)
+from tlpersona.analyses.metrics import HeldOutCos, HeldOutSkipped
 from tlpersona.analyses.stats import (
     EXACT_SIGN_FLIP_MAX,
     MantelPermuter,
@@ -29,6 +60,7 @@ from tlpersona.analyses.stats import (
 )
 from tlpersona.errors import TlpersonaError
 from tlpersona.positions import RECIPES, canonical
+from tlpersona.renames import old_names, take_old_names
 from tlpersona.sources import ActivationSource
 from tlpersona.version import __version__
 
@@ -39,35 +71,30 @@ LOAD_BEARING = {frozenset(p) for p in [("a", "b"), ("a", "bstar"), ("a", "c1"), 
 SANITY = {frozenset(p) for p in [("a", "c2"), ("a", "c3"), ("c2", "c3")]}
 
 
-@dataclass
-class Thresholds:
-    """PASS needs all of the pass_* bounds exceeded and the mean-centred matrix r beyond its
-    Mantel null (p < the comparison's ``alpha``); KILL needs either kill_* bound undercut.
-
-    The spread correlation is descriptive unless ``gate_spread`` is set; then PASS also needs
-    spread Spearman > ``pass_spread`` where it is defined.
-    """
-
-    pass_min_cos: float = 0.95
-    pass_mc_r: float = 0.90
-    pass_spread: float = 0.80
-    kill_min_cos: float = 0.85
-    kill_mc_r: float = 0.70
-    gate_spread: bool = False
-
-
+@old_names({"n_perm": "permutations", "n_splits": "splits", "n_null": "null_draws"})
 @dataclass
 class CompareConfig:
+    """What :func:`compare` computes; ``permutations``, ``splits`` and ``null_draws`` are the
+    names :func:`tlpersona.compare` takes (``n_perm``, ``n_splits`` and ``n_null``, their
+    earlier names, still read and set them for one release)."""
+
     positions: list[str] | None = None  # default: the recipes present in the source
     layers: list[int] | None = None  # default: every stored layer
-    n_perm: int | None = None  # Mantel permutations; None: sized to the family (draws_for_family)
+    # Mantel permutations; None: sized to the family (draws_for_family)
+    permutations: int | None = None
     seed: int = 0
-    n_splits: int = 10
+    splits: int = 10  # question halvings behind the split-half ceilings
     thresholds: Thresholds = field(default_factory=Thresholds)
-    n_null: int = 100  # relabelled draws behind the held-out Procrustes null (descriptive unless
-    # enough for Holm over the cells: see procrustes_corrected)
+    null_draws: int = 100  # relabelled draws behind the held-out Procrustes null (descriptive
+    # unless enough for Holm over the cells: see procrustes_corrected)
     alpha: float = 0.05  # family-wise level for the report's "above the null" statements
+    n_perm: InitVar[int | None] = None
+    n_splits: InitVar[int | None] = None
+    n_null: InitVar[int | None] = None
 
+    def __post_init__(self, n_perm: int | None, n_splits: int | None,
+                      n_null: int | None) -> None:
+        take_old_names(self, {"n_perm": n_perm, "n_splits": n_splits, "n_null": n_null})
 
 
 #: Share of a recipe's persona variance along the first-token direction above which the report
@@ -93,8 +120,15 @@ def verdict(min_cos: float, mc_r: float, spread_rho: float | None, th: Threshold
     return "GREY"
 
 
-def within_noise(min_cos: float, mc_r: float, spread_rho: float | None, ceiling: dict[str, Any],
-                 th: Thresholds, mantel_p: float | None = None, alpha: float = 0.05) -> bool:
+def _ceil(ceiling: Ceiling | Mapping[str, float | None], key: str) -> float | None:
+    value: float | None = (getattr(ceiling, key) if isinstance(ceiling, Ceiling)
+                           else ceiling.get(key))
+    return value
+
+
+def within_noise(min_cos: float, mc_r: float, spread_rho: float | None,
+                 ceiling: Ceiling | Mapping[str, float | None], th: Thresholds,
+                 mantel_p: float | None = None, alpha: float = 0.05) -> bool:
     """Whether every bound a cell that does not pass misses (the PASS bounds, and the KILL
     bounds for a KILL) is missed by its split-half ceiling (``ceiling``, from :func:`_ceiling`)
     too: identical recipes' expected value would get the same verdict. Descriptive: it compares
@@ -109,7 +143,7 @@ def within_noise(min_cos: float, mc_r: float, spread_rho: float | None, ceiling:
     def misses(v: float, bound: float, kill: bool) -> bool:
         return v < bound if kill else v <= bound
 
-    c_cos, c_r = ceiling["per_persona_cos_min"], ceiling["matrix_mc_pearson"]
+    c_cos, c_r = _ceil(ceiling, "per_persona_cos_min"), _ceil(ceiling, "matrix_mc_pearson")
     bounds: list[tuple[float, float | None, float, bool]] = [
         (min_cos, c_cos, th.pass_min_cos, False), (mc_r, c_r, th.pass_mc_r, False),
         (min_cos, c_cos, th.kill_min_cos, True), (mc_r, c_r, th.kill_mc_r, True)]
@@ -157,41 +191,9 @@ def half_sd(hx: Halves, hy: Halves) -> dict[str, float]:
     return {"min_cos": float(mins.std()), "mc_r": float(rs.std())}
 
 
-@dataclass(frozen=True)
-class NoiseTest:
-    """One missed bound's statistic against what identical recipes reach (its ceiling)."""
-
-    statistic: str  # "min cos" or "mc r"
-    observed: float
-    ceiling: float | None
-    sd: float | None  # its sampling SD over questions (half_sd); None: unknown
-    z: float | None  # (observed − ceiling) / sd
-    level: float  # one-sided level of "below its ceiling" (alpha over the statistics tested)
-    below: bool  # observed below its ceiling beyond sampling error
-
-
-@dataclass(frozen=True)
-class NoiseCheck:
-    """Whether a cell that does not pass shows the recipes differ.
-
-    ``mark``: ``"beyond noise"`` where a statistic whose bound the cell misses is below its
-    ceiling by more than its sampling error (z < −Φ⁻¹(1 − level)); ``"noise"`` where each is
-    within sampling error of it, so identical recipes sampled as noisily could give the cell;
-    ``"inconclusive"`` where a missed bound has no ceiling or no sampling error to test
-    against (the Mantel gate, the spread, a recipe without per-question vectors). The test does
-    not lean on the Mantel p: identical recipes measured noisily on few personas fail the
-    Mantel test, and their KILL is then "noise", not a difference."""
-
-    mark: str
-    reason: str
-    tests: list[NoiseTest]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mark": self.mark, "reason": self.reason, "tests": [asdict(t) for t in self.tests]}
-
-
-def noise_check(min_cos: float, mc_r: float, spread_rho: float | None, ceiling: dict[str, Any],
-                sd: dict[str, float] | None, th: Thresholds, mantel_p: float | None = None,
+def noise_check(min_cos: float, mc_r: float, spread_rho: float | None,
+                ceiling: Ceiling | Mapping[str, float | None], sd: dict[str, float] | None,
+                th: Thresholds, mantel_p: float | None = None,
                 alpha: float = 0.05) -> NoiseCheck | None:
     """The "(noise)" mark of a cell (:class:`NoiseCheck`); None for PASS. The statistics tested
     are those whose bound the verdict rests on (:func:`failed_bounds`: the KILL bounds of a
@@ -214,7 +216,7 @@ def noise_check(min_cos: float, mc_r: float, spread_rho: float | None, ceiling: 
                           "gate or the spread)", [])
     level = alpha / len(missed)
     crit = float(stats.norm.isf(level))
-    tests = [_noise_test(name, obs, ceiling.get(key),
+    tests = [_noise_test(name, obs, _ceil(ceiling, key),
                          None if sd is None else sd["min_cos" if name == "min cos" else "mc_r"],
                          level, crit) for name, obs, key in missed]
     if any(t.below for t in tests):
@@ -295,9 +297,9 @@ def cliques(nodes: list[str], edges: list[tuple[str, str]]) -> list[list[str]]:
 
 
 def compare(source: ActivationSource, cfg: CompareConfig | None = None,
-            timings: dict[str, float] | None = None) -> dict[str, Any]:
-    """Every metric for every layer × pair, each with its null (and ceiling where it has one);
-    returns a JSON-ready dict (see results.json)."""
+            timings: dict[str, float] | None = None) -> CompareResult:
+    """Every metric for every layer × pair, each with its null (and ceiling where it has one),
+    as a :class:`CompareResult` (``to_dict()``: results.json)."""
     import time
 
     cfg = cfg or CompareConfig()
@@ -325,25 +327,27 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
     pairs = list(itertools.combinations(positions, 2))
     n_cells = len(pairs) * len(layers)
     # the Mantel family is every cell: enough permutations that Holm over it can reach alpha
-    n_perm = cfg.n_perm if cfg.n_perm is not None else draws_for_family(n_cells, cfg.alpha)
+    n_perm = (cfg.permutations if cfg.permutations is not None
+              else draws_for_family(n_cells, cfg.alpha))
     permuter = MantelPermuter(n, n_perm, cfg.seed)
-    cells: list[dict[str, Any]] = []
-    paired: list[dict[str, Any]] = []
+    cells: list[_Unadjusted] = []
+    paired: list[tuple[int, tuple[str, str], tuple[str, str], float, float, float]] = []
+    cos_matrices: dict[int, dict[str, np.ndarray]] = {}
     # Per-question work first, one recipe at a time, streamed over personas: its vectors (GBs
     # at full scale) are read once for all layers.
     spread_by_layer: dict[str, dict[int, np.ndarray]] = {}
-    floors: dict[str, Any] = {}
+    floors: dict[str, dict[int, FloorStats | FloorReason]] = {}
     halves: dict[tuple[str, int], Halves] = {}  # (recipe, layer); absent: noise unknown
     cka_halves: dict[tuple[str, int], M.SplitHalfCka] = {}  # (recipe, layer), as halves
     for p in positions:
         t0 = time.perf_counter()
         if source.question_invariant(p) or not source.has_per_question(p):
-            reason = ({"exact": True, "reason": "question-invariant: no sampling noise"}
+            reason = (FloorReason(True, "question-invariant: no sampling noise")
                       if source.question_invariant(p) else
-                      {"exact": None, "reason": "no per-question vectors in the input"})
-            floors[p] = {str(layer): reason for layer in layers}
+                      FloorReason(None, "no per-question vectors in the input"))
+            floors[p] = {layer: reason for layer in layers}
             continue
-        qp = question_pass(source, p, layers, cfg.n_splits, cfg.seed, permuter.iu)
+        qp = question_pass(source, p, layers, cfg.splits, cfg.seed, permuter.iu)
         spread_by_layer[p], floors[p] = qp.spreads, qp.floors
         halves.update({(p, layer): h for layer, h in qp.halves.items()})
         cka_halves.update({(p, layer): h for layer, h in qp.cka.items()})
@@ -357,6 +361,7 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
                 halves[(p, layer)] = Halves.of(cent[p][:, None], permuter.iu)
         mc = {p: M.mean_centre(c) for p, c in cent.items()}
         mats = {p: (M.cos_matrix(cent[p]), M.cos_matrix(mc[p])) for p in positions}
+        cos_matrices[layer] = {p: mats[p][1] for p in positions}
         t0 = tick("centroid metrics", t0)
         # Mantel tests grouped by the permuted matrix: one recipe's permutations in memory at a
         # time, and one matrix product per recipe for all its partners.
@@ -371,7 +376,7 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
                     del py
         t0 = tick("mantel permutations", t0)
         held = M.HeldOutProcrustes(n, M.PROCRUSTES_SPLITS, np.random.default_rng(cfg.seed + layer),
-                                   cfg.n_null)
+                                   cfg.null_draws)
         for p in positions:
             held.add(p, cent[p])
         proc = held.score_pairs(pairs)
@@ -397,18 +402,18 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
             raw_t = (M.upper(mats[x][0]), M.upper(mats[y][0]))
             mc_t = (M.upper(mats[x][1]), M.upper(mats[y][1]))
             sx, sy = spreads[x], spreads[y]
+            spread: Spread | SpreadSkipped
             if sx is None or sy is None:
                 why = ("question-invariant recipe: no per-question variation"
                        if source.question_invariant(x) or source.question_invariant(y)
                        else "no per-question vectors in the input")
-                spread_cell: dict[str, Any] = {"spearman": None, "reason": why}
+                spread = SpreadSkipped(reason=why)
                 rho = None
             else:
                 ok = ~(np.isnan(sx) | np.isnan(sy))
                 sp = stats.spearmanr(sx[ok], sy[ok])
                 rho = float(sp[0])
-                spread_cell = {"spearman": rho, "p": float(sp[1]), "n_questions": int(ok.sum()),
-                               "gates_verdict": th.gate_spread}
+                spread = Spread(rho, float(sp[1]), int(ok.sum()), th.gate_spread)
             s = M.Summary.of(cos)
             ceiling = _ceiling(floors, x, y, layer)
             geo = mantel[(x, y, 1)]  # the mean-centred matrices' test
@@ -416,28 +421,20 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
             noise = noise_check(s.min, geo.r, rho, ceiling,
                                 None if hx is None or hy is None else half_sd(hx, hy), th,
                                 geo.p, cfg.alpha)
-            cell = {
-                "layer": layer, "pair": [x, y], "tag": pair_tag(x, y),
-                "per_persona_cos": {**asdict(s), "null_mean": _shuffled_cos_mean(cent[x], cent[y]),
-                                    **_shuffled_cos_low(cent[x], cent[y], permuter.perms)},
-                "per_persona_cos_mc": {**asdict(M.Summary.of(mc_cos)),
-                                       "null_mean": _shuffled_cos_mean(mc[x], mc[y])},
-                "procrustes_cos": {**proc[(x, y)].to_dict(),
-                                   "ceiling": ceiling["procrustes_cos_mean"]},
-                "matrix_raw": _matrix_cell(mantel[(x, y, 0)], raw_t),
-                "matrix_mc": _matrix_cell(geo, mc_t),
-                "mantel_p": geo.p,
-                "spread": spread_cell,
-                "ceiling": ceiling,
-                "verdict": verdict(s.min, geo.r, rho, th, geo.p, cfg.alpha),
-                "failed": failed_bounds(s.min, geo.r, rho, th, geo.p, cfg.alpha),
-                "within_noise": within_noise(s.min, geo.r, rho, ceiling, th, geo.p, cfg.alpha),
-                "noise_mark": None if noise is None else noise.mark,
-                "noise_test": None if noise is None else noise.to_dict(),
-                "per_persona_cos_all": [round(float(v), 6) for v in cos],
-                "cka": _cka_cell(cka[(x, y)], reliability[x], reliability[y], n_perm),
-            }
-            cells.append(cell)
+            mcs = M.Summary.of(mc_cos)
+            cells.append(_Unadjusted(
+                layer=layer, pair=(x, y),
+                per_persona_cos=CosStats(s.mean, s.min, s.p5, s.max,
+                                         _shuffled_cos_mean(cent[x], cent[y]),
+                                         *_shuffled_cos_low(cent[x], cent[y], permuter.perms)),
+                per_persona_cos_mc=CentredCosStats(mcs.mean, mcs.min, mcs.p5, mcs.max,
+                                                   _shuffled_cos_mean(mc[x], mc[y])),
+                procrustes=proc[(x, y)].held_out(ceiling.procrustes_cos_mean),
+                matrix_raw=(mantel[(x, y, 0)], float(stats.spearmanr(*raw_t)[0])),
+                matrix_mc=(geo, float(stats.spearmanr(*mc_t)[0])),
+                spread=spread, ceiling=ceiling, rho=rho, noise=noise,
+                per_persona_cos_all=[round(float(v), 6) for v in cos],
+                cka=_cka_cell(cka[(x, y)], reliability[x], reliability[y], n_perm)))
         t0 = tick("pair metrics", t0)
         # Paired tests: for two pairs sharing a recipe, is one more aligned than the other?
         tests = [(a, b) for a, b in itertools.combinations(pairs, 2) if set(a) & set(b)]
@@ -446,56 +443,124 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
             pvals = sign_flip_p(d)
             zs = sign_flip_z(d)
             for (a, b), dv, pv, z in zip(tests, d, pvals, zs, strict=True):
-                paired.append({"layer": layer, "pair_1": list(a), "pair_2": list(b),
-                               "mean_diff": float(dv.mean()), "p": float(pv), "z": float(z)})
+                paired.append((layer, a, b, float(dv.mean()), float(pv), float(z)))
         tick("paired tests", t0)
 
-    # One family per kind of test, across every cell of the run.
-    for key in ("matrix_raw", "matrix_mc"):
-        _holm_into([c[key] for c in cells], "mantel_p")
     # The Procrustes null costs a full refit per draw (minutes per 100 at full scale), so by
     # default it is descriptive: Holm is applied only when its draws can reach alpha over the
     # cells; the corrected claim "geometry beyond chance" is the Mantel test's.
-    procrustes_corrected = n_cells / (cfg.n_null + 1) < cfg.alpha
-    if procrustes_corrected:
-        _holm_into([c["procrustes_cos"] for c in cells], "p")
-    _holm_into(paired, "p")
-    for stat in ("linear", "debiased"):
-        _holm_into([c["cka"][stat] for c in cells], "p")
-
+    procrustes_corrected = n_cells / (cfg.null_draws + 1) < cfg.alpha
+    pair_cells = _adjusted(cells, th, cfg.alpha, procrustes_corrected)
+    paired_holm = [float(a) for a in holm([t[4] for t in paired])]
     t0 = time.perf_counter()
     bstar = bstar_check(source, layers)
     tick("B* check", t0)
-    result: dict[str, Any] = {
-        "input": {"manifest_hash": source.manifest_hash, "provenance": source.provenance},
-        "n_personas": n,
-        "n_questions": len(source.questions),
-        "personas": list(source.personas),
-        "layers": layers,
-        "positions": positions,
-        "n_permutations": n_perm,
-        "permutations_auto": cfg.n_perm is None,
-        "min_attainable_p": 1.0 / (n_perm + 1),
-        "min_attainable_p_holm": min(1.0, mantel_floor(n, n_perm) * n_cells),
-        "procrustes_corrected": procrustes_corrected,
-        "paired_test": ("exact sign-flip enumeration" if n <= EXACT_SIGN_FLIP_MAX else
-                        "Bentkus–Dzindzalieta bound on the sign-flip tail"),
-        "seed": cfg.seed,
-        "n_splits": cfg.n_splits,
-        "n_null": cfg.n_null,
-        "procrustes_splits": M.PROCRUSTES_SPLITS,
-        "alpha": cfg.alpha,
-        "thresholds": asdict(th),
-        "cells": cells,
-        "paired_tests": paired,
-        "noise_floor": floors,
-        "bstar_check": bstar,
-        "sink": sink_diagnostic(source, positions, layers),
-        "missing_rows": missing_rows(source, positions),
-    }
-    result["overall"] = overall(result)
-    result["code_version"] = __version__
-    return result
+    sink = sink_diagnostic(source, positions, layers)
+    missing_rows_ = missing_rows(source, positions)
+    return CompareResult(
+        inputs=StoreInput(source.manifest_hash, source.provenance),
+        n_personas=n,
+        n_questions=len(source.questions),
+        personas=list(source.personas),
+        layers=layers,
+        positions=positions,
+        n_permutations=n_perm,
+        permutations_auto=cfg.permutations is None,
+        min_attainable_p=1.0 / (n_perm + 1),
+        min_attainable_p_holm=min(1.0, mantel_floor(n, n_perm) * n_cells),
+        procrustes_corrected=procrustes_corrected,
+        paired_test=("exact sign-flip enumeration" if n <= EXACT_SIGN_FLIP_MAX else
+                     "Bentkus–Dzindzalieta bound on the sign-flip tail"),
+        seed=cfg.seed,
+        n_splits=cfg.splits,
+        n_null=cfg.null_draws,
+        procrustes_splits=M.PROCRUSTES_SPLITS,
+        alpha=cfg.alpha,
+        thresholds=replace(th),
+        cells=pair_cells,
+        paired_tests=[PairedTest(layer, a, b, diff, p, z, q)
+                      for (layer, a, b, diff, p, z), q in zip(paired, paired_holm, strict=True)],
+        noise_floor=floors,
+        bstar=bstar,
+        sink=sink,
+        missing_rows=missing_rows_,
+        overall=overall(pair_cells, positions, layers, th, cfg.alpha, n, n_perm, cfg.null_draws,
+                        procrustes_corrected),
+        code_version=__version__,
+        cos_matrices=cos_matrices,
+        source=source,
+    )
+
+
+@dataclass(frozen=True)
+class _Unadjusted:
+    """One cell's statistics before Holm over every cell of the run adjusts its p-values
+    (:func:`_adjusted` makes the :class:`PairCell`)."""
+
+    layer: int
+    pair: tuple[str, str]
+    per_persona_cos: CosStats
+    per_persona_cos_mc: CentredCosStats
+    procrustes: HeldOutCos | HeldOutSkipped
+    matrix_raw: tuple[MantelResult, float]  # the test, and the triangles' Spearman r
+    matrix_mc: tuple[MantelResult, float]
+    spread: Spread | SpreadSkipped
+    ceiling: Ceiling
+    rho: float | None  # the spread's Spearman ρ
+    noise: NoiseCheck | None
+    per_persona_cos_all: list[float]
+    cka: CkaCell
+
+
+def _holm_of(ps: list[float | None]) -> list[float | None]:
+    """Holm over the p-values of ``ps`` (one family); None where a p is None."""
+    adj = holm([np.nan if p is None else p for p in ps])
+    return [None if p is None else float(a) for p, a in zip(ps, adj, strict=True)]
+
+
+def _adjusted(cells: list[_Unadjusted], th: Thresholds, alpha: float,
+              procrustes_corrected: bool) -> list[PairCell]:
+    """The cells with their p-values Holm-adjusted, one family per kind of test across every
+    cell of the run; the held-out Procrustes p only where its draws can reach ``alpha``."""
+    raw = _holm_of([c.matrix_raw[0].p for c in cells])
+    geo = _holm_of([c.matrix_mc[0].p for c in cells])
+    proc = (_holm_of([c.procrustes.p if isinstance(c.procrustes, HeldOutCos) else None
+                      for c in cells]) if procrustes_corrected else [None] * len(cells))
+    lin = _holm_of([c.cka.linear.p for c in cells])
+    deb = _holm_of([c.cka.debiased.p for c in cells])
+    out = []
+    for c, raw_h, geo_h, proc_h, lin_h, deb_h in zip(cells, raw, geo, proc, lin, deb,
+                                                      strict=True):
+        (x, y), s, g = c.pair, c.per_persona_cos, c.matrix_mc[0]
+        assert raw_h is not None and geo_h is not None
+        out.append(PairCell(
+            layer=c.layer, pair=c.pair, tag=pair_tag(x, y),
+            per_persona_cos=s, per_persona_cos_mc=c.per_persona_cos_mc,
+            procrustes=(replace(c.procrustes, p_holm=proc_h)
+                        if isinstance(c.procrustes, HeldOutCos) else c.procrustes),
+            matrix_raw=_matrix(c.matrix_raw[0], c.matrix_raw[1], raw_h),
+            matrix_mc=_matrix(c.matrix_mc[0], c.matrix_mc[1], geo_h),
+            mantel_p=g.p, spread=c.spread, ceiling=c.ceiling,
+            verdict=verdict(s.min, g.r, c.rho, th, g.p, alpha),
+            failed_bounds=failed_bounds(s.min, g.r, c.rho, th, g.p, alpha),
+            within_noise=within_noise(s.min, g.r, c.rho, c.ceiling, th, g.p, alpha),
+            noise_mark=None if c.noise is None else c.noise.mark, noise_test=c.noise,
+            per_persona_cos_all=c.per_persona_cos_all,
+            cka=replace(c.cka, linear=replace(c.cka.linear, p_holm=lin_h),
+                        debiased=replace(c.cka.debiased, p_holm=deb_h))))
+    return out
+
+
+def centred_cos_matrices(source: ActivationSource, positions: list[str], layers: list[int]
+                         ) -> dict[int, dict[str, np.ndarray]]:
+    """Per layer and recipe, the mean-centred inter-persona cosine matrix ``[persona, persona]``
+    (what :func:`compare` keeps on its result for the report's figure)."""
+    out = {}
+    for layer in layers:
+        li = source.layer_index(layer)
+        out[layer] = {p: M.cos_matrix(M.mean_centre(source.centroids(p)[:, li].double().numpy()))
+                      for p in positions}
+    return out
 
 
 @dataclass
@@ -503,7 +568,7 @@ class QuestionPass:
     """What one pass over a recipe's per-question vectors gives, per layer."""
 
     spreads: dict[int, np.ndarray]  # spread per question
-    floors: dict[str, Any]  # str(layer) -> split-half noise floor (controls.floor_stats)
+    floors: dict[int, FloorStats | FloorReason]  # split-half noise floor (controls.floor_stats)
     halves: dict[int, Halves]  # the floor's halves, for the sampling error of pair statistics
     cka: dict[int, M.SplitHalfCka]  # split-half CKA, for the CKA ceilings
 
@@ -531,21 +596,13 @@ def question_pass(source: ActivationSource, pos: str, layers: list[int], n_split
     for j, layer in enumerate(layers):
         out.spreads[layer] = M.spread_finish(sums[j], valid.sum(0))
         if masks is None:
-            out.floors[str(layer)] = {"exact": None, "reason": "fewer than 2 questions"}
+            out.floors[layer] = FloorReason(None, "fewer than 2 questions")
             continue
         h = torch.cat(parts[j]).double().numpy()
-        out.floors[str(layer)] = floor_stats(h, iu, seed + layer)
+        out.floors[layer] = floor_stats(h, iu, seed + layer)
         out.halves[layer] = Halves.of(h, iu)
         out.cka[layer] = M.split_half_cka(h)
     return out
-
-
-def _holm_into(rows: list[dict[str, Any]], p_key: str) -> None:
-    """Add ``{p_key}_holm`` (Holm over ``rows``) to each row that has a p-value."""
-    vals = [np.nan if r.get(p_key) is None else r[p_key] for r in rows]
-    for r, a in zip(rows, holm(vals), strict=True):
-        if r.get(p_key) is not None:
-            r[f"{p_key}_holm"] = float(a)
 
 
 def _shuffled_cos_mean(x: np.ndarray, y: np.ndarray) -> float:
@@ -554,25 +611,27 @@ def _shuffled_cos_mean(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(M.unit(x) @ M.unit(y).T))
 
 
-def _shuffled_cos_low(x: np.ndarray, y: np.ndarray, perms: np.ndarray) -> dict[str, float]:
+def _shuffled_cos_low(x: np.ndarray, y: np.ndarray, perms: np.ndarray
+                      ) -> tuple[float, float, float, float]:
     """The minimum and 5th percentile of the per-persona cosines with one recipe's persona labels
     shuffled by each of ``perms`` ``[N, n]`` (the Mantel test's permutations): their means and
     95th percentiles. A shared offset keeps raw cosines near 1 for any pairing; this says how
-    high the low end is then."""
+    high the low end is then. Returns (minimum's mean, its p95, 5th percentile's mean, its
+    p95)."""
     c = M.unit(x) @ M.unit(y).T
     shuffled = c[np.arange(len(x))[None, :], perms]  # [N, n]
     mins, p5s = shuffled.min(1), np.percentile(shuffled, 5, axis=1)
-    return {"null_min_mean": float(mins.mean()), "null_min_p95": float(np.percentile(mins, 95)),
-            "null_p5_mean": float(p5s.mean()), "null_p5_p95": float(np.percentile(p5s, 95))}
+    return (float(mins.mean()), float(np.percentile(mins, 95)), float(p5s.mean()),
+            float(np.percentile(p5s, 95)))
 
 
-def _matrix_cell(res: MantelResult, tri: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
-    return {"pearson": res.r, "spearman": float(stats.spearmanr(*tri)[0]), "mantel_p": res.p,
-            "null_mean": res.null_mean, "null_sd": res.null_sd, "null_p95": res.null_p95,
-            "z": z_score(res.r, res.null_mean, res.null_sd)}
+def _matrix(res: MantelResult, spearman: float, p_holm: float) -> MatrixStats:
+    return MatrixStats(res.r, spearman, res.p, res.null_mean, res.null_sd, res.null_p95,
+                       z_score(res.r, res.null_mean, res.null_sd), p_holm)
 
 
-def _ceiling(floors: dict[str, Any], x: str, y: str, layer: int) -> dict[str, Any]:
+def _ceiling(floors: dict[str, dict[int, FloorStats | FloorReason]], x: str, y: str,
+             layer: int) -> Ceiling:
     """What two recipes could reach if they were the same recipe, given each one's sampling
     noise: the geometric mean of their split-half agreements (attenuation: noise in either
     lowers agreement multiplicatively; question-invariant recipes have no sampling noise and
@@ -580,18 +639,22 @@ def _ceiling(floors: dict[str, Any], x: str, y: str, layer: int) -> dict[str, An
     centroids, the size the statistic itself is computed at: half-size values sit well below
     what identical recipes reach (0.20 against 0.44 for the Procrustes cosine of a noisy
     planted pair), so a cell could look at its ceiling while far from it."""
-    vals = [floors.get(p, {}).get(str(layer), {}) for p in (x, y)]
+    vals = [floors.get(p, {}).get(layer) for p in (x, y)]
+
+    def one(v: FloorStats | FloorReason | None, key: str) -> float | None:
+        if isinstance(v, FloorReason):
+            return 1.0 if v.exact is True else None
+        got: float | None = None if v is None else getattr(v, key)
+        return got
 
     def joint(key: str) -> float | None:
-        got = [1.0 if v.get("exact") is True else v.get(key) for v in vals]
-        if any(g is None for g in got):
+        got = [one(v, key) for v in vals]
+        if got[0] is None or got[1] is None:
             return None
         return float(np.sqrt(max(got[0], 0.0) * max(got[1], 0.0)))
 
-    return {"per_persona_cos_mean": joint("per_persona_cos_mean_full"),
-            "per_persona_cos_min": joint("per_persona_cos_min_full"),
-            "matrix_mc_pearson": joint("matrix_mc_pearson_full"),
-            "procrustes_cos_mean": joint("procrustes_cos_mean_full")}
+    return Ceiling(joint("per_persona_cos_mean_full"), joint("per_persona_cos_min_full"),
+                   joint("matrix_mc_pearson_full"), joint("procrustes_cos_mean_full"))
 
 
 @dataclass(frozen=True)
@@ -621,51 +684,52 @@ def _cka_reliability(half: M.SplitHalfCka | None, gram: np.ndarray,
 
 
 def _cka_cell(score: M.CkaScore, rx: CkaReliability, ry: CkaReliability,
-              n_perm: int) -> dict[str, Any]:
-    """A cell's CKA entry, for comparability with other tools: not part of the verdict."""
+              n_perm: int) -> CkaCell:
+    """A cell's CKA entry, for comparability with other tools: not part of the verdict (its
+    p-values before Holm over the cells)."""
 
     def joint(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else float(np.sqrt(max(a, 0.0) * max(b, 0.0)))
 
-    return {
-        "for_comparability": True,
-        "centred": "mean over personas",
-        "n_perm": n_perm,
-        "linear": {**asdict(score.linear), "ceiling": joint(rx.linear_half, ry.linear_half),
-                   "ceiling_size": "half"},
-        "debiased": {**asdict(score.debiased),
-                     "ceiling": joint(rx.debiased_full, ry.debiased_full), "ceiling_size": "full"},
-    }
+    def entry(s: M.CkaStat, ceiling: float | None, size: str) -> CkaEntry:
+        return CkaEntry(s.value, s.null_mean, s.null_sd, s.null_p95, s.p, ceiling, size)
+
+    return CkaCell(True, "mean over personas", n_perm,
+                   entry(score.linear, joint(rx.linear_half, ry.linear_half), "half"),
+                   entry(score.debiased, joint(rx.debiased_full, ry.debiased_full), "full"))
 
 
-def sink_diagnostic(source: ActivationSource, positions: list[str], layers: list[int]) -> dict[str, Any]:
+def sink_diagnostic(source: ActivationSource, positions: list[str], layers: list[int]
+                    ) -> SinkCheck:
     """Per layer and recipe, the share of the recipe's persona variance (mean-centred centroids)
     that lies along the first token's residual direction, the attention sink. Where it is large
     the recipe's differences between personas are mostly the sink's weight in a mean, i.e.
     prompt length: the correlation with mean 1/prompt length is reported where known."""
     if "first" not in source.positions:
-        return {"available": False,
-                "reason": "the input has no `first` position (extract it to measure the sink)"}
-    out: dict[str, Any] = {"available": True, "warn_above": SINK_WARN, "layers": {}}
+        return SinkCheck(False, reason="the input has no `first` position (extract it to "
+                                       "measure the sink)")
+    rows: dict[int, SinkLayer] = {}
     for layer in layers:
         li = source.layer_index(layer)
         sink = source.centroids("first")[:, li].double().numpy().mean(0)
         u = sink / max(np.linalg.norm(sink), 1e-30)
-        row: dict[str, Any] = {"sink_norm": float(np.linalg.norm(sink))}
+        entries: dict[str, RecipeSinkLength | RecipeSink] = {}
         for p in positions:
             xc = M.mean_centre(source.centroids(p)[:, li].double().numpy())
             total = float(np.sum(xc * xc))
             along = xc @ u
-            entry: dict[str, Any] = {"share": float(np.sum(along**2) / total) if total > 0 else None}
+            share = float(np.sum(along**2) / total) if total > 0 else None
+            warning = share is not None and share > SINK_WARN
             n_tok = source.n_tokens(p)
             if n_tok is not None and total > 0:
                 inv = (1.0 / n_tok.double().clamp(min=1)).mean(1).numpy()
-                entry["r_with_inverse_length"] = (float(np.corrcoef(along, inv)[0, 1])
-                                                  if np.std(inv) > 0 and np.std(along) > 0 else None)
-            entry["warning"] = entry["share"] is not None and entry["share"] > SINK_WARN
-            row[p] = entry
-        out["layers"][str(layer)] = row
-    return out
+                r = (float(np.corrcoef(along, inv)[0, 1])
+                     if np.std(inv) > 0 and np.std(along) > 0 else None)
+                entries[p] = RecipeSinkLength(share, r, warning)
+            else:
+                entries[p] = RecipeSink(share, warning)
+        rows[layer] = SinkLayer(float(np.linalg.norm(sink)), entries)
+    return SinkCheck(True, warn_above=SINK_WARN, layers=rows)
 
 
 def missing_rows(source: ActivationSource, positions: list[str]) -> dict[str, dict[str, int]]:
@@ -689,23 +753,22 @@ def mantel_floor(n_personas: int, n_perm: int) -> float:
     return 1.0 / (n_perm + 1) if relabellings >= n_perm + 1 else 1.0 / relabellings
 
 
-def overall(result: dict[str, Any]) -> dict[str, Any]:
+def overall(cells: list[PairCell], positions: list[str], layers: list[int], th: Thresholds,
+            alpha: float, n_personas: int, n_permutations: int, n_null: int,
+            procrustes_corrected: bool) -> Overall:
     """Recipe-robust or not, which recipes agree (groups whose every pair passes) per layer and
     at every layer, what the nulls support, and the one-sentence answer of the report's first
     screen."""
-    positions = result["positions"]
-    cells = result["cells"]
-    alpha = result.get("alpha", 0.05)
     per_layer = {}
-    for layer in result["layers"]:
-        edges = [tuple(c["pair"]) for c in cells if c["layer"] == layer and c["verdict"] == "PASS"]
-        per_layer[str(layer)] = cliques(positions, edges)
-    always = [tuple(c["pair"]) for c in cells
-              if all(d["verdict"] == "PASS" for d in cells if d["pair"] == c["pair"])]
-    lb = _load_bearing_rows(result)
+    for layer in layers:
+        edges = [c.pair for c in cells if c.layer == layer and c.verdict == "PASS"]
+        per_layer[layer] = cliques(positions, edges)
+    always = [c.pair for c in cells
+              if all(d.verdict == "PASS" for d in cells if d.pair == c.pair)]
+    lb = [c for c in cells if c.tag == "load-bearing"]
     # counted as recipe pairs: both response spans are recipe B, so A~B compared twice is one pair
-    n_lb = len({frozenset(_ALIAS.get(p, p) for p in c["pair"]) for c in lb})
-    all_pass = bool(lb) and all(c["verdict"] == "PASS" for c in lb)
+    n_lb = len({frozenset(_ALIAS.get(p, p) for p in c.pair) for c in lb})
+    all_pass = bool(lb) and all(c.verdict == "PASS" for c in lb)
     robust = all_pass and n_lb == len(LOAD_BEARING)
     kills = kill_text(lb)
     groups_all = cliques(positions, always)
@@ -719,12 +782,12 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
         sentence = (f"Only {n_lb} of {len(LOAD_BEARING)} load-bearing pairs were compared; they "
                     "pass at every layer, which does not establish recipe robustness.")
     else:
-        sentence = (f"Not recipe-robust: {sum(c['verdict'] != 'PASS' for c in lb)} of {len(lb)} "
+        sentence = (f"Not recipe-robust: {sum(c.verdict != 'PASS' for c in lb)} of {len(lb)} "
                     "load-bearing cells fail to pass"
                     + (f" (KILL: {kills})" if kills else "") + ".")
         notes += noise_notes(lb, alpha)
-        offsets = [c for c in lb if c["verdict"] == "KILL" and c.get("failed") == [
-            f"min cos < {result['thresholds']['kill_min_cos']:g}"]]
+        offsets = [c for c in lb if c.verdict == "KILL" and c.failed_bounds == [
+            f"min cos < {th.kill_min_cos:g}"]]
         if offsets:
             notes.append(f"{len(offsets)} load-bearing KILL(s) rest on the raw per-persona "
                          "minimum cosine alone, which common offsets drive; read the "
@@ -733,21 +796,21 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
     notes.append(f"A PASS needs the mean-centred geometry beyond its Mantel null (p < {alpha:g}), "
                  f"which unrelated recipes clear in at most {alpha:g} of cells (per cell, "
                  "uncorrected over cells; the Mantel test is exact).")
-    floor = mantel_floor(result["n_personas"], result["n_permutations"])
+    floor = mantel_floor(n_personas, n_permutations)
     if floor >= alpha:
         notes.append(f"No cell can pass here: PASS needs the mean-centred geometry beyond its "
-                     f"Mantel null (p < {alpha:g}), and with {result['n_personas']} personas p "
+                     f"Mantel null (p < {alpha:g}), and with {n_personas} personas p "
                      f"cannot fall below {floor:.3f}.")
-    mantel = _beyond_null(cells, "matrix_mc", "mantel_p", floor, alpha)
+    mantel = _beyond_null([c.matrix_mc.mantel_p for c in cells],
+                          [c.matrix_mc.mantel_p_holm for c in cells], floor, alpha)
     sentence += (f" {mantel[0]} of {mantel[1]} cells have mean-centred persona geometries more "
-                 f"alike than shuffled personas give (Mantel, {result['n_permutations']} "
+                 f"alike than shuffled personas give (Mantel, {n_permutations} "
                  f"permutations, Holm over all cells at {alpha:g}).")
     if mantel[2]:
         notes.append(mantel[2])
-    n_null = result.get("n_null", 0)
-    proc = [c["procrustes_cos"] for c in cells if c["procrustes_cos"].get("p") is not None]
-    if proc and result.get("procrustes_corrected"):
-        k = sum(pc.get("p_holm", 1.0) < alpha for pc in proc)
+    proc = [c.procrustes for c in cells if isinstance(c.procrustes, HeldOutCos)]
+    if proc and procrustes_corrected:
+        k = sum((1.0 if pc.p_holm is None else pc.p_holm) < alpha for pc in proc)
         notes.append(f"{k} of {len(proc)} cells align personas under a held-out rotation better "
                      "than relabelled personas do (Procrustes, Holm over all cells).")
     elif proc:
@@ -755,28 +818,27 @@ def overall(result: dict[str, Any]) -> dict[str, Any]:
                      f"{n_null}-draw null (z, p95), not a corrected test: Holm over {len(proc)} "
                      f"cells would need at least {math.ceil(len(proc) / alpha)} draws "
                      "(`null_draws`).")
-    if result["n_personas"] < 8:
-        notes.append(f"With {result['n_personas']} personas the nulls are wide; read agreement "
+    if n_personas < 8:
+        notes.append(f"With {n_personas} personas the nulls are wide; read agreement "
                      "statistics as descriptive.")
-    return {"recipe_robust": robust, "sentence": sentence, "partition": groups_all,
-            "partition_per_layer": per_layer, "answer": answer(result, mantel[:2], robust),
-            "notes": notes}
+    return Overall(robust, sentence, groups_all, per_layer, answer(lb, layers, mantel[:2], robust),
+                   notes)
 
 
-def kill_text(rows: list[dict[str, Any]]) -> str:
+def kill_text(rows: list[PairCell]) -> str:
     """The KILLed pairs of ``rows`` with the bound each failed and where:
     ``last~response_mean (min cos < 0.85 at L7, L15)``."""
     by_pair: dict[str, dict[str, list[int]]] = {}
     for c in rows:
-        if c["verdict"] == "KILL":
-            for bound in c["failed"]:
-                by_pair.setdefault("~".join(c["pair"]), {}).setdefault(bound, []).append(c["layer"])
+        if c.verdict == "KILL":
+            for bound in c.failed_bounds:
+                by_pair.setdefault("~".join(c.pair), {}).setdefault(bound, []).append(c.layer)
     return ", ".join(f"{pair} (" + "; ".join(f"{b} at {', '.join(f'L{x}' for x in ls)}"
                                              for b, ls in bounds.items()) + ")"
                      for pair, bounds in sorted(by_pair.items()))
 
 
-def noise_notes(rows: list[dict[str, Any]], alpha: float) -> list[str]:
+def noise_notes(rows: list[PairCell], alpha: float) -> list[str]:
     """What the "(noise)" marks of the load-bearing cells ``rows`` say, one line per mark."""
     said = {
         "beyond noise": "fall below what identical recipes reach (their split-half ceiling) by "
@@ -791,38 +853,33 @@ def noise_notes(rows: list[dict[str, Any]], alpha: float) -> list[str]:
     }
     out = []
     for mark, text in said.items():
-        k = sum(c.get("noise_mark") == mark for c in rows)
+        k = sum(c.noise_mark == mark for c in rows)
         if k:
             out.append(f"{k} load-bearing cell(s) {text}.")
     return out
 
 
-def _load_bearing_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    return [c for c in result["cells"] if c["tag"] == "load-bearing"]
-
-
-def answer(result: dict[str, Any], mantel: tuple[int, int], robust: bool) -> str:
-    """One sentence: do the recipes agree — the load-bearing cells' PASS / GREY / KILL per
-    layer, the closest and farthest load-bearing pair by mean-centred geometry (r over the
+def answer(lb: list[PairCell], layers: list[int], mantel: tuple[int, int], robust: bool) -> str:
+    """One sentence: do the recipes agree — the load-bearing cells ``lb``' PASS / GREY / KILL
+    per layer, the closest and farthest load-bearing pair by mean-centred geometry (r over the
     layers, beside its ceiling), and how many cells' geometry is beyond chance."""
-    lb = _load_bearing_rows(result)
     if not lb:
         return ("Do the recipes agree? Not assessed: no load-bearing pair was compared "
                 f"({mantel[0]}/{mantel[1]} cells beyond chance, Mantel).")
     counts = []
-    for layer in result["layers"]:
-        got = [c["verdict"] for c in lb if c["layer"] == layer]
+    for layer in layers:
+        got = [c.verdict for c in lb if c.layer == layer]
         counts.append(f"L{layer} {got.count('PASS')}/{got.count('GREY')}/{got.count('KILL')}")
-    by_pair: dict[str, list[dict[str, Any]]] = {}
+    by_pair: dict[str, list[PairCell]] = {}
     for c in lb:
-        by_pair.setdefault("~".join(c["pair"]), []).append(c)
+        by_pair.setdefault("~".join(c.pair), []).append(c)
 
-    def mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
-        vals = [r[key] for r in rows if r is not None and r.get(key) is not None]
-        return float(np.mean(vals)) if vals else None
+    def mean_of(vals: list[float | None]) -> float | None:
+        got = [v for v in vals if v is not None]
+        return float(np.mean(got)) if got else None
 
-    mc = {k: mean_of([c["matrix_mc"] for c in v], "pearson") for k, v in by_pair.items()}
-    ceil = {k: mean_of([c["ceiling"] for c in v], "matrix_mc_pearson") for k, v in by_pair.items()}
+    mc = {k: mean_of([c.matrix_mc.pearson for c in v]) for k, v in by_pair.items()}
+    ceil = {k: mean_of([c.ceiling.matrix_mc_pearson for c in v]) for k, v in by_pair.items()}
     ranked = sorted(mc, key=lambda k: -(mc[k] or 0.0))
     lead = "yes, recipe-robust" if robust else "not recipe-robust"
     tail = "" if len(ranked) < 2 else (
@@ -833,13 +890,13 @@ def answer(result: dict[str, Any], mantel: tuple[int, int], robust: bool) -> str
             f"{tail}; geometry beyond chance in {mantel[0]}/{mantel[1]} cells (Mantel, Holm).")
 
 
-def _beyond_null(cells: list[dict[str, Any]], key: str, p_key: str, floor: float,
+def _beyond_null(ps: list[float], holm_ps: list[float], floor: float,
                  alpha: float) -> tuple[int, int, str]:
-    """How many cells beat their permutation null after Holm over all cells, of how many, and
-    (where the draws cannot reach ``alpha`` after Holm) a sentence saying so."""
-    ps = [c[key][p_key] for c in cells if c[key].get(p_key) is not None]
+    """How many cells beat their permutation null after Holm over all cells (``ps``, Holm
+    ``holm_ps``), of how many, and (where the draws cannot reach ``alpha`` after Holm) a
+    sentence saying so."""
     m = len(ps)
-    k = sum(c[key].get(f"{p_key}_holm", 1.0) < alpha for c in cells)
+    k = sum(h < alpha for h in holm_ps)
     if m * floor < alpha:
         return k, m, ""
     at = sum(p <= floor + 1e-12 for p in ps)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from tlpersona.analyses import metrics as M
+from tlpersona.resultjson import OMIT_NONE, to_json
 from tlpersona.sources import ActivationSource
 
 CHUNK = 32  # personas read at a time: [32, 240, 4, 3584] fp32 is ~0.4 GB
@@ -42,7 +44,36 @@ def spearman_brown(r: float) -> float:
 PROCRUSTES_FLOOR_SPLITS = 2
 
 
-def floor_stats(halves: np.ndarray, iu: tuple[np.ndarray, np.ndarray], seed: int = 0) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FloorStats:
+    """A recipe's split-half agreement at one layer (:func:`floor_stats`): what identical
+    recipes reach, at half size and (``*_full``) Spearman–Brown corrected to full size."""
+
+    exact: bool  # False: estimated from question halves
+    n_splits: int
+    half_size: bool
+    per_persona_cos_mean: float
+    per_persona_cos_min: float  # over every split
+    per_persona_cos_min_split_mean: float
+    matrix_mc_pearson_mean: float
+    matrix_mc_pearson_min: float
+    matrix_mc_pearson_full: float
+    per_persona_cos_mean_full: float
+    per_persona_cos_min_full: float
+    procrustes_cos_mean: float | None  # None with too few personas
+    procrustes_cos_mean_full: float | None
+
+
+@dataclass(frozen=True)
+class FloorReason:
+    """Why a recipe has no split-half floor at a layer: ``exact`` True where it needs none
+    (question-invariant: no sampling noise), None where it is unknown."""
+
+    exact: bool | None
+    reason: str
+
+
+def floor_stats(halves: np.ndarray, iu: tuple[np.ndarray, np.ndarray], seed: int = 0) -> FloorStats:
     """Split-half agreement from ``[persona, 2K, d]`` half centroids, with the statistics the
     recipe pairs get: per-persona cosine, mean-centred cosine-matrix Pearson r and the held-out
     Procrustes cosine (the comparison's procedure, on the first splits; None with too few
@@ -69,21 +100,21 @@ def floor_stats(halves: np.ndarray, iu: tuple[np.ndarray, np.ndarray], seed: int
             procs.append(h.mean_score("a", "b"))
     r_mean = float(np.mean(rs))
     proc = None if not procs or procs[0] is None else float(np.mean(np.asarray(procs, float)))
-    return {
-        "exact": False,
-        "n_splits": halves.shape[1] // 2,
-        "half_size": True,
-        "per_persona_cos_mean": float(np.mean(cos_mean)),
-        "per_persona_cos_min": float(np.min(cos_min)),
-        "per_persona_cos_min_split_mean": float(np.mean(cos_min)),
-        "matrix_mc_pearson_mean": r_mean,
-        "matrix_mc_pearson_min": float(np.min(rs)),
-        "matrix_mc_pearson_full": spearman_brown(r_mean),
-        "per_persona_cos_mean_full": spearman_brown(float(np.mean(cos_mean))),
-        "per_persona_cos_min_full": spearman_brown(float(np.mean(cos_min))),
-        "procrustes_cos_mean": proc,
-        "procrustes_cos_mean_full": None if proc is None else spearman_brown(proc),
-    }
+    return FloorStats(
+        exact=False,
+        n_splits=halves.shape[1] // 2,
+        half_size=True,
+        per_persona_cos_mean=float(np.mean(cos_mean)),
+        per_persona_cos_min=float(np.min(cos_min)),
+        per_persona_cos_min_split_mean=float(np.mean(cos_min)),
+        matrix_mc_pearson_mean=r_mean,
+        matrix_mc_pearson_min=float(np.min(rs)),
+        matrix_mc_pearson_full=spearman_brown(r_mean),
+        per_persona_cos_mean_full=spearman_brown(float(np.mean(cos_mean))),
+        per_persona_cos_min_full=spearman_brown(float(np.mean(cos_min))),
+        procrustes_cos_mean=proc,
+        procrustes_cos_mean_full=None if proc is None else spearman_brown(proc),
+    )
 
 
 def noise_floor(per_q: np.ndarray, valid: np.ndarray, n_splits: int, seed: int,
@@ -91,16 +122,40 @@ def noise_floor(per_q: np.ndarray, valid: np.ndarray, n_splits: int, seed: int,
     """How well a recipe agrees with itself across two random halves of the questions.
 
     ``per_q``: ``[persona, question, d]``; ``valid``: ``[persona, question]``; ``n_splits``
-    seeded random splits.
+    seeded random splits. Returns the floor as results.json holds it (:class:`FloorStats`, or
+    :class:`FloorReason` with fewer than 2 questions).
     """
     if per_q.shape[1] < 2:
-        return {"exact": None, "reason": "fewer than 2 questions"}
+        return to_json(FloorReason(None, "fewer than 2 questions"))
     masks = split_masks(per_q.shape[1], n_splits, seed)
     halves = half_centroids(torch.as_tensor(per_q), torch.as_tensor(valid), masks)
-    return floor_stats(halves.double().numpy(), iu, seed)
+    return to_json(floor_stats(halves.double().numpy(), iu, seed))
 
 
-def bstar_check(source: ActivationSource, layers: list[int]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BStarLayer:
+    """cos(A, B*) and cos(A, B*_no_last) per persona at one layer; where prompt lengths are
+    exact, the worst relative error of the identity and whether it holds."""
+
+    cos_a_bstar: M.Summary
+    cos_a_bstar_no_last: M.Summary
+    identity_max_rel_error: float | None = field(default=None, metadata=OMIT_NONE)
+    identity_holds: bool | None = field(default=None, metadata=OMIT_NONE)
+
+
+@dataclass(frozen=True)
+class BStarCheck:
+    """The B*_no_last algebra check (:func:`bstar_check`): ``reason`` where it could not run,
+    else per layer :class:`BStarLayer`, and ``identity_note`` where the identity was not
+    checked."""
+
+    available: bool
+    reason: str | None = field(default=None, metadata=OMIT_NONE)
+    layers: dict[int, BStarLayer] | None = field(default=None, metadata=OMIT_NONE)
+    identity_note: str | None = field(default=None, metadata=OMIT_NONE)
+
+
+def bstar_check(source: ActivationSource, layers: list[int]) -> BStarCheck:
     """How much of cos(A, B*) is arithmetic: B* averages A's token in.
 
     Reports cos(A, B*) against cos(A, B*_no_last) per layer (per-persona centroids), and checks
@@ -108,8 +163,8 @@ def bstar_check(source: ActivationSource, layers: list[int]) -> dict[str, Any]:
     """
     need = ("last", "prompt_mean", "prompt_mean_no_last")
     if not all(p in source.positions for p in need):
-        return {"available": False, "reason": "needs last, prompt_mean and prompt_mean_no_last"}
-    out: dict[str, Any] = {"available": True, "layers": {}}
+        return BStarCheck(False, reason="needs last, prompt_mean and prompt_mean_no_last")
+    rows: dict[int, BStarLayer] = {}
     n_tok = source.n_tokens("prompt_mean")
     exact_n = n_tok is not None and source.provenance.get("prompt_index") != "all"
     if n_tok is not None and exact_n and source.has_per_question("last"):
@@ -117,18 +172,15 @@ def bstar_check(source: ActivationSource, layers: list[int]) -> dict[str, Any]:
     for layer in layers:
         li = source.layer_index(layer)
         a, b, c = (source.centroids(p)[:, li].double().numpy() for p in need)
-        row: dict[str, Any] = {
-            "cos_a_bstar": M.Summary.of(M.rowwise_cos(a, b)).__dict__,
-            "cos_a_bstar_no_last": M.Summary.of(M.rowwise_cos(a, c)).__dict__,
-        }
-        if exact_n and source.has_per_question("last"):
-            row["identity_max_rel_error"] = worst[li]
-            row["identity_holds"] = worst[li] < 5e-3  # fp16 storage: ~5e-4 relative precision
-        out["layers"][str(layer)] = row
-    if not exact_n:
-        out["identity_note"] = ("identity not checked: prompt lengths unknown or averaged over "
-                                "several system-prompt phrasings")
-    return out
+        checked = exact_n and source.has_per_question("last")
+        rows[layer] = BStarLayer(
+            M.Summary.of(M.rowwise_cos(a, b)), M.Summary.of(M.rowwise_cos(a, c)),
+            worst[li] if checked else None,
+            # fp16 storage: ~5e-4 relative precision
+            bool(worst[li] < 5e-3) if checked else None)
+    note = (None if exact_n else "identity not checked: prompt lengths unknown or averaged over "
+            "several system-prompt phrasings")
+    return BStarCheck(True, layers=rows, identity_note=note)
 
 
 def _identity_errors(source: ActivationSource, n_tok: torch.Tensor) -> list[float]:

@@ -5,13 +5,15 @@ Shapes: centroids ``[persona, d]`` (one layer); per-question vectors ``[persona,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from scipy import stats
 from scipy.linalg import orthogonal_procrustes
 from threadpoolctl import threadpool_limits
+
+from tlpersona.resultjson import OMIT_NONE, to_json
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -135,25 +137,68 @@ class ProcrustesScore:
     reason: str | None = None
     ceiling: float | None = None
 
+    def held_out(self, ceiling: float | None) -> HeldOutCos | HeldOutSkipped:
+        """The typed statistics, beside ``ceiling`` (what two question halves of one recipe
+        reach, from the caller)."""
+        if self.per_persona is None or self.null_means is None:
+            return HeldOutSkipped(reason=str(self.reason), n_fit=self.n_fit, ceiling=ceiling)
+        from tlpersona.analyses.stats import z_score
+
+        s = Summary.of(self.per_persona)
+        null = self.null_means
+        return HeldOutCos(
+            mean=s.mean, min=s.min, p5=s.p5, max=s.max,
+            null_mean=float(null.mean()),
+            null_sd=float(null.std()),
+            null_p95=float(np.percentile(null, 95)),
+            null_n=int(null.size),
+            p=float((1 + np.sum(null >= s.mean - 1e-12)) / (null.size + 1)),
+            z=z_score(s.mean, float(null.mean()), float(null.std())),
+            ceiling=ceiling, n_fit=self.n_fit, rank=self.rank, n_splits=self.n_splits)
+
     def to_dict(self) -> dict[str, object]:
         if self.per_persona is None or self.null_means is None:
             return {"mean": None, "min": None, "p5": None, "max": None, "reason": self.reason,
                     "n_fit": self.n_fit}
-        from tlpersona.analyses.stats import z_score
+        out = to_json(self.held_out(self.ceiling))
+        assert isinstance(out, dict)
+        return out
 
-        mean = float(self.per_persona.mean())
-        null = self.null_means
-        return {
-            **asdict(Summary.of(self.per_persona)),
-            "null_mean": float(null.mean()),
-            "null_sd": float(null.std()),
-            "null_p95": float(np.percentile(null, 95)),
-            "null_n": int(null.size),
-            "p": float((1 + np.sum(null >= mean - 1e-12)) / (null.size + 1)),
-            "z": z_score(mean, float(null.mean()), float(null.std())),
-            "ceiling": self.ceiling,
-            "n_fit": self.n_fit, "rank": self.rank, "n_splits": self.n_splits,
-        }
+
+@dataclass(frozen=True, kw_only=True)
+class HeldOutCos:
+    """A pair's held-out Procrustes cosine (per persona: mean, min, 5th percentile, max) beside
+    its relabelled null, its ceiling and its split; ``p_holm`` (Holm over the run's cells) only
+    where the run's draws can reach alpha after Holm."""
+
+    mean: float
+    min: float
+    p5: float
+    max: float
+    null_mean: float
+    null_sd: float
+    null_p95: float
+    null_n: int
+    p: float  # one-sided: (1 + #null means >= observed) / (N + 1)
+    z: float | None
+    ceiling: float | None
+    n_fit: int
+    rank: int
+    n_splits: int
+    p_holm: float | None = field(default=None, metadata=OMIT_NONE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeldOutSkipped:
+    """Why a pair has no held-out Procrustes cosine (too few personas), beside its ceiling."""
+
+    mean: None = None
+    min: None = None
+    p5: None = None
+    max: None = None
+    reason: str
+    n_fit: int
+    ceiling: float | None
 
 
 class HeldOutProcrustes:

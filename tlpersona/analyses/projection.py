@@ -9,14 +9,20 @@ minus the mean of the other personas' centroids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from tlpersona.analyses import metrics as M
 from tlpersona.cache.vectors import axis as persona_axis
+from tlpersona.data import Inputs
 from tlpersona.errors import TlpersonaError
+from tlpersona.resultjson import Reader
+from tlpersona.resultsets import read_result, results_set
+from tlpersona.version import __version__
 
 
 @dataclass
@@ -171,3 +177,104 @@ def combined(label: str, items: dict[str, np.ndarray], cents: dict[str, np.ndarr
     ``cents`` recipe → the stored centroids ``[n, d]`` (the same personas in every recipe)."""
     best = np.mean([top_cosines(x, cents[r])[0] for r, x in items.items()], axis=0)
     return Combined(label, list(items), pool_rank(best), len(best), exact=exact)
+
+
+@dataclass(frozen=True)
+class Projected:
+    """One stored persona or new item in a projection frame. New items only: ``nearest``, the
+    stored personas closest to it and the rank test of its top cosine, Holm-adjusted over every
+    new item × recipe of the run (:class:`Nearest`)."""
+
+    label: str
+    recipe: str
+    coords: dict[str, float]  # axis name -> coordinate
+    stored: bool
+    nearest: Nearest | None = None
+    text: str = ""  # a new item's system prompt, conversation system message or raw text
+    questions: list[str] = field(default_factory=list)  # what a new item was asked (averaged)
+
+
+#: projection.json's keys and their types: a stored persona, and a new item (its
+#: :class:`Nearest` flattened into ``nearest_*``; ``nearest_p`` is rank / pool, recomputed)
+_STORED = {"persona": str, "coords": dict[str, float]}
+_ITEM = {"label": str, "recipe": str, "text": str, "questions": list[str],
+         "coords": dict[str, float], "nearest": list[Any], "nearest_rank": int,
+         "nearest_pool": int, "nearest_p": float, "nearest_p_holm": float | None,
+         "nearest_tests": int, "nearest_exact": bool}
+
+
+@dataclass(frozen=True)
+class ProjectionResult:
+    """What :func:`tlpersona.project` computed; ``.to_dict()`` is projection.json."""
+
+    store: str
+    layer: int
+    axis: str
+    positions: list[str]
+    axes: list[str]  # coordinate names (PC1 …, or the persona axis)
+    points: list[Projected]
+    inputs: Inputs  # the store's model, personas and questions, and its manifest
+    # per new item, its rank test over every recipe at once, Holm over the items
+    combined: list[Combined] = field(default_factory=list)
+    code_version: str = field(default=__version__, repr=False)  # the version that computed it
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProjectionResult:
+        """A saved projection: ``path`` is its projection.json or the directory holding it."""
+        file, data = read_result(path, "projection")
+        reader = Reader(file, data.get("code_version"))
+        f = reader.object(data, "", {
+            "store": str, "inputs": Inputs, "layer": int, "axis": str, "positions": list[str],
+            "stored": dict[str, list[Any]], "items": list[Any], "combined": list[Combined],
+            "code_version": str})
+        points = []
+        for recipe, rows in f["stored"].items():
+            for i, row in enumerate(rows):
+                s = reader.object(row, f"stored[{recipe!r}][{i}]", _STORED)
+                points.append(Projected(s["persona"], recipe, s["coords"], True))
+        for i, row in enumerate(f["items"]):
+            at = f"items[{i}]"
+            it = reader.object(row, at, _ITEM)
+            top = [(n["persona"], n["cos"]) for j, nr in enumerate(it["nearest"])
+                   for n in [reader.object(nr, f"{at}.nearest[{j}]",
+                                           {"persona": str, "cos": float})]]
+            near = Nearest(top, it["nearest_rank"], it["nearest_pool"], it["nearest_p_holm"],
+                           it["nearest_tests"], it["nearest_exact"])
+            points.append(Projected(it["label"], it["recipe"], it["coords"], False, near,
+                                    it["text"], it["questions"]))
+        # the coordinate names, in the frame's order (every point has them all)
+        axes = list(points[0].coords) if points else []
+        return cls(f["store"], f["layer"], f["axis"], f["positions"], axes, points, f["inputs"],
+                   f["combined"], f["code_version"])
+
+    def to_dict(self) -> dict[str, Any]:
+        stored: dict[str, list[dict[str, Any]]] = {p: [] for p in self.positions}
+        items = []
+        for pt in self.points:
+            if pt.stored:
+                stored[pt.recipe].append({"persona": pt.label, "coords": dict(pt.coords)})
+            else:
+                near = pt.nearest
+                assert near is not None
+                items.append({"label": pt.label, "recipe": pt.recipe, "text": pt.text,
+                              "questions": list(pt.questions), "coords": dict(pt.coords),
+                              "nearest": [{"persona": n, "cos": c} for n, c in near.top],
+                              "nearest_rank": near.rank, "nearest_pool": near.pool,
+                              "nearest_p": near.p, "nearest_p_holm": near.p_holm,
+                              "nearest_tests": near.tests, "nearest_exact": near.exact})
+        return {"store": self.store, "inputs": asdict(self.inputs), "layer": self.layer,
+                "axis": self.axis, "positions": list(self.positions), "stored": stored,
+                "items": items,
+                "combined": [{"label": c.label, "recipes": list(c.recipes), "rank": c.rank,
+                              "pool": c.pool, "p": c.p, "p_holm": c.p_holm, "tests": c.tests,
+                              "exact": c.exact} for c in self.combined],
+                "code_version": self.code_version}
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """projection.json, projection.csv and projection.png into ``out`` (one set, swapped in
+        whole; earlier results there only with ``overwrite``); returns the JSON's path."""
+        from tlpersona.report.projection import write_projection
+
+        with results_set(out, "projection", overwrite) as stage:
+            write_projection(self, stage)
+        return Path(out) / "projection.json"

@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import InitVar, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -59,14 +60,33 @@ from scipy.linalg import subspace_angles
 from sklearn.decomposition import PCA
 
 from tlpersona.analyses import metrics as M
+from tlpersona.analyses.subspace_result import (
+    CurvePair,
+    CurveRow,
+    HeldOutSplit,
+    KFound,
+    ManifestRef,
+    NullDraws,
+    PCAgreement,
+    RecipeVariance,
+    SubspaceLayer,
+    SubspaceResult,
+    SubspaceThresholds,
+)
 from tlpersona.errors import TlpersonaError
 from tlpersona.positions import canonical
+from tlpersona.renames import old_names, take_old_names
 from tlpersona.sources import ActivationSource
 from tlpersona.version import __version__
 
 
+@old_names({"n_null": "null_draws", "n_perm": "permutations"})
 @dataclass
 class SubspaceConfig:
+    """What :func:`subspace` computes; ``null_draws`` and ``permutations`` are the names the API
+    takes (``n_null`` and ``n_perm``, their earlier names, still read and set them for one
+    release)."""
+
     positions: list[str] | None = None
     layers: list[int] | None = None
     k_max: int = 50
@@ -76,10 +96,17 @@ class SubspaceConfig:
     seed: int = 0
     # relabelled reruns behind the descriptive k_found null (0 runs none); the test does not
     # need them
-    n_null: int = 100
+    null_draws: int = 100
     # label permutations behind each pair's per-PC p; None: perm_count's default
-    n_perm: int | None = None
+    permutations: int | None = None
     align: str = "none"  # "procrustes": also the rotation-aligned subspace (analyses.aligned)
+    n_null: InitVar[int | None] = None
+    n_perm: InitVar[int | None] = None
+
+    def __post_init__(self, n_null: int | None, n_perm: int | None) -> None:
+        if n_perm is not None and n_perm < 1:  # named as it was given
+            raise TlpersonaError(f"`n_perm` must be at least 1, got {n_perm}")
+        take_old_names(self, {"n_null": n_null, "n_perm": n_perm})
 
 
 @dataclass
@@ -285,44 +312,55 @@ def null_p(found: int | None, null: list[int | None]) -> float | None:
     return (1 + sum((k or 0) >= found for k in null)) / (len(null) + 1)
 
 
-def holm_over_layers(layers: list[dict[str, Any]]) -> None:
-    """Add ``k_found_p_holm`` (the call) and ``k_found_null_p_holm`` (descriptive) to each
-    layer's dict: its p Holm-adjusted over every layer of the run (one family: "the recipes
-    share a subspace at this layer"). A layer that found nothing stays in the family with
-    p = 1: leaving it out would test the others at a level the run never paid for. For the
-    relabelled draws, layers without them are not in the family (None)."""
+def layer_holm(ps: list[float | None], null_ps: list[float | None], drawn: list[bool]
+               ) -> tuple[list[float], list[float | None]]:
+    """Each layer's call p (``ps``; None: nothing found) and descriptive relabelled p
+    (``null_ps``, where ``drawn`` says draws were run) Holm-adjusted over every layer of the run
+    (one family: "the recipes share a subspace at this layer"). A layer that found nothing stays
+    in the family with p = 1: leaving it out would test the others at a level the run never
+    paid for. For the relabelled draws, layers without them are not in the family (None)."""
     from tlpersona.analyses.stats import holm
 
-    ps = [1.0 if lay["k_found_p"] is None else lay["k_found_p"] for lay in layers]
-    nulls = [np.nan if not lay["k_found_null"] else
-             1.0 if lay["k_found_null_p"] is None else lay["k_found_null_p"] for lay in layers]
-    for lay, adj, adj_null in zip(layers, holm(ps), holm(nulls), strict=True):
-        lay["k_found_p_holm"] = float(adj)
-        lay["k_found_null_p_holm"] = None if np.isnan(adj_null) else float(adj_null)
+    calls = holm([1.0 if p is None else p for p in ps])
+    nulls = holm([np.nan if not d else 1.0 if p is None else p
+                  for p, d in zip(null_ps, drawn, strict=True)])
+    return ([float(a) for a in calls], [None if np.isnan(a) else float(a) for a in nulls])
 
 
-def found_text(layer: dict[str, Any]) -> str:
+def holm_over_layers(layers: list[dict[str, Any]]) -> None:
+    """:func:`layer_holm` on layers as subspace.json holds them: adds ``k_found_p_holm`` (the
+    call) and ``k_found_null_p_holm`` (descriptive) to each layer's dict."""
+    calls, nulls = layer_holm([lay["k_found_p"] for lay in layers],
+                              [lay["k_found_null_p"] for lay in layers],
+                              [bool(lay["k_found_null"]) for lay in layers])
+    for lay, adj, adj_null in zip(layers, calls, nulls, strict=True):
+        lay["k_found_p_holm"] = adj
+        lay["k_found_null_p_holm"] = adj_null
+
+
+def found_text(found: KFound) -> str:
     """A layer's k_found as the report states it: the count (``≥`` when every countable PC is
     shared), and whether the layer is called after Holm over every layer."""
-    k = layer["k_found"]
+    k = found.k
     if not k:
         return "none"
-    text = f"≥ {k} (every countable PC shared)" if layer["k_found_saturated"] else str(k)
-    p = layer.get("k_found_p_holm")
-    if p is None:
-        return f"{text} (not tested)"
+    text = f"≥ {k} (every countable PC shared)" if found.saturated else str(k)
+    p = found.p_holm
     return f"{text}, {'beyond' if p < ALPHA else 'not beyond'} chance (Holm p = {p:.2g})"
 
 
-def null_text(layer: dict[str, Any]) -> str:
-    """The relabelled draws' k_found values, compressed (``none ×93, 1 ×7``), and their p."""
+def null_text(found: KFound | Mapping[str, Any]) -> str:
+    """The relabelled draws' k_found values, compressed (``none ×93, 1 ×7``), and their p.
+    ``found``: a :class:`KFound`, or a layer as subspace.json holds it."""
+    null, null_p = ((found.null, found.null_p) if isinstance(found, KFound)
+                    else (found["k_found_null"], found["k_found_null_p"]))
     counts: dict[str, int] = {}
-    for k in layer["k_found_null"]:
+    for k in null:
         key = "none" if k is None else str(k)
         counts[key] = counts.get(key, 0) + 1
     text = ", ".join(f"{key} ×{n}" for key, n in sorted(counts.items(), key=_null_order))
-    if layer["k_found_null_p"] is not None:
-        text += f" (p = {layer['k_found_null_p']:.3f})"
+    if null_p is not None:
+        text += f" (p = {null_p:.3f})"
     return text or "—"
 
 
@@ -355,40 +393,44 @@ def _scored_needed(level: float) -> int:
     return n
 
 
-def _layer_k(lay: dict[str, Any]) -> str:
-    return f"L{lay['layer']} {'≥' if lay['k_found_saturated'] else ''}{lay['k_found']}"
+def _layer_k(lay: SubspaceLayer) -> str:
+    return f"L{lay.layer} {'≥' if lay.k_found_saturated else ''}{lay.k}"
 
 
-def answer(data: dict[str, Any]) -> str:
-    """One sentence (≤ 220 characters) on a subspace result (what :func:`subspace` returns,
-    subspace.json): is there a shared subspace, of what dimension per layer, beyond chance;
-    or, when none is, what a PC would have needed to pass and what the personas allow."""
-    layers = data["layers"]
+def answer(result: SubspaceResult | Mapping[str, Any]) -> str:
+    """One sentence (≤ 220 characters) on a subspace result (or subspace.json as a mapping): is
+    there a shared subspace, of what dimension per layer, beyond chance; or, when none is, what
+    a PC would have needed to pass and what the personas allow."""
+    if not isinstance(result, SubspaceResult):
+        from tlpersona.resultjson import Reader
+
+        result = Reader(None).dataclass(SubspaceResult, dict(result), "")
+    layers = result.layers
     n_layers = len(layers)
-    n = data["n_personas"]
-    held = layers[0]["held_out"] if layers else {"n_fit": n // 2, "n_scored": n - n // 2}
-    who = f"{n} personas, {held['n_fit']} fit"
-    beyond = [lay for lay in layers if lay["k_found"] and lay["k_found_p_holm"] < ALPHA]
+    n = result.n_personas
+    held = layers[0].held_out if layers else HeldOutSplit(n // 2, n - n // 2)
+    who = f"{n} personas, {held.n_fit} fit"
+    beyond = [lay for lay in layers if lay.k and lay.k_found_p_holm < ALPHA]
     if beyond:
-        worst = max(lay["k_found_p_holm"] for lay in beyond)
+        worst = max(lay.k_found_p_holm for lay in beyond)
         head = f"Shared subspace beyond chance at {len(beyond)}/{n_layers} layers"
         # the test calls the layer (PC1 shared by every pair); k itself is descriptive
         tail = f" (Holm p ≤ {worst:.2g}; {who}; the count is descriptive beyond 1)."
         full = f"{head}: {', '.join(_layer_k(lay) for lay in beyond)}{tail}"
-        ks = [lay["k_found"] for lay in beyond]
+        ks = [lay.k for lay in beyond if lay.k]
         short = (f"{head}, k = {min(ks)}–{max(ks)}"
-                 f"{' (some ≥: saturated)' if any(lay['k_found_saturated'] for lay in beyond) else ''}"
+                 f"{' (some ≥: saturated)' if any(lay.k_found_saturated for lay in beyond) else ''}"
                  f"{tail}")
         return _fit(full, short)
     # nothing found: how far PC1 was from passing, and what the personas allow at most
     best = None
     for lay in layers:
-        if lay["per_pc"] and lay.get("per_pc_threshold"):
-            got = float(pc_statistic(lay["per_pc"][:1])[0])
-            bar = lay["per_pc_threshold"][0]
+        if lay.per_pc and lay.per_pc_threshold:
+            got = float(_pc1_statistic(lay.per_pc[0]))
+            bar = lay.per_pc_threshold[0]
             if best is None or (bar is not None and got - bar > best[1] - best[2]):
-                best = (lay["layer"], got, bar if bar is not None else float("-inf"))
-    cap = f"at most {held['n_fit'] - 1} PC(s) can be counted, each on {held['n_scored']} held-out"
+                best = (lay.layer, got, bar if bar is not None else float("-inf"))
+    cap = f"at most {held.n_fit - 1} PC(s) can be counted, each on {held.n_scored} held-out"
     if best is None or not np.isfinite(best[1]) or not np.isfinite(best[2]):
         return _fit(f"No shared subspace at {n_layers} layer(s): with {who}, {cap} personas; "
                     "more personas would be needed to see one.",
@@ -399,6 +441,11 @@ def answer(data: dict[str, Any]) -> str:
                 f"{cap} personas.",
                 f"No shared subspace beyond chance at {n_layers} layer(s): PC1 reached r "
                 f"{got:.2f} at best (L{layer}), {bar:.2f} needed ({who}).")
+
+
+def _pc1_statistic(row: PCAgreement) -> float:
+    """:func:`pc_statistic` of one typed row."""
+    return float(pc_statistic([{"pairs": row.pairs}])[0])
 
 
 def _fit(text: str, shorter: str, limit: int = 220) -> str:
@@ -451,13 +498,10 @@ def held_out(raw: dict[str, np.ndarray], positions: list[str], pairs: list[tuple
             agreement_curve(test_rows, components, pairs) if curve else [], scores)
 
 
-def subspace(source: ActivationSource, cfg: SubspaceConfig | None = None
-             ) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+def subspace(source: ActivationSource, cfg: SubspaceConfig | None = None) -> SubspaceResult:
     """Shared PCs per layer, agreement curves, k_found (held out) with its null, in-sample
-    values, variance shares and the sink check.
-
-    Returns ``(results, {layer: components [k, d]})`` (components of the all-persona PCA).
-    """
+    values, variance shares and the sink check, as a :class:`SubspaceResult` (its
+    ``components[layer]``: the all-persona PCA's components ``[k, d]``)."""
     from tlpersona.analyses.compare import default_positions
 
     cfg = cfg or SubspaceConfig()
@@ -479,28 +523,20 @@ def subspace(source: ActivationSource, cfg: SubspaceConfig | None = None
         raise TlpersonaError(f"the subspace needs at least 4 personas, got {n}")
     layers = cfg.layers or list(source.layers)
     pairs = list(itertools.combinations(positions, 2))
-    if cfg.n_perm is not None and cfg.n_perm < 1:
-        raise TlpersonaError(f"`n_perm` must be at least 1, got {cfg.n_perm}")
+    if cfg.permutations is not None and cfg.permutations < 1:
+        raise TlpersonaError(f"`permutations` must be at least 1, got {cfg.permutations}")
     rng = np.random.default_rng(cfg.seed)
     perm = rng.permutation(n)
     fit_half, test_half = perm[: n // 2], perm[n // 2:]
     level = pc_level(len(layers))
-    relabels = [rng.permutation(n) for _ in range(cfg.n_null)]
-    n_perm = perm_count(len(layers), cfg.n_perm)
+    relabels = [rng.permutation(n) for _ in range(cfg.null_draws)]
+    n_perm = perm_count(len(layers), cfg.permutations)
     # one set for every layer and pair: each pair's p is exact on its own, which the
     # intersection-union test and Holm over layers need (no independence across them)
     perms = label_permutations(len(test_half), n_perm, rng)
-    results: dict[str, Any] = {"positions": positions, "n_personas": n, "unit_norm": cfg.unit_norm,
-                               "align": cfg.align,
-                               "thresholds": {"min_cos": cfg.min_cos, "min_r": cfg.min_r},
-                               "null": {"n": cfg.n_null, "requested": cfg.n_null,
-                                        "relabelled": positions[-1], "pc_level": level},
-                               "n_permutations": n_perm,
-                               "permutations_requested": cfg.n_perm,
-                               "seed": cfg.seed,
-                               "input": {"manifest_hash": source.manifest_hash},
-                               "layers": []}
     comps: dict[int, np.ndarray] = {}
+    scores_12: dict[int, dict[str, np.ndarray]] = {}
+    found: list[SubspaceLayer] = []
     for layer in layers:
         li = source.layer_index(layer)
         raw = {p: source.centroids(p)[:, li].double().numpy() for p in positions}
@@ -509,6 +545,7 @@ def subspace(source: ActivationSource, cfg: SubspaceConfig | None = None
         k_max = min(cfg.k_max, stacked.shape[0] - 1, stacked.shape[1])
         pca = PCA(n_components=k_max, svd_solver="full").fit(stacked)
         comps[layer] = pca.components_
+        scores_12[layer] = {p: mats[p] @ pca.components_[:2].T for p in positions}
         curve = agreement_curve(mats, pca.components_, pairs)
         in_pc = per_pc_agreement(mats, pca.components_[: n - 1], pairs)
         held_pc, held, scores = held_out(raw, positions, pairs, fit_half, test_half, k_max,
@@ -532,43 +569,86 @@ def subspace(source: ActivationSource, cfg: SubspaceConfig | None = None
             angles = [float(np.degrees(subspace_angles(own.components_[:k].T,
                                                        pca.components_[:k].T)).max())
                       for k in range(1, min(k_max, own.components_.shape[0]) + 1)]
-            variance[p] = {"shared_cumulative": shared.tolist(), "own_cumulative": own_cum.tolist(),
-                           "max_principal_angle_deg": angles}
+            variance[p] = RecipeVariance(shared.tolist(), own_cum.tolist(), angles)
         k_held = count.k
-        results["layers"].append({
-            "layer": layer,
-            "k_max": k_max,
-            "k_found": k_held,
-            "k_found_held_out": k_held,
-            # every countable PC shared: the subspace may be larger than the fit half can show
-            "k_found_saturated": bool(k_held) and k_held == len(held_pc),
-            "k_found_in_sample": k_found(in_pc, cfg.min_r),
-            "k_found_p": count.p,
-            "k_found_null": null,
-            "k_found_null_p": null_p(k_held, null),
-            "per_pc_p_iut": count.per_pc_p,
-            "per_pc_pair_p": count.per_pc_pair_p,
-            "per_pc_threshold": count.per_pc_threshold,
-            "k_largest_passing": k_largest_passing(held, cfg.min_cos, cfg.min_r),
-            "k_largest_passing_in_sample": k_largest_passing(curve, cfg.min_cos, cfg.min_r),
-            "per_pc": held_pc,
-            "per_pc_in_sample": in_pc,
-            "held_out": {"n_fit": len(fit_half), "n_scored": len(test_half)},
-            "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
-            "pc1_sink_cos": _sink_cos(source, li, pca.components_[0]),
-            "curve": curve,
-            "held_out_curve": held,
-            "variance": variance,
-        })
-        if cfg.align == "procrustes":
-            results["layers"][-1]["aligned"] = aligned_layer(
-                raw, positions, pairs, fit_half, test_half, relabels, perms, cfg.unit_norm,
-                cfg.min_r, level).to_dict()
-    holm_over_layers(results["layers"])
-    if cfg.align == "procrustes":
-        holm_over_layers([lay["aligned"] for lay in results["layers"]])
-    results["code_version"] = __version__
-    return results, comps
+        found.append(SubspaceLayer(
+            layer=layer,
+            k_max=k_max,
+            k=k_held,
+            k_found_held_out=k_held,
+            k_found_saturated=bool(k_held) and k_held == len(held_pc),
+            k_found_in_sample=k_found(in_pc, cfg.min_r),
+            k_found_p=count.p,
+            k_found_null=null,
+            k_found_null_p=null_p(k_held, null),
+            per_pc_p_iut=count.per_pc_p,
+            per_pc_pair_p=count.per_pc_pair_p,
+            per_pc_threshold=count.per_pc_threshold,
+            k_largest_passing=k_largest_passing(held, cfg.min_cos, cfg.min_r),
+            k_largest_passing_in_sample=k_largest_passing(curve, cfg.min_cos, cfg.min_r),
+            per_pc=pc_rows(held_pc),
+            per_pc_in_sample=pc_rows(in_pc),
+            held_out=HeldOutSplit(len(fit_half), len(test_half)),
+            explained_variance_ratio=pca.explained_variance_ratio_.tolist(),
+            pc1_sink_cos=_sink_cos(source, li, pca.components_[0]),
+            curve=curve_rows(curve),
+            held_out_curve=curve_rows(held),
+            variance=variance,
+            aligned_layer=(aligned_layer(raw, positions, pairs, fit_half, test_half, relabels,
+                                         perms, cfg.unit_norm, cfg.min_r, level)
+                           if cfg.align == "procrustes" else None),
+            # Holm over every layer needs them all: set below, before the result is returned
+            k_found_p_holm=math.nan,
+            k_found_null_p_holm=None,
+        ))
+    found = _with_holm(found)
+    return SubspaceResult(
+        positions=positions, n_personas=n, unit_norm=cfg.unit_norm, align=cfg.align,
+        thresholds=SubspaceThresholds(cfg.min_cos, cfg.min_r),
+        null=NullDraws(cfg.null_draws, cfg.null_draws, positions[-1], level),
+        n_permutations=n_perm, permutations_requested=cfg.permutations, seed=cfg.seed,
+        inputs=ManifestRef(source.manifest_hash), layers=found, code_version=__version__,
+        components=comps, scores=scores_12, personas=list(source.personas), source=source)
+
+
+def _with_holm(layers: list[SubspaceLayer]) -> list[SubspaceLayer]:
+    """The layers with their calls Holm-adjusted over every layer (:func:`layer_holm`), the
+    aligned counts as one family of their own."""
+    calls, nulls = layer_holm([la.k_found_p for la in layers], [la.k_found_null_p for la in layers],
+                              [bool(la.k_found_null) for la in layers])
+    out = [replace(la, k_found_p_holm=c, k_found_null_p_holm=q)
+           for la, c, q in zip(layers, calls, nulls, strict=True)]
+    aligned = [la.aligned_layer for la in out]
+    if not all(a is not None for a in aligned):
+        return out
+    ready = [a for a in aligned if a is not None]
+    calls, nulls = layer_holm([a.k_found_p for a in ready], [a.k_found_null_p for a in ready],
+                              [bool(a.k_found_null) for a in ready])
+    return [replace(la, aligned_layer=replace(a, k_found_p_holm=c, k_found_null_p_holm=q))
+            for la, a, c, q in zip(out, ready, calls, nulls, strict=True)]
+
+
+def pc_rows(rows: list[dict[str, Any]]) -> list[PCAgreement]:
+    """Per-PC agreement rows (:func:`agreement_from_scores`) as typed rows."""
+    return [PCAgreement(row["pc"], row["pairs"]) for row in rows]
+
+
+def curve_rows(rows: list[dict[str, Any]]) -> list[CurveRow]:
+    """K-curve rows (:func:`agreement_curve`) as typed rows."""
+    return [CurveRow(row["k"], {name: CurvePair(v["cos_mean"], v["cos_min"], v["mc_r"])
+                                for name, v in row["pairs"].items()}) for row in rows]
+
+
+def pc_scores(source: ActivationSource, positions: list[str], components: dict[int, np.ndarray],
+              unit_norm: bool) -> dict[int, dict[str, np.ndarray]]:
+    """Per layer of ``components`` and recipe, the personas' scores on the first two shared PCs
+    ``[persona, 2]`` (centred, and scaled as the PCA was fitted)."""
+    out = {}
+    for layer, comp in components.items():
+        li = source.layer_index(layer)
+        out[layer] = {p: prepare(source.centroids(p)[:, li].double().numpy(), unit_norm)
+                      @ comp[:2].T for p in positions}
+    return out
 
 
 def _sink_cos(source: ActivationSource, li: int, pc1: np.ndarray) -> float | None:

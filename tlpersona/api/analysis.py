@@ -11,9 +11,11 @@ import torch
 
 from tlpersona.analyses.compare import CompareConfig, Thresholds
 from tlpersona.analyses.compare import compare as _compare
+from tlpersona.analyses.compare_result import CompareResult
+from tlpersona.analyses.projection import Projected, ProjectionResult
 from tlpersona.analyses.subspace import SubspaceConfig
 from tlpersona.analyses.subspace import subspace as _subspace
-from tlpersona.api.results import CompareResult, Projected, ProjectionResult, SubspaceResult
+from tlpersona.analyses.subspace_result import SubspaceResult
 from tlpersona.cache.export import VectorExport, check_export
 from tlpersona.cache.store import Store
 from tlpersona.cache.vectors import PersonaVector, Reference
@@ -51,9 +53,9 @@ def compare(source: ActivationSource | str | Path, *, layers: Sequence[int] | No
     check_count(splits, "`splits`", 1)
     src = open_source(source)
     cfg = CompareConfig(positions=_recipes(positions), layers=stored_layers(src, layers),
-                        n_perm=permutations, seed=seed, n_splits=splits, n_null=null_draws,
-                        thresholds=thresholds or Thresholds())
-    return CompareResult.of(_compare(src, cfg), src)
+                        permutations=permutations, seed=seed, splits=splits,
+                        null_draws=null_draws, thresholds=thresholds or Thresholds())
+    return _compare(src, cfg)
 
 
 def subspace(source: ActivationSource | str | Path, *, layers: Sequence[int] | None = None,
@@ -74,9 +76,8 @@ def subspace(source: ActivationSource | str | Path, *, layers: Sequence[int] | N
     src = open_source(source)
     cfg = SubspaceConfig(positions=_recipes(positions), layers=stored_layers(src, layers),
                          k_max=k_max, unit_norm=unit_norm, seed=seed, align=align,
-                         n_null=null_draws)
-    data, comps = _subspace(src, cfg)
-    return SubspaceResult.of(data, comps, src)
+                         null_draws=null_draws)
+    return _subspace(src, cfg)
 
 
 def stored_items(ids: Sequence[str], given: Sequence[T], key: Callable[[T], str],
@@ -163,8 +164,8 @@ def project(store: Store | str | Path, *, layer: int | None = None,
     if axis == "pcs":
         check_count(k, "`k`", 1)
         # the PCs only: no held-out fits or null reruns
-        _, pcs = _subspace(st, SubspaceConfig(positions=names, layers=[layer], k_max=k,
-                                              unit_norm=unit_norm, n_null=0))
+        pcs = _subspace(st, SubspaceConfig(positions=names, layers=[layer], k_max=k,
+                                           unit_norm=unit_norm, null_draws=0)).components
         comps = pcs[layer]
         if k > comps.shape[0]:
             raise TlpersonaError(f"`k` {k}: only {comps.shape[0]} shared PCs exist for "

@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tlpersona.api.results import PatchResult, SteeringResult
 from tlpersona.cache.store import Store
 from tlpersona.data import (
     Persona,
@@ -20,7 +19,8 @@ from tlpersona.data import (
 )
 from tlpersona.errors import TlpersonaError
 from tlpersona.interventions.export import Intervention
-from tlpersona.interventions.patching import DEFAULT_POSITIONS
+from tlpersona.interventions.patching import DEFAULT_POSITIONS, PatchResult
+from tlpersona.interventions.steering import SteeringResult
 from tlpersona.models import (
     LayerSpec,
     LoadedModel,
@@ -133,7 +133,7 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
     res = run_patching(Runner(loaded), chosen, qs, cfg, personas_note=note)
     if st is not None and res.inputs is not None:  # the store chose the clean personas
         res.inputs = replace(res.inputs, store_manifest_hash=st.manifest_hash)
-    return PatchResult.of(res)
+    return res
 
 
 def eval_questions(store: Store, questions: list[Question], n: int, needed: int
@@ -220,7 +220,7 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
     qs, note = eval_questions(st, builtin_questions() if questions is None else list(questions),
                               n_questions, min_questions(cfg, st))
     loaded = _model_for(model, prov, device, dtype, attn)
-    return SteeringResult.of(_steer(st, loaded, ps, qs, cfg, questions_note=note))
+    return _steer(st, loaded, ps, qs, cfg, questions_note=note)
 
 
 def export_intervention(steering: str | Path, store: Store | str | Path, out: str | Path, *,
@@ -239,11 +239,11 @@ def export_intervention(steering: str | Path, store: Store | str | Path, out: st
     best-ranked one; ``model``: only its tokenizer is read, for the start token (default: the
     store's model). ``out`` is a new directory (an earlier export there only with
     ``overwrite``), written whole or not at all."""
-    from tlpersona.api.results import results_set
     from tlpersona.conversation import ChatRenderer
     from tlpersona.interventions import export as iv
     from tlpersona.interventions.steering import after_system
     from tlpersona.models import load_tokenizer
+    from tlpersona.resultsets import results_set
 
     record = iv.read_steering(steering)
     setting, names = iv.choose(record, recipe, list(personas) if personas else None)

@@ -9,15 +9,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlpersona.analyses.compare import Thresholds
+from tlpersona.analyses.compare_result import CompareResult
+from tlpersona.analyses.subspace_result import SubspaceResult
 from tlpersona.api.analysis import compare, subspace
 from tlpersona.api.causal import patch, steer
 from tlpersona.api.extraction import PromptIndex, extract
-from tlpersona.api.results import CompareResult, PatchResult, SteeringResult, SubspaceResult, results_set
 from tlpersona.cache.store import Store
 from tlpersona.data import Persona, Question, builtin_personas, builtin_questions
+from tlpersona.interventions.patching import PatchResult
+from tlpersona.interventions.steering import SteeringResult
 from tlpersona.locks import exclusive
 from tlpersona.models import LayerSpec, default_device, load_model
 from tlpersona.report.experiment import HEADLINE_CHARS, Answer, write_experiment_report
+from tlpersona.resultsets import results_set
 from tlpersona.safety import check_analysis_dir, check_count, check_results_dir
 
 #: Stored besides the seven recipes: the sink position and the sink-free prompt mean feed the
@@ -166,8 +170,7 @@ def _write_report(out: Path, title: str, cmp: CompareResult, sub: SubspaceResult
                   seconds: dict[str, float]) -> Path:
     from tlpersona.report.compare import details, run_line
 
-    data = cmp.to_dict()
-    mid = data["layers"][len(data["layers"]) // 2]
+    mid = cmp.layers[len(cmp.layers) // 2]
     sub_mid = sub.layers[len(sub.layers) // 2].layer if sub.layers else mid
     answers = [
         Answer("Do the recipes recover the same persona axis?",
@@ -184,6 +187,6 @@ def _write_report(out: Path, title: str, cmp: CompareResult, sub: SubspaceResult
                ("steering effects", "figures/steering_effects.png"),
                ("patching", "figures/patching.png")]
     return write_experiment_report(
-        out, title, headline(cmp, sub, pat, steering, data["alpha"]), answers,
-        run_line(data) + f" Wall time: {timing}.", figures,
-        ["\n".join(details(data, title)), *sections])
+        out, title, headline(cmp, sub, pat, steering, cmp.alpha), answers,
+        run_line(cmp) + f" Wall time: {timing}.", figures,
+        ["\n".join(details(cmp, title)), *sections])

@@ -56,6 +56,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -252,7 +253,39 @@ class PatchResult:
         return answer(self.rewording_test, self.control_note)
 
     def to_dict(self) -> dict[str, Any]:
+        """What patch.json holds under ``"patching"``."""
         return asdict(self)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PatchResult:
+        """A saved patching result: ``path`` is its patch.json or the directory holding it
+        (``.to_dict()`` is the file's ``"patching"``)."""
+        from tlpersona.resultjson import Reader
+        from tlpersona.resultsets import read_result
+
+        file, data = read_result(path, "patch")
+        reader = Reader(file, data.get("code_version"))
+        extra = [k for k in data if k not in ("patching", "code_version")]
+        if extra:
+            reader.unknown(extra[0])
+        return reader.dataclass(cls, data["patching"], "patching")
+
+    def __repr__(self) -> str:
+        from tlpersona.resultjson import clip
+
+        return (f"PatchResult({len(self.pairs)} pairs × {len(self.questions)} questions, "
+                f"layers {self.layers}, positions {', '.join(self.positions)}, "
+                f"{len(self.cells)} cells)\n  {clip(self.answer())}")
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """patch.json, figures/ and patch.md into ``out`` (one set, swapped in whole; earlier
+        results there only with ``overwrite``); returns patch.md's path."""
+        from tlpersona.report.patch import write_patch
+        from tlpersona.resultsets import results_set
+
+        with results_set(out, "patch", overwrite) as stage:
+            write_patch(self, stage)
+        return Path(out) / "patch.md"
 
 
 def pairs(personas: list[Persona], corrupt: str) -> list[tuple[Persona, Persona]]:

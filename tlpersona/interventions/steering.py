@@ -236,9 +236,37 @@ class SteeringResult:
     seconds: float = 0.0
     continuations: list[Continuation] = field(default_factory=list)
     inputs: Inputs | None = None  # the model, persona prompts, questions and store it ran on
+    code_version: str = field(default=__version__, repr=False)  # the version that computed it
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "code_version": __version__}
+        """steering.json."""
+        return asdict(self)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteeringResult:
+        """A saved steering result: ``path`` is its steering.json or the directory holding it."""
+        from tlpersona.resultjson import Reader
+        from tlpersona.resultsets import read_result
+
+        file, data = read_result(path, "steering")
+        return Reader(file, data.get("code_version")).dataclass(cls, data, "")
+
+    def __repr__(self) -> str:
+        from tlpersona.resultjson import clip
+
+        return (f"SteeringResult(recipes {', '.join(self.recipes)}, layers {self.layers}, "
+                f"operators {', '.join(self.config.operators)}, base {self.base!r})\n  "
+                f"{clip(self.answer())}")
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """steering.json, figures/ and steering.md into ``out`` (one set, swapped in whole;
+        earlier results there only with ``overwrite``); returns steering.md's path."""
+        from tlpersona.report.steering import write_steering
+        from tlpersona.resultsets import results_set
+
+        with results_set(out, "steering", overwrite) as stage:
+            write_steering(self, stage)
+        return Path(out) / "steering.md"
 
     def write_json(self, path: str | Path) -> Path:
         from tlpersona.files import atomic_write_bytes

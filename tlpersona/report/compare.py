@@ -2,175 +2,185 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tlpersona.analyses.compare_result import (
+    CkaCell,
+    CompareResult,
+    PairCell,
+    RecipeSinkLength,
+)
+from tlpersona.analyses.controls import FloorStats
+from tlpersona.analyses.metrics import HeldOutCos
 from tlpersona.files import atomic_write_bytes, json_bytes
 from tlpersona.report import plots
-from tlpersona.sources import ActivationSource
 
 
-def _f(v: Any, nd: int = 3) -> str:
+def _f(v: float | None, nd: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{nd}f}"
 
 
-def marked(cell: dict[str, Any]) -> str:
+def marked(cell: PairCell) -> str:
     """A cell's verdict with its noise mark: ``KILL (noise)``, ``GREY (inconclusive)``,
     ``KILL (beyond noise)``; a PASS has none."""
-    mark = cell.get("noise_mark")
-    return cell["verdict"] + (f" ({mark})" if mark else "")
+    mark = cell.noise_mark
+    return cell.verdict + (f" ({mark})" if mark else "")
 
 
-def verdict_table(result: dict[str, Any]) -> str:
-    layers = result["layers"]
+def verdict_table(result: CompareResult | Mapping[str, Any]) -> str:
+    """The verdict of every pair at every layer, one row per pair. ``result``: a
+    :class:`CompareResult`, or results.json as a mapping."""
+    if not isinstance(result, CompareResult):
+        result = CompareResult.of(dict(result), None)
+    layers = result.layers
     rows = ["| pair | tag | " + " | ".join(f"L{x}" for x in layers) + " |",
             "|---|---|" + "---|" * len(layers)]
     seen: dict[tuple[str, str], dict[int, str]] = {}
     tags = {}
-    for c in result["cells"]:
-        key = (c["pair"][0], c["pair"][1])
-        seen.setdefault(key, {})[c["layer"]] = marked(c)
-        tags[key] = c["tag"]
+    for c in result.cells:
+        seen.setdefault(c.pair, {})[c.layer] = marked(c)
+        tags[c.pair] = c.tag
     for key, by_layer in seen.items():
         rows.append(f"| {key[0]} ~ {key[1]} | {tags[key]} | "
                     + " | ".join(by_layer.get(x, "") for x in layers) + " |")
     return "\n".join(rows)
 
 
-def _p(v: Any) -> str:
+def _p(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}" if v >= 1e-4 else f"{v:.1e}"
 
 
-def _detail_table(result: dict[str, Any], layer: int) -> str:
+def _detail_table(result: CompareResult, layer: int) -> str:
     rows = ["| pair | cos mean (null; ceiling) | cos min (null p95; ceiling) | cos p5 (null p95) "
             "| mc cos mean (null) | raw r (null p95) | mc r (null p95) | mc r ceiling | mc Spearman "
             "| Mantel p (Holm) | spread ρ | CKA lin / debiased (null p95; ceiling), for comparability "
             "| verdict |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in result["cells"]:
-        if c["layer"] != layer:
+    for c in result.cells:
+        if c.layer != layer:
             continue
-        s, mc, raw, mr = c["per_persona_cos"], c["per_persona_cos_mc"], c["matrix_raw"], c["matrix_mc"]
+        s, mc, raw, mr = c.per_persona_cos, c.per_persona_cos_mc, c.matrix_raw, c.matrix_mc
         rows.append(
-            f"| {c['pair'][0]} ~ {c['pair'][1]} | {_f(s['mean'])} ({_f(s['null_mean'])}; "
-            f"{_f(c['ceiling']['per_persona_cos_mean'])}) "
-            f"| {_f(s['min'])} ({_f(s.get('null_min_p95'))}; {_f(c['ceiling'].get('per_persona_cos_min'))}) "
-            f"| {_f(s['p5'])} ({_f(s.get('null_p5_p95'))}) "
-            f"| {_f(mc['mean'])} ({_f(mc['null_mean'])}) "
-            f"| {_f(raw['pearson'])} ({_f(raw['null_p95'])}) | {_f(mr['pearson'])} ({_f(mr['null_p95'])}) "
-            f"| {_f(c['ceiling']['matrix_mc_pearson'])} | {_f(mr['spearman'])} "
-            f"| {_p(mr['mantel_p'])} ({_p(mr.get('mantel_p_holm'))}) | {_f(c['spread']['spearman'])} "
-            f"| {_cka_text(c.get('cka'))} "
-            f"| **{c['verdict']}**{marked(c)[len(c['verdict']):]} |")
+            f"| {c.x} ~ {c.y} | {_f(s.mean)} ({_f(s.null_mean)}; "
+            f"{_f(c.ceiling.per_persona_cos_mean)}) "
+            f"| {_f(s.min)} ({_f(s.null_min_p95)}; {_f(c.ceiling.per_persona_cos_min)}) "
+            f"| {_f(s.p5)} ({_f(s.null_p5_p95)}) "
+            f"| {_f(mc.mean)} ({_f(mc.null_mean)}) "
+            f"| {_f(raw.pearson)} ({_f(raw.null_p95)}) | {_f(mr.pearson)} ({_f(mr.null_p95)}) "
+            f"| {_f(c.ceiling.matrix_mc_pearson)} | {_f(mr.spearman)} "
+            f"| {_p(mr.mantel_p)} ({_p(mr.mantel_p_holm)}) | {_f(c.spread.spearman)} "
+            f"| {_cka_text(c.cka)} "
+            f"| **{c.verdict}**{marked(c)[len(c.verdict):]} |")
     return "\n".join(rows)
 
 
-def _cka_text(cka: dict[str, Any] | None) -> str:
+def _cka_text(cka: CkaCell | None) -> str:
     """``0.912 (0.310; 0.880) / 0.850 (0.020; 0.830)``: linear then debiased CKA, each with its
     null's 95th percentile and its ceiling; results from before CKA was added have none."""
     if cka is None:
         return "n/a"
-    return " / ".join(f"{_f(s['value'])} ({_f(s['null_p95'])}; {_f(s['ceiling'])})"
-                      for s in (cka["linear"], cka["debiased"]))
+    return " / ".join(f"{_f(s.value)} ({_f(s.null_p95)}; {_f(s.ceiling)})"
+                      for s in (cka.linear, cka.debiased))
 
 
-def _procrustes_table(result: dict[str, Any], layer: int) -> str:
+def _procrustes_table(result: CompareResult, layer: int) -> str:
     rows = ["| pair | held-out Procrustes cos | null mean / p95 | ceiling | z | p (Holm where reachable) |",
             "|---|---|---|---|---|---|"]
-    for c in result["cells"]:
-        if c["layer"] != layer:
+    for c in result.cells:
+        if c.layer != layer:
             continue
-        pc = c["procrustes_cos"]
-        if pc.get("mean") is None:
-            rows.append(f"| {c['pair'][0]} ~ {c['pair'][1]} | {pc['reason']} | | | | |")
+        pc = c.procrustes
+        if not isinstance(pc, HeldOutCos):
+            rows.append(f"| {c.x} ~ {c.y} | {pc.reason} | | | | |")
             continue
-        holm_p = f" ({_p(pc['p_holm'])})" if "p_holm" in pc else ""
-        rows.append(f"| {c['pair'][0]} ~ {c['pair'][1]} | {_f(pc['mean'])} "
-                    f"| {_f(pc['null_mean'])} / {_f(pc['null_p95'])} | {_f(pc['ceiling'])} "
-                    f"| {_f(pc['z'], 1)} | {_p(pc['p'])}{holm_p} |")
+        holm_p = f" ({_p(pc.p_holm)})" if pc.p_holm is not None else ""
+        rows.append(f"| {c.x} ~ {c.y} | {_f(pc.mean)} "
+                    f"| {_f(pc.null_mean)} / {_f(pc.null_p95)} | {_f(pc.ceiling)} "
+                    f"| {_f(pc.z, 1)} | {_p(pc.p)}{holm_p} |")
     return "\n".join(rows)
 
 
-def _floor_table(result: dict[str, Any]) -> str:
+def _floor_table(result: CompareResult) -> str:
     rows = ["| recipe | layer | per-persona cos: mean / min | mc matrix r: mean / min (half-size) "
             "| mc matrix r, full size (Spearman–Brown) |", "|---|---|---|---|---|"]
-    for pos, by_layer in result["noise_floor"].items():
+    for pos, by_layer in result.noise_floor.items():
         for layer, v in by_layer.items():
-            if v.get("exact") is False:
-                rows.append(f"| {pos} | {layer} | {_f(v['per_persona_cos_mean'], 4)} / "
-                            f"{_f(v['per_persona_cos_min'], 4)} | {_f(v['matrix_mc_pearson_mean'], 4)}"
-                            f" / {_f(v['matrix_mc_pearson_min'], 4)} | "
-                            f"{_f(v['matrix_mc_pearson_full'], 4)} |")
+            if isinstance(v, FloorStats):
+                rows.append(f"| {pos} | {layer} | {_f(v.per_persona_cos_mean, 4)} / "
+                            f"{_f(v.per_persona_cos_min, 4)} | {_f(v.matrix_mc_pearson_mean, 4)}"
+                            f" / {_f(v.matrix_mc_pearson_min, 4)} | "
+                            f"{_f(v.matrix_mc_pearson_full, 4)} |")
             else:
-                rows.append(f"| {pos} | {layer} | {v['reason']} | — | — |")
+                rows.append(f"| {pos} | {layer} | {v.reason} | — | — |")
     return "\n".join(rows)
 
 
-def sink_warnings(result: dict[str, Any]) -> list[str]:
+def sink_warnings(result: CompareResult) -> list[str]:
     """``position (Llayer)`` for every recipe and layer whose persona variance lies mostly
     along the attention sink."""
-    return [f"{p} (L{layer})" for layer, row in result.get("sink", {}).get("layers", {}).items()
-            for p in result["positions"] if row[p]["warning"]]
+    return [f"{p} (L{layer})" for layer, row in (result.sink.layers or {}).items()
+            for p in result.positions if row.recipes[p].warning]
 
 
-def _sink_section(result: dict[str, Any]) -> list[str]:
-    sink = result.get("sink", {})
-    if not sink.get("available"):
-        return [f"Not measured: {sink.get('reason', 'no first-token position')}."]
-    positions = result["positions"]
+def _sink_section(result: CompareResult) -> list[str]:
+    sink = result.sink
+    if not sink.available or sink.layers is None:
+        return [f"Not measured: {sink.reason or 'no first-token position'}."]
+    positions = result.positions
     rows = ["| layer | first-token norm | " + " | ".join(positions) + " |",
             "|---|---|" + "---|" * len(positions)]
     warned = sink_warnings(result)
-    for layer, row in sink["layers"].items():
+    for layer, row in sink.layers.items():
         cells = []
         for p in positions:
-            e = row[p]
-            txt = _f(e["share"], 2)
-            if e.get("r_with_inverse_length") is not None:
-                txt += f" (r {e['r_with_inverse_length']:+.2f})"
-            cells.append(f"**{txt}**" if e["warning"] else txt)
-        rows.append(f"| {layer} | {row['sink_norm']:.0f} | " + " | ".join(cells) + " |")
+            e = row.recipes[p]
+            txt = _f(e.share, 2)
+            if isinstance(e, RecipeSinkLength) and e.r_with_inverse_length is not None:
+                txt += f" (r {e.r_with_inverse_length:+.2f})"
+            cells.append(f"**{txt}**" if e.warning else txt)
+        rows.append(f"| {layer} | {row.sink_norm:.0f} | " + " | ".join(cells) + " |")
     lines = ["Share of each recipe's between-persona variance along the first token's residual "
              "direction (the attention sink; in brackets, where prompt lengths are stored, the "
              "correlation of that coordinate with 1/prompt length).", "", *rows, ""]
     if warned:
-        lines += [f"**Warning:** more than {sink['warn_above']:.0%} of the persona variance of "
+        lines += [f"**Warning:** more than {sink.warn_above:.0%} of the persona variance of "
                   f"{', '.join(warned)} lies along the sink direction: there the recipe mostly "
                   "measures how much weight the sink token gets in a mean (prompt length), not the "
                   "persona. `prompt_mean_no_first` leaves the first token out.", ""]
     return lines
 
 
-def _bstar_section(result: dict[str, Any]) -> str:
-    b = result["bstar_check"]
-    if not b.get("available"):
-        return f"Not available: {b['reason']}."
+def _bstar_section(result: CompareResult) -> str:
+    b = result.bstar
+    if not b.available or b.layers is None:
+        return f"Not available: {b.reason}."
     rows = ["| layer | cos(A, B*) mean / min | cos(A, B*_no_last) mean / min | identity max rel. error |",
             "|---|---|---|---|"]
-    for layer, r in b["layers"].items():
-        ident = r.get("identity_max_rel_error")
-        ok = "" if ident is None else (" (holds)" if r["identity_holds"] else " (FAILS)")
-        rows.append(f"| {layer} | {_f(r['cos_a_bstar']['mean'])} / {_f(r['cos_a_bstar']['min'])} | "
-                    f"{_f(r['cos_a_bstar_no_last']['mean'])} / {_f(r['cos_a_bstar_no_last']['min'])} | "
+    for layer, r in b.layers.items():
+        ident = r.identity_max_rel_error
+        ok = "" if ident is None else (" (holds)" if r.identity_holds else " (FAILS)")
+        rows.append(f"| {layer} | {_f(r.cos_a_bstar.mean)} / {_f(r.cos_a_bstar.min)} | "
+                    f"{_f(r.cos_a_bstar_no_last.mean)} / {_f(r.cos_a_bstar_no_last.min)} | "
                     f"{'n/a' if ident is None else f'{ident:.2e}'}{ok} |")
-    note = b.get("identity_note")
+    note = b.identity_note
     return "\n".join(rows) + (f"\n\n{note}." if note else "")
 
 
-def first_screen(result: dict[str, Any], title: str) -> list[str]:
+def first_screen(result: CompareResult, title: str) -> list[str]:
     """The answer first: one sentence with its numbers, what limits it, the run in one line,
     the figures; every table is in details.md, every cell's numbers in cells.csv."""
-    ov = result["overall"]
-    layers = result["layers"]
+    layers = result.layers
     mid = layers[len(layers) // 2]
     warned = sink_warnings(result)
-    notes = list(ov.get("notes", []))
+    notes = list(result.notes)
     if warned:
         notes.append(f"Attention sink: most of the persona variance of {', '.join(warned)} lies "
                      "along the first token's direction (prompt length, not persona; details).")
     return [
         f"# {title}", "",
-        f"**{ov['answer']}**", "",
+        f"**{result.answer}**", "",
         *[f"- {n}" for n in notes], *([""] if notes else []),
         run_line(result), "",
         "![verdicts](figures/verdicts.png)", "",
@@ -180,61 +190,61 @@ def first_screen(result: dict[str, Any], title: str) -> list[str]:
     ]
 
 
-def run_line(result: dict[str, Any]) -> str:
+def run_line(result: CompareResult) -> str:
     """Who was compared and how hard the tests could look, in one line."""
-    auto = " (sized to the family)" if result.get("permutations_auto") else ""
-    return (f"{result['n_personas']} personas, {result['n_questions']} questions, "
-            f"{len(result['positions'])} recipes, layers {', '.join(map(str, result['layers']))}: "
-            f"{len(result['cells'])} cells; {result['n_permutations']} Mantel permutations{auto}, "
-            f"smallest reachable Holm p {_p(result['min_attainable_p_holm'])}; paired tests: "
-            f"{result['paired_test']}; seed {result['seed']}; input manifest "
-            f"{result['input']['manifest_hash'][:12]}.")
+    auto = " (sized to the family)" if result.permutations_auto else ""
+    return (f"{result.n_personas} personas, {result.n_questions} questions, "
+            f"{len(result.positions)} recipes, layers {', '.join(map(str, result.layers))}: "
+            f"{len(result.cells)} cells; {result.n_permutations} Mantel permutations{auto}, "
+            f"smallest reachable Holm p {_p(result.min_attainable_p_holm)}; paired tests: "
+            f"{result.paired_test}; seed {result.seed}; input manifest "
+            f"{result.inputs.manifest_hash[:12]}.")
 
 
-def write_report(result: dict[str, Any], source: ActivationSource, out: str | Path,
+def write_report(result: CompareResult, out: str | Path,
                  title: str = "Recipe comparison") -> Path:
     """Write results.json, figures/*.png, report.md (the answer) and details.md (every table)
     into ``out``; returns report.md's path."""
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "results.json", json_bytes(result))
-    layers = result["layers"]
+    atomic_write_bytes(out / "results.json", json_bytes(result.to_dict()))
+    layers = result.layers
     mid = layers[len(layers) // 2]
     plots.verdict_heatmap(result, figs / "verdicts.png")
     plots.cosine_violins(result, mid, figs / f"cosines_L{mid}.png")
     plots.matrix_bars(result, mid, figs / f"matrix_r_L{mid}.png")
-    plots.cosine_matrices(source, result["positions"], mid, figs / f"cos_matrices_L{mid}.png")
+    plots.cosine_matrices(result.cos_matrices[mid], result.personas, mid,
+                          figs / f"cos_matrices_L{mid}.png")
     atomic_write_bytes(out / "details.md", "\n".join(details(result, title)).encode())
     path = out / "report.md"
     atomic_write_bytes(path, "\n".join(first_screen(result, title)).encode())
     return path
 
 
-def details(result: dict[str, Any], title: str) -> list[str]:
+def details(result: CompareResult, title: str) -> list[str]:
     """details.md: definitions, the verdict table, every layer's statistics, the ceilings,
     the sink and B* checks and the paired tests."""
-    layers = result["layers"]
+    layers = result.layers
     mid = layers[len(layers) // 2]
-    th = result["thresholds"]
-    alpha = result.get("alpha", 0.05)
-    sig = sorted((t for t in result["paired_tests"] if t["p_holm"] < alpha),
-                 key=lambda t: t["p"])[:10]
-    proc_note = ("Holm-adjusted over all cells" if result.get("procrustes_corrected") else
+    th = result.thresholds
+    alpha = result.alpha
+    sig = sorted((t for t in result.paired_tests if t.p_holm < alpha), key=lambda t: t.p)[:10]
+    proc_note = ("Holm-adjusted over all cells" if result.procrustes_corrected else
                  "uncorrected and descriptive (the draws cannot reach alpha after Holm over the "
                  "cells; raise `null_draws` for a corrected claim)")
     lines = [
         f"# {title}: details", "",
-        f"**{result['overall']['sentence']}**", "",
-        *[f"- {n}" for n in result["overall"].get("notes", [])], "",
+        f"**{result.sentence}**", "",
+        *[f"- {n}" for n in result.notes], "",
         run_line(result), "",
-        f"Verdicts: PASS if per-persona min cos > {th['pass_min_cos']} and mean-centred matrix "
-        f"r > {th['pass_mc_r']} beyond its Mantel null (uncorrected p < {alpha:g}; the Mantel "
+        f"Verdicts: PASS if per-persona min cos > {th.pass_min_cos} and mean-centred matrix "
+        f"r > {th.pass_mc_r} beyond its Mantel null (uncorrected p < {alpha:g}; the Mantel "
         f"test is exact, so unrelated recipes pass a given cell at most {alpha:g} of the time, "
         "whatever their geometry; over many cells some unrelated pairs can pass)"
-        + (f" and spread Spearman > {th['pass_spread']} where defined" if th.get("gate_spread")
+        + (f" and spread Spearman > {th.pass_spread} where defined" if th.gate_spread
            else " (the spread correlation is descriptive and does not gate the verdict)")
-        + f"; KILL if min cos < {th['kill_min_cos']} or mean-centred r < {th['kill_mc_r']}; GREY "
+        + f"; KILL if min cos < {th.kill_min_cos} or mean-centred r < {th.kill_mc_r}; GREY "
         "otherwise. Every cell that does not pass carries a mark. For each statistic whose bound "
         "the verdict rests on (the KILL bounds of a KILL, the PASS bounds of a GREY), the "
         "observed value is tested against its ceiling (what identical recipes reach) with its "
@@ -254,12 +264,12 @@ def details(result: dict[str, Any], title: str) -> list[str]:
         "every persona pairing under a uniform relabelling (exact); for matrix r, the permutation "
         "distribution of persona labels (Mantel, Holm-adjusted over all cells; the permutation "
         "count is sized so that Holm can reach alpha); for the held-out Procrustes cosine, the "
-        f"same procedure rerun after relabelling one recipe's personas ({result.get('n_null', 0)} "
+        f"same procedure rerun after relabelling one recipe's personas ({result.n_null} "
         f"draws; its p is {proc_note}). z (distance above the null mean in null standard "
         "deviations) is descriptive.", "",
         "## Verdicts", "", verdict_table(result), "", "![verdicts](figures/verdicts.png)", "",
     ]
-    for pos, by_persona in result.get("missing_rows", {}).items():
+    for pos, by_persona in result.missing_rows.items():
         listed = ", ".join(f"{k} ({v})" for k, v in by_persona.items())
         lines += [f"Missing rows for {pos} (left out of its centroids): {listed}.", ""]
     for layer in layers:
@@ -267,7 +277,7 @@ def details(result: dict[str, Any], title: str) -> list[str]:
                   "Held-out Procrustes: centred and reduced to each recipe's top principal "
                   "directions on one half of the personas, rotated onto the other recipe there, "
                   "scored on the other half (both ways round, averaged over "
-                  f"{result.get('procrustes_splits', 0)} halvings). Ceiling: the same procedure between two "
+                  f"{result.procrustes_splits} halvings). Ceiling: the same procedure between two "
                   "question halves of each recipe, Spearman–Brown corrected to full-size centroids "
                   "(geometric mean of the two; 1 for question-invariant recipes).", "",
                   _procrustes_table(result, layer), "",
@@ -283,7 +293,7 @@ def details(result: dict[str, Any], title: str) -> list[str]:
         f"![cosines](figures/cosines_L{mid}.png)", "", f"![matrix r](figures/matrix_r_L{mid}.png)", "",
         f"![cosine matrices](figures/cos_matrices_L{mid}.png)", "",
         "## Split-half noise floor (ceilings)", "",
-        f"Centroids from two random halves of the questions ({result['n_splits']} seeded splits), "
+        f"Centroids from two random halves of the questions ({result.n_splits} seeded splits), "
         "compared with the same statistics as the recipe pairs. Each half averages half of the "
         "questions, so these are floors for half-size centroids; the last column is the "
         "Spearman–Brown value for full-size centroids. Every ceiling in the tables above is such "
@@ -296,15 +306,15 @@ def details(result: dict[str, Any], title: str) -> list[str]:
         "B* (prompt_mean) includes A's token (last) in its mean, so part of cos(A, B*) is "
         "arithmetic; B*_no_last removes it.", "", _bstar_section(result), "",
         "## Paired tests", "",
-        f"{len(result['paired_tests'])} tests of whether one pair is more aligned than another "
+        f"{len(result.paired_tests)} tests of whether one pair is more aligned than another "
         f"pair sharing a recipe (sign flips of the per-persona cosine differences; "
-        f"{result['paired_test']}; no random draws), Holm over all of them: "
-        f"{sum(t['p_holm'] < alpha for t in result['paired_tests'])} below {alpha:g}. "
+        f"{result.paired_test}; no random draws), Holm over all of them: "
+        f"{sum(t.p_holm < alpha for t in result.paired_tests)} below {alpha:g}. "
         "The strongest:", "",
         "| layer | pair 1 | pair 2 | mean cos difference | p | z | Holm p |",
         "|---|---|---|---|---|---|---|",
-        *[f"| {t['layer']} | {' ~ '.join(t['pair_1'])} | {' ~ '.join(t['pair_2'])} | "
-          f"{t['mean_diff']:+.4f} | {_p(t['p'])} | {t['z']:+.1f} | {_p(t['p_holm'])} |"
+        *[f"| {t.layer} | {' ~ '.join(t.pair_1)} | {' ~ '.join(t.pair_2)} | "
+          f"{t.mean_diff:+.4f} | {_p(t.p)} | {t.z:+.1f} | {_p(t.p_holm)} |"
           for t in sig],
         "",
     ]

@@ -3,21 +3,24 @@ pyplot, so importing this module leaves a notebook's matplotlib backend alone.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import matplotlib.colors
 import numpy as np
 from matplotlib.figure import Figure
 
-from tlpersona.analyses import metrics as M
 from tlpersona.files import atomic_write_with
-from tlpersona.sources import ActivationSource
+
+if TYPE_CHECKING:
+    from tlpersona.analyses.compare_result import CompareResult
+    from tlpersona.analyses.subspace_result import SubspaceLayer, SubspaceThresholds
 
 _VERDICT_CODE = {"KILL": 0, "GREY": 1, "PASS": 2}
 
 
-def _pair_name(pair: list[str]) -> str:
+def _pair_name(pair: Sequence[str]) -> str:
     return f"{pair[0]} ~ {pair[1]}"
 
 
@@ -58,12 +61,12 @@ def distinct_colours(n: int) -> list[Any]:
     return [matplotlib.colormaps["turbo"](x) for x in np.linspace(0.03, 0.97, n)]
 
 
-def verdict_heatmap(result: dict[str, Any], path: Path) -> Path:
-    pairs = list(dict.fromkeys(_pair_name(c["pair"]) for c in result["cells"]))
-    layers = result["layers"]
+def verdict_heatmap(result: CompareResult, path: Path) -> Path:
+    pairs = list(dict.fromkeys(_pair_name(c.pair) for c in result.cells))
+    layers = result.layers
     grid = np.full((len(pairs), len(layers)), np.nan)
-    for c in result["cells"]:
-        grid[pairs.index(_pair_name(c["pair"])), layers.index(c["layer"])] = _VERDICT_CODE[c["verdict"]]
+    for c in result.cells:
+        grid[pairs.index(_pair_name(c.pair)), layers.index(c.layer)] = _VERDICT_CODE[c.verdict]
     # the pair labels take the left of the figure: the width leaves the title room beside them
     fig, ax = subplots(figsize=(3.4 + 0.9 * len(layers), 1.0 + 0.35 * len(pairs)))
     cmap = matplotlib.colors.ListedColormap(["#d9534f", "#bbbbbb", "#5cb85c"])
@@ -79,15 +82,15 @@ def verdict_heatmap(result: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def cosine_violins(result: dict[str, Any], layer: int, path: Path) -> Path:
-    cells = [c for c in result["cells"] if c["layer"] == layer]
+def cosine_violins(result: CompareResult, layer: int, path: Path) -> Path:
+    cells = [c for c in result.cells if c.layer == layer]
     fig, ax = subplots(figsize=(max(6, 0.45 * len(cells)), 4), layout="constrained")
-    data = [np.asarray(c["per_persona_cos_all"]) for c in cells]
+    data = [np.asarray(c.per_persona_cos_all) for c in cells]
     ax.violinplot(data, showmedians=True)
-    th = result["thresholds"]
-    ax.axhline(th["pass_min_cos"], color="#5cb85c", lw=0.8, ls="--", label="PASS min cos")
-    ax.axhline(th["kill_min_cos"], color="#d9534f", lw=0.8, ls="--", label="KILL min cos")
-    ax.set_xticks(range(1, len(cells) + 1), [_pair_name(c["pair"]) for c in cells],
+    th = result.thresholds
+    ax.axhline(th.pass_min_cos, color="#5cb85c", lw=0.8, ls="--", label="PASS min cos")
+    ax.axhline(th.kill_min_cos, color="#d9534f", lw=0.8, ls="--", label="KILL min cos")
+    ax.set_xticks(range(1, len(cells) + 1), [_pair_name(c.pair) for c in cells],
                   rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("per-persona cosine")
     ax.set_title(f"Per-persona cosine between recipes, layer {layer}")
@@ -95,35 +98,37 @@ def cosine_violins(result: dict[str, Any], layer: int, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def matrix_bars(result: dict[str, Any], layer: int, path: Path) -> Path:
-    cells = [c for c in result["cells"] if c["layer"] == layer]
+def matrix_bars(result: CompareResult, layer: int, path: Path) -> Path:
+    cells = [c for c in result.cells if c.layer == layer]
     fig, ax = subplots(figsize=(max(6, 0.45 * len(cells)), 4), layout="constrained")
     x = np.arange(len(cells))
-    ax.bar(x - 0.2, [c["matrix_raw"]["pearson"] for c in cells], 0.4, label="raw r")
-    ax.bar(x + 0.2, [c["matrix_mc"]["pearson"] for c in cells], 0.4, label="mean-centred r")
-    ceilings = [np.nan if c["ceiling"]["matrix_mc_pearson"] is None else c["ceiling"]["matrix_mc_pearson"]
+    ax.bar(x - 0.2, [c.matrix_raw.pearson for c in cells], 0.4, label="raw r")
+    ax.bar(x + 0.2, [c.matrix_mc.pearson for c in cells], 0.4, label="mean-centred r")
+    ceilings = [np.nan if c.ceiling.matrix_mc_pearson is None else c.ceiling.matrix_mc_pearson
                 for c in cells]
     ax.scatter(x + 0.2, ceilings, color="k", marker="_", s=200, zorder=3,
                label="ceiling: split-half r, Spearman-Brown (geometric mean of the two recipes)")
-    ax.scatter(x + 0.2, [c["matrix_mc"]["null_p95"] for c in cells], color="#d9534f", marker="_",
+    ax.scatter(x + 0.2, [c.matrix_mc.null_p95 for c in cells], color="#d9534f", marker="_",
                s=200, zorder=3, label="null: 95th percentile, shuffled personas")
-    ax.axhline(result["thresholds"]["pass_mc_r"], color="#5cb85c", lw=0.8, ls="--")
-    ax.set_xticks(x, [_pair_name(c["pair"]) for c in cells], rotation=70, ha="right", fontsize=7)
+    ax.axhline(result.thresholds.pass_mc_r, color="#5cb85c", lw=0.8, ls="--")
+    ax.set_xticks(x, [_pair_name(c.pair) for c in cells], rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("Pearson r of cosine matrices")
     ax.set_title(f"Inter-persona matrix agreement, layer {layer}")
     _legend_above(fig, ax)
     return save_figure(fig, path)
 
 
-def cosine_matrices(source: ActivationSource, positions: list[str], layer: int, path: Path) -> Path:
-    """One panel per recipe (four to a row), personas in store order, named on the left of
-    each row; one colour bar for all."""
-    li = source.layer_index(layer)
+def cosine_matrices(matrices: dict[str, np.ndarray], personas: Sequence[str], layer: int,
+                    path: Path) -> Path:
+    """One panel per recipe (``matrices``: recipe -> its mean-centred inter-persona cosine
+    matrix ``[persona, persona]``, four to a row), personas (``personas``, in the rows' order)
+    named on the left of each row; one colour bar for all."""
+    positions = list(matrices)
     ncols = min(4, len(positions))
     nrows = -(-len(positions) // ncols)
     fig, axes = subplots(nrows, ncols, figsize=(1.2 + 2.6 * ncols, 0.6 + 2.7 * nrows),
                          squeeze=False, layout="constrained")
-    names = list(source.personas)
+    names = list(personas)
     small = max(3.0, min(7.0, 160 / max(len(names), 1)))  # ~one text line per matrix row
     im = None
     for k, ax in enumerate(axes.flat):
@@ -131,8 +136,7 @@ def cosine_matrices(source: ActivationSource, positions: list[str], layer: int, 
             ax.set_visible(False)
             continue
         pos = positions[k]
-        m = M.cos_matrix(M.mean_centre(source.centroids(pos)[:, li].double().numpy()))
-        im = ax.imshow(m, cmap="RdBu_r", vmin=-1, vmax=1)
+        im = ax.imshow(matrices[pos], cmap="RdBu_r", vmin=-1, vmax=1)
         ax.set_title(pos, fontsize=8)
         ax.set_xticks([])
         if k % ncols == 0:
@@ -145,46 +149,46 @@ def cosine_matrices(source: ActivationSource, positions: list[str], layer: int, 
     return save_figure(fig, path)
 
 
-def subspace_variance(layer: dict[str, Any], path: Path) -> Path:
+def subspace_variance(layer: SubspaceLayer, path: Path) -> Path:
     fig, ax = subplots(figsize=(8, 4), layout="constrained")
-    for i, (pos, v) in enumerate(layer["variance"].items()):
+    for i, (pos, v) in enumerate(layer.variance.items()):
         color = f"C{i}"
-        k = np.arange(1, len(v["shared_cumulative"]) + 1)
-        ax.plot(k, v["shared_cumulative"], color=color, label=f"{pos}: shared PCs")
-        ax.plot(np.arange(1, len(v["own_cumulative"]) + 1), v["own_cumulative"], color=color,
+        k = np.arange(1, len(v.shared_cumulative) + 1)
+        ax.plot(k, v.shared_cumulative, color=color, label=f"{pos}: shared PCs")
+        ax.plot(np.arange(1, len(v.own_cumulative) + 1), v.own_cumulative, color=color,
                 ls=":", label=f"{pos}: own PCs")
     ax.set_xlabel("K")
     ax.set_ylabel("between-persona variance explained")
-    ax.set_title(f"Variance captured by K shared vs own PCs, layer {layer['layer']}")
+    ax.set_title(f"Variance captured by K shared vs own PCs, layer {layer.layer}")
     fig.legend(loc="outside right center", fontsize=6, frameon=False)
     return save_figure(fig, path)
 
 
-def subspace_agreement(layer: dict[str, Any], th: dict[str, float], path: Path) -> Path:
+def subspace_agreement(layer: SubspaceLayer, th: SubspaceThresholds, path: Path) -> Path:
     """Per shared PC, each pair's correlation of persona scores (held out: solid; in sample:
     dotted), with what the weakest pair had to exceed for the PC to count as shared (the
     per-PC test's bar; the fixed ``min_r`` where no null ran)."""
-    held, ins = layer["per_pc"], layer["per_pc_in_sample"]
-    pairs = list(held[0]["pairs"]) if held else []
+    held, ins = layer.per_pc, layer.per_pc_in_sample
+    pairs = list(held[0].pairs) if held else []
     fig, ax = subplots(figsize=(6 + 2.2 * (1 + len(pairs) // 25), 4), layout="constrained")
     colours = distinct_colours(len(pairs))
     for pair, colour in zip(pairs, colours, strict=True):
-        ax.plot([row["pc"] for row in held], [row["pairs"][pair] for row in held],
+        ax.plot([row.pc for row in held], [row.pairs[pair] for row in held],
                 color=colour, label=pair, lw=1, marker=".")
-        ax.plot([row["pc"] for row in ins], [row["pairs"][pair] for row in ins],
+        ax.plot([row.pc for row in ins], [row.pairs[pair] for row in ins],
                 color=colour, ls=":", lw=0.7)
-    bar = layer.get("per_pc_threshold")
+    bar = layer.per_pc_threshold
     if bar and held and any(b is not None for b in bar):
         # the per-PC test's bar: the largest r a pair must exceed against its label permutations
-        pcs = [row["pc"] for row in held][: len(bar)]
+        pcs = [row.pc for row in held][: len(bar)]
         ax.step(pcs, [np.nan if b is None else b for b in bar[: len(pcs)]], where="mid",
                 color="k", lw=0.8, ls="--", label="needed (label permutations)")
     else:
-        ax.axhline(th["min_r"], color="k", lw=0.8, ls="--")
+        ax.axhline(th.min_r, color="k", lw=0.8, ls="--")
     ax.set_xlabel("shared PC (dotted: in sample)")
     ax.set_ylabel("r of the two recipes' persona scores")
-    k = layer["k_found"]
-    ax.set_title(f"Which shared PCs every recipe shares, layer {layer['layer']}: "
+    k = layer.k
+    ax.set_title(f"Which shared PCs every recipe shares, layer {layer.layer}: "
                  f"k_found = {k if k else '0 (no PC shared)'}", fontsize=9)
     fig.legend(loc="outside right center", fontsize=5, frameon=False,
                ncol=1 + len(pairs) // 25)
