@@ -28,6 +28,7 @@ from tlpersona.analyses.compare import (
     mantel_floor,
     question_pass,
 )
+from tlpersona.analyses.controls import FloorReason
 from tlpersona.analyses.stats import MantelPermuter, MantelResult, draws_for_family, holm, z_score
 from tlpersona.errors import TlpersonaError
 from tlpersona.positions import canonical
@@ -326,7 +327,7 @@ class _StoreNoise:
     exact."""
 
     passes: dict[str, QuestionPass | None] = field(default_factory=dict)
-    floors: dict[str, dict[str, Any]] = field(default_factory=dict)  # recipe -> layer -> floor
+    floors: dict[str, dict[int, Any]] = field(default_factory=dict)  # recipe -> layer -> floor
 
 
 def _noise(src: ActivationSource, recipes: list[str], layers: list[int], cfg: CrossModelConfig,
@@ -334,11 +335,11 @@ def _noise(src: ActivationSource, recipes: list[str], layers: list[int], cfg: Cr
     out = _StoreNoise()
     for p in recipes:
         if src.question_invariant(p) or not src.has_per_question(p):
-            reason = ({"exact": True, "reason": "question-invariant: no sampling noise"}
+            reason = (FloorReason(True, "question-invariant: no sampling noise")
                       if src.question_invariant(p) else
-                      {"exact": None, "reason": "no per-question vectors in the input"})
+                      FloorReason(None, "no per-question vectors in the input"))
             out.passes[p] = None
-            out.floors[p] = {str(x): reason for x in layers}
+            out.floors[p] = {x: reason for x in layers}
             continue
         # the question splits depend on the seed and the question count only, so both stores
         # split their (identical) questions the same way
@@ -452,10 +453,10 @@ def _cell(recipe: str, la: int, lb: int, xa: np.ndarray, xb: np.ndarray, perm: M
     rawm = _matrix(perm, M.cos_matrix(xa), M.cos_matrix(xb))
     # _ceiling combines two recipes' floors at one layer: here one recipe in two stores, each
     # at its own layer of the pair
-    ceiling = _ceiling({"a": {"0": noise_a.floors[recipe][str(la)]},
-                        "b": {"0": noise_b.floors[recipe][str(lb)]}}, "a", "b", 0)
+    ceiling = _ceiling({"a": {0: noise_a.floors[recipe][la]},
+                        "b": {0: noise_b.floors[recipe][lb]}}, "a", "b", 0)
     sd = mc_r_sd(_halves(noise_a, a, recipe, la, xa, iu), _halves(noise_b, b, recipe, lb, xb, iu))
-    gap_z, gap_p = (None, None) if geo is None else gap_test(geo.r, ceiling["matrix_mc_pearson"], sd)
+    gap_z, gap_p = (None, None) if geo is None else gap_test(geo.r, ceiling.matrix_mc_pearson, sd)
     ga, gb = M.centred_gram(xa), M.centred_gram(xb)
     (score,) = M.cka_scores([ga], gb, perm.perms, perm.flat)
     rel = [_cka_reliability(None if qp is None else qp.cka.get(layer), g, src.question_invariant(recipe))
@@ -464,7 +465,7 @@ def _cell(recipe: str, la: int, lb: int, xa: np.ndarray, xb: np.ndarray, perm: M
     cka = _cka_cell(score, rel[0], rel[1], perm.n_perm)
     pd = proc.to_dict()
     spread = _spread(noise_a.passes.get(recipe), noise_b.passes.get(recipe), la, lb)
-    lin, deb = cka["linear"], cka["debiased"]
+    lin, deb = cka.linear, cka.debiased
     return {
         "recipe": recipe, "layer_a": la, "layer_b": lb,
         "mc_r": None if geo is None else geo.r,
@@ -473,7 +474,7 @@ def _cell(recipe: str, la: int, lb: int, xa: np.ndarray, xb: np.ndarray, perm: M
         "mc_r_null_p95": None if geo is None else geo.null_p95,
         "mc_r_z": None if geo is None else z_score(geo.r, geo.null_mean, geo.null_sd),
         "mc_r_p": None if geo is None else geo.p,
-        "mc_r_ceiling": ceiling["matrix_mc_pearson"], "mc_r_sd": sd,
+        "mc_r_ceiling": ceiling.matrix_mc_pearson, "mc_r_sd": sd,
         "mc_r_gap_z": gap_z, "mc_r_gap_p": gap_p,
         "raw_r": None if rawm is None else rawm.r,
         "raw_r_null_p95": None if rawm is None else rawm.null_p95,
@@ -481,13 +482,13 @@ def _cell(recipe: str, la: int, lb: int, xa: np.ndarray, xb: np.ndarray, perm: M
         "procrustes_cos": pd.get("mean"), "procrustes_null_mean": pd.get("null_mean"),
         "procrustes_null_p95": pd.get("null_p95"), "procrustes_z": pd.get("z"),
         "procrustes_p": pd.get("p"), "procrustes_p_holm": None,
-        "procrustes_ceiling": ceiling["procrustes_cos_mean"],
+        "procrustes_ceiling": ceiling.procrustes_cos_mean,
         "procrustes_rank": proc.rank, "procrustes_reason": proc.reason,
         "spread_spearman": spread,
-        "cka_linear": lin["value"], "cka_linear_null_p95": lin["null_p95"],
-        "cka_linear_p": lin["p"], "cka_linear_ceiling": lin["ceiling"],
-        "cka_debiased": deb["value"], "cka_debiased_null_p95": deb["null_p95"],
-        "cka_debiased_p": deb["p"], "cka_debiased_ceiling": deb["ceiling"],
+        "cka_linear": lin.value, "cka_linear_null_p95": lin.null_p95,
+        "cka_linear_p": lin.p, "cka_linear_ceiling": lin.ceiling,
+        "cka_debiased": deb.value, "cka_debiased_null_p95": deb.null_p95,
+        "cka_debiased_p": deb.p, "cka_debiased_ceiling": deb.ceiling,
     }
 
 

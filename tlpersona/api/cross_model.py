@@ -10,9 +10,10 @@ from pathlib import Path
 from tlpersona.analyses.cross_model import CrossModelConfig
 from tlpersona.analyses.cross_model import CrossModelResult as _CrossModelResult
 from tlpersona.analyses.cross_model import compare_models as _compare_models
-from tlpersona.api.results import _Reader, results_set
 from tlpersona.errors import TlpersonaError
 from tlpersona.positions import parse_positions
+from tlpersona.resultjson import Reader as _Reader
+from tlpersona.resultsets import results_set
 from tlpersona.safety import check_count, check_results_dir, read_text, strict_json
 from tlpersona.sources import ActivationSource, open_source
 

@@ -21,6 +21,7 @@ from tlpersona.interventions.steering import SteeringResult
 from tlpersona.locks import exclusive
 from tlpersona.models import LayerSpec, default_device, load_model
 from tlpersona.report.experiment import HEADLINE_CHARS, Answer, write_experiment_report
+from tlpersona.report.html import write_html
 from tlpersona.resultsets import results_set
 from tlpersona.safety import check_analysis_dir, check_count, check_results_dir
 
@@ -134,6 +135,7 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
             sections = [sub.save(stage), pat.save(stage), steering.save(stage)]
             written = _write_report(stage, f"Persona experiment: {model}", cmp, sub, pat,
                                     steering, [s.read_text() for s in sections], seconds)
+            write_html(stage)  # report.html: the same report as one offline page
         report = out / "compare" / written.relative_to(stage)
     return ExperimentResult(store, cmp, sub, pat, steering, report, seconds)
 

@@ -23,13 +23,14 @@ from tlpersona.analyses.trajectory import (
     token_values,
     trace,
 )
-from tlpersona.api.results import _Reader, results_set
 from tlpersona.cache.store import Store
 from tlpersona.data import Inputs, Persona, builtin_personas, persona_hash
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction.tokens import Conversation, check_conversation
 from tlpersona.models import LoadedModel
 from tlpersona.positions import canonical
+from tlpersona.resultjson import Reader as _Reader
+from tlpersona.resultsets import results_set
 from tlpersona.safety import jsonl_lines, read_text, strict_json
 from tlpersona.sources import as_store, stored_layer
 from tlpersona.version import __version__

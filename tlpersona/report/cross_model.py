@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,8 @@ def write_cross_model(res: CrossModelResult, out: Path) -> Path:
     report.md's path."""
     (out / "figures").mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "cross_model.json", json_bytes(res.to_dict()))
-    write_csv(res.cells, out / "cells.csv")
+    write_csv([{f.name: getattr(c, f.name) for f in dataclasses.fields(c)} for c in res.cells],
+              out / "cells.csv")
     figure(res, out / FIGURE)
     atomic_write_bytes(out / "details.md", "\n".join(details(res)).encode())
     path = out / "report.md"
