@@ -31,6 +31,19 @@ def _json(path) -> dict:
     return json.loads(path.read_text())
 
 
+def _page(folder, summary: str) -> None:
+    """``folder`` holds report.html: the page of its summary ``summary`` (that markdown's
+    first heading in the page's title), one of the results set's own files."""
+    from tlpersona.report.html import HTML_NAME
+    from tlpersona.safety import read_results_mark
+
+    heading = next(line for line in (folder / summary).read_text().splitlines()
+                   if line.startswith("#")).lstrip("# ").replace("`", "")
+    page = (folder / HTML_NAME).read_text()
+    assert f"<title>{heading}</title>" in page.replace("&#x27;", "'"), heading
+    assert HTML_NAME in read_results_mark(folder).files
+
+
 def _same(api: dict, path) -> None:
     assert json.loads(json_bytes(api)) == _json(path)
 
@@ -67,6 +80,7 @@ def test_analyses_through_the_api_equal_the_cli(runs):
     _cli("compare", str(store.root), "--layers", "-1", "--permutations", "19", "--null-draws",
          "3", "--splits", "2", "--out", str(tmp / "cmp"))
     _same(cmp.to_dict(), tmp / "cmp" / "results.json")
+    _page(tmp / "cmp", "report.md")
     cell = cmp.cell(29, "last", "sys_end")
     assert cell.verdict in ("PASS", "GREY", "KILL") and -1 <= cell.cos_mean <= 1
     raw = next(c for c in cmp.to_dict()["cells"] if c["layer"] == 29
@@ -82,6 +96,7 @@ def test_analyses_through_the_api_equal_the_cli(runs):
     sub = tlp.subspace(store, k_max=4)
     _cli("subspace", str(store.root), "--k-max", "4", "--out", str(tmp / "sub"))
     _same(sub.to_dict(), tmp / "sub" / "subspace.json")
+    _page(tmp / "sub", "subspace.md")
     assert [lay.layer for lay in sub.layers] == [3, 29]
 
     proj = tlp.project(store, axis="pcs", k=2, layer=29)
@@ -98,6 +113,7 @@ def test_patch_and_steer_through_the_api_equal_the_cli(runs, loaded):
          "--n-personas", "2", "--n-questions", "1", "--layers", "3,15", "--positions",
          "sys_end,last", "--out", str(tmp / "patch"))
     got = _json(tmp / "patch" / "patch.json")["patching"]
+    _page(tmp / "patch", "patch.md")
     want = json.loads(json_bytes(pat.to_dict()))
     got.pop("seconds"), want.pop("seconds")  # wall times
     assert got == want
@@ -118,6 +134,7 @@ def test_patch_and_steer_through_the_api_equal_the_cli(runs, loaded):
          "--alphas", "0.125", "--n-random", "3", "--response-tokens", "2", "--bootstrap", "100",
          "--continuations", "0", "--out", str(tmp / "steer"))
     got = _json(tmp / "steer" / "steering.json")
+    _page(tmp / "steer", "steering.md")
     want = json.loads(json_bytes(steering.to_dict()))
     got.pop("seconds"), want.pop("seconds")
     assert got == want

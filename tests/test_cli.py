@@ -1,5 +1,7 @@
 """CLI: one-line errors with exit code 2, and a small end-to-end extract."""
 
+import json
+
 import pytest
 from click.testing import CliRunner
 from conftest import SHARED_DATA
@@ -57,12 +59,23 @@ def test_experiment_end_to_end(default_source, tmp_path):
     assert res.exit_code == 0, res.output[-2000:]
     first = (out / "compare" / "report.md").read_text()
     report = (out / "compare" / "details.md").read_text()
-    # the first screen: a headline and the four answers, each naming its section; no table
+    # the first screen: a headline and the five answers, each naming its section; no table
     headline = first.splitlines()[2].strip("*")
     assert 0 < len(headline) <= 300 and "| pair |" not in first
-    for i, q in enumerate(["Do the recipes recover", "Is there a shared persona subspace",
-                           "Which recipe's vector steers", "Where does patching carry"]):
-        assert f"{'abcd'[i]}. **{q}" in first
+    for i, (q, section) in enumerate([("Do the recipes recover", "details.md"),
+                                      ("Is there a shared persona subspace", "subspace.md"),
+                                      ("Which recipe's vector steers", "steering.md"),
+                                      ("Where does patching carry", "patch.md"),
+                                      ("Does a conversation drift", "trajectory.md")]):
+        line = next(x for x in first.splitlines() if x.startswith(f"{'abcde'[i]}. **{q}"))
+        assert line.endswith(f"([{section}]({section}))")
+    # the drift section: both built-in conversations, one forward each, held to their personas
+    traj = json.loads((out / "compare" / "trajectory.json").read_text())
+    assert [c["persona"] for c in traj["conversations"]] == ["assistant", "pirate"]
+    assert all(len(c["turns"]) == 3 for c in traj["conversations"])
+    assert "## Drift along the assistant axis" in report
+    assert "(figures/trajectories.png)" in first
+    assert "assistant, drawn into role-play (assistant):" in res.output
     assert "(figures/verdicts.png)" in first and (out / "compare" / "cells.csv").exists()
     assert "| last ~ response_mean | load-bearing |" in report
     assert "## Shared persona subspace" in report

@@ -389,14 +389,19 @@ def test_trajectory_against_hf_and_numpy_one_forward_per_batch(loaded, hf_ref, r
 
 def test_cli_and_the_experiment_section(loaded, real_store, tmp_path, monkeypatch):
     import tlpersona.models
-    from tlpersona.api.trajectory import trajectory_section
+    from tlpersona.api.trajectory import builtin_trajectory
+    from tlpersona.safety import read_results_mark
 
     monkeypatch.setattr(tlpersona.models, "load_model", lambda *a, **k: loaded)
     code, errors, output = _cli(str(real_store), "--out", str(tmp_path / "o"))
     assert code == 0, output
     assert "assistant, drawn into role-play (assistant): " in output
     assert "written: " in output and (tmp_path / "o" / "trajectory.md").exists()
+    page = (tmp_path / "o" / "report.html").read_text()
+    assert "<title>Drift along the assistant axis</title>" in page
+    assert "report.html" in read_results_mark(tmp_path / "o").files
     code, errors, _ = _cli(str(real_store), "--out", str(tmp_path / "o"))
     assert code == 2 and "--overwrite" in errors[0]
-    md = trajectory_section(real_store, loaded, tmp_path / "section")
-    assert md.read_text().startswith("## Drift along the assistant axis")
+    section = builtin_trajectory(real_store, loaded)
+    assert [c.persona for c in section.conversations] == ["assistant", "pirate"]
+    assert section.answer().startswith("Assistant turns on the assistant axis")

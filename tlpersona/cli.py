@@ -14,11 +14,14 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
 from tlpersona.errors import TlpersonaError
+
+if TYPE_CHECKING:
+    from tlpersona.api.trajectory import TrajectoryResult
 
 #: API parameter -> flag, where a command's flag is not the parameter's own name.
 _RENAMED = {"seed_dir": "--from-seed", "format": "--vectors", "systems": "--system",
@@ -571,6 +574,7 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
         click.echo(f"shared subspace, {_subspace_line(lay)}")
     _print_patch(res.patch)
     _print_steer(res.steering)
+    _print_trajectory(res.trajectory)
     click.echo(", ".join(f"{k} {v:.1f} s" for k, v in res.seconds.items()))
     click.echo(f"report: {res.report}")
 
@@ -747,6 +751,11 @@ def trajectory(store: str, conversations: str, out: str, axis: str, subspace: st
                  band=_numbers(band, "band"), batch_size=_batch_size(batch_size), device=device,
                  dtype=dtype)
     written = result.save(path, overwrite=overwrite)
+    _print_trajectory(result)
+    click.echo(f"written: {written}")
+
+
+def _print_trajectory(result: TrajectoryResult) -> None:
     for c in result.conversations:
         turns = " -> ".join(f"{t.value:+.3g}" for t in c.turns)
         click.echo(f"{c.label} ({c.persona or 'no stored persona'}): {turns}")
@@ -754,7 +763,6 @@ def trajectory(store: str, conversations: str, out: str, axis: str, subspace: st
         click.echo(f"flag: {line}")
     for note in result.notes:
         click.echo(f"note: {_flags(note)}")
-    click.echo(f"written: {written}")
 
 
 @main.command()

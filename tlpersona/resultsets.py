@@ -4,7 +4,7 @@ saved result's file, found by kind."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,16 @@ _OPEN_SETS: set[tuple[int, Path]] = set()
 
 
 @contextmanager
-def results_set(out: str | Path, analysis: str, overwrite: bool) -> Iterator[Path]:
+def results_set(out: str | Path, analysis: str, overwrite: bool,
+                finish: Callable[[Path], object] | None = None) -> Iterator[Path]:
     """The directory to write one results set into, holding ``out``'s lock: ``out``'s new
     content, which takes ``out``'s place whole when the block ends (a failure or a kill leaves
     the earlier set as it was), marked as ``analysis``'s results. ``out`` must be new, empty or
     hold an earlier set (replaced only with ``overwrite``): see
     :func:`tlpersona.safety.check_results_dir`. Inside a set this thread is writing, that
-    set's directory itself."""
+    set's directory itself. ``finish(stage)`` runs when the block's files are in, before the
+    set is marked done, and only where the set is not joined: a page over the whole folder
+    (report.html) is drawn once, by whoever writes the set."""
     out = Path(out)
     if (threading.get_ident(), out.resolve()) in _OPEN_SETS:
         yield out
@@ -42,6 +45,8 @@ def results_set(out: str | Path, analysis: str, overwrite: bool) -> Iterator[Pat
                 yield stage
             finally:
                 _OPEN_SETS.discard(key)
+            if finish is not None:
+                finish(stage)
             mark_results(stage, analysis)
 
 

@@ -620,11 +620,12 @@ class CompareResult(JsonView):
         swapped in whole; earlier results there only with ``overwrite``); returns report.md's
         path."""
         from tlpersona.report.compare import write_report
+        from tlpersona.report.html import write_html
         from tlpersona.report.tables import write_csv
 
         if not self.cos_matrices:
             need_source(None, "save (its cosine-matrix figure)")
-        with results_set(out, "compare", overwrite) as stage:
+        with results_set(out, "compare", overwrite, finish=write_html) as stage:
             write_csv(self.to_records(), stage / "cells.csv")
             report = write_report(self, stage, title)
         return Path(out) / report.relative_to(stage)

@@ -271,6 +271,7 @@ class SubspaceResult(JsonView):
         swapped in whole; earlier results there only with ``overwrite``); returns subspace.md's
         path."""
         from tlpersona.files import atomic_write_bytes
+        from tlpersona.report.html import write_html
         from tlpersona.report.subspace import write_subspace
 
         if self.source is None and not self.scores:
@@ -278,7 +279,7 @@ class SubspaceResult(JsonView):
         if not self.components:
             raise TlpersonaError("save needs the shared PCs: this result was loaded without "
                                  "its pcs.safetensors")
-        with results_set(out, "subspace", overwrite) as stage:
+        with results_set(out, "subspace", overwrite, finish=write_html) as stage:
             section = write_subspace(self, stage)
             atomic_write_bytes(stage / "subspace.md", section.encode())
         return Path(out) / "subspace.md"

@@ -59,8 +59,9 @@ class CrossModelResult(_CrossModelResult):
         figures/cross_model.png and report.md (the answer first) into ``out`` (one set, swapped
         in whole; earlier results there only with ``overwrite``); returns report.md's path."""
         from tlpersona.report.cross_model import write_cross_model
+        from tlpersona.report.html import write_html
 
-        with results_set(out, "compare_models", overwrite) as stage:
+        with results_set(out, "compare_models", overwrite, finish=write_html) as stage:
             write_cross_model(self, stage)
         return Path(out) / "report.md"
 

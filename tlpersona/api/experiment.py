@@ -14,6 +14,7 @@ from tlpersona.analyses.subspace_result import SubspaceResult
 from tlpersona.api.analysis import compare, subspace
 from tlpersona.api.causal import patch, steer
 from tlpersona.api.extraction import PromptIndex, extract
+from tlpersona.api.trajectory import TrajectoryResult, builtin_trajectory
 from tlpersona.cache.store import Store
 from tlpersona.data import Persona, Question, builtin_personas, builtin_questions
 from tlpersona.interventions.patching import PatchResult
@@ -44,6 +45,7 @@ class ExperimentResult:
     subspace: SubspaceResult
     patch: PatchResult
     steering: SteeringResult
+    trajectory: TrajectoryResult
     report: Path
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time
 
@@ -64,7 +66,7 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
                null_draws: int = 100, thresholds: Thresholds | None = None,
                progress: bool = True, overwrite: bool = False) -> ExperimentResult:
     """Extract all seven recipes (plus the sink diagnostics' positions) into ``out/store``,
-    compare them, find their shared subspace, run a short patching and steering section, and
+    compare them, find their shared subspace, run short patching, steering and drift sections, and
     write ``out/compare/report.md``.
 
     On the CPU the defaults keep it to minutes: the first 12 questions (``limit_questions``;
@@ -72,7 +74,7 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
     × 10 questions at two early-to-middle layers against the ``assistant`` persona (else the
     first), enough for the rewording test of cells and regions to reach Holm 0.05; steering adds each
     recipe's vector at the middle stored layer for the 3 personas farthest from it.
-    ``out/compare/report.md`` answers the four questions on its first screen;
+    ``out/compare/report.md`` answers the five questions on its first screen;
     ``details.md`` and ``cells.csv`` beside it hold every table and cell.
 
     ``out/compare`` is written as one set when every section is done (a failure or a kill
@@ -130,14 +132,17 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
                          seed=seed, n_boot=1000, continuations=1, continuation_tokens=16,
                          progress=progress)
         seconds["steering"] = time.perf_counter() - t0
-        with results_set(out / "compare", "experiment", overwrite) as stage:
+        t0 = time.perf_counter()
+        traj = builtin_trajectory(store, loaded)
+        seconds["trajectory"] = time.perf_counter() - t0
+        # report.html: the same report as one offline page, drawn once every section is in
+        with results_set(out / "compare", "experiment", overwrite, finish=write_html) as stage:
             cmp.save(stage, title=f"Recipe comparison: {model}")
-            sections = [sub.save(stage), pat.save(stage), steering.save(stage)]
+            sections = [sub.save(stage), pat.save(stage), steering.save(stage), traj.save(stage)]
             written = _write_report(stage, f"Persona experiment: {model}", cmp, sub, pat,
-                                    steering, [s.read_text() for s in sections], seconds)
-            write_html(stage)  # report.html: the same report as one offline page
+                                    steering, traj, [s.read_text() for s in sections], seconds)
         report = out / "compare" / written.relative_to(stage)
-    return ExperimentResult(store, cmp, sub, pat, steering, report, seconds)
+    return ExperimentResult(store, cmp, sub, pat, steering, traj, report, seconds)
 
 
 def headline(cmp: CompareResult, sub: SubspaceResult, pat: PatchResult,
@@ -168,8 +173,8 @@ def headline(cmp: CompareResult, sub: SubspaceResult, pat: PatchResult,
 
 
 def _write_report(out: Path, title: str, cmp: CompareResult, sub: SubspaceResult,
-                  pat: PatchResult, steering: SteeringResult, sections: list[str],
-                  seconds: dict[str, float]) -> Path:
+                  pat: PatchResult, steering: SteeringResult, traj: TrajectoryResult,
+                  sections: list[str], seconds: dict[str, float]) -> Path:
     from tlpersona.report.compare import details, run_line
 
     mid = cmp.layers[len(cmp.layers) // 2]
@@ -182,12 +187,14 @@ def _write_report(out: Path, title: str, cmp: CompareResult, sub: SubspaceResult
                "steering.md"),
         Answer("Where does patching carry the persona beyond a rewording?", pat.answer(),
                "patch.md"),
+        Answer("Does a conversation drift out of its persona?", traj.answer(), "trajectory.md"),
     ]
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
     figures = [("verdicts", "figures/verdicts.png"), ("matrix r", f"figures/matrix_r_L{mid}.png"),
                ("subspace agreement", f"figures/subspace_agreement_L{sub_mid}.png"),
                ("steering effects", "figures/steering_effects.png"),
-               ("patching", "figures/patching.png")]
+               ("patching", "figures/patching.png"),
+               ("drift along the axis", "figures/trajectories.png")]
     return write_experiment_report(
         out, title, headline(cmp, sub, pat, steering, cmp.alpha), answers,
         run_line(cmp) + f" Wall time: {timing}.", figures,

@@ -363,13 +363,6 @@ def builtin_trajectory(store: Store | str | Path, model: str | LoadedModel | Non
     return trajectory(st, model, None, axis=f"persona:{base}")
 
 
-def trajectory_section(store: Store | str | Path, model: str | LoadedModel | None,
-                       out: str | Path) -> Path:
-    """:func:`builtin_trajectory` saved into ``out`` (inside an open results set, it joins it);
-    returns trajectory.md's path, whose text is the section."""
-    return builtin_trajectory(store, model).save(out)
-
-
 # --- the result ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -408,6 +401,26 @@ class TrajectoryResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def answer(self) -> str:
+        """One sentence: which conversations' assistant turns leave their own persona's band
+        (descriptive, at each band's outside rate), or why none can be held to one."""
+        held = [c for c in self.conversations if c.own_band is not None]
+        where = f"on the {self.axis_name} (L{self.layer}, {self.position})"
+        if not held:
+            return (f"No conversation could be held to its own persona's band {where}: "
+                    + (self.notes[-1] if self.notes else "none names a stored persona") + ".")
+        parts = []
+        for c in held:
+            out = [t for t in c.turns if t.own not in (None, "inside")]
+            parts.append(f"{c.label} ({c.persona}): "
+                         + (f"turn {', '.join(str(t.index) for t in out)} of {len(c.turns)} "
+                            f"{'leaves' if len(out) == 1 else 'leave'} its band"
+                            if out else f"all {len(c.turns)} turns inside its band"))
+        rate = max(c.own_band.outside_rate for c in held if c.own_band is not None)
+        return (f"Assistant turns {where} against their own persona's per-question band: "
+                + "; ".join(parts) + f" (a turn like those readings lands outside at ≤ {rate:.2f}; "
+                "descriptive, no correction over turns).")
+
     @classmethod
     def load(cls, path: str | Path) -> TrajectoryResult:
         """A saved trajectory: ``path`` is its trajectory.json or the directory holding it."""
@@ -429,9 +442,10 @@ class TrajectoryResult:
         token), figures/ and trajectory.md into ``out`` (one set, swapped in whole; earlier
         results there only with ``overwrite``); returns trajectory.md's path."""
         from tlpersona.files import atomic_write_bytes, json_bytes
+        from tlpersona.report.html import write_html
         from tlpersona.report.trajectory import write_trajectory
 
-        with results_set(out, "trajectory", overwrite) as stage:
+        with results_set(out, "trajectory", overwrite, finish=write_html) as stage:
             atomic_write_bytes(stage / "trajectory.json", json_bytes(self.to_dict()))
             write_trajectory(self, stage)
         return Path(out) / "trajectory.md"

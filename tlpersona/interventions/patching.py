@@ -280,10 +280,11 @@ class PatchResult:
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
         """patch.json, figures/ and patch.md into ``out`` (one set, swapped in whole; earlier
         results there only with ``overwrite``); returns patch.md's path."""
+        from tlpersona.report.html import write_html
         from tlpersona.report.patch import write_patch
         from tlpersona.resultsets import results_set
 
-        with results_set(out, "patch", overwrite) as stage:
+        with results_set(out, "patch", overwrite, finish=write_html) as stage:
             write_patch(self, stage)
         return Path(out) / "patch.md"
 

@@ -261,10 +261,11 @@ class SteeringResult:
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
         """steering.json, figures/ and steering.md into ``out`` (one set, swapped in whole;
         earlier results there only with ``overwrite``); returns steering.md's path."""
+        from tlpersona.report.html import write_html
         from tlpersona.report.steering import write_steering
         from tlpersona.resultsets import results_set
 
-        with results_set(out, "steering", overwrite) as stage:
+        with results_set(out, "steering", overwrite, finish=write_html) as stage:
             write_steering(self, stage)
         return Path(out) / "steering.md"
 

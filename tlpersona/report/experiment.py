@@ -1,4 +1,4 @@
-"""The experiment's report: its first screen answers the four questions the run exists for,
+"""The experiment's report: its first screen answers the questions the run exists for,
 one sentence each with its numbers; every table follows in details.md."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def write_experiment_report(out: Path, title: str, headline: str, answers: Seque
         raise ValueError(f"headline of {len(headline)} characters (at most {HEADLINE_CHARS})")
     lines = [f"# {title}", "", f"**{headline}**", ""]
     for i, a in enumerate(answers):
-        lines += [f"{'abcd'[i] if i < 4 else i + 1}. **{a.question}** {a.text} "
+        lines += [f"{chr(ord('a') + i)}. **{a.question}** {a.text} "
                   f"([{a.section}]({a.section}))", ""]
     lines += [run, "", *[f"![{cap}]({rel})\n" for cap, rel in figures if (out / rel).exists()],
               "Every table: [details.md](details.md); every compared cell's numbers: "

@@ -31,7 +31,7 @@ from tlpersona.files import atomic_write_bytes
 HTML_NAME = "report.html"
 #: The folder's summary, in order of preference: the experiment's and compare's report.md,
 #: else the one analysis's own markdown (subspace, patch, steer write no report.md).
-SUMMARY_NAMES = ("report.md", "subspace.md", "patch.md", "steering.md")
+SUMMARY_NAMES = ("report.md", "subspace.md", "patch.md", "steering.md", "trajectory.md")
 DETAILS_NAME = "details.md"
 FIGURES_DIR = "figures"
 
@@ -42,6 +42,8 @@ _MANIFEST_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
     "patch.json": (("patching", "inputs", "store_manifest_hash"),),
     "steering.json": (("inputs", "store_manifest_hash"), ("store_manifest_hash",)),
     "projection.json": (("inputs", "store_manifest_hash"),),
+    "trajectory.json": (("inputs", "store_manifest_hash"),),
+    "cross_model.json": (("a", "manifest_hash"), ("b", "manifest_hash")),  # the two stores
 }
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                 ".gif": "image/gif", ".webp": "image/webp", ".svg": "image/svg+xml"}
