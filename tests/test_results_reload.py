@@ -307,3 +307,44 @@ def test_a_field_this_version_does_not_know_is_refused_naming_the_writer(tmp_pat
     (tmp_path / "new.json").write_text(json.dumps(data))
     with pytest.raises(TlpersonaError, match="field 'extra' is unknown"):
         tlp.PatchResult.load(tmp_path / "new.json")
+
+
+def test_results_as_frames(saved_compare, saved_subspace, synth, monkeypatch):
+    """`to_frame()`: compare's frame is cells.csv as pandas reads it; the others hold one row
+    per cell, score, layer or point with the result's own values, nested objects as dotted
+    columns, lists of numbers as tuples; without pandas, one line."""
+    import sys
+
+    import pandas as pd
+
+    result, out = saved_compare
+    got = result.to_frame()
+    # cells.csv writes an absent value (None, or no mark) as an empty field, read as NaN
+    absent = got.replace("", None).isna()
+    pd.testing.assert_frame_equal(got.mask(absent, np.nan).infer_objects(),
+                                  pd.read_csv(out / "cells.csv"), check_dtype=False)
+    assert tlp.CompareResult.load(out).to_frame().equals(got)
+
+    patch = _patch_result()
+    frame = patch.to_frame()
+    assert len(frame) == len(patch.cells)
+    np.testing.assert_array_equal(frame["kl_effect"], [c.kl_effect for c in patch.cells])
+    assert [x if x is None else list(x) for x in frame["kl_by_question"]] == [
+        c.kl_by_question for c in patch.cells]  # an attribution cell has none
+    steering = _steering_result()
+    frame = steering.to_frame()
+    assert list(frame["recipe"]) == [s.recipe for s in steering.scores]
+    assert list(frame["setting.layers"]) == [s.setting.layers for s in steering.scores]
+    assert list(frame["own.effect.lo"]) == [s.own.effect.lo for s in steering.scores]
+    assert "examples" not in frame and "curve" not in frame  # lists of objects
+    sub, _ = saved_subspace
+    frame = sub.to_frame()
+    assert list(frame["layer"]) == [la.layer for la in sub.layers]
+    assert list(frame["k_found"]) == [la.k_found.k for la in sub.layers]
+    proj = tlp.project(synth, layer=5, axis="persona:p3")
+    frame = proj.to_frame()
+    assert list(frame["coords.p3 axis"]) == [p.coords["p3 axis"] for p in proj.points]
+
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(TlpersonaError, match="to_frame needs pandas"):
+        result.to_frame()

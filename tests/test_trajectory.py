@@ -376,6 +376,13 @@ def test_trajectory_against_hf_and_numpy_one_forward_per_batch(loaded, hf_ref, r
     assert data["inputs"]["store_manifest_hash"] == st.manifest_hash
     turns = (tmp_path / "o" / "trajectory.csv").read_text().splitlines()
     assert len(turns) == 1 + sum(len(t.turns) for t in result.conversations)
+    import pandas as pd
+
+    frame, table = result.to_frame(), pd.read_csv(tmp_path / "o" / "trajectory.csv")
+    assert list(frame["label"]) == list(table["label"])
+    assert list(frame["index"]) == list(table["assistant_turn"])
+    np.testing.assert_allclose(frame["value"], table["value"], rtol=1e-12)
+    assert list(frame["own"]) == list(table["own_side"])
     import csv
 
     with open(tmp_path / "o" / "tokens.csv", newline="") as f:

@@ -324,6 +324,84 @@ def test_steering_vectors_applies_the_export_as_we_steered(user_store, steered, 
     assert loaded.tokenizer.decode(got) == first["steered"]
 
 
+def _control_vector(path, n_embd: int, n_layer: int) -> np.ndarray:
+    """A GGUF control vector as llama.cpp's loader reads one: every ``direction.N`` tensor
+    (N ≥ 1) into an n_layer × n_embd buffer whose row N - 1 holds layer N's vector."""
+    import gguf
+
+    buf = np.zeros((n_layer, n_embd), dtype=np.float32)
+    for t in gguf.GGUFReader(str(path)).tensors:
+        layer = int(t.name.removeprefix("direction."))
+        assert t.name == f"direction.{layer}" and 1 <= layer < n_layer
+        buf[layer - 1] = np.asarray(t.data, dtype=np.float32).reshape(n_embd)
+    return buf
+
+
+def test_llama_cpp_adds_the_exported_gguf_where_we_steered(user_store, steered, loaded, hf_ref,
+                                                           tmp_path):
+    """llama.cpp, on the embedded model's own GGUF, with the exported control vector applied
+    as ``--control-vector-scaled FILE 1.0 --control-vector-layer-range L L`` applies it (every
+    position, strength 1): its change to the next-token logits is what a plain HF hook adding
+    the same vector to block L's output at every position makes, and not what the block before
+    or after would make."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+
+    import torch
+
+    from tlpersona.api.causal import export_intervention
+    from tlpersona.models import _fetch_default_gguf
+
+    first = steered.data["continuations"][0]
+    out = tmp_path / "iv"
+    export_intervention(steered.dir, user_store.store, out, persona_source=user_store.personas,
+                        personas=[first["persona"]], recipe=first["recipe"], formats=["gguf"],
+                        model=loaded)
+    entry = json.loads((out / "intervention.json").read_text())["interventions"][0]
+    lo, hi = entry["llamacpp_layer_range"]
+    assert lo == hi == entry["layer"] and entry["llamacpp_scale"] == 1.0
+    ids = _prompt_ids(loaded.tokenizer, entry["base_system_prompt"], first["question"])
+    n_layer = hf_ref.config.num_hidden_layers
+    llm = llama_cpp.Llama(str(_fetch_default_gguf()), n_ctx=512, n_threads=2, logits_all=True,
+                          verbose=False)
+    try:
+        n_embd = llm.n_embd()
+        cvec = _control_vector(out / entry["files"]["gguf"], n_embd, n_layer)
+        assert np.count_nonzero(cvec.any(axis=1)) == 1
+
+        def llama_logits(data: np.ndarray | None) -> np.ndarray:
+            ptr = None if data is None else data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            rc = llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, ptr, 0 if data is None
+                                                  else data.size, n_embd, lo, hi)
+            assert rc == 0
+            llm.reset()
+            llm.eval(ids)
+            return np.array(llm.scores[len(ids) - 1], dtype=np.float64)
+
+        base, with_cvec = llama_logits(None), llama_logits(cvec * entry["llamacpp_scale"])
+    finally:
+        llm.close()
+
+    def hf_logits(layer: int | None) -> np.ndarray:
+        vec = torch.from_numpy(cvec[lo - 1])
+        hook = (None if layer is None else
+                hf_ref.model.layers[layer].register_forward_hook(_adding_hook(vec, 0)))
+        try:
+            with torch.no_grad():
+                return hf_ref(torch.tensor([ids])).logits[0, -1].double().numpy()
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    hf_base = hf_logits(None)
+    # llama.cpp runs the Q4_1 weights, HF their dequantised copy: close, not equal
+    assert np.corrcoef(base, hf_base)[0, 1] > 0.99
+    ours = with_cvec - base
+    assert np.abs(ours).max() > 1.0  # the control vector moves the logits
+    agree = {la: np.corrcoef(ours, hf_logits(la) - hf_base)[0, 1] for la in (lo - 1, lo, lo + 1)}
+    assert agree[lo] > 0.99 and agree[lo] > max(agree[lo - 1], agree[lo + 1]) + 0.02, agree
+
+
 def test_intervention_export_refuses_what_was_not_evaluated(user_store, steered, loaded, tmp_path):
     from tlpersona.api.causal import export_intervention
     from tlpersona.interventions.export import check_formats

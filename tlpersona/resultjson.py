@@ -247,3 +247,32 @@ class Reader:
 def _derived(tp: type) -> set[str]:
     """The properties of ``tp``: values its file holds that the class recomputes."""
     return {name for name in dir(tp) if isinstance(getattr(tp, name, None), property)}
+
+
+def _flat(value: Any, prefix: str, row: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(v, f"{prefix}.{k}" if prefix else k, row)
+    elif not isinstance(value, list):
+        row[prefix] = value
+    elif all(not isinstance(v, dict | list) for v in value):
+        row[prefix] = tuple(value)  # a cell each: per-question values, a setting's layers
+    # lists of objects (curves, examples) stay in to_dict()
+
+
+def frame(rows: typing.Iterable[Any]) -> Any:
+    """A pandas DataFrame with one row per item of ``rows`` (dataclasses or mappings): their
+    JSON fields (:func:`to_json`), nested objects as ``outer.inner`` columns, lists of numbers
+    or names as a tuple per cell; lists of objects are left out (they stay in the result's
+    ``to_dict()``). pandas comes with transformer-lens;
+    this is the one place tlpersona uses it."""
+    try:
+        import pandas
+    except ImportError:
+        raise TlpersonaError("to_frame needs pandas: pip install pandas") from None
+    out = []
+    for item in rows:
+        row: dict[str, Any] = {}
+        _flat(to_json(item), "", row)
+        out.append(row)
+    return pandas.DataFrame(out)

@@ -607,6 +607,12 @@ class CompareResult(JsonView):
         """One flat row per layer × pair (cells.csv)."""
         return [c.record() for c in self.cells]
 
+    def to_frame(self) -> Any:
+        """One row per layer × recipe pair, the columns of cells.csv, as a pandas DataFrame."""
+        from tlpersona.resultjson import frame
+
+        return frame(self.to_records())
+
     def __repr__(self) -> str:
         counts = {v: sum(c.verdict == v for c in self.cells) for v in ("PASS", "GREY", "KILL")}
         return (f"CompareResult({len(self.positions)} recipes × layers {self.layers}, "

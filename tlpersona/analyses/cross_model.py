@@ -188,6 +188,12 @@ class CrossModelResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_frame(self) -> Any:
+        """One row per recipe × layer pair, the columns of cells.csv, as a pandas DataFrame."""
+        from tlpersona.resultjson import frame
+
+        return frame(self.cells)
+
     def cell(self, recipe: str, layer_a: int, layer_b: int | None = None) -> CrossCell:
         """The cell of ``recipe`` at ``layer_a`` of A and ``layer_b`` of B (default: the same
         block number)."""

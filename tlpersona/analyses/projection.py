@@ -218,6 +218,13 @@ class ProjectionResult:
     combined: list[Combined] = field(default_factory=list)
     code_version: str = field(default=__version__, repr=False)  # the version that computed it
 
+    def to_frame(self) -> Any:
+        """One row per point (a stored persona or a new item) and recipe, with its coordinates,
+        as a pandas DataFrame."""
+        from tlpersona.resultjson import frame
+
+        return frame(self.points)
+
     @classmethod
     def load(cls, path: str | Path) -> ProjectionResult:
         """A saved projection: ``path`` is its projection.json or the directory holding it."""

@@ -261,6 +261,13 @@ class SubspaceResult(JsonView):
         comps = _read_components(file.parent / "pcs.safetensors", [la.layer for la in result.layers])
         return replace(result, components=comps).attached(src)
 
+    def to_frame(self) -> Any:
+        """One row per layer (k found, its test, the curves' summaries; lists stay in
+        ``to_dict()``) as a pandas DataFrame."""
+        from tlpersona.resultjson import frame
+
+        return frame(self.layers)
+
     def __repr__(self) -> str:
         per_layer = "; ".join(f"L{la.layer} k_found {la.k_found.k}" for la in self.layers)
         return (f"SubspaceResult({len(self.positions)} recipes; {clip(per_layer, 100)})\n  "

@@ -392,6 +392,14 @@ class TrajectoryResult:
     def hook(self) -> str:
         return f"blocks.{self.layer}.hook_resid_post"
 
+    def to_frame(self) -> Any:
+        """One row per assistant turn (its conversation's number, label and persona, the turn's
+        number, tokens, value and side of each band) as a pandas DataFrame."""
+        from tlpersona.resultjson import frame
+
+        return frame({"conversation": n, "label": c.label, "persona": c.persona, **asdict(t)}
+                     for n, c in enumerate(self.conversations, 1) for t in c.turns)
+
     def __repr__(self) -> str:
         turns = sum(len(c.turns) for c in self.conversations)
         return (f"TrajectoryResult({len(self.conversations)} conversations, {turns} assistant "

@@ -270,6 +270,13 @@ class PatchResult:
             reader.unknown(extra[0])
         return reader.dataclass(cls, data["patching"], "patching")
 
+    def to_frame(self) -> Any:
+        """One row per patched cell (method, component, position, layer, effects) as a pandas
+        DataFrame."""
+        from tlpersona.resultjson import frame
+
+        return frame(self.cells)
+
     def __repr__(self) -> str:
         from tlpersona.resultjson import clip
 

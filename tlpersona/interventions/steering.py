@@ -251,6 +251,13 @@ class SteeringResult:
         file, data = read_result(path, "steering")
         return Reader(file, data.get("code_version")).dataclass(cls, data, "")
 
+    def to_frame(self) -> Any:
+        """One row per recipe × operator score (its setting, effect, tests and verdict) as a
+        pandas DataFrame."""
+        from tlpersona.resultjson import frame
+
+        return frame(self.scores)
+
     def __repr__(self) -> str:
         from tlpersona.resultjson import clip
 
