@@ -421,7 +421,8 @@ class TrajectoryResult:
         for c in held:
             out = [t for t in c.turns if t.own not in (None, "inside")]
             parts.append(f"{c.label} ({c.persona}): "
-                         + (f"turn {', '.join(str(t.index) for t in out)} of {len(c.turns)} "
+                         + (f"turn{'s' if len(out) > 1 else ''} "
+                            f"{', '.join(str(t.index) for t in out)} of {len(c.turns)} "
                             f"{'leaves' if len(out) == 1 else 'leave'} its band"
                             if out else f"all {len(c.turns)} turns inside its band"))
         rate = max(c.own_band.outside_rate for c in held if c.own_band is not None)
