@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from tlpersona.cache import StoreWriter, open_store
-from tlpersona.positions import RECIPES
+from tlpersona.chat.positions import RECIPES
 
 P, Q, LAYERS, D = 275, 240, [7, 14, 21, 27], 3584
 

@@ -14,7 +14,7 @@ import time
 import torch
 
 from benchmarks.gpu_extract import qwen7b
-from tlpersona.decode import StaticGreedy
+from tlpersona.runtime.decode import StaticGreedy
 
 
 def main() -> None:

@@ -24,12 +24,12 @@ import time
 import torch
 
 from tlpersona.cache import open_store
-from tlpersona.conversation import ChatRenderer
+from tlpersona.chat.positions import parse_positions
+from tlpersona.chat.template import ChatRenderer
 from tlpersona.data import load_assistant_axis_personas, load_questions_jsonl
 from tlpersona.data.responses import Response
 from tlpersona.extraction import ExtractConfig, Extractor, extract_to_store
 from tlpersona.models import LoadedModel, ModelInfo, use_hf_attention
-from tlpersona.positions import parse_positions
 
 LAYERS = [7, 14, 21, 27]
 

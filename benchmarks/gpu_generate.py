@@ -19,10 +19,10 @@ from functools import partial
 import torch
 
 from benchmarks.gpu_extract import qwen7b
-from tlpersona.conversation import ChatRenderer
+from tlpersona.chat.template import ChatRenderer
 from tlpersona.data import load_assistant_axis_personas, load_questions_jsonl
-from tlpersona.decode import StaticGreedy
-from tlpersona.generation import greedy_batch
+from tlpersona.extraction.generation import greedy_batch
+from tlpersona.runtime.decode import StaticGreedy
 
 
 def timed(fn):

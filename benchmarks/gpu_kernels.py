@@ -1,4 +1,4 @@
-"""The static decoder's fused kernels (tlpersona.kernels) on the Qwen2.5-7B architecture (random
+"""The static decoder's fused kernels (tlpersona.runtime.kernels) on the Qwen2.5-7B architecture (random
 bf16 weights): each kernel against the HF module it replaces on the same inputs (largest
 difference, share of bit-equal outputs), the decoder's ids and captured residuals with and without
 them, the same fused run twice (bit for bit), and generated tokens/s of both in alternating
@@ -15,8 +15,8 @@ import time
 import torch
 
 from benchmarks.gpu_extract import qwen7b
-from tlpersona import kernels
-from tlpersona.decode import StaticGreedy
+from tlpersona.runtime import kernels
+from tlpersona.runtime.decode import StaticGreedy
 
 
 def compare(name: str, got: torch.Tensor, want: torch.Tensor) -> None:

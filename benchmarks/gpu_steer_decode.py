@@ -21,8 +21,8 @@ import time
 import torch
 
 from benchmarks.gpu_extract import qwen7b
-from tlpersona.decode import StaticGreedy
-from tlpersona.operators import RowEdits
+from tlpersona.runtime.decode import StaticGreedy
+from tlpersona.runtime.edits import RowEdits
 
 
 def edits(rows: int, d: int, layers: list[int], seed: int, cap: bool = False) -> dict[int, RowEdits]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu_extract import qwen7b
-from tlpersona.decode import StaticGreedy
+from tlpersona.runtime.decode import StaticGreedy
 
 
 def graph_ms(fn, reps: int = 20) -> float:

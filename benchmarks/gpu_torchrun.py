@@ -24,11 +24,11 @@ def run(args: argparse.Namespace) -> None:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
 
+    from tlpersona.chat.positions import parse_positions
     from tlpersona.data import load_assistant_axis_personas, load_questions_jsonl
-    from tlpersona.distributed import ranks
     from tlpersona.extraction import ExtractConfig, extract_to_store
     from tlpersona.models import LoadedModel, ModelInfo, use_hf_attention
-    from tlpersona.positions import parse_positions
+    from tlpersona.runtime.distributed import ranks
 
     rk = ranks()
     device = rk.device()

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import tlpersona as tlp
 from tlpersona.cli import main
 from tlpersona.data import Inputs, persona_hash, question_hash
-from tlpersona.files import json_bytes
+from tlpersona.infra.files import json_bytes
 
 pytestmark = pytest.mark.model
 
@@ -34,8 +34,8 @@ def _json(path) -> dict:
 def _page(folder, summary: str) -> None:
     """``folder`` holds report.html: the page of its summary ``summary`` (that markdown's
     first heading in the page's title), one of the results set's own files."""
+    from tlpersona.infra.safety import read_results_mark
     from tlpersona.report.html import HTML_NAME
-    from tlpersona.safety import read_results_mark
 
     heading = next(line for line in (folder / summary).read_text().splitlines()
                    if line.startswith("#")).lstrip("# ").replace("`", "")

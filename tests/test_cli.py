@@ -98,9 +98,9 @@ def test_export_seed_layout_and_wandb_offline(loaded, tmp_path, monkeypatch):
     import torch
 
     from tlpersona.cache.seed_layout import read_seed
+    from tlpersona.chat.positions import parse_positions
     from tlpersona.data import builtin_personas, builtin_questions
     from tlpersona.extraction import ExtractConfig, extract_to_store
-    from tlpersona.positions import parse_positions
 
     cfg = ExtractConfig(parse_positions("a,c2"), [3, 29], batch_size=4, progress=False)
     store = extract_to_store(loaded, cfg, builtin_personas()[:3], builtin_questions()[:2], tmp_path / "s")

@@ -14,7 +14,7 @@ from tlpersona.analyses.compare import _ALIAS, LOAD_BEARING, CompareConfig, Thre
 from tlpersona.analyses.controls import noise_floor
 from tlpersona.cache import StoreWriter, open_store
 from tlpersona.cache.seed_layout import export_seed, read_seed
-from tlpersona.positions import parse_position
+from tlpersona.chat.positions import parse_position
 from tlpersona.report.compare import write_report
 
 LAYERS = [2, 5]
@@ -219,11 +219,11 @@ def test_seed_pt_loading_refuses_pickled_code(tmp_path):
 
 def test_report_on_real_store(loaded, tmp_path):
     """End to end on the embedded default: all seven recipes, comparison, report."""
+    from tlpersona.chat.positions import parse_positions
     from tlpersona.data import builtin_personas, builtin_questions
     from tlpersona.extraction import ExtractConfig, extract_to_store
-    from tlpersona.generation import generate_responses
+    from tlpersona.extraction.generation import generate_responses
     from tlpersona.models import load_hf
-    from tlpersona.positions import parse_positions
 
     personas, questions = builtin_personas()[:5], builtin_questions()[:3]
     hf = load_hf(loaded.info.source, "cpu", torch.float32)

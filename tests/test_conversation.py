@@ -4,9 +4,9 @@ import copy
 
 import pytest
 
-from tlpersona.conversation import ChatRenderer, common_prefix_len
+from tlpersona.chat.positions import parse_position
+from tlpersona.chat.template import ChatRenderer, common_prefix_len
 from tlpersona.errors import TlpersonaError
-from tlpersona.positions import parse_position
 
 SYSTEM = "You are a pirate captain."
 QUESTION = "Where is the treasure?"

@@ -2,10 +2,10 @@
 
 import torch
 
-from tlpersona.conversation import ChatRenderer
+from tlpersona.chat.template import ChatRenderer
 from tlpersona.data import builtin_personas, builtin_questions
-from tlpersona.decode import StaticGreedy, decode_attention
-from tlpersona.generation import eos_ids, greedy_batch
+from tlpersona.extraction.generation import eos_ids, greedy_batch
+from tlpersona.runtime.decode import StaticGreedy, decode_attention
 
 
 def test_static_decoder_gives_the_same_tokens_as_hf_generate(hf_ref, tokenizer):
@@ -39,7 +39,7 @@ def test_grouped_decode_attention_equals_repeated_heads():
 
 
 def test_one_padder_left_and_right():
-    from tlpersona.batching import pad_batch, pad_id
+    from tlpersona.runtime.batching import pad_batch, pad_id
 
     ids, mask = pad_batch([[5, 6, 7], [8]], pad=0, side="left")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from tlpersona.conversation import ChatRenderer
+from tlpersona.chat.template import ChatRenderer
 from tlpersona.data import builtin_personas, builtin_questions
-from tlpersona.decode import StaticGreedy
-from tlpersona.generation import eos_ids
-from tlpersona.operators import RowEdits
+from tlpersona.extraction.generation import eos_ids
+from tlpersona.runtime.decode import StaticGreedy
+from tlpersona.runtime.edits import RowEdits
 
 N = 16
 

@@ -14,8 +14,8 @@ from tlpersona.data import builtin_personas, builtin_questions
 @pytest.fixture(scope="module")
 def store(loaded, tmp_path_factory):
     from tlpersona.cache.store import open_store
+    from tlpersona.chat.positions import parse_positions
     from tlpersona.extraction import ExtractConfig, extract_to_store
-    from tlpersona.positions import parse_positions
 
     cfg = ExtractConfig(parse_positions("last"), [0, 7, 15], batch_size=8, progress=False)
     path = extract_to_store(loaded, cfg, builtin_personas()[:3], builtin_questions()[:2],

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from tlpersona.chat.positions import parse_positions
 from tlpersona.data import Persona, Question
 from tlpersona.extraction import ExtractConfig, Extractor
-from tlpersona.generation import generate_responses
-from tlpersona.positions import parse_positions
+from tlpersona.extraction.generation import generate_responses
 
 LAYERS = [0, 7, 15, 22, 29]  # 29 is the last block: HF's hidden_states[-1] is after the final norm
 PERSONA = Persona("pirate", ("You are a pirate captain who has spent forty years at sea.",
@@ -125,7 +125,7 @@ def test_prompt_mean_identity(loaded):
 
 def test_greedy_generation_matches_step_by_step_argmax(loaded, hf_ref, responses):
     """Catches transformers releases whose generate() breaks greedy decoding."""
-    from tlpersona.conversation import ChatRenderer
+    from tlpersona.chat.template import ChatRenderer
 
     r = ChatRenderer(loaded.tokenizer)
     for q in QUESTIONS:

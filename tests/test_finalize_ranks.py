@@ -13,7 +13,7 @@ import torch
 from tlpersona.cache import StoreWriter, open_store
 from tlpersona.cache.schema import PARTS
 from tlpersona.cache.store import StoreWriter as _Writer
-from tlpersona.distributed import Ranks
+from tlpersona.runtime.distributed import Ranks
 
 POSITIONS = ["last", "prompt_mean", "sys_end", "sys_end+1", "response_mean"]
 PROV = {"personas": ["a", "b", "c"], "questions": ["q0", "q1"], "layers": [1, 3],

@@ -6,15 +6,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tlpersona.batching import decode_row_bytes, generate_batch
 from tlpersona.cache import open_store
-from tlpersona.conversation import template_hash
+from tlpersona.chat.positions import parse_positions
+from tlpersona.chat.template import template_hash
 from tlpersona.data import builtin_personas, builtin_questions
+from tlpersona.data.provenance import header as response_header
 from tlpersona.data.responses import read_responses
 from tlpersona.extraction import ExtractConfig, extract_to_store
-from tlpersona.fused import MARK, FusedConfig, fused_extract_to_store
-from tlpersona.positions import parse_positions
-from tlpersona.response_provenance import header as response_header
+from tlpersona.extraction.fused import MARK, FusedConfig, fused_extract_to_store
+from tlpersona.runtime.batching import decode_row_bytes, generate_batch
 
 LAYERS = [3, 29]  # 29: the last block, read before the final norm
 
@@ -64,7 +64,7 @@ def test_auto_batch_sizes_shrink_with_memory(monkeypatch):
     assert decode_row_bytes(cfg, torch.bfloat16, 100, 200) > 2 * 28 * 4 * 128 * 300 * 2
     assert generate_batch("cpu", cfg, torch.bfloat16, 1920, 100, 200) == 16
     assert generate_batch("cpu", cfg, torch.bfloat16, 5, 100, 200) == 5
-    import tlpersona.batching as batching
+    import tlpersona.runtime.batching as batching
 
     monkeypatch.setattr(batching, "free_bytes", lambda device: 64 * 2**30)
     big = generate_batch("cuda", cfg, torch.bfloat16, 1920, 100, 200, captured_layers=4)
@@ -90,7 +90,7 @@ def test_bad_batch_size_is_one_line_exit_2(value, tmp_path):
 def test_killed_fused_run_resumes_to_the_same_store(loaded, hf_ref, tmp_path, monkeypatch):
     """Killed after a group's responses were appended but before its store part was written:
     the rerun decodes that group again, appends nothing twice, and finishes the same store."""
-    import tlpersona.fused as fused_mod
+    import tlpersona.extraction.fused as fused_mod
     from tlpersona.cache.store import StoreWriter
 
     monkeypatch.setattr(fused_mod, "GROUP_PASSES", 2)  # one persona per group

@@ -20,6 +20,8 @@ from test_safety import _fails, _run
 
 import tlpersona as tlp
 from tlpersona.data import Question, builtin_personas, builtin_questions
+from tlpersona.data.provenance import check_compatible
+from tlpersona.data.provenance import header as response_header
 from tlpersona.data.responses import (
     Response,
     drop_torn_tail,
@@ -28,8 +30,6 @@ from tlpersona.data.responses import (
     read_responses_file,
 )
 from tlpersona.errors import TlpersonaError
-from tlpersona.response_provenance import check_compatible
-from tlpersona.response_provenance import header as response_header
 
 SMALL = ["--limit-personas", "2", "--limit-questions", "2"]
 PERSONAS = [p.name for p in builtin_personas()[:2]]
@@ -190,7 +190,7 @@ def test_lines_of_prompts_outside_the_run_are_left_out_and_near_misses_refused(t
     """A file made for the whole study, read by a run of part of it: lines of other questions
     and phrasings are left out (and counted); a question id differing only in case is not."""
     from tlpersona.data.responses import read_responses_file
-    from tlpersona.preflight import check_response_keys
+    from tlpersona.extraction.preflight import check_response_keys
 
     rows = _full_file()
     rows.append({**rows[0], "question_id": "another"})
@@ -246,8 +246,8 @@ def builtin_eos() -> int:
 @pytest.mark.model
 def test_a_persona_without_any_response_stops_the_run_before_the_first_write(loaded, tmp_path):
     """Found at its group, mid-run, it used to leave the earlier groups' parts behind."""
+    from tlpersona.chat.positions import parse_positions
     from tlpersona.extraction import ExtractConfig, extract_to_store
-    from tlpersona.positions import parse_positions
 
     personas, questions = builtin_personas()[:4], builtin_questions()[:2]
     eos = loaded.tokenizer.eos_token_id
@@ -268,8 +268,8 @@ def test_a_persona_without_any_response_stops_the_run_before_the_first_write(loa
 
 @pytest.mark.model
 def test_an_empty_finished_response_is_one_line(tokenizer, tmp_path, monkeypatch):
-    from tlpersona.positions import parse_positions
-    from tlpersona.preflight import check_prompts, check_responses
+    from tlpersona.chat.positions import parse_positions
+    from tlpersona.extraction.preflight import check_prompts, check_responses
 
     pos = parse_positions("response_mean_seed,resp_start")
     persona, q = builtin_personas()[0], builtin_questions()[0]
@@ -391,7 +391,7 @@ def test_write_prompts_and_generate_take_a_loaded_model(loaded, tmp_path):
 
 @pytest.mark.model
 def test_a_refusal_on_rank_0_stops_every_rank_with_one_line(tmp_path):
-    from tlpersona.locks import exclusive
+    from tlpersona.infra.locks import exclusive
 
     out = tmp_path / "s"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tlpersona import kernels
-from tlpersona.decode import StaticGreedy
+from tlpersona.runtime import kernels
+from tlpersona.runtime.decode import StaticGreedy
 
 GPU = pytest.mark.skipif(kernels.triton is None or not torch.cuda.is_available(),
                          reason="needs CUDA and Triton")

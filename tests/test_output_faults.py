@@ -25,7 +25,7 @@ import tlpersona as tlp
 from tlpersona.api.results import results_set
 from tlpersona.cache.seed_layout import check_seed_root, export_seed, read_seed
 from tlpersona.errors import TlpersonaError
-from tlpersona.safety import RESULTS_MARK, check_persona_names
+from tlpersona.infra.safety import RESULTS_MARK, check_persona_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -277,9 +277,9 @@ def test_results_print_short_in_a_notebook(seed, cmp):
 @pytest.fixture(scope="module")
 def store(loaded, tmp_path_factory):
     from tlpersona.cache.store import open_store
+    from tlpersona.chat.positions import parse_positions
     from tlpersona.data import builtin_personas, builtin_questions
     from tlpersona.extraction import ExtractConfig, extract_to_store
-    from tlpersona.positions import parse_positions
 
     cfg = ExtractConfig(parse_positions("last,sys_end"), [0, 3], batch_size=8, progress=False)
     path = extract_to_store(loaded, cfg, builtin_personas()[:3], builtin_questions()[:2],

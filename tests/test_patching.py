@@ -124,8 +124,8 @@ def test_persona_vectors_are_centroids_minus_a_mean():
 
 @pytest.fixture(scope="module")
 def small_store(loaded, tmp_path_factory):
+    from tlpersona.chat.positions import parse_positions
     from tlpersona.extraction import ExtractConfig, extract_to_store
-    from tlpersona.positions import parse_positions
 
     cfg = ExtractConfig(parse_positions("last,sys_end"), [7, 15], batch_size=8, progress=False)
     return extract_to_store(loaded, cfg, builtin_personas()[:5], builtin_questions()[:3],

@@ -1,7 +1,7 @@
 import pytest
 
+from tlpersona.chat.positions import RECIPES, canonical, parse_position, parse_positions
 from tlpersona.errors import TlpersonaError
-from tlpersona.positions import RECIPES, canonical, parse_position, parse_positions
 
 
 def test_aliases_map_to_canonical_names():

@@ -8,10 +8,10 @@ import pytest
 import tlpersona as tlp
 from tlpersona.analyses.projection import nearest
 from tlpersona.cache import open_store
+from tlpersona.chat.positions import parse_positions
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction import ExtractConfig, extract_to_store
-from tlpersona.positions import parse_positions
 
 PERSONAS = builtin_personas()[:5]  # includes "assistant"
 QUESTIONS = builtin_questions()[:2]

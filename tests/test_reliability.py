@@ -20,11 +20,11 @@ import torch
 from click.testing import CliRunner
 
 from tlpersona.cache import open_store, verify_store
+from tlpersona.chat.positions import parse_positions
 from tlpersona.cli import main
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction import ExtractConfig, Extractor, extract_to_store
-from tlpersona.positions import parse_positions
 
 ARGS = ["extract", "--limit-personas", "6", "--limit-questions", "3",
         "--positions", "last,sys_end,response_mean", "--layers", "5,29",
@@ -83,7 +83,7 @@ def test_sigkill_at_random_points_then_resume(reference, tmp_path, seed):
 
 
 def test_disk_full_leaves_a_valid_resumable_store(loaded, tmp_path, monkeypatch):
-    import safetensors.torch as store_mod  # tlpersona.files imports save_file at each call
+    import safetensors.torch as store_mod  # tlpersona.infra.files imports save_file at each call
 
     personas, questions = builtin_personas()[:4], builtin_questions()[:2]
     cfg = ExtractConfig(parse_positions("last,sys_end"), [3, 29], batch_size=4, progress=False)

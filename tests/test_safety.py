@@ -21,11 +21,11 @@ from click.testing import CliRunner
 from tlpersona.cache import open_store, verify_store
 from tlpersona.cache.seed_layout import export_seed, read_seed
 from tlpersona.cache.store import clear_store
+from tlpersona.chat.positions import parse_positions
 from tlpersona.cli import main
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction import ExtractConfig, extract_to_store
-from tlpersona.positions import parse_positions
 
 SMALL = ["--limit-personas", "2", "--limit-questions", "2"]
 
@@ -295,7 +295,7 @@ def test_project_text_without_raw_system_last_is_an_error(store, tmp_path):
 
 # --- 7. locks -----------------------------------------------------------------------------------
 
-_HOLD = ("import sys, time; from tlpersona.locks import exclusive\n"
+_HOLD = ("import sys, time; from tlpersona.infra.locks import exclusive\n"
          "with exclusive(sys.argv[1], 'x'):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))")
 
 
@@ -331,7 +331,7 @@ def test_a_locked_out_stops_a_second_run_naming_the_holder(store, tmp_path):
 
 
 def test_the_model_cache_lock_waits_for_its_holder(tmp_path):
-    from tlpersona.locks import exclusive
+    from tlpersona.infra.locks import exclusive
 
     proc = _holder(tmp_path, 1.5)
     t0 = time.perf_counter()
@@ -344,7 +344,7 @@ def test_the_model_cache_lock_waits_for_its_holder(tmp_path):
 def test_a_lock_is_re_entrant_in_its_thread_and_excludes_other_threads(tmp_path):
     import threading
 
-    from tlpersona.locks import exclusive
+    from tlpersona.infra.locks import exclusive
 
     held, release = threading.Event(), threading.Event()
 
@@ -371,7 +371,7 @@ def test_a_waiter_takes_the_lock_when_its_fresh_holder_fails_and_cleans_up(tmp_p
     then holds the lock (re-made), and a third is refused: never two holders."""
     import threading
 
-    from tlpersona.locks import exclusive
+    from tlpersona.infra.locks import exclusive
 
     d = tmp_path / "d"
     holding, release = threading.Event(), threading.Event()

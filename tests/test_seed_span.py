@@ -4,13 +4,13 @@ tokens), against plain HF hidden states over the templated conversation."""
 import pytest
 from test_extract import LAYERS, PERSONA, QUESTIONS, _hf_resid
 
-from tlpersona.conversation import ChatRenderer
+from tlpersona.chat.positions import parse_position, parse_positions
+from tlpersona.chat.template import ChatRenderer
 from tlpersona.data.responses import Response
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction import ExtractConfig, Extractor
-from tlpersona.generation import generate_responses
-from tlpersona.positions import parse_position, parse_positions
-from tlpersona.preflight import check_prompts, check_responses
+from tlpersona.extraction.generation import generate_responses
+from tlpersona.extraction.preflight import check_prompts, check_responses
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_seed_span_refuses_a_foreign_end_token_that_another_position_reads(token
 
 
 def test_seed_span_is_a_named_position_that_the_fused_pass_leaves_to_two_passes():
-    from tlpersona.fused import FusedConfig, fusable, fused_extract_to_store
+    from tlpersona.extraction.fused import FusedConfig, fusable, fused_extract_to_store
 
     p = parse_position("b_seed")
     assert p.name == "response_mean_seed" and p.needs_response and not p.question_invariant

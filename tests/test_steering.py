@@ -17,7 +17,7 @@ from tlpersona.interventions import steering as S
 from tlpersona.interventions.runner import Runner
 from tlpersona.interventions.steer_batch import Edit, Row, run_rows
 from tlpersona.interventions.steer_stats import Bootstrap, separated_ranks
-from tlpersona.operators import RowEdits, unit
+from tlpersona.runtime.edits import RowEdits, unit
 
 
 def test_edit_algebra_matches_numpy():
@@ -154,8 +154,8 @@ def test_split_questions_is_seeded_and_disjoint():
 @pytest.fixture(scope="module")
 def store6(loaded, tmp_path_factory):
     from tlpersona.cache import open_store
+    from tlpersona.chat.positions import parse_positions
     from tlpersona.extraction import ExtractConfig, extract_to_store
-    from tlpersona.positions import parse_positions
 
     cfg = ExtractConfig(parse_positions("last,sys_end"), [7, 15], batch_size=8, progress=False)
     path = extract_to_store(loaded, cfg, builtin_personas()[:6], builtin_questions()[:3],

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tlpersona.cache import open_store
+from tlpersona.chat.positions import parse_positions
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction import ExtractConfig, Extractor, extract_to_store
-from tlpersona.positions import parse_positions
 
 LAYERS = [3, 15, 29]
 PERSONAS = builtin_personas()[:3]

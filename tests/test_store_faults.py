@@ -19,7 +19,7 @@ from tlpersona.cache import StoreWriter, open_store, verify_store
 from tlpersona.cache.export import VectorExport, export_vectors
 from tlpersona.cache.store import Store, _first_nonfinite, check_parts, check_store
 from tlpersona.errors import TlpersonaError
-from tlpersona.files import sha256_file
+from tlpersona.infra.files import sha256_file
 
 POSITIONS = ["last", "prompt_mean", "sys_end"]
 PER_QUESTION = ["last", "prompt_mean"]

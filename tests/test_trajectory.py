@@ -288,7 +288,7 @@ MULTI = Conversation.of([
 @pytest.mark.usefixtures("one_thread")
 def test_every_tokens_residual_equals_hf_hidden_states(loaded, hf_ref):
     convs = [MULTI, *builtin_conversations()]
-    from tlpersona.conversation import ChatRenderer
+    from tlpersona.chat.template import ChatRenderer
 
     renderer = ChatRenderer(loaded.tokenizer)
     rendered = [render_conversation(renderer, c) for c in convs]
@@ -397,7 +397,7 @@ def test_trajectory_against_hf_and_numpy_one_forward_per_batch(loaded, hf_ref, r
 def test_cli_and_the_experiment_section(loaded, real_store, tmp_path, monkeypatch):
     import tlpersona.models
     from tlpersona.api.trajectory import builtin_trajectory
-    from tlpersona.safety import read_results_mark
+    from tlpersona.infra.safety import read_results_mark
 
     monkeypatch.setattr(tlpersona.models, "load_model", lambda *a, **k: loaded)
     code, errors, output = _cli(str(real_store), "--out", str(tmp_path / "o"))

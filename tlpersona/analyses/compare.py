@@ -58,10 +58,10 @@ from tlpersona.analyses.stats import (
     sign_flip_z,
     z_score,
 )
+from tlpersona.cache.source import ActivationSource
+from tlpersona.chat.positions import RECIPES, canonical
 from tlpersona.errors import TlpersonaError
-from tlpersona.positions import RECIPES, canonical
-from tlpersona.renames import old_names, take_old_names
-from tlpersona.sources import ActivationSource
+from tlpersona.infra.renames import old_names, take_old_names
 from tlpersona.version import __version__
 
 #: position -> recipe letter; the seed's response span is its recipe B too

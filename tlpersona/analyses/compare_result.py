@@ -14,10 +14,10 @@ import numpy as np
 
 from tlpersona.analyses.controls import BStarCheck, FloorReason, FloorStats
 from tlpersona.analyses.metrics import HeldOutCos, HeldOutSkipped
-from tlpersona.positions import canonical
-from tlpersona.resultjson import NOT_JSON, OMIT_NONE, JsonView, Reader, clip, key, num, to_json
-from tlpersona.resultsets import need_source, read_result, results_set, source_for
-from tlpersona.sources import ActivationSource, stored_layer
+from tlpersona.cache.source import ActivationSource, need_source, source_for, stored_layer
+from tlpersona.chat.positions import canonical
+from tlpersona.infra.resultjson import NOT_JSON, OMIT_NONE, JsonView, Reader, clip, key, num, to_json
+from tlpersona.infra.resultsets import read_result, results_set
 
 
 @dataclass
@@ -609,7 +609,7 @@ class CompareResult(JsonView):
 
     def to_frame(self) -> Any:
         """One row per layer × recipe pair, the columns of cells.csv, as a pandas DataFrame."""
-        from tlpersona.resultjson import frame
+        from tlpersona.infra.resultjson import frame
 
         return frame(self.to_records())
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from tlpersona.analyses import metrics as M
-from tlpersona.resultjson import OMIT_NONE, to_json
-from tlpersona.sources import ActivationSource
+from tlpersona.cache.source import ActivationSource
+from tlpersona.infra.resultjson import OMIT_NONE, to_json
 
 CHUNK = 32  # personas read at a time: [32, 240, 4, 3584] fp32 is ~0.4 GB
 

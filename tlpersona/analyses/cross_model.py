@@ -30,9 +30,9 @@ from tlpersona.analyses.compare import (
 )
 from tlpersona.analyses.controls import FloorReason
 from tlpersona.analyses.stats import MantelPermuter, MantelResult, draws_for_family, holm, z_score
+from tlpersona.cache.source import ActivationSource, stored_layer
+from tlpersona.chat.positions import canonical
 from tlpersona.errors import TlpersonaError
-from tlpersona.positions import canonical
-from tlpersona.sources import ActivationSource, stored_layer
 from tlpersona.version import __version__
 
 #: Recipes whose vectors read each model's own generated responses.
@@ -190,7 +190,7 @@ class CrossModelResult:
 
     def to_frame(self) -> Any:
         """One row per recipe × layer pair, the columns of cells.csv, as a pandas DataFrame."""
-        from tlpersona.resultjson import frame
+        from tlpersona.infra.resultjson import frame
 
         return frame(self.cells)
 

@@ -13,7 +13,7 @@ from scipy import stats
 from scipy.linalg import orthogonal_procrustes
 from threadpoolctl import threadpool_limits
 
-from tlpersona.resultjson import OMIT_NONE, to_json
+from tlpersona.infra.resultjson import OMIT_NONE, to_json
 
 
 def unit(x: np.ndarray) -> np.ndarray:

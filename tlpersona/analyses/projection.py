@@ -20,8 +20,8 @@ from tlpersona.analyses import metrics as M
 from tlpersona.cache.vectors import axis as persona_axis
 from tlpersona.data import Inputs
 from tlpersona.errors import TlpersonaError
-from tlpersona.resultjson import Reader
-from tlpersona.resultsets import read_result, results_set
+from tlpersona.infra.resultjson import Reader
+from tlpersona.infra.resultsets import read_result, results_set
 from tlpersona.version import __version__
 
 
@@ -221,7 +221,7 @@ class ProjectionResult:
     def to_frame(self) -> Any:
         """One row per point (a stored persona or a new item) and recipe, with its coordinates,
         as a pandas DataFrame."""
-        from tlpersona.resultjson import frame
+        from tlpersona.infra.resultjson import frame
 
         return frame(self.points)
 

@@ -73,10 +73,10 @@ from tlpersona.analyses.subspace_result import (
     SubspaceResult,
     SubspaceThresholds,
 )
+from tlpersona.cache.source import ActivationSource
+from tlpersona.chat.positions import canonical
 from tlpersona.errors import TlpersonaError
-from tlpersona.positions import canonical
-from tlpersona.renames import old_names, take_old_names
-from tlpersona.sources import ActivationSource
+from tlpersona.infra.renames import old_names, take_old_names
 from tlpersona.version import __version__
 
 
@@ -402,7 +402,7 @@ def answer(result: SubspaceResult | Mapping[str, Any]) -> str:
     there a shared subspace, of what dimension per layer, beyond chance; or, when none is, what
     a PC would have needed to pass and what the personas allow."""
     if not isinstance(result, SubspaceResult):
-        from tlpersona.resultjson import Reader
+        from tlpersona.infra.resultjson import Reader
 
         result = Reader(None).dataclass(SubspaceResult, dict(result), "")
     layers = result.layers

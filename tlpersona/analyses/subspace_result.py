@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from tlpersona.cache.source import ActivationSource, need_source, source_for
 from tlpersona.errors import TlpersonaError
-from tlpersona.resultjson import NOT_JSON, JsonView, Reader, clip, key
-from tlpersona.resultsets import need_source, read_result, results_set, source_for
-from tlpersona.sources import ActivationSource
+from tlpersona.infra.resultjson import NOT_JSON, JsonView, Reader, clip, key
+from tlpersona.infra.resultsets import read_result, results_set
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class AlignedLayer:
                       self.k_found_null_p_holm, self.k_found_p, self.k_found_p_holm)
 
     def to_dict(self) -> dict[str, Any]:
-        from tlpersona.resultjson import to_json
+        from tlpersona.infra.resultjson import to_json
 
         return to_json(self)
 
@@ -264,7 +264,7 @@ class SubspaceResult(JsonView):
     def to_frame(self) -> Any:
         """One row per layer (k found, its test, the curves' summaries; lists stay in
         ``to_dict()``) as a pandas DataFrame."""
-        from tlpersona.resultjson import frame
+        from tlpersona.infra.resultjson import frame
 
         return frame(self.layers)
 
@@ -277,7 +277,7 @@ class SubspaceResult(JsonView):
         """subspace.json, pcs.safetensors, figures/ and subspace.md into ``out`` (one set,
         swapped in whole; earlier results there only with ``overwrite``); returns subspace.md's
         path."""
-        from tlpersona.files import atomic_write_bytes
+        from tlpersona.infra.files import atomic_write_bytes
         from tlpersona.report.html import write_html
         from tlpersona.report.subspace import write_subspace
 

@@ -17,14 +17,14 @@ from tlpersona.analyses.subspace import SubspaceConfig
 from tlpersona.analyses.subspace import subspace as _subspace
 from tlpersona.analyses.subspace_result import SubspaceResult
 from tlpersona.cache.export import VectorExport, check_export
+from tlpersona.cache.source import ActivationSource, as_store, open_source, stored_layer, stored_layers
 from tlpersona.cache.store import Store
 from tlpersona.cache.vectors import PersonaVector, Reference
+from tlpersona.chat.positions import canonical, parse_positions
 from tlpersona.data import Question
 from tlpersona.errors import TlpersonaError
+from tlpersona.infra.safety import check_count, check_new_file
 from tlpersona.models import LoadedModel
-from tlpersona.positions import canonical, parse_positions
-from tlpersona.safety import check_count, check_new_file
-from tlpersona.sources import ActivationSource, as_store, open_source, stored_layer, stored_layers
 
 T = TypeVar("T")
 

@@ -8,7 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from tlpersona.cache.source import as_store, stored_layers
 from tlpersona.cache.store import Store
+from tlpersona.chat.positions import parse_positions
 from tlpersona.data import (
     Persona,
     Question,
@@ -30,8 +32,6 @@ from tlpersona.models import (
     resolve,
     resolve_layers,
 )
-from tlpersona.positions import parse_positions
-from tlpersona.sources import as_store, stored_layers
 
 
 def _model_for(model: str | LoadedModel | None, prov: dict[str, Any], device: str | None,
@@ -187,6 +187,7 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
     ``personas`` names the steered personas; default: the ``n_personas`` farthest
     from ``base`` on its axis. ``.save(out)`` writes steering.json, figures and steering.md.
     """
+    from tlpersona.infra.safety import check_finite_numbers
     from tlpersona.interventions.steering import (
         DEFAULT_ALPHAS,
         DEFAULT_PERCENTILES,
@@ -195,7 +196,6 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
         min_questions,
     )
     from tlpersona.interventions.steering import steer as _steer
-    from tlpersona.safety import check_finite_numbers
 
     st = as_store(store)
     prov = st.provenance
@@ -239,11 +239,11 @@ def export_intervention(steering: str | Path, store: Store | str | Path, out: st
     best-ranked one; ``model``: only its tokenizer is read, for the start token (default: the
     store's model). ``out`` is a new directory (an earlier export there only with
     ``overwrite``), written whole or not at all."""
-    from tlpersona.conversation import ChatRenderer
+    from tlpersona.chat.template import ChatRenderer
+    from tlpersona.infra.resultsets import results_set
     from tlpersona.interventions import export as iv
     from tlpersona.interventions.steering import after_system
     from tlpersona.models import load_tokenizer
-    from tlpersona.resultsets import results_set
 
     record = iv.read_steering(steering)
     setting, names = iv.choose(record, recipe, list(personas) if personas else None)

@@ -10,12 +10,12 @@ from pathlib import Path
 from tlpersona.analyses.cross_model import CrossModelConfig
 from tlpersona.analyses.cross_model import CrossModelResult as _CrossModelResult
 from tlpersona.analyses.cross_model import compare_models as _compare_models
+from tlpersona.cache.source import ActivationSource, open_source
+from tlpersona.chat.positions import parse_positions
 from tlpersona.errors import TlpersonaError
-from tlpersona.positions import parse_positions
-from tlpersona.resultjson import Reader as _Reader
-from tlpersona.resultsets import results_set
-from tlpersona.safety import check_count, check_results_dir, read_text, strict_json
-from tlpersona.sources import ActivationSource, open_source
+from tlpersona.infra.resultjson import Reader as _Reader
+from tlpersona.infra.resultsets import results_set
+from tlpersona.infra.safety import check_count, check_results_dir, read_text, strict_json
 
 #: The result's file in a saved set.
 RESULT_FILE = "cross_model.json"

@@ -17,14 +17,14 @@ from tlpersona.api.extraction import PromptIndex, extract
 from tlpersona.api.trajectory import TrajectoryResult, builtin_trajectory
 from tlpersona.cache.store import Store
 from tlpersona.data import Persona, Question, builtin_personas, builtin_questions
+from tlpersona.infra.locks import exclusive
+from tlpersona.infra.resultsets import results_set
+from tlpersona.infra.safety import check_analysis_dir, check_count, check_results_dir
 from tlpersona.interventions.patching import PatchResult
 from tlpersona.interventions.steering import SteeringResult
-from tlpersona.locks import exclusive
 from tlpersona.models import LayerSpec, default_device, load_model
 from tlpersona.report.experiment import HEADLINE_CHARS, Answer, write_experiment_report
 from tlpersona.report.html import write_html
-from tlpersona.resultsets import results_set
-from tlpersona.safety import check_analysis_dir, check_count, check_results_dir
 
 #: Stored besides the seven recipes: the sink position and the sink-free prompt mean feed the
 #: report's attention-sink check.

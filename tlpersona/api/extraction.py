@@ -13,15 +13,32 @@ from typing import Any, Literal
 import torch
 
 from tlpersona.cache.store import Store, check_parts, clear_store, open_store, store_dir_state
-from tlpersona.conversation import template_hash
+from tlpersona.chat.positions import Position, parse_positions
+from tlpersona.chat.template import template_hash
 from tlpersona.data import Persona, Question, builtin_personas, builtin_questions, indexed_prompts
+from tlpersona.data.provenance import check_compatible, check_ours
+from tlpersona.data.provenance import header as response_header
 from tlpersona.data.responses import Key, Response, ResponsesFile, read_responses, read_responses_file
-from tlpersona.distributed import Ranks, ranks
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction import ExtractConfig, extract_to_store, provenance_of
-from tlpersona.generation import check_prompts as check_saved
-from tlpersona.generation import generate_responses
-from tlpersona.locks import exclusive
+from tlpersona.extraction.generation import check_prompts as check_saved
+from tlpersona.extraction.generation import generate_responses
+from tlpersona.extraction.preflight import (
+    PromptCheck,
+    check_context,
+    check_prompts,
+    check_response_keys,
+    check_responses,
+    coverage,
+)
+from tlpersona.infra.locks import exclusive
+from tlpersona.infra.safety import (
+    check_count,
+    check_new_file,
+    check_output_dir,
+    check_output_file,
+    in_store,
+)
 from tlpersona.models import (
     LayerSpec,
     LoadedModel,
@@ -34,24 +51,7 @@ from tlpersona.models import (
     resolve,
     resolve_layers,
 )
-from tlpersona.positions import Position, parse_positions
-from tlpersona.preflight import (
-    PromptCheck,
-    check_context,
-    check_prompts,
-    check_response_keys,
-    check_responses,
-    coverage,
-)
-from tlpersona.response_provenance import check_compatible, check_ours
-from tlpersona.response_provenance import header as response_header
-from tlpersona.safety import (
-    check_count,
-    check_new_file,
-    check_output_dir,
-    check_output_file,
-    in_store,
-)
+from tlpersona.runtime.distributed import Ranks, ranks
 
 #: Recipes ``extract`` reads when none are named.
 DEFAULT_POSITIONS = ("last", "sys_end", "sys_end+1")
@@ -289,11 +289,11 @@ def _check_out(out: Path, expected: dict[str, Any], force_new: bool, keep: set[P
 def _fused(decoder: str, device: str, device_map: str | None, out: Path, resp_path: Path,
            personas: list[Persona], questions: list[Question], prompt_index: PromptIndex,
            cfg: ExtractConfig) -> bool:
-    """Generate and extract in one pass (tlpersona.fused) when the static decoder generates the
+    """Generate and extract in one pass (tlpersona.extraction.fused) when the static decoder generates the
     responses here: always for a store that a fused run started; otherwise unless every
     response is already on disk (then extraction alone is the shorter way), or a position needs
-    tokens after the response (:func:`tlpersona.fused.fusable`)."""
-    from tlpersona.fused import fusable, fused_marked
+    tokens after the response (:func:`tlpersona.extraction.fused.fusable`)."""
+    from tlpersona.extraction.fused import fusable, fused_marked
 
     static = decoder == "static" or (decoder == "auto" and device.startswith("cuda"))
     if not static or device_map:
@@ -314,7 +314,7 @@ def _run_fused(spec: str, plan: _Plan, cfg: ExtractConfig, batch_size: int | Non
                personas: list[Persona], questions: list[Question], out: Path, resp_path: Path,
                rk: Ranks) -> Store:
     """Generate and extract in one pass (the run was checked and ``out`` locked by the caller)."""
-    from tlpersona.fused import FusedConfig, fused_extract_to_store
+    from tlpersona.extraction.fused import FusedConfig, fused_extract_to_store
     from tlpersona.models import model_info
 
     hf = load_hf(plan.source, plan.device, plan.dtype)
@@ -387,8 +387,8 @@ def write_prompts(model: str | LoadedModel = "default", personas: Sequence[Perso
     prompts."""
     import json
 
-    from tlpersona.files import atomic_write_bytes
-    from tlpersona.generation import prompt_lines
+    from tlpersona.extraction.generation import prompt_lines
+    from tlpersona.infra.files import atomic_write_bytes
 
     ps, qs = _data(personas, questions)
     path = Path(out)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tlpersona.conversation import ChatRenderer
+from tlpersona.chat.positions import parse_positions
+from tlpersona.chat.template import ChatRenderer
 from tlpersona.errors import TlpersonaError
 from tlpersona.models import load_tokenizer, resolve
-from tlpersona.positions import parse_positions
 
 
 def describe_positions(model: str = "default",

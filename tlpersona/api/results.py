@@ -6,9 +6,9 @@ JSON the CLI writes), ``.save(out_dir)`` (JSON, report, figures) and ``Result.lo
 from tlpersona.analyses.compare_result import CompareResult, PairCell
 from tlpersona.analyses.projection import Projected, ProjectionResult
 from tlpersona.analyses.subspace_result import KFound, SubspaceLayer, SubspaceResult
+from tlpersona.infra.resultsets import results_set
 from tlpersona.interventions.patching import PatchResult
 from tlpersona.interventions.steering import SteeringResult
-from tlpersona.resultsets import results_set
 
 __all__ = ["CompareResult", "KFound", "PairCell", "PatchResult", "Projected", "ProjectionResult",
            "SteeringResult", "SubspaceLayer", "SubspaceResult", "results_set"]

@@ -23,16 +23,16 @@ from tlpersona.analyses.trajectory import (
     token_values,
     trace,
 )
+from tlpersona.cache.source import as_store, stored_layer
 from tlpersona.cache.store import Store
+from tlpersona.chat.positions import canonical
 from tlpersona.data import Inputs, Persona, builtin_personas, persona_hash
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction.tokens import Conversation, check_conversation
+from tlpersona.infra.resultjson import Reader as _Reader
+from tlpersona.infra.resultsets import results_set
+from tlpersona.infra.safety import jsonl_lines, read_text, strict_json
 from tlpersona.models import LoadedModel
-from tlpersona.positions import canonical
-from tlpersona.resultjson import Reader as _Reader
-from tlpersona.resultsets import results_set
-from tlpersona.safety import jsonl_lines, read_text, strict_json
-from tlpersona.sources import as_store, stored_layer
 from tlpersona.version import __version__
 
 #: The recipe whose stored readings are of a turn's kind (a mean over an assistant response's
@@ -290,7 +290,7 @@ def _what(plan: _Plan) -> str:
 
 
 def _run(plan: _Plan, lm: LoadedModel, batch_size: int | None) -> TrajectoryResult:
-    from tlpersona.conversation import ChatRenderer
+    from tlpersona.chat.template import ChatRenderer
     from tlpersona.extraction.tokens import TokenReader, render_conversation
 
     renderer = ChatRenderer(lm.tokenizer)
@@ -346,7 +346,7 @@ def trajectory(store: Store | str | Path, model: str | LoadedModel | None = None
     the rate at which a turn like those readings would be. Every input is checked before the
     model loads. ``.save(out)`` writes trajectory.json, trajectory.csv (turns), tokens.csv,
     figures/ and trajectory.md."""
-    from tlpersona.safety import check_count
+    from tlpersona.infra.safety import check_count
 
     check_count(batch_size, "`batch_size`", 1)
     plan = _plan(store, conversations, axis, position, layer, subspace, personas, band)
@@ -395,7 +395,7 @@ class TrajectoryResult:
     def to_frame(self) -> Any:
         """One row per assistant turn (its conversation's number, label and persona, the turn's
         number, tokens, value and side of each band) as a pandas DataFrame."""
-        from tlpersona.resultjson import frame
+        from tlpersona.infra.resultjson import frame
 
         return frame({"conversation": n, "label": c.label, "persona": c.persona, **asdict(t)}
                      for n, c in enumerate(self.conversations, 1) for t in c.turns)
@@ -450,7 +450,7 @@ class TrajectoryResult:
         """trajectory.json, trajectory.csv (one row per assistant turn), tokens.csv (one per
         token), figures/ and trajectory.md into ``out`` (one set, swapped in whole; earlier
         results there only with ``overwrite``); returns trajectory.md's path."""
-        from tlpersona.files import atomic_write_bytes, json_bytes
+        from tlpersona.infra.files import atomic_write_bytes, json_bytes
         from tlpersona.report.html import write_html
         from tlpersona.report.trajectory import write_trajectory
 

@@ -32,7 +32,7 @@ import torch
 
 from tlpersona.cache.store import Store
 from tlpersona.errors import TlpersonaError
-from tlpersona.files import atomic_save_pt, atomic_save_tensors, atomic_write_bytes, atomic_write_with
+from tlpersona.infra.files import atomic_save_pt, atomic_save_tensors, atomic_write_bytes, atomic_write_with
 
 FORMATS = ("gguf", "safetensors", "pt", "npz", "npy")
 

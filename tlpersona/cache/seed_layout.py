@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 from tlpersona.cache.store import Store
+from tlpersona.chat.positions import RECIPES, canonical, parse_position
 from tlpersona.errors import TlpersonaError
-from tlpersona.files import atomic_save_pt, atomic_write_bytes
-from tlpersona.positions import RECIPES, canonical, parse_position
-from tlpersona.safety import (
+from tlpersona.infra.files import atomic_save_pt, atomic_write_bytes
+from tlpersona.infra.safety import (
     check_persona_names,
     check_regular_file,
     in_store,
@@ -220,7 +220,7 @@ def read_seed(root: str | Path) -> SeedSource:
     return SeedSource(root)
 
 
-#: A temporary file of :mod:`tlpersona.files` that a killed export leaves (``.<name>.XXXXXXXX``).
+#: A temporary file of :mod:`tlpersona.infra.files` that a killed export leaves (``.<name>.XXXXXXXX``).
 _LEFTOVER = re.compile(r"\.(.+\.pt|metadata\.json)\.[a-z0-9_]{8}")
 
 

@@ -66,13 +66,13 @@ from tlpersona.cache.schema import (
     position_file,
 )
 from tlpersona.cache.vectors import PersonaVector, Reference, persona_vector
-from tlpersona.distributed import Ranks
+from tlpersona.chat.positions import canonical, parse_position
+from tlpersona.data.provenance import read_header
 from tlpersona.errors import TlpersonaError
-from tlpersona.files import atomic_save_tensors, atomic_write_bytes, sha256_file
-from tlpersona.locks import LOCK_NAME
-from tlpersona.positions import canonical, parse_position
-from tlpersona.response_provenance import read_header
-from tlpersona.safety import check_persona_names
+from tlpersona.infra.files import atomic_save_tensors, atomic_write_bytes, sha256_file
+from tlpersona.infra.locks import LOCK_NAME
+from tlpersona.infra.safety import check_persona_names
+from tlpersona.runtime.distributed import Ranks
 from tlpersona.version import __version__
 
 FORMAT = "tlpersona-store/1"

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from tlpersona.errors import TlpersonaError
-from tlpersona.safety import check_count, check_persona_names, jsonl_lines, read_text, strict_json
+from tlpersona.infra.safety import check_count, check_persona_names, jsonl_lines, read_text, strict_json
 
 
 @dataclass(frozen=True)

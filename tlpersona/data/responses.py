@@ -1,7 +1,7 @@
 """Responses: the JSONL interchange file that generation writes and extraction reads.
 
 Each line: ``{"persona", "prompt_index", "question_id", "response_ids", "finished", "text",
-"prompt_sha"}``, after one header line (:mod:`tlpersona.response_provenance`).
+"prompt_sha"}``, after one header line (:mod:`tlpersona.data.provenance`).
 ``response_ids`` are exactly the generated ids (the end-of-turn token included when the model
 emitted it, ``finished`` true); extraction appends them to the prompt ids and never re-tokenises
 the text. Any engine may write this file (the header and ``prompt_sha`` are optional there).
@@ -24,7 +24,7 @@ the field):
   input of an extraction it is refused, since the file is then not finished.
 
 A prompt with no line at all is not an error here: extraction marks its rows invalid
-(``Store.valid``) and says how many there are (:mod:`tlpersona.preflight`).
+(``Store.valid``) and says how many there are (:mod:`tlpersona.extraction.preflight`).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tlpersona.data.provenance import check_header, is_header
 from tlpersona.errors import TlpersonaError
-from tlpersona.files import atomic_write_bytes
-from tlpersona.response_provenance import check_header, is_header
-from tlpersona.safety import jsonl_lines, read_text
+from tlpersona.infra.files import atomic_write_bytes
+from tlpersona.infra.safety import jsonl_lines, read_text
 
 Key = tuple[str, int, str]  # persona, prompt index, question id
 

@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tlpersona.batching import extract_batch, pad_batch, pad_id
 from tlpersona.cache.schema import persona_key
-from tlpersona.conversation import ChatRenderer, Spans, common_prefix_len
+from tlpersona.chat.positions import Position
+from tlpersona.chat.template import ChatRenderer, Spans, common_prefix_len
 from tlpersona.data import Persona, Question, indexed_prompts
 from tlpersona.data.responses import Key, Response
 from tlpersona.errors import TlpersonaError
 from tlpersona.models import LoadedModel, check_layers, stop_forward
-from tlpersona.positions import Position
+from tlpersona.runtime.batching import extract_batch, pad_batch, pad_id
 
 # Two questions that share no leading text: the prefix every conversation of a persona shares
 # is at most the common prefix of these two.
@@ -43,7 +43,7 @@ class ExtractConfig:
     positions: list[Position]
     layers: list[int]
     prompt_index: int | str = 0
-    batch_size: int | None = None  # None: from free memory (tlpersona.batching)
+    batch_size: int | None = None  # None: from free memory (tlpersona.runtime.batching)
     padding_side: str = "right"
     include_eot: bool = False
     progress: bool = True

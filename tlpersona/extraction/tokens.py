@@ -19,10 +19,10 @@ from typing import Any, Literal, cast
 
 import torch
 
-from tlpersona.batching import extract_batch, pad_batch, pad_id
-from tlpersona.conversation import ChatRenderer
+from tlpersona.chat.template import ChatRenderer
 from tlpersona.errors import TlpersonaError
 from tlpersona.models import LoadedModel, check_layers, stop_forward
+from tlpersona.runtime.batching import extract_batch, pad_batch, pad_id
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant")

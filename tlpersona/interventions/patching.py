@@ -65,12 +65,12 @@ from scipy import stats
 from tqdm import tqdm
 
 from tlpersona.analyses.stats import draws_for_family, holm
+from tlpersona.cache.source import ActivationSource
+from tlpersona.chat.positions import parse_position
 from tlpersona.data import Inputs, Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
 from tlpersona.interventions.runner import HOOKS, Conversation, Runner, hook_name, kl
 from tlpersona.models import check_layers
-from tlpersona.positions import parse_position
-from tlpersona.sources import ActivationSource
 
 DEFAULT_POSITIONS = ("system", "sys_end", "sys_end+1", "user_end", "last")
 METHODS = ("exact", "attribution", "both")
@@ -260,8 +260,8 @@ class PatchResult:
     def load(cls, path: str | Path) -> PatchResult:
         """A saved patching result: ``path`` is its patch.json or the directory holding it
         (``.to_dict()`` is the file's ``"patching"``)."""
-        from tlpersona.resultjson import Reader
-        from tlpersona.resultsets import read_result
+        from tlpersona.infra.resultjson import Reader
+        from tlpersona.infra.resultsets import read_result
 
         file, data = read_result(path, "patch")
         reader = Reader(file, data.get("code_version"))
@@ -273,12 +273,12 @@ class PatchResult:
     def to_frame(self) -> Any:
         """One row per patched cell (method, component, position, layer, effects) as a pandas
         DataFrame."""
-        from tlpersona.resultjson import frame
+        from tlpersona.infra.resultjson import frame
 
         return frame(self.cells)
 
     def __repr__(self) -> str:
-        from tlpersona.resultjson import clip
+        from tlpersona.infra.resultjson import clip
 
         return (f"PatchResult({len(self.pairs)} pairs × {len(self.questions)} questions, "
                 f"layers {self.layers}, positions {', '.join(self.positions)}, "
@@ -287,9 +287,9 @@ class PatchResult:
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
         """patch.json, figures/ and patch.md into ``out`` (one set, swapped in whole; earlier
         results there only with ``overwrite``); returns patch.md's path."""
+        from tlpersona.infra.resultsets import results_set
         from tlpersona.report.html import write_html
         from tlpersona.report.patch import write_patch
-        from tlpersona.resultsets import results_set
 
         with results_set(out, "patch", overwrite, finish=write_html) as stage:
             write_patch(self, stage)

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from tlpersona.batching import pad_id
-from tlpersona.conversation import ChatRenderer, Spans
+from tlpersona.chat.template import ChatRenderer, Spans
 from tlpersona.errors import TlpersonaError
-from tlpersona.generation import eos_ids, greedy_batch
+from tlpersona.extraction.generation import eos_ids, greedy_batch
 from tlpersona.models import LoadedModel, stop_forward
+from tlpersona.runtime.batching import pad_id
 
 # Component -> hook point of block ``l``. Shapes per row: ``[seq, d_model]``, for ``head``
 # ``[seq, n_heads, d_head]`` (each head's attention-weighted values, the output projection's input).

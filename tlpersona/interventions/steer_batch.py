@@ -4,7 +4,7 @@ Rows of different lengths are right-padded without an attention mask: the model 
 the padding (which comes after every real token) cannot change a real token's activations, and
 with the eager attention used on the CPU a position's value does not depend on what follows it.
 Rows are sorted by length so a batch carries little padding. The hook at each layer applies the
-:class:`~tlpersona.operators.RowEdits` of its rows; only the positions a row reads are
+:class:`~tlpersona.runtime.edits.RowEdits` of its rows; only the positions a row reads are
 put through the final norm and the unembedding.
 
 Sequences whose first tokens agree with a shared prefix (the base persona's system block, which
@@ -20,15 +20,15 @@ from typing import Any
 
 import torch
 
-from tlpersona.batching import pad_batch
 from tlpersona.interventions.runner import Runner, hook_name
 from tlpersona.models import stop_forward
-from tlpersona.operators import RowEdits
+from tlpersona.runtime.batching import pad_batch
+from tlpersona.runtime.edits import RowEdits
 
 
 @dataclass(frozen=True)
 class Edit:
-    """One layer's edit of one row (see :mod:`tlpersona.operators`)."""
+    """One layer's edit of one row (see :mod:`tlpersona.runtime.edits`)."""
 
     layer: int
     start: int

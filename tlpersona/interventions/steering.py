@@ -8,7 +8,7 @@ Sequences, for a target persona X, a question q and greedy responses ``r_X`` (X'
 * ``X(q) + r_X`` — X's own run;
 * ``base(q) + r_0`` and ``X(q) + r_0`` — for the fluency guard.
 
-Operators (one formula, :mod:`tlpersona.operators`), at ``blocks.l.hook_resid_post``:
+Operators (one formula, :mod:`tlpersona.runtime.edits`), at ``blocks.l.hook_resid_post``:
 
 * ``add``: ``alpha * s_l * v/|v|`` added to the base run at every token after its system block,
   with ``v = centroid_R(X) - mean of every stored persona`` and ``s_l`` the layer's typical
@@ -58,8 +58,9 @@ from scipy import stats
 from tqdm import tqdm
 
 from tlpersona.analyses.stats import holm
+from tlpersona.cache.source import ActivationSource
 from tlpersona.cache.vectors import axis, centred
-from tlpersona.conversation import Spans
+from tlpersona.chat.template import Spans
 from tlpersona.data import Inputs, Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
 from tlpersona.interventions.runner import Runner
@@ -74,8 +75,7 @@ from tlpersona.interventions.steer_stats import (
     t_prediction_needed,
 )
 from tlpersona.models import LoadedModel
-from tlpersona.operators import OPERATORS, unit
-from tlpersona.sources import ActivationSource
+from tlpersona.runtime.edits import OPERATORS, unit
 from tlpersona.version import __version__
 
 DEFAULT_ALPHAS = (0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0)
@@ -245,8 +245,8 @@ class SteeringResult:
     @classmethod
     def load(cls, path: str | Path) -> SteeringResult:
         """A saved steering result: ``path`` is its steering.json or the directory holding it."""
-        from tlpersona.resultjson import Reader
-        from tlpersona.resultsets import read_result
+        from tlpersona.infra.resultjson import Reader
+        from tlpersona.infra.resultsets import read_result
 
         file, data = read_result(path, "steering")
         return Reader(file, data.get("code_version")).dataclass(cls, data, "")
@@ -254,12 +254,12 @@ class SteeringResult:
     def to_frame(self) -> Any:
         """One row per recipe × operator score (its setting, effect, tests and verdict) as a
         pandas DataFrame."""
-        from tlpersona.resultjson import frame
+        from tlpersona.infra.resultjson import frame
 
         return frame(self.scores)
 
     def __repr__(self) -> str:
-        from tlpersona.resultjson import clip
+        from tlpersona.infra.resultjson import clip
 
         return (f"SteeringResult(recipes {', '.join(self.recipes)}, layers {self.layers}, "
                 f"operators {', '.join(self.config.operators)}, base {self.base!r})\n  "
@@ -268,16 +268,16 @@ class SteeringResult:
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
         """steering.json, figures/ and steering.md into ``out`` (one set, swapped in whole;
         earlier results there only with ``overwrite``); returns steering.md's path."""
+        from tlpersona.infra.resultsets import results_set
         from tlpersona.report.html import write_html
         from tlpersona.report.steering import write_steering
-        from tlpersona.resultsets import results_set
 
         with results_set(out, "steering", overwrite, finish=write_html) as stage:
             write_steering(self, stage)
         return Path(out) / "steering.md"
 
     def write_json(self, path: str | Path) -> Path:
-        from tlpersona.files import atomic_write_bytes
+        from tlpersona.infra.files import atomic_write_bytes
 
         path = Path(path)
         atomic_write_bytes(path, json.dumps(_jsonable(self.to_dict()), indent=1).encode())
@@ -982,7 +982,7 @@ def steered_greedy(runner: Runner, prompts: list[list[int]], edits: list[list[Ed
     ``edits[b]``, in one batch of the static-cache decoder on the bridge's HF model: the edits
     cover the prompt from their start and every generated token, as in an uncached edited
     forward of the whole sequence."""
-    from tlpersona.decode import StaticGreedy
+    from tlpersona.runtime.decode import StaticGreedy
 
     hf = runner.bridge.original_model
     dec = StaticGreedy(hf, n, runner.eos, runner.pad)

@@ -14,7 +14,7 @@ from tlpersona.analyses.compare_result import (
 )
 from tlpersona.analyses.controls import FloorStats
 from tlpersona.analyses.metrics import HeldOutCos
-from tlpersona.files import atomic_write_bytes, json_bytes
+from tlpersona.infra.files import atomic_write_bytes, json_bytes
 from tlpersona.report import plots
 
 

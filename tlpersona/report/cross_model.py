@@ -11,7 +11,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from tlpersona.analyses.cross_model import CrossCell, CrossModelResult, StoreSide
-from tlpersona.files import atomic_write_bytes, json_bytes
+from tlpersona.infra.files import atomic_write_bytes, json_bytes
 from tlpersona.report.plots import save_figure, subplots
 from tlpersona.report.tables import write_csv
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlpersona.files import atomic_write_bytes
+from tlpersona.infra.files import atomic_write_bytes
 
 #: A headline longer than this no longer reads at a glance.
 HEADLINE_CHARS = 300

@@ -26,7 +26,7 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
 from tlpersona.errors import TlpersonaError
-from tlpersona.files import atomic_write_bytes
+from tlpersona.infra.files import atomic_write_bytes
 
 HTML_NAME = "report.html"
 #: The folder's summary, in order of preference: the experiment's and compare's report.md,

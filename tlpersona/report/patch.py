@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tlpersona.files import atomic_write_bytes, json_bytes
+from tlpersona.infra.files import atomic_write_bytes, json_bytes
 from tlpersona.report import plots
 from tlpersona.report.compare import _f
 from tlpersona.version import __version__

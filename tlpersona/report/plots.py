@@ -11,7 +11,7 @@ import matplotlib.colors
 import numpy as np
 from matplotlib.figure import Figure
 
-from tlpersona.files import atomic_write_with
+from tlpersona.infra.files import atomic_write_with
 
 if TYPE_CHECKING:
     from tlpersona.analyses.compare_result import CompareResult

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tlpersona.analyses.projection import ProjectionResult
-from tlpersona.files import atomic_write_bytes
+from tlpersona.infra.files import atomic_write_bytes
 from tlpersona.report import plots
 
 

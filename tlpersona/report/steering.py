@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.artist import Artist
 from matplotlib.figure import Figure
 
-from tlpersona.files import atomic_write_bytes, atomic_write_with
+from tlpersona.infra.files import atomic_write_bytes, atomic_write_with
 from tlpersona.interventions.steer_stats import Estimate
 from tlpersona.interventions.steering import GOAL, RecipeScore, SteeringResult, monotone_floor
 from tlpersona.report.plots import subplots

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tlpersona.analyses.subspace_result import SubspaceResult
-from tlpersona.files import atomic_write_bytes, json_bytes
+from tlpersona.infra.files import atomic_write_bytes, json_bytes
 from tlpersona.report import plots
 from tlpersona.report.compare import _f
 
@@ -17,7 +17,7 @@ def write_subspace(result: SubspaceResult, out: str | Path) -> str:
 
     from tlpersona.analyses.aligned import report_section as aligned_section
     from tlpersona.analyses.subspace import ALPHA, found_text, limits_text, null_text
-    from tlpersona.files import atomic_save_tensors
+    from tlpersona.infra.files import atomic_save_tensors
 
     out = Path(out)
     figs = out / "figures"

@@ -7,7 +7,7 @@ import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tlpersona.files import atomic_write_bytes
+from tlpersona.infra.files import atomic_write_bytes
 
 
 def write_csv(rows: Sequence[Mapping[str, object]], path: Path) -> Path:

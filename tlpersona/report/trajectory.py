@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlpersona.analyses.trajectory import Band, ConversationTrajectory
-from tlpersona.files import atomic_write_bytes
+from tlpersona.infra.files import atomic_write_bytes
 from tlpersona.report.plots import distinct_colours, save_figure, subplots
 
 if TYPE_CHECKING:

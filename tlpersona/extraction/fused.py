@@ -1,6 +1,6 @@
 """Fused generation and extraction: one pass of the model over every prompt and response.
 
-When the responses are generated here, the static decoder (:mod:`tlpersona.decode`) already runs
+When the responses are generated here, the static decoder (:mod:`tlpersona.runtime.decode`) already runs
 every token of the conversation through the model: the prompt in the prefill, response token
 ``j`` when it is fed back in at step ``j + 1``. Forward hooks keep the residual stream at the
 requested blocks as it goes, and each decoded batch is pooled into every recipe on the device
@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tlpersona.batching import generate_batch, pad_id
 from tlpersona.cache.schema import MANIFEST
 from tlpersona.cache.store import StoreWriter
-from tlpersona.conversation import Spans, template_hash
+from tlpersona.chat.template import Spans, template_hash
 from tlpersona.data import Persona, Question, indexed_prompts
+from tlpersona.data.provenance import header as response_header
+from tlpersona.data.provenance import prompt_sha
 from tlpersona.data.responses import (
     Key,
     Response,
@@ -44,8 +45,6 @@ from tlpersona.data.responses import (
     read_responses,
     response_line,
 )
-from tlpersona.decode import StaticGreedy
-from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction import (
     ExtractConfig,
@@ -58,10 +57,11 @@ from tlpersona.extraction import (
     responses_digest,
     schedule_groups,
 )
-from tlpersona.generation import check_prompts, eos_ids, prompt_jobs
+from tlpersona.extraction.generation import check_prompts, eos_ids, prompt_jobs
 from tlpersona.models import LoadedModel, ModelInfo, input_device
-from tlpersona.response_provenance import header as response_header
-from tlpersona.response_provenance import prompt_sha
+from tlpersona.runtime.batching import generate_batch, pad_id
+from tlpersona.runtime.decode import StaticGreedy
+from tlpersona.runtime.distributed import ranks
 
 #: provenance ``responses_hash`` of a fused store until it is finalised
 MARK = "fused: generated in the extraction pass"
@@ -74,7 +74,7 @@ GROUP_PASSES = 2048
 @dataclass
 class FusedConfig:
     """Generation settings of a fused run; ``batch_size`` None sizes decode batches from free
-    memory (:func:`tlpersona.batching.generate_batch`)."""
+    memory (:func:`tlpersona.runtime.batching.generate_batch`)."""
 
     max_new_tokens: int
     batch_size: int | None = None
@@ -328,7 +328,7 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
                            header: dict[str, Any] | None = None) -> Path:
     """Generate the responses into ``responses_path`` and extract every persona into a store at
     ``out`` in one pass per group (see module doc); finished groups are skipped on resume.
-    ``header`` (:func:`tlpersona.response_provenance.header`; by default built from the model
+    ``header`` (:func:`tlpersona.data.provenance.header`; by default built from the model
     and these settings) starts the responses file, so the file is recognisably ours on resume."""
     stats = {} if stats is None else stats
     if not personas:

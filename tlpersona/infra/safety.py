@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlpersona.errors import TlpersonaError
-from tlpersona.files import atomic_write_bytes
-from tlpersona.locks import LOCK_NAME
+from tlpersona.infra.files import atomic_write_bytes
+from tlpersona.infra.locks import LOCK_NAME
 
 #: Longest persona name in UTF-8 bytes: the temporary ``.<name>__per_q.pt.XXXXXXXX`` must fit a
 #: 255-byte file name.

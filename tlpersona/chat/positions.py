@@ -1,7 +1,7 @@
 """Named token positions in a chat-templated conversation.
 
 A position is parsed once from its name (``sys_end+1``, ``prompt_mean``, ``c3`` …) and resolved
-per conversation against the token spans that :mod:`tlpersona.conversation` finds.
+per conversation against the token spans that :mod:`tlpersona.chat.template` finds.
 
 Kinds of position:
 
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from tlpersona.errors import TlpersonaError
 
 if TYPE_CHECKING:
-    from tlpersona.conversation import Spans
+    from tlpersona.chat.template import Spans
 
 ANCHORS = (
     "first",

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tlpersona.batching import generate_batch, pad_batch, pad_id
-from tlpersona.conversation import ChatRenderer
+from tlpersona.chat.template import ChatRenderer
 from tlpersona.data import Persona, Question, indexed_prompts
+from tlpersona.data.provenance import check_ours, prompt_sha
 from tlpersona.data.responses import (
     Key,
     Response,
@@ -25,9 +25,9 @@ from tlpersona.data.responses import (
     read_responses,
     response_line,
 )
-from tlpersona.distributed import ranks
 from tlpersona.errors import TlpersonaError
-from tlpersona.response_provenance import check_ours, prompt_sha
+from tlpersona.runtime.batching import generate_batch, pad_batch, pad_id
+from tlpersona.runtime.distributed import ranks
 
 DECODERS = ("auto", "hf", "static")
 
@@ -88,9 +88,9 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
     """Generate every missing (persona, prompt, question) response into ``out_path`` (JSONL).
 
     Resumable: keys already in the file are kept; each batch is appended and fsynced.
-    ``decoder``: ``hf`` (HF ``generate``), ``static`` (:mod:`tlpersona.decode`: static cache,
+    ``decoder``: ``hf`` (HF ``generate``), ``static`` (:mod:`tlpersona.runtime.decode`: static cache,
     CUDA graphs on a GPU unless ``graphs`` is false) or ``auto`` (static on CUDA, hf elsewhere).
-    ``header`` (:func:`tlpersona.response_provenance.header`) starts a new file; an existing one
+    ``header`` (:func:`tlpersona.data.provenance.header`) starts a new file; an existing one
     must carry the same, and its responses must continue this run's prompts.
     """
     if decoder not in DECODERS:
@@ -131,7 +131,7 @@ def generate_responses(model: Any, tokenizer: Any, personas: list[Persona],
 def check_prompts(have: dict[Key, Response], prompt_shas: dict[Key, str],
                   where: str | Path) -> None:
     """Every saved response that records its prompt continues this run's prompt for its key
-    (``prompt_shas``: :func:`tlpersona.response_provenance.prompt_sha` of each prompt)."""
+    (``prompt_shas``: :func:`tlpersona.data.provenance.prompt_sha` of each prompt)."""
     for key, sha in prompt_shas.items():
         r = have.get(key)
         if r is not None and r.prompt_sha is not None and r.prompt_sha != sha:
@@ -147,7 +147,7 @@ def _decoder(model: Any, name: str, max_new_tokens: int, eos: list[int], pad: in
         name = "static" if next(model.parameters()).device.type == "cuda" else "hf"
     if name == "hf":
         return lambda prompts: greedy_batch(model, prompts, max_new_tokens, eos, pad)
-    from tlpersona.decode import StaticGreedy
+    from tlpersona.runtime.decode import StaticGreedy
 
     engine = StaticGreedy(model, max_new_tokens, eos, pad, use_graphs=None if graphs else False)
     return lambda prompts: [Response(ids, bool(ids) and ids[-1] in eos) for ids in engine(prompts)]

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from tlpersona.errors import TlpersonaError
-from tlpersona.files import replaced_dir
-from tlpersona.locks import LOCK_NAME, exclusive
-from tlpersona.safety import RESULTS_MARK, check_results_dir, mark_results, read_text, strict_json
-from tlpersona.sources import ActivationSource, open_source
+from tlpersona.infra.files import replaced_dir
+from tlpersona.infra.locks import LOCK_NAME, exclusive
+from tlpersona.infra.safety import RESULTS_MARK, check_results_dir, mark_results, read_text, strict_json
 
 #: (thread, directory) of the results sets this process is writing: a result saved into one
 #: (the experiment's sections) joins that set instead of replacing it.
@@ -27,7 +26,7 @@ def results_set(out: str | Path, analysis: str, overwrite: bool,
     content, which takes ``out``'s place whole when the block ends (a failure or a kill leaves
     the earlier set as it was), marked as ``analysis``'s results. ``out`` must be new, empty or
     hold an earlier set (replaced only with ``overwrite``): see
-    :func:`tlpersona.safety.check_results_dir`. Inside a set this thread is writing, that
+    :func:`tlpersona.infra.safety.check_results_dir`. Inside a set this thread is writing, that
     set's directory itself. ``finish(stage)`` runs when the block's files are in, before the
     set is marked done, and only where the set is not joined: a page over the whole folder
     (report.html) is drawn once, by whoever writes the set."""
@@ -84,23 +83,3 @@ def read_result(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
         raise TlpersonaError(f"{file} is {what}, not a {kind} result for {cls}.load{hint}")
     assert isinstance(data, dict)
     return file, data
-
-
-def source_for(source: ActivationSource | str | Path | None, manifest_hash: object,
-               file: Path) -> ActivationSource | None:
-    """``source`` opened, if given, and checked to be the store (by ``manifest_hash``) that the
-    result in ``file`` was computed on."""
-    if source is None:
-        return None
-    src = open_source(source)
-    if src.manifest_hash != manifest_hash:
-        raise TlpersonaError(f"`source` (manifest {src.manifest_hash[:12]}) is not the store "
-                             f"{file} was computed on (manifest {str(manifest_hash)[:12]})")
-    return src
-
-
-def need_source(source: ActivationSource | None, what: str) -> ActivationSource:
-    if source is None:
-        raise TlpersonaError(f"{what} reads the store this result was computed on; this one was "
-                             "loaded without it: load it again with `source`")
-    return source

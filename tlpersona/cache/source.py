@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from tlpersona.errors import TlpersonaError
+
 if TYPE_CHECKING:
     from tlpersona.cache.store import Store
 
@@ -85,3 +87,23 @@ def stored_layer(source: ActivationSource, layer: int) -> int:
 def stored_layers(source: ActivationSource, layers: Sequence[int] | None) -> list[int] | None:
     """:func:`stored_layer` of each of ``layers`` (None: every stored layer)."""
     return None if layers is None else [stored_layer(source, layer) for layer in layers]
+
+
+def source_for(source: ActivationSource | str | Path | None, manifest_hash: object,
+               file: Path) -> ActivationSource | None:
+    """``source`` opened, if given, and checked to be the store (by ``manifest_hash``) that the
+    result in ``file`` was computed on."""
+    if source is None:
+        return None
+    src = open_source(source)
+    if src.manifest_hash != manifest_hash:
+        raise TlpersonaError(f"`source` (manifest {src.manifest_hash[:12]}) is not the store "
+                             f"{file} was computed on (manifest {str(manifest_hash)[:12]})")
+    return src
+
+
+def need_source(source: ActivationSource | None, what: str) -> ActivationSource:
+    if source is None:
+        raise TlpersonaError(f"{what} reads the store this result was computed on; this one was "
+                             "loaded without it: load it again with `source`")
+    return source

@@ -27,7 +27,7 @@ a direction) at a set of blocks, held in device buffers that are rewritten befor
 one captured step serves a whole sweep of vectors (see :meth:`StaticGreedy.capture`).
 
 Fused kernels: for Qwen2/Llama models in bf16 or fp16 on CUDA the RMSNorms, MLP activations and
-rotary embedding run as single Triton kernels while the decoder runs (:mod:`tlpersona.kernels`;
+rotary embedding run as single Triton kernels while the decoder runs (:mod:`tlpersona.runtime.kernels`;
 ``fused=False`` keeps HF's modules). They have no autotuning and fp32 never uses them: fp32 gives
 HF ``generate``'s ids exactly; bf16 gives the same ids run to run, not HF's.
 
@@ -44,9 +44,9 @@ from typing import Any
 
 import torch
 
-from tlpersona.batching import pad_batch
-from tlpersona.kernels import fused_step_kernels
-from tlpersona.operators import RowEdits, edit
+from tlpersona.runtime.batching import pad_batch
+from tlpersona.runtime.edits import RowEdits, edit
+from tlpersona.runtime.kernels import fused_step_kernels
 
 #: cache lengths are rounded up to a multiple of this, so similar batches share a graph
 BUCKET = 64
@@ -314,7 +314,7 @@ class StaticGreedy:
         """Decode a batch; with ``layers``, also keep its residual stream (:class:`Captured`).
 
         ``steer``: block index → that block's output edits, one row per prompt
-        (:class:`~tlpersona.operators.RowEdits`: an added vector, and a clamp of the
+        (:class:`~tlpersona.runtime.edits.RowEdits`: an added vector, and a clamp of the
         projection on a unit direction for ablation and capping; a row with zero vector and zero
         direction is not edited). Layer ``l`` is block ``l``'s output (``resid_post``, HF
         ``hidden_states[l + 1]``). A row's ``start`` counts its own prompt tokens: prompt

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from tlpersona.conversation import ChatRenderer, common_prefix_len, template_hash
+from tlpersona.chat.positions import Position
+from tlpersona.chat.template import ChatRenderer, common_prefix_len, template_hash
 from tlpersona.data import Persona, Question, indexed_prompts
+from tlpersona.data.provenance import prompt_sha
 from tlpersona.data.responses import Key, Response
 from tlpersona.errors import TlpersonaError
-from tlpersona.positions import Position
-from tlpersona.response_provenance import prompt_sha
 
 # The same two probe questions as extraction: the prefix every conversation of a persona shares
 # is at most the common prefix of these two.
