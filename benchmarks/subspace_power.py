@@ -26,17 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from tlpersona.analyses.stats import holm
-from tlpersona.analyses.subspace import (
+from tlpersona.analyses.kfound import (
     ALPHA,
     count_shared,
-    held_out,
     k_found,
     label_permutations,
     pc_level,
     pc_statistic,
     perm_count,
 )
+from tlpersona.analyses.stats import holm
+from tlpersona.analyses.subspace import held_out
 
 POS = ["last", "sys_end", "sys_end+1"]
 PAIRS = list(itertools.combinations(POS, 2))

@@ -6,7 +6,8 @@ import torch
 
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.interventions.attribution import attribute_example
-from tlpersona.interventions.patching import PatchConfig, align, patch_example, run_patching
+from tlpersona.interventions.cells import align
+from tlpersona.interventions.patching import PatchConfig, patch_example, run_patching
 from tlpersona.interventions.runner import HOOKS, Runner, hook_name, kl
 
 Q = "What should I cook tonight?"

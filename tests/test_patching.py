@@ -12,7 +12,8 @@ from tlpersona.cache.vectors import axis, centred
 from tlpersona.cli import main
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
-from tlpersona.interventions.patching import PatchConfig, align, choose_clean, patch_example, run_patching
+from tlpersona.interventions.cells import align
+from tlpersona.interventions.patching import PatchConfig, choose_clean, patch_example, run_patching
 from tlpersona.interventions.runner import Runner, kl
 
 Q = "What should I cook tonight?"

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from tlpersona.analyses.compare import CompareConfig, compare
+from tlpersona.analyses.kfound import ALPHA
 from tlpersona.analyses.projection import combined, nearest
 from tlpersona.analyses.stats import holm
-from tlpersona.analyses.subspace import ALPHA, SubspaceConfig, subspace
+from tlpersona.analyses.subspace import SubspaceConfig, subspace
 from tlpersona.api.analysis import item_exact, store_questions
 from tlpersona.data import Question, question_hash
 from tlpersona.errors import TlpersonaError

@@ -213,8 +213,8 @@ def test_holm_keeps_every_layer_in_the_family():
     """A layer that found nothing enters Holm with p = 1 (it was tested), for the call and for
     the descriptive relabelled p; a layer without draws has no descriptive p. Leaving the
     empty layers out tested 0.01 at 0.05 / 2."""
+    from tlpersona.analyses.kfound import holm_over_layers
     from tlpersona.analyses.stats import holm
-    from tlpersona.analyses.subspace import holm_over_layers
 
     draws = [None] * 99
     layers = [{"k_found_p": 0.01, "k_found_null_p": 0.01, "k_found_null": draws},
@@ -235,7 +235,7 @@ def test_gram_route_gives_the_svd_components_and_the_fast_pearson_scipys():
     from sklearn.decomposition import PCA
 
     from tlpersona.analyses import metrics as M
-    from tlpersona.analyses.subspace import top_components
+    from tlpersona.analyses.kfound import top_components
 
     rng = np.random.default_rng(3)
     for n, d, k in [(40, 300, 12), (91, 576, 50), (30, 20, 10)]:
@@ -275,14 +275,8 @@ def _layer_count(raw, n, seed, n_layers, k_max=50):
     and the fixed r > 0.9 rule's count."""
     import itertools
 
-    from tlpersona.analyses.subspace import (
-        count_shared,
-        held_out,
-        k_found,
-        label_permutations,
-        pc_level,
-        perm_count,
-    )
+    from tlpersona.analyses.kfound import count_shared, k_found, label_permutations, pc_level, perm_count
+    from tlpersona.analyses.subspace import held_out
 
     pairs = list(itertools.combinations(POS, 2))
     rng = np.random.default_rng(seed)
@@ -308,7 +302,7 @@ def test_planted_five_dimensions_at_40_personas_are_counted_as_five_give_or_take
 
 
 def test_answer_says_what_was_found_or_what_it_would_take(tmp_path):
-    from tlpersona.analyses.subspace import answer
+    from tlpersona.analyses.subspace_result import answer
 
     st = planted_store(tmp_path / "p", n=26, d=30, k=2)
     res = subspace(st, SubspaceConfig(k_max=10))

@@ -11,17 +11,15 @@ from scipy import stats
 from test_stats_claims import MemorySource, allowed
 from test_subspace import harder_planted
 
-from tlpersona.analyses.subspace import (
+from tlpersona.analyses.kfound import (
     ALPHA,
-    SubspaceConfig,
     count_shared,
-    held_out,
     label_permutations,
     pc_level,
     pc_statistic,
     perm_count,
-    subspace,
 )
+from tlpersona.analyses.subspace import SubspaceConfig, held_out, subspace
 
 POS = ["last", "sys_end", "sys_end+1"]
 PAIRS = list(itertools.combinations(POS, 2))
@@ -191,7 +189,7 @@ def test_few_held_out_personas_cannot_pass_and_the_report_says_so():
     """Four held-out personas (8 in all) have 24 orderings: even identical recipes get a pair p
     of about 1/24 > 0.0125 (4 layers), so nothing can be called, and the limits text says how
     many personas would be needed (5 held out: 1/120 < 0.0125, so 9)."""
-    from tlpersona.analyses.subspace import limits_text
+    from tlpersona.analyses.subspace_result import limits_text
 
     rng = np.random.default_rng(4)
     z = rng.normal(size=(4, 3))

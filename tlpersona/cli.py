@@ -620,7 +620,7 @@ def subspace(store: str | None, seed_dir: str | None, out: str, layers: str | No
 
 def _found(k: Any) -> str:
     """A :class:`~tlpersona.api.results.KFound` on one line: the count and its null."""
-    from tlpersona.analyses.subspace import null_text
+    from tlpersona.analyses.subspace_result import null_text
 
     return (f"k_found {k} (held-out personas; relabelled personas (descriptive): "
             f"{null_text({'k_found_null': k.null, 'k_found_null_p': k.null_p})})")

@@ -15,7 +15,7 @@ Per layer, with the personas split as for the plain held-out ``k_found``
 4. the test rows go through the same centring, principal directions and rotations (fitted on the
    fit half only), and ``k_found`` counts the leading PCs on which every recipe pair orders the
    test personas alike beyond chance, by the plain variant's test
-   (:func:`tlpersona.analyses.subspace.count_shared`, the same label permutations): everything
+   (:func:`tlpersona.analyses.kfound.count_shared`, the same label permutations): everything
    a pair's scores depend on was fitted without the test personas, so permuting one recipe's
    test labels is exact under that pair's null, the rotations included.
 
@@ -34,19 +34,15 @@ import numpy as np
 from scipy.linalg import orthogonal_procrustes
 from sklearn.decomposition import PCA
 
+from tlpersona.analyses.kfound import ALPHA, Centring, agreement_from_scores, count_shared, k_found, null_p
 from tlpersona.analyses.metrics import MAX_RANK
-from tlpersona.analyses.subspace import (
-    ALPHA,
-    Centring,
-    agreement_from_scores,
-    count_shared,
+from tlpersona.analyses.subspace_result import (
+    AlignedLayer,
+    SubspaceResult,
     found_text,
-    k_found,
-    null_p,
     null_text,
     pc_rows,
 )
-from tlpersona.analyses.subspace_result import AlignedLayer, SubspaceResult
 
 #: Rounds of generalised Procrustes; the mean frame settles within a few on planted data.
 GPA_ITERATIONS = 20

@@ -4,12 +4,15 @@ reads one back."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tlpersona.analyses.kfound import ALPHA, POWER_NOTE, pc_level, pc_scores, pc_statistic
 from tlpersona.cache.source import ActivationSource, need_source, source_for
 from tlpersona.errors import TlpersonaError
 from tlpersona.infra.resultjson import NOT_JSON, JsonView, Reader, clip, key
@@ -36,13 +39,9 @@ class KFound:
     def beyond_null(self) -> bool:
         """Whether the layer is called: PC1 shared by every recipe pair beyond chance, Holm over
         the layers (at 0.05)."""
-        from tlpersona.analyses.subspace import ALPHA
-
         return self.p_holm < ALPHA
 
     def __str__(self) -> str:
-        from tlpersona.analyses.subspace import found_text
-
         return found_text(self)
 
 
@@ -233,8 +232,6 @@ class SubspaceResult(JsonView):
     @property
     def answer(self) -> str:
         """The report's line on the shared subspace (one sentence, with numbers)."""
-        from tlpersona.analyses.subspace import answer
-
         return answer(self)
 
     def attached(self, source: ActivationSource | None) -> SubspaceResult:
@@ -242,8 +239,6 @@ class SubspaceResult(JsonView):
         from it (where the components are known)."""
         if source is None:
             return replace(self, source=None)
-        from tlpersona.analyses.subspace import pc_scores
-
         return replace(self, source=source, personas=list(source.personas),
                        scores=pc_scores(source, self.positions, self.components, self.unit_norm))
 
@@ -308,3 +303,118 @@ def _read_components(path: Path, layers: list[int]) -> dict[int, np.ndarray]:
         raise TlpersonaError(f"{path} holds {', '.join(sorted(tensors)) or 'nothing'}, not the "
                              f"layers of its subspace.json ({', '.join(sorted(want))})")
     return {la: tensors[f"layer_{la}"].astype(np.float64) for la in layers}
+
+
+# --- the answer and the report's phrases, read from a result --------------------------------
+
+def found_text(found: KFound) -> str:
+    """A layer's k_found as the report states it: the count (``≥`` when every countable PC is
+    shared), and whether the layer is called after Holm over every layer."""
+    k = found.k
+    if not k:
+        return "none"
+    text = f"≥ {k} (every countable PC shared)" if found.saturated else str(k)
+    p = found.p_holm
+    return f"{text}, {'beyond' if p < ALPHA else 'not beyond'} chance (Holm p = {p:.2g})"
+
+def null_text(found: KFound | Mapping[str, Any]) -> str:
+    """The relabelled draws' k_found values, compressed (``none ×93, 1 ×7``), and their p.
+    ``found``: a :class:`KFound`, or a layer as subspace.json holds it."""
+    null, null_p = ((found.null, found.null_p) if isinstance(found, KFound)
+                    else (found["k_found_null"], found["k_found_null_p"]))
+    counts: dict[str, int] = {}
+    for k in null:
+        key = "none" if k is None else str(k)
+        counts[key] = counts.get(key, 0) + 1
+    text = ", ".join(f"{key} ×{n}" for key, n in sorted(counts.items(), key=_null_order))
+    if null_p is not None:
+        text += f" (p = {null_p:.3f})"
+    return text or "—"
+
+def _null_order(item: tuple[str, int]) -> tuple[int, int]:
+    return (0, 0) if item[0] == "none" else (1, int(item[0]))
+
+def limits_text(n_perm: int, n_layers: int, n_scored: int) -> str:
+    """What the k_found column can and cannot say with these permutations and personas."""
+    level = pc_level(n_layers)
+    text = (f"Each pair's p comes from {n_perm} label permutations (smallest p "
+            f"{1 / (n_perm + 1):.2g}, below the per-PC level {level:.3g}).")
+    # a permutation that orders the scored personas as the data do ties with it: about
+    # 1 / n_scored! of the draws, whatever their number
+    if math.factorial(n_scored) * level <= 1:
+        text += (f" With {n_scored} held-out personas no PC can pass: a pair's p cannot fall "
+                 f"below about 1/{n_scored}! = {1 / math.factorial(n_scored):.2g}; at "
+                 f"{n_layers} layer(s) at least {2 * _scored_needed(level) - 1} personas are needed.")
+    return text + (" k_found is a lower bound on the shared dimension: each PC is scored on the "
+                   "held-out personas alone, and a shared PC that the fit half estimates mixed "
+                   "with the recipes' own dimensions can fail (planted 5 shared dimensions: "
+                   f"{POWER_NOTE}).")
+
+def _scored_needed(level: float) -> int:
+    """The fewest held-out personas whose orderings can put a p below ``level``."""
+    n = 1
+    while math.factorial(n) * level <= 1:
+        n += 1
+    return n
+
+def _layer_k(lay: SubspaceLayer) -> str:
+    return f"L{lay.layer} {'≥' if lay.k_found_saturated else ''}{lay.k}"
+
+def answer(result: SubspaceResult | Mapping[str, Any]) -> str:
+    """One sentence (≤ 220 characters) on a subspace result (or subspace.json as a mapping): is
+    there a shared subspace, of what dimension per layer, beyond chance; or, when none is, what
+    a PC would have needed to pass and what the personas allow."""
+    if not isinstance(result, SubspaceResult):
+        from tlpersona.infra.resultjson import Reader
+
+        result = Reader(None).dataclass(SubspaceResult, dict(result), "")
+    layers = result.layers
+    n_layers = len(layers)
+    n = result.n_personas
+    held = layers[0].held_out if layers else HeldOutSplit(n // 2, n - n // 2)
+    who = f"{n} personas, {held.n_fit} fit"
+    beyond = [lay for lay in layers if lay.k and lay.k_found_p_holm < ALPHA]
+    if beyond:
+        worst = max(lay.k_found_p_holm for lay in beyond)
+        head = f"Shared subspace beyond chance at {len(beyond)}/{n_layers} layers"
+        # the test calls the layer (PC1 shared by every pair); k itself is descriptive
+        tail = f" (Holm p ≤ {worst:.2g}; {who}; the count is descriptive beyond 1)."
+        full = f"{head}: {', '.join(_layer_k(lay) for lay in beyond)}{tail}"
+        ks = [lay.k for lay in beyond if lay.k]
+        short = (f"{head}, k = {min(ks)}–{max(ks)}"
+                 f"{' (some ≥: saturated)' if any(lay.k_found_saturated for lay in beyond) else ''}"
+                 f"{tail}")
+        return _fit(full, short)
+    # nothing found: how far PC1 was from passing, and what the personas allow at most
+    best = None
+    for lay in layers:
+        if lay.per_pc and lay.per_pc_threshold:
+            got = float(_pc1_statistic(lay.per_pc[0]))
+            bar = lay.per_pc_threshold[0]
+            if best is None or (bar is not None and got - bar > best[1] - best[2]):
+                best = (lay.layer, got, bar if bar is not None else float("-inf"))
+    cap = f"at most {held.n_fit - 1} PC(s) can be counted, each on {held.n_scored} held-out"
+    if best is None or not np.isfinite(best[1]) or not np.isfinite(best[2]):
+        return _fit(f"No shared subspace at {n_layers} layer(s): with {who}, {cap} personas; "
+                    "more personas would be needed to see one.",
+                    f"No shared subspace at {n_layers} layer(s) ({who}): more personas needed.")
+    layer, got, bar = best
+    return _fit(f"No shared subspace beyond chance at {n_layers} layer(s): PC1's agreement "
+                f"reached r {got:.2f} at best (L{layer}) against {bar:.2f} needed; with {who}, "
+                f"{cap} personas.",
+                f"No shared subspace beyond chance at {n_layers} layer(s): PC1 reached r "
+                f"{got:.2f} at best (L{layer}), {bar:.2f} needed ({who}).")
+
+def _pc1_statistic(row: PCAgreement) -> float:
+    """:func:`pc_statistic` of one typed row."""
+    return float(pc_statistic([{"pairs": row.pairs}])[0])
+
+def _fit(text: str, shorter: str, limit: int = 220) -> str:
+    """``text`` if it fits in ``limit`` characters, else ``shorter`` (cut if it too does not)."""
+    if len(text) <= limit:
+        return text
+    return shorter if len(shorter) <= limit else shorter[: limit - 1] + "…"
+
+def pc_rows(rows: list[dict[str, Any]]) -> list[PCAgreement]:
+    """Per-PC agreement rows (:func:`agreement_from_scores`) as typed rows."""
+    return [PCAgreement(row["pc"], row["pairs"]) for row in rows]

@@ -106,7 +106,7 @@ def _pc_components(st: Store, position: str, layer: int, subspace: str | Path | 
     from sklearn.decomposition import PCA
 
     from tlpersona.analyses.compare import default_positions
-    from tlpersona.analyses.subspace import prepare
+    from tlpersona.analyses.kfound import prepare
 
     if subspace is not None:
         from tlpersona.api.results import SubspaceResult

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tlpersona.interventions.patching import align, logit_diff, noop
+from tlpersona.interventions.cells import align, logit_diff, noop
 from tlpersona.interventions.runner import Conversation, Runner, hook_name, kl
 
 Key = tuple[str, str, int, int | None]  # (component, position row, layer, head or None)

@@ -16,7 +16,8 @@ def write_subspace(result: SubspaceResult, out: str | Path) -> str:
     import torch
 
     from tlpersona.analyses.aligned import report_section as aligned_section
-    from tlpersona.analyses.subspace import ALPHA, found_text, limits_text, null_text
+    from tlpersona.analyses.kfound import ALPHA
+    from tlpersona.analyses.subspace_result import found_text, limits_text, null_text
     from tlpersona.infra.files import atomic_save_tensors
 
     out = Path(out)
