@@ -11,6 +11,7 @@ from scipy import stats
 
 from tlpersona.analyses import metrics as M
 from tlpersona.analyses.compare import _ALIAS, LOAD_BEARING, CompareConfig, Thresholds, compare
+from tlpersona.analyses.compare_result import CompareResult
 from tlpersona.analyses.controls import noise_floor
 from tlpersona.cache import StoreWriter, open_store
 from tlpersona.cache.seed_layout import export_seed, read_seed
@@ -501,3 +502,47 @@ def test_min_cosine_null_matches_every_relabelling(tmp_path):
                     for p in itertools.permutations(range(n))])
     assert got["null_p5_mean"] == pytest.approx(p5s.mean(), abs=0.005)
     assert got["null_p5_p95"] == pytest.approx(np.percentile(p5s, 95), abs=0.01)
+
+
+def test_a_constant_geometry_has_no_mantel_p_and_cannot_pass(tmp_path):
+    """A recipe whose centroids are the same for every persona has no persona geometry: its
+    matrix r and Mantel test are undefined (None; null in results.json, an empty field in
+    cells.csv, n/a in details.md), its cells cannot pass and stay out of Holm. A NaN r is
+    exceeded by no permuted r, so without the guard such a cell got the smallest p of all."""
+    rng = np.random.default_rng(4)
+    n, d = 8, 16
+    off = 10 * rng.normal(size=(1, 1, d))
+    v = off + rng.normal(size=(n, 1, d))
+    rec = {"sys_end": v, "sys_end+1": v + 0.05 * rng.normal(size=v.shape),
+           "raw_system_last": np.repeat(off, n, axis=0)}
+    res = compare(invariant_store(tmp_path / "s", rec),
+                  CompareConfig(positions=list(rec), permutations=99, null_draws=3))
+    flat = [c for c in res.cells if "raw_system_last" in c.pair]
+    (real,) = [c for c in res.cells if "raw_system_last" not in c.pair]
+    assert len(flat) == 2
+    for c in flat:
+        for m in (c.matrix_mc, c.matrix_raw):
+            assert m.pearson is m.spearman is m.mantel_p is m.mantel_p_holm is None
+        assert c.mantel_p is None and c.cos_min > Thresholds().pass_min_cos
+        assert c.verdict == "GREY" and c.failed_bounds == ["mc r undefined (constant geometry)"]
+        assert c.noise_mark == "inconclusive" and not c.within_noise
+        assert c.cka_linear is c.cka_debiased is c.cka_linear_p is None
+    assert real.verdict == "PASS" and real.mc_r_p == pytest.approx(1 / 100)
+    assert real.mc_r_p_holm == real.mc_r_p  # a family of one: the constant cells are not in it
+    said = [s for s in res.notes if s.startswith("2 cell(s) compare a recipe whose persona")]
+    assert len(said) == 1 and "L2 sys_end~raw_system_last" in said[0]
+    assert "1/3 cells beyond chance" in res.answer
+
+    res.save(tmp_path / "out")
+    saved = {tuple(c["pair"]): c for c in json.loads((tmp_path / "out" / "results.json")
+                                                      .read_text())["cells"]}
+    rows = {(r["x"], r["y"]): r for r in csv.DictReader((tmp_path / "out" / "cells.csv").open())}
+    details = (tmp_path / "out" / "details.md").read_text()
+    for c in flat:
+        assert saved[c.pair]["mantel_p"] is None and saved[c.pair]["matrix_mc"]["pearson"] is None
+        assert rows[c.pair]["mc_r_p"] == rows[c.pair]["mc_r"] == rows[c.pair]["raw_r_p"] == ""
+        (line,) = [t for t in details.splitlines() if t.startswith(f"| {c.x} ~ {c.y} | ")
+                   and "**GREY**" in t]
+        # raw r, mc r (each with its null p95), the ceiling (exact recipes: 1), Spearman, Mantel p
+        assert "| n/a (n/a) | n/a (n/a) | 1.000 | n/a | n/a (n/a) |" in line
+    assert CompareResult.load(tmp_path / "out").cells == res.cells

@@ -16,11 +16,11 @@ import torch
 from scipy import stats
 
 from tlpersona.analyses import metrics as M
+from tlpersona.analyses.ceilings import Halves, ceiling, cka_cell, cka_reliability, mc_r_sd
 from tlpersona.analyses.compare_result import (
     Ceiling,
     CentredCosStats,
     CkaCell,
-    CkaEntry,
     CompareResult,
     CosStats,
     MatrixStats,
@@ -101,18 +101,25 @@ class CompareConfig:
 #: warns that the recipe mostly measures the attention sink (and so prompt length).
 SINK_WARN = 0.5
 
+#: Why a cell's mean-centred r, and so its Mantel test, has no value.
+UNDEFINED_R = "the mean-centred r is undefined: a recipe's persona geometry is constant"
+
 #: Positions compared by default besides the seven recipes, when the input has them.
 EXTRA_DEFAULT = ("prompt_mean_no_first", "response_mean_seed")
 
 
-def verdict(min_cos: float, mc_r: float, spread_rho: float | None, th: Thresholds,
+def verdict(min_cos: float, mc_r: float | None, spread_rho: float | None, th: Thresholds,
             mantel_p: float | None = None, alpha: float = 0.05) -> str:
-    """PASS / GREY / KILL (see :class:`Thresholds`). ``mantel_p``: the mean-centred matrix r's
-    Mantel p (None: not gated). With few personas unrelated recipes clear the bounds by chance
-    (sharing one persona direction: 17 % of cells at 4 personas, 4 % at 6), so agreement is
-    only called where the geometry is also more alike than shuffled personas'."""
-    if min_cos < th.kill_min_cos or mc_r < th.kill_mc_r:
+    """PASS / GREY / KILL (see :class:`Thresholds`). ``mc_r`` None: undefined, a recipe's
+    persona geometry being constant (every persona alike), which never passes. ``mantel_p``:
+    the mean-centred matrix r's Mantel p (None: not gated). With few personas unrelated recipes
+    clear the bounds by chance (sharing one persona direction: 17 % of cells at 4 personas,
+    4 % at 6), so agreement is only called where the geometry is also more alike than shuffled
+    personas'."""
+    if min_cos < th.kill_min_cos or (mc_r is not None and mc_r < th.kill_mc_r):
         return "KILL"
+    if mc_r is None:
+        return "GREY"
     spread_ok = not th.gate_spread or spread_rho is None or spread_rho > th.pass_spread
     beyond_null = mantel_p is None or mantel_p < alpha
     if min_cos > th.pass_min_cos and mc_r > th.pass_mc_r and spread_ok and beyond_null:
@@ -126,16 +133,18 @@ def _ceil(ceiling: Ceiling | Mapping[str, float | None], key: str) -> float | No
     return value
 
 
-def within_noise(min_cos: float, mc_r: float, spread_rho: float | None,
+def within_noise(min_cos: float, mc_r: float | None, spread_rho: float | None,
                  ceiling: Ceiling | Mapping[str, float | None], th: Thresholds,
                  mantel_p: float | None = None, alpha: float = 0.05) -> bool:
     """Whether every bound a cell that does not pass misses (the PASS bounds, and the KILL
-    bounds for a KILL) is missed by its split-half ceiling (``ceiling``, from :func:`_ceiling`)
-    too: identical recipes' expected value would get the same verdict. Descriptive: it compares
-    point values, so it is not the "(noise)" mark, which tests the observed value against its
-    ceiling with its sampling error (:func:`noise_check`). False for PASS, where a missed bound
-    has no ceiling (the spread), and where the Mantel condition fails."""
-    if verdict(min_cos, mc_r, spread_rho, th, mantel_p, alpha) == "PASS":
+    bounds for a KILL) is missed by its split-half ceiling (``ceiling``, from
+    :func:`tlpersona.analyses.ceilings.ceiling`) too: identical recipes' expected value would
+    get the same verdict. Descriptive: it compares point values, so it is not the "(noise)"
+    mark, which tests the observed value against its ceiling with its sampling error
+    (:func:`noise_check`). False for PASS, where a missed bound has no ceiling (the spread),
+    where the Mantel condition fails, and where ``mc_r`` is undefined (None), which has no
+    value to hold against its ceiling."""
+    if mc_r is None or verdict(min_cos, mc_r, spread_rho, th, mantel_p, alpha) == "PASS":
         return False
     if mantel_p is not None and mantel_p >= alpha:
         return False
@@ -153,45 +162,19 @@ def within_noise(min_cos: float, mc_r: float, spread_rho: float | None,
     return bool(missed) and all(c is not None and misses(c, b, k) for c, b, k in missed)
 
 
-@dataclass(frozen=True)
-class Halves:
-    """One recipe at one layer, per half of every question split (the split-half ceiling's
-    halves; every recipe of a run gets the same splits): the raw half centroids at unit length
-    ``[persona, 2K, d]`` and the standardised upper triangles of their mean-centred cosine
-    matrices ``[2K, pairs]`` (a dot product of two is their Pearson r). A question-invariant
-    recipe has one "half", its centroid, which broadcasts against any other recipe's."""
-
-    unit: np.ndarray
-    mc_tri: np.ndarray
-
-    @classmethod
-    def of(cls, halves: np.ndarray, iu: tuple[np.ndarray, np.ndarray]) -> Halves:
-        """From half centroids ``[persona, H, d]``."""
-        tri = np.stack([M.cos_matrix(M.mean_centre(halves[:, h]))[iu]
-                        for h in range(halves.shape[1])])
-        tri -= tri.mean(1, keepdims=True)
-        tri /= np.maximum(np.linalg.norm(tri, axis=1, keepdims=True), 1e-300)
-        # float16: these only feed a spread; at full scale they are 20 halves of 275 × 3584
-        unit = halves / np.maximum(np.linalg.norm(halves, axis=2, keepdims=True), 1e-300)
-        return cls(unit.astype(np.float16), tri.astype(np.float32))
-
-
 def half_sd(hx: Halves, hy: Halves) -> dict[str, float]:
     """Sampling standard deviation, over questions, of a pair's per-persona min cos and
-    mean-centred r: the delete-half jackknife (Shao & Wu 1989). Each statistic is recomputed on
-    every half of the questions, both recipes on the same half; with half of n questions
-    deleted, the spread of those values around their mean estimates the variance of the
-    full-size statistic (factor (n − d) / d = 1). In the statistics' own units: on planted
-    identical recipes (5–26 personas, 12 questions) it matched or exceeded the spread of
-    observed minus ceiling, where in Fisher z units (derivative taken at the lower half-size
-    value) it fell short by 10–30 %. Zero where both recipes are question-invariant."""
+    mean-centred r: the delete-half jackknife of :func:`tlpersona.analyses.ceilings.mc_r_sd`
+    (which gives the r's, and says why), the min cos recomputed the same way on every half of
+    the questions, both recipes on the same half. Unlike the r, the per-persona cosine compares
+    the two recipes' vectors coordinate by coordinate, so both must have one width. Zero where
+    both recipes are question-invariant."""
     per_persona = np.einsum("phd,phd->ph", hx.unit.astype(np.float32), hy.unit.astype(np.float32))
     mins = per_persona.min(0).astype(np.float64)
-    rs = np.einsum("hm,hm->h", hx.mc_tri, hy.mc_tri).astype(np.float64)
-    return {"min_cos": float(mins.std()), "mc_r": float(rs.std())}
+    return {"min_cos": float(mins.std()), "mc_r": mc_r_sd(hx, hy)}
 
 
-def noise_check(min_cos: float, mc_r: float, spread_rho: float | None,
+def noise_check(min_cos: float, mc_r: float | None, spread_rho: float | None,
                 ceiling: Ceiling | Mapping[str, float | None], sd: dict[str, float] | None,
                 th: Thresholds, mantel_p: float | None = None,
                 alpha: float = 0.05) -> NoiseCheck | None:
@@ -200,7 +183,9 @@ def noise_check(min_cos: float, mc_r: float, spread_rho: float | None,
     KILL, the PASS bounds of a GREY), each one-sided against its full-size ceiling at
     ``alpha`` / (statistics tested), so that identical recipes get "beyond noise" at most
     ``alpha`` of the time. The ceilings run low under heavy noise (Spearman–Brown on a
-    half-size minimum, and on a noisy r), which only makes "beyond noise" rarer."""
+    half-size minimum, and on a noisy r), which only makes "beyond noise" rarer. An undefined
+    ``mc_r`` (None: a constant persona geometry) misses the PASS bound with no value to test:
+    such a GREY is "inconclusive" unless the min cos is beyond noise."""
     v = verdict(min_cos, mc_r, spread_rho, th, mantel_p, alpha)
     if v == "PASS":
         return None
@@ -208,12 +193,14 @@ def noise_check(min_cos: float, mc_r: float, spread_rho: float | None,
     missed = [(name, obs, key) for name, obs, key, bound in [
         ("min cos", min_cos, "per_persona_cos_min", th.kill_min_cos if kill else th.pass_min_cos),
         ("mc r", mc_r, "matrix_mc_pearson", th.kill_mc_r if kill else th.pass_mc_r)]
-        if (obs < bound if kill else obs <= bound)]
+        if obs is not None and (obs < bound if kill else obs <= bound)]
+    undefined = mc_r is None and not kill
     spread_missed = (not kill and th.gate_spread and spread_rho is not None
                      and spread_rho <= th.pass_spread)
     if not missed:  # GREY on the Mantel gate or the spread alone: neither has a ceiling
-        return NoiseCheck("inconclusive", "only bounds without a ceiling are missed (the Mantel "
-                          "gate or the spread)", [])
+        return NoiseCheck("inconclusive", UNDEFINED_R if undefined else
+                          "only bounds without a ceiling are missed (the Mantel gate or the "
+                          "spread)", [])
     level = alpha / len(missed)
     crit = float(stats.norm.isf(level))
     tests = [_noise_test(name, obs, _ceil(ceiling, key),
@@ -222,6 +209,8 @@ def noise_check(min_cos: float, mc_r: float, spread_rho: float | None,
     if any(t.below for t in tests):
         return NoiseCheck("beyond noise", "below its ceiling by more than its sampling error",
                           tests)
+    if undefined:
+        return NoiseCheck("inconclusive", UNDEFINED_R, tests)
     if spread_missed or any(t.z is None for t in tests):
         return NoiseCheck("inconclusive", "a missed bound has no ceiling or sampling error",
                           tests)
@@ -239,19 +228,22 @@ def _noise_test(name: str, obs: float, ceil: float | None, sd: float | None, lev
     return NoiseTest(name, obs, ceil, sd, z, level, z < -crit)
 
 
-def failed_bounds(min_cos: float, mc_r: float, spread_rho: float | None, th: Thresholds,
+def failed_bounds(min_cos: float, mc_r: float | None, spread_rho: float | None, th: Thresholds,
                   mantel_p: float | None = None, alpha: float = 0.05) -> list[str]:
     """The conditions a cell misses, KILL bounds first (``min cos < 0.85``), then the PASS ones
     it misses: what a verdict rests on, so a KILL from raw cosines (common offsets) reads apart
-    from one from the persona geometry."""
+    from one from the persona geometry. An undefined ``mc_r`` (None) misses the PASS bound as
+    ``mc r undefined``."""
     out = [f"min cos < {th.kill_min_cos:g}"] if min_cos < th.kill_min_cos else []
-    if mc_r < th.kill_mc_r:
+    if mc_r is not None and mc_r < th.kill_mc_r:
         out.append(f"mc r < {th.kill_mc_r:g}")
     if out:
         return out
     if min_cos <= th.pass_min_cos:
         out.append(f"min cos ≤ {th.pass_min_cos:g}")
-    if mc_r <= th.pass_mc_r:
+    if mc_r is None:
+        out.append("mc r undefined (constant geometry)")
+    elif mc_r <= th.pass_mc_r:
         out.append(f"mc r ≤ {th.pass_mc_r:g}")
     if th.gate_spread and spread_rho is not None and spread_rho <= th.pass_spread:
         out.append(f"spread ρ ≤ {th.pass_spread:g}")
@@ -365,15 +357,13 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
         t0 = tick("centroid metrics", t0)
         # Mantel tests grouped by the permuted matrix: one recipe's permutations in memory at a
         # time, and one matrix product per recipe for all its partners.
-        mantel: dict[tuple[str, str, int], MantelResult] = {}
+        mantel: dict[tuple[str, str, int], MantelResult | None] = {}
         for y in positions:
             xs = [x for x, yy in pairs if yy == y]
             for kind in (0, 1):  # raw, mean-centred
                 if xs:
-                    py = permuter.permuted(mats[y][kind])
-                    res = permuter.many([mats[x][kind] for x in xs], mats[y][kind], py)
+                    res = permuter.tests([mats[x][kind] for x in xs], mats[y][kind])
                     mantel.update({(x, y, kind): r for x, r in zip(xs, res, strict=True)})
-                    del py
         t0 = tick("mantel permutations", t0)
         held = M.HeldOutProcrustes(n, M.PROCRUSTES_SPLITS, np.random.default_rng(cfg.seed + layer),
                                    cfg.null_draws)
@@ -389,8 +379,8 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
                 scores = M.cka_scores([grams[x] for x in xs], grams[y], permuter.perms,
                                       permuter.flat)
                 cka.update({(x, y): s for x, s in zip(xs, scores, strict=True)})
-        reliability = {p: _cka_reliability(cka_halves.get((p, layer)), grams[p],
-                                           source.question_invariant(p)) for p in positions}
+        reliability = {p: cka_reliability(cka_halves.get((p, layer)), grams[p],
+                                          source.question_invariant(p)) for p in positions}
         t0 = tick("CKA and its null", t0)
         spreads = {p: spread_by_layer[p].get(layer) if p in spread_by_layer else None
                    for p in positions}
@@ -415,12 +405,12 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
                 rho = float(sp[0])
                 spread = Spread(rho, float(sp[1]), int(ok.sum()), th.gate_spread)
             s = M.Summary.of(cos)
-            ceiling = _ceiling(floors, x, y, layer)
-            geo = mantel[(x, y, 1)]  # the mean-centred matrices' test
+            pair_ceiling = ceiling(floors[x].get(layer), floors[y].get(layer))
+            raw_test, geo = mantel[(x, y, 0)], mantel[(x, y, 1)]  # geo: the mean-centred test
             hx, hy = halves.get((x, layer)), halves.get((y, layer))
-            noise = noise_check(s.min, geo.r, rho, ceiling,
+            noise = noise_check(s.min, None if geo is None else geo.r, rho, pair_ceiling,
                                 None if hx is None or hy is None else half_sd(hx, hy), th,
-                                geo.p, cfg.alpha)
+                                None if geo is None else geo.p, cfg.alpha)
             mcs = M.Summary.of(mc_cos)
             cells.append(_Unadjusted(
                 layer=layer, pair=(x, y),
@@ -429,12 +419,12 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
                                          *_shuffled_cos_low(cent[x], cent[y], permuter.perms)),
                 per_persona_cos_mc=CentredCosStats(mcs.mean, mcs.min, mcs.p5, mcs.max,
                                                    _shuffled_cos_mean(mc[x], mc[y])),
-                procrustes=proc[(x, y)].held_out(ceiling.procrustes_cos_mean),
-                matrix_raw=(mantel[(x, y, 0)], float(stats.spearmanr(*raw_t)[0])),
-                matrix_mc=(geo, float(stats.spearmanr(*mc_t)[0])),
-                spread=spread, ceiling=ceiling, rho=rho, noise=noise,
+                procrustes=proc[(x, y)].held_out(pair_ceiling.procrustes_cos_mean),
+                matrix_raw=(raw_test, _spearman(raw_test, raw_t)),
+                matrix_mc=(geo, _spearman(geo, mc_t)),
+                spread=spread, ceiling=pair_ceiling, rho=rho, noise=noise,
                 per_persona_cos_all=[round(float(v), 6) for v in cos],
-                cka=_cka_cell(cka[(x, y)], reliability[x], reliability[y], n_perm)))
+                cka=cka_cell(cka[(x, y)], reliability[x], reliability[y], n_perm)))
         t0 = tick("pair metrics", t0)
         # Paired tests: for two pairs sharing a recipe, is one more aligned than the other?
         tests = [(a, b) for a, b in itertools.combinations(pairs, 2) if set(a) & set(b)]
@@ -502,8 +492,9 @@ class _Unadjusted:
     per_persona_cos: CosStats
     per_persona_cos_mc: CentredCosStats
     procrustes: HeldOutCos | HeldOutSkipped
-    matrix_raw: tuple[MantelResult, float]  # the test, and the triangles' Spearman r
-    matrix_mc: tuple[MantelResult, float]
+    # the test and the triangles' Spearman r; None: a constant geometry, where both are undefined
+    matrix_raw: tuple[MantelResult | None, float | None]
+    matrix_mc: tuple[MantelResult | None, float | None]
     spread: Spread | SpreadSkipped
     ceiling: Ceiling
     rho: float | None  # the spread's Spearman ρ
@@ -522,8 +513,8 @@ def _adjusted(cells: list[_Unadjusted], th: Thresholds, alpha: float,
               procrustes_corrected: bool) -> list[PairCell]:
     """The cells with their p-values Holm-adjusted, one family per kind of test across every
     cell of the run; the held-out Procrustes p only where its draws can reach ``alpha``."""
-    raw = _holm_of([c.matrix_raw[0].p for c in cells])
-    geo = _holm_of([c.matrix_mc[0].p for c in cells])
+    raw = _holm_of([None if c.matrix_raw[0] is None else c.matrix_raw[0].p for c in cells])
+    geo = _holm_of([None if c.matrix_mc[0] is None else c.matrix_mc[0].p for c in cells])
     proc = (_holm_of([c.procrustes.p if isinstance(c.procrustes, HeldOutCos) else None
                       for c in cells]) if procrustes_corrected else [None] * len(cells))
     lin = _holm_of([c.cka.linear.p for c in cells])
@@ -532,7 +523,7 @@ def _adjusted(cells: list[_Unadjusted], th: Thresholds, alpha: float,
     for c, raw_h, geo_h, proc_h, lin_h, deb_h in zip(cells, raw, geo, proc, lin, deb,
                                                       strict=True):
         (x, y), s, g = c.pair, c.per_persona_cos, c.matrix_mc[0]
-        assert raw_h is not None and geo_h is not None
+        r, p = (None, None) if g is None else (g.r, g.p)
         out.append(PairCell(
             layer=c.layer, pair=c.pair, tag=pair_tag(x, y),
             per_persona_cos=s, per_persona_cos_mc=c.per_persona_cos_mc,
@@ -540,10 +531,10 @@ def _adjusted(cells: list[_Unadjusted], th: Thresholds, alpha: float,
                         if isinstance(c.procrustes, HeldOutCos) else c.procrustes),
             matrix_raw=_matrix(c.matrix_raw[0], c.matrix_raw[1], raw_h),
             matrix_mc=_matrix(c.matrix_mc[0], c.matrix_mc[1], geo_h),
-            mantel_p=g.p, spread=c.spread, ceiling=c.ceiling,
-            verdict=verdict(s.min, g.r, c.rho, th, g.p, alpha),
-            failed_bounds=failed_bounds(s.min, g.r, c.rho, th, g.p, alpha),
-            within_noise=within_noise(s.min, g.r, c.rho, c.ceiling, th, g.p, alpha),
+            mantel_p=p, spread=c.spread, ceiling=c.ceiling,
+            verdict=verdict(s.min, r, c.rho, th, p, alpha),
+            failed_bounds=failed_bounds(s.min, r, c.rho, th, p, alpha),
+            within_noise=within_noise(s.min, r, c.rho, c.ceiling, th, p, alpha),
             noise_mark=None if c.noise is None else c.noise.mark, noise_test=c.noise,
             per_persona_cos_all=c.per_persona_cos_all,
             cka=replace(c.cka, linear=replace(c.cka.linear, p_holm=lin_h),
@@ -625,78 +616,18 @@ def _shuffled_cos_low(x: np.ndarray, y: np.ndarray, perms: np.ndarray
             float(np.percentile(p5s, 95)))
 
 
-def _matrix(res: MantelResult, spearman: float, p_holm: float) -> MatrixStats:
+def _spearman(test: MantelResult | None, tris: tuple[np.ndarray, np.ndarray]) -> float | None:
+    """Spearman r of two upper triangles ``[pairs]``; None where their Mantel ``test`` is
+    undefined (a constant triangle, on which scipy warns and returns NaN)."""
+    return None if test is None else float(stats.spearmanr(*tris)[0])
+
+
+def _matrix(res: MantelResult | None, spearman: float | None,
+            p_holm: float | None) -> MatrixStats:
+    if res is None:
+        return MatrixStats(None, None, None, None, None, None, None, None)
     return MatrixStats(res.r, spearman, res.p, res.null_mean, res.null_sd, res.null_p95,
                        z_score(res.r, res.null_mean, res.null_sd), p_holm)
-
-
-def _ceiling(floors: dict[str, dict[int, FloorStats | FloorReason]], x: str, y: str,
-             layer: int) -> Ceiling:
-    """What two recipes could reach if they were the same recipe, given each one's sampling
-    noise: the geometric mean of their split-half agreements (attenuation: noise in either
-    lowers agreement multiplicatively; question-invariant recipes have no sampling noise and
-    count 1; None where unknown). Every value is Spearman–Brown corrected to full-size
-    centroids, the size the statistic itself is computed at: half-size values sit well below
-    what identical recipes reach (0.20 against 0.44 for the Procrustes cosine of a noisy
-    planted pair), so a cell could look at its ceiling while far from it."""
-    vals = [floors.get(p, {}).get(layer) for p in (x, y)]
-
-    def one(v: FloorStats | FloorReason | None, key: str) -> float | None:
-        if isinstance(v, FloorReason):
-            return 1.0 if v.exact is True else None
-        got: float | None = None if v is None else getattr(v, key)
-        return got
-
-    def joint(key: str) -> float | None:
-        got = [one(v, key) for v in vals]
-        if got[0] is None or got[1] is None:
-            return None
-        return float(np.sqrt(max(got[0], 0.0) * max(got[1], 0.0)))
-
-    return Ceiling(joint("per_persona_cos_mean_full"), joint("per_persona_cos_min_full"),
-                   joint("matrix_mc_pearson_full"), joint("procrustes_cos_mean_full"))
-
-
-@dataclass(frozen=True)
-class CkaReliability:
-    """How far one recipe's sampling noise lets its CKA with an identical recipe reach: the
-    half-size split-half linear CKA, and the full-size debiased one (1 for question-invariant
-    recipes; None where unknown)."""
-
-    linear_half: float | None
-    debiased_full: float | None
-
-
-def _cka_reliability(half: M.SplitHalfCka | None, gram: np.ndarray,
-                     invariant: bool) -> CkaReliability:
-    """The debiased value is full size: the unbiased HSIC between independent question
-    halves estimates the noise-free ‖C‖², and the full centroids' own unbiased HSIC is
-    ‖C + C_noise‖², so their ratio is the attenuation factor identical recipes' debiased CKA
-    gets at full size. The biased (linear) HSIC has noise terms in the cross product too, so
-    no such correction exists for linear CKA, and neither is Spearman–Brown valid; its value
-    stays at half size, below what identical recipes reach at full size."""
-    if invariant:
-        return CkaReliability(1.0, 1.0)
-    if half is None:
-        return CkaReliability(None, None)
-    own = M.hsic_unbiased(gram, gram)
-    return CkaReliability(half.linear, half.hsic_cross / own if own > 0 else None)
-
-
-def _cka_cell(score: M.CkaScore, rx: CkaReliability, ry: CkaReliability,
-              n_perm: int) -> CkaCell:
-    """A cell's CKA entry, for comparability with other tools: not part of the verdict (its
-    p-values before Holm over the cells)."""
-
-    def joint(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None else float(np.sqrt(max(a, 0.0) * max(b, 0.0)))
-
-    def entry(s: M.CkaStat, ceiling: float | None, size: str) -> CkaEntry:
-        return CkaEntry(s.value, s.null_mean, s.null_sd, s.null_p95, s.p, ceiling, size)
-
-    return CkaCell(True, "mean over personas", n_perm,
-                   entry(score.linear, joint(rx.linear_half, ry.linear_half), "half"),
-                   entry(score.debiased, joint(rx.debiased_full, ry.debiased_full), "full"))
 
 
 def sink_diagnostic(source: ActivationSource, positions: list[str], layers: list[int]
@@ -808,6 +739,12 @@ def overall(cells: list[PairCell], positions: list[str], layers: list[int], th: 
                  f"permutations, Holm over all cells at {alpha:g}).")
     if mantel[2]:
         notes.append(mantel[2])
+    constant = [c for c in cells if c.matrix_mc.mantel_p is None]
+    if constant:
+        notes.append(f"{len(constant)} cell(s) compare a recipe whose persona geometry is "
+                     "constant (every persona's centroid alike): their mean-centred r and "
+                     "Mantel p are undefined, so they cannot pass and are left out of Holm ("
+                     + ", ".join(f"L{c.layer} {'~'.join(c.pair)}" for c in constant) + ").")
     proc = [c.procrustes for c in cells if isinstance(c.procrustes, HeldOutCos)]
     if proc and procrustes_corrected:
         k = sum((1.0 if pc.p_holm is None else pc.p_holm) < alpha for pc in proc)
@@ -880,26 +817,28 @@ def answer(lb: list[PairCell], layers: list[int], mantel: tuple[int, int], robus
 
     mc = {k: mean_of([c.matrix_mc.pearson for c in v]) for k, v in by_pair.items()}
     ceil = {k: mean_of([c.ceiling.matrix_mc_pearson for c in v]) for k, v in by_pair.items()}
-    ranked = sorted(mc, key=lambda k: -(mc[k] or 0.0))
+    known = {k: v for k, v in mc.items() if v is not None}  # an undefined r ranks nowhere
+    ranked = sorted(known, key=lambda k: -known[k])
     lead = "yes, recipe-robust" if robust else "not recipe-robust"
     tail = "" if len(ranked) < 2 else (
-        f"; closest {ranked[0]} (mc r {mc[ranked[0]]:.2f}"
+        f"; closest {ranked[0]} (mc r {known[ranked[0]]:.2f}"
         + (f", ceiling {ceil[ranked[0]]:.2f}" if ceil[ranked[0]] is not None else "")
-        + f"), farthest {ranked[-1]} ({mc[ranked[-1]]:.2f})")
+        + f"), farthest {ranked[-1]} ({known[ranked[-1]]:.2f})")
     return (f"Do the recipes agree? {lead}: load-bearing PASS/GREY/KILL {', '.join(counts)}"
             f"{tail}; geometry beyond chance in {mantel[0]}/{mantel[1]} cells (Mantel, Holm).")
 
 
-def _beyond_null(ps: list[float], holm_ps: list[float], floor: float,
+def _beyond_null(ps: list[float | None], holm_ps: list[float | None], floor: float,
                  alpha: float) -> tuple[int, int, str]:
     """How many cells beat their permutation null after Holm over all cells (``ps``, Holm
-    ``holm_ps``), of how many, and (where the draws cannot reach ``alpha`` after Holm) a
-    sentence saying so."""
+    ``holm_ps``; None: undefined, outside the family), of how many, and (where the draws
+    cannot reach ``alpha`` after Holm) a sentence saying so."""
     m = len(ps)
-    k = sum(h < alpha for h in holm_ps)
-    if m * floor < alpha:
+    family = sum(p is not None for p in ps)
+    k = sum(h is not None and h < alpha for h in holm_ps)
+    if family * floor < alpha:
         return k, m, ""
-    at = sum(p <= floor + 1e-12 for p in ps)
+    at = sum(p is not None and p <= floor + 1e-12 for p in ps)
     return k, m, (f"{at} of {m} cells sit beyond every null draw (p = {floor:.4f}), but Holm "
-                  f"over {m} cells cannot reach p < {alpha:g} from there: raise the draws to "
-                  f"at least {math.ceil(m / alpha)}.")
+                  f"over {family} cells cannot reach p < {alpha:g} from there: raise the draws "
+                  f"to at least {math.ceil(family / alpha)}.")

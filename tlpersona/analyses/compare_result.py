@@ -102,16 +102,17 @@ class CentredCosStats:
 class MatrixStats:
     """Two recipes' inter-persona cosine matrices: Pearson and Spearman r of their upper
     triangles, the Mantel p and null, z (descriptive) and the p Holm-adjusted over every cell
-    of the run."""
+    of the run. All None where a recipe's persona geometry is constant (every persona alike):
+    r and its test are undefined there."""
 
-    pearson: float
-    spearman: float
-    mantel_p: float
-    null_mean: float
-    null_sd: float
-    null_p95: float
+    pearson: float | None
+    spearman: float | None
+    mantel_p: float | None
+    null_mean: float | None
+    null_sd: float | None
+    null_p95: float | None
     z: float | None
-    mantel_p_holm: float
+    mantel_p_holm: float | None
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ class PairCell:
     procrustes: HeldOutCos | HeldOutSkipped = field(metadata=key("procrustes_cos"))
     matrix_raw: MatrixStats
     matrix_mc: MatrixStats  # the mean-centred matrices: the verdict's Mantel test
-    mantel_p: float  # matrix_mc's Mantel p (uncorrected)
+    mantel_p: float | None  # matrix_mc's Mantel p (uncorrected; None: undefined)
     spread: Spread | SpreadSkipped
     ceiling: Ceiling
     verdict: str  # PASS, GREY or KILL
@@ -271,33 +272,33 @@ class PairCell:
         return self.per_persona_cos_mc.null_mean
 
     @property
-    def raw_r(self) -> float:
+    def raw_r(self) -> float | None:
         """Raw cosine-matrix correlation."""
         return self.matrix_raw.pearson
 
     @property
-    def raw_r_null_p95(self) -> float:
+    def raw_r_null_p95(self) -> float | None:
         return self.matrix_raw.null_p95
 
     @property
-    def raw_r_p(self) -> float:
+    def raw_r_p(self) -> float | None:
         return self.matrix_raw.mantel_p
 
     @property
-    def raw_r_p_holm(self) -> float:
+    def raw_r_p_holm(self) -> float | None:
         return self.matrix_raw.mantel_p_holm
 
     @property
-    def mc_r(self) -> float:
+    def mc_r(self) -> float | None:
         """Mean-centred persona-geometry correlation."""
         return self.matrix_mc.pearson
 
     @property
-    def mc_r_null_mean(self) -> float:
+    def mc_r_null_mean(self) -> float | None:
         return self.matrix_mc.null_mean
 
     @property
-    def mc_r_null_p95(self) -> float:
+    def mc_r_null_p95(self) -> float | None:
         return self.matrix_mc.null_p95
 
     @property
@@ -305,12 +306,12 @@ class PairCell:
         return self.matrix_mc.z
 
     @property
-    def mc_r_p(self) -> float:
+    def mc_r_p(self) -> float | None:
         """Its uncorrected Mantel p (PASS needs it below the comparison's alpha)."""
         return self.matrix_mc.mantel_p
 
     @property
-    def mc_r_p_holm(self) -> float:
+    def mc_r_p_holm(self) -> float | None:
         """Holm over every cell of the run."""
         return self.matrix_mc.mantel_p_holm
 
@@ -319,7 +320,7 @@ class PairCell:
         return self.ceiling.matrix_mc_pearson
 
     @property
-    def mc_spearman(self) -> float:
+    def mc_spearman(self) -> float | None:
         return self.matrix_mc.spearman
 
     def _held(self) -> HeldOutCos | None:

@@ -18,17 +18,9 @@ import numpy as np
 from scipy import stats
 
 from tlpersona.analyses import metrics as M
-from tlpersona.analyses.compare import (
-    Halves,
-    QuestionPass,
-    _ceiling,
-    _cka_cell,
-    _cka_reliability,
-    default_positions,
-    mantel_floor,
-    question_pass,
-)
-from tlpersona.analyses.controls import FloorReason
+from tlpersona.analyses.ceilings import Halves, ceiling, cka_cell, cka_reliability, mc_r_sd
+from tlpersona.analyses.compare import QuestionPass, default_positions, mantel_floor, question_pass
+from tlpersona.analyses.controls import FloorReason, FloorStats
 from tlpersona.analyses.stats import MantelPermuter, MantelResult, draws_for_family, holm, z_score
 from tlpersona.cache.source import ActivationSource, stored_layer
 from tlpersona.chat.positions import canonical
@@ -333,7 +325,8 @@ class _StoreNoise:
     exact."""
 
     passes: dict[str, QuestionPass | None] = field(default_factory=dict)
-    floors: dict[str, dict[int, Any]] = field(default_factory=dict)  # recipe -> layer -> floor
+    # recipe -> layer -> floor
+    floors: dict[str, dict[int, FloorStats | FloorReason]] = field(default_factory=dict)
 
 
 def _noise(src: ActivationSource, recipes: list[str], layers: list[int], cfg: CrossModelConfig,
@@ -365,30 +358,12 @@ def _halves(noise: _StoreNoise, src: ActivationSource, recipe: str, layer: int,
     return None
 
 
-def mc_r_sd(ha: Halves | None, hb: Halves | None) -> float | None:
-    """Sampling SD over questions of the cross-model mean-centred r: the delete-half jackknife
-    (as :func:`tlpersona.analyses.compare.half_sd`): the r between the two models' matrices
-    recomputed on each question half, both models on the same half, and the spread of those
-    values. Only the matrices' triangles enter, so the two widths need not match. Zero where
-    both recipes are question-invariant; None where either lacks per-question vectors."""
-    if ha is None or hb is None:
-        return None
-    rs = np.einsum("hm,hm->h", ha.mc_tri, hb.mc_tri).astype(np.float64)
-    return float(rs.std())
-
-
 # --- the comparison -----------------------------------------------------------------------------
-
-def _constant(tri: np.ndarray) -> bool:
-    return bool(np.std(tri) == 0)
-
 
 def _matrix(perm: MantelPermuter, ma: np.ndarray, mb: np.ndarray) -> MantelResult | None:
     """Mantel test of A's matrix against B's (B's persona labels permuted); None where either
     is constant (every persona alike), where r is undefined."""
-    if _constant(ma[perm.iu]) or _constant(mb[perm.iu]):
-        return None
-    return perm.many([ma], mb, perm.permuted(mb))[0]
+    return perm.tests([ma], mb)[0]
 
 
 def compare_models(a: ActivationSource, b: ActivationSource,
@@ -457,18 +432,15 @@ def _cell(recipe: str, la: int, lb: int, xa: np.ndarray, xb: np.ndarray, perm: M
     mc_a, mc_b = M.cos_matrix(M.mean_centre(xa)), M.cos_matrix(M.mean_centre(xb))
     geo = _matrix(perm, mc_a, mc_b)
     rawm = _matrix(perm, M.cos_matrix(xa), M.cos_matrix(xb))
-    # _ceiling combines two recipes' floors at one layer: here one recipe in two stores, each
-    # at its own layer of the pair
-    ceiling = _ceiling({"a": {0: noise_a.floors[recipe][la]},
-                        "b": {0: noise_b.floors[recipe][lb]}}, "a", "b", 0)
+    cell_ceiling = ceiling(noise_a.floors[recipe][la], noise_b.floors[recipe][lb])
     sd = mc_r_sd(_halves(noise_a, a, recipe, la, xa, iu), _halves(noise_b, b, recipe, lb, xb, iu))
-    gap_z, gap_p = (None, None) if geo is None else gap_test(geo.r, ceiling.matrix_mc_pearson, sd)
+    gap_z, gap_p = (None, None) if geo is None else gap_test(geo.r, cell_ceiling.matrix_mc_pearson, sd)
     ga, gb = M.centred_gram(xa), M.centred_gram(xb)
     (score,) = M.cka_scores([ga], gb, perm.perms, perm.flat)
-    rel = [_cka_reliability(None if qp is None else qp.cka.get(layer), g, src.question_invariant(recipe))
+    rel = [cka_reliability(None if qp is None else qp.cka.get(layer), g, src.question_invariant(recipe))
            for qp, g, src, layer in ((noise_a.passes.get(recipe), ga, a, la),
                                      (noise_b.passes.get(recipe), gb, b, lb))]
-    cka = _cka_cell(score, rel[0], rel[1], perm.n_perm)
+    cka = cka_cell(score, rel[0], rel[1], perm.n_perm)
     pd = proc.to_dict()
     spread = _spread(noise_a.passes.get(recipe), noise_b.passes.get(recipe), la, lb)
     lin, deb = cka.linear, cka.debiased
@@ -480,7 +452,7 @@ def _cell(recipe: str, la: int, lb: int, xa: np.ndarray, xb: np.ndarray, perm: M
         "mc_r_null_p95": None if geo is None else geo.null_p95,
         "mc_r_z": None if geo is None else z_score(geo.r, geo.null_mean, geo.null_sd),
         "mc_r_p": None if geo is None else geo.p,
-        "mc_r_ceiling": ceiling.matrix_mc_pearson, "mc_r_sd": sd,
+        "mc_r_ceiling": cell_ceiling.matrix_mc_pearson, "mc_r_sd": sd,
         "mc_r_gap_z": gap_z, "mc_r_gap_p": gap_p,
         "raw_r": None if rawm is None else rawm.r,
         "raw_r_null_p95": None if rawm is None else rawm.null_p95,
@@ -488,7 +460,7 @@ def _cell(recipe: str, la: int, lb: int, xa: np.ndarray, xb: np.ndarray, perm: M
         "procrustes_cos": pd.get("mean"), "procrustes_null_mean": pd.get("null_mean"),
         "procrustes_null_p95": pd.get("null_p95"), "procrustes_z": pd.get("z"),
         "procrustes_p": pd.get("p"), "procrustes_p_holm": None,
-        "procrustes_ceiling": ceiling.procrustes_cos_mean,
+        "procrustes_ceiling": cell_ceiling.procrustes_cos_mean,
         "procrustes_rank": proc.rank, "procrustes_reason": proc.reason,
         "spread_spearman": spread,
         "cka_linear": lin.value, "cka_linear_null_p95": lin.null_p95,

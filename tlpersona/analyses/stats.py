@@ -81,11 +81,36 @@ class MantelPermuter:
         return [MantelResult(float(r), (1 + int(c)) / (self.n_perm + 1), float(m), float(sd), float(q))
                 for r, c, m, sd, q in zip(r_obs, counts, means, sds, p95, strict=True)]
 
+    def tests(self, xs: list[np.ndarray], y: np.ndarray, rank: bool = False
+              ) -> list[MantelResult | None]:
+        """Mantel tests of each of ``xs`` against ``y`` (all ``[n, n]``), as :meth:`many`;
+        None for a pair where either matrix's upper triangle is constant (every persona alike,
+        :func:`varies`). There r is undefined, and a NaN r is exceeded by no permuted r, which
+        would give the smallest p the draws allow: a pair with no geometry would look beyond
+        chance."""
+        out: list[MantelResult | None] = [None] * len(xs)
+        if not varies(self.triangle(y)):
+            return out
+        keep = [i for i, x in enumerate(xs) if varies(self.triangle(x))]
+        if keep:
+            got = self.many([xs[i] for i in keep], y, self.permuted(y, rank), rank)
+            for i, res in zip(keep, got, strict=True):
+                out[i] = res
+        return out
+
     def permuted(self, m: np.ndarray, rank: bool = False) -> np.ndarray:
         full = np.zeros_like(m, dtype=np.float32)
         full[self.iu] = self.triangle(m, rank)
         full = full + full.T  # the permutation maps upper-triangle entries to either side
         return _standardise(full.ravel()[self.flat])
+
+
+def varies(v: np.ndarray) -> bool:
+    """Whether the entries of ``v`` (a matrix's upper triangle ``[pairs]``) are not all equal:
+    a correlation with a constant, and so a Mantel test of it, is undefined. Tested by
+    equality, not by a zero standard deviation: the mean of equal floats can miss them by a
+    rounding step, which leaves a standard deviation of about 1e-17."""
+    return bool(np.any(v != v.flat[0])) if v.size else False
 
 
 def mantel(x: np.ndarray, y: np.ndarray, n_perm: int = 1000, seed: int = 0,

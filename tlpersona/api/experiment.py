@@ -149,7 +149,7 @@ def headline(cmp: CompareResult, sub: SubspaceResult, pat: PatchResult,
              steering: SteeringResult, alpha: float) -> str:
     """The four answers in one line (at most HEADLINE_CHARS characters); ``alpha``: the
     comparison's family-wise level."""
-    beyond = sum(c.mc_r_p_holm < alpha for c in cmp.cells)
+    beyond = sum(c.mc_r_p_holm is not None and c.mc_r_p_holm < alpha for c in cmp.cells)
     agree = "recipe-robust" if cmp.recipe_robust else "not recipe-robust"
     # the test calls a layer (k ≥ 1 beyond the null); the count k is descriptive beyond that
     found = [f"L{la.layer} (k_found {la.k_found.k})" for la in sub.layers if la.k_found.beyond_null]

@@ -102,8 +102,9 @@ def matrix_bars(result: CompareResult, layer: int, path: Path) -> Path:
     cells = [c for c in result.cells if c.layer == layer]
     fig, ax = subplots(figsize=(max(6, 0.45 * len(cells)), 4), layout="constrained")
     x = np.arange(len(cells))
-    ax.bar(x - 0.2, [c.matrix_raw.pearson for c in cells], 0.4, label="raw r")
-    ax.bar(x + 0.2, [c.matrix_mc.pearson for c in cells], 0.4, label="mean-centred r")
+    raw, mc = [c.matrix_raw.pearson for c in cells], [c.matrix_mc.pearson for c in cells]
+    ax.bar(x - 0.2, [np.nan if r is None else r for r in raw], 0.4, label="raw r")
+    ax.bar(x + 0.2, [np.nan if r is None else r for r in mc], 0.4, label="mean-centred r")
     ceilings = [np.nan if c.ceiling.matrix_mc_pearson is None else c.ceiling.matrix_mc_pearson
                 for c in cells]
     ax.scatter(x + 0.2, ceilings, color="k", marker="_", s=200, zorder=3,
