@@ -542,18 +542,6 @@ def _adjusted(cells: list[_Unadjusted], th: Thresholds, alpha: float,
     return out
 
 
-def centred_cos_matrices(source: ActivationSource, positions: list[str], layers: list[int]
-                         ) -> dict[int, dict[str, np.ndarray]]:
-    """Per layer and recipe, the mean-centred inter-persona cosine matrix ``[persona, persona]``
-    (what :func:`compare` keeps on its result for the report's figure)."""
-    out = {}
-    for layer in layers:
-        li = source.layer_index(layer)
-        out[layer] = {p: M.cos_matrix(M.mean_centre(source.centroids(p)[:, li].double().numpy()))
-                      for p in positions}
-    return out
-
-
 @dataclass
 class QuestionPass:
     """What one pass over a recipe's per-question vectors gives, per layer."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tlpersona.analyses import metrics as M
 from tlpersona.analyses.controls import BStarCheck, FloorReason, FloorStats
 from tlpersona.analyses.metrics import HeldOutCos, HeldOutSkipped
 from tlpersona.cache.source import ActivationSource, need_source, source_for, stored_layer
@@ -578,8 +579,6 @@ class CompareResult(JsonView):
         """This result with the store it was computed on (its cosine matrices read from it)."""
         if source is None or (source is self.source and self.cos_matrices):
             return replace(self, source=source)
-        from tlpersona.analyses.compare import centred_cos_matrices
-
         return replace(self, source=source,
                        cos_matrices=centred_cos_matrices(source, self.positions, self.layers))
 
@@ -636,3 +635,15 @@ class CompareResult(JsonView):
             write_csv(self.to_records(), stage / "cells.csv")
             report = write_report(self, stage, title)
         return Path(out) / report.relative_to(stage)
+
+
+def centred_cos_matrices(source: ActivationSource, positions: list[str], layers: list[int]
+                         ) -> dict[int, dict[str, np.ndarray]]:
+    """Per layer and recipe, the mean-centred inter-persona cosine matrix ``[persona, persona]``
+    (what :func:`compare` keeps on its result for the report's figure)."""
+    out = {}
+    for layer in layers:
+        li = source.layer_index(layer)
+        out[layer] = {p: M.cos_matrix(M.mean_centre(source.centroids(p)[:, li].double().numpy()))
+                      for p in positions}
+    return out
