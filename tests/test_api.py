@@ -131,7 +131,7 @@ def test_patch_and_steer_through_the_api_equal_the_cli(runs, loaded):
                          **options)
     _cli("steer", str(store.root), "--device", "cpu", "--dtype", "fp32", "--n-questions", "2",
          "--n-personas", "1", "--recipes", "last", "--layers", "29", "--operators", "add",
-         "--alphas", "0.125", "--n-random", "3", "--response-tokens", "2", "--bootstrap", "100",
+         "--alphas", "0.125", "--n-random", "3", "--response-tokens", "2", "--n-boot", "100",
          "--continuations", "0", "--out", str(tmp / "steer"))
     got = _json(tmp / "steer" / "steering.json")
     _page(tmp / "steer", "steering.md")

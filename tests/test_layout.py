@@ -187,23 +187,14 @@ def _private_imports(path: Path) -> set[tuple[str, str]]:
     return found
 
 
-#: Private names taken across modules before this rule: to be made public where they are
-#: shared (or moved to where they are used), never added to.
-KNOWN_PRIVATE_IMPORTS = {
-    ("interventions/export.py", "tlpersona.cache.export", "_write_gguf"),
-    ("report/patch.py", "tlpersona.report.compare", "_f"),
-    ("report/subspace.py", "tlpersona.report.compare", "_f"),
-}
 
 
 def test_no_module_takes_another_modules_private_names():
     """A name that starts with ``_`` is its module's own; one that another module needs is
-    public (typed and documented where it lives). analyses/ has no exception."""
+    public (typed and documented where it lives)."""
     found = {(path.relative_to(ROOT).as_posix(), mod, name)
              for path in ROOT.rglob("*.py") for mod, name in _private_imports(path)}
-    assert not {f for f in found if f[0].startswith("analyses/")}, found
-    assert found - KNOWN_PRIVATE_IMPORTS == set(), "new private imports"
-    assert KNOWN_PRIVATE_IMPORTS - found == set(), "fixed: drop them from KNOWN_PRIVATE_IMPORTS"
+    assert found == set(), found
 
 
 def test_private_imports_are_found_in_every_form(tmp_path):

@@ -868,7 +868,8 @@ def _print_patch(result: Any) -> None:
 @click.option("--response-tokens", type=int, default=16, show_default=True)
 @click.option("--prompt-index", type=int, default=None, help="phrasing (default: the store's)")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--bootstrap", "n_boot", type=int, default=2000, show_default=True)
+@click.option("--n-boot", "--bootstrap", "n_boot", type=int, default=2000, show_default=True,
+              help="bootstrap resamples for the intervals (--bootstrap: its earlier name)")
 @click.option("--fluency-margin", type=float, default=0.5, show_default=True,
               help="nats/token a setting may lose on the base response (see report)")
 @click.option("--continuations", type=int, default=2, show_default=True,

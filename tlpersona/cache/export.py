@@ -97,7 +97,7 @@ def export_vectors(store: Store, req: VectorExport, layers: list[int] | None
             "definition": "centroid(persona) - mean centroid of all stored personas, "
                           "blocks.{l}.hook_resid_post", **req.meta}
     if req.format == "gguf":
-        atomic_write_with(req.out, lambda tmp: _write_gguf(tmp, vecs, meta))
+        atomic_write_with(req.out, lambda tmp: write_gguf(tmp, vecs, meta))
     elif req.format == "safetensors":
         atomic_save_tensors(req.out, {str(la): v for la, v in vecs.items()}, meta)
     elif req.format == "pt":
@@ -112,7 +112,7 @@ def export_vectors(store: Store, req: VectorExport, layers: list[int] | None
     return vecs
 
 
-def _write_gguf(path: str, vecs: dict[int, torch.Tensor], meta: dict[str, str]) -> None:
+def write_gguf(path: str, vecs: dict[int, torch.Tensor], meta: dict[str, str]) -> None:
     import gguf
 
     writer = gguf.GGUFWriter(path, "controlvector")

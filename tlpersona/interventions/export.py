@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from tlpersona.cache.export import _write_gguf
+from tlpersona.cache.export import write_gguf
 from tlpersona.cache.source import ActivationSource
 from tlpersona.errors import TlpersonaError
 from tlpersona.infra.files import atomic_save_pt, atomic_save_tensors, atomic_write_bytes, atomic_write_with
@@ -235,7 +235,7 @@ def check_formats(formats: list[str], layer: int | None = None) -> None:
 
 
 def _gguf_at(tmp: str, vecs: dict[int, torch.Tensor], meta: dict[str, str]) -> None:
-    _write_gguf(tmp, vecs, meta)
+    write_gguf(tmp, vecs, meta)
 
 
 def write(items: list[Intervention], out: Path, formats: list[str]) -> list[Path]:

@@ -18,7 +18,8 @@ from tlpersona.infra.files import atomic_write_bytes, json_bytes
 from tlpersona.report import plots
 
 
-def _f(v: float | None, nd: int = 3) -> str:
+def fixed(v: float | None, nd: int = 3) -> str:
+    """``v`` with ``nd`` decimals; "n/a" for None (a statistic that is undefined or was not run)."""
     return "n/a" if v is None else f"{v:.{nd}f}"
 
 
@@ -63,14 +64,14 @@ def _detail_table(result: CompareResult, layer: int) -> str:
             continue
         s, mc, raw, mr = c.per_persona_cos, c.per_persona_cos_mc, c.matrix_raw, c.matrix_mc
         rows.append(
-            f"| {c.x} ~ {c.y} | {_f(s.mean)} ({_f(s.null_mean)}; "
-            f"{_f(c.ceiling.per_persona_cos_mean)}) "
-            f"| {_f(s.min)} ({_f(s.null_min_p95)}; {_f(c.ceiling.per_persona_cos_min)}) "
-            f"| {_f(s.p5)} ({_f(s.null_p5_p95)}) "
-            f"| {_f(mc.mean)} ({_f(mc.null_mean)}) "
-            f"| {_f(raw.pearson)} ({_f(raw.null_p95)}) | {_f(mr.pearson)} ({_f(mr.null_p95)}) "
-            f"| {_f(c.ceiling.matrix_mc_pearson)} | {_f(mr.spearman)} "
-            f"| {_p(mr.mantel_p)} ({_p(mr.mantel_p_holm)}) | {_f(c.spread.spearman)} "
+            f"| {c.x} ~ {c.y} | {fixed(s.mean)} ({fixed(s.null_mean)}; "
+            f"{fixed(c.ceiling.per_persona_cos_mean)}) "
+            f"| {fixed(s.min)} ({fixed(s.null_min_p95)}; {fixed(c.ceiling.per_persona_cos_min)}) "
+            f"| {fixed(s.p5)} ({fixed(s.null_p5_p95)}) "
+            f"| {fixed(mc.mean)} ({fixed(mc.null_mean)}) "
+            f"| {fixed(raw.pearson)} ({fixed(raw.null_p95)}) | {fixed(mr.pearson)} ({fixed(mr.null_p95)}) "
+            f"| {fixed(c.ceiling.matrix_mc_pearson)} | {fixed(mr.spearman)} "
+            f"| {_p(mr.mantel_p)} ({_p(mr.mantel_p_holm)}) | {fixed(c.spread.spearman)} "
             f"| {_cka_text(c.cka)} "
             f"| **{c.verdict}**{marked(c)[len(c.verdict):]} |")
     return "\n".join(rows)
@@ -81,7 +82,7 @@ def _cka_text(cka: CkaCell | None) -> str:
     null's 95th percentile and its ceiling; results from before CKA was added have none."""
     if cka is None:
         return "n/a"
-    return " / ".join(f"{_f(s.value)} ({_f(s.null_p95)}; {_f(s.ceiling)})"
+    return " / ".join(f"{fixed(s.value)} ({fixed(s.null_p95)}; {fixed(s.ceiling)})"
                       for s in (cka.linear, cka.debiased))
 
 
@@ -96,9 +97,9 @@ def _procrustes_table(result: CompareResult, layer: int) -> str:
             rows.append(f"| {c.x} ~ {c.y} | {pc.reason} | | | | |")
             continue
         holm_p = f" ({_p(pc.p_holm)})" if pc.p_holm is not None else ""
-        rows.append(f"| {c.x} ~ {c.y} | {_f(pc.mean)} "
-                    f"| {_f(pc.null_mean)} / {_f(pc.null_p95)} | {_f(pc.ceiling)} "
-                    f"| {_f(pc.z, 1)} | {_p(pc.p)}{holm_p} |")
+        rows.append(f"| {c.x} ~ {c.y} | {fixed(pc.mean)} "
+                    f"| {fixed(pc.null_mean)} / {fixed(pc.null_p95)} | {fixed(pc.ceiling)} "
+                    f"| {fixed(pc.z, 1)} | {_p(pc.p)}{holm_p} |")
     return "\n".join(rows)
 
 
@@ -108,10 +109,10 @@ def _floor_table(result: CompareResult) -> str:
     for pos, by_layer in result.noise_floor.items():
         for layer, v in by_layer.items():
             if isinstance(v, FloorStats):
-                rows.append(f"| {pos} | {layer} | {_f(v.per_persona_cos_mean, 4)} / "
-                            f"{_f(v.per_persona_cos_min, 4)} | {_f(v.matrix_mc_pearson_mean, 4)}"
-                            f" / {_f(v.matrix_mc_pearson_min, 4)} | "
-                            f"{_f(v.matrix_mc_pearson_full, 4)} |")
+                rows.append(f"| {pos} | {layer} | {fixed(v.per_persona_cos_mean, 4)} / "
+                            f"{fixed(v.per_persona_cos_min, 4)} | {fixed(v.matrix_mc_pearson_mean, 4)}"
+                            f" / {fixed(v.matrix_mc_pearson_min, 4)} | "
+                            f"{fixed(v.matrix_mc_pearson_full, 4)} |")
             else:
                 rows.append(f"| {pos} | {layer} | {v.reason} | — | — |")
     return "\n".join(rows)
@@ -136,7 +137,7 @@ def _sink_section(result: CompareResult) -> list[str]:
         cells = []
         for p in positions:
             e = row.recipes[p]
-            txt = _f(e.share, 2)
+            txt = fixed(e.share, 2)
             if isinstance(e, RecipeSinkLength) and e.r_with_inverse_length is not None:
                 txt += f" (r {e.r_with_inverse_length:+.2f})"
             cells.append(f"**{txt}**" if e.warning else txt)
@@ -161,8 +162,8 @@ def _bstar_section(result: CompareResult) -> str:
     for layer, r in b.layers.items():
         ident = r.identity_max_rel_error
         ok = "" if ident is None else (" (holds)" if r.identity_holds else " (FAILS)")
-        rows.append(f"| {layer} | {_f(r.cos_a_bstar.mean)} / {_f(r.cos_a_bstar.min)} | "
-                    f"{_f(r.cos_a_bstar_no_last.mean)} / {_f(r.cos_a_bstar_no_last.min)} | "
+        rows.append(f"| {layer} | {fixed(r.cos_a_bstar.mean)} / {fixed(r.cos_a_bstar.min)} | "
+                    f"{fixed(r.cos_a_bstar_no_last.mean)} / {fixed(r.cos_a_bstar_no_last.min)} | "
                     f"{'n/a' if ident is None else f'{ident:.2e}'}{ok} |")
     note = b.identity_note
     return "\n".join(rows) + (f"\n\n{note}." if note else "")

@@ -7,7 +7,7 @@ from typing import Any
 
 from tlpersona.infra.files import atomic_write_bytes, json_bytes
 from tlpersona.report import plots
-from tlpersona.report.compare import _f
+from tlpersona.report.compare import fixed
 from tlpersona.version import __version__
 
 
@@ -32,7 +32,7 @@ def write_patch(result: Any, out: str | Path) -> str:
         f"clean personas: {result.personas_note}). One component at one named position and "
         f"layer copied from clean into corrupt; next-token distributions read at {read}. "
         f"Effect 0 = corrupt, 1 = clean (KL / logit difference, ratios of sums over examples). "
-        f"Mean KL(clean || corrupt) = {_f(result.kl_clean_corrupt_mean)}. `sys_start+i` rows are "
+        f"Mean KL(clean || corrupt) = {fixed(result.kl_clean_corrupt_mean)}. `sys_start+i` rows are "
         "system-text tokens aligned by index from the start of the system text.", "",
         "**Read beside the rewording control.** The effects say where the difference between the "
         "two system prompts is carried, not by themselves that it is the persona: a rewording of "
@@ -46,7 +46,7 @@ def write_patch(result: Any, out: str | Path) -> str:
         "picked and scored on the same examples would overstate it.", ""]
     exact = result.select("exact", cfg.hook)
     if exact:
-        lines += [f"Exact patching of `{cfg.hook}` ({_f(result.seconds.get('exact'), 1)} s):", ""]
+        lines += [f"Exact patching of `{cfg.hook}` ({fixed(result.seconds.get('exact'), 1)} s):", ""]
         if cfg.hook == "head":
             plots.head_heatmap(exact, layers, result.n_heads, "exact, head", figs / "patching.png")
         else:
@@ -61,15 +61,15 @@ def write_patch(result: Any, out: str | Path) -> str:
     comps = [c for c in cfg.attribution_hooks if result.select("attribution", c)]
     if comps:
         lines += [
-            f"Attribution patching ({_f(result.seconds.get('attribution'), 1)} s): the "
+            f"Attribution patching ({fixed(result.seconds.get('attribution'), 1)} s): the "
             "first-order estimate grad × (clean − corrupt activation), every cell of every "
             "component from one clean forward and one corrupt forward + backward per example.", ""]
         for a in result.agreement:
-            regions = "; ".join(f"{name} {_f(r, 2)} ({n} cells)" for name, (r, n) in a.by_region.items())
-            gaps = "; ".join(f"{_cell_name_t(g)} exact {_f(g[3], 2)} vs {_f(g[4], 2)}"
+            regions = "; ".join(f"{name} {fixed(r, 2)} ({n} cells)" for name, (r, n) in a.by_region.items())
+            gaps = "; ".join(f"{_cell_name_t(g)} exact {fixed(g[3], 2)} vs {fixed(g[4], 2)}"
                              for g in a.largest_gaps[:3])
             lines += [f"- Agreement with exact `{a.component}` ({a.metric.upper()} effect): "
-                      f"Spearman {_f(a.spearman, 2)} over {a.n_cells} cells that are not no-ops; "
+                      f"Spearman {fixed(a.spearman, 2)} over {a.n_cells} cells that are not no-ops; "
                       f"{regions}. Largest gaps: {gaps}."]
         if result.agreement:
             lines += ["", "The linear estimate holds where a patch is a small change of the "
@@ -108,8 +108,8 @@ def _test_section(result: Any, rows: list[str], layers: list[int]) -> list[str]:
         f"and the {len(t.regions)} regions (system-text tokens / positions after the system "
         "text), whose per-question difference is the mean over the region's cells (a region and "
         f"its cells are claimed together, so corrected together). With {t.n} questions the "
-        f"smallest p is {_f(t.min_p, 4)}, so the smallest reachable Holm p is "
-        f"{_f(t.min_holm_cells, 4)} ({t.questions_for_cells} questions reach "
+        f"smallest p is {fixed(t.min_p, 4)}, so the smallest reachable Holm p is "
+        f"{fixed(t.min_holm_cells, 4)} ({t.questions_for_cells} questions reach "
         f"{t.alpha:g}). Effects here are means over questions of per-question ratios of sums, "
         "so they differ slightly from the grid's. What it shows: for these persona pairs and "
         "rewordings, patching the cell restores a larger share of the persona swap's KL than of "
@@ -118,12 +118,12 @@ def _test_section(result: Any, rows: list[str], layers: list[int]) -> list[str]:
         "|---|---|---|---|---|---|---|---|"]
     for r in t.regions:
         k = sum(1 for c in t.cells if _region(c.position) == r.position)
-        lines.append(f"| {r.position} | {k} | {_f(r.persona, 3)} | {_f(r.control, 3)} | "
-                     f"{r.difference:+.3f} | {_f(r.p, 4)} | {_f(r.p_holm, 4)} | "
+        lines.append(f"| {r.position} | {k} | {fixed(r.persona, 3)} | {fixed(r.control, 3)} | "
+                     f"{r.difference:+.3f} | {fixed(r.p, 4)} | {fixed(r.p_holm, 4)} | "
                      f"{'yes' if r.carries else 'no'} |")
     called = [c for c in t.cells if c.carries]
     lines += ["", f"Cells beyond the rewording control (Holm p ≤ {t.alpha:g}): " + (
-        "; ".join(f"{_cell(c)} {c.persona:.2f} vs {c.control:.2f} (Holm p {_f(c.p_holm, 3)})"
+        "; ".join(f"{_cell(c)} {c.persona:.2f} vs {c.control:.2f} (Holm p {fixed(c.p_holm, 3)})"
                   for c in called) if called else "none") + ".", ""]
     if result.config.hook != "head":
         by = {(c.position, c.layer): c for c in t.cells}
@@ -134,7 +134,7 @@ def _test_section(result: Any, rows: list[str], layers: list[int]) -> list[str]:
         for pos in rows:
             got = [by.get((pos, la)) for la in layers]
             lines.append(f"| {pos} | " + " | ".join(
-                "" if c is None else f"{c.difference:+.2f} / {_f(c.p_holm, 2)}" for c in got) + " |")
+                "" if c is None else f"{c.difference:+.2f} / {fixed(c.p_holm, 2)}" for c in got) + " |")
         lines.append("")
     return lines
 
@@ -160,7 +160,7 @@ def _grid_table(cells: list[Any], rows: list[str], layers: list[int], result: An
     for pos in rows:
         got = [by.get((pos, la)) for la in layers]
         out.append(f"| {pos} | " + " | ".join(
-            "" if c is None else f"{_f(c.kl_effect, 2)} / {_f(c.ld_effect, 2)}"
+            "" if c is None else f"{fixed(c.kl_effect, 2)} / {fixed(c.ld_effect, 2)}"
             + ("¹" if _by_construction(c, result) else "") for c in got) + " |")
     return out
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from tlpersona.analyses.subspace_result import SubspaceResult
 from tlpersona.infra.files import atomic_write_bytes, json_bytes
 from tlpersona.report import plots
-from tlpersona.report.compare import _f
+from tlpersona.report.compare import fixed
 
 
 def write_subspace(result: SubspaceResult, out: str | Path) -> str:
@@ -37,7 +37,7 @@ def write_subspace(result: SubspaceResult, out: str | Path) -> str:
             "| variance of PC1 | \\|cos(PC1, first token)\\| |", "|---|---|---|---|---|"]
     for lay in layers:
         rows.append(f"| {lay.layer} | {found_text(lay.k_found)} | {null_text(lay.k_found)} | "
-                    f"{lay.explained_variance_ratio[0]:.3f} | {_f(lay.pc1_sink_cos)} |")
+                    f"{lay.explained_variance_ratio[0]:.3f} | {fixed(lay.pc1_sink_cos)} |")
     th = result.thresholds
     held = mid.held_out  # the same split at every layer
     scale = ("each recipe scaled to unit total variance first, so the PCA ranks directions by "
