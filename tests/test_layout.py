@@ -187,8 +187,6 @@ def _private_imports(path: Path) -> set[tuple[str, str]]:
     return found
 
 
-
-
 def test_no_module_takes_another_modules_private_names():
     """A name that starts with ``_`` is its module's own; one that another module needs is
     public (typed and documented where it lives)."""

@@ -264,8 +264,8 @@ def frame(rows: typing.Iterable[Any]) -> Any:
     """A pandas DataFrame with one row per item of ``rows`` (dataclasses or mappings): their
     JSON fields (:func:`to_json`), nested objects as ``outer.inner`` columns, lists of numbers
     or names as a tuple per cell; lists of objects are left out (they stay in the result's
-    ``to_dict()``). pandas comes with transformer-lens;
-    this is the one place tlpersona uses it."""
+    ``to_dict()``). pandas comes with transformer-lens; this is the one place tlpersona uses
+    it."""
     try:
         import pandas
     except ImportError:

@@ -114,13 +114,18 @@ def in_store(directory: Path) -> bool:
                for d in directory.resolve().parents)
 
 
-def _is_store_manifest(path: Path) -> bool:
+def _json_file(path: Path) -> object | None:
+    """The JSON value in ``path``; None where it is not a readable JSON file."""
     if not path.is_file():
-        return False
+        return None
     try:
-        data = json.loads(path.read_bytes())
+        return json.loads(path.read_bytes())
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def _is_store_manifest(path: Path) -> bool:
+    data = _json_file(path)
     return isinstance(data, dict) and str(data.get("format", "")).startswith("tlpersona-store/")
 
 
@@ -172,13 +177,7 @@ def mark_results(directory: Path, analysis: str) -> None:
 def read_results_mark(directory: Path) -> ResultsMark | None:
     """The mark of the results set in ``directory``; None where there is none or it is not
     tlpersona's."""
-    path = directory / RESULTS_MARK
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
+    data = _json_file(directory / RESULTS_MARK)
     if not isinstance(data, dict) or data.get("tlpersona_results") != 1:
         return None
     files, analysis = data.get("files"), data.get("analysis")

@@ -369,7 +369,7 @@ def render_html(folder: str | Path) -> str:
 
 def write_html(folder: str | Path) -> Path:
     """Write ``folder/report.html`` (through a temporary file and a rename) and return its
-    path. Inside a results set (``tlpersona.api.results.results_set``) call it on the stage
+    path. A results set draws it as its ``finish`` (:func:`tlpersona.infra.resultsets.results_set`),
     before the set is marked finished, so that the page is one of the set's files."""
     folder = Path(folder)
     page = render_html(folder)
