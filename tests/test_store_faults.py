@@ -422,3 +422,18 @@ def test_cli_verify_and_export_refuse_nan_and_swapped_stores(store, tmp_path):
                            "--position", "prompt_mean", "--layers", "1", "--out", str(out))
     assert code == 2 and len(errors) == 1 and "holds position last, not prompt_mean" in errors[0]
     assert not out.exists()
+
+
+def test_a_resumed_writer_removes_what_a_kill_left_half_written(tmp_path):
+    """A kill during the manifest's write leaves ``.manifest.json.XXXXXXXX``: the next writer of
+    the store removes it (the store's own file), a rank that is not the store's one writer
+    leaves it, and the resumed store finishes with no temporary file."""
+    root = tmp_path / "s"
+    _killed_after_first_part(root)
+    stale = root / ".manifest.json.41qr3whr"
+    stale.write_text('{"format": "tlpers')
+    StoreWriter(root, PROV, {"d_model": D}, tidy=False)
+    assert stale.exists()
+    w = StoreWriter(root, PROV, {"d_model": D})
+    assert not stale.exists() and (root / "manifest.json").exists()
+    assert list(w.finished()) == [0]

@@ -388,6 +388,15 @@ def _owned(root: Path, manifest: dict[str, Any] | None) -> tuple[list[Path], lis
     return owned, foreign
 
 
+def _killed_temporaries(root: Path, manifest: dict[str, Any] | None) -> list[Path]:
+    """Temporary files (``.<name>.XXXXXXXX``) of the store's own top-level files that a killed
+    writer left in ``root``; only a writer holding the store's lock may remove them."""
+    if not root.is_dir():
+        return []
+    owned, _ = _owned(root, manifest)
+    return [p for p in owned if p.parent == root and p.name.startswith(".")]
+
+
 def store_dir_state(root: str | Path, keep: set[Path] | None = None) -> dict[str, Any] | None:
     """The manifest of the store in ``root`` (None when there is none yet).
 
@@ -445,7 +454,7 @@ class StoreWriter:
     """
 
     def __init__(self, root: str | Path, provenance: dict[str, Any], info: dict[str, Any],
-                 force_new: bool = False, keep: set[Path] | None = None):
+                 force_new: bool = False, keep: set[Path] | None = None, tidy: bool = True):
         self.root = Path(root)
         self.provenance = provenance
         manifest_path = self.root / MANIFEST
@@ -477,6 +486,10 @@ class StoreWriter:
             }
         if not self.complete:
             self.finished()  # parts of another run are refused before anything is written
+        # ``tidy``: this process is the store's one writer (torchrun: the main rank only, as
+        # other ranks open the store while the main one may be writing it)
+        for stale in _killed_temporaries(self.root, old) if tidy else []:
+            stale.unlink()  # the store's own file, half-written by a killed run
         if old is None:
             atomic_write_bytes(manifest_path, json.dumps(self.manifest, indent=1).encode())
 

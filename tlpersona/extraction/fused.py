@@ -354,7 +354,7 @@ def fused_extract_to_store(hf: Any, tokenizer: Any, info: ModelInfo, cfg: Extrac
     check_prompts(have, {key: prompt_sha(ids) for key, ids in
                          prompt_jobs(tokenizer, personas, questions, cfg.prompt_index)}, main)
     rk = ranks()
-    writer = rk.main_first(lambda: StoreWriter(out, prov, meta))
+    writer = rk.main_first(lambda: StoreWriter(out, prov, meta, tidy=rk.main))
     if writer.complete:
         stats.update(computed=0, reused=len(personas))
         return Path(out)

@@ -135,7 +135,7 @@ def extract_to_store(model: LoadedModel, cfg: ExtractConfig, personas: list[Pers
     rk = ranks()
     # Rank 0 creates (or checks) the store first; the others then open it and check it too.
     writer = rk.main_first(lambda: StoreWriter(out, prov, info, force_new=force_new and rk.main,
-                                               keep=keep))
+                                               keep=keep, tidy=rk.main))
     if writer.complete:
         stats.update(computed=0, reused=len(personas))
         return Path(out)
