@@ -1,5 +1,6 @@
 """The static-cache decoder against plain HF greedy generation on the embedded model."""
 
+import pytest
 import torch
 
 from tlpersona.chat.template import ChatRenderer
@@ -52,3 +53,40 @@ def test_one_padder_left_and_right():
     assert pad_id(Tok(), [2, 3]) == 2 and pad_id(Tok()) == 0
     Tok.pad_token_id = 4
     assert pad_id(Tok(), [2]) == 4
+
+
+def test_shared_prefixes_prefilled_once_give_the_full_prefills_tokens_and_residuals(hf_ref, tokenizer):
+    from tlpersona.chat.template import common_prefix_len
+
+    renderer = ChatRenderer(tokenizer)
+    personas, questions = builtin_personas()[:3], builtin_questions()[:4]
+    prompts = [renderer.prompt(p.system_prompts[0], q.text).ids for p in personas for q in questions]
+    # each persona's prompts share its system block: prefilled once per persona
+    shared = [common_prefix_len(prompts[i - i % 4: i - i % 4 + 4]) for i in range(len(prompts))]
+    assert min(shared) > 10 and len(set(shared)) > 1
+    eos, pad, layers = eos_ids(hf_ref, tokenizer), tokenizer.pad_token_id, [3, 29]
+    widths: list[tuple[int, int]] = []
+    handle = hf_ref.get_input_embeddings().register_forward_pre_hook(
+        lambda m, a: widths.append(tuple(a[0].shape)))
+    try:
+        got = StaticGreedy(hf_ref, 16, eos, pad, layers=layers).capture(prompts, shared=shared)
+    finally:
+        handle.remove()
+    w = max(len(p) for p in prompts)
+    prefill = [s for s in widths if s[1] > 1]
+    # the three system blocks in one pass, then every row from where the shortest shared
+    # stretch ends: fewer prompt tokens than one full prefill
+    assert prefill[0][0] == 3 and prefill[1][0] == len(prompts)
+    assert sum(b * n for b, n in prefill) < len(prompts) * w
+    ref = [r.ids for r in greedy_batch(hf_ref, prompts, 16, eos, pad)]
+    assert got.ids == ref
+    full = StaticGreedy(hf_ref, 16, eos, pad, layers=layers).capture(prompts)
+    torch.testing.assert_close(got.resid, full.resid, rtol=1e-4, atol=1e-4)
+    # every prompt position against HF's own hidden states of the unpadded prompt
+    for i, p in enumerate(prompts):
+        hs = hf_ref(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states
+        for li, layer in enumerate(layers[:1]):
+            torch.testing.assert_close(got.prefill[li][i, got.pads[i]:], hs[layer + 1][0],
+                                       rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="shared has 2 rows"):
+        StaticGreedy(hf_ref, 4, eos, pad).capture(prompts, shared=[1, 2])

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from tlpersona.cache.schema import MANIFEST
 from tlpersona.cache.store import StoreWriter
-from tlpersona.chat.template import Spans, template_hash
+from tlpersona.chat.template import Spans, common_prefix_len, template_hash
 from tlpersona.data import Persona, Question, indexed_prompts
 from tlpersona.data.provenance import header as response_header
 from tlpersona.data.provenance import prompt_sha
@@ -79,6 +79,8 @@ class FusedConfig:
     max_new_tokens: int
     batch_size: int | None = None
     graphs: bool = True
+    #: prefill each persona phrasing's common prompt prefix once per decode batch
+    share_prefix: bool = True
 
 
 @dataclass
@@ -215,6 +217,13 @@ class FusedExtractor:
             rows[torch.tensor(invariant, device=self.device)] = hooked_pool(
                 self.hf, self.cfg.layers, [seqs[j] for j in invariant],
                 [weights[j] for j in invariant], self.pad, 64).to(self.device)
+        # tokens every prompt of one persona phrasing starts with (its system block at least)
+        common: dict[tuple[str, int], int] = {}
+        if self.fcfg.share_prefix:
+            by_phrasing: dict[tuple[str, int], list[list[int]]] = {}
+            for i, j in enumerate(dep):
+                by_phrasing.setdefault(keys[i][:2], []).append(seqs[j])
+            common = {k: common_prefix_len(v) for k, v in by_phrasing.items()}
         order = sorted(range(len(dep)), key=lambda i: (len(seqs[dep[i]]), i))
         width = max(len(seqs[j]) for j in dep)
         bs = self.fcfg.batch_size or generate_batch(
@@ -227,8 +236,9 @@ class FusedExtractor:
         while start < len(order):
             idx = [dep[i] for i in order[start:start + bs]]
             kidx = [keys[i] for i in order[start:start + bs]]
+            shared = [common[k[:2]] for k in kidx] if common else None
             try:
-                self._decode(idx, kidx, seqs, weights, rows, have, responses, forced)
+                self._decode(idx, kidx, seqs, weights, rows, have, responses, forced, shared)
             except torch.OutOfMemoryError:
                 if bs == 1:
                     raise TlpersonaError("out of GPU memory even at batch size 1") from None
@@ -246,9 +256,11 @@ class FusedExtractor:
 
     def _decode(self, idx: list[int], kidx: list[Key], seqs: list[list[int]],
                 weights: list[torch.Tensor], rows: torch.Tensor, have: dict[Key, Response],
-                responses: dict[Key, Response], forced: list[int]) -> None:
-        """Decode one batch of passes ``idx`` and pool their rows into ``rows``."""
-        cap = self.decoder.capture([seqs[j] for j in idx])
+                responses: dict[Key, Response], forced: list[int],
+                shared: list[int] | None) -> None:
+        """Decode one batch of passes ``idx`` and pool their rows into ``rows``; ``shared``:
+        each pass's prompt prefix common to its persona phrasing (prefilled once)."""
+        cap = self.decoder.capture([seqs[j] for j in idx], shared=shared)
         n = self.fcfg.max_new_tokens
         width = max(len(seqs[j]) for j in idx)
         n_pos = len(self.cfg.positions)

@@ -31,6 +31,14 @@ rotary embedding run as single Triton kernels while the decoder runs (:mod:`tlpe
 ``fused=False`` keeps HF's modules). They have no autotuning and fp32 never uses them: fp32 gives
 HF ``generate``'s ids exactly; bf16 gives the same ids run to run, not HF's.
 
+Shared prompt prefixes: rows whose prompts start with the same tokens (one persona's system
+block across its questions) can have that prefix prefilled once, in a batch of the distinct
+prefixes, and its keys and values copied into every row's cache slots; each row's own pass then
+starts where the shortest shared stretch ends. Causal attention makes a prefix position's
+residual depend on the prefix alone, so this is the same computation over fewer tokens (in bf16
+the prefix's last bits depend on the batch it ran in, as any prefill's do; see
+:meth:`StaticGreedy.capture`).
+
 Left padding: pad tokens are never attended to and positions count real tokens, as in HF
 ``generate``. Graphs and caches are kept per (batch, cache length) and reused across batches;
 cache lengths are rounded up so that batches of similar prompts share one.
@@ -263,11 +271,73 @@ class StaticGreedy:
 
     def _prefill(self, e: _Engine, ids: torch.Tensor, pads: torch.Tensor) -> None:
         """Run the prompts ``[B, W]`` into the cache and set the buffers for the first step."""
-        b, w = ids.shape
-        length = e.mask.shape[-1]
         e.cache.reset()
+        w = ids.shape[1]
+        self._start(e, self._forward_prefill(ids, pads, e.cache, 0, w, e.mask.shape[-1]), pads, w)
+
+    def _prefill_shared(self, e: _Engine, prompts: list[list[int]], ids: torch.Tensor,
+                        pads: list[int], shared: list[int]) -> bool:
+        """Prefill with each row's first ``shared[i]`` tokens taken from one pass over the
+        distinct prefixes (module doc); False, having done nothing, where that would not save
+        tokens or the cache is not plain static layers."""
+        from transformers.cache_utils import StaticLayer
+
+        b, w = ids.shape
+        # at least the last prompt token runs in the row's own pass: its logits start decoding
+        keep = [max(0, min(k, len(p) - 1)) for p, k in zip(prompts, shared, strict=True)]
+        distinct: dict[tuple[int, ...], int] = {}
+        # a row without a shared prefix copies nothing (its slots before c0 are all padding)
+        of = [distinct.setdefault(tuple(p[:k]), len(distinct)) if k else 0
+              for p, k in zip(prompts, keep, strict=True)]
+        c0 = min(pad + k for pad, k in zip(pads, keep, strict=True))  # the rows' own passes start here
+        width = max(keep)
+        if c0 == 0 or len(distinct) * width + b * (w - c0) >= b * w \
+                or any(type(layer) is not StaticLayer for layer in e.cache.layers):
+            return False
+        e.cache.reset()
+        dev = self.device
+        # 1. the distinct prefixes, left padded to one width, into a cache of their own
+        from transformers import StaticCache
+
+        uniq = [list(t) for t in distinct]
+        pre_ids, _ = pad_batch(uniq, self.pad, "left")
+        pre_pads = torch.tensor([width - len(u) for u in uniq], device=dev)
+        tmp: Any = StaticCache(config=self.model.config, max_cache_len=width)
+        self._forward_prefill(pre_ids.to(dev), pre_pads, tmp, 0, width, width)
+        pre_out = dict(self._prefill_out)
+        # 2. their keys and values into every row's slots before c0 (slot s of row i holds its
+        # prompt token s - pads[i], which is prefix token s - pads[i] < keep[i])
+        col = torch.arange(c0, device=dev)
+        pads_dev = torch.tensor(pads, device=dev)
+        keep_dev = torch.tensor(keep, device=dev)
+        src = (width - keep_dev[:, None] + col[None, :] - pads_dev[:, None]).clamp(0, width - 1)
+        real = (col[None, :] >= pads_dev[:, None])[:, None, :, None]  # [B, 1, c0, 1]
+        rows = torch.tensor(of, device=dev)[:, None]
+        for layer, part in zip(e.cache.layers, tmp.layers, strict=True):
+            if not layer.is_initialized:
+                layer.lazy_initialization(part.keys[:1].expand(b, -1, -1, -1),
+                                          part.values[:1].expand(b, -1, -1, -1))
+            # [B, c0, H, D] (the advanced indices come first) → [B, H, c0, D]
+            layer.keys[:, :, :c0] = part.keys[rows, :, src].transpose(1, 2) * real
+            layer.values[:, :, :c0] = part.values[rows, :, src].transpose(1, 2) * real
+            layer.cumulative_length.fill_(c0)
+        # 3. every row from c0 on, attending to the copied slots
+        first = self._forward_prefill(ids[:, c0:], pads_dev, e.cache, c0, w, e.mask.shape[-1])
+        for li, own in self._prefill_out.items():
+            full = own.new_zeros((b, w, own.shape[-1]))
+            full[:, c0:] = own
+            full[:, :c0] = pre_out[li][rows, src] * real[:, 0]
+            self._prefill_out[li] = full
+        self._start(e, first, pads_dev, w)
+        return True
+
+    def _forward_prefill(self, ids: torch.Tensor, pads: torch.Tensor, cache: Any, c0: int,
+                         w: int, length: int) -> torch.Tensor:
+        """Run prompt columns ``c0..w`` (``ids [B, w - c0]``, left padding ``pads``) into
+        ``cache`` of ``length`` slots, whose slots before ``c0`` are already filled; returns the
+        first generated token ``[B, 1]``."""
         col = torch.arange(length, device=self.device)
-        row = torch.arange(w, device=self.device)
+        row = torch.arange(c0, w, device=self.device)
         real = col[None, :] >= pads[:, None]  # [B, L] not a pad slot
         causal = (col[None, :] <= row[:, None]) & (col[None, :] < w)  # [W, L]
         mask = causal[None] & real[:, None, :]
@@ -276,8 +346,13 @@ class StaticGreedy:
         pos = (row[None, :] - pads[:, None]).clamp(min=0)
         # only the last position's logits are needed (all of them: batch x width x vocab)
         out = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos,
-                         past_key_values=e.cache, use_cache=True, logits_to_keep=1)
-        first = out.logits[:, -1].argmax(-1, keepdim=True)
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def _start(self, e: _Engine, first: torch.Tensor, pads: torch.Tensor, w: int) -> None:
+        """Set the buffers for the first decode step after a prefill of width ``w``."""
+        col = torch.arange(e.mask.shape[-1], device=self.device)
+        real = col[None, :] >= pads[:, None]
         e.mask.copy_(real[:, None, None, :] & (col < w)[None, None, None, :])
         e.ids.copy_(first)
         e.pos.copy_((w - pads)[:, None])
@@ -309,8 +384,8 @@ class StaticGreedy:
         return self.capture(prompts, steer).ids
 
     @torch.no_grad()
-    def capture(self, prompts: list[list[int]], steer: dict[int, RowEdits] | None = None
-                ) -> Captured:
+    def capture(self, prompts: list[list[int]], steer: dict[int, RowEdits] | None = None,
+                shared: list[int] | None = None) -> Captured:
         """Decode a batch; with ``layers``, also keep its residual stream (:class:`Captured`).
 
         ``steer``: block index → that block's output edits, one row per prompt
@@ -322,9 +397,18 @@ class StaticGreedy:
         an uncached forward of prompt + generated tokens with the same edits. The captured
         layers see the edited stream. Each steering form (layer set; add only or with clamps)
         gets its own captured step, reused for every batch of that form.
+
+        ``shared``: per row, how many leading prompt tokens it shares with the other rows that
+        start with the same tokens; those are prefilled once per distinct prefix (module doc).
+        The residuals and ids are those of the full prefill up to rounding: exactly so in exact
+        arithmetic, and run to run the same bits for the same batches. Not with ``steer``.
         """
         if steer:
             self._check_steer(prompts, steer)
+            if shared is not None:
+                raise ValueError("capture: shared prefixes are not prefilled apart under steering")
+        if shared is not None and len(shared) != len(prompts):
+            raise ValueError(f"capture: shared has {len(shared)} rows, the batch {len(prompts)}")
         _register()
         config = self.model.config
         before = config._attn_implementation
@@ -340,7 +424,7 @@ class StaticGreedy:
         kernels = fused_step_kernels(self.model) if self.fused else contextlib.nullcontext()
         try:
             with kernels:
-                return self._run(prompts, steer)
+                return self._run(prompts, steer, shared)
         finally:
             for h in handles:
                 h.remove()
@@ -360,7 +444,8 @@ class StaticGreedy:
         event.record()
         return event, flag
 
-    def _run(self, prompts: list[list[int]], steer: dict[int, RowEdits] | None) -> Captured:
+    def _run(self, prompts: list[list[int]], steer: dict[int, RowEdits] | None,
+             shared: list[int] | None) -> Captured:
         b = len(prompts)
         w = max(len(p) for p in prompts)
         length = self.cache_len or -(-(w + self.n) // BUCKET) * BUCKET
@@ -383,7 +468,8 @@ class StaticGreedy:
             self._capture(e, form)
         graph = e.graphs.get(form)
         self._prefill_out = {}
-        self._prefill(e, ids, pads_dev)
+        if shared is None or not self._prefill_shared(e, prompts, ids, pads, shared):
+            self._prefill(e, ids, pads_dev)
         # Capturing, one more step feeds the last generated token (its residual is needed).
         last = self.n if self.layers else self.n - 1
         # Every check_every steps a done-flag is queued; it is read one interval later (on the
