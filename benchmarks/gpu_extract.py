@@ -29,7 +29,7 @@ from tlpersona.chat.template import ChatRenderer
 from tlpersona.data import load_assistant_axis_personas, load_questions_jsonl
 from tlpersona.data.responses import Response
 from tlpersona.extraction import ExtractConfig, Extractor, extract_to_store
-from tlpersona.models import LoadedModel, ModelInfo, use_hf_attention
+from tlpersona.models.loading import LoadedModel, ModelInfo, use_hf_attention
 
 LAYERS = [7, 14, 21, 27]
 

@@ -75,7 +75,7 @@ def main() -> None:
     from tlpersona.interventions.attribution import attribute_example
     from tlpersona.interventions.patching import PatchConfig, expand_positions, patch_example, run_patching
     from tlpersona.interventions.runner import HOOKS, Runner
-    from tlpersona.models import load_model
+    from tlpersona.models.loading import load_model
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

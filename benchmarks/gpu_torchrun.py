@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> None:
     from tlpersona.chat.positions import parse_positions
     from tlpersona.data import load_assistant_axis_personas, load_questions_jsonl
     from tlpersona.extraction import ExtractConfig, extract_to_store
-    from tlpersona.models import LoadedModel, ModelInfo, use_hf_attention
+    from tlpersona.models.loading import LoadedModel, ModelInfo, use_hf_attention
     from tlpersona.runtime.distributed import ranks
 
     rk = ranks()

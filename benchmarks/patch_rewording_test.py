@@ -34,7 +34,7 @@ def main() -> None:
 
     import tlpersona as tlp
     from tlpersona.data import builtin_personas, builtin_questions
-    from tlpersona.models import load_model
+    from tlpersona.models.loading import load_model
 
     torch.set_num_threads(a.threads)
     loaded = load_model("default", "cpu", "fp32")

@@ -25,12 +25,12 @@ def _model_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     """Keeps the fast tier honest: a test outside the `model` tier that reaches for the
     embedded model fails, naming the marker it needs."""
     if request.node.get_closest_marker("model") is None:
-        import tlpersona.models
+        import tlpersona.models.loading
 
         def refuse() -> None:
             raise RuntimeError("this test uses the embedded model: mark it @pytest.mark.model")
 
-        monkeypatch.setattr(tlpersona.models, "_fetch_default_gguf", refuse)
+        monkeypatch.setattr(tlpersona.models.loading, "fetch_default_gguf", refuse)
 
 
 @pytest.fixture
@@ -47,21 +47,21 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def default_source() -> str:
-    from tlpersona.models import resolve
+    from tlpersona.models.loading import resolve
 
     return resolve("default")[0]
 
 
 @pytest.fixture(scope="session")
 def tokenizer(default_source):
-    from tlpersona.models import load_tokenizer
+    from tlpersona.models.loading import load_tokenizer
 
     return load_tokenizer(default_source)
 
 
 @pytest.fixture(scope="session")
 def loaded(default_source):
-    from tlpersona.models import load_model
+    from tlpersona.models.loading import load_model
 
     torch.manual_seed(0)
     return load_model("default", device="cpu", dtype="fp32")
@@ -71,6 +71,6 @@ def loaded(default_source):
 def hf_ref(default_source):
     """An independent plain-HF copy (the bridge modifies its own model in place), with the
     eager attention that the bridge uses on the CPU."""
-    from tlpersona.models import load_hf
+    from tlpersona.models.loading import load_hf
 
     return load_hf(default_source, "cpu", torch.float32, attn="eager")

@@ -34,7 +34,7 @@ def _json(path) -> dict:
 def _page(folder, summary: str) -> None:
     """``folder`` holds report.html: the page of its summary ``summary`` (that markdown's
     first heading in the page's title), one of the results set's own files."""
-    from tlpersona.infra.safety import read_results_mark
+    from tlpersona.infra.paths import read_results_mark
     from tlpersona.report.html import HTML_NAME
 
     heading = next(line for line in (folder / summary).read_text().splitlines()

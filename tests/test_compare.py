@@ -224,7 +224,7 @@ def test_report_on_real_store(loaded, tmp_path):
     from tlpersona.data import builtin_personas, builtin_questions
     from tlpersona.extraction import ExtractConfig, extract_to_store
     from tlpersona.extraction.generation import generate_responses
-    from tlpersona.models import load_hf
+    from tlpersona.models.loading import load_hf
 
     personas, questions = builtin_personas()[:5], builtin_questions()[:3]
     hf = load_hf(loaded.info.source, "cpu", torch.float32)

@@ -24,7 +24,7 @@ def runner(loaded):
 def sdpa_runner(default_source):
     """The GPU path: HF's own SDPA attention inside the bridge (the bridge's attention hooks
     other than ``attn.hook_z`` do not fire there)."""
-    from tlpersona.models import load_model
+    from tlpersona.models.loading import load_model
 
     return Runner(load_model("default", device="cpu", dtype="fp32", attn="sdpa"))
 
@@ -33,7 +33,7 @@ def sdpa_runner(default_source):
 def hf_sdpa_ref(default_source):
     """Plain HF with its SDPA attention: the like-for-like reference of the SDPA bridge (against
     eager attention the two differ by the order of fp32 sums, ~1e-6 relative per layer)."""
-    from tlpersona.models import load_hf
+    from tlpersona.models.loading import load_hf
 
     return load_hf(default_source, "cpu", torch.float32, attn="sdpa")
 

@@ -13,7 +13,7 @@ from tlpersona.data import builtin_personas, builtin_questions
 
 @pytest.fixture(scope="module")
 def store(loaded, tmp_path_factory):
-    from tlpersona.cache.store import open_store
+    from tlpersona.cache.reader import open_store
     from tlpersona.chat.positions import parse_positions
     from tlpersona.extraction import ExtractConfig, extract_to_store
 

@@ -144,7 +144,7 @@ def test_greedy_generation_matches_step_by_step_argmax(loaded, hf_ref, responses
 
 def test_sdpa_bridge_matches_plain_hf_sdpa(default_source):
     """attn="sdpa" hands attention to HF's own module: residuals match plain HF (sdpa)."""
-    from tlpersona.models import load_hf, load_model
+    from tlpersona.models.loading import load_hf, load_model
 
     fast = load_model("default", device="cpu", dtype="fp32", attn="sdpa")
     ref = load_hf(default_source, "cpu", torch.float32)  # HF's default attention: sdpa
@@ -162,7 +162,7 @@ def test_sdpa_bridge_matches_plain_hf_sdpa(default_source):
 
 
 def test_bridge_attention_hooks_still_fire_in_eager_mode(default_source):
-    from tlpersona.models import load_model
+    from tlpersona.models.loading import load_model
 
     eager = load_model("default", device="cpu", dtype="fp32", attn="eager")
     ids = torch.tensor([[1, 2, 3, 4]])

@@ -12,7 +12,7 @@ import torch
 
 from tlpersona.cache import StoreWriter, open_store
 from tlpersona.cache.schema import PARTS
-from tlpersona.cache.store import StoreWriter as _Writer
+from tlpersona.cache.writer import StoreWriter as _Writer
 from tlpersona.runtime.distributed import Ranks
 
 POSITIONS = ["last", "prompt_mean", "sys_end", "sys_end+1", "response_mean"]

@@ -91,7 +91,7 @@ def test_killed_fused_run_resumes_to_the_same_store(loaded, hf_ref, tmp_path, mo
     """Killed after a group's responses were appended but before its store part was written:
     the rerun decodes that group again, appends nothing twice, and finishes the same store."""
     import tlpersona.extraction.fused as fused_mod
-    from tlpersona.cache.store import StoreWriter
+    from tlpersona.cache.writer import StoreWriter
 
     monkeypatch.setattr(fused_mod, "GROUP_PASSES", 2)  # one persona per group
     personas, questions = builtin_personas()[:2], builtin_questions()[:2]

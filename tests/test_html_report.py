@@ -220,7 +220,7 @@ def test_bad_folders_are_one_line_and_leave_an_earlier_page(folder: Path, tmp_pa
 
 def test_a_page_written_into_a_finished_set_is_named_by_overwrite(folder: Path, tmp_path: Path):
     from tlpersona.api.results import results_set
-    from tlpersona.infra.safety import check_results_dir
+    from tlpersona.infra.paths import check_results_dir
 
     out = tmp_path / "set"
     with results_set(out, "compare", overwrite=False) as stage:

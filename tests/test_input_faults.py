@@ -174,7 +174,7 @@ def test_a_header_must_fit_the_run_that_reads_the_file(tmp_path):
 
 @pytest.mark.model
 def test_a_header_of_another_template_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    from tlpersona.models import resolve
+    from tlpersona.models.loading import resolve
 
     _, identity = resolve("default")
     head = response_header(identity, "another-template", "bfloat16", 8)
@@ -238,7 +238,7 @@ def test_missing_prompts_are_marked_invalid_and_counted(tmp_path, capsys):
 
 
 def builtin_eos() -> int:
-    from tlpersona.models import load_tokenizer, resolve
+    from tlpersona.models.loading import load_tokenizer, resolve
 
     return int(load_tokenizer(resolve("default")[0]).eos_token_id)
 

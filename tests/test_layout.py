@@ -43,8 +43,8 @@ def _imports(tree: ast.AST) -> list[tuple[str, str | None]]:
 #: Floor 0 imports nothing of tlpersona but ``errors`` and ``version``.
 FLOORS = {"errors": -1, "version": -1,
           "infra": 0, "runtime": 0,  # files, locks, checks, result files | tensors and devices
-          "chat": 1, "data": 1, "models": 1,  # templates and positions | inputs | model loading
-          "cache": 2,  # the store and what reads it (ActivationSource)
+          "chat": 1, "data": 1, "models": 1,  # templates and positions | inputs | GGUF, loading, layers
+          "cache": 2,  # the store (manifest, ownership, writer, reader), what reads it (ActivationSource)
           "extraction": 3,  # personas × questions -> a store
           "analyses": 4,  # read-only statistics over a source
           "interventions": 5,  # experiments that run the model

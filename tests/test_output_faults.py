@@ -25,7 +25,7 @@ import tlpersona as tlp
 from tlpersona.api.results import results_set
 from tlpersona.cache.seed_layout import check_seed_root, export_seed, read_seed
 from tlpersona.errors import TlpersonaError
-from tlpersona.infra.safety import RESULTS_MARK, check_persona_names
+from tlpersona.infra.paths import RESULTS_MARK, check_persona_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -276,7 +276,7 @@ def test_results_print_short_in_a_notebook(seed, cmp):
 
 @pytest.fixture(scope="module")
 def store(loaded, tmp_path_factory):
-    from tlpersona.cache.store import open_store
+    from tlpersona.cache.reader import open_store
     from tlpersona.chat.positions import parse_positions
     from tlpersona.data import builtin_personas, builtin_questions
     from tlpersona.extraction import ExtractConfig, extract_to_store
@@ -316,7 +316,7 @@ def test_a_seed_layout_is_never_written_into_a_store(store, tmp_path):
 _KILLED_EXPORT = """
 import os, signal, sys
 import tlpersona.cache.seed_layout as sl
-from tlpersona.cache.store import open_store
+from tlpersona.cache.reader import open_store
 
 save, calls = sl.atomic_save_pt, []
 def save_then_die(path, obj):

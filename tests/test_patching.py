@@ -193,7 +193,7 @@ def test_corrupt_pairs():
 
 
 def test_clean_personas_contrast_with_the_corrupt_persona(small_store):
-    from tlpersona.cache.store import open_store
+    from tlpersona.cache.reader import open_store
     from tlpersona.interventions.steering import choose_personas, default_recipes
 
     small_store = open_store(small_store)

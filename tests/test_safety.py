@@ -19,8 +19,8 @@ import torch
 from click.testing import CliRunner
 
 from tlpersona.cache import open_store, verify_store
+from tlpersona.cache.ownership import clear_store
 from tlpersona.cache.seed_layout import export_seed, read_seed
-from tlpersona.cache.store import clear_store
 from tlpersona.chat.positions import parse_positions
 from tlpersona.cli import main
 from tlpersona.data import builtin_personas, builtin_questions
@@ -214,7 +214,7 @@ def generated(default_source, tmp_path_factory) -> Path:
 
 
 def test_responses_record_their_provenance(generated, default_source):
-    from tlpersona.models import resolve
+    from tlpersona.models.loading import resolve
 
     lines = [json.loads(x) for x in generated.read_text().splitlines()]
     head = lines[0]

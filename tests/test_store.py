@@ -98,7 +98,7 @@ def test_not_a_store(tmp_path):
 def test_plain_reader_matches_safetensors(full_store):
     from safetensors.torch import load_file
 
-    from tlpersona.cache.store import read_tensor
+    from tlpersona.cache.reader import read_tensor
 
     want = load_file(full_store / "last.safetensors")
     for key in ("per_question", "centroids", "valid"):

@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 
 from tlpersona.cache import StoreWriter, open_store, verify_store
 from tlpersona.cache.export import VectorExport, export_vectors
-from tlpersona.cache.store import Store, _first_nonfinite, check_parts, check_store
+from tlpersona.cache.manifest import _first_nonfinite
+from tlpersona.cache.reader import Store, check_store
+from tlpersona.cache.writer import check_parts
 from tlpersona.errors import TlpersonaError
 from tlpersona.infra.files import sha256_file
 
@@ -146,7 +148,7 @@ def test_nan_store_refused_by_compare_before_results(store, tmp_path):
 
 
 def test_verify_reads_a_large_tensor_in_pieces(store, monkeypatch):
-    import tlpersona.cache.store as S
+    import tlpersona.cache.reader as S
 
     monkeypatch.setattr(S, "_VERIFY_BYTES", 1)  # one persona row per read
     _rewrite(store, "last", _set("per_question", (N_P - 1, 0, 0, 3), float("-inf")))
@@ -255,7 +257,7 @@ def test_unchanged_store_object_reads_as_before(store):
 def test_a_renumbered_inode_alone_is_not_a_change_but_new_content_is(store, monkeypatch):
     """FUSE mounts renumber a file's inode when their cache drops it: same mtime, size and
     content read on; a manifest with other content under the same mtime and size is refused."""
-    import tlpersona.cache.store as store_mod
+    import tlpersona.cache.reader as store_mod
 
     st = open_store(store)
     a = st.per_question("last")
@@ -381,7 +383,7 @@ def test_verify_hashes_what_it_scans_exactly(store, tmp_path):
     file's bytes, also for files the scan cannot follow (truncated, extra bytes, bad header)."""
     import hashlib
 
-    from tlpersona.cache.store import _scan_file
+    from tlpersona.cache.reader import _scan_file
 
     src = (store / "last.safetensors").read_bytes()
     variants = {"as written": src, "truncated": src[:-5], "trailing bytes": src + b"xyz",

@@ -395,11 +395,11 @@ def test_trajectory_against_hf_and_numpy_one_forward_per_batch(loaded, hf_ref, r
 
 
 def test_cli_and_the_experiment_section(loaded, real_store, tmp_path, monkeypatch):
-    import tlpersona.models
+    import tlpersona.models.loading
     from tlpersona.api.trajectory import builtin_trajectory
-    from tlpersona.infra.safety import read_results_mark
+    from tlpersona.infra.paths import read_results_mark
 
-    monkeypatch.setattr(tlpersona.models, "load_model", lambda *a, **k: loaded)
+    monkeypatch.setattr(tlpersona.models.loading, "load_model", lambda *a, **k: loaded)
     code, errors, output = _cli(str(real_store), "--out", str(tmp_path / "o"))
     assert code == 0, output
     assert "assistant, drawn into role-play (assistant): " in output

@@ -350,7 +350,7 @@ def test_llama_cpp_adds_the_exported_gguf_where_we_steered(user_store, steered, 
     import torch
 
     from tlpersona.api.causal import export_intervention
-    from tlpersona.models import _fetch_default_gguf
+    from tlpersona.models.gguf import fetch_default_gguf
 
     first = steered.data["continuations"][0]
     out = tmp_path / "iv"
@@ -362,7 +362,7 @@ def test_llama_cpp_adds_the_exported_gguf_where_we_steered(user_store, steered, 
     assert lo == hi == entry["layer"] and entry["llamacpp_scale"] == 1.0
     ids = _prompt_ids(loaded.tokenizer, entry["base_system_prompt"], first["question"])
     n_layer = hf_ref.config.num_hidden_layers
-    llm = llama_cpp.Llama(str(_fetch_default_gguf()), n_ctx=512, n_threads=2, logits_all=True,
+    llm = llama_cpp.Llama(str(fetch_default_gguf()), n_ctx=512, n_threads=2, logits_all=True,
                           verbose=False)
     try:
         n_embd = llm.n_embd()

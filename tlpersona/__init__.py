@@ -26,16 +26,16 @@ from tlpersona.version import __version__
 #: public name -> module that defines it; imported on first use, so that ``tlpersona`` and its
 #: CLI start without loading torch until a command needs it.
 _EXPORTS = {
-    "load_model": "tlpersona.models",
-    "LoadedModel": "tlpersona.models",
+    "load_model": "tlpersona.models.loading",
+    "LoadedModel": "tlpersona.models.loading",
     "Persona": "tlpersona.data",
     "Question": "tlpersona.data",
     "builtin_personas": "tlpersona.data",
     "builtin_questions": "tlpersona.data",
     "load_personas": "tlpersona.data",
     "load_questions": "tlpersona.data",
-    "Store": "tlpersona.cache.store",
-    "open_store": "tlpersona.cache.store",
+    "Store": "tlpersona.cache.reader",
+    "open_store": "tlpersona.cache.reader",
     "PersonaVector": "tlpersona.cache.vectors",
     "ActivationSource": "tlpersona.cache.source",
     "extract": "tlpersona.api.extraction",
@@ -153,8 +153,8 @@ if TYPE_CHECKING:
         load_conversations,
         trajectory,
     )
+    from tlpersona.cache.reader import Store, open_store
     from tlpersona.cache.source import ActivationSource
-    from tlpersona.cache.store import Store, open_store
     from tlpersona.cache.vectors import PersonaVector
     from tlpersona.data import (
         Persona,
@@ -165,4 +165,4 @@ if TYPE_CHECKING:
         load_questions,
     )
     from tlpersona.extraction.tokens import Conversation
-    from tlpersona.models import LoadedModel, load_model
+    from tlpersona.models.loading import LoadedModel, load_model

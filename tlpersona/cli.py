@@ -297,7 +297,7 @@ def positions(model: str, system: str, question: str, positions: str) -> None:
 @_friendly
 def verify(store: str) -> None:
     """Re-check every file of a store against its manifest (presence, sha256, shapes)."""
-    from tlpersona.cache.store import check_store
+    from tlpersona.cache.reader import check_store
 
     check = check_store(store)
     if check.problems:
@@ -419,7 +419,7 @@ def _holding_out(fn: Any) -> Any:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from tlpersona.infra.locks import exclusive
-        from tlpersona.infra.safety import check_results_dir
+        from tlpersona.infra.paths import check_results_dir
 
         out = Path(kwargs["out"])
         # the experiment's results set is its compare folder (its store sits beside it)
@@ -560,7 +560,7 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
     """
     from tlpersona.analyses.compare import Thresholds
     from tlpersona.api.experiment import experiment as run
-    from tlpersona.infra.safety import check_count
+    from tlpersona.infra.checks import check_count
 
     check_count(limit_questions, "`limit_questions`", 0)
     res = run(out, model=model, personas=_personas(personas, limit_personas),
@@ -632,7 +632,7 @@ def _subspace_line(lay: Any) -> str:
 
 def _conversations(path: str | None) -> list[tuple[str, str]]:
     """(system, user) of every line of a JSONL file of chat messages."""
-    from tlpersona.infra.safety import jsonl_lines, read_text
+    from tlpersona.infra.reading import jsonl_lines, read_text
 
     if path is None:
         return []
@@ -740,7 +740,7 @@ def trajectory(store: str, conversations: str, out: str, axis: str, subspace: st
     multi-turn conversations, against the band the stored personas occupy."""
     from tlpersona.api.trajectory import load_conversations
     from tlpersona.api.trajectory import trajectory as run
-    from tlpersona.infra.safety import check_results_dir
+    from tlpersona.infra.paths import check_results_dir
 
     path = Path(out)
     check_results_dir(path, overwrite)  # before the model loads
@@ -888,7 +888,7 @@ def steer(store: str, out: str, model: str | None, device: str | None, dtype: st
     some questions, effects scored on others against random directions and other personas'
     vectors, with bootstrap intervals."""
     from tlpersona.api.causal import steer as run
-    from tlpersona.cache.store import open_store
+    from tlpersona.cache.reader import open_store
 
     path = Path(out)
     result = run(open_store(store, verify=True), model,

@@ -17,14 +17,15 @@ from tlpersona.analyses.subspace import SubspaceConfig
 from tlpersona.analyses.subspace import subspace as _subspace
 from tlpersona.analyses.subspace_result import SubspaceResult
 from tlpersona.cache.export import VectorExport, check_export
+from tlpersona.cache.reader import Store
 from tlpersona.cache.source import ActivationSource, as_store, open_source, stored_layer, stored_layers
-from tlpersona.cache.store import Store
 from tlpersona.cache.vectors import PersonaVector, Reference
 from tlpersona.chat.positions import canonical, parse_positions
 from tlpersona.data import Question
 from tlpersona.errors import TlpersonaError
-from tlpersona.infra.safety import check_count, check_new_file
-from tlpersona.models import LoadedModel
+from tlpersona.infra.checks import check_count
+from tlpersona.infra.paths import check_new_file
+from tlpersona.models.loading import LoadedModel
 
 T = TypeVar("T")
 
@@ -141,7 +142,7 @@ def project(store: Store | str | Path, *, layer: int | None = None,
     from tlpersona.analyses.stats import holm
     from tlpersona.data import Inputs, Persona
     from tlpersona.extraction import ExtractConfig, Extractor
-    from tlpersona.models import default_device, load_model
+    from tlpersona.models.loading import default_device, load_model
 
     st = as_store(store)
     # token 0 is the same for every persona: nothing to project

@@ -8,8 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from tlpersona.cache.reader import Store
 from tlpersona.cache.source import as_store, stored_layers
-from tlpersona.cache.store import Store
 from tlpersona.chat.positions import parse_positions
 from tlpersona.data import (
     Persona,
@@ -23,15 +23,8 @@ from tlpersona.errors import TlpersonaError
 from tlpersona.interventions.export import Intervention
 from tlpersona.interventions.patching import DEFAULT_POSITIONS, PatchResult
 from tlpersona.interventions.steering import SteeringResult
-from tlpersona.models import (
-    LayerSpec,
-    LoadedModel,
-    default_device,
-    load_config,
-    load_model,
-    resolve,
-    resolve_layers,
-)
+from tlpersona.models.layers import LayerSpec, resolve_layers
+from tlpersona.models.loading import LoadedModel, default_device, load_config, load_model, resolve
 
 
 def _model_for(model: str | LoadedModel | None, prov: dict[str, Any], device: str | None,
@@ -187,7 +180,7 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
     ``personas`` names the steered personas; default: the ``n_personas`` farthest
     from ``base`` on its axis. ``.save(out)`` writes steering.json, figures and steering.md.
     """
-    from tlpersona.infra.safety import check_finite_numbers
+    from tlpersona.infra.checks import check_finite_numbers
     from tlpersona.interventions.steering import (
         DEFAULT_ALPHAS,
         DEFAULT_PERCENTILES,
@@ -243,7 +236,7 @@ def export_intervention(steering: str | Path, store: Store | str | Path, out: st
     from tlpersona.infra.resultsets import results_set
     from tlpersona.interventions import export as iv
     from tlpersona.interventions.steering import after_system
-    from tlpersona.models import load_tokenizer
+    from tlpersona.models.loading import load_tokenizer
 
     record = iv.read_steering(steering)
     setting, names = iv.choose(record, recipe, list(personas) if personas else None)

@@ -13,9 +13,11 @@ from tlpersona.analyses.cross_model import compare_models as _compare_models
 from tlpersona.cache.source import ActivationSource, open_source
 from tlpersona.chat.positions import parse_positions
 from tlpersona.errors import TlpersonaError
+from tlpersona.infra.checks import check_count
+from tlpersona.infra.paths import check_results_dir
+from tlpersona.infra.reading import read_text, strict_json
 from tlpersona.infra.resultjson import Reader as _Reader
 from tlpersona.infra.resultsets import results_set
-from tlpersona.infra.safety import check_count, check_results_dir, read_text, strict_json
 
 #: The result's file in a saved set.
 RESULT_FILE = "cross_model.json"

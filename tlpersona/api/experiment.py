@@ -15,14 +15,16 @@ from tlpersona.api.analysis import compare, subspace
 from tlpersona.api.causal import patch, steer
 from tlpersona.api.extraction import PromptIndex, extract
 from tlpersona.api.trajectory import TrajectoryResult, builtin_trajectory
-from tlpersona.cache.store import Store
+from tlpersona.cache.reader import Store
 from tlpersona.data import Persona, Question, builtin_personas, builtin_questions
+from tlpersona.infra.checks import check_count
 from tlpersona.infra.locks import exclusive
+from tlpersona.infra.paths import check_analysis_dir, check_results_dir
 from tlpersona.infra.resultsets import results_set
-from tlpersona.infra.safety import check_analysis_dir, check_count, check_results_dir
 from tlpersona.interventions.patching import PatchResult
 from tlpersona.interventions.steering import SteeringResult
-from tlpersona.models import LayerSpec, default_device, load_model
+from tlpersona.models.layers import LayerSpec
+from tlpersona.models.loading import default_device, load_model
 from tlpersona.report.experiment import HEADLINE_CHARS, Answer, write_experiment_report
 from tlpersona.report.html import write_html
 

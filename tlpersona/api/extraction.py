@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 import torch
 
-from tlpersona.cache.store import Store, check_parts, clear_store, open_store, store_dir_state
+from tlpersona.cache.ownership import clear_store, store_dir_state
+from tlpersona.cache.reader import Store, open_store
+from tlpersona.cache.writer import check_parts
 from tlpersona.chat.positions import Position, parse_positions
 from tlpersona.chat.template import template_hash
 from tlpersona.data import Persona, Question, builtin_personas, builtin_questions, indexed_prompts
@@ -31,16 +33,11 @@ from tlpersona.extraction.preflight import (
     check_responses,
     coverage,
 )
+from tlpersona.infra.checks import check_count
 from tlpersona.infra.locks import exclusive
-from tlpersona.infra.safety import (
-    check_count,
-    check_new_file,
-    check_output_dir,
-    check_output_file,
-    in_store,
-)
-from tlpersona.models import (
-    LayerSpec,
+from tlpersona.infra.paths import check_new_file, check_output_dir, check_output_file, in_store
+from tlpersona.models.layers import LayerSpec, resolve_layers
+from tlpersona.models.loading import (
     LoadedModel,
     check_device,
     load_config,
@@ -49,7 +46,6 @@ from tlpersona.models import (
     load_tokenizer,
     pick_dtype,
     resolve,
-    resolve_layers,
 )
 from tlpersona.runtime.distributed import Ranks, ranks
 
@@ -315,7 +311,7 @@ def _run_fused(spec: str, plan: _Plan, cfg: ExtractConfig, batch_size: int | Non
                rk: Ranks) -> Store:
     """Generate and extract in one pass (the run was checked and ``out`` locked by the caller)."""
     from tlpersona.extraction.fused import FusedConfig, fused_extract_to_store
-    from tlpersona.models import model_info
+    from tlpersona.models.loading import model_info
 
     hf = load_hf(plan.source, plan.device, plan.dtype)
     info = model_info(spec, plan.source, plan.identity, hf.config)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from tlpersona.chat.positions import parse_positions
 from tlpersona.chat.template import ChatRenderer
 from tlpersona.errors import TlpersonaError
-from tlpersona.models import load_tokenizer, resolve
+from tlpersona.models.loading import load_tokenizer, resolve
 
 
 def describe_positions(model: str = "default",

@@ -23,16 +23,16 @@ from tlpersona.analyses.trajectory import (
     token_values,
     trace,
 )
+from tlpersona.cache.reader import Store
 from tlpersona.cache.source import as_store, stored_layer
-from tlpersona.cache.store import Store
 from tlpersona.chat.positions import canonical
 from tlpersona.data import Inputs, Persona, builtin_personas, persona_hash
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction.tokens import Conversation, check_conversation
+from tlpersona.infra.reading import jsonl_lines, read_text, strict_json
 from tlpersona.infra.resultjson import Reader as _Reader
 from tlpersona.infra.resultsets import results_set
-from tlpersona.infra.safety import jsonl_lines, read_text, strict_json
-from tlpersona.models import LoadedModel
+from tlpersona.models.loading import LoadedModel
 from tlpersona.version import __version__
 
 #: The recipe whose stored readings are of a turn's kind (a mean over an assistant response's
@@ -276,7 +276,7 @@ def _plan(store: Store | str | Path, conversations: Sequence[Conversation] | Non
 
 def _model(model: str | LoadedModel | None, st: Store, device: str | None,
            dtype: str | None) -> LoadedModel:
-    from tlpersona.models import default_device, load_model
+    from tlpersona.models.loading import default_device, load_model
 
     lm = (model if isinstance(model, LoadedModel)
           else load_model(model or st.provenance["model"], device or default_device(), dtype))
@@ -346,7 +346,7 @@ def trajectory(store: Store | str | Path, model: str | LoadedModel | None = None
     the rate at which a turn like those readings would be. Every input is checked before the
     model loads. ``.save(out)`` writes trajectory.json, trajectory.csv (turns), tokens.csv,
     figures/ and trajectory.md."""
-    from tlpersona.infra.safety import check_count
+    from tlpersona.infra.checks import check_count
 
     check_count(batch_size, "`batch_size`", 1)
     plan = _plan(store, conversations, axis, position, layer, subspace, personas, band)

@@ -1,7 +1,7 @@
 """Persona vectors written where other tools load them.
 
 The vector of persona X for recipe R at layer l is the one steering uses
-(:meth:`tlpersona.cache.store.Store.persona_vector`, ``relative_to="all"``): X's centroid minus
+(:meth:`tlpersona.cache.reader.Store.persona_vector`, ``relative_to="all"``): X's centroid minus
 the mean centroid of every stored persona (not a difference from the base persona alone). It
 lives in the residual stream after block l, ``blocks.{l}.hook_resid_post`` (HF ``hidden_states[l + 1]``).
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlpersona.cache.store import Store
+from tlpersona.cache.reader import Store
 from tlpersona.errors import TlpersonaError
 from tlpersona.infra.files import atomic_save_pt, atomic_save_tensors, atomic_write_bytes, atomic_write_with
 

@@ -33,18 +33,12 @@ from pathlib import Path
 
 import torch
 
-from tlpersona.cache.store import Store
+from tlpersona.cache.reader import Store
 from tlpersona.chat.positions import RECIPES, canonical, parse_position
 from tlpersona.errors import TlpersonaError
 from tlpersona.infra.files import atomic_save_pt, atomic_write_bytes
-from tlpersona.infra.safety import (
-    check_persona_names,
-    check_regular_file,
-    in_store,
-    inside,
-    read_text,
-    strict_json,
-)
+from tlpersona.infra.paths import check_persona_names, in_store, inside
+from tlpersona.infra.reading import check_regular_file, read_text, strict_json
 
 _BY_POSITION = {v: k for k, v in RECIPES.items()}
 MARK = "tlpersona_seed_layout"

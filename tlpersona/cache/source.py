@@ -11,14 +11,14 @@ import torch
 from tlpersona.errors import TlpersonaError
 
 if TYPE_CHECKING:
-    from tlpersona.cache.store import Store
+    from tlpersona.cache.reader import Store
 
 
 @runtime_checkable
 class ActivationSource(Protocol):
     """Persona × layer activations per position, behind the store's read interface.
 
-    Implemented by :class:`tlpersona.cache.store.Store` and
+    Implemented by :class:`tlpersona.cache.reader.Store` and
     :class:`tlpersona.cache.seed_layout.SeedSource`. Layers are block numbers (``layer_index``
     maps one to its row); tensors are ``[persona, layer, d_model]`` (centroids) and
     ``[persona, question, layer, d_model]`` (per question).
@@ -55,9 +55,9 @@ class ActivationSource(Protocol):
 def open_source(source: ActivationSource | str | Path) -> ActivationSource:
     """An opened source as is; a path opened as a store (verified) or, when it holds
     ``method_<x>/all_centroids.pt`` folders instead of a manifest, as a seed-layout directory."""
+    from tlpersona.cache.reader import open_store
     from tlpersona.cache.schema import MANIFEST
     from tlpersona.cache.seed_layout import read_seed
-    from tlpersona.cache.store import open_store
 
     if not isinstance(source, (str, Path)):
         return source
@@ -69,7 +69,7 @@ def open_source(source: ActivationSource | str | Path) -> ActivationSource:
 
 def as_store(store: Store | str | Path) -> Store:
     """An opened store as is; a path opened and verified."""
-    from tlpersona.cache.store import Store, open_store
+    from tlpersona.cache.reader import Store, open_store
 
     return store if isinstance(store, Store) else open_store(store, verify=True)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tlpersona.cache.store import Store
+from tlpersona.cache.reader import Store
 from tlpersona.errors import TlpersonaError
 
 

@@ -16,7 +16,9 @@ from importlib import resources
 from pathlib import Path
 
 from tlpersona.errors import TlpersonaError
-from tlpersona.infra.safety import check_count, check_persona_names, jsonl_lines, read_text, strict_json
+from tlpersona.infra.checks import check_count
+from tlpersona.infra.paths import check_persona_names
+from tlpersona.infra.reading import jsonl_lines, read_text, strict_json
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from typing import Any
 from tlpersona.data.provenance import check_header, is_header
 from tlpersona.errors import TlpersonaError
 from tlpersona.infra.files import atomic_write_bytes
-from tlpersona.infra.safety import jsonl_lines, read_text
+from tlpersona.infra.reading import jsonl_lines, read_text
 
 Key = tuple[str, int, str]  # persona, prompt index, question id
 

@@ -28,7 +28,8 @@ from tlpersona.chat.template import ChatRenderer, Spans, common_prefix_len
 from tlpersona.data import Persona, Question, indexed_prompts
 from tlpersona.data.responses import Key, Response
 from tlpersona.errors import TlpersonaError
-from tlpersona.models import LoadedModel, check_layers, stop_forward
+from tlpersona.models.layers import check_layers
+from tlpersona.models.loading import LoadedModel, stop_forward
 from tlpersona.runtime.batching import extract_batch, pad_batch, pad_id
 
 # Two questions that share no leading text: the prefix every conversation of a persona shares

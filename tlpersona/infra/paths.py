@@ -1,5 +1,5 @@
 """Checks that keep a user's files safe: names that become file names, paths that must stay
-inside a directory, output locations, and input files read as text.
+inside a directory, output locations, and the results sets written into them.
 
 Every check raises :class:`TlpersonaError` with one line naming the problem, before anything is
 written.
@@ -8,9 +8,7 @@ written.
 from __future__ import annotations
 
 import json
-import math
 import os
-import stat
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pathlib import Path
 from tlpersona.errors import TlpersonaError
 from tlpersona.infra.files import atomic_write_bytes
 from tlpersona.infra.locks import LOCK_NAME
+from tlpersona.infra.reading import json_file
 
 #: Longest persona name in UTF-8 bytes: the temporary ``.<name>__per_q.pt.XXXXXXXX`` must fit a
 #: 255-byte file name.
@@ -114,18 +113,8 @@ def in_store(directory: Path) -> bool:
                for d in directory.resolve().parents)
 
 
-def _json_file(path: Path) -> object | None:
-    """The JSON value in ``path``; None where it is not a readable JSON file."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-
-
 def _is_store_manifest(path: Path) -> bool:
-    data = _json_file(path)
+    data = json_file(path)
     return isinstance(data, dict) and str(data.get("format", "")).startswith("tlpersona-store/")
 
 
@@ -177,7 +166,7 @@ def mark_results(directory: Path, analysis: str) -> None:
 def read_results_mark(directory: Path) -> ResultsMark | None:
     """The mark of the results set in ``directory``; None where there is none or it is not
     tlpersona's."""
-    data = _json_file(directory / RESULTS_MARK)
+    data = json_file(directory / RESULTS_MARK)
     if not isinstance(data, dict) or data.get("tlpersona_results") != 1:
         return None
     files, analysis = data.get("files"), data.get("analysis")
@@ -211,18 +200,6 @@ def check_results_dir(path: Path, overwrite: bool, option: str = "`out`") -> Non
                              "`overwrite` to replace them")
 
 
-def check_regular_file(path: Path) -> Path:
-    """``path`` if it is a regular file (links followed): a FIFO or device would block or
-    never end when opened."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise TlpersonaError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(mode):
-        raise TlpersonaError(f"{path}: not a regular file")
-    return path
-
-
 def check_output_file(path: Path, option: str = "`out`") -> None:
     """``path`` is (or can become) a regular file this process may write."""
     if path.exists() and not path.is_file():
@@ -242,51 +219,3 @@ def check_new_file(path: Path, overwrite: bool, option: str = "`out`") -> None:
     if path.exists() and not overwrite:
         raise TlpersonaError(f"{option} {path} exists; not replacing it without `overwrite`")
 
-
-def read_text(path: Path, what: str = "file") -> str:
-    """A UTF-8 text file's content; a directory, a missing, unreadable or non-UTF-8 file is one
-    line naming the path."""
-    if path.is_dir():
-        raise TlpersonaError(f"{path}: is a directory, expected a {what}")
-    if not path.exists():
-        raise TlpersonaError(f"{path}: file not found")
-    if not path.is_file():
-        raise TlpersonaError(f"{path}: not a regular file")
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TlpersonaError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise TlpersonaError(f"{path}: cannot read ({exc.strerror or exc})") from None
-
-
-def jsonl_lines(text: str) -> list[str]:
-    """Lines of a JSONL text. Only ``\\n`` ends a line: U+2028, U+0085 and the like may appear
-    inside JSON strings (``str.splitlines`` would cut them)."""
-    return [line.removesuffix("\r") for line in text.split("\n")]
-
-
-def strict_json(text: str) -> object:
-    """``json.loads`` that refuses duplicate keys in an object (they would silently merge)."""
-
-    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for k, v in items:
-            if k in out:
-                raise ValueError(f"duplicate key {k!r}")
-            out[k] = v
-        return out
-
-    return json.loads(text, object_pairs_hook=pairs)
-
-
-def check_count(value: int | None, option: str, minimum: int) -> None:
-    """An integer option that must be at least ``minimum`` (None means its default)."""
-    if value is not None and value < minimum:
-        raise TlpersonaError(f"{option} must be at least {minimum}, not {value}")
-
-
-def check_finite_numbers(values: Iterable[float], option: str) -> None:
-    for v in values:
-        if not math.isfinite(v):
-            raise TlpersonaError(f"{option} must be finite numbers, not {v}")
