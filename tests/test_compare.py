@@ -329,7 +329,7 @@ def test_sink_diagnostic_flags_a_planted_first_token_direction(tmp_path):
     assert row["prompt_mean"]["share"] > 0.5 and row["prompt_mean"]["warning"]
     assert row["prompt_mean"]["r_with_inverse_length"] > 0.99
     assert row["last"]["share"] < 0.3 and not row["last"]["warning"]
-    first = write_report(res, tmp_path / "cmp").read_text()
+    first = write_report(res, tmp_path / "cmp").markdown
     text = (tmp_path / "cmp" / "details.md").read_text()
     assert "**Warning:**" in text and "prompt_mean (L2)" in text
     assert "Attention sink: most of the persona variance of prompt_mean (L2)" in first

@@ -254,7 +254,7 @@ def test_verdict_and_report_word_the_floors(tmp_path):
     assert "t-prediction" in v and "normal" in v
     assert "cannot be separated" in v and "no recipe is separated" not in v
     assert "at least 12 scoring questions" in v
-    md = write_steering(res, tmp_path)
+    md = write_steering(res, tmp_path).markdown
     assert "cannot fall below 0.083" in md and "cannot show monotonicity" in md
     assert "t-prediction" in md and "skewness" in md
     assert "-0.132 ± 0.137 (-0.374 to 0.063; skew -0.58)" in md

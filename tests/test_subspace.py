@@ -178,7 +178,7 @@ def _report(st, tmp_path, **cfg):
     from tlpersona.report.subspace import write_subspace
 
     res = subspace(st, SubspaceConfig(**cfg))
-    return res, write_subspace(res, tmp_path / f"out{len(list(tmp_path.iterdir()))}")
+    return res, write_subspace(res, tmp_path / f"out{len(list(tmp_path.iterdir()))}").markdown
 
 
 def test_report_calls_k_found_beyond_chance_only_where_holm_allows(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import InitVar, dataclass, field, replace
 
@@ -16,7 +17,7 @@ import torch
 from scipy import stats
 
 from tlpersona.analyses import metrics as M
-from tlpersona.analyses.ceilings import Halves, ceiling, cka_cell, cka_reliability, mc_r_sd
+from tlpersona.analyses.ceilings import CkaReliability, Halves, ceiling, cka_cell, cka_reliability, mc_r_sd
 from tlpersona.analyses.compare_result import (
     Ceiling,
     CentredCosStats,
@@ -291,160 +292,41 @@ def cliques(nodes: list[str], edges: list[tuple[str, str]]) -> list[list[str]]:
 def compare(source: ActivationSource, cfg: CompareConfig | None = None,
             timings: dict[str, float] | None = None) -> CompareResult:
     """Every metric for every layer × pair, each with its null (and ceiling where it has one),
-    as a :class:`CompareResult` (``to_dict()``: results.json)."""
-    import time
-
+    as a :class:`CompareResult` (``to_dict()``: results.json). ``timings``: wall seconds per
+    stage, added into it."""
     cfg = cfg or CompareConfig()
     th = cfg.thresholds
-    positions = ([canonical(p) for p in cfg.positions] if cfg.positions
-                 else default_positions(list(source.positions)))
-    missing = [p for p in positions if p not in source.positions]
-    if missing:
-        raise TlpersonaError(f"position {missing[0]} is not in the input")
-    if len(positions) < 2:
-        raise TlpersonaError("comparison needs at least two positions")
-    layers = cfg.layers or list(source.layers)
-    for layer in layers:
-        source.layer_index(layer)
+    positions, layers = compared(source, cfg)
     n = len(source.personas)
-    if n < 4:
-        raise TlpersonaError(f"comparison needs at least 4 personas, got {n}")
-    clock = timings if timings is not None else {}
-
-    def tick(stage: str, t0: float) -> float:
-        now = time.perf_counter()
-        clock[stage] = clock.get(stage, 0.0) + now - t0
-        return now
-
-    pairs = list(itertools.combinations(positions, 2))
-    n_cells = len(pairs) * len(layers)
+    clock = StageClock(timings)
+    n_cells = math.comb(len(positions), 2) * len(layers)
     # the Mantel family is every cell: enough permutations that Holm over it can reach alpha
     n_perm = (cfg.permutations if cfg.permutations is not None
               else draws_for_family(n_cells, cfg.alpha))
     permuter = MantelPermuter(n, n_perm, cfg.seed)
-    cells: list[_Unadjusted] = []
-    paired: list[tuple[int, tuple[str, str], tuple[str, str], float, float, float]] = []
-    cos_matrices: dict[int, dict[str, np.ndarray]] = {}
     # Per-question work first, one recipe at a time, streamed over personas: its vectors (GBs
     # at full scale) are read once for all layers.
-    spread_by_layer: dict[str, dict[int, np.ndarray]] = {}
-    floors: dict[str, dict[int, FloorStats | FloorReason]] = {}
-    halves: dict[tuple[str, int], Halves] = {}  # (recipe, layer); absent: noise unknown
-    cka_halves: dict[tuple[str, int], M.SplitHalfCka] = {}  # (recipe, layer), as halves
-    for p in positions:
-        t0 = time.perf_counter()
-        if source.question_invariant(p) or not source.has_per_question(p):
-            reason = (FloorReason(True, "question-invariant: no sampling noise")
-                      if source.question_invariant(p) else
-                      FloorReason(None, "no per-question vectors in the input"))
-            floors[p] = {layer: reason for layer in layers}
-            continue
-        qp = question_pass(source, p, layers, cfg.splits, cfg.seed, permuter.iu)
-        spread_by_layer[p], floors[p] = qp.spreads, qp.floors
-        halves.update({(p, layer): h for layer, h in qp.halves.items()})
-        cka_halves.update({(p, layer): h for layer, h in qp.cka.items()})
-        tick("spread and noise floor", t0)
+    per_q = per_question_pass(source, positions, layers, cfg.splits, cfg.seed, permuter.iu, clock)
+    cells: list[UnadjustedCell] = []
+    paired: list[PairedRow] = []
+    cos_matrices: dict[int, dict[str, np.ndarray]] = {}
     for layer in layers:
-        t0 = time.perf_counter()
-        li = source.layer_index(layer)
-        cent = {p: source.centroids(p)[:, li].double().numpy() for p in positions}
-        for p in positions:
-            if source.question_invariant(p):  # no noise: every half is the centroid
-                halves[(p, layer)] = Halves.of(cent[p][:, None], permuter.iu)
-        mc = {p: M.mean_centre(c) for p, c in cent.items()}
-        mats = {p: (M.cos_matrix(cent[p]), M.cos_matrix(mc[p])) for p in positions}
-        cos_matrices[layer] = {p: mats[p][1] for p in positions}
-        t0 = tick("centroid metrics", t0)
-        # Mantel tests grouped by the permuted matrix: one recipe's permutations in memory at a
-        # time, and one matrix product per recipe for all its partners.
-        mantel: dict[tuple[str, str, int], MantelResult | None] = {}
-        for y in positions:
-            xs = [x for x, yy in pairs if yy == y]
-            for kind in (0, 1):  # raw, mean-centred
-                if xs:
-                    res = permuter.tests([mats[x][kind] for x in xs], mats[y][kind])
-                    mantel.update({(x, y, kind): r for x, r in zip(xs, res, strict=True)})
-        t0 = tick("mantel permutations", t0)
-        held = M.HeldOutProcrustes(n, M.PROCRUSTES_SPLITS, np.random.default_rng(cfg.seed + layer),
-                                   cfg.null_draws)
-        for p in positions:
-            held.add(p, cent[p])
-        proc = held.score_pairs(pairs)
-        t0 = tick("held-out Procrustes and its null", t0)
-        grams = {p: M.centred_gram(cent[p]) for p in positions}
-        cka: dict[tuple[str, str], M.CkaScore] = {}
-        for y in positions:  # one gathered null per y for all its partners, the Mantel draws
-            xs = [x for x, yy in pairs if yy == y]
-            if xs:
-                scores = M.cka_scores([grams[x] for x in xs], grams[y], permuter.perms,
-                                      permuter.flat)
-                cka.update({(x, y): s for x, s in zip(xs, scores, strict=True)})
-        reliability = {p: cka_reliability(cka_halves.get((p, layer)), grams[p],
-                                          source.question_invariant(p)) for p in positions}
-        t0 = tick("CKA and its null", t0)
-        spreads = {p: spread_by_layer[p].get(layer) if p in spread_by_layer else None
-                   for p in positions}
-        pp_cos: dict[tuple[str, str], np.ndarray] = {}
-        for x, y in pairs:
-            cos = M.rowwise_cos(cent[x], cent[y])
-            pp_cos[(x, y)] = cos
-            mc_cos = M.rowwise_cos(mc[x], mc[y])
-            raw_t = (M.upper(mats[x][0]), M.upper(mats[y][0]))
-            mc_t = (M.upper(mats[x][1]), M.upper(mats[y][1]))
-            sx, sy = spreads[x], spreads[y]
-            spread: Spread | SpreadSkipped
-            if sx is None or sy is None:
-                why = ("question-invariant recipe: no per-question variation"
-                       if source.question_invariant(x) or source.question_invariant(y)
-                       else "no per-question vectors in the input")
-                spread = SpreadSkipped(reason=why)
-                rho = None
-            else:
-                ok = ~(np.isnan(sx) | np.isnan(sy))
-                sp = stats.spearmanr(sx[ok], sy[ok])
-                rho = float(sp[0])
-                spread = Spread(rho, float(sp[1]), int(ok.sum()), th.gate_spread)
-            s = M.Summary.of(cos)
-            pair_ceiling = ceiling(floors[x].get(layer), floors[y].get(layer))
-            raw_test, geo = mantel[(x, y, 0)], mantel[(x, y, 1)]  # geo: the mean-centred test
-            hx, hy = halves.get((x, layer)), halves.get((y, layer))
-            noise = noise_check(s.min, None if geo is None else geo.r, rho, pair_ceiling,
-                                None if hx is None or hy is None else half_sd(hx, hy), th,
-                                None if geo is None else geo.p, cfg.alpha)
-            mcs = M.Summary.of(mc_cos)
-            cells.append(_Unadjusted(
-                layer=layer, pair=(x, y),
-                per_persona_cos=CosStats(s.mean, s.min, s.p5, s.max,
-                                         _shuffled_cos_mean(cent[x], cent[y]),
-                                         *_shuffled_cos_low(cent[x], cent[y], permuter.perms)),
-                per_persona_cos_mc=CentredCosStats(mcs.mean, mcs.min, mcs.p5, mcs.max,
-                                                   _shuffled_cos_mean(mc[x], mc[y])),
-                procrustes=proc[(x, y)].held_out(pair_ceiling.procrustes_cos_mean),
-                matrix_raw=(raw_test, _spearman(raw_test, raw_t)),
-                matrix_mc=(geo, _spearman(geo, mc_t)),
-                spread=spread, ceiling=pair_ceiling, rho=rho, noise=noise,
-                per_persona_cos_all=[round(float(v), 6) for v in cos],
-                cka=cka_cell(cka[(x, y)], reliability[x], reliability[y], n_perm)))
-        t0 = tick("pair metrics", t0)
-        # Paired tests: for two pairs sharing a recipe, is one more aligned than the other?
-        tests = [(a, b) for a, b in itertools.combinations(pairs, 2) if set(a) & set(b)]
-        if tests:
-            d = np.stack([pp_cos[a] - pp_cos[b] for a, b in tests])
-            pvals = sign_flip_p(d)
-            zs = sign_flip_z(d)
-            for (a, b), dv, pv, z in zip(tests, d, pvals, zs, strict=True):
-                paired.append((layer, a, b, float(dv.mean()), float(pv), float(z)))
-        tick("paired tests", t0)
+        clock.start()
+        at = layer_cells(source, layer, positions, permuter, per_q, cfg, clock)
+        cells += at.cells
+        cos_matrices[layer] = at.cos_matrices
+        paired += paired_tests(layer, at.per_persona_cos)
+        clock.tick("paired tests")
 
     # The Procrustes null costs a full refit per draw (minutes per 100 at full scale), so by
     # default it is descriptive: Holm is applied only when its draws can reach alpha over the
     # cells; the corrected claim "geometry beyond chance" is the Mantel test's.
     procrustes_corrected = n_cells / (cfg.null_draws + 1) < cfg.alpha
     pair_cells = _adjusted(cells, th, cfg.alpha, procrustes_corrected)
-    paired_holm = [float(a) for a in holm([t[4] for t in paired])]
-    t0 = time.perf_counter()
+    paired_adjusted = paired_holm(paired)
+    clock.start()
     bstar = bstar_check(source, layers)
-    tick("B* check", t0)
+    clock.tick("B* check")
     sink = sink_diagnostic(source, positions, layers)
     missing_rows_ = missing_rows(source, positions)
     return CompareResult(
@@ -468,9 +350,8 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
         alpha=cfg.alpha,
         thresholds=replace(th),
         cells=pair_cells,
-        paired_tests=[PairedTest(layer, a, b, diff, p, z, q)
-                      for (layer, a, b, diff, p, z), q in zip(paired, paired_holm, strict=True)],
-        noise_floor=floors,
+        paired_tests=paired_adjusted,
+        noise_floor=per_q.floors,
         bstar=bstar,
         sink=sink,
         missing_rows=missing_rows_,
@@ -482,8 +363,274 @@ def compare(source: ActivationSource, cfg: CompareConfig | None = None,
     )
 
 
+def compared(source: ActivationSource, cfg: CompareConfig) -> tuple[list[str], list[int]]:
+    """The positions (canonical names) and layers :func:`compare` compares, checked against
+    ``source``: every position and layer stored, at least two positions and four personas."""
+    positions = ([canonical(p) for p in cfg.positions] if cfg.positions
+                 else default_positions(list(source.positions)))
+    missing = [p for p in positions if p not in source.positions]
+    if missing:
+        raise TlpersonaError(f"position {missing[0]} is not in the input")
+    if len(positions) < 2:
+        raise TlpersonaError("comparison needs at least two positions")
+    layers = cfg.layers or list(source.layers)
+    for layer in layers:
+        source.layer_index(layer)
+    n = len(source.personas)
+    if n < 4:
+        raise TlpersonaError(f"comparison needs at least 4 personas, got {n}")
+    return positions, layers
+
+
+class StageClock:
+    """Wall seconds per named stage, summed into ``timings`` (a fresh dict where None): each
+    :meth:`tick` charges the time since the last tick or :meth:`start` to its stage."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings if timings is not None else {}
+        self.t0 = time.perf_counter()
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def tick(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.t0
+        self.t0 = now
+
+
+@dataclass
+class PerQuestion:
+    """What the per-question pass gives every compared recipe: per recipe and layer, the spread
+    per question ``[question]`` and the noise floor (or why it has none); per (recipe, layer),
+    the floor's halves (absent: noise unknown) and the split-half CKA."""
+
+    spreads: dict[str, dict[int, np.ndarray]]
+    floors: dict[str, dict[int, FloorStats | FloorReason]]
+    halves: dict[tuple[str, int], Halves]
+    cka: dict[tuple[str, int], M.SplitHalfCka]
+
+
+def per_question_pass(source: ActivationSource, positions: list[str], layers: list[int],
+                      n_splits: int, seed: int, iu: tuple[np.ndarray, np.ndarray],
+                      clock: StageClock) -> PerQuestion:
+    """:func:`question_pass` over every recipe of ``positions`` that has per-question vectors,
+    in ``positions`` order; a question-invariant recipe, or one without per-question vectors,
+    gets only the reason it has no noise floor."""
+    out = PerQuestion({}, {}, {}, {})
+    for p in positions:
+        clock.start()
+        if source.question_invariant(p) or not source.has_per_question(p):
+            reason = (FloorReason(True, "question-invariant: no sampling noise")
+                      if source.question_invariant(p) else
+                      FloorReason(None, "no per-question vectors in the input"))
+            out.floors[p] = {layer: reason for layer in layers}
+            continue
+        qp = question_pass(source, p, layers, n_splits, seed, iu)
+        out.spreads[p], out.floors[p] = qp.spreads, qp.floors
+        out.halves.update({(p, layer): h for layer, h in qp.halves.items()})
+        out.cka.update({(p, layer): h for layer, h in qp.cka.items()})
+        clock.tick("spread and noise floor")
+    return out
+
+
 @dataclass(frozen=True)
-class _Unadjusted:
+class LayerCentroids:
+    """One layer's persona centroids per recipe ``[persona, d]`` (float64), mean-centred, and
+    their (raw, mean-centred) cosine matrices ``[persona, persona]``."""
+
+    cent: dict[str, np.ndarray]
+    mc: dict[str, np.ndarray]
+    mats: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    @classmethod
+    def of(cls, source: ActivationSource, layer: int, positions: list[str]) -> LayerCentroids:
+        li = source.layer_index(layer)
+        cent = {p: source.centroids(p)[:, li].double().numpy() for p in positions}
+        mc = {p: M.mean_centre(c) for p, c in cent.items()}
+        mats = {p: (M.cos_matrix(cent[p]), M.cos_matrix(mc[p])) for p in positions}
+        return cls(cent, mc, mats)
+
+
+@dataclass(frozen=True)
+class LayerTests:
+    """One layer's permutation-tested statistics: Mantel per (x, y, 0 raw | 1 mean-centred)
+    (None: a constant geometry), held-out Procrustes and CKA per pair, CKA reliability per
+    recipe."""
+
+    mantel: dict[tuple[str, str, int], MantelResult | None]
+    procrustes: dict[tuple[str, str], M.ProcrustesScore]
+    cka: dict[tuple[str, str], M.CkaScore]
+    reliability: dict[str, CkaReliability]
+
+
+@dataclass(frozen=True)
+class LayerCells:
+    """What :func:`layer_cells` gives for one layer: its cells in pair order, the mean-centred
+    cosine matrices per recipe ``[persona, persona]`` (for the report's figure), and the
+    per-persona cosines per pair ``[persona]`` (for :func:`paired_tests`)."""
+
+    cells: list[UnadjustedCell]
+    cos_matrices: dict[str, np.ndarray]
+    per_persona_cos: dict[tuple[str, str], np.ndarray]
+
+
+def layer_cells(source: ActivationSource, layer: int, positions: list[str],
+                permuter: MantelPermuter, per_q: PerQuestion, cfg: CompareConfig,
+                clock: StageClock) -> LayerCells:
+    """Every pair of ``positions`` (``itertools.combinations`` order) at ``layer``, before Holm.
+    The held-out Procrustes null draws from ``cfg.seed + layer``; the Mantel and CKA nulls use
+    ``permuter``'s draws, the same at every layer."""
+    pairs = list(itertools.combinations(positions, 2))
+    lc = LayerCentroids.of(source, layer, positions)
+    halves = {p: per_q.halves.get((p, layer)) for p in positions}
+    for p in positions:
+        if source.question_invariant(p):  # no noise: every half is the centroid
+            halves[p] = Halves.of(lc.cent[p][:, None], permuter.iu)
+    clock.tick("centroid metrics")
+    mantel = mantel_tests(permuter, pairs, positions, lc.mats)
+    clock.tick("mantel permutations")
+    held = M.HeldOutProcrustes(len(source.personas), M.PROCRUSTES_SPLITS,
+                               np.random.default_rng(cfg.seed + layer), cfg.null_draws)
+    for p in positions:
+        held.add(p, lc.cent[p])
+    proc = held.score_pairs(pairs)
+    clock.tick("held-out Procrustes and its null")
+    grams = {p: M.centred_gram(lc.cent[p]) for p in positions}
+    cka = cka_tests(permuter, pairs, positions, grams)
+    reliability = {p: cka_reliability(per_q.cka.get((p, layer)), grams[p],
+                                      source.question_invariant(p)) for p in positions}
+    tests = LayerTests(mantel, proc, cka, reliability)
+    clock.tick("CKA and its null")
+    spreads = {p: per_q.spreads[p].get(layer) if p in per_q.spreads else None
+               for p in positions}
+    cells, pp_cos = [], {}
+    for x, y in pairs:
+        cell = pair_cell(source, layer, (x, y), lc, tests, spreads, halves,
+                         per_q.floors, permuter, cfg)
+        cells.append(cell)
+        pp_cos[(x, y)] = cell.cos
+    clock.tick("pair metrics")
+    return LayerCells(cells, {p: lc.mats[p][1] for p in positions}, pp_cos)
+
+
+def mantel_tests(permuter: MantelPermuter, pairs: list[tuple[str, str]], positions: list[str],
+                 mats: dict[str, tuple[np.ndarray, np.ndarray]]
+                 ) -> dict[tuple[str, str, int], MantelResult | None]:
+    """The raw (kind 0) and mean-centred (kind 1) Mantel test of every pair (x, y). Grouped by
+    the permuted matrix: one recipe's permutations in memory at a time, and one matrix product
+    per recipe for all its partners."""
+    mantel: dict[tuple[str, str, int], MantelResult | None] = {}
+    for y in positions:
+        xs = [x for x, yy in pairs if yy == y]
+        for kind in (0, 1):  # raw, mean-centred
+            if xs:
+                res = permuter.tests([mats[x][kind] for x in xs], mats[y][kind])
+                mantel.update({(x, y, kind): r for x, r in zip(xs, res, strict=True)})
+    return mantel
+
+
+def cka_tests(permuter: MantelPermuter, pairs: list[tuple[str, str]], positions: list[str],
+              grams: dict[str, np.ndarray]) -> dict[tuple[str, str], M.CkaScore]:
+    """Linear and debiased CKA of every pair (x, y) from the recipes' centred Gram matrices
+    ``[persona, persona]``, against one gathered null per y for all its partners (the Mantel
+    draws)."""
+    cka: dict[tuple[str, str], M.CkaScore] = {}
+    for y in positions:
+        xs = [x for x, yy in pairs if yy == y]
+        if xs:
+            scores = M.cka_scores([grams[x] for x in xs], grams[y], permuter.perms,
+                                  permuter.flat)
+            cka.update({(x, y): s for x, s in zip(xs, scores, strict=True)})
+    return cka
+
+
+def pair_cell(source: ActivationSource, layer: int, pair: tuple[str, str], lc: LayerCentroids,
+              tests: LayerTests, spreads: dict[str, np.ndarray | None],
+              halves: dict[str, Halves | None],
+              floors: dict[str, dict[int, FloorStats | FloorReason]],
+              permuter: MantelPermuter, cfg: CompareConfig) -> UnadjustedCell:
+    """One cell: the pair's per-persona cosines and their shuffled-label baselines, its
+    matrix tests, spread, ceiling and "(noise)" check, before Holm."""
+    x, y = pair
+    th = cfg.thresholds
+    cent, mc, mats = lc.cent, lc.mc, lc.mats
+    cos = M.rowwise_cos(cent[x], cent[y])
+    mc_cos = M.rowwise_cos(mc[x], mc[y])
+    raw_t = (M.upper(mats[x][0]), M.upper(mats[y][0]))
+    mc_t = (M.upper(mats[x][1]), M.upper(mats[y][1]))
+    spread, rho = spread_of(source, pair, spreads[x], spreads[y], th)
+    s = M.Summary.of(cos)
+    pair_ceiling = ceiling(floors[x].get(layer), floors[y].get(layer))
+    # geo: the mean-centred test
+    raw_test, geo = tests.mantel[(x, y, 0)], tests.mantel[(x, y, 1)]
+    hx, hy = halves[x], halves[y]
+    noise = noise_check(s.min, None if geo is None else geo.r, rho, pair_ceiling,
+                        None if hx is None or hy is None else half_sd(hx, hy), th,
+                        None if geo is None else geo.p, cfg.alpha)
+    mcs = M.Summary.of(mc_cos)
+    return UnadjustedCell(
+        layer=layer, pair=(x, y),
+        per_persona_cos=CosStats(s.mean, s.min, s.p5, s.max,
+                                 _shuffled_cos_mean(cent[x], cent[y]),
+                                 *_shuffled_cos_low(cent[x], cent[y], permuter.perms)),
+        per_persona_cos_mc=CentredCosStats(mcs.mean, mcs.min, mcs.p5, mcs.max,
+                                           _shuffled_cos_mean(mc[x], mc[y])),
+        procrustes=tests.procrustes[(x, y)].held_out(pair_ceiling.procrustes_cos_mean),
+        matrix_raw=(raw_test, _spearman(raw_test, raw_t)),
+        matrix_mc=(geo, _spearman(geo, mc_t)),
+        spread=spread, ceiling=pair_ceiling, rho=rho, noise=noise,
+        per_persona_cos_all=[round(float(v), 6) for v in cos],
+        cka=cka_cell(tests.cka[(x, y)], tests.reliability[x], tests.reliability[y],
+                     permuter.n_perm),
+        cos=cos)
+
+
+def spread_of(source: ActivationSource, pair: tuple[str, str], sx: np.ndarray | None,
+              sy: np.ndarray | None, th: Thresholds) -> tuple[Spread | SpreadSkipped, float | None]:
+    """The Spearman ρ between two recipes' spreads per question ``[question]`` (questions
+    where either is NaN left out), or why there is none; and ρ itself (None where skipped)."""
+    if sx is None or sy is None:
+        x, y = pair
+        why = ("question-invariant recipe: no per-question variation"
+               if source.question_invariant(x) or source.question_invariant(y)
+               else "no per-question vectors in the input")
+        return SpreadSkipped(reason=why), None
+    ok = ~(np.isnan(sx) | np.isnan(sy))
+    sp = stats.spearmanr(sx[ok], sy[ok])
+    rho = float(sp[0])
+    return Spread(rho, float(sp[1]), int(ok.sum()), th.gate_spread), rho
+
+
+#: One paired test before Holm: (layer, pair 1, pair 2, mean difference, sign-flip p, z).
+PairedRow = tuple[int, tuple[str, str], tuple[str, str], float, float, float]
+
+
+def paired_tests(layer: int, per_persona_cos: dict[tuple[str, str], np.ndarray]
+                 ) -> list[PairedRow]:
+    """For two pairs sharing a recipe, is one more aligned than the other? The sign-flip test
+    of their per-persona cosine differences ``[persona]``, for every such two of
+    ``per_persona_cos``'s pairs (in ``itertools.combinations`` order), before Holm."""
+    pairs = list(per_persona_cos)
+    tests = [(a, b) for a, b in itertools.combinations(pairs, 2) if set(a) & set(b)]
+    if not tests:
+        return []
+    d = np.stack([per_persona_cos[a] - per_persona_cos[b] for a, b in tests])
+    pvals = sign_flip_p(d)
+    zs = sign_flip_z(d)
+    return [(layer, a, b, float(dv.mean()), float(pv), float(z))
+            for (a, b), dv, pv, z in zip(tests, d, pvals, zs, strict=True)]
+
+
+def paired_holm(rows: list[PairedRow]) -> list[PairedTest]:
+    """The paired tests of every layer with Holm over all of them (one family)."""
+    adjusted = [float(a) for a in holm([t[4] for t in rows])]
+    return [PairedTest(layer, a, b, diff, p, z, q)
+            for (layer, a, b, diff, p, z), q in zip(rows, adjusted, strict=True)]
+
+
+@dataclass(frozen=True)
+class UnadjustedCell:
     """One cell's statistics before Holm over every cell of the run adjusts its p-values
     (:func:`_adjusted` makes the :class:`PairCell`)."""
 
@@ -501,6 +648,7 @@ class _Unadjusted:
     noise: NoiseCheck | None
     per_persona_cos_all: list[float]
     cka: CkaCell
+    cos: np.ndarray  # per-persona cosines [persona], unrounded: the paired tests' input
 
 
 def _holm_of(ps: list[float | None]) -> list[float | None]:
@@ -509,7 +657,7 @@ def _holm_of(ps: list[float | None]) -> list[float | None]:
     return [None if p is None else float(a) for p, a in zip(ps, adj, strict=True)]
 
 
-def _adjusted(cells: list[_Unadjusted], th: Thresholds, alpha: float,
+def _adjusted(cells: list[UnadjustedCell], th: Thresholds, alpha: float,
               procrustes_corrected: bool) -> list[PairCell]:
     """The cells with their p-values Holm-adjusted, one family per kind of test across every
     cell of the run; the held-out Procrustes p only where its draws can reach ``alpha``."""

@@ -633,8 +633,8 @@ class CompareResult(JsonView):
             need_source(None, "save (its cosine-matrix figure)")
         with results_set(out, "compare", overwrite, finish=write_html) as stage:
             write_csv(self.to_records(), stage / "cells.csv")
-            report = write_report(self, stage, title)
-        return Path(out) / report.relative_to(stage)
+            write_report(self, stage, title)
+        return Path(out) / "report.md"
 
 
 def centred_cos_matrices(source: ActivationSource, positions: list[str], layers: list[int]

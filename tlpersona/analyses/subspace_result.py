@@ -272,7 +272,6 @@ class SubspaceResult(JsonView):
         """subspace.json, pcs.safetensors, figures/ and subspace.md into ``out`` (one set,
         swapped in whole; earlier results there only with ``overwrite``); returns subspace.md's
         path."""
-        from tlpersona.infra.files import atomic_write_bytes
         from tlpersona.report.html import write_html
         from tlpersona.report.subspace import write_subspace
 
@@ -282,8 +281,7 @@ class SubspaceResult(JsonView):
             raise TlpersonaError("save needs the shared PCs: this result was loaded without "
                                  "its pcs.safetensors")
         with results_set(out, "subspace", overwrite, finish=write_html) as stage:
-            section = write_subspace(self, stage)
-            atomic_write_bytes(stage / "subspace.md", section.encode())
+            write_subspace(self, stage)
         return Path(out) / "subspace.md"
 
 

@@ -27,6 +27,7 @@ from tlpersona.models.layers import LayerSpec
 from tlpersona.models.loading import default_device, load_model
 from tlpersona.report.experiment import HEADLINE_CHARS, Answer, write_experiment_report
 from tlpersona.report.html import write_html
+from tlpersona.report.section import Section
 
 #: Stored besides the seven recipes: the sink position and the sink-free prompt mean feed the
 #: report's attention-sink check.
@@ -83,6 +84,11 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
     leaves an earlier run's set whole); an earlier run's set is replaced only with
     ``overwrite``. ``out/store`` resumes or is refused as :func:`tlpersona.extract` decides.
     """
+    from tlpersona.report.patch import write_patch
+    from tlpersona.report.steering import write_steering
+    from tlpersona.report.subspace import write_subspace
+    from tlpersona.report.trajectory import write_trajectory
+
     out = Path(out)
     check_analysis_dir(out, "`out`")
     check_results_dir(out / "compare", overwrite)  # before hours of extraction
@@ -140,10 +146,12 @@ def experiment(out: str | Path = "tlpersona-out/experiment", *, model: str = "de
         # report.html: the same report as one offline page, drawn once every section is in
         with results_set(out / "compare", "experiment", overwrite, finish=write_html) as stage:
             cmp.save(stage, title=f"Recipe comparison: {model}")
-            sections = [sub.save(stage), pat.save(stage), steering.save(stage), traj.save(stage)]
-            written = _write_report(stage, f"Persona experiment: {model}", cmp, sub, pat,
-                                    steering, traj, [s.read_text() for s in sections], seconds)
-        report = out / "compare" / written.relative_to(stage)
+            # each renderer hands back the markdown it wrote: the report is stitched from those
+            sections = [write_subspace(sub, stage), write_patch(pat, stage),
+                        write_steering(steering, stage), write_trajectory(traj, stage)]
+            _write_report(stage, f"Persona experiment: {model}", cmp, sub, pat, steering, traj,
+                          sections, seconds)
+        report = out / "compare" / "report.md"
     return ExperimentResult(store, cmp, sub, pat, steering, traj, report, seconds)
 
 
@@ -176,7 +184,7 @@ def headline(cmp: CompareResult, sub: SubspaceResult, pat: PatchResult,
 
 def _write_report(out: Path, title: str, cmp: CompareResult, sub: SubspaceResult,
                   pat: PatchResult, steering: SteeringResult, traj: TrajectoryResult,
-                  sections: list[str], seconds: dict[str, float]) -> Path:
+                  sections: list[Section], seconds: dict[str, float]) -> Section:
     from tlpersona.report.compare import details, run_line
 
     mid = cmp.layers[len(cmp.layers) // 2]
@@ -200,4 +208,5 @@ def _write_report(out: Path, title: str, cmp: CompareResult, sub: SubspaceResult
     return write_experiment_report(
         out, title, headline(cmp, sub, pat, steering, cmp.alpha), answers,
         run_line(cmp) + f" Wall time: {timing}.", figures,
-        ["\n".join(details(cmp, title)), *sections])
+        # the comparison's tables again, under the experiment's title (details.md only)
+        [Section("\n".join(details(cmp, title)), ()), *sections])

@@ -450,11 +450,9 @@ class TrajectoryResult:
         """trajectory.json, trajectory.csv (one row per assistant turn), tokens.csv (one per
         token), figures/ and trajectory.md into ``out`` (one set, swapped in whole; earlier
         results there only with ``overwrite``); returns trajectory.md's path."""
-        from tlpersona.infra.files import atomic_write_bytes, json_bytes
         from tlpersona.report.html import write_html
         from tlpersona.report.trajectory import write_trajectory
 
         with results_set(out, "trajectory", overwrite, finish=write_html) as stage:
-            atomic_write_bytes(stage / "trajectory.json", json_bytes(self.to_dict()))
             write_trajectory(self, stage)
         return Path(out) / "trajectory.md"

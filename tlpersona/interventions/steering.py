@@ -713,6 +713,18 @@ def _settings(cfg: SteerConfig, op: str, layers: list[int]) -> list[Setting]:
     return [Setting(op, ls, float(p)) for ls in spans for p in sorted(cfg.cap_percentiles)]
 
 
+@dataclass(frozen=True)
+class Chosen:
+    """The setting selected for one operator × recipe on the selection questions: its
+    own-vector effect there, whether its strength lies strictly inside the grid (None: no
+    grid, ``ablate``), and the effect-against-strength curve at its layers."""
+
+    setting: Setting
+    effect: float
+    interior: bool | None
+    curve: list[CurvePoint]
+
+
 def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], questions: list[Question],
           cfg: SteerConfig, questions_note: str = "") -> SteeringResult:
     """Evaluate every operator × recipe (see module doc). ``personas``: every persona of the
@@ -739,96 +751,9 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
     ev.unedited()
     ev.norm = ev.typical_norms(sel_q)
     ev.directions()
-    nt = len(targets)
-    own = [("persona", i) for i in range(nt)]
-
-    # selection: own vectors, selection questions
-    plan = _Plan()
-    cands = {(op, r): _settings(cfg, op, layers) for op in cfg.operators for r in recipes}
-    for (_, r), settings in cands.items():
-        for s in settings:
-            for i in range(nt):
-                for q in sel_q:
-                    ev.plan_row(plan, s, r, own[i], i, q, False)
-    ev.run(plan, "steering: select")
-    chosen: dict[tuple[str, str], tuple[Setting, float, bool | None, list[CurvePoint]]] = {}
-    for (op, r), settings in cands.items():
-        scored = []
-        for s in settings:
-            v = np.array([ev.values(s, r, own[i], i, q, plan) for i in range(nt) for q in sel_q])
-            scored.append((s, _effect(v), float(v[:, 2].mean())))
-        s, eff, _ = max(scored, key=lambda x: x[1])
-        grid = [x[0].strength for x in scored if x[0].layers == s.layers]
-        interior = None if op == "ablate" else min(grid) < s.strength < max(grid)
-        curve = [CurvePoint(x.strength, e, g) for x, e, g in scored if x.layers == s.layers]
-        chosen[op, r] = (s, eff, interior, curve)
-
-    # scoring: own, other personas, random directions, own curve; scoring questions only
-    plan = _Plan()
-    for (op, r), (s, *_) in chosen.items():
-        for j in range(nt):
-            for q in score_q:
-                arms = [own[j], *(("random", k) for k in range(cfg.n_random))]
-                if op != "cap":
-                    arms += [own[i] for i in range(nt) if i != j]
-                for a in arms:
-                    ev.plan_row(plan, s, r, a, j, q, False)
-                ev.plan_row(plan, s, r, own[j], j, q, True)
-    ev.run(plan, "steering: score")
-
-    boot = Bootstrap(len(score_q), cfg.n_boot, cfg.seed, cfg.level)
-    dir_w = boot.direction_weights(cfg.n_random)
-    scores: list[RecipeScore] = []
-    kl_q: dict[tuple[str, str], np.ndarray] = {}  # edited KL per scoring question
-    for (op, r), (s, sel_eff, interior, points) in chosen.items():
-        def arr(direction_of: Any, s: Setting = s, r: str = r, fl: bool = False) -> np.ndarray:
-            """``[target, question, 4]`` values for directions given per target."""
-            return np.array([[ev.values(s, r, direction_of(j), j, q, plan, fl) for q in score_q]
-                             for j in range(nt)])
-
-        mine = arr(lambda j: own[j], fl=True)  # [nt, nq, 4]
-        rand = np.stack([arr(lambda j, k=k: ("random", k)) for k in range(cfg.n_random)])
-        own_arm, own_draws = _arm(boot, mine)
-        rand_arm, _ = _arm(boot, rand, dir_w)
-        other_arm = spec = None
-        if op != "cap" and nt > 1:
-            other = np.stack([np.array([[ev.values(s, r, own[i], j, q, plan) for q in score_q]
-                                        for j in range(nt) if j != i]) for i in range(nt)])
-            # other[i] : vector of persona i on every other target j
-            flat = other.reshape(-1, len(score_q), 4)
-            other_arm, other_draws = _arm(boot, flat)
-            spec = boot.estimate(own_arm.effect.mean - other_arm.effect.mean, own_draws - other_draws)
-        flu_point, flu_draws = boot.mean(mine[..., 3])
-        flu_ok = flu_point >= -cfg.fluency_margin
-        rho = rho_p = None
-        if len(points) > 2:
-            rho, rho_p = monotonicity([p.strength for p in points], [p.lp_gain for p in points])
-        kl_q[op, r] = mine[..., 1].sum(0)
-        rand_eff = [_effect(rand[k]) for k in range(cfg.n_random)]
-        # the own vector's effect and each direction's, as one formula on the same examples
-        test = beyond_random(_effect(mine), rand_eff, cfg.random_test)
-        scores.append(RecipeScore(
-            operator=op, recipe=r, setting=s, selection_effect=sel_eff, interior=interior,
-            fluency_ok=flu_ok, own=own_arm, random=rand_arm,
-            random_effects=rand_eff,
-            other=other_arm, specificity=spec, fluency=boot.estimate(flu_point, flu_draws),
-            random_p=test.rank_p, random_test=test.test, random_test_p=test.p,
-            random_t_p=_finite(test.t_p), random_skew=_finite(test.skew),
-            examples=[Example(targets[j].name, q.id, *map(float, mine[j, qi]))
-                      for j in range(nt) for qi, q in enumerate(score_q)],
-            curve=points, monotone_rho=rho, monotone_p=rho_p))
-    # one family: "this recipe's vector moves the model more than a random direction"
-    for x, p in zip(scores, holm([x.random_test_p for x in scores]), strict=True):
-        x.random_p_holm = float(p)
-        x.beats_random = bool(p < cfg.significance and x.fluency_ok)
-    verdicts = {}
-    for op in cfg.operators:
-        of_op = [x for x in scores if x.operator == op]
-        ranks = separated_ranks([kl_q[op, x.recipe] for x in of_op], cfg.level, cfg.seed)
-        for x, k in zip(of_op, ranks, strict=True):
-            x.rank = k
-        verdicts[op] = _verdict(op, of_op, cfg.n_random, len(scores), cfg.significance,
-                                cfg.random_test)
+    chosen = select_settings(ev, sel_q)
+    scores, kl_q = score_settings(ev, chosen, score_q)
+    verdicts = rank_and_verdict(scores, kl_q, cfg)
     result = SteeringResult(
         config=cfg, store_manifest_hash=store.manifest_hash, model=str(runner.model.info.spec),
         base=cfg.base, personas=choice, selection_questions=[q.id for q in sel_q],
@@ -840,6 +765,141 @@ def steer(store: ActivationSource, model: LoadedModel, personas: list[Persona], 
         result.continuations = continuations(ev, result, score_q[0])
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _own(ev: _Eval) -> list[tuple[str, int]]:
+    """The targets' own vectors as directions, one per target."""
+    return [("persona", i) for i in range(len(ev.targets))]
+
+
+def select_settings(ev: _Eval, questions: list[Question]) -> dict[tuple[str, str], Chosen]:
+    """Per (operator, recipe), in operator-then-recipe order, the candidate setting with the
+    largest own-vector effect on the selection ``questions`` (every target's own vector on
+    every question). All candidates' rows are planned first and run in one pass."""
+    cfg, nt, own = ev.cfg, len(ev.targets), _own(ev)
+    plan = _Plan()
+    cands = {(op, r): _settings(cfg, op, ev.layers) for op in cfg.operators for r in ev.recipes}
+    for (_, r), settings in cands.items():
+        for s in settings:
+            for i in range(nt):
+                for q in questions:
+                    ev.plan_row(plan, s, r, own[i], i, q, False)
+    ev.run(plan, "steering: select")
+    chosen: dict[tuple[str, str], Chosen] = {}
+    for (op, r), settings in cands.items():
+        scored = []
+        for s in settings:
+            v = np.array([ev.values(s, r, own[i], i, q, plan) for i in range(nt) for q in questions])
+            scored.append((s, _effect(v), float(v[:, 2].mean())))
+        s, eff, _ = max(scored, key=lambda x: x[1])
+        grid = [x[0].strength for x in scored if x[0].layers == s.layers]
+        interior = None if op == "ablate" else min(grid) < s.strength < max(grid)
+        curve = [CurvePoint(x.strength, e, g) for x, e, g in scored if x.layers == s.layers]
+        chosen[op, r] = Chosen(s, eff, interior, curve)
+    return chosen
+
+
+def score_settings(ev: _Eval, chosen: dict[tuple[str, str], Chosen], questions: list[Question]
+                   ) -> tuple[list[RecipeScore], dict[tuple[str, str], np.ndarray]]:
+    """Every chosen setting scored on the scoring ``questions`` only: the own vector (with its
+    fluency guard), the random directions and, but for ``cap``, the other targets' vectors,
+    with bootstrap intervals and the beyond-random test (before Holm and ranks). Also, per
+    (operator, recipe), the own vector's edited KL per scoring question ``[question]`` (what
+    the ranks compare). Scores in ``chosen``'s order."""
+    cfg = ev.cfg
+    plan = _Plan()
+    for (op, r), c in chosen.items():
+        _plan_scoring(ev, plan, op, r, c.setting, questions)
+    ev.run(plan, "steering: score")
+
+    boot = Bootstrap(len(questions), cfg.n_boot, cfg.seed, cfg.level)
+    dir_w = boot.direction_weights(cfg.n_random)
+    scores: list[RecipeScore] = []
+    kl_q: dict[tuple[str, str], np.ndarray] = {}  # edited KL per scoring question
+    for (op, r), c in chosen.items():
+        score, kl_q[op, r] = _score(ev, plan, boot, dir_w, op, r, c, questions)
+        scores.append(score)
+    return scores, kl_q
+
+
+def _plan_scoring(ev: _Eval, plan: _Plan, op: str, r: str, s: Setting,
+                  questions: list[Question]) -> None:
+    """One setting's scoring rows, per target and question: own, random directions, other
+    personas (not for ``cap``), then the own vector's fluency row."""
+    nt, own = len(ev.targets), _own(ev)
+    for j in range(nt):
+        for q in questions:
+            arms = [own[j], *(("random", k) for k in range(ev.cfg.n_random))]
+            if op != "cap":
+                arms += [own[i] for i in range(nt) if i != j]
+            for a in arms:
+                ev.plan_row(plan, s, r, a, j, q, False)
+            ev.plan_row(plan, s, r, own[j], j, q, True)
+
+
+def _score(ev: _Eval, plan: _Plan, boot: Bootstrap, dir_w: np.ndarray, op: str, r: str,
+           c: Chosen, questions: list[Question]) -> tuple[RecipeScore, np.ndarray]:
+    """One chosen setting's :class:`RecipeScore` (Holm, beyond-random verdict and rank not yet
+    set) from its run rows, and its own vector's edited KL per question ``[question]``."""
+    cfg, nt, own = ev.cfg, len(ev.targets), _own(ev)
+    s = c.setting
+
+    def arr(direction_of: Any, fl: bool = False) -> np.ndarray:
+        """``[target, question, 4]`` values for directions given per target."""
+        return np.array([[ev.values(s, r, direction_of(j), j, q, plan, fl) for q in questions]
+                         for j in range(nt)])
+
+    mine = arr(lambda j: own[j], fl=True)  # [nt, nq, 4]
+    rand = np.stack([arr(lambda j, k=k: ("random", k)) for k in range(cfg.n_random)])
+    own_arm, own_draws = _arm(boot, mine)
+    rand_arm, _ = _arm(boot, rand, dir_w)
+    other_arm = spec = None
+    if op != "cap" and nt > 1:
+        other = np.stack([np.array([[ev.values(s, r, own[i], j, q, plan) for q in questions]
+                                    for j in range(nt) if j != i]) for i in range(nt)])
+        # other[i] : vector of persona i on every other target j
+        flat = other.reshape(-1, len(questions), 4)
+        other_arm, other_draws = _arm(boot, flat)
+        spec = boot.estimate(own_arm.effect.mean - other_arm.effect.mean, own_draws - other_draws)
+    flu_point, flu_draws = boot.mean(mine[..., 3])
+    flu_ok = flu_point >= -cfg.fluency_margin
+    rho = rho_p = None
+    if len(c.curve) > 2:
+        rho, rho_p = monotonicity([p.strength for p in c.curve], [p.lp_gain for p in c.curve])
+    rand_eff = [_effect(rand[k]) for k in range(cfg.n_random)]
+    # the own vector's effect and each direction's, as one formula on the same examples
+    test = beyond_random(_effect(mine), rand_eff, cfg.random_test)
+    score = RecipeScore(
+        operator=op, recipe=r, setting=s, selection_effect=c.effect, interior=c.interior,
+        fluency_ok=flu_ok, own=own_arm, random=rand_arm,
+        random_effects=rand_eff,
+        other=other_arm, specificity=spec, fluency=boot.estimate(flu_point, flu_draws),
+        random_p=test.rank_p, random_test=test.test, random_test_p=test.p,
+        random_t_p=_finite(test.t_p), random_skew=_finite(test.skew),
+        examples=[Example(ev.targets[j].name, q.id, *map(float, mine[j, qi]))
+                  for j in range(nt) for qi, q in enumerate(questions)],
+        curve=c.curve, monotone_rho=rho, monotone_p=rho_p)
+    return score, mine[..., 1].sum(0)
+
+
+def rank_and_verdict(scores: list[RecipeScore], kl_q: dict[tuple[str, str], np.ndarray],
+                     cfg: SteerConfig) -> dict[str, str]:
+    """Set every score's Holm p over the whole run (one family: "this recipe's vector moves
+    the model more than a random direction"), its beyond-random call and, per operator, its
+    rank from the sign-flip tests on ``kl_q`` (edited KL per scoring question ``[question]``);
+    returns each operator's verdict sentence."""
+    for x, p in zip(scores, holm([x.random_test_p for x in scores]), strict=True):
+        x.random_p_holm = float(p)
+        x.beats_random = bool(p < cfg.significance and x.fluency_ok)
+    verdicts = {}
+    for op in cfg.operators:
+        of_op = [x for x in scores if x.operator == op]
+        ranks = separated_ranks([kl_q[op, x.recipe] for x in of_op], cfg.level, cfg.seed)
+        for x, k in zip(of_op, ranks, strict=True):
+            x.rank = k
+        verdicts[op] = _verdict(op, of_op, cfg.n_random, len(scores), cfg.significance,
+                                cfg.random_test)
+    return verdicts
 
 
 def _arm(boot: Bootstrap, v: np.ndarray, dir_w: np.ndarray | None = None

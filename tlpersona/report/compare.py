@@ -16,6 +16,7 @@ from tlpersona.analyses.controls import FloorStats
 from tlpersona.analyses.metrics import HeldOutCos
 from tlpersona.infra.files import atomic_write_bytes, json_bytes
 from tlpersona.report import plots
+from tlpersona.report.section import Section, write_section
 
 
 def fixed(v: float | None, nd: int = 3) -> str:
@@ -203,24 +204,24 @@ def run_line(result: CompareResult) -> str:
 
 
 def write_report(result: CompareResult, out: str | Path,
-                 title: str = "Recipe comparison") -> Path:
-    """Write results.json, figures/*.png, report.md (the answer) and details.md (every table)
-    into ``out``; returns report.md's path."""
+                 title: str = "Recipe comparison") -> Section:
+    """Write results.json, figures/*.png, details.md (every table) and report.md (the answer)
+    into ``out``; returns them as report.md's :class:`~tlpersona.report.section.Section`."""
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "results.json", json_bytes(result.to_dict()))
     layers = result.layers
     mid = layers[len(layers) // 2]
-    plots.verdict_heatmap(result, figs / "verdicts.png")
-    plots.cosine_violins(result, mid, figs / f"cosines_L{mid}.png")
-    plots.matrix_bars(result, mid, figs / f"matrix_r_L{mid}.png")
-    plots.cosine_matrices(result.cos_matrices[mid], result.personas, mid,
-                          figs / f"cos_matrices_L{mid}.png")
+    files = [out / "results.json",
+             plots.verdict_heatmap(result, figs / "verdicts.png"),
+             plots.cosine_violins(result, mid, figs / f"cosines_L{mid}.png"),
+             plots.matrix_bars(result, mid, figs / f"matrix_r_L{mid}.png"),
+             plots.cosine_matrices(result.cos_matrices[mid], result.personas, mid,
+                                   figs / f"cos_matrices_L{mid}.png")]
     atomic_write_bytes(out / "details.md", "\n".join(details(result, title)).encode())
-    path = out / "report.md"
-    atomic_write_bytes(path, "\n".join(first_screen(result, title)).encode())
-    return path
+    files.append(out / "details.md")
+    return write_section(out / "report.md", "\n".join(first_screen(result, title)), files)
 
 
 def details(result: CompareResult, title: str) -> list[str]:

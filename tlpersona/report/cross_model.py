@@ -13,6 +13,7 @@ from matplotlib.patches import Patch
 from tlpersona.analyses.cross_model import CrossCell, CrossModelResult, StoreSide
 from tlpersona.infra.files import atomic_write_bytes, json_bytes
 from tlpersona.report.plots import save_figure, subplots
+from tlpersona.report.section import Section, write_section
 from tlpersona.report.tables import write_csv
 
 #: Bar colour per call.
@@ -147,15 +148,15 @@ def _short(name: str, n: int = 40) -> str:
     return name if len(name) <= n else "…" + name[-(n - 1):]
 
 
-def write_cross_model(res: CrossModelResult, out: Path) -> Path:
-    """cross_model.json, cells.csv, details.md, the figure and report.md into ``out``; returns
-    report.md's path."""
+def write_cross_model(res: CrossModelResult, out: Path) -> Section:
+    """cross_model.json, cells.csv, the figure, details.md and report.md into ``out``; returns
+    them as report.md's :class:`~tlpersona.report.section.Section`."""
     (out / "figures").mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "cross_model.json", json_bytes(res.to_dict()))
-    write_csv([{f.name: getattr(c, f.name) for f in dataclasses.fields(c)} for c in res.cells],
-              out / "cells.csv")
-    figure(res, out / FIGURE)
+    files = [out / "cross_model.json",
+             write_csv([{f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
+                        for c in res.cells], out / "cells.csv"),
+             figure(res, out / FIGURE)]
     atomic_write_bytes(out / "details.md", "\n".join(details(res)).encode())
-    path = out / "report.md"
-    atomic_write_bytes(path, "\n".join(first_screen(res)).encode())
-    return path
+    files.append(out / "details.md")
+    return write_section(out / "report.md", "\n".join(first_screen(res)), files)

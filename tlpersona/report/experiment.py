@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlpersona.infra.files import atomic_write_bytes
+from tlpersona.report.section import Section, write_section
 
 #: A headline longer than this no longer reads at a glance.
 HEADLINE_CHARS = 300
@@ -24,10 +24,11 @@ class Answer:
 
 def write_experiment_report(out: Path, title: str, headline: str, answers: Sequence[Answer],
                             run: str, figures: Sequence[tuple[str, str]],
-                            details: Sequence[str]) -> Path:
+                            sections: Sequence[Section]) -> Section:
     """report.md (headline, answers, the run in one line, figures) and details.md (every
-    section in full) into ``out``; ``figures``: (caption, path relative to ``out``) that
-    exist. Returns report.md's path."""
+    section in full, stitched from ``sections``' markdown in their order) into ``out``;
+    ``figures``: (caption, path relative to ``out``) that exist. Returns report.md's
+    :class:`~tlpersona.report.section.Section` (details.md and report.md)."""
     if len(headline) > HEADLINE_CHARS:
         raise ValueError(f"headline of {len(headline)} characters (at most {HEADLINE_CHARS})")
     lines = [f"# {title}", "", f"**{headline}**", ""]
@@ -37,7 +38,6 @@ def write_experiment_report(out: Path, title: str, headline: str, answers: Seque
     lines += [run, "", *[f"![{cap}]({rel})\n" for cap, rel in figures if (out / rel).exists()],
               "Every table: [details.md](details.md); every compared cell's numbers: "
               "[cells.csv](cells.csv) (one row per layer × recipe pair).", ""]
-    atomic_write_bytes(out / "details.md", "\n\n".join(s.rstrip() for s in details).encode() + b"\n")
-    path = out / "report.md"
-    atomic_write_bytes(path, "\n".join(lines).encode())
-    return path
+    stitched = write_section(out / "details.md",
+                             "\n\n".join(s.markdown.rstrip() for s in sections) + "\n")
+    return write_section(out / "report.md", "\n".join(lines), stitched.files)

@@ -8,17 +8,20 @@ from typing import Any
 from tlpersona.infra.files import atomic_write_bytes, json_bytes
 from tlpersona.report import plots
 from tlpersona.report.compare import fixed
+from tlpersona.report.section import Section, write_section
 from tlpersona.version import __version__
 
 
-def write_patch(result: Any, out: str | Path) -> str:
-    """Write patch.json and figures (one per method and component) into ``out``; return a
-    markdown section. ``result``: a :class:`~tlpersona.interventions.patching.PatchResult`."""
+def write_patch(result: Any, out: str | Path) -> Section:
+    """Write patch.json, figures (one per method and component) and patch.md into ``out``;
+    return them as its :class:`~tlpersona.report.section.Section`. ``result``: a
+    :class:`~tlpersona.interventions.patching.PatchResult`."""
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "patch.json",
                        json_bytes({"patching": result.to_dict(), "code_version": __version__}))
+    files = [out / "patch.json"]
     cfg = result.config
     layers, rows = result.layers, result.positions
     lines = ["## Activation patching", ""]
@@ -48,9 +51,11 @@ def write_patch(result: Any, out: str | Path) -> str:
     if exact:
         lines += [f"Exact patching of `{cfg.hook}` ({fixed(result.seconds.get('exact'), 1)} s):", ""]
         if cfg.hook == "head":
-            plots.head_heatmap(exact, layers, result.n_heads, "exact, head", figs / "patching.png")
+            files.append(plots.head_heatmap(exact, layers, result.n_heads, "exact, head",
+                                            figs / "patching.png"))
         else:
-            plots.patching_heatmap(exact, rows, layers, f"exact, {cfg.hook}", figs / "patching.png")
+            files.append(plots.patching_heatmap(exact, rows, layers, f"exact, {cfg.hook}",
+                                                figs / "patching.png"))
             lines += [*_grid_table(exact, rows, layers, result), ""]
         lines += ["![patching](figures/patching.png)", ""]
         if result.control and cfg.hook != "head":
@@ -80,13 +85,13 @@ def write_patch(result: Any, out: str | Path) -> str:
             cells = result.select("attribution", comp)
             fig = f"attribution_{comp}.png"
             if comp == "head":
-                plots.head_heatmap(cells, layers, result.n_heads, "attribution, head", figs / fig)
+                files.append(plots.head_heatmap(cells, layers, result.n_heads, "attribution, head",
+                                                figs / fig))
             else:
-                plots.patching_heatmap(cells, rows, layers, f"attribution, {comp}", figs / fig)
+                files.append(plots.patching_heatmap(cells, rows, layers, f"attribution, {comp}",
+                                                    figs / fig))
             lines += [f"`{comp}`: ![{comp}](figures/{fig})", ""]
-    section = "\n".join(lines)
-    atomic_write_bytes(out / "patch.md", section.encode())
-    return section
+    return write_section(out / "patch.md", "\n".join(lines), files)
 
 
 def _test_section(result: Any, rows: list[str], layers: list[int]) -> list[str]:

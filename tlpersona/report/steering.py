@@ -8,10 +8,11 @@ import numpy as np
 from matplotlib.artist import Artist
 from matplotlib.figure import Figure
 
-from tlpersona.infra.files import atomic_write_bytes, atomic_write_with
+from tlpersona.infra.files import atomic_write_with
 from tlpersona.interventions.steer_stats import Estimate
 from tlpersona.interventions.steering import GOAL, RecipeScore, SteeringResult, monotone_floor
 from tlpersona.report.plots import subplots
+from tlpersona.report.section import Section, write_section
 
 HOW = {
     "add": "`alpha · s_l · v/|v|` added to the base run after its system block (alpha in units "
@@ -151,14 +152,15 @@ def _random_cell(s: RecipeScore) -> str:
     return f"{r.mean():.3f}{sd} ({r.min():.3f} to {r.max():.3f}{skew})"
 
 
-def write_steering(result: SteeringResult, out: str | Path) -> str:
-    """Write ``steering.json``, figures and ``steering.md`` into ``out``; return the markdown."""
+def write_steering(result: SteeringResult, out: str | Path) -> Section:
+    """Write ``steering.json``, figures and ``steering.md`` into ``out``; return them as its
+    :class:`~tlpersona.report.section.Section`."""
     out = Path(out)
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    result.write_json(out / "steering.json")
-    effects_figure(result, figs / "steering_effects.png")
-    curves_figure(result, figs / "steering_curves.png")
+    files = [result.write_json(out / "steering.json"),
+             effects_figure(result, figs / "steering_effects.png"),
+             curves_figure(result, figs / "steering_curves.png")]
     cfg = result.config
     ch = result.personas
     lines = [
@@ -229,6 +231,4 @@ def write_steering(result: SteeringResult, out: str | Path) -> str:
                   f"* steered: {c.steered!r} ({fl['steered']})",
                   f"* random direction: {c.random!r} ({fl['random']})",
                   f"* the persona itself: {c.persona_itself!r} ({fl['persona_itself']})", ""]
-    section = "\n".join(lines)
-    atomic_write_bytes(out / "steering.md", section.encode())
-    return section
+    return write_section(out / "steering.md", "\n".join(lines), files)

@@ -8,10 +8,12 @@ from tlpersona.analyses.subspace_result import SubspaceResult
 from tlpersona.infra.files import atomic_write_bytes, json_bytes
 from tlpersona.report import plots
 from tlpersona.report.compare import fixed
+from tlpersona.report.section import Section, write_section
 
 
-def write_subspace(result: SubspaceResult, out: str | Path) -> str:
-    """Write subspace.json, pcs.safetensors and figures into ``out``; return a markdown section."""
+def write_subspace(result: SubspaceResult, out: str | Path) -> Section:
+    """Write subspace.json, pcs.safetensors, figures and subspace.md into ``out``; return them
+    as its :class:`~tlpersona.report.section.Section`."""
     import numpy as np
     import torch
 
@@ -29,10 +31,12 @@ def write_subspace(result: SubspaceResult, out: str | Path) -> str:
                          for k, v in result.components.items()})
     layers = result.layers
     mid = layers[len(layers) // 2]
-    plots.subspace_variance(mid, figs / f"subspace_variance_L{mid.layer}.png")
-    plots.subspace_agreement(mid, result.thresholds, figs / f"subspace_agreement_L{mid.layer}.png")
-    plots.subspace_scatter(result.scores[mid.layer], mid.layer,
-                           figs / f"subspace_pc12_L{mid.layer}.png", result.personas)
+    files = [out / "subspace.json", out / "pcs.safetensors",
+             plots.subspace_variance(mid, figs / f"subspace_variance_L{mid.layer}.png"),
+             plots.subspace_agreement(mid, result.thresholds,
+                                      figs / f"subspace_agreement_L{mid.layer}.png"),
+             plots.subspace_scatter(result.scores[mid.layer], mid.layer,
+                                    figs / f"subspace_pc12_L{mid.layer}.png", result.personas)]
     rows = ["| layer | k_found (held out) | relabelled personas' k_found (descriptive) "
             "| variance of PC1 | \\|cos(PC1, first token)\\| |", "|---|---|---|---|---|"]
     for lay in layers:
@@ -79,4 +83,4 @@ def write_subspace(result: SubspaceResult, out: str | Path) -> str:
         f"![agreement](figures/subspace_agreement_L{mid.layer}.png)", "",
         f"![PC1-PC2](figures/subspace_pc12_L{mid.layer}.png)", "",
     ]
-    return "\n".join(lines)
+    return write_section(out / "subspace.md", "\n".join(lines), files)

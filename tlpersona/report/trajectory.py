@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlpersona.analyses.trajectory import Band, ConversationTrajectory
-from tlpersona.infra.files import atomic_write_bytes
+from tlpersona.infra.files import atomic_write_bytes, json_bytes
 from tlpersona.report.plots import distinct_colours, save_figure, subplots
+from tlpersona.report.section import Section, write_section
 
 if TYPE_CHECKING:
     from tlpersona.api.trajectory import TrajectoryResult
@@ -145,8 +146,9 @@ def _csv(rows: list[list[Any]]) -> bytes:
     return buf.getvalue().encode()
 
 
-def write_tables(result: TrajectoryResult, out: Path) -> None:
-    """trajectory.csv (one row per assistant turn) and tokens.csv (one per token)."""
+def write_tables(result: TrajectoryResult, out: Path) -> tuple[Path, Path]:
+    """trajectory.csv (one row per assistant turn) and tokens.csv (one per token); returns
+    their paths."""
     s = result.stored_band
     turns: list[list[Any]] = [["conversation", "label", "persona", "assistant_turn", "message",
                                "start", "stop", "value", "stored_lo", "stored_hi", "stored_side",
@@ -168,6 +170,7 @@ def write_tables(result: TrajectoryResult, out: Path) -> None:
                            "" if at is None else c.messages[at].role, v])
     atomic_write_bytes(out / "trajectory.csv", _csv(turns))
     atomic_write_bytes(out / "tokens.csv", _csv(tokens))
+    return out / "trajectory.csv", out / "tokens.csv"
 
 
 def _band_text(b: Band | None) -> str:
@@ -176,13 +179,16 @@ def _band_text(b: Band | None) -> str:
     return f"[{b.lo:+.3g}, {b.hi:+.3g}] ({b.n} readings, outside rate {b.outside_rate:.2f})"
 
 
-def write_trajectory(result: TrajectoryResult, out: Path) -> str:
-    """Tables, figures and trajectory.md into ``out``; returns the markdown section."""
+def write_trajectory(result: TrajectoryResult, out: Path) -> Section:
+    """trajectory.json, tables, figures and trajectory.md into ``out``; returns them as its
+    :class:`~tlpersona.report.section.Section`."""
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    write_tables(result, out)
+    atomic_write_bytes(out / "trajectory.json", json_bytes(result.to_dict()))
+    files = [out / "trajectory.json", *write_tables(result, out)]
     where = _where(result)
     overview = overview_figure(result, figs / "trajectories.png")
+    files.append(overview)
     s = result.stored_band
     lo_pct, hi_pct = result.band
     source = ("shared PC from " + result.subspace if result.subspace else
@@ -219,6 +225,7 @@ def write_trajectory(result: TrajectoryResult, out: Path) -> str:
     for n, c in enumerate(shown, 1):
         line = conversation_figure(c, s, result.axis_name, where, figs / f"trajectory_{n}.png", n)
         heat = token_heatmap(c, result.axis_name, where, figs / f"tokens_{n}.png", n)
+        files += [line, heat]
         lines += [f"![{n}. {_alt(c.label)}: turns](figures/{line.name}) "
                   f"![{n}. {_alt(c.label)}: tokens](figures/{heat.name})", ""]
     if len(result.conversations) > len(shown):
@@ -226,6 +233,4 @@ def write_trajectory(result: TrajectoryResult, out: Path) -> str:
                   "and tokens are in trajectory.csv and tokens.csv.", ""]
     lines += ["Files: trajectory.json (everything), trajectory.csv (one row per assistant turn), "
               "tokens.csv (one row per token).", ""]
-    text = "\n".join(lines)
-    atomic_write_bytes(out / "trajectory.md", text.encode())
-    return text
+    return write_section(out / "trajectory.md", "\n".join(lines), files)
