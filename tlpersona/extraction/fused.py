@@ -79,8 +79,6 @@ class FusedConfig:
     max_new_tokens: int
     batch_size: int | None = None
     graphs: bool = True
-    #: prefill each persona phrasing's common prompt prefix once per decode batch
-    share_prefix: bool = True
 
 
 @dataclass
@@ -218,12 +216,10 @@ class FusedExtractor:
                 self.hf, self.cfg.layers, [seqs[j] for j in invariant],
                 [weights[j] for j in invariant], self.pad, 64).to(self.device)
         # tokens every prompt of one persona phrasing starts with (its system block at least)
-        common: dict[tuple[str, int], int] = {}
-        if self.fcfg.share_prefix:
-            by_phrasing: dict[tuple[str, int], list[list[int]]] = {}
-            for i, j in enumerate(dep):
-                by_phrasing.setdefault(keys[i][:2], []).append(seqs[j])
-            common = {k: common_prefix_len(v) for k, v in by_phrasing.items()}
+        by_phrasing: dict[tuple[str, int], list[list[int]]] = {}
+        for i, j in enumerate(dep):
+            by_phrasing.setdefault(keys[i][:2], []).append(seqs[j])
+        common = {k: common_prefix_len(v) for k, v in by_phrasing.items()}
         order = sorted(range(len(dep)), key=lambda i: (len(seqs[dep[i]]), i))
         width = max(len(seqs[j]) for j in dep)
         bs = self.fcfg.batch_size or generate_batch(
@@ -236,7 +232,7 @@ class FusedExtractor:
         while start < len(order):
             idx = [dep[i] for i in order[start:start + bs]]
             kidx = [keys[i] for i in order[start:start + bs]]
-            shared = [common[k[:2]] for k in kidx] if common else None
+            shared = [common[k[:2]] for k in kidx]
             try:
                 self._decode(idx, kidx, seqs, weights, rows, have, responses, forced, shared)
             except torch.OutOfMemoryError:
@@ -257,7 +253,7 @@ class FusedExtractor:
     def _decode(self, idx: list[int], kidx: list[Key], seqs: list[list[int]],
                 weights: list[torch.Tensor], rows: torch.Tensor, have: dict[Key, Response],
                 responses: dict[Key, Response], forced: list[int],
-                shared: list[int] | None) -> None:
+                shared: list[int]) -> None:
         """Decode one batch of passes ``idx`` and pool their rows into ``rows``; ``shared``:
         each pass's prompt prefix common to its persona phrasing (prefilled once)."""
         cap = self.decoder.capture([seqs[j] for j in idx], shared=shared)
