@@ -6,7 +6,7 @@
 Runs :func:`tlpersona.patch` on the embedded default model on the CPU (3 clean personas named
 by hand, as a store would pick contrasting ones; against ``assistant``) and prints the wall time,
 the test's families and p, and ``answer()``; with ``--out``, the per-question differences as
-JSON (the planted data of ``tests/test_patching.py`` is sized from them).
+JSON (the planted data of ``tests/model/test_patching.py`` is sized from them).
 """
 
 from __future__ import annotations

@@ -3,12 +3,11 @@ fetched and dequantised once into $TLPERSONA_HOME."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "assistant_axis"
+# factories.py holds the shared command-line assertions: rewritten, they say what differed
+pytest.register_assert_rewrite("factories")
 
 #: Fixtures that need the embedded model's files; a test using one is in the `model` tier.
 MODEL_FIXTURES = {"default_source", "tokenizer", "loaded", "hf_ref"}

@@ -33,7 +33,7 @@ test; ``k_found_null`` lists them and ``k_found_null_p`` = (1 + #draws reaching 
 reaches; they no longer decide anything. Testing the data's smallest r over the pairs against
 such draws, as before, is not valid with three or more recipes of which only some share a
 geometry: the draws break every pair, the data only some (measured in
-``tests/test_subspace_iut.py``). When all countable PCs pass, ``k_found_saturated`` says the
+``tests/unit/test_subspace_iut.py``). When all countable PCs pass, ``k_found_saturated`` says the
 subspace may be larger than the personas can show.
 
 Descriptive curves: for K = 2 … k_max every recipe is projected onto the top-K shared PCs and

@@ -8,13 +8,13 @@ import math
 
 import numpy as np
 import pytest
-import torch
+from factories import centroid_store
 from scipy import stats
 
 from tlpersona.analyses import metrics as M
 from tlpersona.analyses.compare import CompareConfig, compare, mantel_floor
 from tlpersona.analyses.stats import BENTKUS_C, draws_for_family, holm, mantel, sign_flip_p
-from tlpersona.cache import StoreWriter, open_store
+from tlpersona.cache import open_store
 
 
 def _exact_sign_flip(row: np.ndarray) -> float:
@@ -109,13 +109,7 @@ def _two_group_store(path, n=26, d=24, noise=0.6, seed=0):
     geo = [rng.normal(size=(n, len(LAYERS), d)) for _ in range(2)]
     recipes = {r: geo[i // 4] + noise * rng.normal(size=(n, len(LAYERS), d))
                for i, r in enumerate(RECIPES)}
-    prov = {"personas": [f"p{i}" for i in range(n)], "questions": ["0", "1"], "layers": LAYERS,
-            "positions": RECIPES, "prompt_index": 0}
-    w = StoreWriter(path, prov, {"d_model": d})
-    for i in range(n):
-        w.write_part(i, {f"{p}/centroid": torch.as_tensor(x[i]).float() for p, x in recipes.items()})
-    w.finalize()
-    return open_store(path)
+    return centroid_store(path, recipes, LAYERS, questions=["0", "1"])
 
 
 def test_default_compare_calls_planted_agreement_and_nothing_else(tmp_path):
@@ -149,12 +143,7 @@ def test_overall_at_the_users_scale_does_not_overflow(tmp_path):
     n, d = 275, 8
     g = rng.normal(size=(n, 1, d))
     rec = {p: g + 0.3 * rng.normal(size=(n, 1, d)) for p in ("sys_end", "raw_system_last")}
-    prov = {"personas": [f"p{i}" for i in range(n)], "questions": ["0"], "layers": [1],
-            "positions": list(rec), "prompt_index": 0}
-    w = StoreWriter(tmp_path / "s", prov, {"d_model": d})
-    for i in range(n):
-        w.write_part(i, {f"{p}/centroid": torch.as_tensor(x[i]).float() for p, x in rec.items()})
-    w.finalize()
+    centroid_store(tmp_path / "s", rec, [1])
     res = compare(open_store(tmp_path / "s"), CompareConfig(n_null=2))
     assert res["n_personas"] == 275 and res["overall"]["answer"]
     assert res["paired_test"].startswith("Bentkus")

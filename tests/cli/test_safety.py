@@ -9,56 +9,29 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from factories import SMALL, seed_layout, small_store
+from factories import copy_store as _copy
+from factories import fails as _fails
+from factories import run as _run
+from factories import snapshot as _snapshot
 
 from tlpersona.cache import open_store, verify_store
 from tlpersona.cache.ownership import clear_store
 from tlpersona.cache.seed_layout import export_seed, read_seed
 from tlpersona.chat.positions import parse_positions
-from tlpersona.cli import main
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
 from tlpersona.extraction import ExtractConfig, extract_to_store
 
-SMALL = ["--limit-personas", "2", "--limit-questions", "2"]
-
-
-def _run(*args: str) -> tuple[int, list[str], str]:
-    res = CliRunner().invoke(main, list(args))
-    errors = [x for x in res.output.splitlines() if x.startswith("error:")]
-    return res.exit_code, errors, res.output
-
-
-def _fails(message: str, *args: str) -> None:
-    code, errors, output = _run(*args)
-    assert code == 2, output[-1500:]
-    assert len(errors) == 1 and message in errors[0], errors or output[-1500:]
-    assert "Traceback" not in output
-
-
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 @pytest.fixture(scope="module")
 def store(loaded, tmp_path_factory) -> Path:
-    """4 personas x 2 questions, last and sys_end at layers 3 and 29 (no raw_system_last)."""
-    out = tmp_path_factory.mktemp("safety") / "store"
-    cfg = ExtractConfig(parse_positions("last,sys_end"), [3, 29], batch_size=8, progress=False)
-    return extract_to_store(loaded, cfg, builtin_personas()[:4], builtin_questions()[:2], out)
-
-
-def _copy(store: Path, tmp: Path) -> Path:
-    dst = tmp / "copy"
-    shutil.copytree(store, dst)
-    return dst
+    return small_store(loaded, tmp_path_factory.mktemp("safety") / "store")
 
 
 def _personas_dir(tmp: Path, roles: dict[str, str], raw: str | None = None) -> Path:
@@ -293,138 +266,7 @@ def test_project_text_without_raw_system_last_is_an_error(store, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
-# --- 7. locks -----------------------------------------------------------------------------------
-
-_HOLD = ("import sys, time; from tlpersona.infra.locks import exclusive\n"
-         "with exclusive(sys.argv[1], 'x'):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))")
-
-
-def _holder(directory: Path, seconds: float) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(directory), str(seconds)],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
-def test_a_locked_out_stops_a_second_run_naming_the_holder(store, tmp_path):
-    s = _copy(store, tmp_path)
-    proc = _holder(s, 60)
-    try:
-        before = _snapshot(s)
-        _fails(f"is in use by PID {proc.pid}", "extract", *SMALL, "--out", str(s), "--force-new",
-               "--positions", "last", "--layers", "3")
-        assert {k: v for k, v in _snapshot(s).items() if k != "tlpersona.lock"} == \
-            {k: v for k, v in before.items() if k != "tlpersona.lock"}
-    finally:
-        proc.kill()
-        proc.wait()
-    gen = tmp_path / "gen"  # generate's lock is its --out's directory (never a store's: refused)
-    gen.mkdir()
-    proc = _holder(gen, 60)
-    try:
-        _fails(f"in use by PID {proc.pid}", "generate", *SMALL, "--out", str(gen / "r.jsonl"))
-        assert not (gen / "r.jsonl").exists()
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def test_the_model_cache_lock_waits_for_its_holder(tmp_path):
-    from tlpersona.infra.locks import exclusive
-
-    proc = _holder(tmp_path, 1.5)
-    t0 = time.perf_counter()
-    with exclusive(tmp_path, "the model cache", wait=True):
-        waited = time.perf_counter() - t0
-    proc.wait()
-    assert waited > 0.5
-
-
-def test_a_lock_is_re_entrant_in_its_thread_and_excludes_other_threads(tmp_path):
-    import threading
-
-    from tlpersona.infra.locks import exclusive
-
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with exclusive(tmp_path / "d", "x"), exclusive(tmp_path / "d", "x", wait=True):
-            held.set()
-            release.wait(30)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    try:
-        assert held.wait(30)
-        with pytest.raises(TlpersonaError, match="is in use by"), exclusive(tmp_path / "d", "x"):
-            pass
-    finally:
-        release.set()
-        t.join()
-    with exclusive(tmp_path / "d", "x"):
-        pass
-
-
-def test_a_waiter_takes_the_lock_when_its_fresh_holder_fails_and_cleans_up(tmp_path):
-    """A failed first holder removes the lock file and directory it made; a run waiting on it
-    then holds the lock (re-made), and a third is refused: never two holders."""
-    import threading
-
-    from tlpersona.infra.locks import exclusive
-
-    d = tmp_path / "d"
-    holding, release = threading.Event(), threading.Event()
-
-    def first():
-        with pytest.raises(RuntimeError), exclusive(d, "x"):
-            time.sleep(1.0)
-            raise RuntimeError("failed")
-
-    def waiter():
-        time.sleep(0.3)
-        with exclusive(d, "x", wait=True):
-            holding.set()
-            release.wait(30)
-
-    threads = [threading.Thread(target=first), threading.Thread(target=waiter)]
-    for t in threads:
-        t.start()
-    try:
-        assert holding.wait(30) and (d / "tlpersona.lock").exists()
-        with pytest.raises(TlpersonaError, match="is in use by"), exclusive(d, "x"):
-            pass
-    finally:
-        release.set()
-        for t in threads:
-            t.join()
-
-
-def test_an_analysis_into_a_locked_out_stops_at_once(store, tmp_path):
-    out = tmp_path / "cmp"
-    proc = _holder(out, 60)
-    try:
-        t0 = time.perf_counter()
-        _fails(f"--out {out} is in use by PID {proc.pid}", "steer", str(store), "--out", str(out))
-        assert time.perf_counter() - t0 < 60
-        assert sorted(p.name for p in out.iterdir()) == ["tlpersona.lock"]
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def test_saving_an_analysis_waits_for_a_run_holding_its_out(store, tmp_path):
-    import tlpersona as tlp
-
-    result = tlp.project(store)
-    out = tmp_path / "proj"
-    proc = _holder(out, 1.5)
-    t0 = time.perf_counter()
-    result.save(out)
-    waited = time.perf_counter() - t0
-    proc.wait()
-    assert waited > 0.5 and json.loads((out / "projection.json").read_text())["layer"] == 29
-
+# --- 7. an analysis is never written into a store (locks: tests/reliability/test_locks.py) --------
 
 def test_an_analysis_is_never_written_into_a_store(store, tmp_path):
     s = _copy(store, tmp_path)
@@ -518,19 +360,8 @@ def test_an_offset_only_a_later_persona_violates_fails_before_any_work(tmp_path)
 
 # --- 11. analyses on the smallest valid input ----------------------------------------------------
 
-def _random_seed(tmp: Path, n: int) -> Path:
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(n, 2, 16, generator=g)
-    for m in ("a", "c2", "bstar"):
-        d = tmp / "seed" / f"method_{m}"
-        d.mkdir(parents=True)
-        torch.save({f"r{i}": base[i] + 0.1 * torch.randn(2, 16, generator=g) for i in range(n)},
-                   d / "all_centroids.pt")
-    return tmp / "seed"
-
-
 def test_subspace_on_four_personas_and_small_k(tmp_path):
-    seed = _random_seed(tmp_path, 4)
+    seed = seed_layout(tmp_path / "seed", [f"r{i}" for i in range(4)])
     code, _, output = _run("subspace", "--from-seed", str(seed), "--out", str(tmp_path / "sub"))
     assert code == 0, output[-2000:]
     # strict JSON: no bare NaN (undefined statistics are null)

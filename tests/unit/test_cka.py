@@ -5,7 +5,8 @@ import json
 
 import numpy as np
 import pytest
-from test_compare import LAYERS, per_question_store, write_synthetic
+from factories import SYNTH_LAYERS as LAYERS
+from factories import per_question_store, write_synthetic
 
 from tlpersona.analyses import compare as C
 from tlpersona.analyses import metrics as M

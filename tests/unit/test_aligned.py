@@ -5,7 +5,7 @@ import itertools
 
 import numpy as np
 import pytest
-from test_subspace import recipes_store
+from factories import recipes_store
 
 from tlpersona.analyses.aligned import aligned_per_pc, aligned_rows, report_section
 from tlpersona.analyses.subspace import SubspaceConfig, subspace

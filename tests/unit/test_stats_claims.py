@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
+from factories import MemorySource, allowed
 
 from tlpersona.analyses.compare import CompareConfig, compare
 from tlpersona.analyses.kfound import ALPHA
@@ -17,53 +17,6 @@ from tlpersona.analyses.subspace import SubspaceConfig, subspace
 from tlpersona.api.analysis import item_exact, store_questions
 from tlpersona.data import Question, question_hash
 from tlpersona.errors import TlpersonaError
-
-
-def allowed(level: float, reps: int) -> float:
-    """The level plus 2.5 Monte Carlo standard errors of a rate from ``reps`` replicates."""
-    return level + 2.5 * np.sqrt(level * (1 - level) / reps)
-
-
-class MemorySource:
-    """Recipes held in memory behind the store's read interface: ``{position: [persona,
-    question, layer, d]}`` (per-question vectors) or ``[persona, layer, d]`` (centroids only)."""
-
-    provenance: dict = {}
-    manifest_hash = "0" * 64
-
-    def __init__(self, recipes: dict[str, np.ndarray], n_layers: int = 1):
-        self.r = {p: torch.from_numpy(np.asarray(v, np.float32)) for p, v in recipes.items()}
-        first = next(iter(self.r.values()))
-        self.personas = [f"p{i}" for i in range(first.shape[0])]
-        self.questions = [str(q) for q in range(first.shape[1])] if first.ndim == 4 else ["0"]
-        self.layers = list(range(n_layers))
-        self.positions = list(recipes)
-
-    def question_invariant(self, position):
-        return False
-
-    def has_per_question(self, position):
-        return self.r[position].ndim == 4
-
-    def centroids(self, position):
-        v = self.r[position]
-        return v.mean(1) if v.ndim == 4 else v
-
-    def per_question(self, position, layer=None):
-        return self.r[position]
-
-    def per_question_rows(self, position, start, stop):
-        return self.r[position][start:stop]
-
-    def valid(self, position):
-        return torch.ones(self.r[position].shape[:2], dtype=torch.bool)
-
-    def n_tokens(self, position):
-        return None
-
-    def layer_index(self, layer):
-        return self.layers.index(layer)
-
 
 # --- 1. the "(noise)" mark -------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from factories import SYNTH_LAYERS as LAYERS
+from factories import centroid_store, per_question_store, write_synthetic
 from scipy import stats
 
 from tlpersona.analyses import metrics as M
@@ -17,36 +19,6 @@ from tlpersona.cache import StoreWriter, open_store
 from tlpersona.cache.seed_layout import export_seed, read_seed
 from tlpersona.chat.positions import parse_position
 from tlpersona.report.compare import write_report
-
-LAYERS = [2, 5]
-
-
-def write_synthetic(path, n_p=12, n_q=8, d=10, seed=0):
-    """A store whose recipes share structure: last and prompt_mean are noisy rotations of one
-    persona geometry, sys_end is unrelated. prompt_mean/no_last satisfy the B* identity."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n_p, 1, len(LAYERS), d, generator=g)
-    last = base + 0.1 * torch.randn(n_p, n_q, len(LAYERS), d, generator=g)
-    no_last = 2 * base + 0.1 * torch.randn(n_p, n_q, len(LAYERS), d, generator=g)
-    n_tok = torch.randint(5, 20, (n_p, n_q), generator=g).float()
-    pm = ((n_tok[..., None, None] - 1) * no_last + last) / n_tok[..., None, None]
-    sys_end = torch.randn(n_p, len(LAYERS), d, generator=g)
-    per_q = {"last": last, "prompt_mean": pm, "prompt_mean_no_last": no_last}
-    positions = ["last", "prompt_mean", "prompt_mean_no_last", "sys_end"]
-    prov = {"personas": [f"p{i}" for i in range(n_p)], "questions": [str(i) for i in range(n_q)],
-            "layers": LAYERS, "positions": positions, "prompt_index": 0}
-    w = StoreWriter(path, prov, {"d_model": d})
-    for i in range(n_p):
-        t = {"sys_end/centroid": sys_end[i]}
-        for k, v in per_q.items():
-            t[f"{k}/centroid"] = v[i].mean(0)
-            t[f"{k}/per_question"] = v[i].half()
-            t[f"{k}/valid"] = torch.ones(n_q, dtype=torch.uint8)
-        t["prompt_mean/n_tokens"] = n_tok[i]
-        t["prompt_mean_no_last/n_tokens"] = n_tok[i] - 1
-        w.write_part(i, t)
-    w.finalize()
-    return open_store(path)
 
 
 @pytest.fixture(scope="module")
@@ -261,14 +233,8 @@ def test_report_on_real_store(loaded, tmp_path):
 
 def invariant_store(path, recipes, extra=None):
     """A store of question-invariant positions only (``{position: [persona, layer, d]}``)."""
-    n, n_layers, d = next(iter(recipes.values())).shape
-    prov = {"personas": [f"p{i}" for i in range(n)], "questions": ["0", "1"],
-            "layers": LAYERS[:n_layers], "positions": list(recipes), "prompt_index": 0}
-    w = StoreWriter(path, prov, {"d_model": d})
-    for i in range(n):
-        w.write_part(i, {f"{p}/centroid": torch.as_tensor(x[i]).float() for p, x in recipes.items()})
-    w.finalize()
-    return open_store(path)
+    n_layers = next(iter(recipes.values())).shape[1]
+    return centroid_store(path, recipes, LAYERS[:n_layers], questions=["0", "1"])
 
 
 def test_groups_are_cliques_not_chains(tmp_path):
@@ -403,24 +369,6 @@ def test_robustness_counts_recipe_pairs_not_position_pairs(tmp_path):
     assert len(covered) == 3
     assert not res["overall"]["recipe_robust"]
     assert f"Only {len(covered)} of 5 load-bearing pairs" in res["overall"]["sentence"]
-
-
-def per_question_store(path, recipes):
-    """A store of per-question positions (``{position: [persona, question, d]}``, one layer)."""
-    n, n_q, d = next(iter(recipes.values())).shape
-    prov = {"personas": [f"p{i}" for i in range(n)], "questions": [str(q) for q in range(n_q)],
-            "layers": LAYERS[:1], "positions": list(recipes), "prompt_index": 0}
-    w = StoreWriter(path, prov, {"d_model": d})
-    for i in range(n):
-        t = {}
-        for p, v in recipes.items():
-            x = torch.from_numpy(v[i][:, None]).float()  # [question, layer, d]
-            t[f"{p}/centroid"] = x.mean(0)
-            t[f"{p}/per_question"] = x
-            t[f"{p}/valid"] = torch.ones(n_q, dtype=torch.uint8)
-        w.write_part(i, t)
-    w.finalize()
-    return open_store(path)
 
 
 @pytest.fixture(scope="module")

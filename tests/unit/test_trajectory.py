@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from factories import hf_resid
 
 import tlpersona as tlp
 from tlpersona.analyses.projection import Frame
@@ -302,23 +303,12 @@ def test_every_tokens_residual_equals_hf_hidden_states(loaded, hf_ref):
         assert ids == r.ids  # the template's own tokenisation
         for m, s in zip(c.messages, r.spans, strict=True):
             assert tok.decode(r.ids[s.start:s.stop]).strip() == m.content.strip()
-        grabbed: dict[str, torch.Tensor] = {}
-
-        def grab(mod, i, o, into=grabbed):
-            into["last"] = o[0] if isinstance(o, tuple) else o
-
-        hook = hf_ref.model.layers[-1].register_forward_hook(grab)
-        try:
-            with torch.no_grad():
-                hs = hf_ref(torch.tensor([ids]), output_hidden_states=True).hidden_states
-        finally:
-            hook.remove()
+        # the last block's output is before the final norm, which hidden_states[-1] has
+        want = hf_resid(hf_ref, ids, layers)
         assert x.shape == (len(ids), len(layers), loaded.info.d_model)
         for s in (s for s in r.spans if s.role == "assistant"):
             for li, layer in enumerate(layers):
-                # the last block's output is before the final norm, which hidden_states[-1] has
-                want = grabbed["last"][0] if layer == n - 1 else hs[layer + 1][0]
-                assert torch.equal(x[s.start:s.stop, li], want[s.start:s.stop]), (c.label, layer)
+                assert torch.equal(x[s.start:s.stop, li], want[li, s.start:s.stop]), (c.label, layer)
 
 
 @pytest.fixture(scope="module")

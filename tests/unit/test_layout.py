@@ -9,7 +9,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "tlpersona"
+ROOT = Path(__file__).resolve().parents[2] / "tlpersona"
 
 
 #: The one sanctioned upward call: a result's ``save`` asks the renderer to write it

@@ -2,7 +2,8 @@
 tokens), against plain HF hidden states over the templated conversation."""
 
 import pytest
-from test_extract import LAYERS, PERSONA, QUESTIONS, _hf_resid
+from factories import hf_resid
+from test_extract import LAYERS, PERSONA, QUESTIONS
 
 from tlpersona.chat.positions import parse_position, parse_positions
 from tlpersona.chat.template import ChatRenderer
@@ -52,7 +53,7 @@ def test_seed_span_matches_hf_over_the_templated_conversation(loaded, hf_ref, mi
         # the generated ids are the canonical tokenisation here, so the re-rendered text has them
         assert full[: len(prompt)] == list(prompt) and full[len(prompt):-2] == content
         assert tok.convert_ids_to_tokens(full[-2:]) == ["<|im_end|>", "Ċ"]  # Ċ: byte-level "\n"
-        h = _hf_resid(hf_ref, full)
+        h = hf_resid(hf_ref, full, LAYERS)
         want = h[:, len(prompt):].double().mean(1).float()
         got = res.per_question["response_mean_seed"][qi]
         assert (got - want).abs().max().item() <= 1e-4, q.id

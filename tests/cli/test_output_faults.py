@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_safety import _fails, _run
+from factories import fails as _fails
+from factories import run as _run
+from factories import seed_layout as _write_seed
 
 import tlpersona as tlp
 from tlpersona.api.results import results_set
@@ -27,24 +29,13 @@ from tlpersona.cache.seed_layout import check_seed_root, export_seed, read_seed
 from tlpersona.errors import TlpersonaError
 from tlpersona.infra.paths import RESULTS_MARK, check_persona_names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
     """Every file's bytes but the lock's (which holds the last holder's PID)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != "tlpersona.lock"}
-
-
-def _write_seed(root: Path, names: list[str], methods: tuple[str, ...] = ("a", "c2", "bstar")) -> Path:
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(len(names), 2, 16, generator=g)
-    for m in methods:
-        d = root / f"method_{m}"
-        d.mkdir(parents=True)
-        torch.save({n: base[i] + 0.1 * torch.randn(2, 16, generator=g) for i, n in enumerate(names)},
-                   d / "all_centroids.pt")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from factories import allowed
 from scipy import stats
 from scipy.linalg import orthogonal_procrustes
 
@@ -130,11 +131,6 @@ def memory_pair(n: int, related: bool, seed: int, noise: float = 2.0, n_layers: 
     geo_b = geo_a if related else geometry(rng, n, n_layers=n_layers)
     return (MemorySource(*model_vectors(rng, geo_a, d_a, 12, noise), "a"),
             MemorySource(*model_vectors(rng, geo_b, d_b, 12, noise), "b"))
-
-
-def allowed(level: float, reps: int) -> float:
-    """The level plus 2.5 Monte Carlo standard errors of a rate from ``reps`` replicates."""
-    return level + 2.5 * math.sqrt(level * (1 - level) / reps)
 
 
 # --- planted agreement ----------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import json
 from importlib.metadata import version
 
-from test_compare import write_synthetic
+from factories import write_synthetic
 
 import tlpersona
 from tlpersona.api.analysis import compare, subspace

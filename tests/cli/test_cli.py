@@ -4,7 +4,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import SHARED_DATA
+from factories import SHARED_DATA
 
 from tlpersona.cache import open_store
 from tlpersona.cli import main

@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_safety import _fails, _run
+from factories import SMALL
+from factories import fails as _fails
+from factories import run as _run
 
 import tlpersona as tlp
 from tlpersona.data import Question, builtin_personas, builtin_questions
@@ -31,7 +33,6 @@ from tlpersona.data.responses import (
 )
 from tlpersona.errors import TlpersonaError
 
-SMALL = ["--limit-personas", "2", "--limit-questions", "2"]
 PERSONAS = [p.name for p in builtin_personas()[:2]]
 QIDS = [q.id for q in builtin_questions()[:2]]
 

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import SHARED_DATA
+from factories import SHARED_DATA
 
 from tlpersona.data import (
     builtin_personas,

@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from factories import write_synthetic
 from safetensors.numpy import load_file
-from test_compare import write_synthetic
 
 import tlpersona as tlp
 from tlpersona.analyses.projection import Combined, Nearest

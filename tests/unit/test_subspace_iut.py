@@ -7,9 +7,8 @@ import itertools
 
 import numpy as np
 import pytest
+from factories import MemorySource, allowed, harder_planted, planted_recipes
 from scipy import stats
-from test_stats_claims import MemorySource, allowed
-from test_subspace import harder_planted
 
 from tlpersona.analyses.kfound import (
     ALPHA,
@@ -25,21 +24,6 @@ POS = ["last", "sys_end", "sys_end+1"]
 PAIRS = list(itertools.combinations(POS, 2))
 # the first and last recipe share; the last is the one the replaced test relabelled
 PARTIAL = ("last", "sys_end+1")
-
-
-def recipes(n, rng, shared_by, k=3, d=16, own=3):
-    """Three recipes ``[n, d]``: those in ``shared_by`` share one k-dim persona geometry (std
-    2 → 1), the others have their own; 3 own dims (std 1), noise 0.3, an offset and a scale."""
-    basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    std = np.linspace(2, 1, k)
-    common = rng.normal(size=(n, k)) * std
-    out = {}
-    for i, p in enumerate(POS):
-        s = common if p in shared_by else rng.normal(size=(n, k)) * std
-        cols = slice(k + i * own, k + (i + 1) * own)
-        x = s @ basis[:, :k].T + rng.normal(size=(n, own)) @ basis[:, cols].T
-        out[p] = (1 + 3 * i) * (x + 0.3 * rng.normal(size=(n, d)) + 4.0 * rng.normal(size=d))
-    return out
 
 
 def split(n, rng):
@@ -118,7 +102,7 @@ def test_a_layer_is_called_at_most_at_the_level(n, case):
     for _ in range(runs):
         fit, test = split(n, rng)
         perms = label_permutations(len(test), perm_count(1, None), rng)
-        raw = recipes(n, rng, PARTIAL if case == "partial" else ())
+        raw = planted_recipes(n, rng, PARTIAL if case == "partial" else ())
         hits += bool(iut_k(raw, fit, test, perms, ALPHA))
     assert hits / runs <= allowed(ALPHA, runs), hits
 
@@ -130,7 +114,7 @@ def test_the_replaced_relabelled_test_fails_partial_sharing_and_this_one_does_no
     rng = np.random.default_rng(7)
     runs, old, new = 300, 0, 0
     for _ in range(runs):
-        raw = recipes(26, rng, PARTIAL)
+        raw = planted_recipes(26, rng, PARTIAL)
         fit, test = split(26, rng)
         perms = label_permutations(len(test), perm_count(1, None), rng)
         new += bool(iut_k(raw, fit, test, perms, ALPHA))
@@ -140,8 +124,8 @@ def test_the_replaced_relabelled_test_fails_partial_sharing_and_this_one_does_no
 
 
 def _layers(rng, n, n_layers, shared_by):
-    """``n_layers`` independent layers of :func:`recipes`, as a source ``[persona, layer, d]``."""
-    per = [recipes(n, rng, shared_by) for _ in range(n_layers)]
+    """``n_layers`` independent layers of :func:`planted_recipes`, as a source ``[persona, layer, d]``."""
+    per = [planted_recipes(n, rng, shared_by) for _ in range(n_layers)]
     return MemorySource({p: np.stack([lay[p] for lay in per], axis=1) for p in POS}, n_layers)
 
 

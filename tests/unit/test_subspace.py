@@ -2,18 +2,15 @@
 
 import numpy as np
 import pytest
-from test_compare import write_synthetic
+from factories import harder_planted, recipes_store, write_synthetic
 
 from tlpersona.analyses.subspace import SubspaceConfig, subspace
-from tlpersona.cache import StoreWriter, open_store
 
 
 def planted_store(path, n=400, d=30, k=3, m=2, seed=0):
     """Three recipes sharing a k-dim persona geometry (std 4 per dim), each with m dims of its
     own (std 3). Persona coordinates are exactly orthogonal, so the stacked PCA ranks the shared
     dims first (variance 16 against 9/3 = 3) and K > k mixes recipe-specific dims in."""
-    import torch
-
     rng = np.random.default_rng(seed)
     basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
     coords = rng.normal(size=(n, k + 3 * m))
@@ -24,13 +21,7 @@ def planted_store(path, n=400, d=30, k=3, m=2, seed=0):
     for r, pos in enumerate(["last", "sys_end", "sys_end+1"]):
         cols = slice(k + r * m, k + (r + 1) * m)
         recipes[pos] = shared + 3.0 * q[:, cols] @ basis[:, cols].T + 5.0
-    prov = {"personas": [f"p{i}" for i in range(n)], "questions": ["0"], "layers": [4],
-            "positions": list(recipes), "prompt_index": 0}
-    w = StoreWriter(path, prov, {"d_model": d})
-    for i in range(n):
-        w.write_part(i, {f"{p}/centroid": torch.from_numpy(x[i : i + 1]).float() for p, x in recipes.items()})
-    w.finalize()
-    return open_store(path)
+    return recipes_store(path, recipes)
 
 
 def test_components_match_numpy_svd(tmp_path):
@@ -82,20 +73,6 @@ def test_planted_shared_subspace_is_recovered(tmp_path):
     for v in layer["variance"].values():
         assert abs(v["shared_cumulative"][2] - 48 / 66) < 1e-3
         assert v["own_cumulative"][4] > 0.999
-
-
-def recipes_store(path, recipes):
-    import torch
-
-    n, d = next(iter(recipes.values())).shape
-    prov = {"personas": [f"p{i}" for i in range(n)], "questions": ["0"], "layers": [4],
-            "positions": list(recipes), "prompt_index": 0}
-    w = StoreWriter(path, prov, {"d_model": d})
-    for i in range(n):
-        w.write_part(i, {f"{p}/centroid": torch.from_numpy(x[i : i + 1]).float()
-                         for p, x in recipes.items()})
-    w.finalize()
-    return open_store(path)
 
 
 def noisy_planted(n, k, seed, related=True, d=64, own=3):
@@ -254,20 +231,6 @@ def test_gram_route_gives_the_svd_components_and_the_fast_pearson_scipys():
 
 
 POS = ["last", "sys_end", "sys_end+1"]
-
-
-def harder_planted(n, rng, related=True, k=5, d=64):
-    """Three recipes with a k-dim invariant subspace of std 2 → 1 beside 3 own dims of std 1
-    each and noise 0.3 per coordinate: the weaker shared PCs, fitted on 20 personas, score
-    r 0.6–0.9 held out, which a fixed r > 0.9 rule drops."""
-    basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    shared = rng.normal(size=(n, k)) * np.linspace(2, 1, k)
-    out = {}
-    for i, p in enumerate(POS):
-        s = shared if related else rng.normal(size=(n, k)) * np.linspace(2, 1, k)
-        x = s @ basis[:, :k].T + rng.normal(size=(n, 3)) @ basis[:, k + 3 * i: k + 3 * i + 3].T
-        out[p] = (1 + 3 * i) * (x + 0.3 * rng.normal(size=(n, d)) + 4.0 * rng.normal(size=d))
-    return out
 
 
 def _layer_count(raw, n, seed, n_layers, k_max=50):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from factories import hf_resid
 
 from tlpersona.chat.positions import parse_positions
 from tlpersona.data import Persona, Question
@@ -23,27 +24,12 @@ def responses(loaded, hf_ref, tmp_path_factory):
                               max_new_tokens=10, batch_size=4, progress=False)
 
 
-def _hf_resid(hf, ids):
-    """[layer, seq, d] from plain HF: hidden_states[l+1], and a hook for the last block."""
-    grabbed = {}
-    handle = hf.model.layers[-1].register_forward_hook(
-        lambda m, i, o: grabbed.__setitem__("last", o[0] if isinstance(o, tuple) else o))
-    try:
-        with torch.no_grad():
-            hs = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
-    finally:
-        handle.remove()
-    rows = [grabbed["last"][0] if layer == len(hf.model.layers) - 1 else hs[layer + 1][0]
-            for layer in LAYERS]
-    return torch.stack(rows)
-
-
 def _reference(hf, tok, system, question, resp_ids):
     """Every recipe computed by hand from HF hidden states: {name: [layer, d]}."""
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": question}]
     prompt = list(tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"])
     content = resp_ids[:-1] if resp_ids and resp_ids[-1] == tok.eos_token_id else resp_ids
-    h = _hf_resid(hf, prompt + content)
+    h = hf_resid(hf, prompt + content, LAYERS)
     n = len(prompt)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     sys_end = prompt.index(im_end)
@@ -57,7 +43,7 @@ def _reference(hf, tok, system, question, resp_ids):
         "prompt_mean_no_first": h[:, 1:n].double().mean(1).float(),
         "first": h[:, 0],
         "response_mean": h[:, n:].double().mean(1).float(),
-        "raw_system_last": _hf_resid(hf, raw)[:, -1],
+        "raw_system_last": hf_resid(hf, raw, LAYERS)[:, -1],
     }
 
 

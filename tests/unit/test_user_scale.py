@@ -7,13 +7,13 @@ import math
 
 import numpy as np
 import pytest
-import torch
+from factories import centroid_store
 from scipy import stats
 
 from tlpersona.analyses.compare import mantel_floor
 from tlpersona.analyses.stats import EXACT_SIGN_FLIP_MAX, paired_permutation, sign_flip_p
 from tlpersona.analyses.subspace import SubspaceConfig, subspace
-from tlpersona.cache import StoreWriter, open_store
+from tlpersona.cache import open_store
 from tlpersona.interventions.steer_stats import separated_ranks
 from tlpersona.interventions.steering import (
     monotone_floor,
@@ -73,13 +73,7 @@ def test_subspace_runs_to_the_end_at_275_personas(tmp_path):
     n, d = N_PERSONAS, 12
     shared = rng.normal(size=(n, d))
     recipes = {p: shared + 0.3 * rng.normal(size=(n, d)) for p in ("last", "sys_end", "sys_end+1")}
-    prov = {"personas": [f"p{i}" for i in range(n)], "questions": ["0"], "layers": [3],
-            "positions": list(recipes), "prompt_index": 0}
-    w = StoreWriter(tmp_path / "s", prov, {"d_model": d})
-    for i in range(n):
-        w.write_part(i, {f"{p}/centroid": torch.from_numpy(x[i : i + 1]).float()
-                         for p, x in recipes.items()})
-    w.finalize()
+    centroid_store(tmp_path / "s", recipes, [3])
     res = subspace(open_store(tmp_path / "s"), SubspaceConfig(k_max=4, n_null=20))
     comps = res.components
     (layer,) = res["layers"]
