@@ -10,7 +10,7 @@ from pathlib import Path
 from tlpersona.report.experiment import Answer, write_experiment_report
 from tlpersona.report.section import Section, write_section
 
-REPORT = Path(__file__).resolve().parents[1] / "tlpersona" / "report"
+REPORT = Path(__file__).resolve().parents[2] / "tlpersona" / "report"
 
 
 def test_every_markdown_writer_returns_a_section():
