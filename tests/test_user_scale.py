@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from tlpersona.analyses.compare import mantel_floor
+from tlpersona.analyses.compare.verdicts import mantel_floor
 from tlpersona.analyses.stats import EXACT_SIGN_FLIP_MAX, paired_permutation, sign_flip_p
 from tlpersona.analyses.subspace import SubspaceConfig, subspace
 from tlpersona.cache import StoreWriter, open_store
