@@ -53,7 +53,7 @@ _EXPORTS = {
     "Conversation": "tlpersona.extraction.tokens",
     "builtin_conversations": "tlpersona.api.trajectory",
     "load_conversations": "tlpersona.api.trajectory",
-    "Thresholds": "tlpersona.analyses.compare",
+    "Thresholds": "tlpersona.analyses.compare.result",
     "patch": "tlpersona.api.causal",
     "steer": "tlpersona.api.causal",
     "export_intervention": "tlpersona.api.causal",
@@ -131,7 +131,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from tlpersona.analyses.compare import Thresholds
+    from tlpersona.analyses.compare.result import Thresholds
     from tlpersona.api.analysis import compare, export_vectors, persona_vector, project, subspace
     from tlpersona.api.causal import patch, steer
     from tlpersona.api.cross_model import CrossModelResult, compare_models

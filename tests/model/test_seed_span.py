@@ -97,7 +97,8 @@ def test_seed_span_is_a_named_position_that_the_fused_pass_leaves_to_two_passes(
 
 
 def test_compare_takes_both_spans_as_separate_positions_by_default():
-    from tlpersona.analyses.compare import default_positions, pair_tag
+    from tlpersona.analyses.compare import default_positions
+    from tlpersona.analyses.compare.verdicts import pair_tag
 
     got = default_positions(["response_mean_seed", "last", "response_mean"])
     assert got == ["last", "response_mean", "response_mean_seed"]

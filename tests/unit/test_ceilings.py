@@ -15,7 +15,7 @@ from tlpersona.analyses.ceilings import (
     cka_reliability,
     mc_r_sd,
 )
-from tlpersona.analyses.compare import half_sd
+from tlpersona.analyses.compare.cells import half_sd
 from tlpersona.analyses.controls import FloorReason, FloorStats, spearman_brown
 from tlpersona.analyses.stats import MantelPermuter, varies
 

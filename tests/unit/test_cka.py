@@ -8,9 +8,10 @@ import pytest
 from factories import SYNTH_LAYERS as LAYERS
 from factories import per_question_store, write_synthetic
 
-from tlpersona.analyses import compare as C
 from tlpersona.analyses import metrics as M
 from tlpersona.analyses.compare import CompareConfig, compare
+from tlpersona.analyses.controls import split_masks
+from tlpersona.analyses.stats import MantelPermuter
 from tlpersona.report.compare import details
 
 
@@ -113,7 +114,7 @@ def synth(tmp_path_factory):
 def test_comparison_cells_carry_cka_from_the_mantel_draws(synth):
     res = compare(synth, CompareConfig(n_perm=99, n_splits=4, n_null=3))
     li = synth.layer_index(LAYERS[0])
-    perms = C.MantelPermuter(len(synth.personas), 99, 0).perms
+    perms = MantelPermuter(len(synth.personas), 99, 0).perms
     for cell in res["cells"]:
         if cell["layer"] != LAYERS[0]:
             continue
@@ -166,7 +167,7 @@ def test_debiased_ceiling_is_what_identical_noisy_recipes_reach(tmp_path):
                   CompareConfig(n_perm=99, n_splits=8, n_null=3))
     (cka,) = [c["cka"] for c in res["cells"]]
     half = [M.split_half_cka(np.stack([
-        rec[p][:, m.astype(bool)].mean(1) for m in C.split_masks(n_q, 8, 0)], axis=1))
+        rec[p][:, m.astype(bool)].mean(1) for m in split_masks(n_q, 8, 0)], axis=1))
         for p in ("last", "prompt_mean")]
     deb_half = np.sqrt(max(half[0].debiased, 0) * max(half[1].debiased, 0))
     obs = cka["debiased"]["value"]

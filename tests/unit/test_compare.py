@@ -12,8 +12,9 @@ from factories import centroid_store, per_question_store, write_synthetic
 from scipy import stats
 
 from tlpersona.analyses import metrics as M
-from tlpersona.analyses.compare import _ALIAS, LOAD_BEARING, CompareConfig, Thresholds, compare
-from tlpersona.analyses.compare_result import CompareResult
+from tlpersona.analyses.compare import CompareConfig, compare
+from tlpersona.analyses.compare.result import CompareResult, Thresholds
+from tlpersona.analyses.compare.verdicts import _ALIAS, LOAD_BEARING
 from tlpersona.analyses.controls import noise_floor
 from tlpersona.cache import StoreWriter, open_store
 from tlpersona.cache.seed_layout import export_seed, read_seed
@@ -257,7 +258,7 @@ def test_groups_are_cliques_not_chains(tmp_path):
 
 
 def test_cliques_enumerates_maximal_groups():
-    from tlpersona.analyses.compare import cliques
+    from tlpersona.analyses.compare.verdicts import cliques
 
     nodes = ["a", "b", "c", "d", "e"]
     edges = [("a", "b"), ("b", "c"), ("a", "c"), ("c", "d")]

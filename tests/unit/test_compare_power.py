@@ -12,7 +12,8 @@ from factories import centroid_store
 from scipy import stats
 
 from tlpersona.analyses import metrics as M
-from tlpersona.analyses.compare import CompareConfig, compare, mantel_floor
+from tlpersona.analyses.compare import CompareConfig, compare
+from tlpersona.analyses.compare.verdicts import mantel_floor
 from tlpersona.analyses.stats import BENTKUS_C, draws_for_family, holm, mantel, sign_flip_p
 from tlpersona.cache import open_store
 

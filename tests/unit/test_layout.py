@@ -211,7 +211,7 @@ def test_private_imports_are_found_in_every_form(tmp_path):
 def test_results_are_defined_once():
     """The front door's result names are the classes the analyses and experiments build."""
     import tlpersona as tlp
-    from tlpersona.analyses.compare_result import CompareResult, PairCell
+    from tlpersona.analyses.compare.result import CompareResult, PairCell
     from tlpersona.analyses.projection import ProjectionResult
     from tlpersona.analyses.subspace_result import KFound, SubspaceLayer, SubspaceResult
     from tlpersona.interventions.patching import PatchResult

@@ -9,7 +9,8 @@ from scipy.linalg import orthogonal_procrustes
 from scipy.spatial.distance import cosine
 
 from tlpersona.analyses import metrics as M
-from tlpersona.analyses.compare import Thresholds, verdict
+from tlpersona.analyses.compare.result import Thresholds
+from tlpersona.analyses.compare.verdicts import verdict
 from tlpersona.analyses.stats import MantelPermuter, holm, mantel, paired_permutation, sign_flip_z
 
 
@@ -260,7 +261,7 @@ def test_unrelated_recipes_with_few_personas_rarely_pass():
     ((0.97, 0.95), (0.99, 0.99), 0.001, False),   # PASS
 ])
 def test_within_noise_needs_every_missed_bound_missed_by_its_ceiling(obs, ceil, mantel_p, want):
-    from tlpersona.analyses.compare import within_noise
+    from tlpersona.analyses.compare.verdicts import within_noise
 
     ceiling = {"per_persona_cos_min": ceil[0], "matrix_mc_pearson": ceil[1]}
     assert within_noise(*obs, None, ceiling, Thresholds(), mantel_p, 0.05) is want

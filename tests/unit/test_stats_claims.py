@@ -77,7 +77,7 @@ def test_half_sd_is_the_spread_over_question_halves():
     """The sampling SD is the population SD of the statistic recomputed on each question half
     (both recipes on the same half), checked against a direct loop."""
     from tlpersona.analyses import metrics as M
-    from tlpersona.analyses.compare import half_sd, question_pass
+    from tlpersona.analyses.compare.cells import half_sd, question_pass
     from tlpersona.analyses.controls import split_masks
 
     rng = np.random.default_rng(3)

@@ -10,7 +10,7 @@ import pytest
 from factories import centroid_store
 from scipy import stats
 
-from tlpersona.analyses.compare import mantel_floor
+from tlpersona.analyses.compare.verdicts import mantel_floor
 from tlpersona.analyses.stats import EXACT_SIGN_FLIP_MAX, paired_permutation, sign_flip_p
 from tlpersona.analyses.subspace import SubspaceConfig, subspace
 from tlpersona.cache import open_store

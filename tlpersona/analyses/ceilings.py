@@ -1,6 +1,8 @@
 """Split-half ceilings: what two recipes (or one recipe in two models) could reach if they were
 the same, given each one's sampling noise over questions; the sampling SD of the mean-centred
-matrix r over question halves; and the CKA entry of a cell beside its ceilings.
+matrix r over question halves; and the CKA entry of a cell beside its ceilings. The ceiling
+and CKA types they build (:class:`Ceiling`, :class:`CkaEntry`, :class:`CkaCell`) live here: the
+comparison's cells import this module, so it takes nothing from the compare package.
 
 Shared by the recipe comparison (:mod:`tlpersona.analyses.compare`) and the cross-model
 comparison (:mod:`tlpersona.analyses.cross_model`). Everything here is a function of each
@@ -10,14 +12,52 @@ different widths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import overload
 
 import numpy as np
 
 from tlpersona.analyses import metrics as M
-from tlpersona.analyses.compare_result import Ceiling, CkaCell, CkaEntry
 from tlpersona.analyses.controls import FloorReason, FloorStats
+from tlpersona.infra.resultjson import OMIT_NONE
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """What two recipes could reach if they were the same recipe: the geometric mean of their
+    full-size split-half agreements (None where unknown)."""
+
+    per_persona_cos_mean: float | None
+    per_persona_cos_min: float | None
+    matrix_mc_pearson: float | None
+    procrustes_cos_mean: float | None
+
+
+@dataclass(frozen=True)
+class CkaEntry:
+    """One CKA of a pair beside its permutation null, its ceiling (at ``ceiling_size``) and,
+    where it is defined, its p Holm-adjusted over every cell."""
+
+    value: float | None
+    null_mean: float | None
+    null_sd: float | None
+    null_p95: float | None
+    p: float | None
+    ceiling: float | None
+    ceiling_size: str
+    p_holm: float | None = field(default=None, metadata=OMIT_NONE)
+
+
+@dataclass(frozen=True)
+class CkaCell:
+    """Linear and debiased CKA of a pair's mean-centred centroids, for comparability with
+    other tools: not part of the verdict."""
+
+    for_comparability: bool
+    centred: str
+    n_perm: int
+    linear: CkaEntry
+    debiased: CkaEntry
 
 
 @dataclass(frozen=True)
@@ -53,7 +93,7 @@ def mc_r_sd(hx: Halves | None, hy: Halves | None) -> float | None:
     1989). The r is recomputed on every half of the questions, both sides on the same half;
     with half of n questions deleted, the spread of those values around their mean estimates
     the variance of the full-size statistic (factor (n − d) / d = 1). In the statistic's own
-    units (r here, the min cos in :func:`tlpersona.analyses.compare.half_sd`): on planted
+    units (r here, the min cos in :func:`tlpersona.analyses.compare.cells.half_sd`): on planted
     identical recipes (5–26 personas, 12 questions) it matched or exceeded the spread of
     observed minus ceiling, where in Fisher z units (derivative taken at the lower half-size
     value) it fell short by 10–30 %. Only the matrices' triangles ``[H, pairs]`` enter, so the

@@ -19,7 +19,9 @@ from scipy import stats
 
 from tlpersona.analyses import metrics as M
 from tlpersona.analyses.ceilings import Halves, ceiling, cka_cell, cka_reliability, mc_r_sd
-from tlpersona.analyses.compare import QuestionPass, default_positions, mantel_floor, question_pass
+from tlpersona.analyses.compare import default_positions
+from tlpersona.analyses.compare.cells import QuestionPass, question_pass
+from tlpersona.analyses.compare.verdicts import mantel_floor
 from tlpersona.analyses.controls import FloorReason, FloorStats
 from tlpersona.analyses.stats import MantelPermuter, MantelResult, draws_for_family, holm, z_score
 from tlpersona.cache.source import ActivationSource, stored_layer

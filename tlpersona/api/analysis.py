@@ -9,9 +9,9 @@ from typing import TypeVar
 
 import torch
 
-from tlpersona.analyses.compare import CompareConfig, Thresholds
+from tlpersona.analyses.compare import CompareConfig
 from tlpersona.analyses.compare import compare as _compare
-from tlpersona.analyses.compare_result import CompareResult
+from tlpersona.analyses.compare.result import CompareResult, Thresholds
 from tlpersona.analyses.projection import Projected, ProjectionResult
 from tlpersona.analyses.subspace import SubspaceConfig
 from tlpersona.analyses.subspace import subspace as _subspace

@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlpersona.analyses.compare import Thresholds
-from tlpersona.analyses.compare_result import CompareResult
+from tlpersona.analyses.compare.result import CompareResult, Thresholds
 from tlpersona.analyses.subspace_result import SubspaceResult
 from tlpersona.api.analysis import compare, subspace
 from tlpersona.api.causal import patch, steer

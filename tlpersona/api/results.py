@@ -3,7 +3,7 @@ is defined once, beside the analysis or experiment that builds it: ``.to_dict()`
 JSON the CLI writes), ``.save(out_dir)`` (JSON, report, figures) and ``Result.load(path)``
 (a saved result back, from its JSON file or the directory holding it)."""
 
-from tlpersona.analyses.compare_result import CompareResult, PairCell
+from tlpersona.analyses.compare.result import CompareResult, PairCell
 from tlpersona.analyses.projection import Projected, ProjectionResult
 from tlpersona.analyses.subspace_result import KFound, SubspaceLayer, SubspaceResult
 from tlpersona.infra.resultsets import results_set

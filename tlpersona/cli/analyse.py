@@ -56,7 +56,7 @@ def compare(store: str | None, seed_dir: str | None, out: str, layers: str | Non
             **thresholds: Any) -> None:
     """Compare recipes in a store: metrics, permutation tests, noise floor, verdicts, report.
     With --against STORE_B: each recipe's persona geometry in two models."""
-    from tlpersona.analyses.compare import Thresholds
+    from tlpersona.analyses.compare.result import Thresholds
     from tlpersona.api.analysis import compare as run
 
     path = Path(out)

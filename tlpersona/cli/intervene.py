@@ -208,7 +208,7 @@ def experiment(model: str, device: str | None, dtype: str | None, personas: str,
     On the CPU the defaults keep it to a few minutes: the built-in personas, their first 12
     questions and 24-token responses. Use --limit-questions 0 for every question.
     """
-    from tlpersona.analyses.compare import Thresholds
+    from tlpersona.analyses.compare.result import Thresholds
     from tlpersona.api.experiment import experiment as run
     from tlpersona.infra.checks import check_count
 

@@ -6,12 +6,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tlpersona.analyses.compare_result import (
-    CkaCell,
-    CompareResult,
-    PairCell,
-    RecipeSinkLength,
-)
+from tlpersona.analyses.ceilings import CkaCell
+from tlpersona.analyses.compare.result import CompareResult, PairCell, RecipeSinkLength
 from tlpersona.analyses.controls import FloorStats
 from tlpersona.analyses.metrics import HeldOutCos
 from tlpersona.infra.files import atomic_write_bytes, json_bytes

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from tlpersona.infra.files import atomic_write_with
 
 if TYPE_CHECKING:
-    from tlpersona.analyses.compare_result import CompareResult
+    from tlpersona.analyses.compare.result import CompareResult
     from tlpersona.analyses.subspace_result import SubspaceLayer, SubspaceThresholds
 
 _VERDICT_CODE = {"KILL": 0, "GREY": 1, "PASS": 2}

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from tlpersona.analyses import metrics as M
+from tlpersona.analyses.ceilings import Ceiling, CkaCell
 from tlpersona.analyses.controls import BStarCheck, FloorReason, FloorStats
 from tlpersona.analyses.metrics import HeldOutCos, HeldOutSkipped
 from tlpersona.cache.source import ActivationSource, need_source, source_for, stored_layer
@@ -133,44 +134,6 @@ class SpreadSkipped:
 
     spearman: None = None
     reason: str
-
-
-@dataclass(frozen=True)
-class Ceiling:
-    """What two recipes could reach if they were the same recipe: the geometric mean of their
-    full-size split-half agreements (None where unknown)."""
-
-    per_persona_cos_mean: float | None
-    per_persona_cos_min: float | None
-    matrix_mc_pearson: float | None
-    procrustes_cos_mean: float | None
-
-
-@dataclass(frozen=True)
-class CkaEntry:
-    """One CKA of a pair beside its permutation null, its ceiling (at ``ceiling_size``) and,
-    where it is defined, its p Holm-adjusted over every cell."""
-
-    value: float | None
-    null_mean: float | None
-    null_sd: float | None
-    null_p95: float | None
-    p: float | None
-    ceiling: float | None
-    ceiling_size: str
-    p_holm: float | None = field(default=None, metadata=OMIT_NONE)
-
-
-@dataclass(frozen=True)
-class CkaCell:
-    """Linear and debiased CKA of a pair's mean-centred centroids, for comparability with
-    other tools: not part of the verdict."""
-
-    for_comparability: bool
-    centred: str
-    n_perm: int
-    linear: CkaEntry
-    debiased: CkaEntry
 
 
 #: cells.csv's columns: the :class:`PairCell` attributes, in this order
@@ -438,7 +401,8 @@ class PairedTest:
 @dataclass(frozen=True)
 class RecipeSink:
     """The share of a recipe's between-persona variance along the first token's direction
-    (prompt lengths not stored); ``warning`` above :data:`~tlpersona.analyses.compare.SINK_WARN`."""
+    (prompt lengths not stored); ``warning`` above
+    :data:`~tlpersona.analyses.compare.diagnostics.SINK_WARN`."""
 
     share: float | None
     warning: bool
