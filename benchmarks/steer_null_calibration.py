@@ -31,7 +31,7 @@ from tlpersona.analyses.stats import holm
 from tlpersona.api.experiment import STEER_ALPHAS
 from tlpersona.cache import open_store
 from tlpersona.data import builtin_personas, builtin_questions
-from tlpersona.interventions.steer_stats import beyond_random, pool_skew, rank_p
+from tlpersona.interventions.steering.bootstrap import beyond_random, pool_skew, rank_p
 
 LAWS = {
     "normal": stats.norm(),

@@ -13,8 +13,9 @@ from tlpersona.cli import main
 from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
 from tlpersona.interventions.cells import align
-from tlpersona.interventions.patching import PatchConfig, choose_clean, patch_example, run_patching
+from tlpersona.interventions.patching import PatchConfig, patch_example, run_patching
 from tlpersona.interventions.runner import Runner, kl
+from tlpersona.interventions.selection import choose_clean
 
 Q = "What should I cook tonight?"
 
@@ -194,7 +195,7 @@ def test_corrupt_pairs():
 
 def test_clean_personas_contrast_with_the_corrupt_persona(small_store):
     from tlpersona.cache.reader import open_store
-    from tlpersona.interventions.steering import choose_personas, default_recipes
+    from tlpersona.interventions.selection import choose_personas, default_recipes
 
     small_store = open_store(small_store)
     ps = builtin_personas()[:5]

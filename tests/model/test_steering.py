@@ -15,8 +15,13 @@ from tlpersona.data import builtin_personas, builtin_questions
 from tlpersona.errors import TlpersonaError
 from tlpersona.interventions import steering as S
 from tlpersona.interventions.runner import Runner
-from tlpersona.interventions.steer_batch import Edit, Row, run_rows
-from tlpersona.interventions.steer_stats import Bootstrap, separated_ranks
+from tlpersona.interventions.selection import choose_personas
+from tlpersona.interventions.steering.batch import Edit, Row, run_rows
+from tlpersona.interventions.steering.bootstrap import Bootstrap, separated_ranks
+from tlpersona.interventions.steering.config import check_config
+from tlpersona.interventions.steering.evaluate import Evaluator, random_directions
+from tlpersona.interventions.steering.select import split_questions
+from tlpersona.interventions.steering.verdict import ANSWER_CHARS, monotonicity, random_rank_p
 from tlpersona.runtime.edits import RowEdits, unit
 
 
@@ -143,12 +148,12 @@ def test_identical_recipes_are_rarely_ranked_apart():
 
 def test_split_questions_is_seeded_and_disjoint():
     qs = builtin_questions()[:7]
-    sel, score = S.split_questions(qs, 3)
-    assert (sel, score) == S.split_questions(qs, 3)
+    sel, score = split_questions(qs, 3)
+    assert (sel, score) == split_questions(qs, 3)
     assert len(sel) == 3 and len(score) == 4
     assert not {q.id for q in sel} & {q.id for q in score}
     with pytest.raises(TlpersonaError, match="at least two questions"):
-        S.split_questions(qs[:1], 0)
+        split_questions(qs[:1], 0)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +169,7 @@ def store6(loaded, tmp_path_factory):
 
 
 def test_contrasting_personas_are_the_farthest_on_the_base_axis(store6):
-    choice = S.choose_personas(store6, "assistant", 2, None, ["last", "sys_end"], 15)
+    choice = choose_personas(store6, "assistant", 2, None, ["last", "sys_end"], 15)
     z = np.zeros(6)
     for r in ("last", "sys_end"):
         c = store6.centroids(r)[:, 1].double().numpy()
@@ -173,11 +178,11 @@ def test_contrasting_personas_are_the_farthest_on_the_base_axis(store6):
         z += (proj - proj.mean()) / proj.std()
     want = [store6.personas[i] for i in np.argsort(z[1:])[:2] + 1]
     assert choice.names == want and "farthest" in choice.reason
-    assert S.choose_personas(store6, "assistant", 2, ["chef"], ["last"], 15).names == ["chef"]
+    assert choose_personas(store6, "assistant", 2, ["chef"], ["last"], 15).names == ["chef"]
     with pytest.raises(TlpersonaError, match="'nobody' is not in the store"):
-        S.check_config(S.SteerConfig(personas=["nobody"]), store6)
+        check_config(S.SteerConfig(personas=["nobody"]), store6)
     with pytest.raises(TlpersonaError, match="is the base persona"):
-        S.check_config(S.SteerConfig(personas=["assistant"]), store6)
+        check_config(S.SteerConfig(personas=["assistant"]), store6)
 
 
 def _small(**kw):
@@ -192,13 +197,13 @@ def test_selection_never_scores_on_selection_questions(loaded, store6, monkeypat
     only scoring questions; changing the scoring questions leaves the selected settings as they
     were; "beyond random" is the own effect's rank among the random directions'."""
     seen: dict[str, set[str]] = {}
-    real_run = S._Eval.run
+    real_run = Evaluator.run
 
     def spy(self, plan, desc):
         seen.setdefault(desc, set()).update(k[0][-1] for k in plan.rows)
         return real_run(self, plan, desc)
 
-    monkeypatch.setattr(S._Eval, "run", spy)
+    monkeypatch.setattr(Evaluator, "run", spy)
     qs = builtin_questions()
     results = []
     for scoring in (qs[4:6], qs[6:8]):
@@ -226,7 +231,7 @@ def test_selection_never_scores_on_selection_questions(loaded, store6, monkeypat
         assert s.random_p_holm >= s.random_test_p
     text = a.answer()
     assert text.startswith("add: ") and "3 random directions" in text
-    assert len(text) <= S.ANSWER_CHARS
+    assert len(text) <= ANSWER_CHARS
     s0 = a.scores[0]
     assert s0.own.n_examples == 2 * 2 and s0.random.n_examples == 2 * 2 * 3
     assert 0 <= s0.own.wrong_way <= 1 and s0.specificity is not None
@@ -263,9 +268,9 @@ def test_steer_command_writes_report_and_refuses_bad_input(store6, tmp_path):
 
 
 def test_unit_and_random_directions_are_seeded_unit_vectors():
-    a = S.random_directions(576, 10, 0, 7)
-    assert torch.equal(a, S.random_directions(576, 10, 0, 7))
-    assert not torch.allclose(a, S.random_directions(576, 10, 0, 15))
+    a = random_directions(576, 10, 0, 7)
+    assert torch.equal(a, random_directions(576, 10, 0, 7))
+    assert not torch.allclose(a, random_directions(576, 10, 0, 15))
     np.testing.assert_allclose(a.norm(dim=-1).numpy(), 1, rtol=1e-6)
     assert math.isclose(float(unit(torch.tensor([3.0, 4.0])).norm()), 1.0, rel_tol=1e-7)
 
@@ -273,7 +278,7 @@ def test_unit_and_random_directions_are_seeded_unit_vectors():
 def test_first_token_is_not_a_steering_recipe():
     """Token 0 is identical in every prompt: its persona vector is zero, so it is not steered
     with by default (the experiment stores it for the sink check)."""
-    from tlpersona.interventions.steering import default_recipes
+    from tlpersona.interventions.selection import default_recipes
 
     class Stored:
         positions = ["last", "first", "sys_end", "prompt_mean_no_first"]
@@ -287,9 +292,9 @@ def test_random_rank_p_and_holm_decide_beyond_random():
     from tlpersona.analyses.stats import holm
 
     rand = list(np.linspace(0.0, 0.5, 99))
-    assert S.random_rank_p(0.9, rand) == pytest.approx(1 / 100)
-    assert S.random_rank_p(0.5, rand) == pytest.approx(2 / 100)  # ties count against the own
-    assert S.random_rank_p(-1.0, rand) == 1.0
+    assert random_rank_p(0.9, rand) == pytest.approx(1 / 100)
+    assert random_rank_p(0.5, rand) == pytest.approx(2 / 100)  # ties count against the own
+    assert random_rank_p(-1.0, rand) == 1.0
     # 6 recipes at p = 0.01: Holm makes each 0.06 (not beyond at 0.05); one alone stays 0.01
     assert np.all(holm([0.01] * 6) > 0.05) and holm([0.01])[0] == pytest.approx(0.01)
 
@@ -300,18 +305,18 @@ def test_monotonicity_p_enumerates_every_ordering():
     from scipy import stats
 
     strength, gain = [0.03, 0.06, 0.12, 0.25, 0.5, 1.0], [0.1, 0.3, 0.2, 0.5, 0.9, 1.1]
-    rho, p = S.monotonicity(strength, gain)
+    rho, p = monotonicity(strength, gain)
     obs = stats.spearmanr(strength, gain).statistic
     null = [stats.spearmanr(strength, perm).statistic for perm in itertools.permutations(gain)]
     assert rho == pytest.approx(obs)
     assert p == pytest.approx(np.mean([abs(x) >= abs(obs) - 1e-12 for x in null]))
-    assert S.monotonicity(strength, gain[::-1])[1] == pytest.approx(p)  # two-sided
+    assert monotonicity(strength, gain[::-1])[1] == pytest.approx(p)  # two-sided
 
 
 def test_an_ablate_verdict_beyond_random_names_its_weak_control():
     from types import SimpleNamespace
 
-    from tlpersona.interventions.steering import _verdict
+    from tlpersona.interventions.steering.verdict import _verdict
 
     score = SimpleNamespace(recipe="last", rank=1, beats_random=True, fluency_ok=True,
                             random_test="rank", random_skew=None,

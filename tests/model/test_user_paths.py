@@ -168,7 +168,8 @@ def test_patch_and_steer_api_refuse_empty_inputs_before_loading(user_store, no_m
 
 
 def test_steer_config_refuses_the_first_token_and_a_store_of_the_base_alone():
-    from tlpersona.interventions.steering import SteerConfig, check_config
+    from tlpersona.interventions.steering import SteerConfig
+    from tlpersona.interventions.steering.config import check_config
 
     store = SimpleNamespace(positions=["first", "last"], personas=["assistant", "pirate"],
                             layers=[7], layer_index=lambda layer: 0)
@@ -247,7 +248,7 @@ def test_exported_intervention_reproduces_the_steered_run(user_store, steered, l
 
     from tlpersona.api.causal import export_intervention
     from tlpersona.interventions.runner import Runner
-    from tlpersona.interventions.steer_batch import Edit, Row, run_rows
+    from tlpersona.interventions.steering.batch import Edit, Row, run_rows
 
     data = steered.data
     cont = {c["persona"]: c for c in data["continuations"]}

@@ -69,7 +69,8 @@ def layout_problems(fig) -> list[str]:
 def _steering_like():
     import test_steer_null as T
 
-    from tlpersona.interventions import steering as S
+    from tlpersona.interventions.steering.config import Setting
+    from tlpersona.interventions.steering.result import CurvePoint
 
     recipes = ["last", "sys_end", "prompt_mean", "prompt_mean_no_first", "response_mean",
                "response_mean_seed", "raw_system_last", "sys_end+1"]
@@ -78,10 +79,10 @@ def _steering_like():
         for k, r in enumerate(recipes):
             s = T._score(r, 0.6 - 0.08 * k, list(T.DEFAULT_POOL), (0.2, 0.1, 0.3))
             s.operator = op
-            s.setting = S.Setting(op, (15,) if op == "add" else (7, 15),
-                                  50.0 if op == "cap" else 0.125)
+            s.setting = Setting(op, (15,) if op == "add" else (7, 15),
+                                50.0 if op == "cap" else 0.125)
             if op == "cap":
-                s.curve = [S.CurvePoint(p, 0.1 + 0.001 * p, 0.1) for p in (10, 25, 50, 75, 90)]
+                s.curve = [CurvePoint(p, 0.1 + 0.001 * p, 0.1) for p in (10, 25, 50, 75, 90)]
             scores.append(s)
     res = T._result(scores[:8])
     res.scores, res.recipes = scores, recipes

@@ -17,7 +17,16 @@ from tlpersona.data import Inputs
 from tlpersona.errors import TlpersonaError
 from tlpersona.interventions import patching as P
 from tlpersona.interventions import steering as S
-from tlpersona.interventions.steer_stats import Estimate
+from tlpersona.interventions.selection import PersonaChoice
+from tlpersona.interventions.steering.bootstrap import Estimate
+from tlpersona.interventions.steering.config import Setting
+from tlpersona.interventions.steering.result import (
+    Arm,
+    Continuation,
+    CurvePoint,
+    Example,
+    RecipeScore,
+)
 from tlpersona.version import __version__
 
 
@@ -216,27 +225,27 @@ def _steering_result() -> tlp.SteeringResult:
         return Estimate(m, m - 0.1, m + 0.1, 4)
 
     def arm(m):
-        return S.Arm(est(m), est(m / 2), 0.25, 8)
+        return Arm(est(m), est(m / 2), 0.25, 8)
 
-    scores = [S.RecipeScore(
-        op, recipe, S.Setting(op, (la,) if op == "add" else (3, 5), 1 if op == "ablate" else 0.5),
+    scores = [RecipeScore(
+        op, recipe, Setting(op, (la,) if op == "add" else (3, 5), 1 if op == "ablate" else 0.5),
         0.4, True if op == "add" else None, True, arm(0.5 + i / 10), arm(0.05),
         [0.01, 0.07, -0.02], arm(0.2) if op == "add" else None, est(0.3) if op == "add" else None,
         est(-0.1), 0.25, random_p_holm=0.5, random_test="t", random_test_p=0.2, random_t_p=0.2,
         random_skew=0.5, rank=i + 1, monotone_p=math.nan,
-        examples=[S.Example("pirate", "q3", 1.0, 0.5, 0.25, -0.05)],
-        curve=[S.CurvePoint(0.5, 0.3, 0.1), S.CurvePoint(1.0, 0.4, 0.2)], monotone_rho=1.0)
+        examples=[Example("pirate", "q3", 1.0, 0.5, 0.25, -0.05)],
+        curve=[CurvePoint(0.5, 0.3, 0.1), CurvePoint(1.0, 0.4, 0.2)], monotone_rho=1.0)
         for i, (op, recipe, la) in enumerate([("add", "last", 5), ("add", "sys_end", 3),
                                               ("ablate", "last", 5)])]
     cfg = S.SteerConfig(recipes=["last", "sys_end"], layers=[3, 5], operators=["add", "ablate"],
                         n_personas=2, n_random=3, progress=False)
     return tlp.SteeringResult(
         cfg, "mh", "default", "assistant",
-        S.PersonaChoice(["pirate", "poet"], "farthest", {"pirate": -1.5, "poet": -1.0}),
+        PersonaChoice(["pirate", "poet"], "farthest", {"pirate": -1.5, "poet": -1.0}),
         ["q1"], ["q2", "q3"], "1 selection, 2 scoring", [3, 5], ["last", "sys_end"],
         {3: 12.5, 5: 20.25}, scores, {"add": "add: none", "ablate": "ablate: none"}, 3.5,
-        [S.Continuation("pirate", "q2", "last", "L5 alpha 0.5", "hi", "arr", "hm", "ahoy",
-                        {"base": -1.0, "steered": -2.5, "random": -1.5, "persona_itself": -0.75})],
+        [Continuation("pirate", "q2", "last", "L5 alpha 0.5", "hi", "arr", "hm", "ahoy",
+                      {"base": -1.0, "steered": -2.5, "random": -1.5, "persona_itself": -0.75})],
         Inputs("id", "ph", "qh", "mh"))
 
 

@@ -11,12 +11,23 @@ from scipy import stats
 
 from tlpersona.analyses.stats import holm
 from tlpersona.interventions import steering as S
-from tlpersona.interventions.steer_stats import (
+from tlpersona.interventions.selection import PersonaChoice
+from tlpersona.interventions.steering.bootstrap import (
     Estimate,
     beyond_random,
     rank_p,
     t_prediction_needed,
     t_prediction_p,
+)
+from tlpersona.interventions.steering.config import Setting
+from tlpersona.interventions.steering.result import Arm, CurvePoint, RecipeScore
+from tlpersona.interventions.steering.verdict import (
+    ANSWER_CHARS,
+    _verdict,
+    monotone_floor,
+    monotonicity,
+    questions_to_separate,
+    rank_floor,
 )
 
 #: The default experiment's `add` run (SmolLM2-135M, L15 alpha 0.125, 3 targets × 3 scoring
@@ -150,52 +161,52 @@ def test_test_choice_and_fallback():
 
 def test_floors_the_report_words():
     # monotonicity: exact two-sided Spearman over every ordering of n strengths
-    assert S.monotone_floor(4) == pytest.approx(2 / 24)
-    assert S.monotone_floor(5) == pytest.approx(2 / 120)
-    rho, p = S.monotonicity([1, 2, 3, 4], [0.1, 0.2, 0.3, 0.4])
-    assert rho == pytest.approx(1.0) and p == pytest.approx(S.monotone_floor(4))
+    assert monotone_floor(4) == pytest.approx(2 / 24)
+    assert monotone_floor(5) == pytest.approx(2 / 120)
+    rho, p = monotonicity([1, 2, 3, 4], [0.1, 0.2, 0.3, 0.4])
+    assert rho == pytest.approx(1.0) and p == pytest.approx(monotone_floor(4))
     # ranking: 3 scoring questions and 8 recipes (28 pairs) can never separate a pair
-    assert S.rank_floor(3, 28) == 1.0 and S.rank_floor(3, 1) == pytest.approx(0.25)
-    assert S.questions_to_separate(28, 0.05) == 12 and S.questions_to_separate(21, 0.05) == 11
+    assert rank_floor(3, 28) == 1.0 and rank_floor(3, 1) == pytest.approx(0.25)
+    assert questions_to_separate(28, 0.05) == 12 and questions_to_separate(21, 0.05) == 11
     # the floor is what separated_ranks reaches: all 4 questions one way, one pair
     kl = [np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.0, 3.0, 5.0, 6.0])]
     from tlpersona.analyses.stats import paired_permutation
 
-    assert paired_permutation(kl[0][None] - kl[1][None])[0] == pytest.approx(S.rank_floor(4, 1))
+    assert paired_permutation(kl[0][None] - kl[1][None])[0] == pytest.approx(rank_floor(4, 1))
 
 
 # ------------------------------------------------------------------------------------------
 # the verdict, the report and answer() on a planted result
 
 
-def _arm(mean: float) -> S.Arm:
-    return S.Arm(Estimate(mean, mean - 0.1, mean + 0.1, 3), Estimate(0.1, 0.0, 0.2, 3), 0.1, 9)
+def _arm(mean: float) -> Arm:
+    return Arm(Estimate(mean, mean - 0.1, mean + 0.1, 3), Estimate(0.1, 0.0, 0.2, 3), 0.1, 9)
 
 
 def _score(recipe: str, own: float, pool: list[float], spec: tuple[float, float, float] | None,
-           fluency: float = 0.0, strength: float = 0.125) -> S.RecipeScore:
+           fluency: float = 0.0, strength: float = 0.125) -> RecipeScore:
     test = beyond_random(own, pool)
-    return S.RecipeScore(
-        operator="add", recipe=recipe, setting=S.Setting("add", (15,), strength),
+    return RecipeScore(
+        operator="add", recipe=recipe, setting=Setting("add", (15,), strength),
         selection_effect=own, interior=True, fluency_ok=fluency >= -0.5, own=_arm(own),
         random=_arm(float(np.mean(pool))), random_effects=list(pool), other=_arm(own - 0.3),
         specificity=None if spec is None else Estimate(*spec, 3),
         fluency=Estimate(fluency, fluency - 0.1, fluency + 0.1, 3), random_p=test.rank_p,
         random_test=test.test, random_test_p=test.p, random_t_p=test.t_p, random_skew=test.skew,
-        curve=[S.CurvePoint(a, own * a, a) for a in (0.03125, 0.0625, 0.125, 0.25)],
-        monotone_rho=1.0, monotone_p=S.monotone_floor(4))
+        curve=[CurvePoint(a, own * a, a) for a in (0.03125, 0.0625, 0.125, 0.25)],
+        monotone_rho=1.0, monotone_p=monotone_floor(4))
 
 
-def _result(scores: list[S.RecipeScore], **cfg) -> S.SteeringResult:
+def _result(scores: list[RecipeScore], **cfg) -> S.SteeringResult:
     config = S.SteerConfig(operators=["add"], **cfg)
     for x, p in zip(scores, holm([x.random_test_p for x in scores]), strict=True):
         x.random_p_holm = float(p)
         x.beats_random = bool(p < 0.05 and x.fluency_ok)
         x.rank = 1
-    verdict = S._verdict("add", scores, config.n_random, len(scores), 0.05, config.random_test)
+    verdict = _verdict("add", scores, config.n_random, len(scores), 0.05, config.random_test)
     return S.SteeringResult(
         config=config, store_manifest_hash="h", model="m", base="assistant",
-        personas=S.PersonaChoice(["a", "b", "c"], "", {}), selection_questions=["q1", "q2"],
+        personas=PersonaChoice(["a", "b", "c"], "", {}), selection_questions=["q1", "q2"],
         scoring_questions=["q3", "q4", "q5"], questions_note="", layers=[15],
         recipes=[x.recipe for x in scores], typical_norm={15: 10.0}, scores=scores,
         verdicts={"add": verdict})
@@ -212,7 +223,7 @@ def _default_like() -> S.SteeringResult:
 def test_answer_names_the_called_recipe_with_its_numbers():
     res = _default_like()
     text = res.answer()
-    assert len(text) <= S.ANSWER_CHARS and text.count(". ") == 0 and text.endswith(".")
+    assert len(text) <= ANSWER_CHARS and text.count(". ") == 0 and text.endswith(".")
     last = res.scores[0]
     want_holm = FAMILY * stats.ttest_ind([DEFAULT_OWN], DEFAULT_POOL, alternative="greater").pvalue
     assert last.random_p_holm == pytest.approx(want_holm)
@@ -225,14 +236,14 @@ def test_answer_names_the_called_recipe_with_its_numbers():
     for x in many.scores[2:5]:
         x.beats_random = True
     text = many.answer()
-    assert len(text) <= S.ANSWER_CHARS and text.endswith("; also 4 more recipes, not separated.")
+    assert len(text) <= ANSWER_CHARS and text.endswith("; also 4 more recipes, not separated.")
 
 
 def test_answer_when_nothing_is_called_says_what_would_change():
     pool = list(DEFAULT_POOL)
     res = _result([_score("last", 0.1, pool, None), _score("sys_end", 0.05, pool, None)])
     text = res.answer()
-    assert len(text) <= S.ANSWER_CHARS and "no recipe's vector is called" in text
+    assert len(text) <= ANSWER_CHARS and "no recipe's vector is called" in text
     need = t_prediction_needed(pool, 0.05 / 2)
     # independent: the own effect at which scipy's t-test p equals the Holm threshold
     assert stats.ttest_ind([need], pool, alternative="greater").pvalue == pytest.approx(0.025)

@@ -14,8 +14,8 @@ from tlpersona.analyses.compare.verdicts import mantel_floor
 from tlpersona.analyses.stats import EXACT_SIGN_FLIP_MAX, paired_permutation, sign_flip_p
 from tlpersona.analyses.subspace import SubspaceConfig, subspace
 from tlpersona.cache import open_store
-from tlpersona.interventions.steer_stats import separated_ranks
-from tlpersona.interventions.steering import (
+from tlpersona.interventions.steering.bootstrap import separated_ranks
+from tlpersona.interventions.steering.verdict import (
     monotone_floor,
     monotonicity,
     questions_to_separate,

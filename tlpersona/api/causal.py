@@ -91,10 +91,10 @@ def patch(model: str | LoadedModel | None = None, personas: Sequence[Persona] | 
         PatchConfig,
         check_config,
         check_inputs,
-        choose_clean,
         run_patching,
     )
     from tlpersona.interventions.runner import HOOKS, Runner
+    from tlpersona.interventions.selection import choose_clean
 
     if hook not in HOOKS:
         raise TlpersonaError(f"unknown `hook` {hook!r} ({', '.join(HOOKS)})")
@@ -181,14 +181,14 @@ def steer(store: Store | str | Path, model: str | LoadedModel | None = None,
     from ``base`` on its axis. ``.save(out)`` writes steering.json, figures and steering.md.
     """
     from tlpersona.infra.checks import check_finite_numbers
-    from tlpersona.interventions.steering import (
+    from tlpersona.interventions.steering import SteerConfig
+    from tlpersona.interventions.steering import steer as _steer
+    from tlpersona.interventions.steering.config import (
         DEFAULT_ALPHAS,
         DEFAULT_PERCENTILES,
-        SteerConfig,
         check_config,
         min_questions,
     )
-    from tlpersona.interventions.steering import steer as _steer
 
     st = as_store(store)
     prov = st.provenance
@@ -235,7 +235,7 @@ def export_intervention(steering: str | Path, store: Store | str | Path, out: st
     from tlpersona.chat.template import ChatRenderer
     from tlpersona.infra.resultsets import results_set
     from tlpersona.interventions import export as iv
-    from tlpersona.interventions.steering import after_system
+    from tlpersona.interventions.steering.evaluate import after_system
     from tlpersona.models.loading import load_tokenizer
 
     record = iv.read_steering(steering)

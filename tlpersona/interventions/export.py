@@ -211,7 +211,7 @@ def build(store: ActivationSource, record: SteeringRecord, setting: EvaluatedAdd
           personas: list[str], start: tuple[int, str], base_prompt: str) -> list[Intervention]:
     """Each persona's evaluated vector, computed from ``store`` as the steering run computed it
     (``store`` must be the one it ran on)."""
-    from tlpersona.interventions.steering import added_vector, persona_directions
+    from tlpersona.interventions.steering.evaluate import added_vector, persona_directions
 
     if store.manifest_hash != record.store_manifest_hash:
         raise TlpersonaError(f"`store` is not the store {record.path} was computed from "

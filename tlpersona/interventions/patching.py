@@ -65,7 +65,6 @@ from scipy import stats
 from tqdm import tqdm
 
 from tlpersona.analyses.stats import draws_for_family, holm
-from tlpersona.cache.source import ActivationSource
 from tlpersona.chat.positions import parse_position
 from tlpersona.data import Inputs, Persona, Question, system_prompt
 from tlpersona.errors import TlpersonaError
@@ -307,39 +306,6 @@ def pairs(personas: list[Persona], corrupt: str) -> list[tuple[Persona, Persona]
     if corrupt not in by_name:
         raise TlpersonaError(f"corrupt persona {corrupt!r} is not among the personas")
     return [(p, by_name[corrupt]) for p in personas if p.name != corrupt]
-
-
-def choose_clean(personas: list[Persona], keep: str | None, n: int, names: list[str] | None,
-                 store: ActivationSource | None) -> tuple[list[Persona], str]:
-    """Clean personas (with ``keep``, the corrupt persona, in front) and why they were chosen:
-    ``names`` as given; else, with a store that holds ``keep`` (or the ``assistant`` persona
-    for ``--corrupt next``), the ``n`` stored personas farthest from it on its axis, as
-    ``tlpersona steer`` chooses them; else the first ``n`` of the list."""
-    from tlpersona.interventions.steering import choose_personas, default_recipes
-
-    if n < 1:
-        raise TlpersonaError("`n_personas` must be at least 1")
-    by_name = {p.name: p for p in personas}
-    if keep is not None and keep not in by_name:
-        raise TlpersonaError(f"persona {keep!r} is not among the personas")
-    base = keep or "assistant"
-    if names:
-        missing = [x for x in names if x not in by_name]
-        if missing:
-            raise TlpersonaError(f"`clean_personas`: {missing[0]!r} is not among the personas")
-        picked, note = names, "named by hand"
-    elif store is not None and base in store.personas and all(x in by_name for x in store.personas):
-        layer = store.layers[(len(store.layers) - 1) // 2]
-        picked = choose_personas(store, base, n, None, default_recipes(store), layer).names
-        note = (f"the {len(picked)} stored personas farthest from {base!r} on its axis at layer "
-                f"{layer} (mean standardised projection over the stored recipes), as `steer` "
-                "chooses them: contrasting personas give the largest clean-corrupt differences")
-    else:
-        picked = [p.name for p in personas if p.name != keep][:n]
-        note = (f"the first {len(picked)} of the list (no store with {base!r} to rank them by "
-                "contrast)")
-    head = [by_name[keep]] if keep is not None else []
-    return head + [by_name[x] for x in picked if x != keep], note
 
 
 def _system_len(conv: Conversation) -> int:

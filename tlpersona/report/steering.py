@@ -9,8 +9,11 @@ from matplotlib.artist import Artist
 from matplotlib.figure import Figure
 
 from tlpersona.infra.files import atomic_write_with
-from tlpersona.interventions.steer_stats import Estimate
-from tlpersona.interventions.steering import GOAL, RecipeScore, SteeringResult, monotone_floor
+from tlpersona.interventions.steering import SteeringResult
+from tlpersona.interventions.steering.bootstrap import Estimate
+from tlpersona.interventions.steering.config import GOAL
+from tlpersona.interventions.steering.result import RecipeScore
+from tlpersona.interventions.steering.verdict import monotone_floor
 from tlpersona.report.plots import subplots
 from tlpersona.report.section import Section, write_section
 

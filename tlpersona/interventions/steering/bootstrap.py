@@ -172,7 +172,7 @@ def beyond_random(own: float, random: list[float] | np.ndarray, test: str = "t")
 
     ``test="t"``: the t-prediction p, used where the pool's sample skewness is ≤ 0, i.e. its
     upper tail — the side the own effect is compared with — is no longer than its lower one.
-    On planted pools of 10 (tests/test_steer_null.py; ``benchmarks/steer_null_calibration.py
+    On planted pools of 10 (tests/unit/test_steer_null.py; ``benchmarks/steer_null_calibration.py
     --planted``) the t-prediction is exact for normal pools and conservative for left-skewed
     ones — the embedded model's are: a random push of fixed norm can hurt much more than it
     helps. On right-skewed pools (skewness +0.8 to +1) it is 1.5× too liberal at 0.05 and 3–5×
