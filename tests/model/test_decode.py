@@ -56,6 +56,8 @@ def test_one_padder_left_and_right():
 
 
 def test_shared_prefixes_prefilled_once_give_the_full_prefills_tokens_and_residuals(hf_ref, tokenizer):
+    from factories import hf_resid
+
     from tlpersona.chat.template import common_prefix_len
 
     renderer = ChatRenderer(tokenizer)
@@ -68,25 +70,38 @@ def test_shared_prefixes_prefilled_once_give_the_full_prefills_tokens_and_residu
     widths: list[tuple[int, int]] = []
     handle = hf_ref.get_input_embeddings().register_forward_pre_hook(
         lambda m, a: widths.append(tuple(a[0].shape)))
+    dec = StaticGreedy(hf_ref, 16, eos, pad, layers=layers)
     try:
-        got = StaticGreedy(hf_ref, 16, eos, pad, layers=layers).capture(prompts, shared=shared)
+        got = dec.capture(prompts, shared=shared)
+        w = max(len(p) for p in prompts)
+        prefill = [s for s in widths if s[1] > 1]
+        # the three system blocks in one pass, then every row from where the shortest shared
+        # stretch ends: fewer prompt tokens than one full prefill
+        assert prefill[0][0] == 3 and prefill[1][0] == len(prompts)
+        assert sum(b * n for b, n in prefill) < len(prompts) * w
+        ref = [r.ids for r in greedy_batch(hf_ref, prompts, 16, eos, pad)]
+        assert got.ids == ref
+        resid = got.resid.clone()
+        pre = [x.clone() for x in got.prefill]
+        # the same engine, unshared: one full prefill (nothing to share saves no tokens)
+        widths.clear()
+        full = dec.capture(prompts, shared=[0] * len(prompts))
+        assert [s for s in widths if s[1] > 1] == [(len(prompts), w)]
+        assert full.ids == ref
+        torch.testing.assert_close(resid, full.resid, rtol=1e-4, atol=1e-4)
+        # and shared again on it, with each row claiming its whole prompt: rows are grouped by
+        # their own tokens, so an overstated claim costs tokens, never correctness
+        again = dec.capture(prompts, shared=[len(p) for p in prompts])
+        assert again.ids == ref
+        torch.testing.assert_close(again.resid, full.resid, rtol=1e-4, atol=1e-4)
     finally:
         handle.remove()
-    w = max(len(p) for p in prompts)
-    prefill = [s for s in widths if s[1] > 1]
-    # the three system blocks in one pass, then every row from where the shortest shared
-    # stretch ends: fewer prompt tokens than one full prefill
-    assert prefill[0][0] == 3 and prefill[1][0] == len(prompts)
-    assert sum(b * n for b, n in prefill) < len(prompts) * w
-    ref = [r.ids for r in greedy_batch(hf_ref, prompts, 16, eos, pad)]
-    assert got.ids == ref
-    full = StaticGreedy(hf_ref, 16, eos, pad, layers=layers).capture(prompts)
-    torch.testing.assert_close(got.resid, full.resid, rtol=1e-4, atol=1e-4)
-    # every prompt position against HF's own hidden states of the unpadded prompt
+    # every prompt position against plain HF's own residuals of the unpadded prompt, to fp32
+    # rounding of the layer's scale (a padded batch and a single row sum in other orders)
     for i, p in enumerate(prompts):
-        hs = hf_ref(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states
-        for li, layer in enumerate(layers[:1]):
-            torch.testing.assert_close(got.prefill[li][i, got.pads[i]:], hs[layer + 1][0],
-                                       rtol=1e-4, atol=1e-4)
+        hs = hf_resid(hf_ref, p, layers)
+        for li in range(len(layers)):
+            torch.testing.assert_close(pre[li][i, got.pads[i]:], hs[li], rtol=1e-4,
+                                       atol=1e-5 * float(hs[li].abs().max()))
     with pytest.raises(ValueError, match="shared has 2 rows"):
         StaticGreedy(hf_ref, 4, eos, pad).capture(prompts, shared=[1, 2])

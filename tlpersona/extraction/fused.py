@@ -261,19 +261,25 @@ class FusedExtractor:
         width = max(len(seqs[j]) for j in idx)
         n_pos = len(self.cfg.positions)
         comb = torch.zeros((len(idx), n_pos, width + n), dtype=torch.float64)
+        # What this batch decides about its passes is kept aside until its rows are pooled: an
+        # out-of-memory error on the way retries the batch from the state it started in.
+        new_weights: dict[int, torch.Tensor] = {}
+        new_seqs: dict[int, list[int]] = {}
+        new_forced: list[int] = []
+        new_responses: dict[Key, Response] = {}
         for b, (j, key, ids) in enumerate(zip(idx, kidx, cap.ids, strict=True)):
             resp = Response(ids, bool(ids) and ids[-1] in self.eos, prompt_sha(seqs[j]))
             prompt_len = len(seqs[j])
             saved = have.get(key)
             if saved is not None and saved.ids != resp.ids:
                 # read later over the saved tokens; this batch's rows for it are not used
-                weights[j] = self._response_weights(weights[j], prompt_len, saved)
-                seqs[j] = seqs[j] + saved.ids
-                forced.append(j)
+                new_weights[j] = self._response_weights(weights[j], prompt_len, saved)
+                new_seqs[j] = seqs[j] + saved.ids
+                new_forced.append(j)
                 continue
-            responses[key] = resp
+            new_responses[key] = resp
             full = self._response_weights(weights[j], prompt_len, resp)
-            weights[j] = full
+            new_weights[j] = full
             pad = cap.pads[b]
             comb[b, :, pad:width] = full[:, :prompt_len]
             comb[b, :, width:width + len(ids)] = full[:, prompt_len:]
@@ -286,10 +292,17 @@ class FusedExtractor:
                 pooled = torch.bmm(comb[sl, :, :width], cap.prefill[li][sl].double())
                 pooled += torch.bmm(comb[sl, :, width:], cap.resid[li][sl].double())
                 out[sl, :, li] = pooled.float()
-        skip = set(forced)
+        skip = set(new_forced)
         keep = [b for b, j in enumerate(idx) if j not in skip]
-        rows[torch.tensor([idx[b] for b in keep], device=self.device)] = \
-            out[torch.tensor(keep, device=self.device)]
+        if keep:
+            rows[torch.tensor([idx[b] for b in keep], device=self.device)] = \
+                out[torch.tensor(keep, device=self.device)]
+        for j, w in new_weights.items():
+            weights[j] = w
+        for j, seq in new_seqs.items():
+            seqs[j] = seq
+        forced.extend(new_forced)
+        responses.update(new_responses)
 
     def assemble(self, out: GroupOutput, n_questions: int) -> list[PersonaResult]:
         """The group's persona results (host work: runs on the host thread)."""

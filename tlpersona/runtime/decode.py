@@ -161,8 +161,8 @@ class StaticGreedy:
         self.device = model.get_input_embeddings().weight.device
         # A graph records one device's stream: a model spread over devices decodes eagerly (so
         # must one loaded with a device map: its forward cannot be captured).
-        one_device = len({p.device for p in model.parameters()}) == 1
-        self.graphs = (self.device.type == "cuda" and one_device) if use_graphs is None \
+        self.one_device = len({p.device for p in model.parameters()}) == 1
+        self.graphs = (self.device.type == "cuda" and self.one_device) if use_graphs is None \
             else use_graphs
         self.check_every = check_every
         self._engines: dict[tuple[int, int], _Engine] = {}
@@ -291,8 +291,12 @@ class StaticGreedy:
               for p, k in zip(prompts, keep, strict=True)]
         c0 = min(pad + k for pad, k in zip(pads, keep, strict=True))  # the rows' own passes start here
         width = max(keep)
-        if c0 == 0 or len(distinct) * width + b * (w - c0) >= b * w \
-                or any(type(layer) is not StaticLayer for layer in e.cache.layers):
+        # the copies below index every layer's cache from the input device, and set the write
+        # offset that transformers' static layers keep as a tensor
+        if c0 == 0 or len(distinct) * width + b * (w - c0) >= b * w or not self.one_device \
+                or any(type(layer) is not StaticLayer
+                       or not isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
+                       for layer in e.cache.layers):
             return False
         e.cache.reset()
         dev = self.device
