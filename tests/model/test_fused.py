@@ -145,3 +145,55 @@ def test_fused_refuses_saved_responses_of_another_prompt(loaded, hf_ref, tmp_pat
         fused_extract_to_store(hf_ref, loaded.tokenizer, loaded.info, cfg, FusedConfig(4, 2),
                                personas, questions, out, out / "responses.jsonl")
     assert sorted(p.name for p in out.iterdir()) == ["responses.jsonl"]
+
+
+def test_out_of_memory_while_pooling_retries_the_batch_from_where_it_began(loaded, hf_ref, tmp_path,
+                                                                            monkeypatch):
+    """An out-of-memory error after a batch has decoded (while its rows are pooled) halves the
+    batch and decodes it again from the state it started in: a saved response the decoder does
+    not reproduce is still read once, over its own tokens."""
+    from tlpersona.runtime.decode import StaticGreedy
+
+    personas, questions = builtin_personas()[:2], builtin_questions()[:3]
+    cfg = ExtractConfig(parse_positions("last,response_mean,sys_end"), LAYERS, progress=False)
+    planted = [int(t) for t in loaded.tokenizer("Arr, the sea!", add_special_tokens=False)["input_ids"]]
+    planted.append(loaded.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    line = {"persona": personas[1].name, "prompt_index": 0, "question_id": questions[2].id,
+            "response_ids": planted, "finished": True, "text": "Arr, the sea!"}
+    head = response_header(loaded.info.identity, template_hash(loaded.tokenizer), "float32", 8)
+
+    def run(out):
+        out.mkdir()
+        (out / "responses.jsonl").write_text(json.dumps(head) + "\n" + json.dumps(line) + "\n")
+        return open_store(fused_extract_to_store(
+            hf_ref, loaded.tokenizer, loaded.info, cfg, FusedConfig(8, 6), personas, questions,
+            out, out / "responses.jsonl"), verify=True)
+
+    whole = run(tmp_path / "whole")
+    real = StaticGreedy.capture
+    failed = []
+
+    class OneFailure(list):
+        def __getitem__(self, i):
+            if not failed:
+                failed.append(i)
+                raise torch.OutOfMemoryError("simulated")
+            return super().__getitem__(i)
+
+    def capture(self, prompts, steer=None, shared=None):
+        cap = real(self, prompts, steer, shared)
+        cap.prefill = OneFailure(cap.prefill)
+        return cap
+
+    monkeypatch.setattr(StaticGreedy, "capture", capture)
+    retried = run(tmp_path / "retried")
+    assert failed
+    assert read_responses(tmp_path / "retried" / "responses.jsonl") == \
+        read_responses(tmp_path / "whole" / "responses.jsonl")
+    # the planted response is read once over its own tokens, as without the failure
+    assert retried.n_tokens("response_mean")[1, 2] == whole.n_tokens("response_mean")[1, 2] \
+        == len(planted) - 1
+    for pos in whole.positions:
+        if whole.has_per_question(pos):
+            x, y = whole.per_question(pos).float(), retried.per_question(pos).float()
+            assert float(torch.nn.functional.cosine_similarity(x, y, dim=-1).min()) >= 0.99999, pos
