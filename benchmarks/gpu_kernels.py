@@ -1,8 +1,8 @@
-"""The static decoder's fused kernels (tlpersona.runtime.kernels) on the Qwen2.5-7B architecture (random
-bf16 weights): each kernel against the HF module it replaces on the same inputs (largest
-difference, share of bit-equal outputs), the decoder's ids and captured residuals with and without
-them, the same fused run twice (bit for bit), and generated tokens/s of both in alternating
-rounds at one batch size.
+"""The static decoder's fused kernels (tlpersona.runtime.kernels) on the Qwen2.5-7B architecture
+(random bf16 weights): each kernel against the HF module it replaces on the same inputs (largest
+difference, share of bit-equal outputs; the decode attention also against fp32, and timed), the
+decoder's ids and captured residuals with and without them, the same fused run twice (bit for bit),
+and generated tokens/s of both in alternating rounds at one batch size.
 
     PYTHONPATH=. python benchmarks/gpu_kernels.py --batch 512 --prompt-len 80 --rounds 2
 """
@@ -44,6 +44,57 @@ def check_kernels(model: torch.nn.Module, batch: int) -> None:
     want_q, want_k = m.apply_rotary_pos_emb(q, k, cos, sin)
     compare("rotary q", kernels.rotary(q, cos, sin), want_q)
     compare("rotary k", kernels.rotary(k, cos, sin), want_k)
+    check_attention(batch, g)
+
+
+def _ms(fn, reps: int = 50) -> float:
+    """Median CUDA time of ``fn()`` in milliseconds."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def check_attention(batch: int, g: torch.Generator, length: int = 320) -> None:
+    """One layer's decode attention over a static cache of ``length`` slots (a prompt of 80 and
+    200 new tokens rounded up): the kernel against the grouped SDPA call it replaces
+    (tlpersona.runtime.decode.decode_attention, cuDNN/flash over the whole cache) on the same
+    inputs, with every row's first 80 slots its prompt (left padding 0-39) and the cache
+    filled to 100, 180 and 279 slots; and the same against an fp32 computation."""
+    from tlpersona.runtime.decode import decode_attention
+
+    bf = torch.bfloat16
+    q = torch.randn((batch, 1, 28, 128), generator=g, device="cuda", dtype=bf).transpose(1, 2)
+    k = torch.randn((batch, 4, length, 128), generator=g, device="cuda", dtype=bf)
+    v = torch.randn((batch, 4, length, 128), generator=g, device="cuda", dtype=bf)
+    pads = torch.randint(0, 40, (batch,), generator=g, device="cuda")
+    col = torch.arange(length, device="cuda")
+    for filled in (100, 180, 279):
+        mask = ((col[None, :] >= pads[:, None]) & (col[None, :] < filled))[:, None, None, :]
+        got = kernels.decode_attention(q, k, v, mask, 128 ** -0.5)
+        want, _ = decode_attention(None, q, k, v, mask, scaling=128 ** -0.5)
+        exact = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float().repeat_interleave(7, 1), v.float().repeat_interleave(7, 1),
+            attn_mask=mask, scale=128 ** -0.5).transpose(1, 2)
+        compare(f"attention, {filled}/{length} slots", got, want)
+        err_k, err_s = ((t.float() - exact).abs().max().item() for t in (got, want))
+        t_k = _ms(lambda m=mask: kernels.decode_attention(q, k, v, m, 128 ** -0.5))
+        t_s = _ms(lambda m=mask: decode_attention(None, q, k, v, m, scaling=128 ** -0.5))
+        print(f"  max |diff| from fp32: kernel {err_k:.3g}, sdpa {err_s:.3g}; "
+              f"time per layer: kernel {t_k:.3f} ms, sdpa {t_s:.3f} ms ({t_s / t_k:.2f}x)")
+        others = {f"{b}/{w}": _ms(lambda m=mask, b=b, w=w: kernels.decode_attention(
+            q, k, v, m, 128 ** -0.5, block=b, warps=w)) for b in (32, 64, 128) for w in (2, 4, 8)}
+        print("  kernel ms by block/warps: " + ", ".join(f"{n} {t:.3f}" for n, t in others.items()))
+    again = kernels.decode_attention(q, k, v, mask, 128 ** -0.5)
+    print("  kernel twice bit-identical:", bool(torch.equal(again, got)),
+          "| row 0 alone equals row 0 in the batch:",
+          bool(torch.equal(kernels.decode_attention(q[:1], k[:1], v[:1], mask[:1], 128 ** -0.5), got[:1])))
 
 
 def run(dec: StaticGreedy, prompts: list[list[int]]) -> tuple[float, list[list[int]], torch.Tensor]:

@@ -3,8 +3,15 @@ fetched and dequantised once into $TLPERSONA_HOME."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton's interpreter runs the decoder's kernels on the CPU (tests/unit/test_kernels.py);
+    # it is chosen when a kernel is defined, so before tlpersona.runtime.kernels is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # factories.py holds the shared command-line assertions: rewritten, they say what differed
 pytest.register_assert_rewrite("factories")

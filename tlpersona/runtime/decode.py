@@ -26,9 +26,11 @@ Steering: each row may carry its own residual edits (an added vector, a clamp of
 a direction) at a set of blocks, held in device buffers that are rewritten before every batch, so
 one captured step serves a whole sweep of vectors (see :meth:`StaticGreedy.capture`).
 
-Fused kernels: for Qwen2/Llama models in bf16 or fp16 on CUDA the RMSNorms, MLP activations and
-rotary embedding run as single Triton kernels while the decoder runs (:mod:`tlpersona.runtime.kernels`;
-``fused=False`` keeps HF's modules). They have no autotuning and fp32 never uses them: fp32 gives
+Fused kernels: for Qwen2/Llama models in bf16 or fp16 on CUDA the RMSNorms, MLP activations,
+rotary embedding and each decode step's attention run as single Triton kernels while the decoder
+runs (:mod:`tlpersona.runtime.kernels`; ``fused=False`` keeps HF's modules). The attention kernel
+reads a block of cache slots only where some slot in it is attended to, so a step reads the
+slots written so far, not the whole static cache. They have no autotuning and fp32 never uses them: fp32 gives
 HF ``generate``'s ids exactly; bf16 gives the same ids run to run, not HF's.
 
 Shared prompt prefixes: rows whose prompts start with the same tokens (one persona's system
@@ -52,6 +54,7 @@ from typing import Any
 
 import torch
 
+from tlpersona.runtime import kernels
 from tlpersona.runtime.batching import pad_batch
 from tlpersona.runtime.edits import RowEdits, edit
 from tlpersona.runtime.kernels import fused_step_kernels
@@ -59,6 +62,7 @@ from tlpersona.runtime.kernels import fused_step_kernels
 #: cache lengths are rounded up to a multiple of this, so similar batches share a graph
 BUCKET = 64
 ATTENTION = "tlpersona_decode"
+FUSED_ATTENTION = "tlpersona_decode_fused"
 
 
 def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -81,10 +85,25 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
 
 
+def fused_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, scaling: float | None = None,
+                           dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """:func:`decode_attention` with a decode step's query token in one Triton kernel
+    (:func:`tlpersona.runtime.kernels.decode_attention`: each cached key and value read once per
+    step, blocks of unwritten slots skipped); prefill passes keep SDPA."""
+    if kernels.takes_decode_attention(query, key, attention_mask):
+        assert attention_mask is not None
+        return kernels.decode_attention(query, key, value, attention_mask,
+                                        query.shape[-1] ** -0.5 if scaling is None else scaling), None
+    return decode_attention(module, query, key, value, attention_mask, scaling=scaling,
+                            dropout=dropout, **kwargs)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION, decode_attention)
+    AttentionInterface.register(FUSED_ATTENTION, fused_decode_attention)
 
 
 @dataclass
@@ -416,18 +435,18 @@ class StaticGreedy:
         _register()
         config = self.model.config
         before = config._attn_implementation
-        # Set on the config the modules read at call time; HF's setter would also reject a
-        # model whose class does not declare support for custom functions.
-        config._attn_implementation = ATTENTION
         blocks = self.model.get_decoder().layers
         # steering hooks first: a block's edited output is what the capture hook reads
         handles = [blocks[layer].register_forward_hook(self._steer_hook(k))
                    for k, layer in enumerate(sorted(steer or {}))]
         handles += [blocks[layer].register_forward_hook(self._hook(li))
                     for li, layer in enumerate(self.layers)]
-        kernels = fused_step_kernels(self.model) if self.fused else contextlib.nullcontext()
+        fused = fused_step_kernels(self.model) if self.fused else contextlib.nullcontext(False)
         try:
-            with kernels:
+            with fused as applied:
+                # Set on the config the modules read at call time; HF's setter would also reject
+                # a model whose class does not declare support for custom functions.
+                config._attn_implementation = FUSED_ATTENTION if applied else ATTENTION
                 return self._run(prompts, steer, shared)
         finally:
             for h in handles:

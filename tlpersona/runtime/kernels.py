@@ -1,5 +1,5 @@
-"""Fused elementwise kernels for the static decoder's step (Triton; Qwen2 and Llama blocks, bf16 or
-fp16 on CUDA).
+"""Fused kernels for the static decoder's step (Triton; Qwen2 and Llama blocks, bf16 or fp16 on
+CUDA): RMSNorm, SiLU·mul, the rotary embedding, and one query token's grouped-query attention.
 
 A 7B decode step at a few hundred rows is half GEMMs and half elementwise work: HF's RMSNorm
 alone is seven kernels (upcast, square, mean, add, rsqrt, multiply, downcast and the weight), the
@@ -97,6 +97,46 @@ if triton is not None:
         tl.store(y + HALF + i, y2.to(dt))
 
 
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, n_keys, scale,
+                                 qs_b, qs_h, ks_b, ks_h, ks_l, vs_b, vs_h, vs_l, ms_b, os_b, os_h,
+                                 GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                                 BLOCK_N: tl.constexpr):
+        # one program: one row's query heads that share key/value head `kvh`, over the whole
+        # cache in a fixed order (no split of the keys, so no cross-program reduction)
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        heads = kvh * GROUP + g
+        real = g < GROUP
+        q = tl.load(q_ptr + b * qs_b + heads[:, None] * qs_h + d[None, :], mask=real[:, None], other=0.0)
+        top = tl.full((G_PAD,), float("-inf"), tl.float32)
+        total = tl.zeros((G_PAD,), tl.float32)
+        acc = tl.zeros((G_PAD, D), tl.float32)
+        k_row = k_ptr + b * ks_b + kvh * ks_h
+        v_row = v_ptr + b * vs_b + kvh * vs_h
+        for start in range(0, n_keys, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            live = tl.load(m_ptr + b * ms_b + n, mask=n < n_keys, other=0) != 0
+            # blocks no row may attend to (left padding, slots not yet written) are not read
+            if tl.max(live.to(tl.int32), axis=0) > 0:
+                k = tl.load(k_row + n[:, None] * ks_l + d[None, :], mask=live[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k)) * scale
+                s = tl.where(live[None, :], s, float("-inf"))
+                new_top = tl.maximum(top, tl.max(s, axis=1))
+                shrink = tl.exp(top - new_top)
+                p = tl.exp(s - new_top[:, None])
+                total = total * shrink + tl.sum(p, axis=1)
+                v = tl.load(v_row + n[:, None] * vs_l + d[None, :], mask=live[:, None], other=0.0)
+                # the probabilities meet the values in the values' dtype, as flash attention's do
+                acc = acc * shrink[:, None] + tl.dot(p.to(v.dtype), v)
+                top = new_top
+        out = acc / total[:, None]
+        tl.store(o_ptr + b * os_b + heads[:, None] * os_h + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=real[:, None])
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm of ``x [..., d]`` (rows contiguous in the last dim) in one kernel."""
     d = x.shape[-1]
@@ -135,6 +175,47 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     _rotary_kernel[(b * h * t,)](x, cos, sin, out, h, t, x.stride(0), x.stride(1), x.stride(2),
                                  cos.stride(0), cos.stride(1), out.stride(0), out.stride(1),
                                  out.stride(2), HALF=d // 2, num_warps=1)
+    return out
+
+
+def takes_decode_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether :func:`decode_attention` runs these shapes: one query token, query heads a
+    multiple of key/value heads, a power-of-two head size of at least 16, a bool mask over
+    one query."""
+    b, hq, q, d = query.shape
+    return (q == 1 and hq % key.shape[1] == 0 and d >= 16 and not d & (d - 1)
+            and mask is not None and mask.dtype == torch.bool and mask.shape[-2] == 1)
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     mask: torch.Tensor, scale: float, block: int = 64, warps: int = 2) -> torch.Tensor:
+    """Grouped-query attention of one query token per row over a static cache, in one kernel:
+    ``query [B, Hq, 1, D]``, ``key``/``value [B, Hkv, L, D]`` (last dim contiguous), ``mask``
+    ``[B, 1, 1, L]`` bool (True: may attend; every row at least one). Query head ``h`` reads
+    key/value head ``h // (Hq // Hkv)``, as HF's ``repeat_kv``. Returns ``[B, 1, Hq, D]``
+    contiguous, the layout HF's attention functions return.
+
+    Each key/value block is read once for all the query heads that share it, and blocks the
+    mask rules out entirely (padding, slots not yet written) are skipped; fp32 scores and
+    softmax, bf16/fp16 probabilities against the values, as flash attention rounds. ``block``
+    (cache slots per step of the loop) and ``warps`` are fixed launch choices, not tuned per
+    process: the decoder uses the defaults (``benchmarks/gpu_kernels.py`` times others)."""
+    b, hq, _, d = query.shape
+    hkv, length = key.shape[1], key.shape[2]
+    if not takes_decode_attention(query, key, mask):
+        raise ValueError(f"decode_attention: query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                         f"mask {mask.dtype} {tuple(mask.shape)}")
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("decode_attention: the last dim of query, key and value must be contiguous")
+    group = hq // hkv
+    flags = mask.reshape(b, length).view(torch.uint8)
+    out = torch.empty((b, 1, hq, d), dtype=query.dtype, device=query.device)
+    _decode_attention_kernel[(b, hkv)](
+        query, key, value, flags, out, length, scale,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), flags.stride(0),
+        out.stride(0), out.stride(2),
+        GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=block, num_warps=warps)
     return out
 
 
