@@ -11,6 +11,12 @@ rotary on 86 % (`benchmarks/gpu_kernels.py`); a test holds the fused forward at 
 to fp32 as HF's bf16 modules. The kernels have no autotuning: the same shapes launch the same programs in
 every process, so a run, its resume and every torchrun rank decode the same ids.
 
+The decode step's attention (:func:`decode_attention`) is one program per row and key/value head:
+it reads each cached key and value once for the query heads that share it, in a fixed order
+over the slots, and skips the blocks of slots that the row's mask rules out, so a step reads what
+has been written rather than the whole static cache; a row's result does not depend on the batch
+it is in. Prefill passes keep SDPA.
+
 :func:`fused_step_kernels` swaps them into a model's modules for the duration of a ``with``
 block; anything else (fp32, the CPU, other architectures, no Triton) runs HF's modules.
 """
