@@ -21,7 +21,8 @@ import torch
 CPU_GENERATE, CPU_EXTRACT = 16, 8
 #: Upper limits on a GPU: beyond these the step is compute-bound and the memory that more rows
 #: take costs more than they bring (measured on an H100 with a 7B model, fused extraction of
-#: 16 personas x 240 questions: 55.0 s at 512 rows, 56.4 s at 1024).
+#: 16 personas x 240 questions: 55.0 s at 512 rows, 56.4 s at 1024; on an H200 with the fused
+#: decode kernels, 48 personas: 104.0 s at 512, 108.9 s at 1024 for 1.7x the memory).
 MAX_GENERATE, MAX_EXTRACT = 512, 256
 #: share of the free memory that the estimate may plan for
 FILL = 0.8
