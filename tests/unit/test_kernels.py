@@ -43,6 +43,23 @@ def test_other_activations_are_not_fused(monkeypatch):
     assert not kernels.available(tiny("llama", torch.bfloat16))
 
 
+def test_a_model_across_devices_keeps_hf_modules(monkeypatch):
+    import types
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "triton", object())
+    model = tiny("qwen2", torch.bfloat16)
+
+    def on(*devices: int):
+        return lambda: iter([types.SimpleNamespace(device=torch.device("cuda", i), dtype=torch.bfloat16)
+                             for i in devices])
+
+    monkeypatch.setattr(model, "parameters", on(0, 0, 0))
+    assert kernels.available(model)
+    monkeypatch.setattr(model, "parameters", on(0, 1, 1))
+    assert not kernels.available(model)
+
+
 def test_decoder_with_fused_default_equals_hf_modules_on_the_cpu():
     model = tiny("llama")
     prompts = [[5, 6, 7, 8], [9, 10, 11]]

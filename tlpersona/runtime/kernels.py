@@ -43,7 +43,9 @@ except ImportError:  # pragma: no cover - exercised on CPU machines
 
 def available(model: Any) -> bool:
     """Whether the fused kernels apply to ``model``: a Qwen2/Llama HF model in bf16 or fp16 on
-    CUDA, with Triton installed. fp32 keeps HF's modules, so it keeps HF's exact ids."""
+    one CUDA device, with Triton installed. fp32 keeps HF's modules, so it keeps HF's exact ids;
+    so does a model spread over devices (a Triton kernel launches on the current device, not
+    on its tensors')."""
     if triton is None or not torch.cuda.is_available():
         return False
     config = getattr(model, "config", None)
@@ -51,8 +53,10 @@ def available(model: Any) -> bool:
         return False
     if getattr(config, "hidden_act", None) != "silu":
         return False
-    p = next(model.parameters())
-    return p.device.type == "cuda" and p.dtype in (torch.bfloat16, torch.float16)
+    params = list(model.parameters())
+    if len({p.device for p in params}) != 1:
+        return False
+    return params[0].device.type == "cuda" and params[0].dtype in (torch.bfloat16, torch.float16)
 
 
 if triton is not None:
