@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from tests.factories import PLANTED_POSITIONS, planted_recipes
 from tlpersona.analyses.kfound import (
     ALPHA,
     count_shared,
@@ -38,26 +39,9 @@ from tlpersona.analyses.kfound import (
 from tlpersona.analyses.stats import holm
 from tlpersona.analyses.subspace import held_out
 
-POS = ["last", "sys_end", "sys_end+1"]
+POS = PLANTED_POSITIONS
 PAIRS = list(itertools.combinations(POS, 2))
 CASES = {"unrelated": (), "partial": ("last", "sys_end+1"), "planted": tuple(POS)}
-
-
-def recipes(n: int, rng: np.random.Generator, shared_by: tuple[str, ...], k: int, d: int = 64,
-            own: int = 3) -> dict[str, np.ndarray]:
-    """Three recipes ``[n, d]``: the recipes in ``shared_by`` share one k-dim persona geometry
-    (std 2 → 1), the others have their own; 3 own dims (std 1), noise 0.3, an offset and a
-    scale per recipe."""
-    basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    std = np.linspace(2, 1, k)
-    common = rng.normal(size=(n, k)) * std
-    out = {}
-    for i, p in enumerate(POS):
-        s = common if p in shared_by else rng.normal(size=(n, k)) * std
-        cols = slice(k + i * own, k + (i + 1) * own)
-        x = s @ basis[:, :k].T + rng.normal(size=(n, own)) @ basis[:, cols].T
-        out[p] = (1 + 3 * i) * (x + 0.3 * rng.normal(size=(n, d)) + 4.0 * rng.normal(size=d))
-    return out
 
 
 def relabel_count(raw: dict[str, np.ndarray], fit: np.ndarray, test: np.ndarray,
@@ -86,7 +70,7 @@ def run(n: int, layers: int, draws: int, case: str, seed: int) -> list[dict[str,
     perms = label_permutations(len(test), perm_count(layers, None), rng)
     out = []
     for _ in range(layers):
-        raw = recipes(n, rng, CASES[case], 5 if case == "planted" else 3)
+        raw = planted_recipes(n, rng, CASES[case], 5 if case == "planted" else 3, d=64)
         held, _, scores = held_out(raw, POS, PAIRS, fit, test, 50, True, curve=False)
         c = count_shared(scores, PAIRS, perms, level, full=False)
         out.append({"iut": c.k or 0, "iut_p": c.p if c.k else 1.0,
