@@ -96,7 +96,7 @@ two round at slightly different points)."""
 
 @GPU
 def test_fused_decoder_is_reproducible_on_the_gpu():
-    model = tiny("qwen2", torch.bfloat16).cuda()
+    model = tiny("qwen2", torch.bfloat16, hidden=64).cuda()  # head size 16: the attention kernel runs
     prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13]]
     a = StaticGreedy(model, 8, [1], 0, layers=[1]).capture(prompts)
     b = StaticGreedy(model, 8, [1], 0, layers=[1]).capture(prompts)
@@ -168,6 +168,49 @@ def test_decode_attention_in_half_precision_is_as_close_as_sdpa():
 
 
 @TRITON
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else []))
+def test_decode_attention_on_the_7b_shapes(dtype):
+    """28 query heads over 4 key/value heads of 128 (Qwen2.5-7B): against fp32, no further
+    than SDPA in the same dtype is (bf16 only on a GPU: the interpreter has no bf16 products)."""
+    q, k, v, mask = (t.to(DEV) for t in _attention_case(dtype, 28, 4, d=128))
+    exact = _sdpa(q, k, v, mask)
+    got = kernels.decode_attention(q, k, v, mask, 128 ** -0.5)
+    group = 7
+    same = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask,
+        scale=128 ** -0.5).transpose(1, 2)
+    err, err_sdpa = ((t.float() - exact).abs().max().item() for t in (got, same))
+    assert err <= max(2 * err_sdpa, 1e-3), (err, err_sdpa)
+
+
+@TRITON
+def test_decode_attention_reads_a_strided_mask_as_its_values():
+    q, k, v, mask = (t.to(DEV) for t in _attention_case(torch.float32))
+    wide = torch.zeros(mask.shape[:-1] + (2 * mask.shape[-1],), dtype=torch.bool, device=DEV)
+    wide[..., ::2] = mask
+    strided = wide[..., ::2]
+    assert not strided.is_contiguous()
+    assert torch.equal(kernels.decode_attention(q, k, v, strided, 0.2),
+                       kernels.decode_attention(q, k, v, mask, 0.2))
+
+
+@TRITON
+def test_decode_attention_takes_only_a_mask_per_row_and_slot():
+    from tlpersona.runtime.decode import decode_attention, fused_decode_attention
+
+    q, k, v, mask = (t.to(DEV) for t in _attention_case(torch.float32))
+    assert kernels.takes_decode_attention(q, k, mask)
+    shared = mask[:1]  # one mask for every row
+    longer = torch.cat([mask, mask], -1)  # more columns than cache slots
+    for bad in (shared, longer, mask.float(), None):
+        assert not kernels.takes_decode_attention(q, k, bad)
+    # the decoder's attention function hands what the kernel does not take to SDPA
+    got, _ = fused_decode_attention(None, q, k, v, shared, scaling=0.2)
+    want, _ = decode_attention(None, q, k, v, shared, scaling=0.2)
+    assert torch.equal(got, want)
+
+
+@TRITON
 def test_decode_attention_rejects_what_it_cannot_run():
     q, k, v, mask = _attention_case(torch.float32)
     with pytest.raises(ValueError, match="mask torch.float32"):
@@ -207,8 +250,8 @@ def test_elementwise_kernels_equal_hf_modules(dtype):
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 def test_decoder_through_the_kernels_keeps_hf_ids_and_residuals_in_fp32(kind, monkeypatch):
     """The fused decoder's wiring: with the kernels switched on for an fp32 model (through the
-    interpreter), every decode step's attention goes through the kernel and the ids and captured
-    residuals are HF's modules'."""
+    interpreter), every pass of one query token per row goes through the attention kernel and
+    the ids and captured residuals are HF's modules'."""
     model = tiny(kind, hidden=64).to(DEV)  # head size 16: the kernel's least
     prompts = [[5, 6, 7, 8, 9], [9, 10, 11], [12]]
     want = StaticGreedy(model, 6, [1], 0, fused=False, layers=[0, 1]).capture(prompts)
@@ -228,3 +271,10 @@ def test_decoder_through_the_kernels_keeps_hf_ids_and_residuals_in_fp32(kind, mo
     assert (got.resid - want.resid).abs().max().item() < 1e-5
     for a, b in zip(got.prefill, want.prefill, strict=True):
         assert (a - b).abs().max().item() < 1e-5
+    # one-token prompts: the prefill is one column wide, so it goes through the kernel too
+    calls.clear()
+    single = [[5], [9], [12]]
+    want = StaticGreedy(model, 6, [1], 0, fused=False, layers=[0, 1]).capture(single)
+    got = StaticGreedy(model, 6, [1], 0, layers=[0, 1], use_graphs=False).capture(single)
+    assert got.ids == want.ids and len(calls) == 14
+    assert (got.resid - want.resid).abs().max().item() < 1e-5

@@ -29,7 +29,7 @@ one captured step serves a whole sweep of vectors (see :meth:`StaticGreedy.captu
 Fused kernels: for Qwen2/Llama models in bf16 or fp16 on CUDA the RMSNorms, MLP activations,
 rotary embedding and each decode step's attention run as single Triton kernels while the decoder
 runs (:mod:`tlpersona.runtime.kernels`; ``fused=False`` keeps HF's modules). The attention kernel
-reads a block of cache slots only where some slot in it is attended to, so a step reads the
+reads a block of cache slots only where the row attends to some slot in it, so a step reads the
 slots written so far, not the whole static cache. They have no autotuning and fp32 never uses them: fp32 gives
 HF ``generate``'s ids exactly; bf16 gives the same ids run to run, not HF's.
 
@@ -88,9 +88,10 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
 def fused_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, scaling: float | None = None,
                            dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """:func:`decode_attention` with a decode step's query token in one Triton kernel
-    (:func:`tlpersona.runtime.kernels.decode_attention`: each cached key and value read once per
-    step, blocks of unwritten slots skipped); prefill passes keep SDPA."""
+    """:func:`decode_attention` with one query token per row (every decode step, and a prefill
+    one column wide) in one Triton kernel (:func:`tlpersona.runtime.kernels.decode_attention`:
+    each cached key and value read once, blocks of unwritten slots skipped); wider prefills keep
+    SDPA."""
     if kernels.takes_decode_attention(query, key, attention_mask):
         assert attention_mask is not None
         return kernels.decode_attention(query, key, value, attention_mask,

@@ -14,8 +14,10 @@ every process, so a run, its resume and every torchrun rank decode the same ids.
 The decode step's attention (:func:`decode_attention`) is one program per row and key/value head:
 it reads each cached key and value once for the query heads that share it, in a fixed order
 over the slots, and skips the blocks of slots that the row's mask rules out, so a step reads what
-has been written rather than the whole static cache; a row's result does not depend on the batch
-it is in. Prefill passes keep SDPA.
+has been written rather than the whole static cache. A row's result depends on its own query,
+slots and mask, not on the other rows (its left padding, which the batch's longest prompt sets,
+decides where its slots fall in the blocks, and so the rounding). It serves every pass of one
+query token per row: each decode step, and a prefill one column wide; wider prefills keep SDPA.
 
 :func:`fused_step_kernels` swaps them into a model's modules for the duration of a ``with``
 block; anything else (fp32, the CPU, other architectures, no Triton) runs HF's modules.
@@ -114,8 +116,9 @@ if triton is not None:
                                  BLOCK_N: tl.constexpr):
         # one program: one row's query heads that share key/value head `kvh`, over the whole
         # cache in a fixed order (no split of the keys, so no cross-program reduction)
-        b = tl.program_id(0)
-        kvh = tl.program_id(1)
+        # 64-bit offsets: one layer's cache of a large batch passes 2**31 elements
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1).to(tl.int64)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
         heads = kvh * GROUP + g
@@ -129,7 +132,9 @@ if triton is not None:
         for start in range(0, n_keys, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             live = tl.load(m_ptr + b * ms_b + n, mask=n < n_keys, other=0) != 0
-            # blocks no row may attend to (left padding, slots not yet written) are not read
+            # blocks this row may not attend to (left padding, slots not yet written) are not
+            # read; skipping them is also what keeps the softmax finite: a block of dead slots
+            # before the first live one would give exp(-inf - -inf)
             if tl.max(live.to(tl.int32), axis=0) > 0:
                 k = tl.load(k_row + n[:, None] * ks_l + d[None, :], mask=live[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k)) * scale
@@ -190,11 +195,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def takes_decode_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether :func:`decode_attention` runs these shapes: one query token, query heads a
-    multiple of key/value heads, a power-of-two head size of at least 16, a bool mask over
-    one query."""
+    multiple of key/value heads, a power-of-two head size of at least 16, a bool mask
+    ``[B, 1, 1, L]`` with a row per query row and a column per cache slot."""
     b, hq, q, d = query.shape
     return (q == 1 and hq % key.shape[1] == 0 and d >= 16 and not d & (d - 1)
-            and mask is not None and mask.dtype == torch.bool and mask.shape[-2] == 1)
+            and mask is not None and mask.dtype == torch.bool
+            and tuple(mask.shape) == (b, 1, 1, key.shape[2]))
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -206,7 +212,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     contiguous, the layout HF's attention functions return.
 
     Each key/value block is read once for all the query heads that share it, and blocks the
-    mask rules out entirely (padding, slots not yet written) are skipped; fp32 scores and
+    row's mask rules out entirely (padding, slots not yet written) are skipped; fp32 scores and
     softmax, bf16/fp16 probabilities against the values, as flash attention rounds. ``block``
     (cache slots per step of the loop) and ``warps`` are fixed launch choices, not tuned per
     process: the decoder uses the defaults (``benchmarks/gpu_kernels.py`` times others)."""
@@ -218,7 +224,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError("decode_attention: the last dim of query, key and value must be contiguous")
     group = hq // hkv
-    flags = mask.reshape(b, length).view(torch.uint8)
+    # the kernel steps through a row's flags one byte at a time
+    flags = mask.reshape(b, length).contiguous().view(torch.uint8)
     out = torch.empty((b, 1, hq, d), dtype=query.dtype, device=query.device)
     _decode_attention_kernel[(b, hkv)](
         query, key, value, flags, out, length, scale,
