@@ -20,43 +20,25 @@ draws' same statistic. Prints, per persona count:
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 from typing import Any
 
 import numpy as np
 
-from tests.factories import PLANTED_POSITIONS, planted_recipes
+from tests.factories import PLANTED_PAIRS, PLANTED_POSITIONS, planted_recipes, relabel_count
 from tlpersona.analyses.kfound import (
     ALPHA,
     count_shared,
     k_found,
     label_permutations,
     pc_level,
-    pc_statistic,
     perm_count,
 )
 from tlpersona.analyses.stats import holm
 from tlpersona.analyses.subspace import held_out
 
-POS = PLANTED_POSITIONS
-PAIRS = list(itertools.combinations(POS, 2))
+POS, PAIRS = PLANTED_POSITIONS, PLANTED_PAIRS
 CASES = {"unrelated": (), "partial": ("last", "sys_end+1"), "planted": tuple(POS)}
-
-
-def relabel_count(raw: dict[str, np.ndarray], fit: np.ndarray, test: np.ndarray,
-                  relabels: list[np.ndarray], level: float) -> int:
-    """The replaced test: leading PCs whose smallest r over the pairs beats the relabelled,
-    refitted draws' on the same PC, p = (1 + #draws ≥ it) / (draws + 1) < ``level``."""
-    def stat(r: dict[str, np.ndarray]) -> np.ndarray:
-        return pc_statistic(held_out(r, POS, PAIRS, fit, test, 50, True, curve=False)[0])
-
-    obs = stat(raw)
-    draws = [stat({**raw, POS[-1]: raw[POS[-1]][r]}) for r in relabels]
-    width = min([len(obs), *(len(x) for x in draws)])
-    p = (1 + np.sum(np.stack([x[:width] for x in draws]) >= obs[:width], axis=0)) / (len(draws) + 1)
-    fails = np.flatnonzero(p >= level)
-    return int(fails[0]) if fails.size else width
 
 
 def run(n: int, layers: int, draws: int, case: str, seed: int) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ arguments and seeds, so a change here is a change to all of those tests.
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tlpersona.analyses.kfound import pc_statistic
+from tlpersona.analyses.subspace import held_out
 from tlpersona.cache import Store, StoreWriter, open_store
 from tlpersona.cache.schema import persona_key
 
@@ -97,8 +100,9 @@ def recipes_store(path, recipes) -> Store:
 
 # --- planted geometries -------------------------------------------------------------------------
 
-#: The three question-invariant recipes the planted subspaces are built for.
+#: The three question-invariant recipes the planted subspaces are built for, and their pairs.
 PLANTED_POSITIONS = ["last", "sys_end", "sys_end+1"]
+PLANTED_PAIRS = list(itertools.combinations(PLANTED_POSITIONS, 2))
 
 
 def planted_recipes(n, rng, shared_by, k=3, d=16, own=3):
@@ -114,6 +118,24 @@ def planted_recipes(n, rng, shared_by, k=3, d=16, own=3):
         x = s @ basis[:, :k].T + rng.normal(size=(n, own)) @ basis[:, cols].T
         out[p] = (1 + 3 * i) * (x + 0.3 * rng.normal(size=(n, d)) + 4.0 * rng.normal(size=d))
     return out
+
+
+def relabel_count(raw: dict[str, np.ndarray], fit: np.ndarray, test: np.ndarray,
+                  relabels: list[np.ndarray], level: float) -> int:
+    """The shared subspace's replaced test over the planted recipes: leading PCs whose smallest
+    r over the pairs beats the relabelled, refitted draws' on the same PC,
+    p = (1 + #draws ≥ it) / (draws + 1) < ``level``."""
+    pos, pairs = PLANTED_POSITIONS, PLANTED_PAIRS
+
+    def stat(r: dict[str, np.ndarray]) -> np.ndarray:
+        return pc_statistic(held_out(r, pos, pairs, fit, test, 50, True, curve=False)[0])
+
+    obs = stat(raw)
+    draws = [stat({**raw, pos[-1]: raw[pos[-1]][r]}) for r in relabels]
+    width = min([len(obs), *(len(x) for x in draws)])
+    p = (1 + np.sum(np.stack([x[:width] for x in draws]) >= obs[:width], axis=0)) / (len(draws) + 1)
+    fails = np.flatnonzero(p >= level)
+    return int(fails[0]) if fails.size else width
 
 
 def harder_planted(n, rng, related=True, k=5, d=64):

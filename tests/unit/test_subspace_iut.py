@@ -7,7 +7,15 @@ import itertools
 
 import numpy as np
 import pytest
-from factories import MemorySource, allowed, harder_planted, planted_recipes
+from factories import (
+    PLANTED_PAIRS,
+    PLANTED_POSITIONS,
+    MemorySource,
+    allowed,
+    harder_planted,
+    planted_recipes,
+    relabel_count,
+)
 from scipy import stats
 
 from tlpersona.analyses.kfound import (
@@ -15,13 +23,11 @@ from tlpersona.analyses.kfound import (
     count_shared,
     label_permutations,
     pc_level,
-    pc_statistic,
     perm_count,
 )
 from tlpersona.analyses.subspace import SubspaceConfig, held_out, subspace
 
-POS = ["last", "sys_end", "sys_end+1"]
-PAIRS = list(itertools.combinations(POS, 2))
+POS, PAIRS = PLANTED_POSITIONS, PLANTED_PAIRS
 # the first and last recipe share; the last is the one the replaced test relabelled
 PARTIAL = ("last", "sys_end+1")
 
@@ -29,20 +35,6 @@ PARTIAL = ("last", "sys_end+1")
 def split(n, rng):
     perm = rng.permutation(n)
     return perm[: n // 2], perm[n // 2:]
-
-
-def relabel_count(raw, fit, test, relabels, level):
-    """The replaced test: leading PCs whose smallest r over the pairs beats the relabelled,
-    refitted draws' on the same PC, p = (1 + #draws ≥ it) / (draws + 1) < ``level``."""
-    def stat(r):
-        return pc_statistic(held_out(r, POS, PAIRS, fit, test, 50, True, curve=False)[0])
-
-    obs = stat(raw)
-    draws = [stat({**raw, POS[-1]: raw[POS[-1]][r]}) for r in relabels]
-    width = min([len(obs), *(len(x) for x in draws)])
-    p = (1 + np.sum(np.stack([x[:width] for x in draws]) >= obs[:width], axis=0)) / (len(draws) + 1)
-    fails = np.flatnonzero(p >= level)
-    return int(fails[0]) if fails.size else width
 
 
 def iut_k(raw, fit, test, perms, level):
