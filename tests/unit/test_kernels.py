@@ -125,11 +125,12 @@ def _attention_case(dtype: torch.dtype, hq: int = 14, hkv: int = 2, length: int 
     return q, k, v, mask
 
 
-def _sdpa(q, k, v, mask):
-    """HF's grouped-query attention in fp32: repeat_kv, then SDPA; [B, 1, Hq, D]."""
+def _sdpa(q, k, v, mask, dtype=torch.float32):
+    """HF's grouped-query attention in ``dtype``: repeat_kv, then SDPA; [B, 1, Hq, D]."""
     group = q.shape[1] // k.shape[1]
+    q, k, v = (t.to(dtype) for t in (q, k, v))
     return torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1),
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
         attn_mask=mask, scale=q.shape[-1] ** -0.5).transpose(1, 2)
 
 
@@ -175,10 +176,7 @@ def test_decode_attention_on_the_7b_shapes(dtype):
     q, k, v, mask = (t.to(DEV) for t in _attention_case(dtype, 28, 4, d=128))
     exact = _sdpa(q, k, v, mask)
     got = kernels.decode_attention(q, k, v, mask, 128 ** -0.5)
-    group = 7
-    same = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask,
-        scale=128 ** -0.5).transpose(1, 2)
+    same = _sdpa(q, k, v, mask, dtype)
     err, err_sdpa = ((t.float() - exact).abs().max().item() for t in (got, same))
     assert err <= max(2 * err_sdpa, 1e-3), (err, err_sdpa)
 

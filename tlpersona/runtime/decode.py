@@ -30,8 +30,8 @@ Fused kernels: for Qwen2/Llama models in bf16 or fp16 on CUDA the RMSNorms, MLP 
 rotary embedding and each decode step's attention run as single Triton kernels while the decoder
 runs (:mod:`tlpersona.runtime.kernels`; ``fused=False`` keeps HF's modules). The attention kernel
 reads a block of cache slots only where the row attends to some slot in it, so a step reads the
-slots written so far, not the whole static cache. They have no autotuning and fp32 never uses them: fp32 gives
-HF ``generate``'s ids exactly; bf16 gives the same ids run to run, not HF's.
+slots written so far, not the whole static cache. They have no autotuning and fp32 never uses
+them: fp32 gives HF ``generate``'s ids exactly; bf16 gives the same ids run to run, not HF's.
 
 Shared prompt prefixes: rows whose prompts start with the same tokens (one persona's system
 block across its questions) can have that prefix prefilled once, in a batch of the distinct
@@ -57,7 +57,6 @@ import torch
 from tlpersona.runtime import kernels
 from tlpersona.runtime.batching import pad_batch
 from tlpersona.runtime.edits import RowEdits, edit
-from tlpersona.runtime.kernels import fused_step_kernels
 
 #: cache lengths are rounded up to a multiple of this, so similar batches share a graph
 BUCKET = 64
@@ -442,7 +441,7 @@ class StaticGreedy:
                    for k, layer in enumerate(sorted(steer or {}))]
         handles += [blocks[layer].register_forward_hook(self._hook(li))
                     for li, layer in enumerate(self.layers)]
-        fused = fused_step_kernels(self.model) if self.fused else contextlib.nullcontext(False)
+        fused = kernels.fused_step_kernels(self.model) if self.fused else contextlib.nullcontext(False)
         try:
             with fused as applied:
                 # Set on the config the modules read at call time; HF's setter would also reject
